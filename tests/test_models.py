@@ -1,0 +1,124 @@
+"""Hand-written models against transformers' implementations (the oracle), fp32, max abs error <= 1e-5."""
+
+import pytest
+import torch
+
+from conftest import TINY
+from minilora.generate import generate_ids
+from minilora.weights import load_model
+
+TOL = 1e-5
+
+
+def batch(seed=0, vocab=97):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (3, 11), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0   # right padding
+    mask[2, 4:] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("kind", list(TINY))
+def test_logits_equal_transformers_with_right_padding(saved_tiny, kind):
+    hf, folder = saved_tiny[kind]
+    ours = load_model(folder)
+    ids, mask = batch()
+    with torch.no_grad():
+        expected = hf(input_ids=ids, attention_mask=mask).logits
+        got = ours(ids, attention_mask=mask)
+    real = mask.bool()
+    assert (got[real] - expected[real]).abs().max().item() <= TOL
+    # No mask at all takes SDPA's causal fast path; it must agree too.
+    with torch.no_grad():
+        assert (ours(ids) - hf(input_ids=ids).logits).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("kind", list(TINY))
+def test_left_padding_gives_the_unpadded_logits(saved_tiny, kind):
+    hf, folder = saved_tiny[kind]
+    ours = load_model(folder)
+    ids, _ = batch(1)
+    padded = torch.cat([torch.zeros(3, 4, dtype=torch.long), ids], dim=1)
+    mask = torch.cat([torch.zeros(3, 4, dtype=torch.long), torch.ones_like(ids)], dim=1)
+    with torch.no_grad():
+        expected = hf(input_ids=ids).logits
+        got = ours(padded, attention_mask=mask)[:, 4:]
+        # transformers given the same positions agrees on the padded batch as well
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        hf_padded = hf(input_ids=padded, attention_mask=mask, position_ids=pos).logits[:, 4:]
+    assert (got - expected).abs().max().item() <= TOL
+    assert (hf_padded - expected).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("kind", list(TINY))
+def test_kv_cache_generation_equals_full_recompute(saved_tiny, kind):
+    _, folder = saved_tiny[kind]
+    ours = load_model(folder)
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [3, 4, 5, 6]]
+    with_cache = generate_ids(ours, prompts, eos_ids=[], pad_id=0, max_new_tokens=12, use_cache=True)
+    without = generate_ids(ours, prompts, eos_ids=[], pad_id=0, max_new_tokens=12, use_cache=False)
+    assert with_cache == without
+    assert all(len(o) == 12 for o in with_cache)
+    # and the batch gives what each prompt gives alone (left padding is invisible)
+    for p, o in zip(prompts, with_cache):
+        assert generate_ids(ours, [p], eos_ids=[], pad_id=0, max_new_tokens=12) == [o]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama-gqa"])
+def test_cached_logits_equal_transformers_greedy_generation(saved_tiny, kind):
+    hf, folder = saved_tiny[kind]
+    ours = load_model(folder)
+    prompt = torch.tensor([[5, 6, 7, 8, 9]])
+    expected = hf.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0)[0, 5:].tolist()
+    assert generate_ids(ours, [prompt[0].tolist()], eos_ids=[], pad_id=0, max_new_tokens=10) == [expected]
+
+
+def test_state_dict_names_are_the_checkpoint_names(saved_tiny):
+    from safetensors import safe_open
+    for kind in ("llama-gqa", "gpt2"):
+        hf, folder = saved_tiny[kind]
+        ours = load_model(folder)
+        with safe_open(str(folder / "model.safetensors"), "pt") as f:
+            saved = set(f.keys())
+        assert saved <= set(ours.state_dict())
+        assert set(ours.state_dict()) - saved <= {"lm_head.weight"}  # the tied head, not saved by transformers
+
+
+def test_sharded_checkpoint_loads_key_for_key(saved_tiny, tmp_path):
+    for kind in ("gpt2", "llama-gqa"):
+        hf, _ = saved_tiny[kind]
+        hf.save_pretrained(tmp_path / kind, max_shard_size="20KB")
+        assert (tmp_path / kind / "model.safetensors.index.json").exists()
+        assert len(list((tmp_path / kind).glob("*.safetensors"))) > 2
+        ours = load_model(tmp_path / kind)
+        ids, mask = batch()
+        with torch.no_grad():
+            assert (ours(ids) - hf(input_ids=ids).logits).abs().max().item() <= TOL
+
+
+def test_hub_gpt2_layout_without_transformer_prefix(saved_tiny, tmp_path):
+    """The Hub's gpt2 checkpoints come from the bare GPT2Model: no `transformer.` prefix, and saved
+    causal-mask buffers `h.N.attn.bias`; both load."""
+    import json
+    from safetensors.torch import save_file
+    hf, folder = saved_tiny["gpt2"]
+    state = {k.removeprefix("transformer."): v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    state["h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 64, 64))
+    (tmp_path / "hub").mkdir()
+    save_file(state, str(tmp_path / "hub" / "model.safetensors"))
+    (tmp_path / "hub" / "config.json").write_text(json.dumps(TINY["gpt2"]))
+    ours = load_model(tmp_path / "hub")
+    ids, _ = batch()
+    with torch.no_grad():
+        assert (ours(ids) - hf(input_ids=ids).logits).abs().max().item() <= TOL
+
+
+def test_bf16_load_runs_close_to_fp32(saved_tiny):
+    _, folder = saved_tiny["llama-gqa"]
+    fp32, bf16 = load_model(folder), load_model(folder, dtype=torch.bfloat16)
+    assert bf16.lm_head.weight.dtype == torch.bfloat16
+    ids, mask = batch()
+    with torch.no_grad():
+        diff = (bf16(ids, attention_mask=mask).float() - fp32(ids, attention_mask=mask))[mask.bool()]
+    assert diff.abs().max().item() < 0.1 * fp32(ids).abs().max().item()
