@@ -231,7 +231,7 @@ class ReportRow:
     d: int           # out_features
     k: int           # in_features
     r: int
-    frozen: int      # d·k per module (plus the bias)
+    frozen: int      # d·k per module (the weight the update stands in for)
     trainable: int   # r·(d+k) per module
 
 
@@ -269,10 +269,9 @@ def param_report(model: nn.Module) -> ParamReport:
     """Count parameters as logical elements (an int8 weight counts d·k, not its bytes)."""
     groups: dict[tuple, ReportRow] = {}
     for name, m in lora_modules(model):
-        bias = m.out_features if m.bias is not None else 0
         key = (_pattern(name), m.out_features, m.in_features, m.r)
         row = groups.setdefault(key, ReportRow(key[0], 0, m.out_features, m.in_features, m.r,
-                                               m.out_features * m.in_features + bias,
+                                               m.out_features * m.in_features,
                                                m.r * (m.out_features + m.in_features)))
         row.count += 1
     saved: dict[str, int] = {}
