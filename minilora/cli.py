@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from .errors import MiniLoraError
+from .errors import ConfigError, MiniLoraError
 
 
 def targets_arg(values: list[str]) -> list[str] | str:
@@ -31,6 +31,99 @@ def cmd_params(args: argparse.Namespace) -> None:
     print(param_report(model))
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from .recipe import load_recipe, run_recipe
+    recipe = load_recipe(args.recipe, overrides=parse_overrides(args.overrides))
+    model, tokenizer, result = run_recipe(recipe)
+    if result.stopped_early:
+        print(f"stopped on request; resume with --train.resume_from_checkpoint latest")
+        return
+    print(f"adapter saved to {result.adapter_dir} ({folder_size(result.adapter_dir) / 1e6:.2f} MB)")
+    if recipe.generate.prompts:
+        show_comparison(model, tokenizer, recipe.generate.prompts, recipe.generate.max_new_tokens,
+                        recipe.generate.temperature)
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """["--train.lr", "1e-4", "--data.limit=100"] -> {"train.lr": "1e-4", "data.limit": "100"}"""
+    out, i = {}, 0
+    while i < len(items):
+        item = items[i]
+        if not item.startswith("--"):
+            raise ConfigError(f"unexpected argument {item!r}: overrides look like --section.key value")
+        key, eq, value = item[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(items):
+                raise ConfigError(f"override {item} has no value")
+            value, i = items[i + 1], i + 1
+        out[key] = value
+        i += 1
+    return out
+
+
+def folder_size(folder) -> int:
+    from pathlib import Path
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def show_comparison(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 0.0,
+                    seed: int | None = 0) -> None:
+    """Base model (adapter off) and adapted model, completion by completion, in two columns."""
+    import shutil
+    import textwrap
+    from itertools import zip_longest
+    from .generate import generate
+    from .lora import adapter_disabled
+    with adapter_disabled(model):
+        base = generate(model, tokenizer, prompts, max_new_tokens, temperature, seed=seed)
+    tuned = generate(model, tokenizer, prompts, max_new_tokens, temperature, seed=seed)
+    width = max(30, (min(shutil.get_terminal_size().columns, 160) - 3) // 2)
+    for prompt, b, t in zip(prompts, base, tuned):
+        print(f"\n=== {prompt}")
+        print(f"{'base model':<{width}} | with the adapter")
+        print(f"{'-' * width}-+-{'-' * width}")
+        left = textwrap.wrap(b.replace("\n", "\\n"), width) or [""]  # newlines shown as \n
+        right = textwrap.wrap(t.replace("\n", "\\n"), width) or [""]
+        for l, r in zip_longest(left, right, fillvalue=""):
+            print(f"{l:<{width}} | {r}")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from .adapter import load_adapter
+    from .generate import generate
+    from .recipe import torch_dtype
+    from .tokenizer import load_tokenizer
+    from .weights import load_model
+    model = load_model(args.model, dtype=torch_dtype(args.dtype), revision=args.revision)
+    tokenizer = load_tokenizer(args.model, revision=args.revision)
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) if args.chat else p
+               for p in args.prompt]
+    if args.adapter:
+        load_adapter(model, args.adapter)
+    elif args.compare:
+        raise ConfigError("--compare needs --adapter")
+    if args.compare:
+        show_comparison(model, tokenizer, prompts, args.max_new_tokens, args.temperature, args.seed)
+        return
+    outputs = generate(model, tokenizer, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                       stop=args.stop, seed=args.seed)
+    for prompt, out in zip(args.prompt, outputs):
+        print(f"{prompt}{out}" if not args.chat else out)
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from .adapter import load_adapter
+    from .lora import remove_lora
+    from .recipe import torch_dtype
+    from .tokenizer import load_tokenizer
+    from .weights import load_model, save_model
+    model = load_model(args.model, dtype=torch_dtype(args.dtype) if args.dtype else None, revision=args.revision)
+    load_adapter(model, args.adapter)
+    remove_lora(model, merge=True)
+    out = save_model(model, args.out, tokenizer=load_tokenizer(args.model, revision=args.revision))
+    print(f"merged model saved to {out} ({folder_size(out) / 1e6:.1f} MB)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minilora", description="LoRA fine-tuning in plain PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -45,6 +138,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
     p.add_argument("--revision", help="Hub branch, tag or commit")
     p.set_defaults(func=cmd_params)
+
+    p = sub.add_parser("train", help="fine-tune with LoRA as a TOML recipe says")
+    p.add_argument("recipe", help="recipe .toml file (see scripts/)")
+    p.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value, e.g. --train.lr 1e-4")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="complete prompts with a model, optionally with an adapter")
+    p.add_argument("model")
+    p.add_argument("--adapter", help="adapter folder (PEFT format)")
+    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    p.add_argument("--compare", action="store_true", help="print the base model's and the adapter's side by side")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template (ChatML)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--revision")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("merge", help="fold an adapter into the base weights and save a full model folder")
+    p.add_argument("model")
+    p.add_argument("adapter")
+    p.add_argument("out")
+    p.add_argument("--dtype", help="cast the merged weights (default: the checkpoint's own dtype)")
+    p.add_argument("--revision")
+    p.set_defaults(func=cmd_merge)
     return parser
 
 

@@ -19,3 +19,7 @@ class CheckpointError(MiniLoraError):
 
 class DataError(MiniLoraError, ValueError):
     """A dataset that cannot be used: a missing file, a malformed row, a sequence too long."""
+
+
+class TrainingError(MiniLoraError):
+    """Training cannot go on: a non-finite loss, for instance. The message names the step."""

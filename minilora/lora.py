@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -60,6 +61,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Linear(self.in_features, r, bias=False, **factory)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, **factory)
         self.merged = False
+        self.disabled = False  # see adapter_disabled(): the base layer alone
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
@@ -68,7 +70,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
-        if self.merged:
+        if self.merged or self.disabled:
             return out
         if not torch.is_autocast_enabled(x.device.type):  # e.g. bf16 activations into an fp32 adapter
             x = x.to(self.lora_A.weight.dtype)
@@ -195,6 +197,21 @@ def apply_lora(model: nn.Module, targets: list[str] | str, r: int = 8, alpha: fl
 
 def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+@contextmanager
+def adapter_disabled(model: nn.Module):
+    """Run the base model alone inside the block (to compare with the adapted one)."""
+    layers = [m for _, m in lora_modules(model)]
+    if any(m.merged for m in layers):
+        raise ConfigError("cannot disable a merged adapter: unmerge_lora(model) first")
+    for m in layers:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.disabled = False
 
 
 def merge_lora(model: nn.Module) -> None:

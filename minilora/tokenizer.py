@@ -8,6 +8,7 @@ also the pad is still learned and still stops generation.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,15 @@ class Tokenizer:
         self.tk.add_special_tokens([token])
         self.pad_token_id = self.tk.token_to_id(token)
         return self.pad_token_id
+
+    def save(self, folder: Path) -> None:
+        """tokenizer.json plus the special-token ids, in files that load here and in transformers."""
+        self.tk.save(str(Path(folder) / "tokenizer.json"))
+        names = {f"{kind}_token": self.tk.id_to_token(i) for kind, i in
+                 (("eos", self.eos_token_id), ("bos", self.bos_token_id), ("pad", self.pad_token_id)) if i is not None}
+        if self.chat_template:
+            names["chat_template"] = self.chat_template
+        (Path(folder) / "tokenizer_config.json").write_text(json.dumps(names, indent=2) + "\n")
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """ChatML (<|im_start|>role ... <|im_end|>), the format of SmolLM2, Qwen2 and others.

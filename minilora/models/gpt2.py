@@ -134,6 +134,7 @@ class GPT2LMHeadModel(nn.Module):
     """GPT-2 with its language-model head, tied to the token embeddings as in every GPT-2 checkpoint."""
 
     config_class = GPT2Config
+    conv1d_layout = True  # the checkpoint's projections are Conv1D (in, out): PEFT's fan_in_fan_out
 
     def __init__(self, cfg: GPT2Config) -> None:
         super().__init__()

@@ -1,0 +1,180 @@
+"""Adapters in the PEFT file format: a folder with adapter_config.json and adapter_model.safetensors.
+
+Keys are PEFT's: `base_model.model.<module>.lora_A.weight` / `.lora_B.weight`, and the full tensors of
+`modules_to_save` under their own names (`base_model.model.classifier.weight`). Because minilora's
+module names are the Hub's, these are our state-dict names with a prefix: no table, no renaming.
+So an adapter saved here loads with `PeftModel.from_pretrained`, and one saved by PEFT loads here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from .errors import CheckpointError, ConfigError
+from .lora import LoRAConfig, _matches, apply_lora, lora_modules
+
+PREFIX = "base_model.model."
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+
+
+def write_atomically(folder: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Run write(tmp_folder), then swap tmp_folder in for `folder` by rename: a crash at any point
+    leaves either the old complete folder or the new complete one, never a half-written one."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's names: every LoRA A/B, and modules_to_save in full."""
+    config = _lora_config(model)
+    state = model.state_dict()
+    keep = [n for n in state if ".lora_A." in n or ".lora_B." in n]
+    if not keep:
+        raise CheckpointError("the model has no LoRA tensors to save (was apply_lora called?)")
+    for target in config.modules_to_save:
+        owners = [n for n, _ in model.named_modules() if n and _matches(n, [target])]
+        keep += [n for n in state if any(n.startswith(o + ".") for o in owners) and n not in keep]
+    return {PREFIX + n: state[n].detach().to("cpu").contiguous() for n in keep}
+
+
+def _lora_config(model: nn.Module) -> LoRAConfig:
+    config = getattr(model, "lora_config", None)
+    if config is None or not lora_modules(model):
+        raise CheckpointError("the model has no LoRA layers: call apply_lora (or load_adapter) first")
+    return config
+
+
+def adapter_config(model: nn.Module) -> dict[str, Any]:
+    """adapter_config.json, with the fields PEFT reads."""
+    c = _lora_config(model)
+    return {
+        "peft_type": "LORA",
+        "task_type": getattr(model, "task_type", "CAUSAL_LM"),
+        "base_model_name_or_path": getattr(model, "name_or_path", None),
+        "r": c.r,
+        "lora_alpha": c.alpha,
+        "lora_dropout": c.dropout,
+        "target_modules": c.targets,
+        "modules_to_save": c.modules_to_save or None,
+        "use_rslora": c.use_rslora,
+        "fan_in_fan_out": bool(getattr(model, "conv1d_layout", False)),  # GPT-2's Conv1D, as PEFT records it
+        "bias": "none",
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "base_model_config": _base_fingerprint(model),
+    }
+
+
+def _base_fingerprint(model: nn.Module) -> dict[str, Any]:
+    """Enough of the base model to refuse an adapter meant for another one, beyond shape checks."""
+    cfg = getattr(model, "config", None)
+    keys = ("model_type", "vocab_size", "hidden_size", "n_embd", "num_hidden_layers", "n_layer", "dim", "n_layers")
+    return {k: getattr(cfg, k) for k in keys if hasattr(cfg, k)}
+
+
+def save_adapter(model: nn.Module, folder: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+    """Write the adapter folder atomically; returns its path. `extra` adds fields to adapter_config.json."""
+    from safetensors.torch import save_file
+    tensors = adapter_state_dict(model)
+    config = {**adapter_config(model), **(extra or {})}
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    return write_atomically(folder, write)
+
+
+def read_adapter(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+    from .weights import read_json
+    folder = Path(os.path.expanduser(str(folder)))
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such adapter folder")
+    config = read_json(folder / CONFIG_FILE)
+    if config.get("peft_type", "LORA") != "LORA":
+        raise CheckpointError(f"{folder / CONFIG_FILE}: peft_type {config.get('peft_type')!r} is not LORA")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if config.get(key):
+            raise CheckpointError(f"{folder / CONFIG_FILE}: {key} (per-module ranks) is not supported")
+    if config.get("use_dora"):
+        raise CheckpointError(f"{folder / CONFIG_FILE}: DoRA adapters are not supported")
+    file = folder / WEIGHTS_FILE
+    if file.is_file():
+        try:
+            tensors = load_file(str(file))
+        except Exception as e:
+            raise CheckpointError(f"{file}: not a readable safetensors file, truncated or corrupt ({e})") from None
+    elif (folder / "adapter_model.bin").is_file():
+        try:
+            tensors = torch.load(folder / "adapter_model.bin", map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{folder / 'adapter_model.bin'}: refused or corrupt ({type(e).__name__})") from None
+    else:
+        raise CheckpointError(f"{folder}: no {WEIGHTS_FILE}")
+    return config, tensors
+
+
+def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
+    """Put an adapter on `model` (applying LoRA as its config says, if the model has none yet) and load
+    its tensors. Every adapter key must match a tensor of the model with the same shape."""
+    config, tensors = read_adapter(folder)
+    where = Path(folder) / WEIGHTS_FILE
+    expected = config.get("base_model_config") or {}
+    actual = _base_fingerprint(model)
+    wrong = [f"{k}: adapter {v!r} vs model {actual[k]!r}" for k, v in expected.items() if k in actual and actual[k] != v]
+    if wrong:
+        raise CheckpointError(f"{folder}: adapter was trained on another base model ({'; '.join(wrong)})")
+    if not lora_modules(model):
+        try:
+            apply_lora(model, config["target_modules"], r=config["r"], alpha=config["lora_alpha"],
+                       dropout=config.get("lora_dropout", 0.0), modules_to_save=config.get("modules_to_save") or [],
+                       use_rslora=config.get("use_rslora", False))
+        except KeyError as e:
+            raise CheckpointError(f"{Path(folder) / CONFIG_FILE}: missing field {e.args[0]!r}") from None
+        except ConfigError as e:
+            raise CheckpointError(f"{Path(folder) / CONFIG_FILE} does not fit this model: {e}") from None
+    state = model.state_dict(keep_vars=True)
+    unmatched, mismatched, matched = [], [], {}
+    for key, tensor in tensors.items():
+        name = key.removeprefix(PREFIX).replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+        if name not in state:
+            unmatched.append(key)
+        elif tuple(state[name].shape) != tuple(tensor.shape):
+            mismatched.append(f"{key}: adapter {tuple(tensor.shape)} vs model {tuple(state[name].shape)}")
+        else:
+            matched[name] = tensor
+    missing = [n for n in state if (".lora_A." in n or ".lora_B." in n) and n not in matched]
+    if unmatched or mismatched or missing:
+        parts = [f"{where} does not fit this model:"]
+        if unmatched:
+            parts.append(f"keys that match no module: {', '.join(unmatched[:4])}" + (" ..." if len(unmatched) > 4 else ""))
+        if mismatched:
+            parts.append(f"wrong shapes (another base model or rank?): {', '.join(mismatched[:4])}")
+        if missing:
+            parts.append(f"LoRA tensors the adapter lacks: {', '.join(missing[:4])}")
+        raise CheckpointError(" ".join(parts))
+    with torch.no_grad():  # only once everything fits: a bad adapter leaves the model as it was
+        for name, tensor in matched.items():
+            state[name].copy_(tensor)
+    return model

@@ -1,0 +1,227 @@
+"""Datasets: read records, format them with a prompt template, tokenize, truncate, mask, pad.
+
+A record is a dict of fields (one JSON object, one CSV row). A template turns it into a prompt and a
+response; training text is prompt + response + EOS. Labels are the input ids, with -100 (ignored by
+the loss) on padding and, unless `train_on_prompt`, on the prompt, so only the response is learned.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import DataError
+
+IGNORE = -100  # label value the loss skips
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading records
+
+def read_records(source: str | os.PathLike, revision: str | None = None) -> list[dict[str, Any]]:
+    """Records of a .json (a list of objects), .jsonl or .csv file, a folder of them, or a Hub dataset id."""
+    path = Path(os.path.expanduser(str(source)))
+    if not path.exists():
+        if str(source).startswith((".", "/", "~")) or path.suffix in (".json", ".jsonl", ".csv"):
+            raise DataError(f"{source}: no such file or folder")
+        path = _hub_dataset(str(source), revision)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in (".json", ".jsonl", ".csv"))
+    if not files:
+        raise DataError(f"{path}: no .json, .jsonl or .csv files")
+    records = []
+    for file in files:
+        records.extend(_read_file(file))
+    if not records:
+        raise DataError(f"{source}: the dataset is empty")
+    return records
+
+
+def _hub_dataset(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(repo_id=repo_id, repo_type="dataset", revision=revision,
+                                      allow_patterns=["*.json", "*.jsonl", "*.csv"]))
+    except Exception as e:
+        raise DataError(f"{repo_id}: not a local file, and the Hugging Face Hub could not provide it as a dataset "
+                        f"({type(e).__name__}). Pass a local .json, .jsonl or .csv file instead.") from None
+
+
+def _read_file(file: Path) -> list[dict[str, Any]]:
+    try:
+        text = file.read_text(encoding="utf-8-sig")  # -sig: tolerate a byte-order mark
+    except UnicodeDecodeError as e:
+        raise DataError(f"{file}: not UTF-8 text ({e})") from None
+    if file.suffix == ".csv":
+        return list(csv.DictReader(text.splitlines()))
+    if file.suffix == ".jsonl" or (file.suffix == ".json" and not text.lstrip().startswith("[")):
+        rows = []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{file}: line {n} is not valid JSON ({e.msg})") from None
+        return rows
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{file}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(rows, list):
+        raise DataError(f"{file}: expected a JSON list of records, found {type(rows).__name__}")
+    return rows
+
+
+def split(records: list, val_size: float | int, seed: int = 0) -> tuple[list, list]:
+    """Shuffle with `seed`, then hold out val_size records (a fraction if < 1, else a count)."""
+    if isinstance(val_size, float) and not 0 <= val_size < 1:
+        raise DataError(f"val_size must be a fraction in [0, 1) or a count, got {val_size}")
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_val = int(round(val_size * len(records))) if isinstance(val_size, float) else int(val_size)
+    if n_val >= len(records):
+        raise DataError(f"val_size={val_size} leaves no training records out of {len(records)}")
+    return [records[i] for i in order[n_val:]], [records[i] for i in order[:n_val]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Templates
+
+@dataclass
+class Template:
+    """prompt and response are str.format strings over record fields. When the record's `input` field
+    is empty and `prompt_no_input` is set, that prompt is used instead (the Alpaca convention)."""
+    prompt: str
+    response: str
+    prompt_no_input: str | None = None
+
+    def format(self, record: dict[str, Any], where: str) -> tuple[str, str]:
+        prompt = self.prompt
+        if self.prompt_no_input is not None and not record.get("input"):
+            prompt = self.prompt_no_input
+        return _fill(prompt, record, where), _fill(self.response, record, where)
+
+
+def _fill(fmt: str, record: dict[str, Any], where: str) -> str:
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected an object with fields, found {type(record).__name__}")
+    import string
+    for _, field, _, _ in string.Formatter().parse(fmt):
+        if field is None:
+            continue
+        if field not in record:
+            raise DataError(f"{where}: missing field {field!r} (the record has: {', '.join(map(str, record)) or 'nothing'})")
+        if not isinstance(record[field], str):
+            kind = "null" if record[field] is None else type(record[field]).__name__
+            raise DataError(f"{where}: field {field!r} is {kind}, expected text")
+    return fmt.format_map(record)
+
+
+TEMPLATES = {
+    # tloen/alpaca-lora's templates, from the Stanford Alpaca repository.
+    "alpaca": Template(
+        prompt="Below is an instruction that describes a task, paired with an input that provides further "
+               "context. Write a response that appropriately completes the request.\n\n"
+               "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
+        prompt_no_input="Below is an instruction that describes a task. Write a response that appropriately "
+                        "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n",
+        response="{output}"),
+    "quotes": Template(prompt='Quote by {author}:', response=' "{quote}"'),
+    "text": Template(prompt="", response="{text}"),
+}
+
+
+def get_template(template: str | Template | dict) -> Template:
+    if isinstance(template, Template):
+        return template
+    if isinstance(template, dict):
+        return Template(**template)
+    if template not in TEMPLATES:
+        raise DataError(f"unknown template {template!r}; built in: {', '.join(TEMPLATES)}")
+    return TEMPLATES[template]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizing
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def tokenize(tokenizer, prompt: str, response: str, cutoff: int, add_eos: bool = True,
+             train_on_prompt: bool = True, truncation: str = "right", where: str = "") -> Example:
+    """prompt + response (+ EOS), truncated to `cutoff` tokens from the `truncation` side ("right",
+    "left", or "none" to refuse). Prompt and response are tokenized apart, so the prompt's tokens are
+    the ones generation will see."""
+    prompt_ids = tokenizer.encode(prompt) if prompt else []
+    response_ids = tokenizer.encode(response, add_special_tokens=not prompt_ids)
+    ids = prompt_ids + response_ids + ([tokenizer.eos_token_id] if add_eos else [])
+    labels = list(ids) if train_on_prompt else [IGNORE] * len(prompt_ids) + ids[len(prompt_ids):]
+    if len(ids) > cutoff:
+        if truncation == "right":
+            ids, labels = ids[:cutoff], labels[:cutoff]
+        elif truncation == "left":
+            ids, labels = ids[-cutoff:], labels[-cutoff:]
+        else:
+            raise DataError(f"{where}: {len(ids)} tokens, longer than the cutoff of {cutoff} (truncation is off)")
+    return Example(ids, labels)
+
+
+def build_examples(records: list[dict[str, Any]], tokenizer, template: str | Template | dict = "text",
+                   cutoff: int = 256, add_eos: bool = True, train_on_prompt: bool = True,
+                   truncation: str = "right", skip_bad_rows: bool = False, source: str = "dataset") -> list[Example]:
+    """Format and tokenize every record. A malformed record raises DataError naming the row (1-based),
+    or, with skip_bad_rows, is skipped and counted in the returned list's `.skipped`."""
+    if truncation not in ("right", "left", "none"):
+        raise DataError(f"truncation must be 'right', 'left' or 'none', got {truncation!r}")
+    if cutoff <= 0:
+        raise DataError(f"cutoff must be a positive number of tokens, got {cutoff}")
+    template = get_template(template)
+    examples, skipped = ExampleList(), 0
+    for n, record in enumerate(records, start=1):
+        where = f"{source}, row {n}"
+        try:
+            prompt, response = template.format(record, where)
+            examples.append(tokenize(tokenizer, prompt, response, cutoff, add_eos, train_on_prompt, truncation, where))
+        except DataError:
+            if not skip_bad_rows:
+                raise
+            skipped += 1
+    examples.skipped = skipped
+    if not examples:
+        raise DataError(f"{source}: no usable records ({skipped} skipped)" if skipped else f"{source}: the dataset is empty")
+    return examples
+
+
+class ExampleList(list):
+    skipped: int = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching
+
+def collate(examples: list[Example], pad_id: int, pad_to: int | None = None,
+            side: str = "right") -> dict[str, torch.Tensor]:
+    """Pad to the longest example (or to pad_to): input_ids, attention_mask (1 = real token), labels
+    (-100 on padding). Padding is recognised by the mask, so pad_id may equal the EOS id."""
+    length = max(len(e.input_ids) for e in examples) if pad_to is None else pad_to
+    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        if n > length:
+            raise DataError(f"example {i} has {n} tokens, more than pad_to={length}")
+        cols = slice(0, n) if side == "right" else slice(length - n, length)
+        ids[i, cols] = torch.tensor(e.input_ids)
+        labels[i, cols] = torch.tensor(e.labels)
+        mask[i, cols] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -1,0 +1,189 @@
+"""Recipes: one TOML file describes a whole fine-tune, in four sections.
+
+    [model]  name = "gpt2-medium"          # Hub id, local folder or .gguf; dtype, device, revision
+    [lora]   targets = ["c_attn"]  r = 8  alpha = 16  dropout = 0.05  modules_to_save = []
+    [data]   train = "quotes.jsonl"  template = "quotes"  cutoff = 128  val_size = 0.1
+    [train]  any TrainConfig field: output_dir, epochs, micro_batch_size, batch_size, lr, ...
+
+Every key is checked against the dataclass it fills: an unknown key or a value of the wrong type
+is a ConfigError naming the file, the section and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .train import TrainConfig
+
+
+@dataclass
+class ModelSection:
+    name: str
+    dtype: str = "float32"
+    device: str | None = None
+    revision: str | None = None
+
+
+@dataclass
+class LoraSection:
+    targets: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.0
+    modules_to_save: list[str] = field(default_factory=list)
+    use_rslora: bool = False
+
+
+@dataclass
+class DataSection:
+    train: str
+    eval: str | None = None
+    val_size: float | int = 0.1
+    template: str | dict = "text"
+    cutoff: int = 256
+    add_eos: bool = True
+    train_on_prompt: bool = True
+    truncation: str = "right"
+    limit: int | None = None          # use only the first N training records (after shuffling)
+    skip_bad_rows: bool = False
+    seed: int = 0
+
+
+@dataclass
+class GenerateSection:
+    prompts: list[str] = field(default_factory=list)
+    max_new_tokens: int = 48
+    temperature: float = 0.0
+
+
+@dataclass
+class Recipe:
+    model: ModelSection
+    lora: LoraSection
+    data: DataSection
+    train: TrainConfig
+    generate: GenerateSection
+    source: str = "recipe"
+
+
+SECTIONS = {"model": ModelSection, "lora": LoraSection, "data": DataSection, "train": TrainConfig,
+            "generate": GenerateSection}
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "list": (list,),
+          "tuple": (list, tuple), "dict": (dict,), "None": (type(None),)}
+
+
+def _allowed(annotation: str) -> tuple[type, ...]:
+    # "list[str] | str" -> the outer type names list, str
+    outer = re.sub(r"\[[^\]]*\]", "", annotation)
+    return tuple(t for name in outer.split("|") for t in _TYPES.get(name.strip(), (object,)))
+
+
+def _section(cls: type, values: Any, where: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a table of keys, found {type(values).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key {key!r}; known keys: {', '.join(known)}")
+        allowed = _allowed(str(known[key].type))
+        if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
+            raise ConfigError(f"{where}.{key}: expected {known[key].type}, got {type(value).__name__} {value!r}")
+    missing = [n for n, f in known.items() if n not in values and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{where}: missing key(s) {', '.join(missing)}")
+    try:
+        return cls(**values)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def parse_value(text: str) -> Any:
+    """A command-line override as a TOML value (1e-4, true, ["a", "b"]), or else the plain string."""
+    import tomllib
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def load_recipe(path: str | os.PathLike, overrides: dict[str, str] | None = None) -> Recipe:
+    """Read and check a recipe; overrides are {"train.lr": "1e-4", ...} from the command line."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        raise ConfigError("TOML recipes need Python >= 3.11 (tomllib)") from None
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such recipe file")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    for dotted, text in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        if section not in SECTIONS or not key:
+            raise ConfigError(f"override --{dotted}: expected --section.key with a section among {', '.join(SECTIONS)}")
+        raw.setdefault(section, {})[key] = parse_value(text)
+    unknown = [s for s in raw if s not in SECTIONS]
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)}; sections are {', '.join(SECTIONS)}")
+    for required in ("model", "data"):
+        if required not in raw:
+            raise ConfigError(f"{path}: missing section [{required}]")
+    parts = {name: _section(cls, raw.get(name, {}), f"{path} [{name}]") for name, cls in SECTIONS.items()}
+    return Recipe(**parts, source=str(path))
+
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+
+def torch_dtype(name: str, where: str = "dtype"):
+    import torch
+    if name not in DTYPES:
+        raise ConfigError(f"{where}: unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
+    return getattr(torch, DTYPES[name])
+
+
+def run_recipe(recipe: Recipe):
+    """Load the model and data, apply LoRA, train; returns (model, tokenizer, TrainResult)."""
+    import torch
+    from .data import build_examples, read_records, split
+    from .lora import apply_lora, param_report
+    from .tokenizer import load_tokenizer
+    from .train import train
+    from .weights import load_model
+    m, d = recipe.model, recipe.data
+    device = m.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(m.name, dtype=torch_dtype(m.dtype, f"{recipe.source} [model].dtype"), device=device,
+                       revision=m.revision)
+    tokenizer = load_tokenizer(m.name, revision=m.revision)
+    records = read_records(d.train)
+    if d.eval:
+        train_records, eval_records = records, read_records(d.eval)
+    elif d.val_size:
+        train_records, eval_records = split(records, d.val_size, d.seed)
+    else:
+        train_records, eval_records = records, []
+    if d.limit:
+        train_records = train_records[:d.limit]
+    options = dict(tokenizer=tokenizer, template=d.template, cutoff=d.cutoff, add_eos=d.add_eos,
+                   train_on_prompt=d.train_on_prompt, truncation=d.truncation, skip_bad_rows=d.skip_bad_rows)
+    train_data = build_examples(train_records, source=d.train, **options)
+    eval_data = build_examples(eval_records, source=d.eval or f"{d.train} (held out)", **options) if eval_records else None
+    if train_data.skipped:
+        print(f"skipped {train_data.skipped} malformed training rows")
+    lora = recipe.lora
+    apply_lora(model, lora.targets, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+               modules_to_save=lora.modules_to_save, use_rslora=lora.use_rslora)
+    print(param_report(model))
+    print(f"training on {len(train_data)} examples, evaluating on {len(eval_data or [])}")
+    result = train(model, tokenizer, train_data, eval_data, recipe.train)
+    return model, tokenizer, result

@@ -1,0 +1,412 @@
+"""The training loop: one function, `train`, configured by one dataclass, `TrainConfig`.
+
+Per optimizer step: `batch_size` examples, split into micro-batches of `micro_batch_size`; each
+micro-batch's summed loss is backpropagated, and the gradients are divided once by the number of
+target tokens in the whole step. That makes accumulation exactly one big batch's gradient, however
+the tokens fall among micro-batches (averaging each micro-batch's loss first would not).
+
+The data order of epoch e is a permutation seeded by (seed, e), so a position (step) is all it
+takes to find the next batch again. A checkpoint holds the adapter, the optimizer, the scheduler,
+the RNG state and the step: resuming from one continues the very same loss curve.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .adapter import CONFIG_FILE, WEIGHTS_FILE, adapter_config, adapter_state_dict, load_adapter, save_adapter, \
+    write_atomically
+from .data import IGNORE, Example, collate
+from .errors import CheckpointError, ConfigError, TrainingError
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/minilora"
+    epochs: int = 1
+    max_steps: int | None = None          # when set, overrides epochs
+    micro_batch_size: int = 4             # examples per forward/backward pass
+    batch_size: int | None = None         # examples per optimizer step (a multiple of micro_batch_size)
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    lr_schedule: str = "linear"           # linear | cosine | constant (after warmup)
+    max_grad_norm: float | None = 1.0
+    eval_every: int | None = None         # steps; None = only per epoch (if eval_each_epoch)
+    eval_each_epoch: bool = True
+    eval_at_start: bool = False           # evaluate the untrained model first, as a baseline
+    save_every: int | None = None         # steps
+    save_each_epoch: bool = False
+    keep_last: int | None = 3             # checkpoints kept; None keeps all
+    resume_from_checkpoint: str | None = None  # a checkpoint folder, or "latest" in output_dir
+    best_metric: str | None = None        # e.g. "eval_loss" or "eval_accuracy"
+    load_best_at_end: bool = False
+    bf16: bool = False                    # bf16 autocast (CPU with AMX/AVX512-BF16, or CUDA)
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    log_every: int = 1
+    progress: bool = True
+    pad_to: int | None = None             # pad every batch to this length; None pads per batch
+
+    def __post_init__(self) -> None:
+        self.adam_betas = tuple(self.adam_betas)
+        self.batch_size = self.batch_size or self.micro_batch_size
+        for name in ("epochs", "micro_batch_size", "batch_size", "log_every"):
+            _positive(name, getattr(self, name))
+        for name in ("max_steps", "eval_every", "save_every", "keep_last", "pad_to"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name))
+        if self.batch_size % self.micro_batch_size:
+            raise ConfigError(f"batch_size={self.batch_size} is not a multiple of micro_batch_size={self.micro_batch_size}")
+        if self.lr_schedule not in ("linear", "cosine", "constant"):
+            raise ConfigError(f"lr_schedule must be linear, cosine or constant, got {self.lr_schedule!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
+        if self.warmup_steps < 0 or self.weight_decay < 0:
+            raise ConfigError("warmup_steps and weight_decay must not be negative")
+        if self.load_best_at_end and not self.best_metric:
+            raise ConfigError("load_best_at_end needs best_metric (e.g. 'eval_loss')")
+
+    @property
+    def accumulation_steps(self) -> int:
+        return self.batch_size // self.micro_batch_size
+
+
+def _positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Multiplier of the peak lr at `step`: linear warmup from 0, then linear or cosine decay to 0 at `total`."""
+    if step < warmup:
+        return step / max(1, warmup)
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return max(0.0, 1.0 - progress)
+
+
+def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over target tokens, and their count."""
+    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+    labels = batch["labels"][:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
+                           reduction="sum")
+    return loss, int((labels != IGNORE).sum())
+
+
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int]]
+
+
+def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]], loss_fn: LossFn = causal_lm_loss,
+                         bf16: bool = False) -> tuple[float, int]:
+    """Backpropagate every micro-batch's summed loss, then divide the gradients by the total count:
+    the gradient of the mean loss over the whole batch. Returns (mean loss, count)."""
+    device = micro_batches[0]["input_ids"].device
+    total, count = 0.0, 0
+    for batch in micro_batches:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss, n = loss_fn(model, batch)
+        loss.backward()
+        total += float(loss.detach())
+        count += n
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.div_(max(count, 1))
+    return total / max(count, 1), count
+
+
+def set_gradient_checkpointing(model: nn.Module, on: bool) -> None:
+    for m in model.modules():
+        if hasattr(m, "gradient_checkpointing"):
+            m.gradient_checkpointing = on
+
+
+def batches(data: list[Example], indices: list[int], size: int, pad_id: int, device: torch.device,
+            pad_to: int | None = None) -> list[dict[str, torch.Tensor]]:
+    return [{k: v.to(device) for k, v in collate([data[j] for j in indices[i:i + size]], pad_id, pad_to).items()}
+            for i in range(0, len(indices), size)]
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: list[Example], pad_id: int, micro_batch_size: int = 8,
+             loss_fn: LossFn = causal_lm_loss, bf16: bool = False) -> dict[str, float]:
+    """Mean loss per target token over `data`, and its perplexity."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for batch in batches(data, list(range(len(data))), micro_batch_size, pad_id, device):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss, n = loss_fn(model, batch)
+        total, count = total + float(loss), count + n
+    model.train(was_training)
+    loss = total / max(count, 1)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: output_dir/checkpoint-<step>/, each written to a temporary folder and renamed.
+
+STATE_FILE = "trainer_state.json"
+
+
+def checkpoint_folders(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints, oldest first (a folder is complete once its final name exists)."""
+    out = Path(output_dir)
+    found = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()
+             and (p / STATE_FILE).is_file()] if out.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def _run_fingerprint(cfg: TrainConfig, n_train: int, total_steps: int) -> dict[str, Any]:
+    """What must be the same for a checkpoint to be resumed exactly."""
+    return dict(batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size, seed=cfg.seed,
+                lr=cfg.lr, lr_schedule=cfg.lr_schedule, warmup_steps=cfg.warmup_steps, total_steps=total_steps,
+                n_train=n_train)
+
+
+def save_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, state: dict[str, Any]) -> Path:
+    from safetensors.torch import save_file
+    tensors, config = adapter_state_dict(model), adapter_config(model)
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng, tmp / "rng.pt")
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")  # written last
+    return write_atomically(folder, write)
+
+
+def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, expected: dict[str, Any]) -> dict[str, Any]:
+    from .weights import read_json
+    state = read_json(folder / STATE_FILE)
+    saved = state.get("run", {})
+    wrong = [f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}" for k, v in expected.items() if saved.get(k) != v]
+    if wrong:
+        raise CheckpointError(f"{folder}: cannot resume, the run's settings changed ({'; '.join(wrong)})")
+    load_adapter(model, folder)
+    try:
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+        scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+        rng = torch.load(folder / "rng.pt", weights_only=True)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{folder}: incomplete checkpoint, {Path(e.filename).name} is missing") from None
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{folder}: optimizer or scheduler state does not fit this run ({e})") from None
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return state
+
+
+def _rotate(output_dir: Path, keep_last: int | None, protect: set[str]) -> None:
+    if keep_last is None:
+        return
+    folders = checkpoint_folders(output_dir)
+    for old in folders[:-keep_last]:
+        if old.name not in protect:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, Any]] = field(default_factory=list)  # one record per logged step or eval
+    adapter_dir: Path | None = None
+    best_metric: float | None = None
+    best_step: int | None = None
+    stopped_early: bool = False
+
+
+def _better(metric: str, new: float, old: float | None) -> bool:
+    lower_is_better = "loss" in metric or "perplexity" in metric
+    return old is None or (new < old if lower_is_better else new > old)
+
+
+def train(model: nn.Module, tokenizer, train_data: list[Example], eval_data: list[Example] | None = None,
+          config: TrainConfig | None = None, loss_fn: LossFn = causal_lm_loss,
+          evaluate_fn: Callable[[nn.Module], dict[str, float]] | None = None) -> TrainResult:
+    """Train the parameters of `model` that require grad (the LoRA ones after apply_lora).
+
+    evaluate_fn(model) -> metrics replaces the default evaluation (mean loss and perplexity over
+    eval_data). Writes output_dir/metrics.jsonl, checkpoint-<step>/ folders, best/ (with best_metric),
+    and the final adapter in output_dir/adapter/.
+    """
+    cfg = config or TrainConfig()
+    if not train_data:
+        raise ConfigError("train_data is empty")
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("the model has no trainable parameters: call apply_lora first")
+    torch.manual_seed(cfg.seed)
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],  # no decay on biases and norms
+        lr=cfg.lr, betas=cfg.adam_betas)
+    steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
+    total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.lr_schedule))
+    run = _run_fingerprint(cfg, len(train_data), total_steps)
+    if evaluate_fn is None and eval_data:
+        def evaluate_fn(m: nn.Module) -> dict[str, float]:
+            return evaluate(m, eval_data, pad_id, cfg.micro_batch_size, loss_fn, cfg.bf16)
+
+    result, step = TrainResult(), 0
+    if cfg.resume_from_checkpoint:
+        folder = _resolve_resume(cfg.resume_from_checkpoint, out)
+        state = load_checkpoint(folder, model, optimizer, scheduler, run)
+        step, result.best_metric, result.best_step = state["step"], state.get("best_metric"), state.get("best_step")
+    metrics_file = out / "metrics.jsonl"
+    _truncate_metrics(metrics_file, step)  # a resumed run rewrites what came after its checkpoint
+
+    if cfg.eval_at_start and evaluate_fn is not None and step == 0:
+        _log(metrics_file, {"step": 0, "epoch": 0.0, **evaluate_fn(model)}, result, None)
+    set_gradient_checkpointing(model, cfg.gradient_checkpointing)
+    model.train()
+    progress = _progress(cfg.progress, total_steps, step)
+    stop = _StopRequest()
+    try:
+        while step < total_steps:
+            epoch, i = divmod(step, steps_per_epoch)
+            order = epoch_order(len(train_data), cfg.seed, epoch)[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            micro = batches(train_data, order, cfg.micro_batch_size, pad_id, device, cfg.pad_to)
+            loss, count = accumulate_gradients(model, micro, loss_fn, cfg.bf16)
+            if not math.isfinite(loss):
+                last = checkpoint_folders(out)
+                raise TrainingError(f"step {step + 1}: the loss is {loss}; training stopped. The last good "
+                                    f"checkpoint is {last[-1] if last else 'none (nothing was saved yet)'}")
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss, "lr": lr,
+                      "grad_norm": float(grad_norm), "tokens": count}
+            if step % cfg.log_every == 0 or step == total_steps:
+                _log(metrics_file, record, result, progress)
+            end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
+            if evaluate_fn is not None and ((cfg.eval_every and step % cfg.eval_every == 0)
+                                            or (cfg.eval_each_epoch and end_of_epoch)):
+                metrics = evaluate_fn(model)
+                model.train()
+                _log(metrics_file, {"step": step, "epoch": round(step / steps_per_epoch, 4), **metrics}, result, progress)
+                if cfg.best_metric:
+                    if cfg.best_metric not in metrics:
+                        raise ConfigError(f"best_metric {cfg.best_metric!r} is not among the metrics: {', '.join(metrics)}")
+                    if _better(cfg.best_metric, metrics[cfg.best_metric], result.best_metric):
+                        result.best_metric, result.best_step = metrics[cfg.best_metric], step
+                        save_adapter(model, out / "best", extra={"best_step": step, cfg.best_metric: result.best_metric})
+            if (cfg.save_every and step % cfg.save_every == 0) or (cfg.save_each_epoch and end_of_epoch) \
+                    or stop.requested:
+                save_checkpoint(out / f"checkpoint-{step}", model, optimizer, scheduler,
+                                {"step": step, "best_metric": result.best_metric, "best_step": result.best_step,
+                                 "run": run})
+                _rotate(out, cfg.keep_last, set())
+            if stop.requested:
+                result.stopped_early = True
+                break
+    finally:
+        stop.restore()
+        if progress is not None:
+            progress.close()
+    if not result.stopped_early:
+        if cfg.load_best_at_end and result.best_step is not None:
+            load_adapter(model, out / "best")
+        result.adapter_dir = save_adapter(model, out / "adapter")
+    model.eval()
+    return result
+
+
+def _resolve_resume(value: str, out: Path) -> Path:
+    if value == "latest":
+        found = checkpoint_folders(out)
+        if not found:
+            raise CheckpointError(f"{out}: no checkpoint to resume from")
+        return found[-1]
+    folder = Path(os.path.expanduser(value))
+    if not (folder / STATE_FILE).is_file():
+        raise CheckpointError(f"{folder}: not a checkpoint folder (no {STATE_FILE})")
+    return folder
+
+
+def _truncate_metrics(file: Path, step: int) -> None:
+    if not file.exists():
+        return
+    keep = [line for line in file.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    file.write_text("".join(line + "\n" for line in keep))
+
+
+def _log(file: Path, record: dict[str, Any], result: TrainResult, progress) -> None:
+    result.history.append(record)
+    with open(file, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in record.items() if k not in ("epoch", "tokens")}
+    if progress is not None:
+        if "loss" in record:
+            progress.update(record["step"] - progress.n)
+            progress.set_postfix(loss=shown["loss"], lr=shown["lr"])
+        else:
+            progress.write(" ".join(f"{k}={v}" for k, v in shown.items()))
+    elif "loss" not in record:
+        print(" ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    if not enabled:
+        return None
+    from tqdm import tqdm  # a dependency of huggingface-hub
+    return tqdm(total=total, initial=initial, desc="training", unit="step", dynamic_ncols=True)
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM during training: finish the current step, save a checkpoint, stop cleanly."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous = {}
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self.previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
