@@ -22,6 +22,7 @@ from .lora import LoRAConfig, _matches, apply_lora, lora_modules
 
 PREFIX = "base_model.model."
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+META_FILE = "minilora.json"  # what PEFT has no field for: the base model's shape, labels, the best step
 
 
 def write_atomically(folder: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -82,7 +83,6 @@ def adapter_config(model: nn.Module) -> dict[str, Any]:
         "bias": "none",
         "inference_mode": True,
         "init_lora_weights": True,
-        "base_model_config": _base_fingerprint(model),
     }
 
 
@@ -93,16 +93,19 @@ def _base_fingerprint(model: nn.Module) -> dict[str, Any]:
     return {k: getattr(cfg, k) for k in keys if hasattr(cfg, k)}
 
 
-def save_adapter(model: nn.Module, folder: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
-    """Write the adapter folder atomically; returns its path. `extra` adds fields to adapter_config.json."""
+def write_adapter_files(folder: Path, model: nn.Module, extra: dict[str, Any] | None = None) -> None:
+    """The adapter's three files into an existing folder (checkpoints add theirs beside them)."""
     from safetensors.torch import save_file
-    tensors = adapter_state_dict(model)
-    config = {**adapter_config(model), **(extra or {})}
+    save_file(adapter_state_dict(model), str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    (folder / CONFIG_FILE).write_text(json.dumps(adapter_config(model), indent=2) + "\n")
+    meta = {"base_model": _base_fingerprint(model), **(extra or {})}
+    (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
-    def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    return write_atomically(folder, write)
+
+def save_adapter(model: nn.Module, folder: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+    """Write the adapter folder atomically; returns its path. `extra` goes into minilora.json."""
+    _lora_config(model)  # refuse before touching the disk
+    return write_atomically(folder, lambda tmp: write_adapter_files(tmp, model, extra))
 
 
 def read_adapter(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -135,12 +138,20 @@ def read_adapter(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, t
     return config, tensors
 
 
+def read_adapter_meta(folder: str | os.PathLike) -> dict[str, Any]:
+    """minilora.json of an adapter folder, or {} for one saved by PEFT."""
+    from .weights import read_json
+    file = Path(os.path.expanduser(str(folder))) / META_FILE
+    return read_json(file) if file.is_file() else {}
+
+
 def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     """Put an adapter on `model` (applying LoRA as its config says, if the model has none yet) and load
     its tensors. Every adapter key must match a tensor of the model with the same shape."""
     config, tensors = read_adapter(folder)
     where = Path(folder) / WEIGHTS_FILE
-    expected = config.get("base_model_config") or {}
+    meta = read_adapter_meta(folder)
+    expected = meta.get("base_model") or {}
     actual = _base_fingerprint(model)
     wrong = [f"{k}: adapter {v!r} vs model {actual[k]!r}" for k, v in expected.items() if k in actual and actual[k] != v]
     if wrong:

@@ -181,7 +181,9 @@ def apply_lora(model: nn.Module, targets: list[str] | str, r: int = 8, alpha: fl
     for name in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoRALinear(getattr(parent, child), r, alpha, dropout, use_rslora))
+        base = getattr(parent, child)
+        # keep the model's train/eval mode: a new module starts in training mode, dropout on
+        setattr(parent, child, LoRALinear(base, r, alpha, dropout, use_rslora).train(base.training))
     for t in modules_to_save:
         found = [m for n, m in model.named_modules() if n and _matches(n, [t])]
         if not found:

@@ -25,8 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .adapter import CONFIG_FILE, WEIGHTS_FILE, adapter_config, adapter_state_dict, load_adapter, save_adapter, \
-    write_atomically
+from .adapter import load_adapter, save_adapter, write_adapter_files, write_atomically
 from .data import IGNORE, Example, collate
 from .errors import CheckpointError, ConfigError, TrainingError
 
@@ -186,15 +185,12 @@ def _run_fingerprint(cfg: TrainConfig, n_train: int, total_steps: int) -> dict[s
 
 
 def save_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, state: dict[str, Any]) -> Path:
-    from safetensors.torch import save_file
-    tensors, config = adapter_state_dict(model), adapter_config(model)
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
 
     def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        write_adapter_files(tmp, model)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng, tmp / "rng.pt")

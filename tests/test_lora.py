@@ -193,3 +193,9 @@ def test_target_that_matches_nothing_names_it(saved_tiny):
         apply_lora(model, r"nothing\..*")
     with pytest.raises(ConfigError, match="modules_to_save entry 'head'"):
         apply_lora(model, ["q_proj"], modules_to_save=["head"])
+
+
+def test_apply_lora_keeps_eval_mode():
+    model = nn.Sequential(nn.Linear(4, 4)).eval()
+    apply_lora(model, ["0"], r=2, dropout=0.5)
+    assert not model[0].training and not model[0].dropout.training
