@@ -98,3 +98,19 @@ def test_peak_memory_while_loading_is_about_one_model(tmp_path):
                                          check=True).stdout.split())
     assert peak - base < 1.35 * size, (peak - base) / size
     print(f"peak over baseline: {(peak - base) / size:.2f} x the checkpoint")
+
+
+def test_hub_dataset_id_from_the_cache_in_offline_mode(tmp_path):
+    """A dataset repo id goes through huggingface-hub too (here its cache, offline)."""
+    src = tmp_path / "src"
+    (src / "data").mkdir(parents=True)
+    (src / "data" / "quotes.jsonl").write_text('{"quote": "q1", "author": "a1"}\n{"quote": "q2", "author": "a2"}\n')
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "datasets--someone--quotes"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(src, repo / "snapshots" / commit)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    code = "from minilora.data import read_records; print(read_records('someone/quotes'))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[{'quote': 'q1', 'author': 'a1'}, {'quote': 'q2', 'author': 'a2'}]"
