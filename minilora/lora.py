@@ -52,6 +52,14 @@ class LoRALinear(nn.Module):
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
+        # A quantized base (quant.Int8Linear) brings its own function and state, e.g. the weight scales.
+        self.base_linear = getattr(type(base), "linear", None)
+        for name in getattr(base, "carried", ()):
+            value = getattr(base, name)
+            if isinstance(value, torch.Tensor):
+                self.register_buffer(name, value, persistent=False)
+            else:
+                setattr(self, name, value)
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -69,7 +77,7 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        out = F.linear(x, self.weight, self.bias) if self.base_linear is None else self.base_linear(self, x)
         if self.merged or self.disabled:
             return out
         if not torch.is_autocast_enabled(x.device.type):  # e.g. bf16 activations into an fp32 adapter
@@ -84,6 +92,10 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def merge(self) -> None:
         """Fold ΔW into W0 so inference costs one matmul. Explicit: never done by .eval()."""
+        if self.base_linear is not None:
+            raise ConfigError("cannot merge into an int8 base weight: the update would be rounded away. Load the "
+                              "base model in floating point (without load_in_8bit) and merge there, as "
+                              "`minilora merge` does")
         if not self.merged:
             self.weight += self.delta_weight().to(self.weight.dtype)
             self.merged = True
@@ -229,6 +241,8 @@ def unmerge_lora(model: nn.Module) -> None:
 def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
     """Swap every LoRALinear back for a plain nn.Linear (merged first unless merge=False); in place."""
     for name, m in lora_modules(model):
+        if m.base_linear is not None and not merge:
+            raise ConfigError(f"{name}: removing LoRA from an int8 base is not supported; reload the base model")
         if merge:
             m.merge()
         linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")

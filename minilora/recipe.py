@@ -28,6 +28,7 @@ class ModelSection:
     dtype: str = "float32"
     device: str | None = None
     revision: str | None = None
+    load_in_8bit: bool = False        # frozen linear weights held in int8 (quant.py)
 
 
 @dataclass
@@ -163,7 +164,7 @@ def run_recipe(recipe: Recipe):
     m, d = recipe.model, recipe.data
     device = m.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(m.name, dtype=torch_dtype(m.dtype, f"{recipe.source} [model].dtype"), device=device,
-                       revision=m.revision)
+                       revision=m.revision, load_in_8bit=m.load_in_8bit)
     tokenizer = load_tokenizer(m.name, revision=m.revision)
     records = read_records(d.train)
     if d.eval:

@@ -20,12 +20,13 @@ import torch.nn as nn
 from .errors import CheckpointError, ConfigError
 from .models import build_model
 from .models.gpt2 import PRESETS as GPT2_PRESETS
+from .models.gptj import PRESETS as GPTJ_PRESETS
 
 # What a model needs from a Hub repo: never the .bin/.h5/.msgpack duplicates of the same weights.
 HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
              "merges.txt", "vocab.txt"]
-PRESETS: dict[str, dict[str, Any]] = {**GPT2_PRESETS}
+PRESETS: dict[str, dict[str, Any]] = {**GPT2_PRESETS, **GPTJ_PRESETS}
 
 Tensors = Iterator[tuple[str, torch.Tensor]]
 
@@ -103,18 +104,42 @@ def checkpoint_tensors(folder: Path) -> Tensors:
         yield from safetensors_tensors(file)
 
 
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
 def safetensors_tensors(file: Path) -> Tensors:
-    from safetensors import safe_open
+    """The tensors of one .safetensors file, one at a time, each read into its own fresh buffer.
+
+    The format: 8 bytes of header length, a JSON header {name: {dtype, shape, data_offsets}}, then the
+    data. We read rather than memory-map, so a tensor's memory is gone as soon as the model no longer
+    needs it (a quantized load drops each fp16 tensor after quantizing it) and nothing of the file
+    stays resident: peak memory is the model plus one tensor."""
     if not file.is_file():
         raise CheckpointError(f"{file}: shard listed in the index is missing")
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
-    except CheckpointError:
-        raise
-    except Exception as e:  # safetensors raises its own error type for truncated or corrupt files
-        raise CheckpointError(f"{file}: not a readable safetensors file, truncated or corrupt ({e})") from None
+    size = file.stat().st_size
+    corrupt = f"{file}: not a readable safetensors file, truncated or corrupt"
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+        if not 0 < n <= size - 8:
+            raise CheckpointError(f"{corrupt} (header length {n} for a file of {size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{corrupt} (the header is not JSON)") from None
+        header.pop("__metadata__", None)
+        for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            dtype, shape, (begin, end) = SAFETENSORS_DTYPES.get(info["dtype"]), info["shape"], info["data_offsets"]
+            if dtype is None:
+                raise CheckpointError(f"{file}: tensor {name} has dtype {info['dtype']}, which is not supported")
+            numel = int(np.prod(shape)) if shape else 1
+            if end - begin != numel * dtype.itemsize or 8 + n + end > size:
+                raise CheckpointError(f"{corrupt} (tensor {name} runs past the end of the file or has the wrong size)")
+            f.seek(8 + n + begin)
+            buffer = bytearray(end - begin)
+            f.readinto(buffer)
+            yield name, (torch.frombuffer(buffer, dtype=dtype) if numel else torch.empty(0, dtype=dtype)).reshape(shape)
 
 
 def _pickle_tensors(file: Path) -> Tensors:
@@ -151,18 +176,37 @@ def load_weights(model: nn.Module, tensors: Tensors, source: str, dtype: torch.d
         if tuple(tensor.shape) != tuple(expected[name].shape):
             mismatched.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {tuple(expected[name].shape)}")
             continue
+        if transform is not None:  # sees the checkpoint's own tensor (int8 quantizes from full precision)
+            tensor = transform(name, tensor)
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
-        tensor = tensor.to(device).contiguous()
+        set_tensor(model, name, tensor.to(device).contiguous())
         if transform is not None:
-            tensor = transform(name, tensor)
-        set_tensor(model, name, tensor)
+            del tensor
+            release_freed_memory()
         seen.add(name)
     missing = [n for n in expected if n not in seen]
     if missing or unexpected or mismatched:
         raise CheckpointError(mismatch_message(source, type(model).__name__, missing, unexpected, mismatched))
     model.tie_weights()
     return model
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by Python/torch back to the OS (glibc keeps it otherwise, and a quantizing load
+    that frees one large tensor per step would see its resident size creep up by their sum)."""
+    global _libc
+    if _libc is None:
+        try:
+            import ctypes
+            _libc = ctypes.CDLL("libc.so.6")
+        except OSError:
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
+
+
+_libc = None
 
 
 def mismatch_message(source: str, model_name: str, missing: list[str], unexpected: list[str],
@@ -193,10 +237,13 @@ def set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 def load_model(source: str | os.PathLike, dtype: torch.dtype | None = torch.float32,
-               device: torch.device | str = "cpu", revision: str | None = None) -> nn.Module:
+               device: torch.device | str = "cpu", revision: str | None = None, load_in_8bit: bool = False,
+               int8_skip: tuple[str, ...] | None = None, int8_threshold: float = 6.0) -> nn.Module:
     """Load a model by Hub repo id, local folder or .gguf file, with its pretrained weights, in eval mode.
 
     dtype: floating tensors are cast to it (None keeps the checkpoint's own dtypes).
+    load_in_8bit: every linear layer but the output head (int8_skip) becomes an Int8Linear, each
+    weight quantized as it is read, so the full-precision model never exists in memory.
     """
     path = resolve(source, revision)
     if path.suffix == ".gguf":
@@ -209,7 +256,15 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype | None = torch.floa
         raise CheckpointError(f"{path}: expected a folder with config.json and *.safetensors, or a .gguf file")
     with torch.device("meta"):
         model = build_model(config, f"{where}/config.json" if path.is_dir() else where)
-    load_weights(model, tensors, where, dtype, device)
+    transform = None
+    if load_in_8bit:
+        from .quant import DEFAULT_SKIP, prepare_int8
+        transform = prepare_int8(model, int8_skip if int8_skip is not None else DEFAULT_SKIP, int8_threshold,
+                                 dtype or torch.float32, device)
+    load_weights(model, tensors, where, dtype, device, transform)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(f"{where}: these tensors were never filled: {', '.join(left[:5])}")
     model.name_or_path = str(source)
     model.config_dict = config  # config.json as read, for saving a merged copy
     model.source_path = path

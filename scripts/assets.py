@@ -141,8 +141,36 @@ def quotes_jsonl(max_chars: int = 200) -> Path:
     return path
 
 
+def alpaca() -> Path:
+    """Alpaca-format records {"instruction", "input", "output"} (the preferred output of each pair) from
+    the alpaca-eval==0.1.7 wheel's annotation files, deduplicated, as a JSON file. Non-commercial data."""
+    import json
+    path = CACHE / "alpaca.json"
+    if not path.exists():
+        wheel = _pip_download("alpaca-eval==0.1.7")
+        records, seen = [], set()
+        for member, f in _members(wheel):
+            if not re.search(r"evaluators_configs/.*/annotations_seed\d+_configs\.json$", member):
+                continue
+            for row in json.load(f):
+                preference = row.get("preference")
+                if preference not in (1, 2, 1.0, 2.0) or not isinstance(row.get("instruction"), str):
+                    continue
+                output = row.get(f"output_{int(preference)}")
+                key = (row["instruction"], row.get("input") or "")
+                if isinstance(output, str) and output.strip() and key not in seen:
+                    seen.add(key)
+                    records.append({"instruction": key[0], "input": key[1], "output": output})
+        CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".partial")
+        tmp.write_text(json.dumps(records, ensure_ascii=False, indent=0), encoding="utf-8")
+        tmp.rename(path)
+    return path
+
+
 if __name__ == "__main__":
     print(smollm2())
     print(minilm())
     print(gpt2_tokenizer())
     print(quotes_jsonl())
+    print(alpaca())

@@ -21,6 +21,7 @@ TINY = {
                         rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
                                           high_freq_factor=4.0, original_max_position_embeddings=16),
                         max_position_embeddings=128),
+    "gptj": dict(model_type="gptj", vocab_size=97, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64),
     "qwen2": dict(model_type="qwen2", vocab_size=97, hidden_size=32, intermediate_size=48,
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
     "mistral-window": dict(model_type="mistral", vocab_size=97, hidden_size=32, intermediate_size=48,
@@ -35,6 +36,7 @@ def hf_model(kind: str, seed: int = 0):
     model_type = cfg.pop("model_type")
     config_cls, model_cls = {
         "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel),
+        "gptj": (transformers.GPTJConfig, transformers.GPTJForCausalLM),
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),

@@ -17,10 +17,12 @@ import torch.nn as nn
 from ..errors import ConfigError
 from .common import KVCache, config_from_dict
 from .gpt2 import GPT2LMHeadModel
+from .gptj import GPTJForCausalLM
 from .llama import LlamaForCausalLM
 
 MODEL_TYPES: dict[str, type[nn.Module]] = {
     "gpt2": GPT2LMHeadModel,
+    "gptj": GPTJForCausalLM,
     "llama": LlamaForCausalLM,
     "mistral": LlamaForCausalLM,
     "qwen2": LlamaForCausalLM,

@@ -1,0 +1,177 @@
+"""Int8Linear against the fp32 layer it replaces, LLM.int8()'s outlier decomposition, quantizing while
+loading, and LoRA trained on an 8-bit base."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+
+from minilora.errors import ConfigError
+from minilora.lora import LoRALinear, apply_lora, param_report
+from minilora.quant import Int8Linear, quantize_model, quantize_rows
+from minilora.weights import load_model
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def layer(k=512, d=384, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(k, d)
+
+
+def test_quantize_rows_is_absmax_per_row():
+    w = torch.tensor([[1.0, -2.0, 0.5], [0.0, 0.0, 0.0], [127.0, 1.0, -0.4]])
+    q, s = quantize_rows(w)
+    assert s.tolist() == pytest.approx([2 / 127, 1.0, 1.0])
+    assert q[0].tolist() == [64, -127, 32] and q[1].tolist() == [0, 0, 0] and q[2].tolist() == [127, 1, 0]
+
+
+def test_int8_output_close_to_fp32():
+    fp = layer()
+    q = Int8Linear.from_linear(fp, threshold=0.0)
+    assert q.weight.dtype == torch.int8 and q.weight.shape == fp.weight.shape
+    x = torch.randn(4, 33, 512)
+    assert rel(q(x), fp(x)) <= 1e-2
+
+
+def test_outlier_decomposition_rescues_planted_outliers():
+    fp = layer(seed=1)
+    x = torch.randn(64, 512)
+    x[:, [3, 100, 377]] *= 50  # a few huge feature columns, as LLM.int8() found in large models
+    plain = Int8Linear.from_linear(fp, threshold=0.0)
+    decomposed = Int8Linear.from_linear(fp, threshold=6.0)
+    assert rel(plain(x), fp(x)) > 1e-2
+    assert rel(decomposed(x), fp(x)) <= 1e-2
+
+
+def test_input_gradient_matches_the_dequantized_layer():
+    fp = layer(seed=2)
+    q = Int8Linear.from_linear(fp, threshold=6.0)
+    deq = nn.Linear(512, 384)
+    with torch.no_grad():
+        deq.weight.copy_(q.dequantize())
+        deq.bias.copy_(fp.bias)
+    x1 = torch.randn(8, 16, 512, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    upstream = torch.randn(8, 16, 384)
+    (q(x1) * upstream).sum().backward()
+    (deq(x2) * upstream).sum().backward()
+    assert rel(x1.grad, x2.grad) <= 1e-2
+    assert q.weight.grad is None and not q.weight.requires_grad
+
+
+def test_bf16_autocast_gives_bf16_like_linear():
+    q = Int8Linear.from_linear(layer())
+    x = torch.randn(4, 512)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = q(x)
+    assert y.dtype == torch.bfloat16 and rel(y, q(x)) < 1e-2
+
+
+def test_lora_on_int8_is_the_equation_and_trains_only_lora():
+    fp = layer(seed=3)
+    q = Int8Linear.from_linear(fp)
+    model = nn.Sequential()
+    model.add_module("proj", q)
+    apply_lora(model, ["proj"], r=4, alpha=8)
+    lora = model.proj
+    assert isinstance(lora, LoRALinear) and lora.weight is q.weight
+    with torch.no_grad():
+        lora.lora_B.weight.normal_()
+    x = torch.randn(10, 512, requires_grad=True)
+    expected = q(x) + 2.0 * lora.lora_B(lora.lora_A(x))
+    out = lora(x)
+    assert torch.allclose(out, expected, atol=1e-5)
+    out.sum().backward()
+    assert lora.lora_A.weight.grad is not None and lora.weight.grad is None and x.grad is not None
+    report = param_report(model)
+    assert report.rows[0].frozen == 512 * 384  # logical elements, not bytes
+    with pytest.raises(ConfigError, match="cannot merge into an int8 base"):
+        lora.merge()
+    assert set(model.state_dict()) == {"proj.weight", "proj.bias", "proj.lora_A.weight", "proj.lora_B.weight"}
+
+
+@pytest.mark.parametrize("kind", ["gptj", "llama-gqa"])
+def test_quantize_on_load_equals_quantize_after_load(saved_tiny, kind):
+    _, folder = saved_tiny[kind]
+    on_load = load_model(folder, load_in_8bit=True)
+    after = quantize_model(load_model(folder))
+    assert sum(isinstance(m, Int8Linear) for m in on_load.modules()) > 0
+    assert not isinstance(on_load.lm_head, Int8Linear)  # the output head stays in floating point
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        a, b, fp = on_load(ids), after(ids), load_model(folder)(ids)
+    assert torch.equal(a, b)
+    assert rel(a, fp) < 2e-2
+
+
+def test_adapter_trained_on_int8_base_saves_and_loads(saved_tiny, tmp_path):
+    from minilora.adapter import load_adapter, save_adapter
+    _, folder = saved_tiny["gptj"]
+    model = apply_lora(load_model(folder, load_in_8bit=True), ["q_proj", "v_proj"], r=4, alpha=8)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        expected = model(ids)
+    save_adapter(model, tmp_path / "a")
+    again = load_adapter(load_model(folder, load_in_8bit=True), tmp_path / "a")
+    with torch.no_grad():
+        assert torch.equal(again(ids), expected)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmHWM from /proc")
+def test_8bit_load_peaks_well_under_the_fp32_size(tmp_path):
+    """A 64M-parameter fp32 checkpoint (256 MB): loading it in 8-bit must never hold it in fp32."""
+    from safetensors.torch import save_file
+    from minilora.models import build_model
+    def write(folder, **cfg):
+        folder.mkdir()
+        cfg = dict(model_type="gptj", vocab_size=1000, rotary_dim=16, **cfg)
+        with torch.device("meta"):
+            shapes = {k: v.shape for k, v in build_model(cfg).state_dict().items()}
+        save_file({k: torch.randn(s) * 0.02 for k, s in shapes.items()}, str(folder / "model.safetensors"))
+        (folder / "config.json").write_text(json.dumps(cfg))
+        return (folder / "model.safetensors").stat().st_size
+    size = write(tmp_path / "big", n_embd=1024, n_layer=5, n_head=16)
+    write(tmp_path / "warmup", n_embd=64, n_layer=1, n_head=4)
+    # The baseline is taken after a small 8-bit load, which pays the one-time costs (imports, kernels).
+    code = textwrap.dedent(f"""
+        import torch, minilora.weights as w
+        def hwm(): return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
+        w.load_model({str(tmp_path / "warmup")!r}, load_in_8bit=True)(torch.tensor([[1, 2, 3]]))
+        base = hwm()
+        m = w.load_model({str(tmp_path / "big")!r}, load_in_8bit=True)
+        m(torch.tensor([[1, 2, 3]]))
+        print(base, hwm())
+    """)
+    base, peak = map(int, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                         check=True).stdout.split())
+    print(f"8-bit load: peak {(peak - base) / 1e6:.0f} MB over baseline for a {size / 1e6:.0f} MB fp32 checkpoint")
+    assert peak - base < 0.5 * size
+
+
+def test_short_lora_run_on_8bit_smollm2_lowers_the_loss_on_real_alpaca(smollm2_path, tmp_path):
+    import assets
+    from pathlib import Path
+    from minilora.recipe import load_recipe, run_recipe
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "scripts" / "alpaca_smollm2_8bit.toml", overrides={
+        "model.name": str(smollm2_path), "data.train": str(assets.alpaca()), "data.limit": "48",
+        "data.val_size": "24", "data.cutoff": "128", "train.output_dir": str(tmp_path), "train.batch_size": "8",
+        "train.micro_batch_size": "4", "train.max_steps": "6", "train.warmup_steps": "1", "train.lr": "2e-3",
+        "train.eval_every": "6", "train.eval_at_start": "true", "train.progress": "false"})
+    model, tok, result = run_recipe(recipe)
+    assert sum(isinstance(m.weight, torch.Tensor) and m.weight.dtype == torch.int8 for m in model.modules()
+               if hasattr(m, "weight")) == 30 * 7  # every linear of the 30 blocks is int8
+    evals = [h["eval_loss"] for h in result.history if "eval_loss" in h]
+    assert len(evals) == 2 and evals[1] < evals[0] - 0.05, evals
+    assert all(p.dtype == torch.int8 and p.grad is None for n, p in model.named_parameters() if n.endswith("proj.weight"))
