@@ -99,6 +99,11 @@ def write_adapter_files(folder: Path, model: nn.Module, extra: dict[str, Any] | 
     save_file(adapter_state_dict(model), str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     (folder / CONFIG_FILE).write_text(json.dumps(adapter_config(model), indent=2) + "\n")
     meta = {"base_model": _base_fingerprint(model), **(extra or {})}
+    id2label = getattr(getattr(model, "config", None), "id2label", None)
+    if getattr(model, "task_type", None) == "SEQ_CLS":  # the label names travel with a classifier's adapter
+        names = {int(i): str(v) for i, v in (id2label or {}).items()} or {i: str(i) for i in range(model.config.num_labels)}
+        meta["id2label"] = {str(i): v for i, v in sorted(names.items())}
+        meta["label2id"] = {v: int(i) for i, v in meta["id2label"].items()}
     (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 

@@ -153,7 +153,7 @@ def get_template(template: str | Template | dict) -> Template:
 @dataclass
 class Example:
     input_ids: list[int]
-    labels: list[int]
+    labels: list[int] | int  # per-token labels for language modelling, one class id for classification
 
 
 def tokenize(tokenizer, prompt: str, response: str, cutoff: int, add_eos: bool = True,
@@ -205,16 +205,57 @@ class ExampleList(list):
     skipped: int = 0
 
 
+def label_ids(records: list[dict[str, Any]], label_field: str = "label",
+              labels: list[Any] | None = None) -> dict[str, int]:
+    """label value (as text) -> class id: the given order, or the sorted values found (numbers numerically)."""
+    if labels is None:
+        found = {str(r.get(label_field)) for r in records if isinstance(r, dict) and r.get(label_field) is not None}
+        numeric = all(v.lstrip("-").isdigit() for v in found)
+        labels = sorted(found, key=lambda v: (int(v) if numeric else v))
+    return {str(v): i for i, v in enumerate(labels)}
+
+
+def build_classification_examples(records: list[dict[str, Any]], tokenizer, label2id: dict[str, int],
+                                  text_field: str = "text", label_field: str = "label", cutoff: int = 512,
+                                  truncation: str = "right", skip_bad_rows: bool = False,
+                                  source: str = "dataset") -> ExampleList:
+    """(text, label) records -> Examples whose `labels` is the class id. truncation "left" keeps the
+    end of a long text (the reference IMDB workflow's choice)."""
+    examples, skipped = ExampleList(), 0
+    for n, record in enumerate(records, start=1):
+        where = f"{source}, row {n}"
+        try:
+            text = _fill("{" + text_field + "}", record, where)
+            value = record.get(label_field)
+            if value is None or str(value) not in label2id:
+                raise DataError(f"{where}: label {value!r} is not one of {', '.join(label2id)}")
+            if truncation == "none" and len(tokenizer.encode(text)) > cutoff:
+                raise DataError(f"{where}: longer than the cutoff of {cutoff} tokens (truncation is off)")
+            ids = tokenizer.encode_truncated(text, cutoff, "left" if truncation == "left" else "right")
+            examples.append(Example(ids, label2id[str(value)]))
+        except DataError:
+            if not skip_bad_rows:
+                raise
+            skipped += 1
+    examples.skipped = skipped
+    if not examples:
+        raise DataError(f"{source}: no usable records ({skipped} skipped)" if skipped else f"{source}: the dataset is empty")
+    return examples
+
+
 # ---------------------------------------------------------------------------------------------
 # Batching
 
 def collate(examples: list[Example], pad_id: int, pad_to: int | None = None,
             side: str = "right") -> dict[str, torch.Tensor]:
     """Pad to the longest example (or to pad_to): input_ids, attention_mask (1 = real token), labels
-    (-100 on padding). Padding is recognised by the mask, so pad_id may equal the EOS id."""
+    (-100 on padding; or one class id per example). Padding is recognised by the mask, so pad_id may
+    equal the EOS id."""
     length = max(len(e.input_ids) for e in examples) if pad_to is None else pad_to
     ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), length), IGNORE, dtype=torch.long)
+    classes = isinstance(examples[0].labels, int)
+    labels = torch.tensor([e.labels for e in examples]) if classes else \
+        torch.full((len(examples), length), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(examples), length), dtype=torch.long)
     for i, e in enumerate(examples):
         n = len(e.input_ids)
@@ -222,6 +263,7 @@ def collate(examples: list[Example], pad_id: int, pad_to: int | None = None,
             raise DataError(f"example {i} has {n} tokens, more than pad_to={length}")
         cols = slice(0, n) if side == "right" else slice(length - n, length)
         ids[i, cols] = torch.tensor(e.input_ids)
-        labels[i, cols] = torch.tensor(e.labels)
+        if not classes:
+            labels[i, cols] = torch.tensor(e.labels)
         mask[i, cols] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -27,6 +27,7 @@ class Tokenizer:
         tk.no_truncation()  # whatever the saved tokenizer.json had switched on
         self.tk = tk
         self.eos_token_id, self.bos_token_id = eos_token_id, bos_token_id
+        self.has_pad_token = pad_token_id is not None
         self.pad_token_id = pad_token_id if pad_token_id is not None else eos_token_id
         self.chat_template = chat_template
 
@@ -37,6 +38,13 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tk.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_truncated(self, text: str, max_length: int, side: str = "right") -> list[int]:
+        """Special tokens included, the text cut from `side` so that the whole fits max_length:
+        "left" keeps the end of the text (and still the [CLS] ... [SEP] around it)."""
+        enc = self.tk.encode(text, add_special_tokens=False)
+        enc.truncate(max(1, max_length - self.tk.num_special_tokens_to_add(False)), direction=side)
+        return self.tk.post_process(enc).ids
+
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
@@ -46,7 +54,7 @@ class Tokenizer:
     def add_pad_token(self, token: str = "[PAD]") -> int:
         """Add a new pad token (the model's embeddings must then be resized); returns its id."""
         self.tk.add_special_tokens([token])
-        self.pad_token_id = self.tk.token_to_id(token)
+        self.pad_token_id, self.has_pad_token = self.tk.token_to_id(token), True
         return self.pad_token_id
 
     def save(self, folder: Path) -> None:

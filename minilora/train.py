@@ -109,6 +109,38 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     return loss, int((labels != IGNORE).sum())
 
 
+def classification_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy of the class logits (B, num_labels), and the number of examples."""
+    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+    return F.cross_entropy(logits.float(), batch["labels"], reduction="sum"), batch["labels"].numel()
+
+
+@torch.no_grad()
+def evaluate_classification(model: nn.Module, data: list[Example], pad_id: int, micro_batch_size: int = 8,
+                            bf16: bool = False) -> dict[str, float]:
+    """Mean loss, accuracy, and F1 (of class 1 with two classes, macro-averaged with more)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, predictions, truth = 0.0, [], []
+    for batch in batches(data, list(range(len(data))), micro_batch_size, pad_id, device):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).float()
+        total += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
+        predictions.append(logits.argmax(-1).cpu())
+        truth.append(batch["labels"].cpu())
+    model.train(was_training)
+    pred, gold = torch.cat(predictions), torch.cat(truth)
+    n_classes = int(max(pred.max(), gold.max())) + 1
+    f1s = []
+    for c in range(n_classes):
+        tp = int(((pred == c) & (gold == c)).sum())
+        fp, fn = int(((pred == c) & (gold != c)).sum()), int(((pred != c) & (gold == c)).sum())
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return {"eval_loss": total / len(gold), "eval_accuracy": float((pred == gold).float().mean()),
+            "eval_f1": f1s[1] if n_classes == 2 else sum(f1s) / len(f1s)}
+
+
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int]]
 
 
@@ -246,12 +278,13 @@ def _better(metric: str, new: float, old: float | None) -> bool:
 
 
 def train(model: nn.Module, tokenizer, train_data: list[Example], eval_data: list[Example] | None = None,
-          config: TrainConfig | None = None, loss_fn: LossFn = causal_lm_loss,
+          config: TrainConfig | None = None, loss_fn: LossFn | None = None,
           evaluate_fn: Callable[[nn.Module], dict[str, float]] | None = None) -> TrainResult:
     """Train the parameters of `model` that require grad (the LoRA ones after apply_lora).
 
-    evaluate_fn(model) -> metrics replaces the default evaluation (mean loss and perplexity over
-    eval_data). Writes output_dir/metrics.jsonl, checkpoint-<step>/ folders, best/ (with best_metric),
+    The examples decide the task: per-token labels train a language model (causal_lm_loss; evaluation
+    gives loss and perplexity), one class id per example a classifier (classification_loss; loss,
+    accuracy and F1). loss_fn and evaluate_fn(model) -> metrics replace those defaults. Writes output_dir/metrics.jsonl, checkpoint-<step>/ folders, best/ (with best_metric),
     and the final adapter in output_dir/adapter/.
     """
     cfg = config or TrainConfig()
@@ -274,8 +307,12 @@ def train(model: nn.Module, tokenizer, train_data: list[Example], eval_data: lis
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.lr_schedule))
     run = _run_fingerprint(cfg, len(train_data), total_steps)
+    classifier = isinstance(train_data[0].labels, int)
+    loss_fn = loss_fn or (classification_loss if classifier else causal_lm_loss)
     if evaluate_fn is None and eval_data:
         def evaluate_fn(m: nn.Module) -> dict[str, float]:
+            if classifier:
+                return evaluate_classification(m, eval_data, pad_id, cfg.micro_batch_size, cfg.bf16)
             return evaluate(m, eval_data, pad_id, cfg.micro_batch_size, loss_fn, cfg.bf16)
 
     result, step = TrainResult(), 0

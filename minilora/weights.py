@@ -186,6 +186,11 @@ def load_weights(model: nn.Module, tensors: Tensors, source: str, dtype: torch.d
             release_freed_memory()
         seen.add(name)
     missing = [n for n in expected if n not in seen]
+    fresh = [n for n in missing if n.startswith(getattr(model, "head_keys", ()))]
+    for name in fresh:  # a head the checkpoint (a bare encoder) has not got: it starts untrained
+        head = model.init_head(name, expected[name].shape, device)
+        set_tensor(model, name, head.to(dtype) if dtype is not None else head)
+    missing = [n for n in missing if n not in fresh]
     if missing or unexpected or mismatched:
         raise CheckpointError(mismatch_message(source, type(model).__name__, missing, unexpected, mismatched))
     model.tie_weights()
@@ -238,12 +243,14 @@ def set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 def load_model(source: str | os.PathLike, dtype: torch.dtype | None = torch.float32,
                device: torch.device | str = "cpu", revision: str | None = None, load_in_8bit: bool = False,
-               int8_skip: tuple[str, ...] | None = None, int8_threshold: float = 6.0) -> nn.Module:
+               int8_skip: tuple[str, ...] | None = None, int8_threshold: float = 6.0, task: str | None = None,
+               num_labels: int | None = None, id2label: dict[int, str] | None = None) -> nn.Module:
     """Load a model by Hub repo id, local folder or .gguf file, with its pretrained weights, in eval mode.
 
     dtype: floating tensors are cast to it (None keeps the checkpoint's own dtypes).
     load_in_8bit: every linear layer but the output head (int8_skip) becomes an Int8Linear, each
     weight quantized as it is read, so the full-precision model never exists in memory.
+    task: "causal-lm", or for encoders "classification" (with num_labels / id2label) or "embedding".
     """
     path = resolve(source, revision)
     if path.suffix == ".gguf":
@@ -254,8 +261,12 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype | None = torch.floa
         config, tensors, where = read_json(path / "config.json"), checkpoint_tensors(path), str(path)
     else:
         raise CheckpointError(f"{path}: expected a folder with config.json and *.safetensors, or a .gguf file")
+    if id2label is not None:
+        config = {**config, "id2label": {str(i): name for i, name in id2label.items()}, "num_labels": len(id2label)}
+    elif num_labels is not None:
+        config = {**config, "num_labels": num_labels, "id2label": None}
     with torch.device("meta"):
-        model = build_model(config, f"{where}/config.json" if path.is_dir() else where)
+        model = build_model(config, f"{where}/config.json" if path.is_dir() else where, task)
     transform = None
     if load_in_8bit:
         from .quant import DEFAULT_SKIP, prepare_int8

@@ -27,12 +27,18 @@ TINY = {
     "mistral-window": dict(model_type="mistral", vocab_size=97, hidden_size=32, intermediate_size=48,
                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, sliding_window=5),
 }
+ENCODERS = {
+    "distilbert": dict(model_type="distilbert", vocab_size=97, dim=32, n_layers=2, n_heads=4, hidden_dim=48,
+                       id2label={0: "negative", 1: "positive"}),
+    "bert": dict(model_type="bert", vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=48, id2label={0: "a", 1: "b", 2: "c"}),
+}
 
 
 def hf_model(kind: str, seed: int = 0):
     """A transformers model with random weights for one of the TINY configs, in eval mode."""
     import transformers
-    cfg = dict(TINY[kind])
+    cfg = dict(TINY.get(kind) or ENCODERS[kind])
     model_type = cfg.pop("model_type")
     config_cls, model_cls = {
         "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel),
@@ -40,6 +46,8 @@ def hf_model(kind: str, seed: int = 0):
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "distilbert": (transformers.DistilBertConfig, transformers.DistilBertForSequenceClassification),
+        "bert": (transformers.BertConfig, transformers.BertForSequenceClassification),
     }[model_type]
     torch.manual_seed(seed)
     model = model_cls(config_cls(**cfg, attn_implementation="eager"))
@@ -54,7 +62,7 @@ def saved_tiny(tmp_path_factory):
     """save_pretrained folders of every TINY model: {kind: (hf_model, folder)}."""
     root = tmp_path_factory.mktemp("tiny")
     out = {}
-    for kind in TINY:
+    for kind in [*TINY, *ENCODERS]:
         model = hf_model(kind)
         model.save_pretrained(root / kind)
         out[kind] = (model, root / kind)

@@ -16,31 +16,48 @@ import torch.nn as nn
 
 from ..errors import ConfigError
 from .common import KVCache, config_from_dict
+from .bert import (BertForEmbedding, BertForSequenceClassification, DistilBertForEmbedding,
+                   DistilBertForSequenceClassification)
 from .gpt2 import GPT2LMHeadModel
 from .gptj import GPTJForCausalLM
 from .llama import LlamaForCausalLM
 
-MODEL_TYPES: dict[str, type[nn.Module]] = {
+# Decoders have one task (causal LM); encoders one class per task.
+MODEL_TYPES: dict[str, type[nn.Module] | dict[str, type[nn.Module]]] = {
     "gpt2": GPT2LMHeadModel,
     "gptj": GPTJForCausalLM,
     "llama": LlamaForCausalLM,
     "mistral": LlamaForCausalLM,
     "qwen2": LlamaForCausalLM,
+    "bert": {"classification": BertForSequenceClassification, "embedding": BertForEmbedding},
+    "distilbert": {"classification": DistilBertForSequenceClassification, "embedding": DistilBertForEmbedding},
 }
 
 
-def model_class(config: dict[str, Any], source: str = "config.json") -> type[nn.Module]:
+def model_class(config: dict[str, Any], source: str = "config.json", task: str | None = None) -> type[nn.Module]:
+    """The class for config.json's model_type and a task: "causal-lm" (decoders), or "classification" /
+    "embedding" (encoders; by default "classification" if the checkpoint is a classifier)."""
     kind = config.get("model_type")
     if kind is None:
         raise ConfigError(f"{source}: no model_type field, so the architecture is unknown")
     if kind not in MODEL_TYPES:
         raise ConfigError(f"{source}: model_type {kind!r} is not supported; supported: {', '.join(MODEL_TYPES)}")
-    return MODEL_TYPES[kind]
+    entry = MODEL_TYPES[kind]
+    if not isinstance(entry, dict):
+        if task not in (None, "causal-lm"):
+            raise ConfigError(f"{source}: {kind} is a causal language model; task {task!r} is not available")
+        return entry
+    if task is None:
+        is_classifier = any("SequenceClassification" in a for a in config.get("architectures") or [])
+        task = "classification" if is_classifier else "embedding"
+    if task not in entry:
+        raise ConfigError(f"{source}: task {task!r} is not available for {kind}; use one of {', '.join(entry)}")
+    return entry[task]
 
 
-def build_model(config: dict[str, Any], source: str = "config.json") -> nn.Module:
+def build_model(config: dict[str, Any], source: str = "config.json", task: str | None = None) -> nn.Module:
     """Construct the model for a config.json dict (on the current default device, e.g. `meta`)."""
-    cls = model_class(config, source)
+    cls = model_class(config, source, task)
     return cls(config_from_dict(cls.config_class, config, source))
 
 

@@ -121,3 +121,30 @@ def checkpointed(block: nn.Module, *args):
     input (a frozen embedding's output) does not require grad.
     """
     return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+
+
+@torch.no_grad()
+def resize_token_embeddings(model: nn.Module, size: int) -> None:
+    """Grow the token embeddings (and an untied output head) to `size` rows, e.g. after adding a pad
+    token. Old rows are kept as they are; new rows start at the mean of the old ones."""
+    emb = model.input_embeddings
+    old = emb.weight
+    n = old.shape[0]
+    if size < n:
+        raise ConfigError(f"cannot shrink the embeddings from {n} to {size} rows")
+
+    def grown(t: torch.Tensor, fill: torch.Tensor) -> nn.Parameter:
+        new = torch.empty((size, *t.shape[1:]), dtype=t.dtype, device=t.device)
+        new[:n], new[n:] = t, fill
+        return nn.Parameter(new, requires_grad=t.requires_grad)
+    emb.weight, emb.num_embeddings = grown(old, old.mean(0)), size
+    head = getattr(model, "lm_head", None)
+    if head is not None:
+        if model.tied_weights:
+            model.tie_weights()
+        else:
+            head.weight = grown(head.weight, head.weight.mean(0))
+            if head.bias is not None:
+                head.bias = grown(head.bias, torch.zeros((), dtype=head.bias.dtype))
+        head.out_features = size
+    model.config.vocab_size = size

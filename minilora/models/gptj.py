@@ -150,6 +150,10 @@ class GPTJForCausalLM(nn.Module):
             self.lm_head.weight = self.transformer.wte.weight
 
     @property
+    def input_embeddings(self) -> nn.Embedding:
+        return self.transformer.wte
+
+    @property
     def max_length(self) -> int:
         return self.config.n_positions
 

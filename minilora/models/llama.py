@@ -200,6 +200,10 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     @property
+    def input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    @property
     def max_length(self) -> int:
         return self.config.max_position_embeddings
 
