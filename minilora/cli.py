@@ -39,7 +39,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"stopped on request; resume with --train.resume_from_checkpoint latest")
         return
     print(f"adapter saved to {result.adapter_dir} ({folder_size(result.adapter_dir) / 1e6:.2f} MB)")
-    if recipe.generate.prompts:
+    if recipe.generate.prompts and recipe.data.task != "classification":
         show_comparison(model, tokenizer, recipe.generate.prompts, recipe.generate.max_new_tokens,
                         recipe.generate.temperature)
 
@@ -111,6 +111,21 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(f"{prompt}{out}" if not args.chat else out)
 
 
+def cmd_classify(args: argparse.Namespace) -> None:
+    from .adapter import load_adapter, read_adapter_meta
+    from .generate import classify
+    from .tokenizer import load_tokenizer
+    from .weights import load_model
+    meta = read_adapter_meta(args.adapter) if args.adapter else {}
+    id2label = {int(i): name for i, name in meta.get("id2label", {}).items()} or None
+    model = load_model(args.model, task="classification", id2label=id2label, revision=args.revision)
+    tokenizer = load_tokenizer(args.model, revision=args.revision)
+    if args.adapter:
+        load_adapter(model, args.adapter)
+    for text, (label, p) in zip(args.texts, classify(model, tokenizer, args.texts, args.max_length, args.truncation)):
+        print(f"{label}\t{p:.3f}\t{text}")
+
+
 def cmd_merge(args: argparse.Namespace) -> None:
     from .adapter import load_adapter
     from .lora import remove_lora
@@ -159,6 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--revision")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("classify", help="label texts with a classifier (and its adapter)")
+    p.add_argument("model")
+    p.add_argument("texts", nargs="+")
+    p.add_argument("--adapter", help="adapter folder with the trained head (modules_to_save)")
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--truncation", choices=["right", "left"], default="right")
+    p.add_argument("--revision")
+    p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("merge", help="fold an adapter into the base weights and save a full model folder")
     p.add_argument("model")

@@ -1,5 +1,5 @@
 """Text generation with a KV cache: greedy or sampled (temperature, top-k, top-p), stopping on EOS or
-stop strings, for a batch of prompts left-padded to one length.
+stop strings, for a batch of prompts left-padded to one length. And `classify`, for classifiers.
 
 Padding is told apart from text by the attention mask alone, never by comparing ids with the pad id:
 models whose pad token is their EOS token still stop on EOS.
@@ -98,3 +98,18 @@ def generate(model: nn.Module, tokenizer, prompts: str | list[str], max_new_toke
             text = text.split(s, 1)[0]
         results.append(text)
     return results[0] if single else results
+
+
+@torch.no_grad()
+def classify(model: nn.Module, tokenizer, texts: list[str], max_length: int = 512,
+             truncation: str = "right") -> list[tuple[str, float]]:
+    """(label name, probability) of the most likely class for each text."""
+    from .data import Example, collate
+    device = next(model.parameters()).device
+    batch = collate([Example(tokenizer.encode_truncated(t, max_length, truncation), 0) for t in texts],
+                    tokenizer.pad_token_id)
+    probs = model(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).float().softmax(-1)
+    id2label = getattr(model.config, "id2label", None) or {}
+    names = {int(i): str(v) for i, v in id2label.items()}
+    best = probs.max(-1)
+    return [(names.get(int(i), str(int(i))), float(p)) for p, i in zip(best.values, best.indices)]

