@@ -185,12 +185,24 @@ def build_examples(records: list[dict[str, Any]], tokenizer, template: str | Tem
     if cutoff <= 0:
         raise DataError(f"cutoff must be a positive number of tokens, got {cutoff}")
     template = get_template(template)
+
+    def make(record: dict[str, Any], where: str) -> Example:
+        prompt, response = template.format(record, where)
+        return tokenize(tokenizer, prompt, response, cutoff, add_eos, train_on_prompt, truncation, where)
+    return _rows(records, make, skip_bad_rows, source)
+
+
+class ExampleList(list):
+    skipped: int = 0
+
+
+def _rows(records: list[dict[str, Any]], make, skip_bad_rows: bool, source: str) -> ExampleList:
+    """make(record, "<source>, row <n>") for every record; a DataError stops the lot, or with
+    skip_bad_rows drops the row and is counted in `.skipped`."""
     examples, skipped = ExampleList(), 0
     for n, record in enumerate(records, start=1):
-        where = f"{source}, row {n}"
         try:
-            prompt, response = template.format(record, where)
-            examples.append(tokenize(tokenizer, prompt, response, cutoff, add_eos, train_on_prompt, truncation, where))
+            examples.append(make(record, f"{source}, row {n}"))
         except DataError:
             if not skip_bad_rows:
                 raise
@@ -199,10 +211,6 @@ def build_examples(records: list[dict[str, Any]], tokenizer, template: str | Tem
     if not examples:
         raise DataError(f"{source}: no usable records ({skipped} skipped)" if skipped else f"{source}: the dataset is empty")
     return examples
-
-
-class ExampleList(list):
-    skipped: int = 0
 
 
 def label_ids(records: list[dict[str, Any]], label_field: str = "label",
@@ -221,26 +229,16 @@ def build_classification_examples(records: list[dict[str, Any]], tokenizer, labe
                                   source: str = "dataset") -> ExampleList:
     """(text, label) records -> Examples whose `labels` is the class id. truncation "left" keeps the
     end of a long text (the reference IMDB workflow's choice)."""
-    examples, skipped = ExampleList(), 0
-    for n, record in enumerate(records, start=1):
-        where = f"{source}, row {n}"
-        try:
-            text = _fill("{" + text_field + "}", record, where)
-            value = record.get(label_field)
-            if value is None or str(value) not in label2id:
-                raise DataError(f"{where}: label {value!r} is not one of {', '.join(label2id)}")
-            if truncation == "none" and len(tokenizer.encode(text)) > cutoff:
-                raise DataError(f"{where}: longer than the cutoff of {cutoff} tokens (truncation is off)")
-            ids = tokenizer.encode_truncated(text, cutoff, "left" if truncation == "left" else "right")
-            examples.append(Example(ids, label2id[str(value)]))
-        except DataError:
-            if not skip_bad_rows:
-                raise
-            skipped += 1
-    examples.skipped = skipped
-    if not examples:
-        raise DataError(f"{source}: no usable records ({skipped} skipped)" if skipped else f"{source}: the dataset is empty")
-    return examples
+    def make(record: dict[str, Any], where: str) -> Example:
+        text = _fill("{" + text_field + "}", record, where)
+        value = record.get(label_field)
+        if value is None or str(value) not in label2id:
+            raise DataError(f"{where}: label {value!r} is not one of {', '.join(label2id)}")
+        if truncation == "none" and len(tokenizer.encode(text)) > cutoff:
+            raise DataError(f"{where}: longer than the cutoff of {cutoff} tokens (truncation is off)")
+        ids = tokenizer.encode_truncated(text, cutoff, "left" if truncation == "left" else "right")
+        return Example(ids, label2id[str(value)])
+    return _rows(records, make, skip_bad_rows, source)
 
 
 # ---------------------------------------------------------------------------------------------

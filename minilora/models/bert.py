@@ -290,6 +290,10 @@ class Encoder(nn.Module):
     def model_to_checkpoint(name: str, tensor: torch.Tensor):
         return name, tensor
 
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Sentence embeddings (B, C): the backbone's last hidden states, mean-pooled over real tokens."""
+        return mean_pool(getattr(self, self.prefix)(input_ids, attention_mask), attention_mask)
+
     def init_head(self, name: str, shape: torch.Size, device) -> torch.Tensor:
         """A fresh head tensor, as transformers initialises one: N(0, 0.02) weights, zero biases."""
         t = torch.zeros(shape, device=device)
@@ -348,9 +352,6 @@ class BertForEmbedding(Encoder):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.bert(input_ids, attention_mask)
 
-    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return mean_pool(self(input_ids, attention_mask), attention_mask)
-
 
 class DistilBertForEmbedding(Encoder):
     config_class = DistilBertConfig
@@ -364,6 +365,3 @@ class DistilBertForEmbedding(Encoder):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.distilbert(input_ids, attention_mask)
-
-    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return mean_pool(self(input_ids, attention_mask), attention_mask)

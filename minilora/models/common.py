@@ -148,3 +148,46 @@ def resize_token_embeddings(model: nn.Module, size: int) -> None:
                 head.bias = grown(head.bias, torch.zeros((), dtype=head.bias.dtype))
         head.out_features = size
     model.config.vocab_size = size
+
+
+class CausalLM(nn.Module):
+    """What the decoder families share around their backbone: the LM head, tying it to the token
+    embeddings, and the default (identity) checkpoint mapping. A family sets `backbone` (the attribute
+    holding its blocks, named as in the checkpoint), `embeddings` (the token embedding inside it) and
+    `context` (the config field giving the context length)."""
+
+    backbone: str
+    embeddings: str
+    context: str
+    task_type = "CAUSAL_LM"
+
+    @property
+    def tied_weights(self) -> dict[str, str]:
+        """{alias: source} of the parameters shared by tying (the head is saved under the embedding)."""
+        tied = self.config.tie_word_embeddings
+        return {"lm_head.weight": f"{self.backbone}.{self.embeddings}.weight"} if tied else {}
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.input_embeddings.weight
+
+    @property
+    def input_embeddings(self) -> nn.Embedding:
+        return getattr(getattr(self, self.backbone), self.embeddings)
+
+    @property
+    def max_length(self) -> int:
+        return getattr(self.config, self.context)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab) for input_ids (B, T); attention_mask (B, past + T) has 1 for real tokens."""
+        return self.lm_head(getattr(self, self.backbone)(input_ids, attention_mask, position_ids, cache))
+
+    @staticmethod
+    def checkpoint_to_model(name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
+        return name, tensor
+
+    @staticmethod
+    def model_to_checkpoint(name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor]:
+        return name, tensor

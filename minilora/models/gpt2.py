@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
-from .common import KVCache, activation, attend, attention_mask, checkpointed, position_ids
+from .common import CausalLM, KVCache, activation, attend, attention_mask, checkpointed, position_ids
 
 
 @dataclass
@@ -130,10 +130,11 @@ class GPT2Model(nn.Module):
     gradient_checkpointing = False
 
 
-class GPT2LMHeadModel(nn.Module):
+class GPT2LMHeadModel(CausalLM):
     """GPT-2 with its language-model head, tied to the token embeddings as in every GPT-2 checkpoint."""
 
     config_class = GPT2Config
+    backbone, embeddings, context = "transformer", "wte", "n_positions"
     conv1d_layout = True  # the checkpoint's projections are Conv1D (in, out): PEFT's fan_in_fan_out
 
     def __init__(self, cfg: GPT2Config) -> None:
@@ -144,27 +145,6 @@ class GPT2LMHeadModel(nn.Module):
         self.transformer = GPT2Model(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.tie_weights()
-
-    @property
-    def tied_weights(self) -> dict[str, str]:
-        return {"lm_head.weight": "transformer.wte.weight"} if self.config.tie_word_embeddings else {}
-
-    def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.transformer.wte.weight
-
-    @property
-    def input_embeddings(self) -> nn.Embedding:
-        return self.transformer.wte
-
-    @property
-    def max_length(self) -> int:
-        return self.config.n_positions
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab) for input_ids (B, T); attention_mask (B, past + T) has 1 for real tokens."""
-        return self.lm_head(self.transformer(input_ids, attention_mask, position_ids, cache))
 
     @staticmethod
     def checkpoint_to_model(name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:

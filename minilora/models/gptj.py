@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
-from .common import KVCache, activation, attend, attention_mask, checkpointed, position_ids
+from .common import CausalLM, activation, attend, attention_mask, checkpointed, position_ids
 
 
 @dataclass
@@ -129,8 +129,9 @@ class GPTJModel(nn.Module):
         return self.ln_f(x)
 
 
-class GPTJForCausalLM(nn.Module):
+class GPTJForCausalLM(CausalLM):
     config_class = GPTJConfig
+    backbone, embeddings, context = "transformer", "wte", "n_positions"
 
     def __init__(self, cfg: GPTJConfig) -> None:
         super().__init__()
@@ -141,33 +142,8 @@ class GPTJForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size)
         self.tie_weights()
 
-    @property
-    def tied_weights(self) -> dict[str, str]:
-        return {"lm_head.weight": "transformer.wte.weight"} if self.config.tie_word_embeddings else {}
-
-    def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.transformer.wte.weight
-
-    @property
-    def input_embeddings(self) -> nn.Embedding:
-        return self.transformer.wte
-
-    @property
-    def max_length(self) -> int:
-        return self.config.n_positions
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
-        return self.lm_head(self.transformer(input_ids, attention_mask, position_ids, cache))
-
     @staticmethod
     def checkpoint_to_model(name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
         if name.endswith((".attn.bias", ".attn.masked_bias")):  # saved causal-mask buffers
             return None
         return name, tensor
-
-    @staticmethod
-    def model_to_checkpoint(name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor]:
-        return name, tensor
-

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
-from .common import KVCache, activation, attend, attention_mask, checkpointed, position_ids
+from .common import CausalLM, activation, attend, attention_mask, checkpointed, position_ids
 
 
 @dataclass
@@ -181,8 +181,9 @@ class LlamaModel(nn.Module):
         return self.norm(x)
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     config_class = LlamaConfig
+    backbone, embeddings, context = "model", "embed_tokens", "max_position_embeddings"
 
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
@@ -191,33 +192,8 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
 
-    @property
-    def tied_weights(self) -> dict[str, str]:
-        return {"lm_head.weight": "model.embed_tokens.weight"} if self.config.tie_word_embeddings else {}
-
-    def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    @property
-    def input_embeddings(self) -> nn.Embedding:
-        return self.model.embed_tokens
-
-    @property
-    def max_length(self) -> int:
-        return self.config.max_position_embeddings
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab) for input_ids (B, T); attention_mask (B, past + T) has 1 for real tokens."""
-        return self.lm_head(self.model(input_ids, attention_mask, position_ids, cache))
-
     @staticmethod
     def checkpoint_to_model(name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
         if name.endswith(".rotary_emb.inv_freq"):  # a buffer some old checkpoints saved; we compute it
             return None
-        return name, tensor
-
-    @staticmethod
-    def model_to_checkpoint(name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor]:
         return name, tensor
