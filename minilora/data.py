@@ -32,9 +32,10 @@ def read_records(source: str | os.PathLike, revision: str | None = None) -> list
         if str(source).startswith((".", "/", "~")) or path.suffix in (".json", ".jsonl", ".csv"):
             raise DataError(f"{source}: no such file or folder")
         path = _hub_dataset(str(source), revision)
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in (".json", ".jsonl", ".csv"))
+    kinds = (".json", ".jsonl", ".csv", ".parquet")
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in kinds)
     if not files:
-        raise DataError(f"{path}: no .json, .jsonl or .csv files")
+        raise DataError(f"{path}: no .json, .jsonl, .csv or .parquet files")
     records = []
     for file in files:
         records.extend(_read_file(file))
@@ -47,13 +48,20 @@ def _hub_dataset(repo_id: str, revision: str | None) -> Path:
     from huggingface_hub import snapshot_download
     try:
         return Path(snapshot_download(repo_id=repo_id, repo_type="dataset", revision=revision,
-                                      allow_patterns=["*.json", "*.jsonl", "*.csv"]))
+                                      allow_patterns=["*.json", "*.jsonl", "*.csv", "*.parquet"]))
     except Exception as e:
         raise DataError(f"{repo_id}: not a local file, and the Hugging Face Hub could not provide it as a dataset "
                         f"({type(e).__name__}). Pass a local .json, .jsonl or .csv file instead.") from None
 
 
 def _read_file(file: Path) -> list[dict[str, Any]]:
+    if file.suffix == ".parquet":  # many Hub datasets are stored so; pyarrow is optional
+        try:
+            import pyarrow.parquet as pq
+        except ModuleNotFoundError:
+            raise DataError(f"{file}: reading parquet needs pyarrow (pip install pyarrow), "
+                            "or convert the dataset to JSONL/CSV") from None
+        return pq.read_table(file).to_pylist()
     try:
         text = file.read_text(encoding="utf-8-sig")  # -sig: tolerate a byte-order mark
     except UnicodeDecodeError as e:
