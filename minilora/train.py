@@ -101,12 +101,61 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
 
 
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over target tokens, and their count."""
-    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
-    labels = batch["labels"][:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
-                           reduction="sum")
-    return loss, int((labels != IGNORE).sum())
+    """Summed next-token cross-entropy over target tokens, and their count.
+
+    With a frozen plain output head (the usual LoRA case), the head and the loss are fused
+    (`LinearCrossEntropy`): the (B, T, vocab) logits never exist at once, and their gradient is
+    computed while they do, instead of a second pass through a log-softmax backward."""
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE)], dim=1)  # token t predicts t+1
+    head = getattr(model, "lm_head", None)
+    if type(head) is nn.Linear and not head.weight.requires_grad and hasattr(model, "hidden_states") \
+            and (head.bias is None or not head.bias.requires_grad):
+        h = model.hidden_states(ids, attention_mask=mask)
+        loss = LinearCrossEntropy.apply(h.flatten(0, 1), head.weight, head.bias, shifted.flatten())
+    else:
+        logits = model(ids, attention_mask=mask)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE, reduction="sum")
+    return loss, int((shifted != IGNORE).sum())
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum_t CE(h_t W^T + b, y_t) for a frozen W (vocab, d), a chunk of tokens at a time.
+
+    Forward computes, per chunk, the logits, their log-sum-exp, the loss, and at once the gradient
+    with respect to h: (softmax - onehot(y)) W. Backward only scales that stored (N, d) gradient.
+    The same arithmetic as F.cross_entropy(F.linear(h, W, b)) in fewer passes over the logits."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor):
+        dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+        w = weight.to(dtype)  # cast once, not once per chunk
+        b = bias.float() if bias is not None else None
+        chunk = max(1, (1 << 25) // weight.shape[0])  # about 32M logits (128 MB in fp32) at a time
+        grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        with torch.autocast(h.device.type, enabled=False):
+            for i in range(0, h.shape[0], chunk):
+                y = labels[i:i + chunk]
+                logits = (w @ h[i:i + chunk].to(dtype).t()).t().float()  # (c, vocab); this order runs faster
+                if b is not None:
+                    logits += b
+                lse = torch.logsumexp(logits, dim=-1)
+                valid = y != IGNORE
+                target = y.clamp(min=0)
+                total += ((lse - logits.gather(1, target[:, None]).squeeze(1)) * valid).sum()
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                probs[torch.arange(len(y), device=y.device), target] -= 1.0
+                probs *= valid[:, None]
+                grad_h[i:i + chunk] = (probs.to(dtype) @ w).float()
+        ctx.save_for_backward(grad_h)
+        ctx.h_dtype = h.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        (grad_h,) = ctx.saved_tensors
+        return (grad_h * grad_total).to(ctx.h_dtype), None, None, None
 
 
 def classification_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:

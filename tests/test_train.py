@@ -268,3 +268,29 @@ def test_bf16_autocast_trains(saved_tiny, tmp_path):
                                                                lr=2e-2, bf16=True, progress=False))
     l = losses(result)
     assert all(math.isfinite(v) for v in l.values()) and l[6] < l[1]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "gptj", "llama-tied"])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_fused_head_and_loss_equal_the_plain_ones(saved_tiny, kind, bf16):
+    """The fused LM-head cross-entropy against F.cross_entropy over the model's logits (the oracle)."""
+    import torch.nn.functional as F
+    from minilora.train import causal_lm_loss
+    model = lora_model(saved_tiny, kind)
+    batch = collate(examples(6), 0)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        fused, n = causal_lm_loss(model, batch)
+    fused.backward()
+    got = grads(model)
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+    labels = batch["labels"][:, 1:]
+    plain = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), reduction="sum")
+    plain.backward()
+    expected = grads(model)
+    tol = 2e-2 if bf16 else 1e-5
+    assert n == int((labels != -100).sum())
+    assert abs(fused.item() - plain.item()) <= tol * abs(plain.item())
+    for name in expected:
+        assert ((got[name] - expected[name]).norm() / expected[name].norm()).item() <= (5e-2 if bf16 else 1e-5), name

@@ -179,10 +179,15 @@ class CausalLM(nn.Module):
     def max_length(self) -> int:
         return getattr(self.config, self.context)
 
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """The last block's normed output (B, T, d): what the head turns into logits."""
+        return getattr(self, self.backbone)(input_ids, attention_mask, position_ids, cache)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) for input_ids (B, T); attention_mask (B, past + T) has 1 for real tokens."""
-        return self.lm_head(getattr(self, self.backbone)(input_ids, attention_mask, position_ids, cache))
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, cache))
 
     @staticmethod
     def checkpoint_to_model(name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:

@@ -1,0 +1,193 @@
+"""LoRA training throughput: minilora against transformers + peft, same weights, batch and dtype.
+
+    python benchmarks/train_speed.py --model gpt2-medium --dtype fp32 --steps 6
+    python benchmarks/train_speed.py --model gpt2 --dtype bf16
+
+Each side runs in its own subprocess (so its peak memory, VmHWM, is its own): random weights from the
+same seed, LoRA r=8 alpha=16 on the attention projections, micro-batch 8 x 128 tokens, AdamW. It
+reports the loss of step 1 (which must agree), the time to the first step, the median tokens/s of the
+steps after warm-up, the peak resident memory, and the matrix FLOP/s of a step against this machine's
+measured matmul peak in the same dtype. Results go to benchmarks/results/train_speed_*.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"]}
+CONFIGS = {
+    # dropout off (it lives partly in config fields, not modules), so the two sides' losses are comparable
+    "gpt2": dict(model_type="gpt2", vocab_size=50257, n_embd=768, n_layer=12, n_head=12, n_positions=1024,
+                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+    "gpt2-medium": dict(model_type="gpt2", vocab_size=50257, n_embd=1024, n_layer=24, n_head=16, n_positions=1024,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+    "llama-small": dict(model_type="llama", vocab_size=32000, hidden_size=768, intermediate_size=2048,
+                        num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4),
+}
+
+
+def worker(side: str, name: str, dtype: str, steps: int, batch: int, seq: int) -> dict:
+    import torch
+    torch.manual_seed(0)
+    cfg = dict(CONFIGS[name])
+    kind = cfg["model_type"]
+    targets = TARGETS[kind]
+    ids = torch.randint(0, cfg["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(1))
+    start = time.perf_counter()
+    if side == "minilora":
+        from minilora.lora import apply_lora
+        from minilora.models import build_model
+        from minilora.train import causal_lm_loss
+        model = build_model(cfg)
+        state = reference_state(cfg)
+        model.load_state_dict(state, strict=False)
+        model.tie_weights()
+        apply_lora(model, targets, r=8, alpha=16)
+
+        def loss_of(m):
+            loss, n = causal_lm_loss(m, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+            return loss / n
+    else:
+        import transformers
+        from peft import LoraConfig, get_peft_model
+        c = dict(cfg)
+        c.pop("model_type")
+        if kind == "gpt2":
+            hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**c, attn_implementation="sdpa"))
+        else:
+            hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**c, attn_implementation="sdpa"))
+        hf.load_state_dict(hf_state(cfg), strict=False)
+        model = get_peft_model(hf, LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0))
+
+        def loss_of(m):
+            return m(input_ids=ids, labels=ids).loss
+    # same LoRA initialisation on both sides
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for n, p in sorted(model.named_parameters()):
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    times, losses = [], []
+    for step in range(steps):
+        t = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            loss = loss_of(model)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+        times.append(time.perf_counter() - t)
+        if step == 0:
+            first = time.perf_counter() - start
+    hwm = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
+    steady = sorted(times[2:])[len(times[2:]) // 2] if len(times) > 2 else times[-1]
+    return dict(side=side, loss_step1=losses[0], losses=losses, first_step_s=first, step_s=steady,
+                tokens_per_s=batch * seq / steady, peak_rss=hwm)
+
+
+def reference_state(cfg: dict) -> dict:
+    """Random weights under the Hub's names, shared by both sides (GPT-2's in the Conv1D layout)."""
+    import torch
+    from minilora.models import build_model
+    with torch.device("meta"):
+        model = build_model(cfg)
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for name, t in model.state_dict().items():
+        if name in model.tied_weights:
+            continue
+        w = torch.randn(t.shape, generator=g) * 0.02 if t.dim() > 1 else 1.0 + 0.0 * torch.randn(t.shape, generator=g)
+        state[name] = w
+    return state
+
+
+def hf_state(cfg: dict) -> dict:
+    from minilora.models import build_model
+    import torch
+    with torch.device("meta"):
+        model = build_model(cfg)
+    return dict(model.model_to_checkpoint(n, t) for n, t in reference_state(cfg).items())
+
+
+def matmul_peak(dtype: str) -> float:
+    """FLOP/s of a large square matmul in the given dtype: this machine's ceiling for the step."""
+    import torch
+    dt = torch.bfloat16 if dtype == "bf16" else torch.float32
+    a, b = torch.randn(2048, 2048, dtype=dt), torch.randn(2048, 2048, dtype=dt)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    return 10 * 2 * 2048 ** 3 / (time.perf_counter() - start)
+
+
+def step_flops(cfg: dict, batch: int, seq: int, r: int = 8) -> float:
+    """Matrix FLOPs a LoRA step must do: forward of every linear (2·d·k per token), the input gradient
+    of every linear below the last trainable layer (another 2·d·k), the LoRA weight gradients, and
+    attention's two matmuls forward and backward. Embedding lookups and norms are not counted."""
+    from minilora.models import build_model
+    import torch
+    with torch.device("meta"):
+        model = build_model(cfg)
+    tokens = batch * seq
+    dense = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+    heads_dim = cfg.get("n_embd") or cfg.get("hidden_size")
+    layers = cfg.get("n_layer") or cfg.get("num_hidden_layers")
+    attention = 2 * 2 * batch * seq * seq * heads_dim * layers  # QK^T and AV, forward
+    targets = sum(m.in_features + m.out_features for n, m in model.named_modules()
+                  if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in TARGETS[cfg["model_type"]])
+    lora = 2 * tokens * r * targets * 3  # forward, input grad and weight grad of A and B
+    return 2 * tokens * dense * 2 + attention * 2 + lora
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="gpt2-medium", choices=list(CONFIGS))
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--worker", choices=["minilora", "peft"])
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.model, args.dtype, args.steps, args.batch, args.seq)))
+        return
+    rows = {}
+    for side in ("minilora", "peft"):
+        cmd = [sys.executable, __file__, "--worker", side, "--model", args.model, "--dtype", args.dtype,
+               "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            print(f"{side}: failed ({proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else '?'})")
+            continue
+        rows[side] = json.loads(proc.stdout.strip().splitlines()[-1])
+    peak = matmul_peak(args.dtype)
+    flops = step_flops(CONFIGS[args.model], args.batch, args.seq)
+    print(f"LoRA r=8 on {TARGETS[CONFIGS[args.model]['model_type']]}, {args.model}, {args.dtype}, micro-batch "
+          f"{args.batch} x {args.seq}; matmul peak {peak / 1e9:.0f} GFLOP/s; {flops / 1e9:.0f} GFLOP per step")
+    print(f"{'':>10} {'loss@1':>10} {'first step':>11} {'tokens/s':>9} {'of peak':>8} {'peak RSS':>9}")
+    for side, r in rows.items():
+        r["fraction_of_peak"] = flops / r["step_s"] / peak
+        print(f"{side:>10} {r['loss_step1']:10.6f} {r['first_step_s']:10.1f}s {r['tokens_per_s']:9.0f} "
+              f"{r['fraction_of_peak']:8.0%} {r['peak_rss'] / 1e9:8.2f}G")
+    if len(rows) == 2:
+        ratio = rows["minilora"]["tokens_per_s"] / rows["peft"]["tokens_per_s"]
+        diff = abs(rows["minilora"]["loss_step1"] - rows["peft"]["loss_step1"])
+        print(f"minilora / peft tokens/s: {ratio:.2f}x (target >= 1.3x); step-1 loss difference {diff:.2e} "
+              f"(target <= 1e-4); peak memory ratio {rows['minilora']['peak_rss'] / rows['peft']['peak_rss']:.2f}")
+    RESULTS.mkdir(exist_ok=True)
+    out = dict(model=args.model, dtype=args.dtype, batch=args.batch, seq=args.seq, matmul_peak=peak,
+               step_flops=flops, rows=rows)
+    (RESULTS / f"train_speed_{args.model}_{args.dtype}.json").write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
