@@ -114,13 +114,16 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
                                           scale=scale, enable_gqa=k.shape[1] != q.shape[1])
 
 
-def checkpointed(block: nn.Module, *args):
-    """Recompute the block in the backward pass instead of keeping its activations.
-
-    use_reentrant=False lets gradients reach LoRA weights inside the block even when the block's
-    input (a frozen embedding's output) does not require grad.
-    """
-    return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, *args, checkpoint: bool = False) -> torch.Tensor:
+    """x through every block; with `checkpoint`, each block is recomputed in the backward pass instead of
+    keeping its activations. use_reentrant=False lets gradients reach LoRA weights inside a block even
+    when its input (a frozen embedding's output) does not require grad."""
+    for block in blocks:
+        if checkpoint:
+            x = torch.utils.checkpoint.checkpoint(block, x, *args, use_reentrant=False)
+        else:
+            x = block(x, *args)
+    return x
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
-from .common import CausalLM, KVCache, activation, attend, attention_mask, checkpointed, position_ids
+from .common import CausalLM, KVCache, activation, attend, attention_mask, position_ids, run_blocks
 
 
 @dataclass
@@ -120,11 +120,7 @@ class GPT2Model(nn.Module):
             raise ValueError(f"sequence of {past + T} tokens is longer than GPT-2's context of {self.n_positions}")
         mask = attention_mask(attn_mask, T, past, input_ids.device)
         x = self.drop(self.wte(input_ids) + self.wpe(pos))
-        for block in self.h:
-            if self.gradient_checkpointing and self.training and cache is None:
-                x = checkpointed(block, x, mask, cache, past)
-            else:
-                x = block(x, mask, cache, past)
+        x = run_blocks(self.h, x, mask, cache, past, checkpoint=self.gradient_checkpointing and self.training and cache is None)
         return self.ln_f(x)
 
     gradient_checkpointing = False

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
-from .common import CausalLM, activation, attend, attention_mask, checkpointed, position_ids
+from .common import CausalLM, activation, attend, attention_mask, position_ids, run_blocks
 
 
 @dataclass
@@ -121,11 +121,7 @@ class GPTJModel(nn.Module):
         # each angle is used by one pair of adjacent dims: repeat_interleave, not cat. (B, 1, T, d)
         angles = (pos[..., None].float() * inv_freq).repeat_interleave(2, dim=-1)[:, None]
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-        for block in self.h:
-            if self.gradient_checkpointing and self.training and cache is None:
-                x = checkpointed(block, x, cos, sin, mask, cache, past)
-            else:
-                x = block(x, cos, sin, mask, cache, past)
+        x = run_blocks(self.h, x, cos, sin, mask, cache, past, checkpoint=self.gradient_checkpointing and self.training and cache is None)
         return self.ln_f(x)
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
-from .common import CausalLM, activation, attend, attention_mask, checkpointed, position_ids
+from .common import CausalLM, activation, attend, attention_mask, position_ids, run_blocks
 
 
 @dataclass
@@ -173,11 +173,7 @@ class LlamaModel(nn.Module):
         freqs = pos[..., None].float() * rope_frequencies(self.cfg).to(input_ids.device)
         angles = torch.cat((freqs, freqs), dim=-1)[:, None]
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-        for layer in self.layers:
-            if self.gradient_checkpointing and self.training and cache is None:
-                x = checkpointed(layer, x, cos, sin, mask, cache, past)
-            else:
-                x = layer(x, cos, sin, mask, cache, past)
+        x = run_blocks(self.layers, x, cos, sin, mask, cache, past, checkpoint=self.gradient_checkpointing and self.training and cache is None)
         return self.norm(x)
 
 
