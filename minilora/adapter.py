@@ -30,6 +30,15 @@ def write_atomically(folder: str | os.PathLike, write: Callable[[Path], None]) -
     leaves either the old complete folder or the new complete one, never a half-written one."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
+    # What a process killed here earlier may have left: a half-written temporary (dropped), or the
+    # previous version moved aside just before the new one was renamed in (put back).
+    for stale in folder.parent.glob(f".{folder.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for aside in sorted(folder.parent.glob(f".{folder.name}.old-*")):
+        if folder.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            aside.rename(folder)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,89 @@
+"""Fault trials: training killed with SIGKILL at random moments (mid-step, mid-checkpoint), resumed
+from the latest checkpoint each time, finishes with the adapter an uninterrupted run produces; the
+latest checkpoint is never a half-written one."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from minilora.train import checkpoint_folders
+
+TRAIN = textwrap.dedent("""
+    import sys, torch
+    sys.path.insert(0, {tests!r})
+    from test_train import Tok, examples
+    from minilora.lora import apply_lora
+    from minilora.train import TrainConfig, checkpoint_folders, train
+    from minilora.weights import load_model
+    torch.manual_seed(0)
+    model = apply_lora(load_model({model!r}), "all-linear", r=4, alpha=8, dropout=0.1)
+    out = {out!r}
+    cfg = TrainConfig(output_dir=out, max_steps=30, micro_batch_size=2, batch_size=4, lr=5e-3, save_every=1,
+                      keep_last=2, progress=False, resume_from_checkpoint="latest" if checkpoint_folders(out) else None)
+    train(model, Tok, examples(24), None, cfg)
+""")
+
+
+def run(model, out, kill_after=None):
+    code = TRAIN.format(tests=os.path.dirname(__file__), model=str(model), out=str(out))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if kill_after is None:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err.decode()[-2000:]
+        return True
+    try:
+        proc.wait(timeout=kill_after)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        return False
+    assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
+    return True
+
+
+def check_latest_is_whole(out):
+    found = checkpoint_folders(out)
+    if found:
+        latest = found[-1]
+        assert {p.name for p in latest.iterdir()} >= {"adapter_model.safetensors", "adapter_config.json",
+                                                      "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json"}
+        load_file(str(latest / "adapter_model.safetensors"))
+        torch.load(latest / "optimizer.pt", weights_only=True)
+        assert json.loads((latest / "trainer_state.json").read_text())["step"] == int(latest.name.split("-")[1])
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
+def test_sigkill_trials_resume_to_the_uninterrupted_adapter(saved_tiny, tmp_path):
+    model = saved_tiny["llama-gqa"][1]
+    run(model, tmp_path / "reference")
+    reference = load_file(str(tmp_path / "reference" / "adapter" / "adapter_model.safetensors"))
+    rng = random.Random(0)
+    start = time.perf_counter()
+    run(model, tmp_path / "probe")
+    duration = time.perf_counter() - start  # one whole run, start-up included
+    kills = 0
+    for trial in range(20):
+        out = tmp_path / f"trial{trial}"
+        # one SIGKILL at a random moment of the run (start-up, a step, a checkpoint being written), a
+        # second one in the resumed run on odd trials, then a run to the end
+        for attempt in range(1 + trial % 2):
+            if run(model, out, kill_after=rng.uniform(0.4, 0.95) * duration):
+                break
+            kills += 1
+            check_latest_is_whole(out)
+        run(model, out)
+        got = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+        assert got.keys() == reference.keys()
+        for k in reference:
+            assert (got[k] - reference[k]).abs().max().item() <= 1e-6, (trial, k)
+    assert kills >= 20, kills  # the trials really were interrupted
+    print(f"{kills} SIGKILLs over 20 trials; every run resumed to the reference adapter")
