@@ -194,6 +194,13 @@ def run_recipe(recipe: Recipe):
                        revision=m.revision, load_in_8bit=m.load_in_8bit,
                        task="classification" if classify else None, id2label=id2label)
     tokenizer = load_tokenizer(m.name, revision=m.revision)
+    rows = model.input_embeddings.num_embeddings
+    if tokenizer.vocab_size > rows:  # fewer tokens than rows is common (vocabularies padded to a multiple)
+        raise ConfigError(f"{m.name}: the tokenizer has {tokenizer.vocab_size} tokens but the model's embeddings only "
+                          f"{rows} rows: they do not belong together")
+    if d.cutoff > model.max_length:
+        raise ConfigError(f"{recipe.source} [data].cutoff: {d.cutoff} tokens is longer than the model's context of "
+                          f"{model.max_length}")
     if classify and not tokenizer.has_pad_token:  # batches need padding: add [PAD], grow the embeddings
         from .models.common import resize_token_embeddings
         tokenizer.add_pad_token()

@@ -121,3 +121,17 @@ def test_bad_recipes_name_the_key(saved_tiny, tmp_path, capsys, change, message)
     err = capsys.readouterr().err
     assert re.search(message, err), err
     assert not (tmp_path / "run").exists()
+
+
+def test_tokenizer_of_another_model_and_cutoff_beyond_the_context(saved_tiny, tmp_path, capsys):
+    import re
+    from tokenizers import Tokenizer
+    recipe, model = write_recipe(saved_tiny, tmp_path, **{"cutoff = 16": "cutoff = 5000"})
+    assert main(["train", str(recipe)]) == 2
+    assert re.search(r"\[data\].cutoff: 5000 tokens is longer than the model's context of 2048", capsys.readouterr().err)
+    tk = Tokenizer.from_file(str(model / "tokenizer.json"))
+    tk.add_tokens([f"extra{i}" for i in range(10)])
+    tk.save(str(model / "tokenizer.json"))
+    recipe.write_text(recipe.read_text().replace("cutoff = 5000", "cutoff = 16"))
+    assert main(["train", str(recipe)]) == 2
+    assert "the tokenizer has 107 tokens but the model's embeddings only 97 rows" in capsys.readouterr().err
