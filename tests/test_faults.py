@@ -33,21 +33,32 @@ TRAIN = textwrap.dedent("""
 """)
 
 
-def run(model, out, kill_after=None):
+def steps_logged(out) -> int:
+    try:
+        return sum(1 for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line)
+    except FileNotFoundError:
+        return 0
+
+
+def run(model, out, kill_at=None, rng=None):
+    """Train to the end; or SIGKILL the run once it has logged step `kill_at` (plus a random few ms, to
+    land inside the next step or the checkpoint being written; 0 = during start-up). True if finished."""
     code = TRAIN.format(tests=os.path.dirname(__file__), model=str(model), out=str(out))
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    if kill_after is None:
+    if kill_at is None:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err.decode()[-2000:]
         return True
-    try:
-        proc.wait(timeout=kill_after)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        return False
-    assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
-    return True
+    deadline = time.monotonic() + (rng.uniform(0.2, 1.0) if kill_at == 0 else 300)
+    while proc.poll() is None and time.monotonic() < deadline and (kill_at == 0 or steps_logged(out) < kill_at):
+        time.sleep(0.002)
+    if proc.poll() is not None:
+        assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
+        return True
+    time.sleep(rng.uniform(0, 0.03))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return False
 
 
 def check_latest_is_whole(out):
@@ -67,16 +78,13 @@ def test_sigkill_trials_resume_to_the_uninterrupted_adapter(saved_tiny, tmp_path
     run(model, tmp_path / "reference")
     reference = load_file(str(tmp_path / "reference" / "adapter" / "adapter_model.safetensors"))
     rng = random.Random(0)
-    start = time.perf_counter()
-    run(model, tmp_path / "probe")
-    duration = time.perf_counter() - start  # one whole run, start-up included
     kills = 0
     for trial in range(20):
         out = tmp_path / f"trial{trial}"
-        # one SIGKILL at a random moment of the run (start-up, a step, a checkpoint being written), a
-        # second one in the resumed run on odd trials, then a run to the end
+        # a SIGKILL at a random step (0: during start-up), a second one in the resumed run on odd trials
         for attempt in range(1 + trial % 2):
-            if run(model, out, kill_after=rng.uniform(0.4, 0.95) * duration):
+            done = steps_logged(out)
+            if run(model, out, kill_at=rng.randint(done, 29) if done < 29 else None, rng=rng):
                 break
             kills += 1
             check_latest_is_whole(out)
