@@ -36,7 +36,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     recipe = load_recipe(args.recipe, overrides=parse_overrides(args.overrides))
     model, tokenizer, result = run_recipe(recipe)
     if result.stopped_early:
-        print(f"stopped on request; resume with --train.resume_from_checkpoint latest")
+        print("stopped on request; resume with --train.resume_from_checkpoint latest")
         return
     print(f"adapter saved to {result.adapter_dir} ({folder_size(result.adapter_dir) / 1e6:.2f} MB)")
     if recipe.generate.prompts and recipe.data.task != "classification":

@@ -301,12 +301,10 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, expect
     return state
 
 
-def _rotate(output_dir: Path, keep_last: int | None, protect: set[str]) -> None:
-    if keep_last is None:
-        return
-    folders = checkpoint_folders(output_dir)
-    for old in folders[:-keep_last]:
-        if old.name not in protect:
+def _rotate(output_dir: Path, keep_last: int | None) -> None:
+    """Delete all but the newest keep_last checkpoints (the best model lives apart, in best/)."""
+    if keep_last is not None:
+        for old in checkpoint_folders(output_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
 
 
@@ -415,7 +413,7 @@ def train(model: nn.Module, tokenizer, train_data: list[Example], eval_data: lis
                 save_checkpoint(out / f"checkpoint-{step}", model, optimizer, scheduler,
                                 {"step": step, "best_metric": result.best_metric, "best_step": result.best_step,
                                  "run": run})
-                _rotate(out, cfg.keep_last, set())
+                _rotate(out, cfg.keep_last)
             if stop.requested:
                 result.stopped_early = True
                 break

@@ -1,7 +1,6 @@
 """BERT and DistilBERT against transformers' classifiers, and the real all-MiniLM-L6-v2 encoder."""
 
 import json
-import shutil
 
 import pytest
 import torch

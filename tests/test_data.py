@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from minilora.data import IGNORE, TEMPLATES, build_examples, collate, read_records, split
 from minilora.errors import DataError

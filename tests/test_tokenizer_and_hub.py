@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from minilora.tokenizer import load_tokenizer
-from minilora.weights import load_model
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ continues the same loss curve, checkpoints are atomic, frozen weights never move
 
 import json
 import math
-import shutil
 
 import pytest
 import torch
