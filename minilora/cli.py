@@ -33,8 +33,15 @@ def cmd_params(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from .recipe import load_recipe, run_recipe
+    from . import distributed
     recipe = load_recipe(args.recipe, overrides=parse_overrides(args.overrides))
-    model, tokenizer, result = run_recipe(recipe)
+    try:
+        model, tokenizer, result = run_recipe(recipe)
+        main = distributed.is_main()
+    finally:
+        distributed.shutdown()
+    if not main:  # rank 0 reports for all
+        return
     if result.stopped_early:
         print("stopped on request; resume with --train.resume_from_checkpoint latest")
         return

@@ -160,8 +160,12 @@ def torch_dtype(name: str, where: str = "dtype"):
 
 
 def run_recipe(recipe: Recipe):
-    """Load the model and data, apply LoRA, train; returns (model, tokenizer, TrainResult)."""
+    """Load the model and data, apply LoRA, train; returns (model, tokenizer, TrainResult).
+
+    Launched by torchrun (WORLD_SIZE > 1), joins the process group and trains data-parallel; every
+    rank loads the model and data, rank 0 alone prints and writes."""
     import torch
+    from . import distributed
     from .data import build_classification_examples, build_examples, label_ids, read_records, split
     from .lora import apply_lora, param_report
     from .tokenizer import load_tokenizer
@@ -189,7 +193,11 @@ def run_recipe(recipe: Recipe):
         if len(names) != len(label2id):
             raise ConfigError(f"{recipe.source} [data].label_names: {len(names)} names for {len(label2id)} labels")
         id2label = dict(enumerate(names))
+    rank_device = distributed.init_from_env()
+    say = print if distributed.is_main() else (lambda *a, **k: None)
     device = m.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if rank_device is not None and torch.device(device).type == rank_device.type:
+        device = rank_device  # one GPU per rank
     model = load_model(m.name, dtype=torch_dtype(m.dtype, f"{recipe.source} [model].dtype"), device=device,
                        revision=m.revision, load_in_8bit=m.load_in_8bit,
                        task="classification" if classify else None, id2label=id2label)
@@ -218,20 +226,20 @@ def run_recipe(recipe: Recipe):
     eval_data = examples(eval_records, d.eval or f"{d.train} (held out)")
     test_data = examples(test_records, d.test)
     if train_data.skipped:
-        print(f"skipped {train_data.skipped} malformed training rows")
+        say(f"skipped {train_data.skipped} malformed training rows")
     lora = recipe.lora
     apply_lora(model, lora.targets, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
                modules_to_save=lora.modules_to_save, use_rslora=lora.use_rslora)
-    print(param_report(model))
-    print(f"training on {len(train_data)} examples, evaluating on {len(eval_data or [])}")
+    say(param_report(model))
+    say(f"training on {len(train_data)} examples, evaluating on {len(eval_data or [])}")
 
     def report_test(when: str) -> None:
         if test_data and classify:
             metrics = evaluate_classification(model, test_data, tokenizer.pad_token_id, recipe.train.micro_batch_size)
-            print(f"held-out test set ({len(test_data)} examples), {when}: accuracy {metrics['eval_accuracy']:.3f}, "
+            say(f"held-out test set ({len(test_data)} examples), {when}: accuracy {metrics['eval_accuracy']:.3f}, "
                   f"F1 {metrics['eval_f1']:.3f}")
             model.test_metrics = {**getattr(model, "test_metrics", {}), when: metrics}
-        if classify and recipe.generate.prompts:
+        if classify and recipe.generate.prompts and distributed.is_main():
             from .generate import classify as predict
             for text, (label, p) in zip(recipe.generate.prompts, predict(model, tokenizer, recipe.generate.prompts,
                                                                         d.cutoff, d.truncation)):

@@ -8,6 +8,9 @@ the tokens fall among micro-batches (averaging each micro-batch's loss first wou
 The data order of epoch e is a permutation seeded by (seed, e), so a position (step) is all it
 takes to find the next batch again. A checkpoint holds the adapter, the optimizer, the scheduler,
 the RNG state and the step: resuming from one continues the very same loss curve.
+
+Under torchrun the same function trains data-parallel (see distributed.py): each rank runs its share
+of every step's micro-batches, the gradient sums meet in one all-reduce, rank 0 alone writes.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import distributed
 from .adapter import load_adapter, save_adapter, write_adapter_files, write_atomically
 from .data import IGNORE, Example, collate
 from .errors import CheckpointError, ConfigError, TrainingError
@@ -171,23 +175,25 @@ def evaluate_classification(model: nn.Module, data: list[Example], pad_id: int, 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    total, predictions, truth = 0.0, [], []
-    for batch in batches(data, list(range(len(data))), micro_batch_size, pad_id, device):
+    rank, world = distributed.rank_and_world()  # each rank evaluates every world-th example
+    n_classes = model.classifier.weight.shape[0]
+    total = torch.zeros(1, dtype=torch.float64, device=device)
+    confusion = torch.zeros(n_classes, n_classes, dtype=torch.float64, device=device)  # [gold, predicted]
+    for batch in batches(data, list(range(rank, len(data), world)), micro_batch_size, pad_id, device):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).float()
-        total += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
-        predictions.append(logits.argmax(-1).cpu())
-        truth.append(batch["labels"].cpu())
+        total += F.cross_entropy(logits, batch["labels"], reduction="sum")
+        confusion.index_put_((batch["labels"], logits.argmax(-1)), torch.ones_like(logits[:, 0], dtype=torch.float64),
+                             accumulate=True)
+    distributed.sum_across_ranks([total, confusion])
     model.train(was_training)
-    pred, gold = torch.cat(predictions), torch.cat(truth)
-    n_classes = int(max(pred.max(), gold.max())) + 1
-    f1s = []
-    for c in range(n_classes):
-        tp = int(((pred == c) & (gold == c)).sum())
-        fp, fn = int(((pred == c) & (gold != c)).sum()), int(((pred != c) & (gold == c)).sum())
-        f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
-    return {"eval_loss": total / len(gold), "eval_accuracy": float((pred == gold).float().mean()),
-            "eval_f1": f1s[1] if n_classes == 2 else sum(f1s) / len(f1s)}
+    tp = confusion.diagonal()
+    fp, fn = confusion.sum(0) - tp, confusion.sum(1) - tp
+    seen = (tp + fp + fn) > 0  # macro F1 over the classes that occur in the labels or predictions
+    f1 = torch.where(seen, 2 * tp / (2 * tp + fp + fn).clamp(min=1), torch.zeros_like(tp))
+    n = float(confusion.sum())
+    return {"eval_loss": float(total) / n, "eval_accuracy": float(tp.sum()) / n,
+            "eval_f1": float(f1[1]) if n_classes == 2 else float(f1[seen].mean())}
 
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int]]
@@ -196,8 +202,11 @@ LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int]
 def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]], loss_fn: LossFn = causal_lm_loss,
                          bf16: bool = False) -> tuple[float, int]:
     """Backpropagate every micro-batch's summed loss, then divide the gradients by the total count:
-    the gradient of the mean loss over the whole batch. Returns (mean loss, count)."""
-    device = micro_batches[0]["input_ids"].device
+    the gradient of the mean loss over the whole batch. Returns (mean loss, count).
+
+    Running distributed, the micro-batches are this rank's share; gradients, loss and count are summed
+    over the ranks before the division, so the result is the whole batch's on every rank."""
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     for batch in micro_batches:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -205,9 +214,17 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.T
         loss.backward()
         total += float(loss.detach())
         count += n
-    for p in model.parameters():
-        if p.grad is not None:
-            p.grad.div_(max(count, 1))
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if distributed.rank_and_world()[1] > 1:
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        for p in trainable:  # a rank with no micro-batch this step still takes part in the sum
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        sums = torch.tensor([total, count], dtype=torch.float64, device=device)
+        distributed.sum_across_ranks([p.grad for p in trainable] + [sums])
+        grads, total, count = [p.grad for p in trainable], float(sums[0]), int(round(float(sums[1])))
+    for g in grads:
+        g.div_(max(count, 1))
     return total / max(count, 1), count
 
 
@@ -218,9 +235,12 @@ def set_gradient_checkpointing(model: nn.Module, on: bool) -> None:
 
 
 def batches(data: list[Example], indices: list[int], size: int, pad_id: int, device: torch.device,
-            pad_to: int | None = None) -> list[dict[str, torch.Tensor]]:
+            pad_to: int | None = None, shard: tuple[int, int] = (0, 1)) -> list[dict[str, torch.Tensor]]:
+    """Micro-batches of `size` examples in the order of `indices`; with shard=(rank, world), only
+    micro-batches rank, rank + world, ... (this rank's share of a step)."""
+    starts = range(0, len(indices), size)[shard[0]::shard[1]]
     return [{k: v.to(device) for k, v in collate([data[j] for j in indices[i:i + size]], pad_id, pad_to).items()}
-            for i in range(0, len(indices), size)]
+            for i in starts]
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -234,13 +254,15 @@ def evaluate(model: nn.Module, data: list[Example], pad_id: int, micro_batch_siz
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for batch in batches(data, list(range(len(data))), micro_batch_size, pad_id, device):
+    rank, world = distributed.rank_and_world()  # each rank evaluates every world-th example
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, target tokens
+    for batch in batches(data, list(range(rank, len(data), world)), micro_batch_size, pad_id, device):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss, n = loss_fn(model, batch)
-        total, count = total + float(loss), count + n
+        sums += torch.stack([loss.detach().double(), torch.tensor(float(n), dtype=torch.float64, device=device)])
+    distributed.sum_across_ranks([sums])
     model.train(was_training)
-    loss = total / max(count, 1)
+    loss = float(sums[0]) / max(float(sums[1]), 1.0)
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
 
 
@@ -262,19 +284,23 @@ def _run_fingerprint(cfg: TrainConfig, n_train: int, total_steps: int) -> dict[s
     """What must be the same for a checkpoint to be resumed exactly."""
     return dict(batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size, seed=cfg.seed,
                 lr=cfg.lr, lr_schedule=cfg.lr_schedule, warmup_steps=cfg.warmup_steps, total_steps=total_steps,
-                n_train=n_train)
+                n_train=n_train, processes=distributed.rank_and_world()[1])
 
 
 def save_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, state: dict[str, Any]) -> Path:
+    """Called on every rank: rank 0 writes the folder, with every rank's RNG state (dropout differs by rank)."""
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
+    ranks = distributed.gather_objects(rng)
+    if not distributed.is_main():
+        return folder
 
     def write(tmp: Path) -> None:
         write_adapter_files(tmp, model)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng, tmp / "rng.pt")
+        torch.save({**rng, "ranks": ranks} if len(ranks) > 1 else rng, tmp / "rng.pt")
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")  # written last
     return write_atomically(folder, write)
 
@@ -295,6 +321,7 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, expect
         raise CheckpointError(f"{folder}: incomplete checkpoint, {Path(e.filename).name} is missing") from None
     except (RuntimeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{folder}: optimizer or scheduler state does not fit this run ({e})") from None
+    rng = rng["ranks"][distributed.rank_and_world()[0]] if "ranks" in rng else rng
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
@@ -303,7 +330,7 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, expect
 
 def _rotate(output_dir: Path, keep_last: int | None) -> None:
     """Delete all but the newest keep_last checkpoints (the best model lives apart, in best/)."""
-    if keep_last is not None:
+    if keep_last is not None and distributed.is_main():
         for old in checkpoint_folders(output_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -333,10 +360,16 @@ def train(model: nn.Module, tokenizer, train_data: list[Example], eval_data: lis
     gives loss and perplexity), one class id per example a classifier (classification_loss; loss,
     accuracy and F1). loss_fn and evaluate_fn(model) -> metrics replace those defaults. Writes output_dir/metrics.jsonl, checkpoint-<step>/ folders, best/ (with best_metric),
     and the final adapter in output_dir/adapter/.
+
+    Under torchrun (torch.distributed initialised, e.g. by distributed.init_from_env), each rank runs
+    its share of every step's micro-batches; the batch, the schedule and the results are those of one
+    process, and only rank 0 writes files.
     """
     cfg = config or TrainConfig()
     if not train_data:
         raise ConfigError("train_data is empty")
+    rank, world = distributed.rank_and_world()
+    main = rank == 0
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
@@ -344,7 +377,8 @@ def train(model: nn.Module, tokenizer, train_data: list[Example], eval_data: lis
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("the model has no trainable parameters: call apply_lora first")
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + rank)  # dropout masks differ between ranks
+    distributed.broadcast_from_main(params)  # every rank starts from rank 0's LoRA initialisation
     optimizer = torch.optim.AdamW(
         [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
          {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],  # no decay on biases and norms
@@ -367,20 +401,21 @@ def train(model: nn.Module, tokenizer, train_data: list[Example], eval_data: lis
         folder = _resolve_resume(cfg.resume_from_checkpoint, out)
         state = load_checkpoint(folder, model, optimizer, scheduler, run)
         step, result.best_metric, result.best_step = state["step"], state.get("best_metric"), state.get("best_step")
-    metrics_file = out / "metrics.jsonl"
-    _truncate_metrics(metrics_file, step)  # a resumed run rewrites what came after its checkpoint
+    metrics_file = out / "metrics.jsonl" if main else None
+    if main:
+        _truncate_metrics(metrics_file, step)  # a resumed run rewrites what came after its checkpoint
 
     if cfg.eval_at_start and evaluate_fn is not None and step == 0:
         _log(metrics_file, {"step": 0, "epoch": 0.0, **evaluate_fn(model)}, result, None)
     set_gradient_checkpointing(model, cfg.gradient_checkpointing)
     model.train()
-    progress = _progress(cfg.progress, total_steps, step)
+    progress = _progress(cfg.progress and main, total_steps, step)
     stop = _StopRequest()
     try:
         while step < total_steps:
             epoch, i = divmod(step, steps_per_epoch)
             order = epoch_order(len(train_data), cfg.seed, epoch)[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            micro = batches(train_data, order, cfg.micro_batch_size, pad_id, device, cfg.pad_to)
+            micro = batches(train_data, order, cfg.micro_batch_size, pad_id, device, cfg.pad_to, shard=(rank, world))
             loss, count = accumulate_gradients(model, micro, loss_fn, cfg.bf16)
             if not math.isfinite(loss):
                 last = checkpoint_folders(out)
@@ -407,7 +442,9 @@ def train(model: nn.Module, tokenizer, train_data: list[Example], eval_data: lis
                         raise ConfigError(f"best_metric {cfg.best_metric!r} is not among the metrics: {', '.join(metrics)}")
                     if _better(cfg.best_metric, metrics[cfg.best_metric], result.best_metric):
                         result.best_metric, result.best_step = metrics[cfg.best_metric], step
-                        save_adapter(model, out / "best", extra={"best_step": step, cfg.best_metric: result.best_metric})
+                        if main:
+                            save_adapter(model, out / "best", extra={"best_step": step, cfg.best_metric: result.best_metric})
+            stop.requested = distributed.any_rank(stop.requested, device)  # all ranks stop at the same step
             if (cfg.save_every and step % cfg.save_every == 0) or (cfg.save_each_epoch and end_of_epoch) \
                     or stop.requested:
                 save_checkpoint(out / f"checkpoint-{step}", model, optimizer, scheduler,
@@ -421,10 +458,12 @@ def train(model: nn.Module, tokenizer, train_data: list[Example], eval_data: lis
         stop.restore()
         if progress is not None:
             progress.close()
+    distributed.barrier()  # rank 0's files are complete before any rank reads them or returns
     if not result.stopped_early:
         if cfg.load_best_at_end and result.best_step is not None:
             load_adapter(model, out / "best")
-        result.adapter_dir = save_adapter(model, out / "adapter")
+        result.adapter_dir = save_adapter(model, out / "adapter") if main else out / "adapter"
+        distributed.barrier()
     model.eval()
     return result
 
@@ -448,8 +487,11 @@ def _truncate_metrics(file: Path, step: int) -> None:
     file.write_text("".join(line + "\n" for line in keep))
 
 
-def _log(file: Path, record: dict[str, Any], result: TrainResult, progress) -> None:
+def _log(file: Path | None, record: dict[str, Any], result: TrainResult, progress) -> None:
+    """Record on every rank; write to the metrics file and the console on rank 0 (file is None elsewhere)."""
     result.history.append(record)
+    if file is None:
+        return
     with open(file, "a") as f:
         f.write(json.dumps(record) + "\n")
     shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in record.items() if k not in ("epoch", "tokens")}
