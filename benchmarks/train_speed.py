@@ -32,7 +32,7 @@ CONFIGS = {
 }
 
 
-def worker(side: str, name: str, dtype: str, steps: int, batch: int, seq: int) -> dict:
+def worker(side: str, name: str, dtype: str, steps: int, batch: int, seq: int, reference: bool = False) -> dict:
     import torch
     torch.manual_seed(0)
     cfg = dict(CONFIGS[name])
@@ -76,6 +76,13 @@ def worker(side: str, name: str, dtype: str, steps: int, batch: int, seq: int) -
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     times, losses = [], []
+    fp32_loss = None
+    if reference:  # the step-1 loss in fp32, the yardstick for both sides' bf16 losses
+        with torch.no_grad():
+            fp32_loss = float(loss_of(model))
+    if side == "minilora" and dtype == "bf16":  # what train() does for bf16 runs
+        from minilora.train import frozen_weights_in
+        frozen_weights_in(model, torch.bfloat16).__enter__()
     for step in range(steps):
         t = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
@@ -89,8 +96,8 @@ def worker(side: str, name: str, dtype: str, steps: int, batch: int, seq: int) -
             first = time.perf_counter() - start
     hwm = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
     steady = sorted(times[2:])[len(times[2:]) // 2] if len(times) > 2 else times[-1]
-    return dict(side=side, loss_step1=losses[0], losses=losses, first_step_s=first, step_s=steady,
-                tokens_per_s=batch * seq / steady, peak_rss=hwm)
+    return dict(side=side, loss_step1=losses[0], losses=losses, first_step_s=first, step_times=times[2:],
+                step_s=steady, tokens_per_s=batch * seq / steady, peak_rss=hwm, fp32_loss=fp32_loss)
 
 
 def reference_state(cfg: dict) -> dict:
@@ -157,21 +164,35 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="processes per side, alternating minilora/peft, so that a slow spell of a shared "
+                             "machine falls on both sides")
     parser.add_argument("--worker", choices=["minilora", "peft"])
+    parser.add_argument("--reference", action="store_true")
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.model, args.dtype, args.steps, args.batch, args.seq)))
+        print(json.dumps(worker(args.worker, args.model, args.dtype, args.steps, args.batch, args.seq, args.reference)))
         return
     peak = matmul_peak(args.dtype)
+    runs: dict[str, list[dict]] = {}
+    for round_ in range(args.rounds):
+        for side in ("minilora", "peft") if round_ % 2 == 0 else ("peft", "minilora"):
+            cmd = [sys.executable, __file__, "--worker", side, "--model", args.model, "--dtype", args.dtype,
+                   "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)]
+            if round_ == 0 and side == "minilora" and args.dtype == "bf16":
+                cmd.append("--reference")
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                print(f"{side}: failed ({proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else '?'})")
+                continue
+            runs.setdefault(side, []).append(json.loads(proc.stdout.strip().splitlines()[-1]))
     rows = {}
-    for side in ("minilora", "peft"):
-        cmd = [sys.executable, __file__, "--worker", side, "--model", args.model, "--dtype", args.dtype,
-               "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode:
-            print(f"{side}: failed ({proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else '?'})")
-            continue
-        rows[side] = json.loads(proc.stdout.strip().splitlines()[-1])
+    for side, results in runs.items():  # steady steps of every round together; the worst memory
+        times = sorted(t for r in results for t in r["step_times"])
+        step = times[len(times) // 2]
+        rows[side] = dict(results[0], step_s=step, tokens_per_s=args.batch * args.seq / step,
+                          first_step_s=min(r["first_step_s"] for r in results),
+                          peak_rss=max(r["peak_rss"] for r in results), rounds=results)
     flops = step_flops(CONFIGS[args.model], args.batch, args.seq)
     print(f"LoRA r=8 on {TARGETS[CONFIGS[args.model]['model_type']]}, {args.model}, {args.dtype}, micro-batch "
           f"{args.batch} x {args.seq}; matmul peak {peak / 1e9:.0f} GFLOP/s; {flops / 1e9:.0f} GFLOP per step")
@@ -185,6 +206,10 @@ def main() -> None:
         diff = abs(rows["minilora"]["loss_step1"] - rows["peft"]["loss_step1"])
         print(f"minilora / peft tokens/s: {ratio:.2f}x (target >= 1.3x); step-1 loss difference {diff:.2e} "
               f"(target <= 1e-4); peak memory ratio {rows['minilora']['peak_rss'] / rows['peft']['peak_rss']:.2f}")
+        ref = rows["minilora"].get("fp32_loss")
+        if ref is not None:
+            print(f"step-1 loss against the fp32 loss {ref:.6f}: minilora {rows['minilora']['loss_step1'] - ref:+.2e}, "
+                  f"peft {rows['peft']['loss_step1'] - ref:+.2e}")
     RESULTS.mkdir(exist_ok=True)
     out = dict(model=args.model, dtype=args.dtype, batch=args.batch, seq=args.seq, matmul_peak=peak,
                step_flops=flops, rows=rows)

@@ -77,6 +77,8 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):  # cast once here, not once in each path below
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         out = F.linear(x, self.weight, self.bias) if self.base_linear is None else self.base_linear(self, x)
         if self.merged or self.disabled:
             return out

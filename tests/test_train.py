@@ -293,3 +293,50 @@ def test_fused_head_and_loss_equal_the_plain_ones(saved_tiny, kind, bf16):
     assert abs(fused.item() - plain.item()) <= tol * abs(plain.item())
     for name in expected:
         assert ((got[name] - expected[name]).norm() / expected[name].norm()).item() <= (5e-2 if bf16 else 1e-5), name
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama-gqa"])
+def test_frozen_weights_cast_once_give_the_same_gradients(saved_tiny, kind):
+    """frozen_weights_in (bf16 runs) changes where the cast happens, not a bit of the result."""
+    from minilora.train import frozen_weights_in
+    model = lora_model(saved_tiny, kind)
+    micro = [collate(examples(4, seed=s), 0) for s in range(2)]
+    loss, _ = accumulate_gradients(model, micro, bf16=True)
+    expected = grads(model)
+    model.zero_grad(set_to_none=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with frozen_weights_in(model, torch.bfloat16):
+        assert model.lm_head.weight.dtype == (torch.float32 if kind == "gpt2" else torch.bfloat16)  # tied: untouched
+        again, _ = accumulate_gradients(model, micro, bf16=True)
+    got = grads(model)
+    assert again == loss and all(torch.equal(got[n], expected[n]) for n in expected)
+    assert all(torch.equal(p, before[n]) and p.dtype == before[n].dtype for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_short_attention_against_sdpa_in_float64(padded):
+    """bf16 training attention on CPU (ShortAttention): outputs and q/k/v gradients as close to the exact
+    (float64) attention of the same bf16 inputs as SDPA's own bf16 kernel is, with grouped-query heads."""
+    import torch.nn.functional as F
+    from minilora.models.common import attend, attention_mask
+    g = torch.Generator().manual_seed(0)
+    B, H, Hk, T, D = 3, 8, 2, 24, 16
+    q, k, v = (torch.randn(B, h, T, D, generator=g) * s for h, s in ((H, 1.5), (Hk, 1.5), (Hk, 1.0)))
+    dout = torch.randn(B, H, T, D, generator=g)
+    pad = torch.ones(B, T, dtype=torch.long)
+    pad[1, :5] = 0  # a left-padded row
+    mask = attention_mask(pad, T, 0, "cpu") if padded else None
+
+    def run(fn, dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves)
+        out.backward(dout.to(dtype))
+        return [out.detach().double()] + [t.grad.double() for t in leaves], type(out.grad_fn).__name__
+    sdpa = lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+    exact, _ = run(sdpa, torch.float64)
+    ours, path = run(lambda a, b, c: attend(a, b, c, mask, 0), torch.bfloat16)
+    theirs, _ = run(sdpa, torch.bfloat16)
+    assert path == "ShortAttentionBackward"
+    for mine, sdpa_bf16, ref in zip(ours, theirs, exact):
+        err = lambda x: float((x - ref).norm() / ref.norm())
+        assert err(mine) <= max(1.5 * err(sdpa_bf16), 4e-3), (err(mine), err(sdpa_bf16))
