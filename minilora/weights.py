@@ -7,6 +7,7 @@ while loading is therefore about one model plus one tensor, not two models.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -265,7 +266,7 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype | None = torch.floa
         config = {**config, "id2label": {str(i): name for i, name in id2label.items()}, "num_labels": len(id2label)}
     elif num_labels is not None:
         config = {**config, "num_labels": num_labels, "id2label": None}
-    with torch.device("meta"):
+    with torch.device("meta"), _no_random_init():
         model = build_model(config, f"{where}/config.json" if path.is_dir() else where, task)
     transform = None
     if load_in_8bit:
@@ -280,6 +281,22 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype | None = torch.floa
     model.config_dict = config  # config.json as read, for saving a merged copy
     model.source_path = path
     return model.eval()
+
+
+@contextlib.contextmanager
+def _no_random_init():
+    """Skip the modules' random initialisation while building on `meta`: the checkpoint overwrites every
+    tensor, and on `meta` nn.init.normal_ alone costs 1.6 s the first time (it imports torch._dynamo)."""
+    names = [n for n in ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "xavier_uniform_")
+             if hasattr(nn.init, n)]
+    saved = {n: getattr(nn.init, n) for n in names}
+    for n in names:
+        setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(nn.init, n, f)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
