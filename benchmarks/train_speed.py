@@ -45,8 +45,7 @@ def worker(side: str, name: str, dtype: str, steps: int, batch: int, seq: int, r
         from minilora.models import build_model
         from minilora.train import causal_lm_loss
         model = build_model(cfg)
-        state = reference_state(cfg)
-        model.load_state_dict(state, strict=False)
+        model.load_state_dict(reference_state(cfg), strict=False)  # the state dict is freed at once, as on peft's side
         model.tie_weights()
         apply_lora(model, targets, r=8, alpha=16)
 
@@ -125,17 +124,20 @@ def hf_state(cfg: dict) -> dict:
 
 
 def matmul_peak(dtype: str) -> float:
-    """FLOP/s of a large square matmul in the given dtype: this machine's ceiling for the step."""
+    """FLOP/s of the fastest of a few large matmuls (square, and the step's own 1024-token shapes) in the
+    given dtype: this machine's ceiling for the step. Best of several rounds: the ceiling, not an average
+    disturbed by the neighbours of a shared machine (main() measures before and after and keeps the max)."""
     import torch
     dt = torch.bfloat16 if dtype == "bf16" else torch.float32
-    a, b = torch.randn(2048, 2048, dtype=dt), torch.randn(2048, 2048, dtype=dt)
-    best = float("inf")
-    for _ in range(5):  # the best of several rounds: the ceiling, not an average disturbed by the OS
-        start = time.perf_counter()
+    best = 0.0
+    for m, k, n in ((2048, 2048, 2048), (1024, 1024, 4096), (1024, 4096, 1024)):
+        a, b = torch.randn(m, k, dtype=dt), torch.randn(k, n, dtype=dt)
         for _ in range(5):
-            a @ b
-        best = min(best, time.perf_counter() - start)
-    return 5 * 2 * 2048 ** 3 / best
+            start = time.perf_counter()
+            for _ in range(3):
+                a @ b
+            best = max(best, 3 * 2 * m * k * n / (time.perf_counter() - start))
+    return best
 
 
 def step_flops(cfg: dict, batch: int, seq: int, r: int = 8) -> float:
@@ -193,6 +195,7 @@ def main() -> None:
         rows[side] = dict(results[0], step_s=step, tokens_per_s=args.batch * args.seq / step,
                           first_step_s=min(r["first_step_s"] for r in results),
                           peak_rss=max(r["peak_rss"] for r in results), rounds=results)
+    peak = max(peak, matmul_peak(args.dtype))
     flops = step_flops(CONFIGS[args.model], args.batch, args.seq)
     print(f"LoRA r=8 on {TARGETS[CONFIGS[args.model]['model_type']]}, {args.model}, {args.dtype}, micro-batch "
           f"{args.batch} x {args.seq}; matmul peak {peak / 1e9:.0f} GFLOP/s; {flops / 1e9:.0f} GFLOP per step")

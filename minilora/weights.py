@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 import struct
 from pathlib import Path
@@ -85,9 +86,10 @@ def load_config(source: str | os.PathLike, revision: str | None = None) -> dict[
     return read_json(path / "config.json")
 
 
-def checkpoint_tensors(folder: Path) -> Tensors:
+def checkpoint_tensors(folder: Path, map_dtype: torch.dtype | None = None) -> Tensors:
     """Every tensor of a Hub-style checkpoint folder, read one at a time: sharded or single safetensors,
-    or (with torch's weights_only loader, which refuses arbitrary pickled objects) pytorch_model.bin."""
+    or (with torch's weights_only loader, which refuses arbitrary pickled objects) pytorch_model.bin.
+    Safetensors tensors already of `map_dtype` are memory-mapped rather than read (see below)."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         weight_map = read_json(index).get("weight_map")
@@ -102,7 +104,7 @@ def checkpoint_tensors(folder: Path) -> Tensors:
     else:
         raise CheckpointError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
     for file in files:
-        yield from safetensors_tensors(file)
+        yield from safetensors_tensors(file, map_dtype)
 
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -110,13 +112,15 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
                       "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def safetensors_tensors(file: Path) -> Tensors:
-    """The tensors of one .safetensors file, one at a time, each read into its own fresh buffer.
+def safetensors_tensors(file: Path, map_dtype: torch.dtype | None = None) -> Tensors:
+    """The tensors of one .safetensors file, one at a time.
 
     The format: 8 bytes of header length, a JSON header {name: {dtype, shape, data_offsets}}, then the
-    data. We read rather than memory-map, so a tensor's memory is gone as soon as the model no longer
-    needs it (a quantized load drops each fp16 tensor after quantizing it) and nothing of the file
-    stays resident: peak memory is the model plus one tensor."""
+    data. A tensor the model keeps as it is (its dtype is `map_dtype`) is a view of a private
+    (copy-on-write) memory map of the file: no copy, the page cache's pages become the model's, as
+    transformers does. Any other tensor is read into its own fresh buffer, so that memory is gone as
+    soon as the model no longer needs it (a quantized or cast load drops each tensor after converting
+    it) and nothing of the file stays resident: peak memory is the model plus one tensor."""
     if not file.is_file():
         raise CheckpointError(f"{file}: shard listed in the index is missing")
     size = file.stat().st_size
@@ -130,6 +134,7 @@ def safetensors_tensors(file: Path) -> Tensors:
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise CheckpointError(f"{corrupt} (the header is not JSON)") from None
         header.pop("__metadata__", None)
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if map_dtype is not None else None
         for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
             dtype, shape, (begin, end) = SAFETENSORS_DTYPES.get(info["dtype"]), info["shape"], info["data_offsets"]
             if dtype is None:
@@ -137,6 +142,9 @@ def safetensors_tensors(file: Path) -> Tensors:
             numel = int(np.prod(shape)) if shape else 1
             if end - begin != numel * dtype.itemsize or 8 + n + end > size:
                 raise CheckpointError(f"{corrupt} (tensor {name} runs past the end of the file or has the wrong size)")
+            if mapped is not None and dtype == map_dtype and numel and (8 + n + begin) % dtype.itemsize == 0:
+                yield name, torch.frombuffer(mapped, dtype=dtype, count=numel, offset=8 + n + begin).reshape(shape)
+                continue
             f.seek(8 + n + begin)
             buffer = bytearray(end - begin)
             f.readinto(buffer)
@@ -181,7 +189,7 @@ def load_weights(model: nn.Module, tensors: Tensors, source: str, dtype: torch.d
             tensor = transform(name, tensor)
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
-        set_tensor(model, name, tensor.to(device).contiguous())
+        set_tensor(model, name, tensor.to(device))  # GPT-2's Conv1D weights stay transposed views, uncopied
         if transform is not None:
             del tensor
             release_freed_memory()
@@ -259,7 +267,8 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype | None = torch.floa
         config, tensors = gguf_config(meta, infos, path), gguf_tensors(path, meta, infos, data_start)
         where = str(path)
     elif path.is_dir():
-        config, tensors, where = read_json(path / "config.json"), checkpoint_tensors(path), str(path)
+        mapped = dtype if not load_in_8bit and torch.device(device).type == "cpu" else None
+        config, tensors, where = read_json(path / "config.json"), checkpoint_tensors(path, mapped), str(path)
     else:
         raise CheckpointError(f"{path}: expected a folder with config.json and *.safetensors, or a .gguf file")
     if id2label is not None:

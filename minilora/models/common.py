@@ -110,6 +110,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
            dropout: float = 0.0, scale: float | None = None) -> torch.Tensor:
     """SDPA over (B, heads, T, head_dim); k/v may have fewer (grouped-query) heads."""
     is_causal = mask is None and past == 0 and q.shape[2] > 1
+    if torch.is_autocast_enabled(q.device.type):  # as autocast would cast them for SDPA (rotary q, k are fp32)
+        q, k, v = (t.to(torch.get_autocast_dtype(q.device.type)) for t in (q, k, v))
     if (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled()
             and dropout == 0.0 and q.shape[2] * k.shape[2] <= SHORT_ATTENTION):
         if k.shape[1] != q.shape[1]:  # grouped-query: each k/v head serves q.heads / k.heads query heads
