@@ -122,3 +122,31 @@ def test_bf16_load_runs_close_to_fp32(saved_tiny):
     with torch.no_grad():
         diff = (bf16(ids, attention_mask=mask).float() - fp32(ids, attention_mask=mask))[mask.bool()]
     assert diff.abs().max().item() < 0.1 * fp32(ids).abs().max().item()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama-gqa"])
+def test_mapped_weights_are_copy_on_write(saved_tiny, tmp_path, kind):
+    """fp32 loads map the safetensors file instead of copying it; writing to the weights (a merge does)
+    must change the model only, never the checkpoint on disk."""
+    import hashlib
+    import shutil
+    from minilora.lora import apply_lora, merge_lora
+    folder = tmp_path / kind
+    shutil.copytree(saved_tiny[kind][1], folder)
+    digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    ids, mask = batch()
+    model = load_model(folder)
+    before = model(ids, attention_mask=mask)
+    target = "c_attn" if kind == "gpt2" else "q_proj"
+    apply_lora(model, [target], r=2, alpha=4)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    merge_lora(model)
+    with torch.no_grad():  # and every weight written in place
+        for p in model.parameters():
+            p.mul_(2.0)
+    del model
+    assert hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest() == digest
+    assert torch.equal(load_model(folder)(ids, attention_mask=mask), before)
