@@ -138,7 +138,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
         w = weight.to(dtype)  # cast once, not once per chunk
         b = bias.float() if bias is not None else None
-        chunk = max(1, (1 << 23) // weight.shape[0])  # about 8M logits (32 MB in fp32) at a time
+        chunk = max(512, (1 << 23) // weight.shape[0])  # 8M logits (32 MB in fp32) at a time, or 512 rows:
+        # fewer rows than that make the matmuls slower (256 rows: -10% at 32000 x 768 here)
         grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         with torch.autocast(h.device.type, enabled=False):

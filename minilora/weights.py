@@ -1,8 +1,9 @@
 """Find a checkpoint (a Hub repo id, a local folder or a GGUF file), read its config, stream its tensors in.
 
-The model is built on the `meta` device, which allocates nothing, and each tensor read from disk
-(safetensors' lazy `safe_open`, one tensor at a time) is converted and put in its place. Peak memory
-while loading is therefore about one model plus one tensor, not two models.
+The model is built on the `meta` device, which allocates nothing, and each tensor from disk (our own
+safetensors reader, one tensor at a time) is converted and put in its place: a tensor kept as stored
+is a view of a copy-on-write memory map of the file, any other is read, converted and dropped. Peak
+memory while loading is therefore about one model plus one tensor, not two models.
 """
 
 from __future__ import annotations
