@@ -442,56 +442,55 @@ def train(model: nn.Module, tokenizer, train_data: list[Example], eval_data: lis
     model.train()
     progress = _progress(cfg.progress and main, total_steps, step)
     stop = _StopRequest()
-    frozen = frozen_weights_in(model, torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
-    with frozen:  # the frozen linear weights cast to bf16 once, not per micro-batch
-        try:
-            while step < total_steps:
-                epoch, i = divmod(step, steps_per_epoch)
-                order = epoch_order(len(train_data), cfg.seed, epoch)[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-                micro = batches(train_data, order, cfg.micro_batch_size, pad_id, device, cfg.pad_to, shard=(rank, world))
-                loss, count = accumulate_gradients(model, micro, loss_fn, cfg.bf16)
-                if not math.isfinite(loss):
-                    last = checkpoint_folders(out)
-                    raise TrainingError(f"step {step + 1}: the loss is {loss}; training stopped. The last good "
-                                        f"checkpoint is {last[-1] if last else 'none (nothing was saved yet)'}")
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-                lr = scheduler.get_last_lr()[0]
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss, "lr": lr,
-                          "grad_norm": float(grad_norm), "tokens": count}
-                if step % cfg.log_every == 0 or step == total_steps:
-                    _log(metrics_file, record, result, progress)
-                end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
-                if evaluate_fn is not None and ((cfg.eval_every and step % cfg.eval_every == 0)
-                                                or (cfg.eval_each_epoch and end_of_epoch)):
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):  # as the weights are
-                        metrics = evaluate_fn(model)
-                    model.train()
-                    _log(metrics_file, {"step": step, "epoch": round(step / steps_per_epoch, 4), **metrics}, result, progress)
-                    if cfg.best_metric:
-                        if cfg.best_metric not in metrics:
-                            raise ConfigError(f"best_metric {cfg.best_metric!r} is not among the metrics: {', '.join(metrics)}")
-                        if _better(cfg.best_metric, metrics[cfg.best_metric], result.best_metric):
-                            result.best_metric, result.best_step = metrics[cfg.best_metric], step
-                            if main:
-                                save_adapter(model, out / "best", extra={"best_step": step, cfg.best_metric: result.best_metric})
-                stop.requested = distributed.any_rank(stop.requested, device)  # all ranks stop at the same step
-                if (cfg.save_every and step % cfg.save_every == 0) or (cfg.save_each_epoch and end_of_epoch) \
-                        or stop.requested:
-                    save_checkpoint(out / f"checkpoint-{step}", model, optimizer, scheduler,
-                                    {"step": step, "best_metric": result.best_metric, "best_step": result.best_step,
-                                     "run": run})
-                    _rotate(out, cfg.keep_last)
-                if stop.requested:
-                    result.stopped_early = True
-                    break
-        finally:
-            stop.restore()
-            if progress is not None:
-                progress.close()
+    with contextlib.ExitStack() as cleanup:  # undone however the loop ends
+        if cfg.bf16:  # the frozen linear weights cast to bf16 once, not per micro-batch
+            cleanup.enter_context(frozen_weights_in(model, torch.bfloat16))
+        cleanup.callback(stop.restore)
+        if progress is not None:
+            cleanup.callback(progress.close)
+        while step < total_steps:
+            epoch, i = divmod(step, steps_per_epoch)
+            order = epoch_order(len(train_data), cfg.seed, epoch)[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            micro = batches(train_data, order, cfg.micro_batch_size, pad_id, device, cfg.pad_to, shard=(rank, world))
+            loss, count = accumulate_gradients(model, micro, loss_fn, cfg.bf16)
+            if not math.isfinite(loss):
+                last = checkpoint_folders(out)
+                raise TrainingError(f"step {step + 1}: the loss is {loss}; training stopped. The last good "
+                                    f"checkpoint is {last[-1] if last else 'none (nothing was saved yet)'}")
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss, "lr": lr,
+                      "grad_norm": float(grad_norm), "tokens": count}
+            if step % cfg.log_every == 0 or step == total_steps:
+                _log(metrics_file, record, result, progress)
+            end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
+            if evaluate_fn is not None and ((cfg.eval_every and step % cfg.eval_every == 0)
+                                            or (cfg.eval_each_epoch and end_of_epoch)):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):  # as the weights are
+                    metrics = evaluate_fn(model)
+                model.train()
+                _log(metrics_file, {"step": step, "epoch": round(step / steps_per_epoch, 4), **metrics}, result, progress)
+                if cfg.best_metric:
+                    if cfg.best_metric not in metrics:
+                        raise ConfigError(f"best_metric {cfg.best_metric!r} is not among the metrics: {', '.join(metrics)}")
+                    if _better(cfg.best_metric, metrics[cfg.best_metric], result.best_metric):
+                        result.best_metric, result.best_step = metrics[cfg.best_metric], step
+                        if main:
+                            save_adapter(model, out / "best", extra={"best_step": step, cfg.best_metric: result.best_metric})
+            stop.requested = distributed.any_rank(stop.requested, device)  # all ranks stop at the same step
+            if (cfg.save_every and step % cfg.save_every == 0) or (cfg.save_each_epoch and end_of_epoch) \
+                    or stop.requested:
+                save_checkpoint(out / f"checkpoint-{step}", model, optimizer, scheduler,
+                                {"step": step, "best_metric": result.best_metric, "best_step": result.best_step,
+                                 "run": run})
+                _rotate(out, cfg.keep_last)
+            if stop.requested:
+                result.stopped_early = True
+                break
     distributed.barrier()  # rank 0's files are complete before any rank reads them or returns
     if not result.stopped_early:
         if cfg.load_best_at_end and result.best_step is not None:
