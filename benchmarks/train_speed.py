@@ -13,6 +13,7 @@ measured matmul peak in the same dtype. Results go to benchmarks/results/train_s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -79,9 +80,10 @@ def worker(side: str, name: str, dtype: str, steps: int, batch: int, seq: int, r
     if reference:  # the step-1 loss in fp32, the yardstick for both sides' bf16 losses
         with torch.no_grad():
             fp32_loss = float(loss_of(model))
+    held = contextlib.ExitStack()  # open until the worker returns (a context manager dropped unreferenced exits at once)
     if side == "minilora" and dtype == "bf16":  # what train() does for bf16 runs
         from minilora.train import frozen_weights_in
-        frozen_weights_in(model, torch.bfloat16).__enter__()
+        held.enter_context(frozen_weights_in(model, torch.bfloat16))
     for step in range(steps):
         t = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):

@@ -77,12 +77,18 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_autocast_enabled(x.device.type):  # cast once here, not once in each path below
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if autocast:  # cast once here, not once in each path below
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        out = F.linear(x, self.weight, self.bias) if self.base_linear is None else self.base_linear(self, x)
         if self.merged or self.disabled:
-            return out
-        if not torch.is_autocast_enabled(x.device.type):  # e.g. bf16 activations into an fp32 adapter
+            return F.linear(x, self.weight, self.bias) if self.base_linear is None else self.base_linear(self, x)
+        if self.base_linear is None and (autocast or x.dtype == self.weight.dtype == self.lora_A.weight.dtype):
+            return LoRAFunction.apply(x, self.dropout(x), self.weight, self.bias, self.lora_A.weight,
+                                      self.lora_B.weight, self.scaling)
+        # The same sum through autograd's own modules: an int8 base, or activations of another dtype
+        # than the adapter's (bf16 activations into an fp32 adapter, without autocast).
+        out = F.linear(x, self.weight, self.bias) if self.base_linear is None else self.base_linear(self, x)
+        if not autocast:
             x = x.to(self.lora_A.weight.dtype)
         lora = self.lora_B(self.lora_A(self.dropout(x)))
         return out + (lora * self.scaling).to(out.dtype)
@@ -112,6 +118,48 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}")
+
+
+class LoRAFunction(torch.autograd.Function):
+    """h = x W0^T + b + s · (x_d A^T) B^T with its gradients written out; x_d is x after LoRA's dropout.
+
+    With g = dL/dh, xa = x_d A^T (N×r) and gb = s · g B (N×r), the backward pass is
+        dL/dB = s · g^T xa  (d×r)      dL/dA = gb^T x_d  (r×k)
+        dL/dx = g W0 (+ gb A when x_d is x; else dL/dx_d = gb A)      W0, b: frozen, no gradient.
+    Autograd through nn.Linear finds the same numbers, but takes dL/dB as a transposed (d×N)·(N×r)
+    product, which MKL runs several times slower than the (r×N)·(N×d) one here, and keeps the two
+    paths' outputs and input gradients as separate tensors to add; here the LoRA term is accumulated
+    into the base output (and dL/dx) by the matmul itself. All in x's dtype, as autocast would have it."""
+
+    @staticmethod
+    def forward(ctx, x, x_d, weight, bias, lora_A, lora_B, scaling):
+        dtype, k = x.dtype, x.shape[-1]
+        x2, xd2 = x.reshape(-1, k), x_d.reshape(-1, k)
+        w, a, b = weight.to(dtype), lora_A.to(dtype), lora_B.to(dtype)
+        out = x2 @ w.t() if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
+        xa = xd2 @ a.t()
+        out.addmm_(xa, b.t(), alpha=scaling)
+        ctx.save_for_backward(xd2, xa, w, a, b)
+        ctx.scaling, ctx.same_input, ctx.dtypes = scaling, x_d is x, (lora_A.dtype, lora_B.dtype)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xd2, xa, w, a, b = ctx.saved_tensors
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(w.dtype)
+        gb = (g @ b).mul_(ctx.scaling)
+        grad_A = (gb.t() @ xd2).to(ctx.dtypes[0])
+        grad_B = (xa.t() @ g).mul_(ctx.scaling).t().to(ctx.dtypes[1])
+        shape = (*grad_out.shape[:-1], xd2.shape[-1])
+        grad_x = grad_xd = None
+        if ctx.needs_input_grad[0]:
+            grad_x = g @ w
+            if ctx.same_input:
+                grad_x.addmm_(gb, a)
+            grad_x = grad_x.view(shape)
+        if not ctx.same_input and ctx.needs_input_grad[1]:
+            grad_xd = (gb @ a).view(shape)
+        return grad_x, grad_xd, None, None, grad_A, grad_B, None
 
 
 def check_lora_hyperparameters(r: object, alpha: object, dropout: object) -> None:

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from minilora.errors import ConfigError
 from minilora.lora import LoRALinear, apply_lora, merge_lora, param_report, remove_lora, unmerge_lora
@@ -79,6 +80,43 @@ def test_gradients_reach_only_lora_and_the_input():
     assert layer.weight.grad is None and layer.bias.grad is None
     assert layer.lora_A.weight.grad is not None and layer.lora_B.weight.grad is not None
     assert x.grad is not None
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_written_out_gradients_equal_autograd_of_the_equation(bias, dropout, bf16):
+    """LoRAFunction's hand-written backward against autograd of eq. 3 in float64, with the same dropout
+    mask: dL/dx (through both paths), dL/dA, dL/dB; none for W0 and b. In bf16 autocast, the frozen
+    weight held in bf16 as train() holds it, the error is bf16 rounding only."""
+    layer = trained_layer(bias=bias)
+    layer.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+    if bf16:
+        layer.weight.data = layer.weight.data.bfloat16()
+        if bias:
+            layer.bias.data = layer.bias.data.bfloat16()
+    x = torch.randn(3, 5, 12, requires_grad=True)
+    g = torch.randn(3, 5, 7)
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = layer(x)
+    out.backward(g.to(out.dtype))
+    got = [x.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad]
+    assert layer.weight.grad is None and (layer.bias is None or layer.bias.grad is None)
+    assert got[1].dtype == got[2].dtype == torch.float32
+
+    x64 = x.detach().double().requires_grad_()
+    W0, A, B = (t.detach().double().requires_grad_() for t in (layer.weight, layer.lora_A.weight, layer.lora_B.weight))
+    torch.manual_seed(1)
+    x_d = F.dropout(x64, dropout) if dropout else x64  # the same mask: same seed, same shape
+    expected_out = x64 @ W0.T + layer.scaling * (x_d @ A.T @ B.T)
+    if bias:
+        expected_out = expected_out + layer.bias.detach().double()
+    expected_out.backward(g.double())
+    tol = 2e-2 if bf16 else 1e-6
+    assert (out.double() - expected_out).norm() / expected_out.norm() <= tol
+    for name, a, b in zip(("x", "A", "B"), got, (x64.grad, A.grad, B.grad)):
+        assert ((a.double() - b).norm() / b.norm()).item() <= tol, name
 
 
 def test_apply_lora_keeps_every_name_and_freezes_the_rest(saved_tiny):

@@ -340,3 +340,37 @@ def test_short_attention_against_sdpa_in_float64(padded):
     for mine, sdpa_bf16, ref in zip(ours, theirs, exact):
         err = lambda x: float((x - ref).norm() / ref.norm())
         assert err(mine) <= max(1.5 * err(sdpa_bf16), 4e-3), (err(mine), err(sdpa_bf16))
+
+
+def test_fused_loss_over_chunks_padding_and_a_changed_head():
+    """LinearCrossEntropy against float64 F.cross_entropy(F.linear(...)): several chunks (1100 rows, 512 a
+    chunk), a vocabulary padded from 50257 to 50304, a bias, ignored targets; and the head it keeps
+    prepared between calls is remade when the weight changes in place or is given new data."""
+    import torch.nn.functional as F
+    from minilora.train import LinearCrossEntropy, prepared_head
+    g = torch.Generator().manual_seed(0)
+    vocab, d = 50257, 16
+    weight = torch.randn(vocab, d, generator=g)
+    bias = torch.randn(vocab, generator=g)
+    labels = torch.randint(0, vocab, (1100,), generator=g)
+    labels[::7] = -100
+
+    def check():
+        h = torch.randn(1100, d, generator=g, dtype=torch.float64)
+        h32 = h.float().requires_grad_()
+        loss = LinearCrossEntropy.apply(h32, weight, bias, labels)
+        loss.backward()
+        h64 = h.clone().requires_grad_()
+        expected = F.cross_entropy(F.linear(h64, weight.double(), bias.double()), labels, reduction="sum")
+        expected.backward()
+        assert abs(loss.item() - expected.item()) <= 1e-6 * abs(expected.item())
+        assert ((h32.grad.double() - h64.grad).norm() / h64.grad.norm()).item() <= 1e-5
+
+    check()
+    w, b = prepared_head(weight, bias, torch.float32, 512)[:2]
+    assert w.shape == (50304, d) and torch.isinf(b[vocab:]).all() and torch.equal(w[:vocab], weight)
+    with torch.no_grad():
+        weight.mul_(0.5)  # in place: the kept copy must follow
+    check()
+    weight.data = torch.randn(vocab, d, generator=g)  # new data, same Parameter-like tensor
+    check()

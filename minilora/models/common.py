@@ -137,8 +137,12 @@ class ShortAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, bias, scale):
-        s = (q.float() @ k.float().transpose(-1, -2)).mul_(scale).add_(bias)
-        p = torch.softmax(s, dim=-1).to(v.dtype)  # (B, H, Tq, Tk)
+        B, H, T, S = *q.shape[:3], k.shape[2]
+        q, k, v = (t.contiguous() for t in (q, k, v))  # one copy each here, not one per matmul below
+        bias = bias.expand(B, H, T, S).reshape(B * H, T, S)  # a view for a (Tq, Tk) bias; a copy for (B, 1, Tq, Tk)
+        scores = torch.baddbmm(bias, q.float().view(B * H, T, -1), k.float().view(B * H, S, -1).transpose(1, 2),
+                               alpha=scale)  # bias + scale · q k^T in one pass, fp32
+        p = torch.softmax(scores, dim=-1).to(v.dtype).view(B, H, T, S)
         ctx.save_for_backward(q, k, v, p)
         ctx.scale = scale
         return p @ v  # (B, H, Tq, D)
@@ -146,9 +150,11 @@ class ShortAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, p = ctx.saved_tensors
+        dout = dout.contiguous()
         dv = p.transpose(-1, -2) @ dout
         dp = (dout @ v.transpose(-1, -2)).float()
-        ds = p.float().mul_(dp.sub_((dp * p).sum(-1, keepdim=True))).mul_(ctx.scale).to(q.dtype)  # softmax backward
+        p = p.float()
+        ds = p.mul_(dp.sub_((dp * p).sum(-1, keepdim=True))).mul_(ctx.scale).to(q.dtype)  # softmax backward, fp32
         return ds @ k, ds.transpose(-1, -2) @ q, dv, None, None
 
 
