@@ -134,7 +134,8 @@ class LoRAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, x_d, weight, bias, lora_A, lora_B, scaling):
         dtype, k = x.dtype, x.shape[-1]
-        x2, xd2 = x.reshape(-1, k), x_d.reshape(-1, k)
+        x2 = x.reshape(-1, k)
+        xd2 = x2 if x_d is x else x_d.reshape(-1, k)
         w, a, b = weight.to(dtype), lora_A.to(dtype), lora_B.to(dtype)
         out = x2 @ w.t() if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
         xa = xd2 @ a.t()
@@ -144,6 +145,7 @@ class LoRAFunction(torch.autograd.Function):
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         xd2, xa, w, a, b = ctx.saved_tensors
         g = grad_out.reshape(-1, grad_out.shape[-1]).to(w.dtype)
