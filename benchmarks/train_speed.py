@@ -211,6 +211,15 @@ def main() -> None:
         diff = abs(rows["minilora"]["loss_step1"] - rows["peft"]["loss_step1"])
         print(f"minilora / peft tokens/s: {ratio:.2f}x (target >= 1.3x); step-1 loss difference {diff:.2e} "
               f"(target <= 1e-4); peak memory ratio {rows['minilora']['peak_rss'] / rows['peft']['peak_rss']:.2f}")
+        def median(times: list[float]) -> float:
+            return sorted(times)[len(times) // 2]
+        per_round = [median(p["step_times"]) / median(m["step_times"])
+                     for m, p in zip(rows["minilora"]["rounds"], rows["peft"]["rounds"])]
+        best = min(t for r in rows["peft"]["rounds"] for t in r["step_times"]) / \
+            min(t for r in rows["minilora"]["rounds"] for t in r["step_times"])
+        rows["minilora"]["ratio_per_round"], rows["minilora"]["ratio_fastest_steps"] = per_round, best
+        print(f"  ratio per round (this shared machine's speed drifts): {', '.join(f'{r:.2f}x' for r in per_round)}; "
+              f"fastest step against fastest step: {best:.2f}x")
         ref = rows["minilora"].get("fp32_loss")
         if ref is not None:
             print(f"step-1 loss against the fp32 loss {ref:.6f}: minilora {rows['minilora']['loss_step1'] - ref:+.2e}, "
