@@ -135,10 +135,11 @@ _prepared_heads: dict[int, tuple] = {}  # id(weight) -> entry, dropped when the 
 
 def prepared_head(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, rows: int):
     """What LinearCrossEntropy needs of a frozen head (vocab, d), made once and kept while the weight
-    lives and is not changed (in place or by a new .data): the weight in `dtype` with its rows padded, a bias (fp32) that
-    is -inf on the padding, and the logits buffers of one chunk: `rows` x padded vocab in fp32 and,
-    for bf16/fp16, in that dtype too. Reused rather than allocated per chunk, because a fresh buffer
-    of this size (100 MB for GPT-2 at 512 rows) comes from the OS page by page, zeroed, every time."""
+    lives and is not changed (in place or by a new .data): the weight in `dtype` with its rows padded;
+    the bias, if any, in fp32 and -inf on the padding; and the logits buffers of one chunk, `rows` x
+    padded vocab in fp32 and, for bf16/fp16, in that dtype too. Reused rather than allocated per
+    chunk, because a fresh buffer of this size (100 MB for GPT-2 at 512 rows) comes from the OS page
+    by page, zeroed, every time."""
     stamp = tuple((t.data_ptr(), t.dtype, t._version) for t in (weight, bias) if t is not None) + (dtype, rows)
     entry = _prepared_heads.get(id(weight))
     if entry is None:
@@ -150,8 +151,8 @@ def prepared_head(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.
         with torch.no_grad():
             w = weight.to(dtype) if padded == vocab else \
                 torch.cat([weight.to(dtype), weight.new_zeros(padded - vocab, d, dtype=dtype)])
-            b = torch.full((padded,), float("-inf"), device=weight.device)
-            b[:vocab] = 0.0 if bias is None else bias.float()
+            b = None if bias is None else torch.cat([bias.float(), bias.new_full((padded - vocab,), float("-inf"),
+                                                                                 dtype=torch.float32)])
         logits = torch.empty(rows, padded, dtype=torch.float32, device=weight.device)
         low = torch.empty(rows, padded, dtype=dtype, device=weight.device) if dtype != torch.float32 else None
         entry = (stamp, w, b, logits, low)
@@ -172,23 +173,32 @@ class LinearCrossEntropy(torch.autograd.Function):
         chunk = max(512, (1 << 23) // weight.shape[0])  # 8M logits (32 MB in fp32) at a time, or 512 rows:
         # fewer rows than that make the matmuls slower (256 rows: -10% at 32000 x 768 here)
         w, b, logits_buffer, low_buffer = prepared_head(weight, bias, dtype, min(chunk, h.shape[0]))
+        vocab = weight.shape[0]
         grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         with torch.autocast(h.device.type, enabled=False):
             for i in range(0, h.shape[0], chunk):
                 y = labels[i:i + chunk]
                 logp = logits_buffer[:len(y)]
-                if low_buffer is None:
-                    torch.addmm(b, h[i:i + chunk], w.t(), out=logp)  # (c, padded vocab)
+                if low_buffer is None:  # (c, padded vocab) logits, written by the matmul itself
+                    if b is None:
+                        torch.mm(h[i:i + chunk], w.t(), out=logp)
+                    else:
+                        torch.addmm(b, h[i:i + chunk], w.t(), out=logp)
                 else:
-                    logp.copy_(torch.mm(h[i:i + chunk].to(dtype), w.t(), out=low_buffer[:len(y)])).add_(b)
+                    logp.copy_(torch.mm(h[i:i + chunk].to(dtype), w.t(), out=low_buffer[:len(y)]))
+                    if b is not None:
+                        logp.add_(b)
+                if b is None:
+                    logp[:, vocab:] = float("-inf")  # the padding (a bias carries its own -inf)
                 torch._log_softmax(logp, -1, False, out=logp)  # in place: one fused kernel
                 valid = y != IGNORE
                 target = y.clamp(min=0)
                 total -= (logp.gather(1, target[:, None]).squeeze(1) * valid).sum()
                 probs = logp.exp_()  # softmax, in place
                 probs[torch.arange(len(y), device=y.device), target] -= 1.0
-                probs *= valid[:, None]
+                if not bool(valid.all()):  # causal_lm_loss passes only targets; other callers may not
+                    probs *= valid[:, None]
                 if low_buffer is None:
                     torch.mm(probs, w, out=grad_h[i:i + chunk])
                 else:

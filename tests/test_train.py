@@ -356,19 +356,22 @@ def test_fused_loss_over_chunks_padding_and_a_changed_head():
     labels[::7] = -100
 
     def check():
-        h = torch.randn(1100, d, generator=g, dtype=torch.float64)
-        h32 = h.float().requires_grad_()
-        loss = LinearCrossEntropy.apply(h32, weight, bias, labels)
-        loss.backward()
-        h64 = h.clone().requires_grad_()
-        expected = F.cross_entropy(F.linear(h64, weight.double(), bias.double()), labels, reduction="sum")
-        expected.backward()
-        assert abs(loss.item() - expected.item()) <= 1e-6 * abs(expected.item())
-        assert ((h32.grad.double() - h64.grad).norm() / h64.grad.norm()).item() <= 1e-5
+        for b in (bias, None):  # the padding's -inf comes with the bias, or is written into the logits
+            h = torch.randn(1100, d, generator=g, dtype=torch.float64)
+            h32 = h.float().requires_grad_()
+            loss = LinearCrossEntropy.apply(h32, weight, b, labels)
+            loss.backward()
+            h64 = h.clone().requires_grad_()
+            expected = F.cross_entropy(F.linear(h64, weight.double(), None if b is None else b.double()), labels,
+                                       reduction="sum")
+            expected.backward()
+            assert abs(loss.item() - expected.item()) <= 1e-6 * abs(expected.item())
+            assert ((h32.grad.double() - h64.grad).norm() / h64.grad.norm()).item() <= 1e-5
 
     check()
     w, b = prepared_head(weight, bias, torch.float32, 512)[:2]
     assert w.shape == (50304, d) and torch.isinf(b[vocab:]).all() and torch.equal(w[:vocab], weight)
+    assert prepared_head(weight, None, torch.float32, 512)[1] is None
     with torch.no_grad():
         weight.mul_(0.5)  # in place: the kept copy must follow
     check()
