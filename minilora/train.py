@@ -136,28 +136,30 @@ _prepared_heads: dict[int, tuple] = {}  # id(weight) -> entry, dropped when the 
 def prepared_head(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, rows: int):
     """What LinearCrossEntropy needs of a frozen head (vocab, d), made once and kept while the weight
     lives and is not changed (in place or by a new .data): the weight in `dtype` with its rows padded;
-    the bias, if any, in fp32 and -inf on the padding; and the logits buffers of one chunk, `rows` x
-    padded vocab in fp32 and, for bf16/fp16, in that dtype too. Reused rather than allocated per
+    the bias, if any, in fp32 and -inf on the padding; and logits buffers of at least `rows` rows of
+    the padded vocab, in fp32 and, for bf16/fp16, in that dtype too. Reused rather than allocated per
     chunk, because a fresh buffer of this size (100 MB for GPT-2 at 512 rows) comes from the OS page
-    by page, zeroed, every time."""
-    stamp = tuple((t.data_ptr(), t.dtype, t._version) for t in (weight, bias) if t is not None) + (dtype, rows)
+    by page, zeroed, every time. A larger `rows` grows the buffers only."""
+    stamp = tuple((t.data_ptr(), t.dtype, t._version) for t in (weight, bias) if t is not None) + (dtype,)
     entry = _prepared_heads.get(id(weight))
     if entry is None:
         weakref.finalize(weight, _prepared_heads.pop, id(weight), None)
+    vocab, d = weight.shape
+    padded = -(-vocab // HEAD_ROWS_MULTIPLE) * HEAD_ROWS_MULTIPLE
     if entry is None or entry[0] != stamp:
-        _prepared_heads.pop(id(weight), None)  # free the old buffers before making new ones
-        vocab, d = weight.shape
-        padded = -(-vocab // HEAD_ROWS_MULTIPLE) * HEAD_ROWS_MULTIPLE
+        _prepared_heads.pop(id(weight), None)  # free the old copies before making new ones
         with torch.no_grad():
             w = weight.to(dtype) if padded == vocab else \
                 torch.cat([weight.to(dtype), weight.new_zeros(padded - vocab, d, dtype=dtype)])
             b = None if bias is None else torch.cat([bias.float(), bias.new_full((padded - vocab,), float("-inf"),
                                                                                  dtype=torch.float32)])
-        logits = torch.empty(rows, padded, dtype=torch.float32, device=weight.device)
-        low = torch.empty(rows, padded, dtype=dtype, device=weight.device) if dtype != torch.float32 else None
-        entry = (stamp, w, b, logits, low)
+        entry = [stamp, w, b, None, None]
         _prepared_heads[id(weight)] = entry
-    return entry[1:]
+    if entry[3] is None or entry[3].shape[0] < rows:
+        entry[3:] = None, None  # free before allocating
+        entry[3] = torch.empty(rows, padded, dtype=torch.float32, device=weight.device)
+        entry[4] = torch.empty(rows, padded, dtype=dtype, device=weight.device) if dtype != torch.float32 else None
+    return tuple(entry[1:])
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -180,17 +182,14 @@ class LinearCrossEntropy(torch.autograd.Function):
             for i in range(0, h.shape[0], chunk):
                 y = labels[i:i + chunk]
                 logp = logits_buffer[:len(y)]
-                if low_buffer is None:  # (c, padded vocab) logits, written by the matmul itself
-                    if b is None:
-                        torch.mm(h[i:i + chunk], w.t(), out=logp)
-                    else:
-                        torch.addmm(b, h[i:i + chunk], w.t(), out=logp)
-                else:
-                    logp.copy_(torch.mm(h[i:i + chunk].to(dtype), w.t(), out=low_buffer[:len(y)]))
-                    if b is not None:
-                        logp.add_(b)
+                low = logp if low_buffer is None else low_buffer[:len(y)]
+                torch.mm(h[i:i + chunk].to(dtype), w.t(), out=low)  # (c, padded vocab) logits
+                if low is not logp:
+                    logp.copy_(low)
                 if b is None:
                     logp[:, vocab:] = float("-inf")  # the padding (a bias carries its own -inf)
+                else:
+                    logp.add_(b)
                 torch._log_softmax(logp, -1, False, out=logp)  # in place: one fused kernel
                 valid = y != IGNORE
                 target = y.clamp(min=0)
@@ -199,10 +198,10 @@ class LinearCrossEntropy(torch.autograd.Function):
                 probs[torch.arange(len(y), device=y.device), target] -= 1.0
                 if not bool(valid.all()):  # causal_lm_loss passes only targets; other callers may not
                     probs *= valid[:, None]
-                if low_buffer is None:
+                if low is logp:
                     torch.mm(probs, w, out=grad_h[i:i + chunk])
                 else:
-                    grad_h[i:i + chunk] = low_buffer[:len(y)].copy_(probs) @ w
+                    grad_h[i:i + chunk] = low.copy_(probs) @ w
         ctx.save_for_backward(grad_h)
         ctx.h_dtype = h.dtype
         return total

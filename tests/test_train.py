@@ -371,6 +371,7 @@ def test_fused_loss_over_chunks_padding_and_a_changed_head():
     check()
     w, b = prepared_head(weight, bias, torch.float32, 512)[:2]
     assert w.shape == (50304, d) and torch.isinf(b[vocab:]).all() and torch.equal(w[:vocab], weight)
+    assert prepared_head(weight, bias, torch.float32, 100)[0] is w  # another batch size: the same kept copy
     assert prepared_head(weight, None, torch.float32, 512)[1] is None
     with torch.no_grad():
         weight.mul_(0.5)  # in place: the kept copy must follow
