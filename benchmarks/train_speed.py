@@ -101,6 +101,10 @@ def worker(side: str, name: str, dtype: str, steps: int, batch: int, seq: int, r
                 step_s=steady, tokens_per_s=batch * seq / steady, peak_rss=hwm, fp32_loss=fp32_loss)
 
 
+def median(times: list[float]) -> float:
+    return sorted(times)[len(times) // 2]
+
+
 def reference_state(cfg: dict) -> dict:
     """Random weights under the Hub's names, shared by both sides (GPT-2's in the Conv1D layout)."""
     import torch
@@ -192,8 +196,7 @@ def main() -> None:
             runs.setdefault(side, []).append(json.loads(proc.stdout.strip().splitlines()[-1]))
     rows = {}
     for side, results in runs.items():  # steady steps of every round together; the worst memory
-        times = sorted(t for r in results for t in r["step_times"])
-        step = times[len(times) // 2]
+        step = median([t for r in results for t in r["step_times"]])
         rows[side] = dict(results[0], step_s=step, tokens_per_s=args.batch * args.seq / step,
                           first_step_s=min(r["first_step_s"] for r in results),
                           peak_rss=max(r["peak_rss"] for r in results), rounds=results)
@@ -211,8 +214,6 @@ def main() -> None:
         diff = abs(rows["minilora"]["loss_step1"] - rows["peft"]["loss_step1"])
         print(f"minilora / peft tokens/s: {ratio:.2f}x (target >= 1.3x); step-1 loss difference {diff:.2e} "
               f"(target <= 1e-4); peak memory ratio {rows['minilora']['peak_rss'] / rows['peft']['peak_rss']:.2f}")
-        def median(times: list[float]) -> float:
-            return sorted(times)[len(times) // 2]
         per_round = [median(p["step_times"]) / median(m["step_times"])
                      for m, p in zip(rows["minilora"]["rounds"], rows["peft"]["rounds"])]
         best = min(t for r in rows["peft"]["rounds"] for t in r["step_times"]) / \

@@ -81,17 +81,21 @@ class LoRALinear(nn.Module):
         if autocast:  # cast once here, not once in each path below
             x = x.to(torch.get_autocast_dtype(x.device.type))
         if self.merged or self.disabled:
-            return F.linear(x, self.weight, self.bias) if self.base_linear is None else self.base_linear(self, x)
+            return self.base(x)
         if self.base_linear is None and (autocast or x.dtype == self.weight.dtype == self.lora_A.weight.dtype):
             return LoRAFunction.apply(x, self.dropout(x), self.weight, self.bias, self.lora_A.weight,
                                       self.lora_B.weight, self.scaling)
         # The same sum through autograd's own modules: an int8 base, or activations of another dtype
         # than the adapter's (bf16 activations into an fp32 adapter, without autocast).
-        out = F.linear(x, self.weight, self.bias) if self.base_linear is None else self.base_linear(self, x)
+        out = self.base(x)
         if not autocast:
             x = x.to(self.lora_A.weight.dtype)
         lora = self.lora_B(self.lora_A(self.dropout(x)))
         return out + (lora * self.scaling).to(out.dtype)
+
+    def base(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen layer alone: W0 x + b (or the quantized base's own product)."""
+        return F.linear(x, self.weight, self.bias) if self.base_linear is None else self.base_linear(self, x)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = (alpha/r) · B A, shape (d, k), in fp32 or the adapter's dtype."""

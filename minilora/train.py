@@ -130,7 +130,7 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
 HEAD_ROWS_MULTIPLE = 64  # the head's rows (vocab) are padded to this: GPT-2's 50257 rows multiply up to
 # 1.4x slower than 50304 here (fp32, MKL), and a padded row whose logit is -inf adds exp(-inf) = 0 to the softmax
 
-_prepared_heads: dict[int, tuple] = {}  # id(weight) -> entry, dropped when the weight is freed
+_prepared_heads: dict[int, list] = {}  # id(weight) -> entry, dropped when the weight is freed
 
 
 def prepared_head(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, rows: int):
