@@ -58,7 +58,14 @@ def test_two_processes_follow_the_one_process_loss_curve(recipe, tmp_path, capsy
     evals = [r["eval_loss"] for r in one if "eval_loss" in r]
     assert evals[-1] < evals[0]  # it learns
     wa, wb = adapter(tmp_path / "one" / "adapter"), adapter(tmp_path / "two" / "adapter")
-    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-5, rtol=0) for k in wa)
+    assert wa.keys() == wb.keys()
+    # Same weights up to rounding, measured against what training moved (B starts at zero, so |B| is the
+    # update). Not element by element: Adam divides each gradient by its own running size, so a component
+    # whose gradient is rounding noise (~1e-9) moves by ~lr either way on another machine's kernels.
+    # A rank's gradient left out of the average differs by a sizeable fraction of the update.
+    moved = sum(float(wa[k].norm()) ** 2 for k in wa if "lora_B" in k) ** 0.5
+    apart = sum(float((wa[k] - wb[k]).norm()) ** 2 for k in wa) ** 0.5
+    assert apart <= 1e-3 * moved, (apart, moved)
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == \
         ["adapter", "checkpoint-2", "checkpoint-4", "checkpoint-6", "metrics.jsonl"]
     assert "ranks" in torch.load(tmp_path / "two" / "checkpoint-4" / "rng.pt", weights_only=True)
