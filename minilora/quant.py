@@ -2,7 +2,8 @@
 
 Quantization (absmax, per row): s_i = max_j |W_ij| / 127, Wq_ij = round(W_ij / s_i) in [-127, 127].
 The forward pass quantizes each activation row the same way on the fly and multiplies int8 by int8
-into int32 (`torch._int_mm`: AMX/VNNI on CPU, tensor cores on CUDA), then rescales:
+into int32 (`torch._int_mm`: AMX/VNNI on CPU, tensor cores on CUDA; where the CPU has no int8 kernel,
+the same integers come exactly from the fp32 product, see `int8_matmul_in_float`), then rescales:
 
     y_ti = (sum_j xq_tj · Wq_ij) · sx_t · s_i + b_i
 
@@ -15,6 +16,9 @@ folded into dL/dy first, as SwitchBack does); the int8 weight gets none. LoRA la
 """
 
 from __future__ import annotations
+
+import functools
+import time
 
 import torch
 import torch.nn as nn
@@ -39,13 +43,61 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def int8_matmul(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
-    """int32 product of int8 a (M, K) and int8 b_t (K, N), on the int8 units where torch has a kernel."""
-    if a.is_cuda and a.shape[0] <= 16:  # cuBLASLt's int8 kernel wants M > 16
-        return (a.float() @ b_t.float()).round().to(torch.int32)
+    """int32 product of int8 a (M, K) and int8 b_t (K, N): on the int8 units where torch has a fast
+    kernel for this device and shape, else through the float product (the same integers, exactly)."""
+    fast = matmul_is_fast(torch.int8, a.device.type) and not (a.is_cuda and a.shape[0] <= 16)  # cuBLASLt wants M > 16
+    if fast:
+        try:
+            return torch._int_mm(a, b_t)
+        except RuntimeError:  # no int8 kernel for this device or shape
+            pass
+    return int8_matmul_in_float(a, b_t)
+
+
+EXACT_BLOCK = 1024  # 127² · 1024 < 2^24: a sum of 1024 products of int8 values is an exact fp32 integer
+
+
+def int8_matmul_in_float(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
+    """The int32 product of int8 matrices computed by the float matmul, exactly: K is cut into blocks of
+    1024, each block's sums are integers below 2^24 (exact in fp32, whatever the summation order), and
+    the blocks are added in int32. Only one block of b_t exists in fp32 at a time."""
+    out = None
+    for k in range(0, a.shape[1], EXACT_BLOCK):
+        part = (a[:, k:k + EXACT_BLOCK].float() @ b_t[k:k + EXACT_BLOCK].float()).to(torch.int32)
+        out = part if out is None else out.add_(part)
+    return out if out is not None else torch.zeros(a.shape[0], b_t.shape[1], dtype=torch.int32, device=a.device)
+
+
+@functools.lru_cache(maxsize=None)
+def matmul_is_fast(dtype: torch.dtype, device_type: str) -> bool:
+    """Does this machine multiply int8 (torch._int_mm) or bf16 matrices at least about as fast as fp32?
+
+    On CUDA, and on CPUs with AMX or AVX-512 (VNNI, BF16), these products are 1.5-4x faster than fp32.
+    On a CPU with AVX2 alone torch has no such kernel and runs a plain loop, ~100x slower than fp32
+    (seen here: int8 0.5 GFLOP/s, bf16 0.9, fp32 170). Measured once per process on a small product
+    (well under a millisecond where the kernel is fast, ~0.1 s where it is not)."""
+    if device_type == "cuda":
+        return dtype != torch.bfloat16 or torch.cuda.is_bf16_supported()
+    if device_type != "cpu":
+        return True  # other accelerators: leave it to torch
+    m, k, n = 64, 1024, 256
+    if dtype == torch.int8:
+        a, b = torch.randint(-127, 128, (m, k), dtype=torch.int8), torch.randint(-127, 128, (k, n), dtype=torch.int8)
+        low = functools.partial(torch._int_mm, a, b)
+    else:
+        low = functools.partial(torch.mm, torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype))
+    fp32 = functools.partial(torch.mm, torch.randn(m, k), torch.randn(k, n))
+
+    def seconds(f) -> float:
+        start = time.perf_counter()
+        f()
+        return time.perf_counter() - start
     try:
-        return torch._int_mm(a, b_t)
-    except RuntimeError:  # no int8 kernel for this device or shape: exact in fp32 for the sizes we meet
-        return (a.float() @ b_t.float()).round().to(torch.int32)
+        low()
+    except RuntimeError:
+        return False
+    fp32()
+    return min(seconds(low) for _ in range(3)) <= 2 * min(seconds(fp32) for _ in range(3))
 
 
 class _Int8LinearFn(torch.autograd.Function):

@@ -169,7 +169,7 @@ def run_recipe(recipe: Recipe):
     from .data import build_classification_examples, build_examples, label_ids, read_records, split
     from .lora import apply_lora, param_report
     from .tokenizer import load_tokenizer
-    from .train import evaluate_classification, train
+    from .train import bf16_enabled, evaluate_classification, train
     from .weights import load_model
     m, d = recipe.model, recipe.data
     if d.task not in ("causal-lm", "classification"):
@@ -232,6 +232,9 @@ def run_recipe(recipe: Recipe):
                modules_to_save=lora.modules_to_save, use_rslora=lora.use_rslora)
     say(param_report(model))
     say(f"training on {len(train_data)} examples, evaluating on {len(eval_data or [])}")
+    if recipe.train.bf16 == "auto":
+        say("bf16 autocast: " + ("on" if bf16_enabled("auto", torch.device(device)) else
+                                 "off (this machine has no fast bf16 matrix product: training in fp32)"))
 
     def report_test(when: str) -> None:
         if test_data and classify:

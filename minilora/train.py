@@ -21,6 +21,7 @@ import math
 import os
 import shutil
 import signal
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from . import distributed
 from .adapter import load_adapter, save_adapter, write_adapter_files, write_atomically
 from .data import IGNORE, Example, collate
 from .errors import CheckpointError, ConfigError, TrainingError
+from .quant import matmul_is_fast
 
 
 @dataclass
@@ -58,7 +60,7 @@ class TrainConfig:
     resume_from_checkpoint: str | None = None  # a checkpoint folder, or "latest" in output_dir
     best_metric: str | None = None        # e.g. "eval_loss" or "eval_accuracy"
     load_best_at_end: bool = False
-    bf16: bool = False                    # bf16 autocast (CPU with AMX/AVX512-BF16, or CUDA)
+    bf16: bool | str = False              # bf16 autocast: true, false, or "auto" (on where bf16 products are fast)
     gradient_checkpointing: bool = False
     seed: int = 42
     log_every: int = 1
@@ -81,12 +83,28 @@ class TrainConfig:
             raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
         if self.warmup_steps < 0 or self.weight_decay < 0:
             raise ConfigError("warmup_steps and weight_decay must not be negative")
+        if not (isinstance(self.bf16, bool) or self.bf16 == "auto"):
+            raise ConfigError(f"bf16 must be true, false or \"auto\", got {self.bf16!r}")
         if self.load_best_at_end and not self.best_metric:
             raise ConfigError("load_best_at_end needs best_metric (e.g. 'eval_loss')")
 
     @property
     def accumulation_steps(self) -> int:
         return self.batch_size // self.micro_batch_size
+
+
+def bf16_enabled(setting: bool | str, device: torch.device) -> bool:
+    """TrainConfig.bf16 on this device. "auto" is on where bf16 matrix products are fast (CUDA with bf16,
+    CPUs with AVX-512 or AMX) and off elsewhere: on a CPU with AVX2 alone they run ~100x slower than
+    fp32. An explicit true is obeyed, with a warning on such a device."""
+    fast = matmul_is_fast(torch.bfloat16, device.type)
+    if setting == "auto":
+        return fast
+    if setting and not fast:
+        warnings.warn(f"bf16 = true on a {device.type} whose bf16 matrix products are much slower than fp32 "
+                      "(torch has no bf16 kernel for it: no AVX-512/AMX); training will be slow. "
+                      "Use bf16 = \"auto\" or false", stacklevel=3)
+    return bool(setting)
 
 
 def _positive(name: str, value: Any) -> None:
@@ -449,6 +467,7 @@ def train(model: nn.Module, tokenizer, train_data: list[Example], eval_data: lis
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
+    bf16 = bf16_enabled(cfg.bf16, device)
     pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -469,8 +488,8 @@ def train(model: nn.Module, tokenizer, train_data: list[Example], eval_data: lis
     if evaluate_fn is None and eval_data:
         def evaluate_fn(m: nn.Module) -> dict[str, float]:
             if classifier:
-                return evaluate_classification(m, eval_data, pad_id, cfg.micro_batch_size, cfg.bf16)
-            return evaluate(m, eval_data, pad_id, cfg.micro_batch_size, loss_fn, cfg.bf16)
+                return evaluate_classification(m, eval_data, pad_id, cfg.micro_batch_size, bf16)
+            return evaluate(m, eval_data, pad_id, cfg.micro_batch_size, loss_fn, bf16)
 
     result, step = TrainResult(), 0
     if cfg.resume_from_checkpoint:
@@ -488,7 +507,7 @@ def train(model: nn.Module, tokenizer, train_data: list[Example], eval_data: lis
     progress = _progress(cfg.progress and main, total_steps, step)
     stop = _StopRequest()
     with contextlib.ExitStack() as cleanup:  # undone however the loop ends
-        if cfg.bf16:  # the frozen linear weights cast to bf16 once, not per micro-batch
+        if bf16:  # the frozen linear weights cast to bf16 once, not per micro-batch
             cleanup.enter_context(frozen_weights_in(model, torch.bfloat16))
         cleanup.callback(stop.restore)
         if progress is not None:
@@ -497,7 +516,7 @@ def train(model: nn.Module, tokenizer, train_data: list[Example], eval_data: lis
             epoch, i = divmod(step, steps_per_epoch)
             order = epoch_order(len(train_data), cfg.seed, epoch)[i * cfg.batch_size:(i + 1) * cfg.batch_size]
             micro = batches(train_data, order, cfg.micro_batch_size, pad_id, device, cfg.pad_to, shard=(rank, world))
-            loss, count = accumulate_gradients(model, micro, loss_fn, cfg.bf16)
+            loss, count = accumulate_gradients(model, micro, loss_fn, bf16)
             if not math.isfinite(loss):
                 last = checkpoint_folders(out)
                 raise TrainingError(f"step {step + 1}: the loss is {loss}; training stopped. The last good "
@@ -515,7 +534,7 @@ def train(model: nn.Module, tokenizer, train_data: list[Example], eval_data: lis
             end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
             if evaluate_fn is not None and ((cfg.eval_every and step % cfg.eval_every == 0)
                                             or (cfg.eval_each_epoch and end_of_epoch)):
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):  # as the weights are
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):  # as the weights are
                     metrics = evaluate_fn(model)
                 model.train()
                 _log(metrics_file, {"step": step, "epoch": round(step / steps_per_epoch, 4), **metrics}, result, progress)

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from minilora.errors import ConfigError
 from minilora.lora import LoRALinear, apply_lora, param_report
-from minilora.quant import Int8Linear, quantize_model, quantize_rows
+from minilora.quant import Int8Linear, int8_matmul, int8_matmul_in_float, quantize_model, quantize_rows
 from minilora.weights import load_model
 
 
@@ -31,6 +31,21 @@ def test_quantize_rows_is_absmax_per_row():
     q, s = quantize_rows(w)
     assert s.tolist() == pytest.approx([2 / 127, 1.0, 1.0])
     assert q[0].tolist() == [64, -127, 32] and q[1].tolist() == [0, 0, 0] and q[2].tolist() == [127, 1, 0]
+
+
+def test_int8_products_are_the_exact_integers():
+    # oracle: the int64 product. K = 3001 with rows and columns of +-127: sums reach 127² · 3001, an odd
+    # number beyond 2^24 that no fp32 holds, so one fp32 product without the 1024-wide blocks is off.
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (40, 3001), dtype=torch.int8, generator=g)
+    b = torch.randint(-127, 128, (3001, 24), dtype=torch.int8, generator=g)
+    a[0], a[1], b[:, 0] = 127, -127, 127
+    exact = a.long() @ b.long()
+    assert int(exact.abs().max()) > 2 ** 24 and not torch.equal((a.float() @ b.float()).long(), exact)
+    assert torch.equal(int8_matmul_in_float(a, b).long(), exact)
+    assert torch.equal(int8_matmul(a, b).long(), exact)  # whichever kernel this machine gets
+    assert torch.equal(int8_matmul(a[:, :1000], b[:1000].t().contiguous().t()).long(), a[:, :1000].long() @ b[:1000].long())
+    assert int8_matmul_in_float(a[:, :0], b[:0]).shape == (40, 24)
 
 
 def test_int8_output_close_to_fp32():

@@ -3,15 +3,17 @@ continues the same loss curve, checkpoints are atomic, frozen weights never move
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
 
+import minilora.train
 from minilora.adapter import write_atomically
 from minilora.data import Example, collate
 from minilora.errors import CheckpointError, ConfigError
 from minilora.lora import apply_lora
-from minilora.train import TrainConfig, accumulate_gradients, checkpoint_folders, lr_factor, train
+from minilora.train import TrainConfig, accumulate_gradients, bf16_enabled, checkpoint_folders, lr_factor, train
 from minilora.weights import load_model
 
 
@@ -255,6 +257,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(saved_tiny):
     (dict(lr_schedule="exp"), "lr_schedule must be"),
     (dict(lr=-1.0), "lr must be a positive number"),
     (dict(load_best_at_end=True), "load_best_at_end needs best_metric"),
+    (dict(bf16="yes"), 'bf16 must be true, false or "auto"'),
+    (dict(bf16=1), 'bf16 must be true, false or "auto"'),
 ])
 def test_bad_train_config(bad, message):
     with pytest.raises(ConfigError, match=message):
@@ -267,6 +271,30 @@ def test_bf16_autocast_trains(saved_tiny, tmp_path):
                                                                lr=2e-2, bf16=True, progress=False))
     l = losses(result)
     assert all(math.isfinite(v) for v in l.values()) and l[6] < l[1]
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_bf16_auto_follows_the_machine_and_true_warns_where_bf16_is_slow(saved_tiny, tmp_path, monkeypatch, fast):
+    # a machine with or without fast bf16 products (the measurement itself: quant.matmul_is_fast)
+    monkeypatch.setattr(minilora.train, "matmul_is_fast", lambda dtype, device_type: fast)
+    cpu = torch.device("cpu")
+    assert bf16_enabled("auto", cpu) is fast and bf16_enabled(False, cpu) is False
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert bf16_enabled(True, cpu) is True
+    assert [str(w.message)[:40] for w in caught] == ([] if fast else ["bf16 = true on a cpu whose bf16 matrix p"])
+    runs = {}
+    for setting in ("auto", fast):  # "auto" trains exactly as the setting it resolves to
+        cfg = TrainConfig(output_dir=str(tmp_path / str(setting)), max_steps=2, micro_batch_size=8, lr=2e-2,
+                          bf16=setting, progress=False)
+        runs[setting] = losses(train(lora_model(saved_tiny), Tok, examples(16), None, cfg))
+    assert runs["auto"] == runs[fast]
+    if not fast:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            bf16 = losses(train(lora_model(saved_tiny), Tok, examples(16), None, TrainConfig(
+                output_dir=str(tmp_path / "bf16"), max_steps=2, micro_batch_size=8, lr=2e-2, bf16=True, progress=False)))
+        assert bf16 != runs["auto"]  # the comparison can tell bf16 from fp32
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "gptj", "llama-tied"])
