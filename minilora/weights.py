@@ -13,6 +13,7 @@ import json
 import mmap
 import os
 import struct
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -263,6 +264,12 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype | None = torch.floa
     task: "causal-lm", or for encoders "classification" (with num_labels / id2label) or "embedding".
     """
     path = resolve(source, revision)
+    if dtype in (torch.bfloat16, torch.float16):
+        from .quant import matmul_is_fast
+        if not matmul_is_fast(dtype, torch.device(device).type):
+            warnings.warn(f"{source}: loading in {dtype} on a {torch.device(device).type} whose {dtype} matrix "
+                          "products are much slower than fp32 (no kernel for them: no AVX-512/AMX); use float32",
+                          stacklevel=2)
     if path.suffix == ".gguf":
         meta, infos, data_start = read_gguf(path)
         config, tensors = gguf_config(meta, infos, path), gguf_tensors(path, meta, infos, data_start)

@@ -124,6 +124,19 @@ def test_bf16_load_runs_close_to_fp32(saved_tiny):
     assert diff.abs().max().item() < 0.1 * fp32(ids).abs().max().item()
 
 
+@pytest.mark.parametrize("fast", [False, True])
+def test_bf16_load_warns_only_where_bf16_products_are_slow(saved_tiny, monkeypatch, fast):
+    import warnings
+    import minilora.quant
+    monkeypatch.setattr(minilora.quant, "matmul_is_fast", lambda dtype, device_type: fast)
+    _, folder = saved_tiny["llama-gqa"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_model(folder, dtype=torch.bfloat16)
+        load_model(folder)  # fp32: never
+    assert ["much slower than fp32" in str(w.message) for w in caught] == ([] if fast else [True])
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "llama-gqa"])
 def test_mapped_weights_are_copy_on_write(saved_tiny, tmp_path, kind):
     """fp32 loads map the safetensors file instead of copying it; writing to the weights (a merge does)
