@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from minilora.quant import Int8Linear
+from minilora.quant import Int8Linear, matmul_is_fast
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = [(4096, 4096), (4096, 16384), (16384, 4096)]  # (in, out): attention, fc_in, fc_out
@@ -40,6 +40,9 @@ def timed(fn, repeat: int = 5) -> float:
 
 def layers(tokens: int) -> list[dict]:
     rows = []
+    fast_bf16, fast_int8 = matmul_is_fast(torch.bfloat16, "cpu"), matmul_is_fast(torch.int8, "cpu")
+    # without AVX-512/AMX torch's bf16 product is a plain loop (~1 GFLOP/s): not timed, its error on 32 rows
+    bf16_rows = tokens if fast_bf16 else 32
     for k, d in SHAPES:
         torch.manual_seed(0)
         fp32 = nn.Linear(k, d).requires_grad_(False)
@@ -50,19 +53,21 @@ def layers(tokens: int) -> list[dict]:
         with torch.no_grad():
             ref = fp32(x)
             err = ((q(x) - ref).norm() / ref.norm()).item()
-            err_bf16 = ((bf16(x.bfloat16()).float() - ref).norm() / ref.norm()).item()
+            err_bf16 = ((bf16(x[:bf16_rows].bfloat16()).float() - ref[:bf16_rows]).norm() / ref[:bf16_rows].norm()).item()
+        nan = float("nan")
 
         def fwd_bwd(layer, dtype):
             xi = x.to(dtype).requires_grad_(True)
             layer(xi).sum().backward()
         row = {"shape": f"{k}x{d}", "tokens": tokens,
                "fp32_fwd_ms": 1e3 * timed(lambda: fp32(x)),
-               "bf16_fwd_ms": 1e3 * timed(lambda: bf16(x.bfloat16())),
+               "bf16_fwd_ms": 1e3 * timed(lambda: bf16(x.bfloat16())) if fast_bf16 else nan,
                "int8_fwd_ms": 1e3 * timed(lambda: q(x)),
                "fp32_fwdbwd_ms": 1e3 * timed(lambda: fwd_bwd(fp32, torch.float32)),
-               "bf16_fwdbwd_ms": 1e3 * timed(lambda: fwd_bwd(bf16, torch.bfloat16)),
+               "bf16_fwdbwd_ms": 1e3 * timed(lambda: fwd_bwd(bf16, torch.bfloat16)) if fast_bf16 else nan,
                "int8_fwdbwd_ms": 1e3 * timed(lambda: fwd_bwd(q, torch.float32)),
-               "int8_rel_error": err, "bf16_rel_error": err_bf16}
+               "int8_rel_error": err, "bf16_rel_error": err_bf16,
+               "int8_kernel": "torch._int_mm" if fast_int8 else "fp32 product of the int8 values"}
         try:  # the library minilora replaces, when present, on the same inputs
             import bitsandbytes as bnb
             b = bnb.nn.Linear8bitLt(k, d, has_fp16_weights=False, threshold=6.0)
@@ -71,7 +76,9 @@ def layers(tokens: int) -> list[dict]:
         except Exception:
             pass
         rows.append(row)
-    print(f"Int8Linear vs nn.Linear, {tokens} tokens, {torch.get_num_threads()} threads (median ms)")
+    print(f"Int8Linear vs nn.Linear, {tokens} tokens, {torch.get_num_threads()} threads, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}, int8 products by {rows[0]['int8_kernel']} (median ms"
+          + ("" if fast_bf16 else "; bf16 not timed: no bf16 kernel on this CPU") + ")")
     print(f"{'shape':>12} {'fp32 fwd':>9} {'bf16 fwd':>9} {'int8 fwd':>9} {'speed-up':>9} | {'fp32 f+b':>9} "
           f"{'bf16 f+b':>9} {'int8 f+b':>9} {'speed-up':>9} | {'int8 err':>9} {'bf16 err':>9}")
     for r in rows:

@@ -18,6 +18,7 @@ folded into dL/dy first, as SwitchBack does); the int8 weight gets none. LoRA la
 from __future__ import annotations
 
 import functools
+import threading
 import time
 
 import torch
@@ -55,17 +56,29 @@ def int8_matmul(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
 
 
 EXACT_BLOCK = 1024  # 127² · 1024 < 2^24: a sum of 1024 products of int8 values is an exact fp32 integer
+_scratch: dict[tuple, torch.Tensor] = {}  # (device, thread) -> a reused fp32 buffer for one block of weights
 
 
 def int8_matmul_in_float(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     """The int32 product of int8 matrices computed by the float matmul, exactly: K is cut into blocks of
     1024, each block's sums are integers below 2^24 (exact in fp32, whatever the summation order), and
-    the blocks are added in int32. Only one block of b_t exists in fp32 at a time."""
-    out = None
-    for k in range(0, a.shape[1], EXACT_BLOCK):
-        part = (a[:, k:k + EXACT_BLOCK].float() @ b_t[k:k + EXACT_BLOCK].float()).to(torch.int32)
-        out = part if out is None else out.add_(part)
-    return out if out is not None else torch.zeros(a.shape[0], b_t.shape[1], dtype=torch.int32, device=a.device)
+    the blocks are added in int32. One block of b_t at a time is copied to fp32, into a buffer kept
+    for the next call (a fresh 64 MB tensor per block costs more in page faults than the copy)."""
+    (m, k), n = a.shape, b_t.shape[1]
+    out = torch.zeros(m, n, dtype=torch.int32, device=a.device)
+    part = torch.empty(m, n, device=a.device)
+    key = (a.device, threading.get_ident())
+    for start in range(0, k, EXACT_BLOCK):
+        block = b_t[start:start + EXACT_BLOCK]
+        rows = block.shape[0]
+        if key not in _scratch or _scratch[key].numel() < rows * n:
+            _scratch[key] = torch.empty(rows * n, device=a.device)
+        w = _scratch[key][:rows * n]
+        # b_t is usually a weight's transpose: keep its memory order, so the copy reads it in sequence
+        w = w.view(n, rows).t() if b_t.stride(0) < b_t.stride(1) else w.view(rows, n)
+        torch.mm(a[:, start:start + EXACT_BLOCK].float(), w.copy_(block), out=part)
+        out += part.to(torch.int32)
+    return out
 
 
 @functools.lru_cache(maxsize=None)
