@@ -181,6 +181,12 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.worker, args.model, args.dtype, args.steps, args.batch, args.seq, args.reference)))
         return
+    import torch
+    from minilora.quant import matmul_is_fast
+    if args.dtype == "bf16" and not matmul_is_fast(torch.bfloat16, "cpu"):
+        print(f"bf16: this CPU (torch capability {torch.backends.cpu.get_cpu_capability()}) has no bf16 matrix "
+              "kernel; torch's bf16 product is a plain loop ~100x slower than fp32 here: nothing worth measuring")
+        return
     peak = matmul_peak(args.dtype)
     runs: dict[str, list[dict]] = {}
     for round_ in range(args.rounds):

@@ -153,7 +153,7 @@ class LoRAFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         xd2, xa, w, a, b = ctx.saved_tensors
         g = grad_out.reshape(-1, grad_out.shape[-1]).to(w.dtype)
-        gb = (g @ b).mul_(ctx.scaling)
+        gb = (b.t() @ g.t()).t().mul_(ctx.scaling)  # = s·g B; as (r×d)(d×N), ~2x faster than (N×d)(d×r) in MKL
         grad_A = (gb.t() @ xd2).to(ctx.dtypes[0])
         grad_B = (xa.t() @ g).mul_(ctx.scaling).t().to(ctx.dtypes[1])
         shape = (*grad_out.shape[:-1], xd2.shape[-1])
