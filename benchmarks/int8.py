@@ -43,6 +43,7 @@ def layers(tokens: int) -> list[dict]:
     fast_bf16, fast_int8 = matmul_is_fast(torch.bfloat16, "cpu"), matmul_is_fast(torch.int8, "cpu")
     # without AVX-512/AMX torch's bf16 product is a plain loop (~1 GFLOP/s): not timed, its error on 32 rows
     bf16_rows = tokens if fast_bf16 else 32
+    nan = float("nan")
     for k, d in SHAPES:
         torch.manual_seed(0)
         fp32 = nn.Linear(k, d).requires_grad_(False)
@@ -54,7 +55,6 @@ def layers(tokens: int) -> list[dict]:
             ref = fp32(x)
             err = ((q(x) - ref).norm() / ref.norm()).item()
             err_bf16 = ((bf16(x[:bf16_rows].bfloat16()).float() - ref[:bf16_rows]).norm() / ref[:bf16_rows].norm()).item()
-        nan = float("nan")
 
         def fwd_bwd(layer, dtype):
             xi = x.to(dtype).requires_grad_(True)
