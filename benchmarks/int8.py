@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from minilora.quant import Int8Linear, matmul_is_fast
+from minilora.hardware import matmul_is_fast
+from minilora.quant import Int8Linear
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = [(4096, 4096), (4096, 16384), (16384, 4096)]  # (in, out): attention, fc_in, fc_out

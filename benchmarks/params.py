@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from minilora.lora import apply_lora, param_report
-from minilora.models import build_model
-from minilora.weights import PRESETS
+from minilora.lora import apply_lora
+from minilora.models import PRESETS, build_model
+from minilora.report import param_report
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

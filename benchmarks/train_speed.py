@@ -82,7 +82,7 @@ def worker(side: str, name: str, dtype: str, steps: int, batch: int, seq: int, r
             fp32_loss = float(loss_of(model))
     held = contextlib.ExitStack()  # open until the worker returns (a context manager dropped unreferenced exits at once)
     if side == "minilora" and dtype == "bf16":  # what train() does for bf16 runs
-        from minilora.train import frozen_weights_in
+        from minilora.kernels import frozen_weights_in
         held.enter_context(frozen_weights_in(model, torch.bfloat16))
     for step in range(steps):
         t = time.perf_counter()
@@ -182,7 +182,7 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args.model, args.dtype, args.steps, args.batch, args.seq, args.reference)))
         return
     import torch
-    from minilora.quant import matmul_is_fast
+    from minilora.hardware import matmul_is_fast
     if args.dtype == "bf16" and not matmul_is_fast(torch.bfloat16, "cpu"):
         print(f"bf16: this CPU (torch capability {torch.backends.cpu.get_cpu_capability()}) has no bf16 matrix "
               "kernel; torch's bf16 product is a plain loop ~100x slower than fp32 here: nothing worth measuring")

@@ -10,49 +10,25 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError, ConfigError
-from .lora import LoRAConfig, _matches, apply_lora, lora_modules
+from .files import read_json, write_atomically
+from .lora import LoRAConfig, apply_lora, lora_modules
+from .names import matches
 
 PREFIX = "base_model.model."
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 META_FILE = "minilora.json"  # what PEFT has no field for: the base model's shape, labels, the best step
 
-
-def write_atomically(folder: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Run write(tmp_folder), then swap tmp_folder in for `folder` by rename: a crash at any point
-    leaves either the old complete folder or the new complete one, never a half-written one."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    # What a process killed here earlier may have left: a half-written temporary (dropped), or the
-    # previous version moved aside just before the new one was renamed in (put back).
-    for stale in folder.parent.glob(f".{folder.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    for aside in sorted(folder.parent.glob(f".{folder.name}.old-*")):
-        if folder.exists():
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            aside.rename(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        write(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
-    return folder
+# LoRAConfig's fields under the names PEFT's adapter_config.json gives them.
+PEFT_NAMES = {"targets": "target_modules", "r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout",
+              "modules_to_save": "modules_to_save", "use_rslora": "use_rslora"}
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -63,7 +39,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     if not keep:
         raise CheckpointError("the model has no LoRA tensors to save (was apply_lora called?)")
     for target in config.modules_to_save:
-        owners = [n for n, _ in model.named_modules() if n and _matches(n, [target])]
+        owners = [n for n, _ in model.named_modules() if n and matches(n, [target])]
         keep += [n for n in state if any(n.startswith(o + ".") for o in owners) and n not in keep]
     return {PREFIX + n: state[n].detach().to("cpu").contiguous() for n in keep}
 
@@ -77,17 +53,13 @@ def _lora_config(model: nn.Module) -> LoRAConfig:
 
 def adapter_config(model: nn.Module) -> dict[str, Any]:
     """adapter_config.json, with the fields PEFT reads."""
-    c = _lora_config(model)
+    settings = {peft: getattr(_lora_config(model), ours) for ours, peft in PEFT_NAMES.items()}
     return {
         "peft_type": "LORA",
         "task_type": getattr(model, "task_type", "CAUSAL_LM"),
         "base_model_name_or_path": getattr(model, "name_or_path", None),
-        "r": c.r,
-        "lora_alpha": c.alpha,
-        "lora_dropout": c.dropout,
-        "target_modules": c.targets,
-        "modules_to_save": c.modules_to_save or None,
-        "use_rslora": c.use_rslora,
+        **settings,
+        "modules_to_save": settings["modules_to_save"] or None,
         "fan_in_fan_out": bool(getattr(model, "conv1d_layout", False)),  # GPT-2's Conv1D, as PEFT records it
         "bias": "none",
         "inference_mode": True,
@@ -95,16 +67,25 @@ def adapter_config(model: nn.Module) -> dict[str, Any]:
     }
 
 
+def lora_config_from_peft(config: dict[str, Any], file: Path) -> LoRAConfig:
+    """The LoRA settings of a PEFT adapter_config.json."""
+    for required in ("target_modules", "r", "lora_alpha"):
+        if required not in config:
+            raise CheckpointError(f"{file}: missing field {required!r}")
+    try:
+        return LoRAConfig(**{ours: config[peft] for ours, peft in PEFT_NAMES.items() if config.get(peft) is not None})
+    except ConfigError as e:
+        raise CheckpointError(f"{file}: {e}") from None
+
+
 def _base_fingerprint(model: nn.Module) -> dict[str, Any]:
-    """Enough of the base model to refuse an adapter meant for another one, beyond shape checks."""
-    cfg = getattr(model, "config", None)
-    keys = ("model_type", "vocab_size", "hidden_size", "n_embd", "num_hidden_layers", "n_layer", "dim", "n_layers")
-    return {k: getattr(cfg, k) for k in keys if hasattr(cfg, k)}
+    """Enough of the base model to refuse an adapter meant for another one, beyond shape checks (the
+    model's own fingerprint; {} for a model outside the registry)."""
+    return model.fingerprint() if hasattr(model, "fingerprint") else {}
 
 
 def write_adapter_files(folder: Path, model: nn.Module, extra: dict[str, Any] | None = None) -> None:
     """The adapter's three files into an existing folder (checkpoints add theirs beside them)."""
-    from safetensors.torch import save_file
     save_file(adapter_state_dict(model), str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     (folder / CONFIG_FILE).write_text(json.dumps(adapter_config(model), indent=2) + "\n")
     meta = {"base_model": _base_fingerprint(model), **(extra or {})}
@@ -123,8 +104,7 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, extra: dict[str, A
 
 
 def read_adapter(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
-    from .weights import read_json
+    """adapter_config.json and the adapter's tensors (safetensors, or PEFT's older adapter_model.bin)."""
     folder = Path(os.path.expanduser(str(folder)))
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such adapter folder")
@@ -154,7 +134,6 @@ def read_adapter(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, t
 
 def read_adapter_meta(folder: str | os.PathLike) -> dict[str, Any]:
     """minilora.json of an adapter folder, or {} for one saved by PEFT."""
-    from .weights import read_json
     file = Path(os.path.expanduser(str(folder))) / META_FILE
     return read_json(file) if file.is_file() else {}
 
@@ -171,12 +150,9 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     if wrong:
         raise CheckpointError(f"{folder}: adapter was trained on another base model ({'; '.join(wrong)})")
     if not lora_modules(model):
+        settings = lora_config_from_peft(config, Path(folder) / CONFIG_FILE)
         try:
-            apply_lora(model, config["target_modules"], r=config["r"], alpha=config["lora_alpha"],
-                       dropout=config.get("lora_dropout", 0.0), modules_to_save=config.get("modules_to_save") or [],
-                       use_rslora=config.get("use_rslora", False))
-        except KeyError as e:
-            raise CheckpointError(f"{Path(folder) / CONFIG_FILE}: missing field {e.args[0]!r}") from None
+            apply_lora(model, settings)
         except ConfigError as e:
             raise CheckpointError(f"{Path(folder) / CONFIG_FILE} does not fit this model: {e}") from None
     state = model.state_dict(keep_vars=True)

@@ -1,14 +1,31 @@
-"""The command line: `minilora params | ...`. Each subcommand is a small function over the Python API;
-errors minilora raises on purpose are printed as one line (no traceback) with exit status 2."""
+"""The command line: `minilora params | train | generate | classify | merge`. Each subcommand is a small
+function over the Python API; errors minilora raises on purpose are printed as one line (no traceback)
+with exit status 2. `train` is the one place that handles SIGINT/SIGTERM (stop_on_signals)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import shutil
+import signal
 import sys
+import textwrap
+from itertools import zip_longest
+from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 
+from . import distributed
+from .adapter import load_adapter, read_adapter_meta
 from .errors import ConfigError, MiniLoraError
+from .generate import classify, generate
+from .lora import LoRAConfig, adapter_disabled, apply_lora, remove_lora
+from .models import build_model
+from .recipe import load_recipe, run_recipe, torch_dtype
+from .report import param_report
+from .tokenizer import load_tokenizer
+from .weights import load_config, load_model, save_model
 
 
 def targets_arg(values: list[str]) -> list[str] | str:
@@ -19,9 +36,6 @@ def targets_arg(values: list[str]) -> list[str] | str:
 
 
 def cmd_params(args: argparse.Namespace) -> None:
-    from .lora import apply_lora, param_report
-    from .models import build_model
-    from .weights import load_config
     config = load_config(args.model, revision=args.revision)
     with torch.device("meta"):  # shapes only: nothing is allocated, no weights are read
         model = build_model(config, f"{args.model} config")
@@ -31,12 +45,37 @@ def cmd_params(args: argparse.Namespace) -> None:
     print(param_report(model))
 
 
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[Callable[[], bool]]:
+    """While the block runs, SIGINT/SIGTERM ask training to stop: it finishes the current step, saves a
+    checkpoint and returns. A second signal interrupts at once. Yields the should_stop() that train()
+    asks; the previous handlers come back on exit. (In a thread other than the main one, signals
+    cannot be handled there: nothing is installed.)"""
+    requested = False
+
+    def handle(signum, frame) -> None:
+        nonlocal requested
+        if requested:  # a second signal: stop now
+            raise KeyboardInterrupt
+        requested = True
+    previous = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handle)
+    except ValueError:  # not the main thread
+        pass
+    try:
+        yield lambda: requested
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def cmd_train(args: argparse.Namespace) -> None:
-    from .recipe import load_recipe, run_recipe
-    from . import distributed
     recipe = load_recipe(args.recipe, overrides=parse_overrides(args.overrides))
     try:
-        model, tokenizer, result = run_recipe(recipe)
+        with stop_on_signals() as should_stop:
+            model, tokenizer, result = run_recipe(recipe, should_stop)
         main = distributed.is_main()
     finally:
         distributed.shutdown()
@@ -69,18 +108,12 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
 
 
 def folder_size(folder) -> int:
-    from pathlib import Path
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
 
 
 def show_comparison(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 0.0,
                     seed: int | None = 0) -> None:
     """Base model (adapter off) and adapted model, completion by completion, in two columns."""
-    import shutil
-    import textwrap
-    from itertools import zip_longest
-    from .generate import generate
-    from .lora import adapter_disabled
     with adapter_disabled(model):
         base = generate(model, tokenizer, prompts, max_new_tokens, temperature, seed=seed)
     tuned = generate(model, tokenizer, prompts, max_new_tokens, temperature, seed=seed)
@@ -96,11 +129,6 @@ def show_comparison(model, tokenizer, prompts: list[str], max_new_tokens: int, t
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from .adapter import load_adapter
-    from .generate import generate
-    from .recipe import torch_dtype
-    from .tokenizer import load_tokenizer
-    from .weights import load_model
     model = load_model(args.model, dtype=torch_dtype(args.dtype), revision=args.revision)
     tokenizer = load_tokenizer(args.model, revision=args.revision)
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) if args.chat else p
@@ -119,10 +147,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_classify(args: argparse.Namespace) -> None:
-    from .adapter import load_adapter, read_adapter_meta
-    from .generate import classify
-    from .tokenizer import load_tokenizer
-    from .weights import load_model
     meta = read_adapter_meta(args.adapter) if args.adapter else {}
     id2label = {int(i): name for i, name in meta.get("id2label", {}).items()} or None
     model = load_model(args.model, task="classification", id2label=id2label, revision=args.revision)
@@ -134,11 +158,6 @@ def cmd_classify(args: argparse.Namespace) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
-    from .adapter import load_adapter
-    from .lora import remove_lora
-    from .recipe import torch_dtype
-    from .tokenizer import load_tokenizer
-    from .weights import load_model, save_model
     model = load_model(args.model, dtype=torch_dtype(args.dtype) if args.dtype else None, revision=args.revision)
     load_adapter(model, args.adapter)
     remove_lora(model, merge=True)
@@ -152,10 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("params", help="LoRA parameter report from config.json alone (no weights read)")
     p.add_argument("model", help="Hub repo id, local folder or .gguf file")
-    p.add_argument("--targets", nargs="+", default=["q_proj", "v_proj"],
-                   help="module-name suffixes, one regex, or all-linear (default: q_proj v_proj)")
-    p.add_argument("--r", type=int, default=8)
-    p.add_argument("--alpha", type=float, default=16)
+    defaults = LoRAConfig()
+    p.add_argument("--targets", nargs="+", default=defaults.targets,
+                   help=f"module-name suffixes, one regex, or all-linear (default: {' '.join(defaults.targets)})")
+    p.add_argument("--r", type=int, default=defaults.r)
+    p.add_argument("--alpha", type=float, default=defaults.alpha)
     p.add_argument("--modules-to-save", nargs="*", default=[])
     p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
     p.add_argument("--revision", help="Hub branch, tag or commit")

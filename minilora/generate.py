@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .data import Example, collate
 from .models.common import KVCache
 
 
@@ -104,7 +105,6 @@ def generate(model: nn.Module, tokenizer, prompts: str | list[str], max_new_toke
 def classify(model: nn.Module, tokenizer, texts: list[str], max_length: int = 512,
              truncation: str = "right") -> list[tuple[str, float]]:
     """(label name, probability) of the most likely class for each text."""
-    from .data import Example, collate
     device = next(model.parameters()).device
     batch = collate([Example(tokenizer.encode_truncated(t, max_length, truncation), 0) for t in texts],
                     tokenizer.pad_token_id)

@@ -15,7 +15,6 @@ This file knows nothing of models: `apply_lora` swaps `nn.Linear` modules, found
 from __future__ import annotations
 
 import math
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -24,9 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import ConfigError
-
-# Layers that produce the model's output; "all-linear" leaves them alone, as PEFT does.
-HEAD_NAMES = ("lm_head", "classifier", "score")
+from .names import matches, output_heads, replace_module
 
 
 class LoRALinear(nn.Module):
@@ -46,7 +43,8 @@ class LoRALinear(nn.Module):
         super().__init__()
         check_lora_hyperparameters(r, alpha, dropout)
         self.in_features, self.out_features = base.in_features, base.out_features
-        # Keep the base layer's own parameters under their own names (DESIGN principle 2).
+        # The base layer's own parameters under their own names: the model's state-dict names stay those
+        # of the checkpoint, so loading, saving merged weights and PEFT's adapter keys need no renaming.
         self.weight = base.weight
         self.bias = base.bias
         self.weight.requires_grad_(False)
@@ -179,19 +177,32 @@ def check_lora_hyperparameters(r: object, alpha: object, dropout: object) -> Non
 
 @dataclass
 class LoRAConfig:
-    """What `apply_lora` did, kept on the model as `model.lora_config` so the adapter can be saved."""
-    targets: list[str] | str
+    """LoRA's settings, in one place: what apply_lora takes, a recipe's [lora] section, and what an
+    adapter file records (adapter.py maps these names to PEFT's). Kept on the model as `lora_config`.
+
+    targets: module-name suffixes (["q_proj", "v_proj"], ["c_attn"]), one regex string over full
+    names (r".*\\.h\\.[0-5]\\.attn\\.c_attn"), or "all-linear" (every linear layer but the output heads).
+    modules_to_save: suffixes of modules trained in full and saved with the adapter (a classifier head)."""
+    targets: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
     r: int = 8
     alpha: float = 16
     dropout: float = 0.0
     modules_to_save: list[str] = field(default_factory=list)
-    use_rslora: bool = False
+    use_rslora: bool = False  # scale by alpha/sqrt(r) (Kalajdzievski 2023) instead of alpha/r
 
-
-def _matches(name: str, targets: list[str] | str) -> bool:
-    if isinstance(targets, str):  # one string is a regex over the full module name, as in PEFT
-        return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
+    def __post_init__(self) -> None:
+        check_lora_hyperparameters(self.r, self.alpha, self.dropout)
+        if isinstance(self.targets, tuple):
+            self.targets = list(self.targets)
+        if isinstance(self.targets, list) and len(self.targets) == 1 and self.targets[0] in ("all-linear", "all_linear"):
+            self.targets = self.targets[0]
+        if not (isinstance(self.targets, str) or isinstance(self.targets, list) and self.targets
+                and all(isinstance(t, str) for t in self.targets)):
+            raise ConfigError("LoRA targets must be a list of module names, a regex string or 'all-linear', "
+                              f"got {self.targets!r}")
+        self.modules_to_save = list(self.modules_to_save or [])
+        if not all(isinstance(t, str) for t in self.modules_to_save):
+            raise ConfigError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -201,27 +212,24 @@ def _is_linear(module: nn.Module) -> bool:
 
 def find_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
     """Names of the linear modules that `targets` selects; raises ConfigError if a target selects none."""
-    if isinstance(targets, (list, tuple)) and len(targets) == 1 and targets[0] in ("all-linear", "all_linear"):
-        targets = targets[0]
     linear = [n for n, m in model.named_modules() if _is_linear(m) and not isinstance(m, LoRALinear)]
     if targets in ("all-linear", "all_linear"):
-        chosen = [n for n in linear if n.split(".")[-1] not in HEAD_NAMES]
+        heads = output_heads(model)
+        chosen = [n for n in linear if not matches(n, heads)]
     elif isinstance(targets, str):
-        chosen = [n for n in linear if _matches(n, targets)]
+        chosen = [n for n in linear if matches(n, targets)]
         if not chosen:
             raise ConfigError(f"LoRA target regex {targets!r} matches no linear module; linear modules are "
                               f"named like: {_suffix_summary(linear)}")
-    elif isinstance(targets, (list, tuple)) and targets and all(isinstance(t, str) for t in targets):
-        chosen = [n for n in linear if _matches(n, list(targets))]
+    else:
+        chosen = [n for n in linear if matches(n, targets)]
         for t in targets:
-            if not any(_matches(n, [t]) for n in chosen):
-                others = [n for n, m in model.named_modules() if n and _matches(n, [t])]
+            if not any(matches(n, [t]) for n in chosen):
+                others = [n for n, m in model.named_modules() if n and matches(n, [t])]
                 why = f"it names {others[0]!r}, which is {type(model.get_submodule(others[0])).__name__}, " \
                       "not a linear layer" if others else "no module has that name"
                 raise ConfigError(f"LoRA target {t!r} matches no linear module ({why}); linear modules are "
                                   f"named like: {_suffix_summary(linear)}")
-    else:
-        raise ConfigError(f"LoRA targets must be a list of module names, a regex string or 'all-linear', got {targets!r}")
     if not chosen:
         raise ConfigError(f"LoRA targets {targets!r} select no linear module")
     return chosen
@@ -232,36 +240,32 @@ def _suffix_summary(names: list[str]) -> str:
     return ", ".join(suffixes) if suffixes else "(the model has no linear modules)"
 
 
-def apply_lora(model: nn.Module, targets: list[str] | str, r: int = 8, alpha: float = 16,
-               dropout: float = 0.0, modules_to_save: list[str] | None = None,
-               use_rslora: bool = False) -> nn.Module:
+def apply_lora(model: nn.Module, targets: list[str] | str | LoRAConfig, r: int = LoRAConfig.r,
+               alpha: float = LoRAConfig.alpha, dropout: float = LoRAConfig.dropout,
+               modules_to_save: list[str] | None = None, use_rslora: bool = LoRAConfig.use_rslora) -> nn.Module:
     """Freeze `model` and swap the targeted linear layers for LoRALinear, in place; returns the model.
 
-    targets: module-name suffixes (["q_proj", "v_proj"], ["c_attn"]), one regex string over full
-    names (r".*\\.h\\.[0-5]\\.attn\\.c_attn"), or "all-linear" (every linear layer but the output head).
-    modules_to_save: suffixes of modules trained in full and saved with the adapter (a classifier head).
-    """
-    check_lora_hyperparameters(r, alpha, dropout)
-    chosen = find_targets(model, targets)
-    modules_to_save = list(modules_to_save or [])
+    The settings are LoRAConfig's (see there), given one by one or as a whole LoRAConfig in place of
+    `targets` (a recipe's [lora] section, an adapter's settings)."""
+    config = targets if isinstance(targets, LoRAConfig) else \
+        LoRAConfig(targets, r, alpha, dropout, modules_to_save or [], use_rslora)
+    chosen = find_targets(model, config.targets)
     for p in model.parameters():
         p.requires_grad_(False)
     for name in chosen:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        base = getattr(parent, child)
+        base = model.get_submodule(name)
         # keep the model's train/eval mode: a new module starts in training mode, dropout on
-        setattr(parent, child, LoRALinear(base, r, alpha, dropout, use_rslora).train(base.training))
-    for t in modules_to_save:
-        found = [m for n, m in model.named_modules() if n and _matches(n, [t])]
+        replace_module(model, name, LoRALinear(base, config.r, config.alpha, config.dropout,
+                                               config.use_rslora).train(base.training))
+    for t in config.modules_to_save:
+        found = [m for n, m in model.named_modules() if n and matches(n, [t])]
         if not found:
             raise ConfigError(f"modules_to_save entry {t!r} matches no module of {type(model).__name__}")
         for m in found:
             for p in m.parameters():
                 if p.is_floating_point():
                     p.requires_grad_(True)
-    model.lora_config = LoRAConfig(targets if isinstance(targets, str) else list(targets), r, alpha, dropout,
-                                   modules_to_save, use_rslora)
+    model.lora_config = config
     return model
 
 
@@ -303,72 +307,7 @@ def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
             m.merge()
         linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
         linear.weight, linear.bias = m.weight, m.bias
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
+        replace_module(model, name, linear)
     if hasattr(model, "lora_config"):
         del model.lora_config
     return model
-
-
-# ---------------------------------------------------------------------------------------------
-# The parameter report: the paper's arithmetic, d·k frozen vs r·(d+k) trained, per module and in total.
-
-@dataclass
-class ReportRow:
-    pattern: str     # module name with layer numbers replaced by "*"
-    count: int       # how many modules share the pattern
-    d: int           # out_features
-    k: int           # in_features
-    r: int
-    frozen: int      # d·k per module (the weight the update stands in for)
-    trainable: int   # r·(d+k) per module
-
-
-@dataclass
-class ParamReport:
-    rows: list[ReportRow]
-    saved_modules: list[tuple[str, int]]  # (modules_to_save pattern, trainable parameters in all of them)
-    total: int       # every parameter of the model, LoRA included (as PEFT counts "all params")
-    trainable: int
-
-    @property
-    def percent(self) -> float:
-        return 100.0 * self.trainable / self.total if self.total else 0.0
-
-    def __str__(self) -> str:
-        lines = [f"{'module':<46} {'count':>5} {'d x k':>13} {'r':>3} {'frozen d*k':>12} {'trained r*(d+k)':>16}"]
-        for row in self.rows:
-            lines.append(f"{row.pattern:<46} {row.count:>5} {f'{row.d}x{row.k}':>13} {row.r:>3} "
-                         f"{row.frozen:>12,} {row.trainable:>16,}")
-        for pattern, n in self.saved_modules:
-            lines.append(f"{pattern + ' (trained in full)':<46} {'':>5} {'':>13} {'':>3} {'':>12} {n:>16,}")
-        lora_total = sum(row.count * row.trainable for row in self.rows)
-        frozen_targets = sum(row.count * row.frozen for row in self.rows)
-        lines.append(f"LoRA: {lora_total:,} trained in place of {frozen_targets:,} in the targeted layers")
-        lines.append(f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
-                     f"trainable%: {self.percent:.4f}")
-        return "\n".join(lines)
-
-
-def _pattern(name: str) -> str:
-    return re.sub(r"\.\d+\.", ".*.", name)
-
-
-def param_report(model: nn.Module) -> ParamReport:
-    """Count parameters as logical elements (an int8 weight counts d·k, not its bytes)."""
-    groups: dict[tuple, ReportRow] = {}
-    for name, m in lora_modules(model):
-        key = (_pattern(name), m.out_features, m.in_features, m.r)
-        row = groups.setdefault(key, ReportRow(key[0], 0, m.out_features, m.in_features, m.r,
-                                               m.out_features * m.in_features,
-                                               m.r * (m.out_features + m.in_features)))
-        row.count += 1
-    saved: dict[str, int] = {}
-    for t in getattr(getattr(model, "lora_config", None), "modules_to_save", []):
-        for n, mod in model.named_modules():
-            if n and _matches(n, [t]):
-                saved[_pattern(n)] = saved.get(_pattern(n), 0) + sum(p.numel() for p in mod.parameters())
-    params = list(model.parameters())
-    total = sum(p.numel() for p in params)
-    trainable = sum(p.numel() for p in params if p.requires_grad)
-    return ParamReport(list(groups.values()), list(saved.items()), total, trainable)

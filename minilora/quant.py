@@ -17,12 +17,13 @@ folded into dL/dy first, as SwitchBack does); the int8 weight gets none. LoRA la
 
 from __future__ import annotations
 
-import functools
 import threading
-import time
 
 import torch
 import torch.nn as nn
+
+from . import hardware
+from .names import matches, output_heads, replace_module
 
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,7 +47,7 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def int8_matmul(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     """int32 product of int8 a (M, K) and int8 b_t (K, N): on the int8 units where torch has a fast
     kernel for this device and shape, else through the float product (the same integers, exactly)."""
-    fast = matmul_is_fast(torch.int8, a.device.type) and not (a.is_cuda and a.shape[0] <= 16)  # cuBLASLt wants M > 16
+    fast = hardware.matmul_is_fast(torch.int8, a.device.type) and not (a.is_cuda and a.shape[0] <= 16)  # cuBLASLt wants M > 16
     if fast:
         try:
             return torch._int_mm(a, b_t)
@@ -79,38 +80,6 @@ def int8_matmul_in_float(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
         torch.mm(a[:, start:start + EXACT_BLOCK].float(), w.copy_(block), out=part)
         out += part.to(torch.int32)
     return out
-
-
-@functools.lru_cache(maxsize=None)
-def matmul_is_fast(dtype: torch.dtype, device_type: str) -> bool:
-    """Does this machine multiply int8 (torch._int_mm) or bf16 matrices at least about as fast as fp32?
-
-    On CUDA, and on CPUs with AMX or AVX-512 (VNNI, BF16), these products are 1.5-4x faster than fp32.
-    On a CPU with AVX2 alone torch has no such kernel and runs a plain loop, ~100x slower than fp32
-    (seen here: int8 0.5 GFLOP/s, bf16 0.9, fp32 170). Measured once per process on a small product
-    (well under a millisecond where the kernel is fast, ~0.1 s where it is not)."""
-    if device_type == "cuda":
-        return dtype != torch.bfloat16 or torch.cuda.is_bf16_supported()
-    if device_type != "cpu":
-        return True  # other accelerators: leave it to torch
-    m, k, n = 64, 1024, 256
-    if dtype == torch.int8:
-        a, b = torch.randint(-127, 128, (m, k), dtype=torch.int8), torch.randint(-127, 128, (k, n), dtype=torch.int8)
-        low = functools.partial(torch._int_mm, a, b)
-    else:
-        low = functools.partial(torch.mm, torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype))
-    fp32 = functools.partial(torch.mm, torch.randn(m, k), torch.randn(k, n))
-
-    def seconds(f) -> float:
-        start = time.perf_counter()
-        f()
-        return time.perf_counter() - start
-    try:
-        low()
-    except RuntimeError:
-        return False
-    fp32()
-    return min(seconds(low) for _ in range(3)) <= 2 * min(seconds(fp32) for _ in range(3))
 
 
 class _Int8LinearFn(torch.autograd.Function):
@@ -196,34 +165,27 @@ class Int8Linear(nn.Module):
                 f"bias={self.bias is not None}, threshold={self.threshold}")
 
 
-DEFAULT_SKIP = ("lm_head", "classifier", "score", "pre_classifier")
-
-
-def _skipped(name: str, skip) -> bool:
-    return any(name == s or name.endswith("." + s) for s in skip)
-
-
-def quantize_model(model: nn.Module, skip=DEFAULT_SKIP, threshold: float = 6.0) -> nn.Module:
-    """Swap every nn.Linear (but the `skip` names: the output heads by default) for Int8Linear, in place."""
+def quantize_model(model: nn.Module, skip: tuple[str, ...] | None = None, threshold: float = 6.0) -> nn.Module:
+    """Swap every nn.Linear but `skip` (by default the model's output heads) for Int8Linear, in place."""
+    skip = output_heads(model) if skip is None else skip
     for name, module in list(model.named_modules()):
-        if type(module) is nn.Linear and not _skipped(name, skip):
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child,
-                    Int8Linear.from_linear(module, threshold))
+        if type(module) is nn.Linear and not matches(name, skip):
+            replace_module(model, name, Int8Linear.from_linear(module, threshold))
     return model
 
 
-def prepare_int8(model: nn.Module, skip=DEFAULT_SKIP, threshold: float = 6.0, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu"):
-    """For loading straight into int8: swap the (meta) linears for empty Int8Linear modules and return
-    a transform(name, tensor) that quantizes each weight as it streams in from disk."""
+def prepare_int8(model: nn.Module, skip: tuple[str, ...] | None = None, threshold: float = 6.0,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    """For loading straight into int8: swap the (meta) linears but `skip` (by default the model's output
+    heads) for empty Int8Linear modules and return a transform(name, tensor) that quantizes each weight
+    as it streams in from disk."""
+    skip = output_heads(model) if skip is None else skip
     owners = {}
     for name, module in list(model.named_modules()):
-        if type(module) is nn.Linear and not _skipped(name, skip):
+        if type(module) is nn.Linear and not matches(name, skip):
             layer = Int8Linear(module.in_features, module.out_features, module.bias is not None, threshold,
                                device="meta", dtype=dtype)
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+            replace_module(model, name, layer)
             owners[name + ".weight"] = layer
 
     def transform(name: str, tensor: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Recipes: one TOML file describes a whole fine-tune, in four sections.
 
     [model]  name = "gpt2-medium"          # Hub id, local folder or .gguf; dtype, device, revision
-    [lora]   targets = ["c_attn"]  r = 8  alpha = 16  dropout = 0.05  modules_to_save = []
+    [lora]   targets = ["c_attn"]  r = 8  alpha = 16  dropout = 0.05  modules_to_save = []  (a LoRAConfig)
     [data]   train = "quotes.jsonl"  template = "quotes"  cutoff = 128  val_size = 0.1
     [train]  any TrainConfig field: output_dir, epochs, micro_batch_size, batch_size, lr, ...
 
@@ -16,10 +16,20 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import torch
+
+from . import distributed, hardware
+from .data import build_classification_examples, build_examples, label_ids, read_records, split
 from .errors import ConfigError
-from .train import TrainConfig
+from .generate import classify as predict
+from .lora import LoRAConfig, apply_lora
+from .models.common import resize_token_embeddings
+from .report import param_report
+from .tokenizer import load_tokenizer
+from .train import TrainConfig, evaluate_classification, train
+from .weights import load_model
 
 
 @dataclass
@@ -29,16 +39,6 @@ class ModelSection:
     device: str | None = None
     revision: str | None = None
     load_in_8bit: bool = False        # frozen linear weights held in int8 (quant.py)
-
-
-@dataclass
-class LoraSection:
-    targets: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
-    r: int = 8
-    alpha: float = 16
-    dropout: float = 0.0
-    modules_to_save: list[str] = field(default_factory=list)
-    use_rslora: bool = False
 
 
 @dataclass
@@ -72,14 +72,14 @@ class GenerateSection:
 @dataclass
 class Recipe:
     model: ModelSection
-    lora: LoraSection
+    lora: LoRAConfig
     data: DataSection
     train: TrainConfig
     generate: GenerateSection
     source: str = "recipe"
 
 
-SECTIONS = {"model": ModelSection, "lora": LoraSection, "data": DataSection, "train": TrainConfig,
+SECTIONS = {"model": ModelSection, "lora": LoRAConfig, "data": DataSection, "train": TrainConfig,
             "generate": GenerateSection}
 _TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "list": (list,),
           "tuple": (list, tuple), "dict": (dict,), "None": (type(None),)}
@@ -152,25 +152,18 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
           "float16": "float16", "fp16": "float16"}
 
 
-def torch_dtype(name: str, where: str = "dtype"):
-    import torch
+def torch_dtype(name: str, where: str = "dtype") -> torch.dtype:
     if name not in DTYPES:
         raise ConfigError(f"{where}: unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
     return getattr(torch, DTYPES[name])
 
 
-def run_recipe(recipe: Recipe):
+def run_recipe(recipe: Recipe, should_stop: Callable[[], bool] | None = None):
     """Load the model and data, apply LoRA, train; returns (model, tokenizer, TrainResult).
+    should_stop is passed to train() (the command line's turns SIGINT/SIGTERM into a stop).
 
     Launched by torchrun (WORLD_SIZE > 1), joins the process group and trains data-parallel; every
     rank loads the model and data, rank 0 alone prints and writes."""
-    import torch
-    from . import distributed
-    from .data import build_classification_examples, build_examples, label_ids, read_records, split
-    from .lora import apply_lora, param_report
-    from .tokenizer import load_tokenizer
-    from .train import bf16_enabled, evaluate_classification, train
-    from .weights import load_model
     m, d = recipe.model, recipe.data
     if d.task not in ("causal-lm", "classification"):
         raise ConfigError(f"{recipe.source} [data].task: expected causal-lm or classification, got {d.task!r}")
@@ -210,7 +203,6 @@ def run_recipe(recipe: Recipe):
         raise ConfigError(f"{recipe.source} [data].cutoff: {d.cutoff} tokens is longer than the model's context of "
                           f"{model.max_length}")
     if classify and not tokenizer.has_pad_token:  # batches need padding: add [PAD], grow the embeddings
-        from .models.common import resize_token_embeddings
         tokenizer.add_pad_token()
         resize_token_embeddings(model, tokenizer.vocab_size)
 
@@ -227,13 +219,11 @@ def run_recipe(recipe: Recipe):
     test_data = examples(test_records, d.test)
     if train_data.skipped:
         say(f"skipped {train_data.skipped} malformed training rows")
-    lora = recipe.lora
-    apply_lora(model, lora.targets, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
-               modules_to_save=lora.modules_to_save, use_rslora=lora.use_rslora)
+    apply_lora(model, recipe.lora)
     say(param_report(model))
     say(f"training on {len(train_data)} examples, evaluating on {len(eval_data or [])}")
     if recipe.train.bf16 == "auto":
-        say("bf16 autocast: " + ("on" if bf16_enabled("auto", torch.device(device)) else
+        say("bf16 autocast: " + ("on" if hardware.use_bf16("auto", torch.device(device)) else
                                  "off (this machine has no fast bf16 matrix product: training in fp32)"))
 
     def report_test(when: str) -> None:
@@ -243,11 +233,10 @@ def run_recipe(recipe: Recipe):
                   f"F1 {metrics['eval_f1']:.3f}")
             model.test_metrics = {**getattr(model, "test_metrics", {}), when: metrics}
         if classify and recipe.generate.prompts and distributed.is_main():
-            from .generate import classify as predict
             for text, (label, p) in zip(recipe.generate.prompts, predict(model, tokenizer, recipe.generate.prompts,
                                                                         d.cutoff, d.truncation)):
                 print(f"  {when:>6}: {label:<10} {p:.2f}  {text}")
     report_test("before")
-    result = train(model, tokenizer, train_data, eval_data, recipe.train)
+    result = train(model, tokenizer, train_data, eval_data, recipe.train, should_stop=should_stop)
     report_test("after")
     return model, tokenizer, result

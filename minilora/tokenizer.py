@@ -17,7 +17,8 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
 from .errors import CheckpointError
-from .weights import read_gguf, read_json, resolve
+from .files import read_json, resolve
+from .gguf import read_gguf
 
 
 class Tokenizer:
@@ -87,7 +88,7 @@ def load_tokenizer(source: str | os.PathLike, revision: str | None = None) -> To
     """The tokenizer of a Hub repo id, a local folder or a .gguf file."""
     path = resolve(source, revision)
     if path.suffix == ".gguf":
-        return gguf_tokenizer(read_gguf(path)[0], path)
+        return gguf_tokenizer(read_gguf(path).meta, path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: expected a folder with tokenizer.json (or vocab.json + merges.txt)")
     if (path / "tokenizer.json").is_file():

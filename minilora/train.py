@@ -7,7 +7,7 @@ the tokens fall among micro-batches (averaging each micro-batch's loss first wou
 
 The data order of epoch e is a permutation seeded by (seed, e), so a position (step) is all it
 takes to find the next batch again. A checkpoint holds the adapter, the optimizer, the scheduler,
-the RNG state and the step: resuming from one continues the very same loss curve.
+the RNG state and the step (checkpoint.py): resuming from one continues the very same loss curve.
 
 Under torchrun the same function trains data-parallel (see distributed.py): each rank runs its share
 of every step's micro-batches, the gradient sums meet in one all-reduce, rank 0 alone writes.
@@ -16,13 +16,7 @@ of every step's micro-batches, the gradient sums meet in one all-reduce, rank 0 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
-import shutil
-import signal
-import warnings
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -31,11 +25,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import distributed
-from .adapter import load_adapter, save_adapter, write_adapter_files, write_atomically
+from . import distributed, hardware
+from .adapter import load_adapter, save_adapter
+from .checkpoint import (MetricsLog, checkpoint_folders, load_checkpoint, resolve_resume, rotate, run_fingerprint,
+                         save_checkpoint)
 from .data import IGNORE, Example, collate
-from .errors import CheckpointError, ConfigError, TrainingError
-from .quant import matmul_is_fast
+from .errors import ConfigError, TrainingError
+from .kernels import LinearCrossEntropy, frozen_weights_in
 
 
 @dataclass
@@ -83,7 +79,7 @@ class TrainConfig:
             raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
         if self.warmup_steps < 0 or self.weight_decay < 0:
             raise ConfigError("warmup_steps and weight_decay must not be negative")
-        if not (isinstance(self.bf16, bool) or self.bf16 == "auto"):
+        if not (isinstance(self.bf16, bool) or self.bf16 == "auto"):  # resolved by hardware.use_bf16
             raise ConfigError(f"bf16 must be true, false or \"auto\", got {self.bf16!r}")
         if self.load_best_at_end and not self.best_metric:
             raise ConfigError("load_best_at_end needs best_metric (e.g. 'eval_loss')")
@@ -93,23 +89,189 @@ class TrainConfig:
         return self.batch_size // self.micro_batch_size
 
 
-def bf16_enabled(setting: bool | str, device: torch.device) -> bool:
-    """TrainConfig.bf16 on this device. "auto" is on where bf16 matrix products are fast (CUDA with bf16,
-    CPUs with AVX-512 or AMX) and off elsewhere: on a CPU with AVX2 alone they run ~100x slower than
-    fp32. An explicit true is obeyed, with a warning on such a device."""
-    fast = matmul_is_fast(torch.bfloat16, device.type)
-    if setting == "auto":
-        return fast
-    if setting and not fast:
-        warnings.warn(f"bf16 = true on a {device.type} whose bf16 matrix products are much slower than fp32 "
-                      "(torch has no bf16 kernel for it: no AVX-512/AMX); training will be slow. "
-                      "Use bf16 = \"auto\" or false", stacklevel=3)
-    return bool(setting)
+@dataclass
+class TrainResult:
+    history: list[dict[str, Any]] = field(default_factory=list)  # one record per logged step or eval
+    adapter_dir: Path | None = None
+    best_metric: float | None = None
+    best_step: int | None = None
+    stopped_early: bool = False
 
 
-def _positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int]]
+
+
+def train(model: nn.Module, tokenizer, train_data: list[Example], eval_data: list[Example] | None = None,
+          config: TrainConfig | None = None, loss_fn: LossFn | None = None,
+          evaluate_fn: Callable[[nn.Module], dict[str, float]] | None = None,
+          should_stop: Callable[[], bool] | None = None) -> TrainResult:
+    """Train the parameters of `model` that require grad (the LoRA ones after apply_lora).
+
+    The examples decide the task: per-token labels train a language model (causal_lm_loss; evaluation
+    gives loss and perplexity), one class id per example a classifier (classification_loss; loss,
+    accuracy and F1). loss_fn and evaluate_fn(model) -> metrics replace those defaults. Writes
+    output_dir/metrics.jsonl, checkpoint-<step>/ folders, best/ (with best_metric), and the final
+    adapter in output_dir/adapter/.
+
+    should_stop() is asked after every step; when it says yes, the step's checkpoint is saved and
+    training stops (result.stopped_early; resume with resume_from_checkpoint="latest"). The command
+    line passes one that turns SIGINT/SIGTERM into a stop; train() itself installs no signal handler.
+
+    Under torchrun (torch.distributed initialised, e.g. by distributed.init_from_env), each rank runs
+    its share of every step's micro-batches; the batch, the schedule and the results are those of one
+    process, and only rank 0 writes files.
+    """
+    cfg = config or TrainConfig()
+    if not train_data:
+        raise ConfigError("train_data is empty")
+    rank, world = distributed.rank_and_world()
+    main = rank == 0
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = next(model.parameters()).device
+    bf16 = hardware.use_bf16(cfg.bf16, device)
+    pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("the model has no trainable parameters: call apply_lora first")
+    torch.manual_seed(cfg.seed + rank)  # dropout masks differ between ranks
+    distributed.broadcast_from_main(params)  # every rank starts from rank 0's LoRA initialisation
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],  # no decay on biases and norms
+        lr=cfg.lr, betas=cfg.adam_betas)
+    steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
+    total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.lr_schedule))
+    run = run_fingerprint(cfg, len(train_data), total_steps)
+    classifier = isinstance(train_data[0].labels, int)
+    loss_fn = loss_fn or (classification_loss if classifier else causal_lm_loss)
+    if evaluate_fn is None and eval_data:
+        def evaluate_fn(m: nn.Module) -> dict[str, float]:
+            if classifier:
+                return evaluate_classification(m, eval_data, pad_id, cfg.micro_batch_size, bf16)
+            return evaluate(m, eval_data, pad_id, cfg.micro_batch_size, loss_fn, bf16)
+
+    result, step = TrainResult(), 0
+    if cfg.resume_from_checkpoint:
+        folder = resolve_resume(cfg.resume_from_checkpoint, out)
+        state = load_checkpoint(folder, model, optimizer, scheduler, run)
+        step, result.best_metric, result.best_step = state["step"], state.get("best_metric"), state.get("best_step")
+    metrics = MetricsLog(out, step)  # a resumed run rewrites what came after its checkpoint
+    progress = _progress(cfg.progress and main, total_steps, step)
+
+    def log(record: dict[str, Any]) -> None:
+        result.history.append(record)
+        metrics.write(record)
+        if main:
+            _show(record, progress)
+
+    if cfg.eval_at_start and evaluate_fn is not None and step == 0:
+        log({"step": 0, "epoch": 0.0, **evaluate_fn(model)})
+    set_gradient_checkpointing(model, cfg.gradient_checkpointing)
+    model.train()
+    with contextlib.ExitStack() as cleanup:  # undone however the loop ends
+        if bf16:  # the frozen linear weights cast to bf16 once, not per micro-batch
+            cleanup.enter_context(frozen_weights_in(model, torch.bfloat16))
+        if progress is not None:
+            cleanup.callback(progress.close)
+        while step < total_steps:
+            epoch, i = divmod(step, steps_per_epoch)
+            order = epoch_order(len(train_data), cfg.seed, epoch)[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            micro = batches(train_data, order, cfg.micro_batch_size, pad_id, device, cfg.pad_to, shard=(rank, world))
+            loss, count = accumulate_gradients(model, micro, loss_fn, bf16)
+            if not math.isfinite(loss):
+                last = checkpoint_folders(out)
+                raise TrainingError(f"step {step + 1}: the loss is {loss}; training stopped. The last good "
+                                    f"checkpoint is {last[-1] if last else 'none (nothing was saved yet)'}")
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss, "lr": lr,
+                      "grad_norm": float(grad_norm), "tokens": count}
+            if step % cfg.log_every == 0 or step == total_steps:
+                log(record)
+            end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
+            if evaluate_fn is not None and ((cfg.eval_every and step % cfg.eval_every == 0)
+                                            or (cfg.eval_each_epoch and end_of_epoch)):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):  # as the weights are
+                    scores = evaluate_fn(model)
+                model.train()
+                log({"step": step, "epoch": round(step / steps_per_epoch, 4), **scores})
+                if cfg.best_metric:
+                    if cfg.best_metric not in scores:
+                        raise ConfigError(f"best_metric {cfg.best_metric!r} is not among the metrics: {', '.join(scores)}")
+                    if _better(cfg.best_metric, scores[cfg.best_metric], result.best_metric):
+                        result.best_metric, result.best_step = scores[cfg.best_metric], step
+                        if main:
+                            save_adapter(model, out / "best", extra={"best_step": step, cfg.best_metric: result.best_metric})
+            stop = distributed.any_rank(should_stop is not None and should_stop(), device)  # all ranks agree
+            if (cfg.save_every and step % cfg.save_every == 0) or (cfg.save_each_epoch and end_of_epoch) or stop:
+                save_checkpoint(out / f"checkpoint-{step}", model, optimizer, scheduler,
+                                {"step": step, "best_metric": result.best_metric, "best_step": result.best_step,
+                                 "run": run})
+                rotate(out, cfg.keep_last)
+            if stop:
+                result.stopped_early = True
+                break
+    distributed.barrier()  # rank 0's files are complete before any rank reads them or returns
+    if not result.stopped_early:
+        if cfg.load_best_at_end and result.best_step is not None:
+            load_adapter(model, out / "best")
+        result.adapter_dir = save_adapter(model, out / "adapter") if main else out / "adapter"
+        distributed.barrier()
+    model.eval()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# One step: the batch, its micro-batches, the summed gradients, the learning rate
+
+def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]], loss_fn: LossFn | None = None,
+                         bf16: bool = False) -> tuple[float, int]:
+    """Backpropagate every micro-batch's summed loss, then divide the gradients by the total count:
+    the gradient of the mean loss over the whole batch. Returns (mean loss, count).
+
+    Running distributed, the micro-batches are this rank's share; gradients, loss and count are summed
+    over the ranks before the division, so the result is the whole batch's on every rank."""
+    loss_fn = loss_fn or causal_lm_loss
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for batch in micro_batches:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss, n = loss_fn(model, batch)
+        loss.backward()
+        total += float(loss.detach())
+        count += n
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if distributed.rank_and_world()[1] > 1:
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        for p in trainable:  # a rank with no micro-batch this step still takes part in the sum
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        sums = torch.tensor([total, count], dtype=torch.float64, device=device)
+        distributed.sum_across_ranks([p.grad for p in trainable] + [sums])
+        grads, total, count = [p.grad for p in trainable], float(sums[0]), int(round(float(sums[1])))
+    for g in grads:
+        g.div_(max(count, 1))
+    return total / max(count, 1), count
+
+
+def batches(data: list[Example], indices: list[int], size: int, pad_id: int, device: torch.device,
+            pad_to: int | None = None, shard: tuple[int, int] = (0, 1)) -> list[dict[str, torch.Tensor]]:
+    """Micro-batches of `size` examples in the order of `indices`; with shard=(rank, world), only
+    micro-batches rank, rank + world, ... (this rank's share of a step)."""
+    starts = range(0, len(indices), size)[shard[0]::shard[1]]
+    return [{k: v.to(device) for k, v in collate([data[j] for j in indices[i:i + size]], pad_id, pad_to).items()}
+            for i in starts]
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
@@ -123,6 +285,15 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
         return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
     return max(0.0, 1.0 - progress)
 
+
+def set_gradient_checkpointing(model: nn.Module, on: bool) -> None:
+    for m in model.modules():
+        if hasattr(m, "gradient_checkpointing"):
+            m.gradient_checkpointing = on
+
+
+# ---------------------------------------------------------------------------------------------
+# The losses, and evaluation
 
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over target tokens, and their count.
@@ -138,102 +309,37 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
             and (head.bias is None or not head.bias.requires_grad):
         h, targets = model.hidden_states(ids, attention_mask=mask).flatten(0, 1), shifted.flatten()
         keep = targets != IGNORE  # no head work for padding and masked prompt positions
-        loss = LinearCrossEntropy.apply(h[keep], head.weight, head.bias, targets[keep])
+        loss = LinearCrossEntropy.apply(h[keep], head.weight, head.bias, targets[keep], IGNORE)
     else:
         logits = model(ids, attention_mask=mask)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE, reduction="sum")
     return loss, int((shifted != IGNORE).sum())
 
 
-HEAD_ROWS_MULTIPLE = 64  # the head's rows (vocab) are padded to this: GPT-2's 50257 rows multiply up to
-# 1.4x slower than 50304 here (fp32, MKL), and a padded row whose logit is -inf adds exp(-inf) = 0 to the softmax
-
-_prepared_heads: dict[int, list] = {}  # id(weight) -> entry, dropped when the weight is freed
-
-
-def prepared_head(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, rows: int):
-    """What LinearCrossEntropy needs of a frozen head (vocab, d), made once and kept while the weight
-    lives and is not changed (in place or by a new .data): the weight in `dtype` with its rows padded;
-    the bias, if any, in fp32 and -inf on the padding; and logits buffers of at least `rows` rows of
-    the padded vocab, in fp32 and, for bf16/fp16, in that dtype too. Reused rather than allocated per
-    chunk, because a fresh buffer of this size (100 MB for GPT-2 at 512 rows) comes from the OS page
-    by page, zeroed, every time. A larger `rows` grows the buffers only."""
-    stamp = tuple((t.data_ptr(), t.dtype, t._version) for t in (weight, bias) if t is not None) + (dtype,)
-    entry = _prepared_heads.get(id(weight))
-    if entry is None:
-        weakref.finalize(weight, _prepared_heads.pop, id(weight), None)
-    vocab, d = weight.shape
-    padded = -(-vocab // HEAD_ROWS_MULTIPLE) * HEAD_ROWS_MULTIPLE
-    if entry is None or entry[0] != stamp:
-        _prepared_heads.pop(id(weight), None)  # free the old copies before making new ones
-        with torch.no_grad():
-            w = weight.to(dtype) if padded == vocab else \
-                torch.cat([weight.to(dtype), weight.new_zeros(padded - vocab, d, dtype=dtype)])
-            b = None if bias is None else torch.cat([bias.float(), bias.new_full((padded - vocab,), float("-inf"),
-                                                                                 dtype=torch.float32)])
-        entry = [stamp, w, b, None, None]
-        _prepared_heads[id(weight)] = entry
-    if entry[3] is None or entry[3].shape[0] < rows:
-        entry[3:] = None, None  # free before allocating
-        entry[3] = torch.empty(rows, padded, dtype=torch.float32, device=weight.device)
-        entry[4] = torch.empty(rows, padded, dtype=dtype, device=weight.device) if dtype != torch.float32 else None
-    return tuple(entry[1:])
-
-
-class LinearCrossEntropy(torch.autograd.Function):
-    """sum_t CE(h_t W^T + b, y_t) for a frozen W (vocab, d), a chunk of tokens at a time.
-
-    Forward computes, per chunk, the logits, their log-softmax, the loss, and at once the gradient
-    with respect to h: (softmax - onehot(y)) W. Backward only scales that stored (N, d) gradient.
-    The same arithmetic as F.cross_entropy(F.linear(h, W, b)) in fewer passes over the logits."""
-
-    @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor):
-        dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
-        chunk = max(512, (1 << 23) // weight.shape[0])  # 8M logits (32 MB in fp32) at a time, or 512 rows:
-        # fewer rows than that make the matmuls slower (256 rows: -10% at 32000 x 768 here)
-        w, b, logits_buffer, low_buffer = prepared_head(weight, bias, dtype, min(chunk, h.shape[0]))
-        vocab = weight.shape[0]
-        grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device)
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        with torch.autocast(h.device.type, enabled=False):
-            for i in range(0, h.shape[0], chunk):
-                y = labels[i:i + chunk]
-                logp = logits_buffer[:len(y)]
-                low = logp if low_buffer is None else low_buffer[:len(y)]
-                torch.mm(h[i:i + chunk].to(dtype), w.t(), out=low)  # (c, padded vocab) logits
-                if low is not logp:
-                    logp.copy_(low)
-                if b is None:
-                    logp[:, vocab:] = float("-inf")  # the padding (a bias carries its own -inf)
-                else:
-                    logp.add_(b)
-                torch._log_softmax(logp, -1, False, out=logp)  # in place: one fused kernel
-                valid = y != IGNORE
-                target = y.clamp(min=0)
-                total -= (logp.gather(1, target[:, None]).squeeze(1) * valid).sum()
-                probs = logp.exp_()  # softmax, in place
-                probs[torch.arange(len(y), device=y.device), target] -= 1.0
-                if not bool(valid.all()):  # causal_lm_loss passes only targets; other callers may not
-                    probs *= valid[:, None]
-                if low is logp:
-                    torch.mm(probs, w, out=grad_h[i:i + chunk])
-                else:
-                    grad_h[i:i + chunk] = low.copy_(probs) @ w
-        ctx.save_for_backward(grad_h)
-        ctx.h_dtype = h.dtype
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_total: torch.Tensor):
-        (grad_h,) = ctx.saved_tensors
-        return (grad_h * grad_total).to(ctx.h_dtype), None, None, None
-
-
 def classification_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy of the class logits (B, num_labels), and the number of examples."""
     logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
     return F.cross_entropy(logits.float(), batch["labels"], reduction="sum"), batch["labels"].numel()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: list[Example], pad_id: int, micro_batch_size: int = 8,
+             loss_fn: LossFn | None = None, bf16: bool = False) -> dict[str, float]:
+    """Mean loss per target token over `data`, and its perplexity."""
+    loss_fn = loss_fn or causal_lm_loss
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    rank, world = distributed.rank_and_world()  # each rank evaluates every world-th example
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, target tokens
+    for batch in batches(data, list(range(rank, len(data), world)), micro_batch_size, pad_id, device):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss, n = loss_fn(model, batch)
+        sums += torch.stack([loss.detach().double(), torch.tensor(float(n), dtype=torch.float64, device=device)])
+    distributed.sum_across_ranks([sums])
+    model.train(was_training)
+    loss = float(sums[0]) / max(float(sums[1]), 1.0)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
 
 
 @torch.no_grad()
@@ -264,333 +370,21 @@ def evaluate_classification(model: nn.Module, data: list[Example], pad_id: int, 
             "eval_f1": float(f1[1]) if n_classes == 2 else float(f1[seen].mean())}
 
 
-LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int]]
-
-
-def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]], loss_fn: LossFn = causal_lm_loss,
-                         bf16: bool = False) -> tuple[float, int]:
-    """Backpropagate every micro-batch's summed loss, then divide the gradients by the total count:
-    the gradient of the mean loss over the whole batch. Returns (mean loss, count).
-
-    Running distributed, the micro-batches are this rank's share; gradients, loss and count are summed
-    over the ranks before the division, so the result is the whole batch's on every rank."""
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for batch in micro_batches:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss, n = loss_fn(model, batch)
-        loss.backward()
-        total += float(loss.detach())
-        count += n
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if distributed.rank_and_world()[1] > 1:
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        for p in trainable:  # a rank with no micro-batch this step still takes part in the sum
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        sums = torch.tensor([total, count], dtype=torch.float64, device=device)
-        distributed.sum_across_ranks([p.grad for p in trainable] + [sums])
-        grads, total, count = [p.grad for p in trainable], float(sums[0]), int(round(float(sums[1])))
-    for g in grads:
-        g.div_(max(count, 1))
-    return total / max(count, 1), count
-
-
-@contextlib.contextmanager
-def frozen_weights_in(model: nn.Module, dtype: torch.dtype):
-    """Hold the frozen float32 weights of the linear layers in `dtype` while the block runs (bf16 training).
-
-    Autocast casts a weight to bf16 at every use unless the weight requires grad (only those enter its
-    cast cache): for the frozen base model that is a copy of every linear weight per micro-batch, about
-    8% of a bf16 step here. Casting once gives the same numbers (the same rounding) without the copies.
-    Peak memory does not grow: autocast's copies are kept for the backward pass anyway. Embeddings
-    (and heads tied to them) stay as they are, and the float32 values come back on exit."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    kept = []
-    for m in model.modules():
-        w = getattr(m, "weight", None)
-        if isinstance(m, nn.Embedding) or not isinstance(w, nn.Parameter) or w.dim() != 2 or id(w) in embeddings:
-            continue
-        for p in (w, getattr(m, "bias", None)):
-            if isinstance(p, nn.Parameter) and not p.requires_grad and p.dtype == torch.float32:
-                kept.append((p, p.data))
-                p.data = p.data.to(dtype)
-    try:
-        yield
-    finally:
-        for p, data in kept:
-            p.data = data
-
-
-def set_gradient_checkpointing(model: nn.Module, on: bool) -> None:
-    for m in model.modules():
-        if hasattr(m, "gradient_checkpointing"):
-            m.gradient_checkpointing = on
-
-
-def batches(data: list[Example], indices: list[int], size: int, pad_id: int, device: torch.device,
-            pad_to: int | None = None, shard: tuple[int, int] = (0, 1)) -> list[dict[str, torch.Tensor]]:
-    """Micro-batches of `size` examples in the order of `indices`; with shard=(rank, world), only
-    micro-batches rank, rank + world, ... (this rank's share of a step)."""
-    starts = range(0, len(indices), size)[shard[0]::shard[1]]
-    return [{k: v.to(device) for k, v in collate([data[j] for j in indices[i:i + size]], pad_id, pad_to).items()}
-            for i in starts]
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, data: list[Example], pad_id: int, micro_batch_size: int = 8,
-             loss_fn: LossFn = causal_lm_loss, bf16: bool = False) -> dict[str, float]:
-    """Mean loss per target token over `data`, and its perplexity."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    rank, world = distributed.rank_and_world()  # each rank evaluates every world-th example
-    sums = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, target tokens
-    for batch in batches(data, list(range(rank, len(data), world)), micro_batch_size, pad_id, device):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss, n = loss_fn(model, batch)
-        sums += torch.stack([loss.detach().double(), torch.tensor(float(n), dtype=torch.float64, device=device)])
-    distributed.sum_across_ranks([sums])
-    model.train(was_training)
-    loss = float(sums[0]) / max(float(sums[1]), 1.0)
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
-
-
 # ---------------------------------------------------------------------------------------------
-# Checkpoints: output_dir/checkpoint-<step>/, each written to a temporary folder and renamed.
-
-STATE_FILE = "trainer_state.json"
-
-
-def checkpoint_folders(output_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints, oldest first (a folder is complete once its final name exists)."""
-    out = Path(output_dir)
-    found = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()
-             and (p / STATE_FILE).is_file()] if out.is_dir() else []
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
-
-
-def _run_fingerprint(cfg: TrainConfig, n_train: int, total_steps: int) -> dict[str, Any]:
-    """What must be the same for a checkpoint to be resumed exactly."""
-    return dict(batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size, seed=cfg.seed,
-                lr=cfg.lr, lr_schedule=cfg.lr_schedule, warmup_steps=cfg.warmup_steps, total_steps=total_steps,
-                n_train=n_train, processes=distributed.rank_and_world()[1])
-
-
-def save_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, state: dict[str, Any]) -> Path:
-    """Called on every rank: rank 0 writes the folder, with every rank's RNG state (dropout differs by rank)."""
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    ranks = distributed.gather_objects(rng)
-    if not distributed.is_main():
-        return folder
-
-    def write(tmp: Path) -> None:
-        write_adapter_files(tmp, model)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save({**rng, "ranks": ranks} if len(ranks) > 1 else rng, tmp / "rng.pt")
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")  # written last
-    return write_atomically(folder, write)
-
-
-def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, expected: dict[str, Any]) -> dict[str, Any]:
-    from .weights import read_json
-    state = read_json(folder / STATE_FILE)
-    saved = state.get("run", {})
-    wrong = [f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}" for k, v in expected.items() if saved.get(k) != v]
-    if wrong:
-        raise CheckpointError(f"{folder}: cannot resume, the run's settings changed ({'; '.join(wrong)})")
-    load_adapter(model, folder)
-    try:
-        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-        scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
-        rng = torch.load(folder / "rng.pt", weights_only=True)
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{folder}: incomplete checkpoint, {Path(e.filename).name} is missing") from None
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{folder}: optimizer or scheduler state does not fit this run ({e})") from None
-    rng = rng["ranks"][distributed.rank_and_world()[0]] if "ranks" in rng else rng
-    torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return state
-
-
-def _rotate(output_dir: Path, keep_last: int | None) -> None:
-    """Delete all but the newest keep_last checkpoints (the best model lives apart, in best/)."""
-    if keep_last is not None and distributed.is_main():
-        for old in checkpoint_folders(output_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-# ---------------------------------------------------------------------------------------------
-
-@dataclass
-class TrainResult:
-    history: list[dict[str, Any]] = field(default_factory=list)  # one record per logged step or eval
-    adapter_dir: Path | None = None
-    best_metric: float | None = None
-    best_step: int | None = None
-    stopped_early: bool = False
-
+# Helpers
 
 def _better(metric: str, new: float, old: float | None) -> bool:
     lower_is_better = "loss" in metric or "perplexity" in metric
     return old is None or (new < old if lower_is_better else new > old)
 
 
-def train(model: nn.Module, tokenizer, train_data: list[Example], eval_data: list[Example] | None = None,
-          config: TrainConfig | None = None, loss_fn: LossFn | None = None,
-          evaluate_fn: Callable[[nn.Module], dict[str, float]] | None = None) -> TrainResult:
-    """Train the parameters of `model` that require grad (the LoRA ones after apply_lora).
-
-    The examples decide the task: per-token labels train a language model (causal_lm_loss; evaluation
-    gives loss and perplexity), one class id per example a classifier (classification_loss; loss,
-    accuracy and F1). loss_fn and evaluate_fn(model) -> metrics replace those defaults. Writes output_dir/metrics.jsonl, checkpoint-<step>/ folders, best/ (with best_metric),
-    and the final adapter in output_dir/adapter/.
-
-    Under torchrun (torch.distributed initialised, e.g. by distributed.init_from_env), each rank runs
-    its share of every step's micro-batches; the batch, the schedule and the results are those of one
-    process, and only rank 0 writes files.
-    """
-    cfg = config or TrainConfig()
-    if not train_data:
-        raise ConfigError("train_data is empty")
-    rank, world = distributed.rank_and_world()
-    main = rank == 0
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    device = next(model.parameters()).device
-    bf16 = bf16_enabled(cfg.bf16, device)
-    pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ConfigError("the model has no trainable parameters: call apply_lora first")
-    torch.manual_seed(cfg.seed + rank)  # dropout masks differ between ranks
-    distributed.broadcast_from_main(params)  # every rank starts from rank 0's LoRA initialisation
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],  # no decay on biases and norms
-        lr=cfg.lr, betas=cfg.adam_betas)
-    steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
-    total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.lr_schedule))
-    run = _run_fingerprint(cfg, len(train_data), total_steps)
-    classifier = isinstance(train_data[0].labels, int)
-    loss_fn = loss_fn or (classification_loss if classifier else causal_lm_loss)
-    if evaluate_fn is None and eval_data:
-        def evaluate_fn(m: nn.Module) -> dict[str, float]:
-            if classifier:
-                return evaluate_classification(m, eval_data, pad_id, cfg.micro_batch_size, bf16)
-            return evaluate(m, eval_data, pad_id, cfg.micro_batch_size, loss_fn, bf16)
-
-    result, step = TrainResult(), 0
-    if cfg.resume_from_checkpoint:
-        folder = _resolve_resume(cfg.resume_from_checkpoint, out)
-        state = load_checkpoint(folder, model, optimizer, scheduler, run)
-        step, result.best_metric, result.best_step = state["step"], state.get("best_metric"), state.get("best_step")
-    metrics_file = out / "metrics.jsonl" if main else None
-    if main:
-        _truncate_metrics(metrics_file, step)  # a resumed run rewrites what came after its checkpoint
-
-    if cfg.eval_at_start and evaluate_fn is not None and step == 0:
-        _log(metrics_file, {"step": 0, "epoch": 0.0, **evaluate_fn(model)}, result, None)
-    set_gradient_checkpointing(model, cfg.gradient_checkpointing)
-    model.train()
-    progress = _progress(cfg.progress and main, total_steps, step)
-    stop = _StopRequest()
-    with contextlib.ExitStack() as cleanup:  # undone however the loop ends
-        if bf16:  # the frozen linear weights cast to bf16 once, not per micro-batch
-            cleanup.enter_context(frozen_weights_in(model, torch.bfloat16))
-        cleanup.callback(stop.restore)
-        if progress is not None:
-            cleanup.callback(progress.close)
-        while step < total_steps:
-            epoch, i = divmod(step, steps_per_epoch)
-            order = epoch_order(len(train_data), cfg.seed, epoch)[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            micro = batches(train_data, order, cfg.micro_batch_size, pad_id, device, cfg.pad_to, shard=(rank, world))
-            loss, count = accumulate_gradients(model, micro, loss_fn, bf16)
-            if not math.isfinite(loss):
-                last = checkpoint_folders(out)
-                raise TrainingError(f"step {step + 1}: the loss is {loss}; training stopped. The last good "
-                                    f"checkpoint is {last[-1] if last else 'none (nothing was saved yet)'}")
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss, "lr": lr,
-                      "grad_norm": float(grad_norm), "tokens": count}
-            if step % cfg.log_every == 0 or step == total_steps:
-                _log(metrics_file, record, result, progress)
-            end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
-            if evaluate_fn is not None and ((cfg.eval_every and step % cfg.eval_every == 0)
-                                            or (cfg.eval_each_epoch and end_of_epoch)):
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):  # as the weights are
-                    metrics = evaluate_fn(model)
-                model.train()
-                _log(metrics_file, {"step": step, "epoch": round(step / steps_per_epoch, 4), **metrics}, result, progress)
-                if cfg.best_metric:
-                    if cfg.best_metric not in metrics:
-                        raise ConfigError(f"best_metric {cfg.best_metric!r} is not among the metrics: {', '.join(metrics)}")
-                    if _better(cfg.best_metric, metrics[cfg.best_metric], result.best_metric):
-                        result.best_metric, result.best_step = metrics[cfg.best_metric], step
-                        if main:
-                            save_adapter(model, out / "best", extra={"best_step": step, cfg.best_metric: result.best_metric})
-            stop.requested = distributed.any_rank(stop.requested, device)  # all ranks stop at the same step
-            if (cfg.save_every and step % cfg.save_every == 0) or (cfg.save_each_epoch and end_of_epoch) \
-                    or stop.requested:
-                save_checkpoint(out / f"checkpoint-{step}", model, optimizer, scheduler,
-                                {"step": step, "best_metric": result.best_metric, "best_step": result.best_step,
-                                 "run": run})
-                _rotate(out, cfg.keep_last)
-            if stop.requested:
-                result.stopped_early = True
-                break
-    distributed.barrier()  # rank 0's files are complete before any rank reads them or returns
-    if not result.stopped_early:
-        if cfg.load_best_at_end and result.best_step is not None:
-            load_adapter(model, out / "best")
-        result.adapter_dir = save_adapter(model, out / "adapter") if main else out / "adapter"
-        distributed.barrier()
-    model.eval()
-    return result
+def _positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _resolve_resume(value: str, out: Path) -> Path:
-    if value == "latest":
-        found = checkpoint_folders(out)
-        if not found:
-            raise CheckpointError(f"{out}: no checkpoint to resume from")
-        return found[-1]
-    folder = Path(os.path.expanduser(value))
-    if not (folder / STATE_FILE).is_file():
-        raise CheckpointError(f"{folder}: not a checkpoint folder (no {STATE_FILE})")
-    return folder
-
-
-def _truncate_metrics(file: Path, step: int) -> None:
-    if not file.exists():
-        return
-    keep = [line for line in file.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    file.write_text("".join(line + "\n" for line in keep))
-
-
-def _log(file: Path | None, record: dict[str, Any], result: TrainResult, progress) -> None:
-    """Record on every rank; write to the metrics file and the console on rank 0 (file is None elsewhere)."""
-    result.history.append(record)
-    if file is None:
-        return
-    with open(file, "a") as f:
-        f.write(json.dumps(record) + "\n")
+def _show(record: dict[str, Any], progress) -> None:
+    """A step moves the progress bar (its loss and lr beside it); an evaluation is printed as a line."""
     shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in record.items() if k not in ("epoch", "tokens")}
     if progress is not None:
         if "loss" in record:
@@ -607,25 +401,3 @@ def _progress(enabled: bool, total: int, initial: int):
         return None
     from tqdm import tqdm  # a dependency of huggingface-hub
     return tqdm(total=total, initial=initial, desc="training", unit="step", dynamic_ncols=True)
-
-
-class _StopRequest:
-    """SIGINT/SIGTERM during training: finish the current step, save a checkpoint, stop cleanly."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.previous = {}
-        try:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self._handle)
-        except ValueError:  # not the main thread: leave signals alone
-            self.previous = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)

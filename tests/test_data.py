@@ -10,9 +10,8 @@ from minilora.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")
-def tok():
-    import assets
-    return load_tokenizer(assets.gpt2_tokenizer())
+def tok(gpt2_tokenizer_path):
+    return load_tokenizer(gpt2_tokenizer_path)
 
 
 def test_read_json_jsonl_csv(tmp_path):

@@ -15,14 +15,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minilora.train import checkpoint_folders
+from minilora.checkpoint import checkpoint_folders
+
+pytestmark = pytest.mark.slow  # 20 trials of training processes killed and resumed
 
 TRAIN = textwrap.dedent("""
     import sys, torch
     sys.path.insert(0, {tests!r})
-    from test_train import Tok, examples
+    from conftest import Tok, examples
+    from minilora.checkpoint import checkpoint_folders
     from minilora.lora import apply_lora
-    from minilora.train import TrainConfig, checkpoint_folders, train
+    from minilora.train import TrainConfig, train
     from minilora.weights import load_model
     torch.manual_seed(0)
     model = apply_lora(load_model({model!r}), "all-linear", r=4, alpha=8, dropout=0.1)

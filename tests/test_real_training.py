@@ -17,13 +17,13 @@ def format_kept(model, tok, prompts, max_new_tokens=60):
     return sum(len(ids) < max_new_tokens and QUOTE.match(tok.decode(ids)) is not None for ids in new)
 
 
-def test_short_lora_run_on_real_quotes(smollm2_path, tmp_path):
-    import assets
+def test_short_lora_run_on_real_quotes(smollm2_path, quotes_path, tmp_path):
     recipe = load_recipe(RECIPE, overrides={
-        "model.name": str(smollm2_path), "data.train": str(assets.quotes_jsonl()), "data.limit": "128",
+        "model.name": str(smollm2_path), "data.train": str(quotes_path), "data.limit": "128",
         "data.val_size": "32", "lora.targets": '["q_proj", "v_proj"]', "train.output_dir": str(tmp_path),
         "train.lr": "2e-3", "train.eval_every": "100", "train.save_every": "100", "train.progress": "false"})
     model, tok, result = run_recipe(recipe)
+    assert not result.stopped_early
     evals = [h["eval_loss"] for h in result.history if "eval_loss" in h]
     assert len(evals) == 2 and evals[-1] < evals[0] - 0.2, evals  # held-out loss, before vs after
     prompts = [f"Quote by {a}:" for a in ["Mark Twain", "Oscar Wilde", "Voltaire", "Mae West", "Confucius", "Woody Allen"]]

@@ -13,14 +13,8 @@ import torch
 from minilora.tokenizer import load_tokenizer
 
 
-@pytest.fixture(scope="module")
-def gpt2_tok_folder():
-    import assets
-    return assets.gpt2_tokenizer()
-
-
-def test_gpt2_vocab_and_merges(gpt2_tok_folder):
-    tok = load_tokenizer(gpt2_tok_folder)
+def test_gpt2_vocab_and_merges(gpt2_tokenizer_path):
+    tok = load_tokenizer(gpt2_tokenizer_path)
     assert tok.encode("Hello world") == [15496, 995]
     assert tok.vocab_size == 50257
     assert tok.eos_token_id == 50256 and tok.pad_token_id == 50256  # no pad token: pad with eos
@@ -30,10 +24,9 @@ def test_gpt2_vocab_and_merges(gpt2_tok_folder):
     assert tok.decode(ids, skip_special_tokens=False) == text
 
 
-def test_tokenizer_json_with_padding_switched_off():
+def test_tokenizer_json_with_padding_switched_off(minilm_path):
     """all-MiniLM-L6-v2's tokenizer.json pads and truncates to 128; ours must do neither."""
-    import assets
-    tok = load_tokenizer(assets.minilm())
+    tok = load_tokenizer(minilm_path)
     ids = tok.encode("A man is eating food.")
     assert ids[0] == tok.token_to_id("[CLS]") and ids[-1] == tok.token_to_id("[SEP]") and len(ids) == 8
     assert len(tok.encode("word " * 300)) == 302

@@ -3,50 +3,20 @@ continues the same loss curve, checkpoints are atomic, frozen weights never move
 
 import json
 import math
+import signal
 import warnings
 
 import pytest
 import torch
 
-import minilora.train
-from minilora.adapter import write_atomically
-from minilora.data import Example, collate
+import minilora.hardware
+from conftest import Tok, examples, grads, lora_model
+from minilora.checkpoint import checkpoint_folders
+from minilora.data import collate
 from minilora.errors import CheckpointError, ConfigError
-from minilora.lora import apply_lora
-from minilora.train import TrainConfig, accumulate_gradients, bf16_enabled, checkpoint_folders, lr_factor, train
-from minilora.weights import load_model
-
-
-class Tok:
-    pad_token_id = 0
-    eos_token_id = 1
-
-
-def examples(n=24, seed=0, vocab=97):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        length = int(torch.randint(3, 15, (1,), generator=g))
-        ids = torch.randint(2, vocab, (length,), generator=g).tolist()
-        labels = [-100] * (length // 3) + ids[length // 3:]  # some prompt tokens masked
-        out.append(Example(ids, labels))
-    return out
-
-
-def lora_model(saved_tiny, kind="llama-gqa", dropout=0.0):
-    _, folder = saved_tiny[kind]
-    torch.manual_seed(0)
-    model = load_model(folder)
-    apply_lora(model, "all-linear", r=4, alpha=8, dropout=dropout)
-    with torch.no_grad():  # B != 0, so A gets gradients too
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    return model
-
-
-def grads(model):
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+from minilora.files import write_atomically
+from minilora.hardware import use_bf16
+from minilora.train import TrainConfig, accumulate_gradients, causal_lm_loss, lr_factor, train
 
 
 @pytest.mark.parametrize("kind", ["llama-gqa", "gpt2"])
@@ -104,39 +74,23 @@ def losses(result):
 
 def test_resume_after_stop_equals_uninterrupted(saved_tiny, tmp_path):
     model_a, full = run(saved_tiny, tmp_path / "a")
-    # The second run stops itself after step 4 (as SIGTERM would), saving a checkpoint; then resumes.
-    import minilora.train as T
+    assert not full.stopped_early
+    # The second run is asked to stop after step 5 (as SIGTERM does from the CLI), saving a checkpoint;
+    # then it resumes.
     model_b = lora_model(saved_tiny, dropout=0.1)
     cfg = TrainConfig(output_dir=str(tmp_path / "b"), epochs=3, micro_batch_size=2, batch_size=4, lr=5e-3,
                       warmup_steps=2, save_every=2, keep_last=2, progress=False, eval_every=3)
-    calls = {"n": 0}
-    real_accumulate = T.accumulate_gradients
-
-    def counting(*a, **k):
-        calls["n"] += 1
-        out = real_accumulate(*a, **k)
-        if calls["n"] == 5:
-            stopper.requested = True
-        return out
-    stopper = None
-    real_init = T._StopRequest
-
-    class Stopper(real_init):
-        def __init__(self):
-            nonlocal stopper
-            super().__init__()
-            stopper = self
-    T._StopRequest, T.accumulate_gradients = Stopper, counting
-    try:
-        stopped = train(model_b, Tok, examples(10), examples(4, seed=1), cfg)
-    finally:
-        T._StopRequest, T.accumulate_gradients = real_init, real_accumulate
+    asked = []
+    stopped = train(model_b, Tok, examples(10), examples(4, seed=1), cfg,
+                    should_stop=lambda: asked.append(1) or len(asked) == 5)
+    assert len(asked) == 5  # asked once per step, and it stopped at once
     assert stopped.stopped_early and stopped.adapter_dir is None
     assert checkpoint_folders(tmp_path / "b")[-1].name == "checkpoint-5"
     model_c = lora_model(saved_tiny, dropout=0.1)
     torch.manual_seed(123)  # whatever the RNG is now, resume restores the checkpoint's
     cfg.resume_from_checkpoint = "latest"
     resumed = train(model_c, Tok, examples(10), examples(4, seed=1), cfg)
+    assert not resumed.stopped_early
     a, c = losses(full), losses(resumed)
     assert sorted(c) == list(range(6, 10))
     for step in c:
@@ -154,7 +108,6 @@ def test_resume_after_stop_equals_uninterrupted(saved_tiny, tmp_path):
 
 
 def test_crash_during_a_checkpoint_leaves_the_previous_one_loadable(saved_tiny, tmp_path, monkeypatch):
-    import minilora.train as T
     real_save, calls = torch.save, {"n": 0}
 
     def failing_save(obj, path, *a, **k):
@@ -162,10 +115,10 @@ def test_crash_during_a_checkpoint_leaves_the_previous_one_loadable(saved_tiny, 
         if calls["n"] == 5:  # the second checkpoint, after its adapter file and while saving the optimizer
             raise OSError(28, "No space left on device")
         return real_save(obj, path, *a, **k)
-    monkeypatch.setattr(T.torch, "save", failing_save)
+    monkeypatch.setattr(torch, "save", failing_save)
     with pytest.raises(OSError, match="No space left"):
         run(saved_tiny, tmp_path)
-    monkeypatch.setattr(T.torch, "save", real_save)
+    monkeypatch.setattr(torch, "save", real_save)
     assert [f.name for f in checkpoint_folders(tmp_path)] == ["checkpoint-2"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "metrics.jsonl"]
     _, resumed = run(saved_tiny, tmp_path, resume_from_checkpoint="latest")
@@ -275,13 +228,13 @@ def test_bf16_autocast_trains(saved_tiny, tmp_path):
 
 @pytest.mark.parametrize("fast", [False, True])
 def test_bf16_auto_follows_the_machine_and_true_warns_where_bf16_is_slow(saved_tiny, tmp_path, monkeypatch, fast):
-    # a machine with or without fast bf16 products (the measurement itself: quant.matmul_is_fast)
-    monkeypatch.setattr(minilora.train, "matmul_is_fast", lambda dtype, device_type: fast)
+    # a machine with or without fast bf16 products (the measurement itself: hardware.matmul_is_fast)
+    monkeypatch.setattr(minilora.hardware, "matmul_is_fast", lambda dtype, device_type: fast)
     cpu = torch.device("cpu")
-    assert bf16_enabled("auto", cpu) is fast and bf16_enabled(False, cpu) is False
+    assert use_bf16("auto", cpu) is fast and use_bf16(False, cpu) is False
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert bf16_enabled(True, cpu) is True
+        assert use_bf16(True, cpu) is True
     assert [str(w.message)[:40] for w in caught] == ([] if fast else ["bf16 = true on a cpu whose bf16 matrix p"])
     runs = {}
     for setting in ("auto", fast):  # "auto" trains exactly as the setting it resolves to
@@ -297,112 +250,24 @@ def test_bf16_auto_follows_the_machine_and_true_warns_where_bf16_is_slow(saved_t
         assert bf16 != runs["auto"]  # the comparison can tell bf16 from fp32
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "gptj", "llama-tied"])
-@pytest.mark.parametrize("bf16", [False, True])
-def test_fused_head_and_loss_equal_the_plain_ones(saved_tiny, kind, bf16):
-    """The fused LM-head cross-entropy against F.cross_entropy over the model's logits (the oracle)."""
-    import torch.nn.functional as F
-    from minilora.train import causal_lm_loss
-    model = lora_model(saved_tiny, kind)
-    batch = collate(examples(6), 0)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        fused, n = causal_lm_loss(model, batch)
-    fused.backward()
-    got = grads(model)
-    model.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
-    labels = batch["labels"][:, 1:]
-    plain = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), reduction="sum")
-    plain.backward()
-    expected = grads(model)
-    tol = 2e-2 if bf16 else 1e-5
-    assert n == int((labels != -100).sum())
-    assert abs(fused.item() - plain.item()) <= tol * abs(plain.item())
-    for name in expected:
-        assert ((got[name] - expected[name]).norm() / expected[name].norm()).item() <= (5e-2 if bf16 else 1e-5), name
+def test_train_as_a_library_leaves_the_signal_handlers_alone(saved_tiny, tmp_path):
+    """Only the command line turns SIGINT/SIGTERM into a graceful stop; train() called from a host
+    program keeps the host's handlers, during the run and after it."""
+    def host_handler(signum, frame):
+        pass
+    before = {sig: signal.signal(sig, host_handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    seen = []
 
-
-@pytest.mark.parametrize("kind", ["gpt2", "llama-gqa"])
-def test_frozen_weights_cast_once_give_the_same_gradients(saved_tiny, kind):
-    """frozen_weights_in (bf16 runs) changes where the cast happens, not a bit of the result."""
-    from minilora.train import frozen_weights_in
-    model = lora_model(saved_tiny, kind)
-    micro = [collate(examples(4, seed=s), 0) for s in range(2)]
-    loss, _ = accumulate_gradients(model, micro, bf16=True)
-    expected = grads(model)
-    model.zero_grad(set_to_none=True)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    with frozen_weights_in(model, torch.bfloat16):
-        assert model.lm_head.weight.dtype == (torch.float32 if kind == "gpt2" else torch.bfloat16)  # tied: untouched
-        again, _ = accumulate_gradients(model, micro, bf16=True)
-    got = grads(model)
-    assert again == loss and all(torch.equal(got[n], expected[n]) for n in expected)
-    assert all(torch.equal(p, before[n]) and p.dtype == before[n].dtype for n, p in model.named_parameters())
-
-
-@pytest.mark.parametrize("padded", [False, True])
-def test_short_attention_against_sdpa_in_float64(padded):
-    """bf16 training attention on CPU (ShortAttention): outputs and q/k/v gradients as close to the exact
-    (float64) attention of the same bf16 inputs as SDPA's own bf16 kernel is, with grouped-query heads."""
-    import torch.nn.functional as F
-    from minilora.models.common import attend, attention_mask
-    g = torch.Generator().manual_seed(0)
-    B, H, Hk, T, D = 3, 8, 2, 24, 16
-    q, k, v = (torch.randn(B, h, T, D, generator=g) * s for h, s in ((H, 1.5), (Hk, 1.5), (Hk, 1.0)))
-    dout = torch.randn(B, H, T, D, generator=g)
-    pad = torch.ones(B, T, dtype=torch.long)
-    pad[1, :5] = 0  # a left-padded row
-    mask = attention_mask(pad, T, 0, "cpu") if padded else None
-
-    def run(fn, dtype):
-        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
-        out = fn(*leaves)
-        out.backward(dout.to(dtype))
-        return [out.detach().double()] + [t.grad.double() for t in leaves], type(out.grad_fn).__name__
-    sdpa = lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
-    exact, _ = run(sdpa, torch.float64)
-    ours, path = run(lambda a, b, c: attend(a, b, c, mask, 0), torch.bfloat16)
-    theirs, _ = run(sdpa, torch.bfloat16)
-    assert path == "ShortAttentionBackward"
-    for mine, sdpa_bf16, ref in zip(ours, theirs, exact):
-        err = lambda x: float((x - ref).norm() / ref.norm())
-        assert err(mine) <= max(1.5 * err(sdpa_bf16), 4e-3), (err(mine), err(sdpa_bf16))
-
-
-def test_fused_loss_over_chunks_padding_and_a_changed_head():
-    """LinearCrossEntropy against float64 F.cross_entropy(F.linear(...)): several chunks (1100 rows, 512 a
-    chunk), a vocabulary padded from 50257 to 50304, a bias, ignored targets; and the head it keeps
-    prepared between calls is remade when the weight changes in place or is given new data."""
-    import torch.nn.functional as F
-    from minilora.train import LinearCrossEntropy, prepared_head
-    g = torch.Generator().manual_seed(0)
-    vocab, d = 50257, 16
-    weight = torch.randn(vocab, d, generator=g)
-    bias = torch.randn(vocab, generator=g)
-    labels = torch.randint(0, vocab, (1100,), generator=g)
-    labels[::7] = -100
-
-    def check():
-        for b in (bias, None):  # the padding's -inf comes with the bias, or is written into the logits
-            h = torch.randn(1100, d, generator=g, dtype=torch.float64)
-            h32 = h.float().requires_grad_()
-            loss = LinearCrossEntropy.apply(h32, weight, b, labels)
-            loss.backward()
-            h64 = h.clone().requires_grad_()
-            expected = F.cross_entropy(F.linear(h64, weight.double(), None if b is None else b.double()), labels,
-                                       reduction="sum")
-            expected.backward()
-            assert abs(loss.item() - expected.item()) <= 1e-6 * abs(expected.item())
-            assert ((h32.grad.double() - h64.grad).norm() / h64.grad.norm()).item() <= 1e-5
-
-    check()
-    w, b = prepared_head(weight, bias, torch.float32, 512)[:2]
-    assert w.shape == (50304, d) and torch.isinf(b[vocab:]).all() and torch.equal(w[:vocab], weight)
-    assert prepared_head(weight, bias, torch.float32, 100)[0] is w  # another batch size: the same kept copy
-    assert prepared_head(weight, None, torch.float32, 512)[1] is None
-    with torch.no_grad():
-        weight.mul_(0.5)  # in place: the kept copy must follow
-    check()
-    weight.data = torch.randn(vocab, d, generator=g)  # new data, same Parameter-like tensor
-    check()
+    def loss_fn(model, batch):
+        seen.append((signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)))
+        return causal_lm_loss(model, batch)
+    try:
+        result = train(lora_model(saved_tiny), Tok, examples(8), None,
+                       TrainConfig(output_dir=str(tmp_path), max_steps=2, micro_batch_size=4, progress=False),
+                       loss_fn=loss_fn)
+        assert not result.stopped_early and len(seen) == 2
+        assert all(handlers == (host_handler, host_handler) for handlers in seen)
+        assert signal.getsignal(signal.SIGINT) is host_handler and signal.getsignal(signal.SIGTERM) is host_handler
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)

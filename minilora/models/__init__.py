@@ -1,21 +1,17 @@
 """The model registry: config.json's `model_type` -> the class that implements it.
 
-A new family is one file in this folder plus one line here. Every class has:
-  config_class                                  a dataclass whose fields are config.json keys
-  checkpoint_to_model(name, tensor)             Hub name/layout -> ours (None to skip a tensor)
-  model_to_checkpoint(name, tensor)             and back, for saving merged weights
-  tied_weights                                  {alias: source} of parameters shared by tying
-  forward(input_ids, attention_mask, ...)       logits
+A new family is one file in this folder plus one line here. Every class keeps the contract written
+down in common.PretrainedModel (config class, checkpoint name mapping, output heads, tied weights,
+the fingerprint that decides whether an adapter fits) and takes (input_ids, attention_mask) to logits,
+or to hidden states for the embedding models.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch.nn as nn
-
 from ..errors import ConfigError
-from .common import KVCache, config_from_dict
+from .common import KVCache, PretrainedModel, config_from_dict
 from .bert import (BertForEmbedding, BertForSequenceClassification, DistilBertForEmbedding,
                    DistilBertForSequenceClassification)
 from .gpt2 import GPT2LMHeadModel
@@ -23,7 +19,7 @@ from .gptj import GPTJForCausalLM
 from .llama import LlamaForCausalLM
 
 # Decoders have one task (causal LM); encoders one class per task.
-MODEL_TYPES: dict[str, type[nn.Module] | dict[str, type[nn.Module]]] = {
+MODEL_TYPES: dict[str, type[PretrainedModel] | dict[str, type[PretrainedModel]]] = {
     "gpt2": GPT2LMHeadModel,
     "gptj": GPTJForCausalLM,
     "llama": LlamaForCausalLM,
@@ -33,8 +29,13 @@ MODEL_TYPES: dict[str, type[nn.Module] | dict[str, type[nn.Module]]] = {
     "distilbert": {"classification": DistilBertForSequenceClassification, "embedding": DistilBertForEmbedding},
 }
 
+# Published configs built into the families (GPT-2's four sizes, GPT-J-6B): reports work offline.
+PRESETS: dict[str, dict[str, Any]] = {name: config for entry in MODEL_TYPES.values()
+                                      for cls in (entry.values() if isinstance(entry, dict) else [entry])
+                                      for name, config in cls.presets.items()}
 
-def model_class(config: dict[str, Any], source: str = "config.json", task: str | None = None) -> type[nn.Module]:
+
+def model_class(config: dict[str, Any], source: str = "config.json", task: str | None = None) -> type[PretrainedModel]:
     """The class for config.json's model_type and a task: "causal-lm" (decoders), or "classification" /
     "embedding" (encoders; by default "classification" if the checkpoint is a classifier)."""
     kind = config.get("model_type")
@@ -55,10 +56,10 @@ def model_class(config: dict[str, Any], source: str = "config.json", task: str |
     return entry[task]
 
 
-def build_model(config: dict[str, Any], source: str = "config.json", task: str | None = None) -> nn.Module:
+def build_model(config: dict[str, Any], source: str = "config.json", task: str | None = None) -> PretrainedModel:
     """Construct the model for a config.json dict (on the current default device, e.g. `meta`)."""
     cls = model_class(config, source, task)
     return cls(config_from_dict(cls.config_class, config, source))
 
 
-__all__ = ["MODEL_TYPES", "KVCache", "build_model", "model_class"]
+__all__ = ["MODEL_TYPES", "PRESETS", "KVCache", "PretrainedModel", "build_model", "model_class"]

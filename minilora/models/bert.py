@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from .common import activation
+from .common import PretrainedModel, activation
 
 
 @dataclass
@@ -258,17 +258,20 @@ class BertModel(nn.Module):
 
 # --- The task models ------------------------------------------------------------------------------
 
-class Encoder(nn.Module):
-    """What the encoder models share: the checkpoint name mapping, fresh heads, the embeddings."""
+class Encoder(PretrainedModel):
+    """What the encoder models share: the backbone under its checkpoint name, the checkpoint name
+    mapping, fresh heads over a bare encoder. As is, an embedding model: forward gives the last
+    hidden states (B, T, C), `embed` mean-pools them. The classifiers add a head on the first token."""
 
-    prefix: str                      # "bert" or "distilbert": the backbone's attribute name
-    head_keys: tuple[str, ...] = ()  # prefixes a base-encoder checkpoint may lack: initialised fresh
+    prefix: str                 # "bert" or "distilbert": the backbone's attribute name
+    backbone: type[nn.Module]   # BertModel or DistilBertModel
     ignored = ("vocab_transform.", "vocab_layer_norm.", "vocab_projector.", "cls.", "qa_outputs.")
-    task_type = "SEQ_CLS"
-    tied_weights: dict[str, str] = {}
+    task_type = "FEATURE_EXTRACTION"
 
-    def tie_weights(self) -> None:
-        pass
+    def __init__(self, cfg) -> None:
+        super().__init__()
+        self.config = cfg
+        setattr(self, self.prefix, self.backbone(cfg))
 
     @property
     def max_length(self) -> int:
@@ -282,86 +285,65 @@ class Encoder(nn.Module):
     def checkpoint_to_model(cls, name: str, tensor: torch.Tensor):
         if name.endswith("position_ids") or name.startswith(cls.ignored):
             return None  # a saved arange buffer; masked-LM heads we do not use
-        if not name.startswith(cls.prefix + ".") and not name.startswith(cls.head_keys):
+        if not name.startswith((cls.prefix + ".", *(h + "." for h in cls.output_heads))):
             name = f"{cls.prefix}.{name}"  # the bare encoder's layout (BertModel, as all-MiniLM-L6-v2)
         return name, tensor
 
-    @staticmethod
-    def model_to_checkpoint(name: str, tensor: torch.Tensor):
-        return name, tensor
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return getattr(self, self.prefix)(input_ids, attention_mask)
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Sentence embeddings (B, C): the backbone's last hidden states, mean-pooled over real tokens."""
         return mean_pool(getattr(self, self.prefix)(input_ids, attention_mask), attention_mask)
 
-    def init_head(self, name: str, shape: torch.Size, device) -> torch.Tensor:
+    def init_head(self, name: str, shape: torch.Size, device) -> torch.Tensor | None:
         """A fresh head tensor, as transformers initialises one: N(0, 0.02) weights, zero biases."""
+        if not name.startswith(tuple(h + "." for h in self.output_heads)):
+            return None
         t = torch.zeros(shape, device=device)
         return t.normal_(0.0, 0.02) if name.endswith("weight") else t
 
 
-class DistilBertForSequenceClassification(Encoder):
-    config_class = DistilBertConfig
-    prefix = "distilbert"
-    head_keys = ("pre_classifier.", "classifier.")
-
-    def __init__(self, cfg: DistilBertConfig) -> None:
-        super().__init__()
-        self.config = cfg
-        self.distilbert = DistilBertModel(cfg)
-        self.pre_classifier = nn.Linear(cfg.dim, cfg.dim)
-        self.classifier = nn.Linear(cfg.dim, cfg.num_labels)
-        self.dropout = nn.Dropout(cfg.seq_classif_dropout)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, num_labels) from the first token's hidden state."""
-        h = self.distilbert(input_ids, attention_mask)[:, 0]
-        return self.classifier(self.dropout(F.relu(self.pre_classifier(h))))
+class BertForEmbedding(Encoder):
+    config_class, prefix, backbone = BertConfig, "bert", BertModel
+    fingerprint_fields = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")
 
 
-class BertForSequenceClassification(Encoder):
-    config_class = BertConfig
-    prefix = "bert"
-    head_keys = ("classifier.",)
+class DistilBertForEmbedding(Encoder):
+    config_class, prefix, backbone = DistilBertConfig, "distilbert", DistilBertModel
+    fingerprint_fields = ("model_type", "vocab_size", "dim", "n_layers")
+
+
+class BertForSequenceClassification(BertForEmbedding):
+    """first token -> pooler (dense + tanh, part of the pretrained encoder) -> dropout -> classifier."""
+    task_type = "SEQ_CLS"
+    output_heads = ("classifier",)
 
     def __init__(self, cfg: BertConfig) -> None:
-        super().__init__()
-        self.config = cfg
-        self.bert = BertModel(cfg)
+        super().__init__(cfg)
         p = cfg.classifier_dropout if cfg.classifier_dropout is not None else cfg.hidden_dropout_prob
         self.dropout = nn.Dropout(p)
         self.classifier = nn.Linear(cfg.hidden_size, cfg.num_labels)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, num_labels)."""
         h = self.bert(input_ids, attention_mask, token_type_ids)
         return self.classifier(self.dropout(self.bert.pooler(h)))
 
 
-class BertForEmbedding(Encoder):
-    """The encoder alone: forward gives the last hidden states (B, T, hidden); `embed` mean-pools them."""
-    config_class = BertConfig
-    prefix = "bert"
-    task_type = "FEATURE_EXTRACTION"
-
-    def __init__(self, cfg: BertConfig) -> None:
-        super().__init__()
-        self.config = cfg
-        self.bert = BertModel(cfg)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.bert(input_ids, attention_mask)
-
-
-class DistilBertForEmbedding(Encoder):
-    config_class = DistilBertConfig
-    prefix = "distilbert"
-    task_type = "FEATURE_EXTRACTION"
+class DistilBertForSequenceClassification(DistilBertForEmbedding):
+    """first token -> pre_classifier -> ReLU -> dropout -> classifier; both linears are the head."""
+    task_type = "SEQ_CLS"
+    output_heads = ("pre_classifier", "classifier")
 
     def __init__(self, cfg: DistilBertConfig) -> None:
-        super().__init__()
-        self.config = cfg
-        self.distilbert = DistilBertModel(cfg)
+        super().__init__(cfg)
+        self.pre_classifier = nn.Linear(cfg.dim, cfg.dim)
+        self.classifier = nn.Linear(cfg.dim, cfg.num_labels)
+        self.dropout = nn.Dropout(cfg.seq_classif_dropout)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.distilbert(input_ids, attention_mask)
+        """Logits (B, num_labels)."""
+        h = self.distilbert(input_ids, attention_mask)[:, 0]
+        return self.classifier(self.dropout(F.relu(self.pre_classifier(h))))

@@ -1,4 +1,5 @@
-"""What every model family shares: config parsing, the attention mask, position ids, the KV cache.
+"""What every model family shares: the model contract (PretrainedModel), config parsing, the attention
+mask, position ids, the KV cache, the block loop with gradient checkpointing.
 
 Each is a few lines; they live here so the family files hold only what makes a family different.
 """
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from ..errors import ConfigError
+from ..kernels import SHORT_ATTENTION, ShortAttention
 
 C = TypeVar("C")
 
@@ -124,40 +126,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
                                           scale=scale, enable_gqa=k.shape[1] != q.shape[1])
 
 
-SHORT_ATTENTION = 1 << 22  # batch x heads x queries x keys up to which ShortAttention replaces SDPA in training
-
-
-class ShortAttention(torch.autograd.Function):
-    """softmax(q k^T * scale + bias) v for bf16/fp16 training on CPU: scores and softmax in fp32.
-
-    SDPA's CPU flash kernel in bf16 takes four to five times its forward time for the backward pass
-    (28 vs 6 ms for a GPT-2-medium layer at 8 x 128 tokens); with the probabilities kept for the
-    backward (in bf16, at most 8 MB a layer: hence "short"), plain batched matmuls do both in about
-    half the time. bias is 0 where a query may attend to a key and -inf where not; every row has a 0."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, bias, scale):
-        B, H, T, S = *q.shape[:3], k.shape[2]
-        q, k, v = (t.contiguous() for t in (q, k, v))  # one copy each here, not one per matmul below
-        bias = bias.expand(B, H, T, S).reshape(B * H, T, S)  # a view for a (Tq, Tk) bias; a copy for (B, 1, Tq, Tk)
-        scores = torch.baddbmm(bias, q.float().view(B * H, T, -1), k.float().view(B * H, S, -1).transpose(1, 2),
-                               alpha=scale)  # bias + scale · q k^T in one pass, fp32
-        p = torch.softmax(scores, dim=-1).to(v.dtype).view(B, H, T, S)
-        ctx.save_for_backward(q, k, v, p)
-        ctx.scale = scale
-        return p @ v  # (B, H, Tq, D)
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, p = ctx.saved_tensors
-        dout = dout.contiguous()
-        dv = p.transpose(-1, -2) @ dout
-        dp = (dout @ v.transpose(-1, -2)).float()
-        p = p.float()
-        ds = p.mul_(dp.sub_((dp * p).sum(-1, keepdim=True))).mul_(ctx.scale).to(q.dtype)  # softmax backward, fp32
-        return ds @ k, ds.transpose(-1, -2) @ q, dv, None, None
-
-
 def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, *args, checkpoint: bool = False) -> torch.Tensor:
     """x through every block; with `checkpoint`, each block is recomputed in the backward pass instead of
     keeping its activations. use_reentrant=False lets gradients reach LoRA weights inside a block even
@@ -197,20 +165,79 @@ def resize_token_embeddings(model: nn.Module, size: int) -> None:
     model.config.vocab_size = size
 
 
-class CausalLM(nn.Module):
+class PretrainedModel(nn.Module):
+    """The contract between a model family and the rest of minilora: the loader, LoRA, quantization and
+    adapters use only what is declared here. A new family subclasses this (usually through CausalLM),
+    sets the class attributes, and takes one line in the registry (models/__init__.py).
+
+    config_class         a dataclass whose fields are config.json's keys (config_from_dict builds it)
+    presets              {name: config.json dict} of published sizes, for reports with no download
+    task_type            PEFT's task_type for an adapter of this model: CAUSAL_LM, SEQ_CLS, ...
+    output_heads         names of the modules that produce the output: "all-linear" LoRA and 8-bit
+                         loading leave them alone, and init_head may make them fresh
+    fingerprint_fields   config fields an adapter's base model must share with this one to fit it
+    conv1d_layout        the checkpoint stores its linear weights as (in, out): PEFT's fan_in_fan_out
+
+    An instance has `config` (a config_class), `input_embeddings` and `max_length`; the loader adds
+    `name_or_path`, `config_dict` (config.json as read) and `source_path`.
+    """
+
+    config_class: type
+    presets: dict[str, dict[str, Any]] = {}
+    task_type = "CAUSAL_LM"
+    output_heads: tuple[str, ...] = ()
+    fingerprint_fields: tuple[str, ...] = ("model_type", "vocab_size")
+    conv1d_layout = False
+
+    @classmethod
+    def checkpoint_to_model(cls, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
+        """A checkpoint tensor's name and layout -> this model's (None: not a tensor of the model)."""
+        return name, tensor
+
+    @classmethod
+    def model_to_checkpoint(cls, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor]:
+        """And back, for saving: the inverse of checkpoint_to_model."""
+        return name, tensor
+
+    @property
+    def tied_weights(self) -> dict[str, str]:
+        """{alias: source} of the parameters shared by tying; a checkpoint holds only the source."""
+        return {}
+
+    def tie_weights(self) -> None:
+        """Make every alias of tied_weights the same tensor as its source (after loading)."""
+
+    def init_head(self, name: str, shape: torch.Size, device: torch.device | str) -> torch.Tensor | None:
+        """A fresh tensor for `name` when the checkpoint lacks it and it belongs to an output head that
+        may start untrained (a classifier over a bare encoder); None where a missing tensor is an error."""
+        return None
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The config values that decide whether an adapter fits this model."""
+        return {k: getattr(self.config, k) for k in self.fingerprint_fields}
+
+    @property
+    def input_embeddings(self) -> nn.Embedding:
+        raise NotImplementedError
+
+    @property
+    def max_length(self) -> int:
+        raise NotImplementedError
+
+
+class CausalLM(PretrainedModel):
     """What the decoder families share around their backbone: the LM head, tying it to the token
-    embeddings, and the default (identity) checkpoint mapping. A family sets `backbone` (the attribute
+    embeddings, and the hidden states the fused head loss reads. A family sets `backbone` (the attribute
     holding its blocks, named as in the checkpoint), `embeddings` (the token embedding inside it) and
     `context` (the config field giving the context length)."""
 
     backbone: str
     embeddings: str
     context: str
-    task_type = "CAUSAL_LM"
+    output_heads = ("lm_head",)
 
     @property
     def tied_weights(self) -> dict[str, str]:
-        """{alias: source} of the parameters shared by tying (the head is saved under the embedding)."""
         tied = self.config.tie_word_embeddings
         return {"lm_head.weight": f"{self.backbone}.{self.embeddings}.weight"} if tied else {}
 
@@ -235,11 +262,3 @@ class CausalLM(nn.Module):
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) for input_ids (B, T); attention_mask (B, past + T) has 1 for real tokens."""
         return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, cache))
-
-    @staticmethod
-    def checkpoint_to_model(name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
-        return name, tensor
-
-    @staticmethod
-    def model_to_checkpoint(name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor]:
-        return name, tensor

@@ -129,8 +129,9 @@ class GPT2Model(nn.Module):
 class GPT2LMHeadModel(CausalLM):
     """GPT-2 with its language-model head, tied to the token embeddings as in every GPT-2 checkpoint."""
 
-    config_class = GPT2Config
+    config_class, presets = GPT2Config, PRESETS
     backbone, embeddings, context = "transformer", "wte", "n_positions"
+    fingerprint_fields = ("model_type", "vocab_size", "n_embd", "n_layer")
     conv1d_layout = True  # the checkpoint's projections are Conv1D (in, out): PEFT's fan_in_fan_out
 
     def __init__(self, cfg: GPT2Config) -> None:
@@ -142,8 +143,8 @@ class GPT2LMHeadModel(CausalLM):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.tie_weights()
 
-    @staticmethod
-    def checkpoint_to_model(name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
+    @classmethod
+    def checkpoint_to_model(cls, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
         """Hub name and layout -> ours. Checkpoints of the bare GPT2Model (the Hub's gpt2*) lack the
         `transformer.` prefix; `attn.bias`/`attn.masked_bias` are saved causal-mask buffers we skip."""
         if name.endswith((".attn.bias", ".attn.masked_bias")):
@@ -154,6 +155,6 @@ class GPT2LMHeadModel(CausalLM):
             tensor = tensor.t()  # Conv1D (in, out) -> Linear (out, in)
         return name, tensor
 
-    @staticmethod
-    def model_to_checkpoint(name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor]:
+    @classmethod
+    def model_to_checkpoint(cls, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor]:
         return name, (tensor.t() if name.endswith(CONV1D) else tensor)

@@ -126,8 +126,9 @@ class GPTJModel(nn.Module):
 
 
 class GPTJForCausalLM(CausalLM):
-    config_class = GPTJConfig
+    config_class, presets = GPTJConfig, PRESETS
     backbone, embeddings, context = "transformer", "wte", "n_positions"
+    fingerprint_fields = ("model_type", "vocab_size", "n_embd", "n_layer")
 
     def __init__(self, cfg: GPTJConfig) -> None:
         super().__init__()
@@ -138,8 +139,8 @@ class GPTJForCausalLM(CausalLM):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size)
         self.tie_weights()
 
-    @staticmethod
-    def checkpoint_to_model(name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
+    @classmethod
+    def checkpoint_to_model(cls, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
         if name.endswith((".attn.bias", ".attn.masked_bias")):  # saved causal-mask buffers
             return None
         return name, tensor

@@ -180,6 +180,7 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(CausalLM):
     config_class = LlamaConfig
     backbone, embeddings, context = "model", "embed_tokens", "max_position_embeddings"
+    fingerprint_fields = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")
 
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
@@ -188,8 +189,8 @@ class LlamaForCausalLM(CausalLM):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
 
-    @staticmethod
-    def checkpoint_to_model(name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
+    @classmethod
+    def checkpoint_to_model(cls, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
         if name.endswith(".rotary_emb.inv_freq"):  # a buffer some old checkpoints saved; we compute it
             return None
         return name, tensor

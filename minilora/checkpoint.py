@@ -1,0 +1,123 @@
+"""Training checkpoints: output_dir/checkpoint-<step>/ folders, the run's metrics log, and resume.
+
+A checkpoint holds the adapter (PEFT's files), the optimizer, the scheduler, every rank's RNG state and
+trainer_state.json (the step, the best metric so far, and the run's fingerprint). Each is written to a
+temporary folder and renamed into place, trainer_state.json last, so a folder with its final name is
+complete: a crash at any moment leaves the previous checkpoint loadable. Resuming restores all of it,
+and refuses a checkpoint whose fingerprint (batch sizes, schedule, seed, data size...) differs from the
+run's, since the loss curve would then not continue.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from . import distributed
+from .adapter import load_adapter, write_adapter_files
+from .errors import CheckpointError
+from .files import read_json, write_atomically
+
+STATE_FILE = "trainer_state.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+def checkpoint_folders(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints, oldest first (a folder is complete once its final name exists)."""
+    out = Path(output_dir)
+    found = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()
+             and (p / STATE_FILE).is_file()] if out.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def run_fingerprint(config: Any, n_train: int, total_steps: int) -> dict[str, Any]:
+    """What must be the same for a checkpoint to be resumed exactly, from a TrainConfig and the run."""
+    return dict(batch_size=config.batch_size, micro_batch_size=config.micro_batch_size, seed=config.seed,
+                lr=config.lr, lr_schedule=config.lr_schedule, warmup_steps=config.warmup_steps,
+                total_steps=total_steps, n_train=n_train, processes=distributed.rank_and_world()[1])
+
+
+def save_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, state: dict[str, Any]) -> Path:
+    """Called on every rank: rank 0 writes the folder, with every rank's RNG state (dropout differs by rank)."""
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    ranks = distributed.gather_objects(rng)
+    if not distributed.is_main():
+        return folder
+
+    def write(tmp: Path) -> None:
+        write_adapter_files(tmp, model)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save({**rng, "ranks": ranks} if len(ranks) > 1 else rng, tmp / "rng.pt")
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")  # written last
+    return write_atomically(folder, write)
+
+
+def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, expected: dict[str, Any]) -> dict[str, Any]:
+    """Restore a checkpoint into the model, optimizer, scheduler and RNG; returns trainer_state.json.
+    Refused, naming each difference, when the checkpoint's fingerprint is not `expected`."""
+    state = read_json(folder / STATE_FILE)
+    saved = state.get("run", {})
+    wrong = [f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}" for k, v in expected.items() if saved.get(k) != v]
+    if wrong:
+        raise CheckpointError(f"{folder}: cannot resume, the run's settings changed ({'; '.join(wrong)})")
+    load_adapter(model, folder)
+    try:
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+        scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+        rng = torch.load(folder / "rng.pt", weights_only=True)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{folder}: incomplete checkpoint, {Path(e.filename).name} is missing") from None
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{folder}: optimizer or scheduler state does not fit this run ({e})") from None
+    rng = rng["ranks"][distributed.rank_and_world()[0]] if "ranks" in rng else rng
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return state
+
+
+def rotate(output_dir: Path, keep_last: int | None) -> None:
+    """Delete all but the newest keep_last checkpoints (the best model lives apart, in best/)."""
+    if keep_last is not None and distributed.is_main():
+        for old in checkpoint_folders(output_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve_resume(value: str, output_dir: Path) -> Path:
+    """The checkpoint folder that `resume_from_checkpoint` names: a folder, or "latest" in output_dir."""
+    if value == "latest":
+        found = checkpoint_folders(output_dir)
+        if not found:
+            raise CheckpointError(f"{output_dir}: no checkpoint to resume from")
+        return found[-1]
+    folder = Path(os.path.expanduser(value))
+    if not (folder / STATE_FILE).is_file():
+        raise CheckpointError(f"{folder}: not a checkpoint folder (no {STATE_FILE})")
+    return folder
+
+
+class MetricsLog:
+    """output_dir/metrics.jsonl: one JSON record per logged step or evaluation, appended as they come.
+    Opened at a resumed step, it first drops what came after that step, so that the file reads as one
+    uninterrupted run. Rank 0 alone writes; on other ranks every call does nothing."""
+
+    def __init__(self, output_dir: Path, resumed_step: int = 0) -> None:
+        self.file = output_dir / METRICS_FILE if distributed.is_main() else None
+        if self.file is not None and self.file.exists():
+            keep = [line for line in self.file.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resumed_step]
+            self.file.write_text("".join(line + "\n" for line in keep))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.file is not None:
+            with open(self.file, "a") as f:
+                f.write(json.dumps(record) + "\n")

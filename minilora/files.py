@@ -1,0 +1,186 @@
+"""File access: find a checkpoint (a local path or a Hub repo id), read JSON, read safetensors one
+tensor at a time, and write a folder atomically. Every error names the file at fault.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from .errors import CheckpointError
+
+# What a model needs from a Hub repo: never the .bin/.h5/.msgpack duplicates of the same weights.
+HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+             "merges.txt", "vocab.txt"]
+
+Tensors = Iterator[tuple[str, torch.Tensor]]
+
+
+def _looks_local(source: str) -> bool:
+    return source.startswith(("/", ".", "~")) or source.endswith((".gguf", ".safetensors")) \
+        or source.count("/") > 1 or os.sep in source and os.sep != "/"
+
+
+def resolve(source: str | os.PathLike, revision: str | None = None, files: list[str] | None = None) -> Path:
+    """A local folder or file as is; a Hub repo id downloaded (or found in the cache) with huggingface-hub.
+
+    `revision` pins a Hub branch, tag or commit. HF_HUB_OFFLINE=1 makes huggingface-hub use its cache only.
+    """
+    path = Path(os.path.expanduser(str(source)))
+    if path.exists():
+        return path
+    source = str(source)
+    if _looks_local(source):
+        raise CheckpointError(f"{source}: no such file or folder")
+    from huggingface_hub import snapshot_download  # imported here: local use never touches the network code
+    try:
+        return Path(snapshot_download(repo_id=source, revision=revision, allow_patterns=files or HUB_FILES))
+    except Exception as e:  # network down, repo missing, gated, bad id: all mean "not available"
+        raise CheckpointError(f"{source}: not a local path, and the Hugging Face Hub could not provide it "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+                              "Pass a local folder with config.json and *.safetensors instead.") from None
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a file; CheckpointError naming the file if it is missing, not JSON or not an object."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def write_atomically(folder: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Run write(tmp_folder), then swap tmp_folder in for `folder` by rename: a crash at any point
+    leaves either the old complete folder or the new complete one, never a half-written one."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # What a process killed here earlier may have left: a half-written temporary (dropped), or the
+    # previous version moved aside just before the new one was renamed in (put back).
+    for stale in folder.parent.glob(f".{folder.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for aside in sorted(folder.parent.glob(f".{folder.name}.old-*")):
+        if folder.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            aside.rename(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint tensors, one at a time
+
+def checkpoint_tensors(folder: Path, map_dtype: torch.dtype | None = None) -> Tensors:
+    """Every tensor of a Hub-style checkpoint folder, read one at a time: sharded or single safetensors,
+    or (with torch's weights_only loader, which refuses arbitrary pickled objects) pytorch_model.bin.
+    Safetensors tensors already of `map_dtype` are memory-mapped rather than read (see below)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no weight_map object")
+        files = [folder / f for f in sorted(set(weight_map.values()))]
+    elif (folder / "model.safetensors").is_file():
+        files = [folder / "model.safetensors"]
+    elif (folder / "pytorch_model.bin").is_file():
+        yield from _pickle_tensors(folder / "pytorch_model.bin")
+        return
+    else:
+        raise CheckpointError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+    for file in files:
+        yield from safetensors_tensors(file, map_dtype)
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def safetensors_tensors(file: Path, map_dtype: torch.dtype | None = None) -> Tensors:
+    """The tensors of one .safetensors file, one at a time.
+
+    The format: 8 bytes of header length, a JSON header {name: {dtype, shape, data_offsets}}, then the
+    data. A tensor the model keeps as it is (its dtype is `map_dtype`) is a view of a private
+    (copy-on-write) memory map of the file: no copy, the page cache's pages become the model's, as
+    transformers does. Any other tensor is read into its own fresh buffer, so that memory is gone as
+    soon as the model no longer needs it (a quantized or cast load drops each tensor after converting
+    it) and nothing of the file stays resident: peak memory is the model plus one tensor."""
+    if not file.is_file():
+        raise CheckpointError(f"{file}: shard listed in the index is missing")
+    size = file.stat().st_size
+    corrupt = f"{file}: not a readable safetensors file, truncated or corrupt"
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+        if not 0 < n <= size - 8:
+            raise CheckpointError(f"{corrupt} (header length {n} for a file of {size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{corrupt} (the header is not JSON)") from None
+        header.pop("__metadata__", None)
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if map_dtype is not None else None
+        for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            dtype, shape, (begin, end) = SAFETENSORS_DTYPES.get(info["dtype"]), info["shape"], info["data_offsets"]
+            if dtype is None:
+                raise CheckpointError(f"{file}: tensor {name} has dtype {info['dtype']}, which is not supported")
+            numel = int(np.prod(shape)) if shape else 1
+            if end - begin != numel * dtype.itemsize or 8 + n + end > size:
+                raise CheckpointError(f"{corrupt} (tensor {name} runs past the end of the file or has the wrong size)")
+            if mapped is not None and dtype == map_dtype and numel and (8 + n + begin) % dtype.itemsize == 0:
+                yield name, torch.frombuffer(mapped, dtype=dtype, count=numel, offset=8 + n + begin).reshape(shape)
+                continue
+            f.seek(8 + n + begin)
+            buffer = bytearray(end - begin)
+            f.readinto(buffer)
+            yield name, (torch.frombuffer(buffer, dtype=dtype) if numel else torch.empty(0, dtype=dtype)).reshape(shape)
+
+
+def _pickle_tensors(file: Path) -> Tensors:
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise CheckpointError(f"{file}: refused; loading it needs more than weights_only=True allows, "
+                              f"or it is corrupt ({type(e).__name__}). Convert it to safetensors.") from None
+    yield from state.items()
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by Python/torch back to the OS (glibc keeps it otherwise, and a quantizing load
+    that frees one large tensor per step would see its resident size creep up by their sum)."""
+    global _libc
+    if _libc is None:
+        try:
+            import ctypes
+            _libc = ctypes.CDLL("libc.so.6")
+        except OSError:
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
+
+
+_libc = None

@@ -1,0 +1,174 @@
+"""GGUF, llama.cpp's file format: a header of typed key/values, a table of tensors, then aligned data.
+
+Read here: a Llama-architecture file's config (from its metadata) and its tensors under the Hub's
+names, quantized blocks (Q4_0, Q4_1, Q8_0) dequantized to fp32 and the q/k rows put back in the Hub's
+RoPE order. The tokenizer in the metadata is rebuilt by tokenizer.py.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from .errors import CheckpointError, ConfigError
+
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+GGML_F32, GGML_F16, GGML_Q4_0, GGML_Q4_1, GGML_Q8_0, GGML_BF16 = 0, 1, 2, 3, 8, 30
+# (elements per block, bytes per block)
+_BLOCKS = {GGML_F32: (1, 4), GGML_F16: (1, 2), GGML_BF16: (1, 2), GGML_Q4_0: (32, 18), GGML_Q4_1: (32, 20),
+           GGML_Q8_0: (32, 34)}
+
+
+class _Reader:
+    def __init__(self, buf: memoryview, path: Path) -> None:
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def scalar(self, fmt: str):
+        try:
+            (v,) = struct.unpack_from(fmt, self.buf, self.pos)
+        except struct.error:
+            raise CheckpointError(f"{self.path}: GGUF header is truncated at byte {self.pos}") from None
+        self.pos += struct.calcsize(fmt)
+        return v
+
+    def string(self) -> str:
+        n = self.scalar("<Q")
+        s = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8", errors="replace")
+        self.pos += n
+        return s
+
+    def value(self, kind: int):
+        if kind == 8:
+            return self.string()
+        if kind == 9:
+            item, n = self.scalar("<I"), self.scalar("<Q")
+            return [self.value(item) for _ in range(n)]
+        if kind not in _SCALARS:
+            raise CheckpointError(f"{self.path}: unknown GGUF value type {kind} at byte {self.pos}")
+        return self.scalar(_SCALARS[kind])
+
+
+@dataclass
+class GGUFFile:
+    path: Path
+    meta: dict[str, Any]                                   # the header's key/values
+    infos: dict[str, tuple[tuple[int, ...], int, int]]     # name -> (torch shape, ggml type, offset in the data)
+    data_start: int                                        # byte where the tensor data starts
+
+
+def read_gguf(path: Path) -> GGUFFile:
+    """The header of a GGUF file (version 2 or 3); the tensor data is read later, one tensor at a time."""
+    with open(path, "rb") as f:
+        buf = memoryview(np.memmap(f, dtype=np.uint8, mode="r"))
+    r = _Reader(buf, path)
+    if bytes(buf[:4]) != b"GGUF":
+        raise CheckpointError(f"{path}: not a GGUF file (no GGUF magic bytes)")
+    r.pos = 4
+    version, n_tensors, n_kv = r.scalar("<I"), r.scalar("<Q"), r.scalar("<Q")
+    if version not in (2, 3):
+        raise CheckpointError(f"{path}: GGUF version {version} is not supported (2 and 3 are)")
+    meta = {}
+    for _ in range(n_kv):
+        key = r.string()
+        meta[key] = r.value(r.scalar("<I"))
+    infos = {}
+    for _ in range(n_tensors):
+        name = r.string()
+        dims = [r.scalar("<Q") for _ in range(r.scalar("<I"))]
+        kind, offset = r.scalar("<I"), r.scalar("<Q")
+        infos[name] = (tuple(reversed(dims)), kind, offset)  # GGUF lists the fastest dimension first
+    align = meta.get("general.alignment", 32)
+    return GGUFFile(Path(path), meta, infos, (r.pos + align - 1) // align * align)
+
+
+def dequantize(raw: np.ndarray, kind: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """fp32 values of one tensor's raw bytes. Q8_0: d·q; Q4_0: d·(q - 8); Q4_1: d·q + m; blocks of 32
+    values, each with its fp16 scale d (and minimum m)."""
+    if kind == GGML_F32:
+        out = raw.view(np.float32).copy()
+    elif kind == GGML_F16:
+        out = raw.view(np.float16).astype(np.float32)
+    elif kind == GGML_BF16:
+        return torch.from_numpy(raw.view(np.int16).copy()).view(torch.bfloat16).float().reshape(shape)
+    else:
+        blocks = raw.reshape(-1, _BLOCKS[kind][1])
+        d = blocks[:, :2].copy().view(np.float16).astype(np.float32)  # (n_blocks, 1) scale per 32 values
+        if kind == GGML_Q8_0:
+            out = d * blocks[:, 2:].view(np.int8).astype(np.float32)
+        else:
+            qs = blocks[:, 4:] if kind == GGML_Q4_1 else blocks[:, 2:]
+            q = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.float32)  # low nibbles first
+            if kind == GGML_Q4_0:
+                out = d * (q - 8)
+            else:
+                out = d * q + blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+    return torch.from_numpy(np.ascontiguousarray(out)).reshape(shape)
+
+
+GGUF_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
+              "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+              "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+              "ffn_down": "mlp.down_proj"}
+
+
+def gguf_config(file: GGUFFile) -> dict[str, Any]:
+    """A Llama config.json dict from GGUF metadata."""
+    meta, path = file.meta, file.path
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ConfigError(f"{path}: GGUF architecture {arch!r} is not supported (llama is)")
+    def get(key: str, default: Any = ConfigError):
+        if f"llama.{key}" in meta:
+            return meta[f"llama.{key}"]
+        if default is ConfigError:
+            raise ConfigError(f"{path}: GGUF metadata has no llama.{key}")
+        return default
+    heads = get("attention.head_count")
+    hidden = get("embedding_length")
+    return dict(model_type="llama", vocab_size=get("vocab_size", len(meta.get("tokenizer.ggml.tokens", [])) or None),
+                hidden_size=hidden, intermediate_size=get("feed_forward_length"),
+                num_hidden_layers=get("block_count"), num_attention_heads=heads,
+                num_key_value_heads=get("attention.head_count_kv", heads),
+                head_dim=get("rope.dimension_count", hidden // heads),
+                max_position_embeddings=get("context_length", 2048),
+                rms_norm_eps=get("attention.layer_norm_rms_epsilon", 1e-5), rope_theta=get("rope.freq_base", 10000.0),
+                tie_word_embeddings="output.weight" not in file.infos,
+                bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+                eos_token_id=meta.get("tokenizer.ggml.eos_token_id"))
+
+
+def gguf_tensors(file: GGUFFile) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors under the Hub's names, dequantized to fp32, with q/k rows put back in the Hub's RoPE order."""
+    meta, path = file.meta, file.path
+    heads = meta["llama.attention.head_count"]
+    kv_heads = meta.get("llama.attention.head_count_kv", heads)
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    for gguf_name, (shape, kind, offset) in file.infos.items():
+        if kind not in _BLOCKS:
+            raise CheckpointError(f"{path}: tensor {gguf_name} has GGML type {kind}, which is not supported "
+                                  "(F32, F16, BF16, Q4_0, Q4_1, Q8_0 are)")
+        per_block, block_bytes = _BLOCKS[kind]
+        numel = int(np.prod(shape))
+        start = file.data_start + offset
+        raw = data[start:start + numel // per_block * block_bytes]
+        if raw.size != numel // per_block * block_bytes:
+            raise CheckpointError(f"{path}: tensor {gguf_name} runs past the end of the file (truncated?)")
+        w = dequantize(raw, kind, shape)
+        parts = gguf_name.split(".")  # blk.N.attn_q.weight or token_embd.weight
+        if parts[0] == "blk":
+            name = f"model.layers.{parts[1]}.{GGUF_NAMES.get(parts[2], parts[2])}.{parts[3]}"
+            if parts[2] in ("attn_q", "attn_k") and w.dim() == 2:
+                # llama.cpp interleaves each head's rotary halves; undo it to get the Hub's rotate-half rows.
+                n = heads if parts[2] == "attn_q" else kv_heads
+                rows, cols = w.shape
+                w = w.reshape(n, rows // n // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+        else:
+            name = f"{GGUF_NAMES.get(parts[0], parts[0])}.{parts[1]}"
+        yield name, w

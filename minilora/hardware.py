@@ -1,0 +1,68 @@
+"""Which matrix products are fast on this device: the one place that asks.
+
+On CUDA, and on CPUs with AMX or AVX-512 (VNNI, BF16), bf16 and int8 products run 1.5-4x faster than
+fp32. On a CPU with AVX2 alone torch has no kernel for them and runs a plain loop, about 100x slower
+than fp32 (seen on such a machine: int8 0.5 GFLOP/s, bf16 0.9, fp32 170). The training loop (bf16
+autocast), the loader (a warning for bf16/fp16 weights) and the int8 layer (which kernel to call)
+all decide by `matmul_is_fast`.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+import warnings
+
+import torch
+
+
+
+@functools.lru_cache(maxsize=None)
+def matmul_is_fast(dtype: torch.dtype, device_type: str) -> bool:
+    """Does this machine multiply int8 (torch._int_mm) or bf16/fp16 matrices at least about as fast as fp32?
+
+    Measured once per process on a small product: well under a millisecond where the kernel is fast,
+    ~0.1 s where it is not."""
+    if device_type == "cuda":
+        return dtype != torch.bfloat16 or torch.cuda.is_bf16_supported()
+    if device_type != "cpu":
+        return True  # other accelerators: leave it to torch
+    m, k, n = 64, 1024, 256
+    if dtype == torch.int8:
+        a, b = torch.randint(-127, 128, (m, k), dtype=torch.int8), torch.randint(-127, 128, (k, n), dtype=torch.int8)
+        low = functools.partial(torch._int_mm, a, b)
+    else:
+        low = functools.partial(torch.mm, torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype))
+    fp32 = functools.partial(torch.mm, torch.randn(m, k), torch.randn(k, n))
+
+    def seconds(f) -> float:
+        start = time.perf_counter()
+        f()
+        return time.perf_counter() - start
+    try:
+        low()
+    except RuntimeError:
+        return False
+    fp32()
+    return min(seconds(low) for _ in range(3)) <= 2 * min(seconds(fp32) for _ in range(3))
+
+
+def use_bf16(setting: bool | str, device: torch.device) -> bool:
+    """A bf16 setting (true, false or "auto") on this device. "auto" is on where bf16 matrix products
+    are fast and off elsewhere; an explicit true is obeyed, with a warning where they are slow."""
+    fast = matmul_is_fast(torch.bfloat16, device.type)
+    if setting == "auto":
+        return fast
+    if setting and not fast:
+        warnings.warn(f"bf16 = true on a {device.type} whose bf16 matrix products are much slower than fp32 "
+                      "(torch has no bf16 kernel for it: no AVX-512/AMX); training will be slow. "
+                      "Use bf16 = \"auto\" or false", stacklevel=3)
+    return bool(setting)
+
+
+def warn_if_slow(dtype: torch.dtype | None, device: torch.device | str, source: str) -> None:
+    """Warn when weights are about to be held in bf16/fp16 on a device that multiplies them slowly."""
+    device_type = torch.device(device).type
+    if dtype in (torch.bfloat16, torch.float16) and not matmul_is_fast(dtype, device_type):
+        warnings.warn(f"{source}: loading in {dtype} on a {device_type} whose {dtype} matrix products are much "
+                      "slower than fp32 (no kernel for them: no AVX-512/AMX); use float32", stacklevel=3)

@@ -1,0 +1,163 @@
+"""Speed without new math: each kernel here computes what a plain torch expression computes, in fewer
+passes or copies, and is tested against that expression.
+
+  LinearCrossEntropy   sum of cross-entropies of a frozen LM head's logits, a chunk of rows at a time
+  frozen_weights_in    frozen linear weights cast to bf16 once per run, not once per micro-batch
+  ShortAttention       attention for bf16 training on CPU with short sequences
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+
+import torch
+import torch.nn as nn
+
+HEAD_ROWS_MULTIPLE = 64  # the head's rows (vocab) are padded to this: GPT-2's 50257 rows multiply up to
+# 1.4x slower than 50304 here (fp32, MKL), and a padded row whose logit is -inf adds exp(-inf) = 0 to the softmax
+
+_prepared_heads: dict[int, list] = {}  # id(weight) -> entry, dropped when the weight is freed
+
+
+def prepared_head(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, rows: int):
+    """What LinearCrossEntropy needs of a frozen head (vocab, d), made once and kept while the weight
+    lives and is not changed (in place or by a new .data): the weight in `dtype` with its rows padded;
+    the bias, if any, in fp32 and -inf on the padding; and logits buffers of at least `rows` rows of
+    the padded vocab, in fp32 and, for bf16/fp16, in that dtype too. Reused rather than allocated per
+    chunk, because a fresh buffer of this size (100 MB for GPT-2 at 512 rows) comes from the OS page
+    by page, zeroed, every time. A larger `rows` grows the buffers only."""
+    stamp = tuple((t.data_ptr(), t.dtype, t._version) for t in (weight, bias) if t is not None) + (dtype,)
+    entry = _prepared_heads.get(id(weight))
+    if entry is None:
+        weakref.finalize(weight, _prepared_heads.pop, id(weight), None)
+    vocab, d = weight.shape
+    padded = -(-vocab // HEAD_ROWS_MULTIPLE) * HEAD_ROWS_MULTIPLE
+    if entry is None or entry[0] != stamp:
+        _prepared_heads.pop(id(weight), None)  # free the old copies before making new ones
+        with torch.no_grad():
+            w = weight.to(dtype) if padded == vocab else \
+                torch.cat([weight.to(dtype), weight.new_zeros(padded - vocab, d, dtype=dtype)])
+            b = None if bias is None else torch.cat([bias.float(), bias.new_full((padded - vocab,), float("-inf"),
+                                                                                 dtype=torch.float32)])
+        entry = [stamp, w, b, None, None]
+        _prepared_heads[id(weight)] = entry
+    if entry[3] is None or entry[3].shape[0] < rows:
+        entry[3:] = None, None  # free before allocating
+        entry[3] = torch.empty(rows, padded, dtype=torch.float32, device=weight.device)
+        entry[4] = torch.empty(rows, padded, dtype=dtype, device=weight.device) if dtype != torch.float32 else None
+    return tuple(entry[1:])
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum_t CE(h_t W^T + b, y_t) for a frozen W (vocab, d), a chunk of tokens at a time; targets equal
+    to `ignore_index` count for nothing, as in F.cross_entropy.
+
+    Forward computes, per chunk, the logits, their log-softmax, the loss, and at once the gradient
+    with respect to h: (softmax - onehot(y)) W. Backward only scales that stored (N, d) gradient.
+    The same arithmetic as F.cross_entropy(F.linear(h, W, b)) in fewer passes over the logits."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+                ignore_index: int = -100):
+        dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+        chunk = max(512, (1 << 23) // weight.shape[0])  # 8M logits (32 MB in fp32) at a time, or 512 rows:
+        # fewer rows than that make the matmuls slower (256 rows: -10% at 32000 x 768 here)
+        w, b, logits_buffer, low_buffer = prepared_head(weight, bias, dtype, min(chunk, h.shape[0]))
+        vocab = weight.shape[0]
+        grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        with torch.autocast(h.device.type, enabled=False):
+            for i in range(0, h.shape[0], chunk):
+                y = labels[i:i + chunk]
+                logp = logits_buffer[:len(y)]
+                low = logp if low_buffer is None else low_buffer[:len(y)]
+                torch.mm(h[i:i + chunk].to(dtype), w.t(), out=low)  # (c, padded vocab) logits
+                if low is not logp:
+                    logp.copy_(low)
+                if b is None:
+                    logp[:, vocab:] = float("-inf")  # the padding (a bias carries its own -inf)
+                else:
+                    logp.add_(b)
+                torch._log_softmax(logp, -1, False, out=logp)  # in place: one fused kernel
+                valid = y != ignore_index
+                target = y.clamp(min=0)
+                total -= (logp.gather(1, target[:, None]).squeeze(1) * valid).sum()
+                probs = logp.exp_()  # softmax, in place
+                probs[torch.arange(len(y), device=y.device), target] -= 1.0
+                if not bool(valid.all()):  # causal_lm_loss passes only targets; other callers may not
+                    probs *= valid[:, None]
+                if low is logp:
+                    torch.mm(probs, w, out=grad_h[i:i + chunk])
+                else:
+                    grad_h[i:i + chunk] = low.copy_(probs) @ w
+        ctx.save_for_backward(grad_h)
+        ctx.h_dtype = h.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        (grad_h,) = ctx.saved_tensors
+        return (grad_h * grad_total).to(ctx.h_dtype), None, None, None, None
+
+
+@contextlib.contextmanager
+def frozen_weights_in(model: nn.Module, dtype: torch.dtype):
+    """Hold the frozen float32 weights of the linear layers in `dtype` while the block runs (bf16 training).
+
+    Autocast casts a weight to bf16 at every use unless the weight requires grad (only those enter its
+    cast cache): for the frozen base model that is a copy of every linear weight per micro-batch, about
+    8% of a bf16 step here. Casting once gives the same numbers (the same rounding) without the copies.
+    Peak memory does not grow: autocast's copies are kept for the backward pass anyway. Embeddings
+    (and heads tied to them) stay as they are, and the float32 values come back on exit."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    kept = []
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if isinstance(m, nn.Embedding) or not isinstance(w, nn.Parameter) or w.dim() != 2 or id(w) in embeddings:
+            continue
+        for p in (w, getattr(m, "bias", None)):
+            if isinstance(p, nn.Parameter) and not p.requires_grad and p.dtype == torch.float32:
+                kept.append((p, p.data))
+                p.data = p.data.to(dtype)
+    try:
+        yield
+    finally:
+        for p, data in kept:
+            p.data = data
+
+
+SHORT_ATTENTION = 1 << 22  # batch x heads x queries x keys up to which ShortAttention replaces SDPA in training
+
+
+class ShortAttention(torch.autograd.Function):
+    """softmax(q k^T * scale + bias) v for bf16/fp16 training on CPU: scores and softmax in fp32.
+
+    SDPA's CPU flash kernel in bf16 takes four to five times its forward time for the backward pass
+    (28 vs 6 ms for a GPT-2-medium layer at 8 x 128 tokens); with the probabilities kept for the
+    backward (in bf16, at most 8 MB a layer: hence "short"), plain batched matmuls do both in about
+    half the time. bias is 0 where a query may attend to a key and -inf where not; every row has a 0."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, scale):
+        B, H, T, S = *q.shape[:3], k.shape[2]
+        q, k, v = (t.contiguous() for t in (q, k, v))  # one copy each here, not one per matmul below
+        bias = bias.expand(B, H, T, S).reshape(B * H, T, S)  # a view for a (Tq, Tk) bias; a copy for (B, 1, Tq, Tk)
+        scores = torch.baddbmm(bias, q.float().view(B * H, T, -1), k.float().view(B * H, S, -1).transpose(1, 2),
+                               alpha=scale)  # bias + scale · q k^T in one pass, fp32
+        p = torch.softmax(scores, dim=-1).to(v.dtype).view(B, H, T, S)
+        ctx.save_for_backward(q, k, v, p)
+        ctx.scale = scale
+        return p @ v  # (B, H, Tq, D)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, p = ctx.saved_tensors
+        dout = dout.contiguous()
+        dv = p.transpose(-1, -2) @ dout
+        dp = (dout @ v.transpose(-1, -2)).float()
+        p = p.float()
+        ds = p.mul_(dp.sub_((dp * p).sum(-1, keepdim=True))).mul_(ctx.scale).to(q.dtype)  # softmax backward, fp32
+        return ds @ k, ds.transpose(-1, -2) @ q, dv, None, None
+
+

@@ -1,0 +1,76 @@
+"""The parameter report: the LoRA paper's arithmetic, d·k frozen vs r·(d+k) trained, per module and in
+total, with every parameter of the model counted as PEFT's print_trainable_parameters counts it.
+
+It reads only module shapes, so it works on a model built on the `meta` device from config.json alone.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from .lora import lora_modules
+from .names import matches
+
+
+@dataclass
+class ReportRow:
+    pattern: str     # module name with layer numbers replaced by "*"
+    count: int       # how many modules share the pattern
+    d: int           # out_features
+    k: int           # in_features
+    r: int
+    frozen: int      # d·k per module (the weight the update stands in for)
+    trainable: int   # r·(d+k) per module
+
+
+@dataclass
+class ParamReport:
+    rows: list[ReportRow]
+    saved_modules: list[tuple[str, int]]  # (modules_to_save pattern, trainable parameters in all of them)
+    total: int       # every parameter of the model, LoRA included (as PEFT counts "all params")
+    trainable: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        lines = [f"{'module':<46} {'count':>5} {'d x k':>13} {'r':>3} {'frozen d*k':>12} {'trained r*(d+k)':>16}"]
+        for row in self.rows:
+            lines.append(f"{row.pattern:<46} {row.count:>5} {f'{row.d}x{row.k}':>13} {row.r:>3} "
+                         f"{row.frozen:>12,} {row.trainable:>16,}")
+        for pattern, n in self.saved_modules:
+            lines.append(f"{pattern + ' (trained in full)':<46} {'':>5} {'':>13} {'':>3} {'':>12} {n:>16,}")
+        lora_total = sum(row.count * row.trainable for row in self.rows)
+        frozen_targets = sum(row.count * row.frozen for row in self.rows)
+        lines.append(f"LoRA: {lora_total:,} trained in place of {frozen_targets:,} in the targeted layers")
+        lines.append(f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
+                     f"trainable%: {self.percent:.4f}")
+        return "\n".join(lines)
+
+
+def _pattern(name: str) -> str:
+    return re.sub(r"\.\d+\.", ".*.", name)
+
+
+def param_report(model: nn.Module) -> ParamReport:
+    """Count parameters as logical elements (an int8 weight counts d·k, not its bytes)."""
+    groups: dict[tuple, ReportRow] = {}
+    for name, m in lora_modules(model):
+        key = (_pattern(name), m.out_features, m.in_features, m.r)
+        row = groups.setdefault(key, ReportRow(key[0], 0, m.out_features, m.in_features, m.r,
+                                               m.out_features * m.in_features,
+                                               m.r * (m.out_features + m.in_features)))
+        row.count += 1
+    saved: dict[str, int] = {}
+    for t in getattr(getattr(model, "lora_config", None), "modules_to_save", []):
+        for n, mod in model.named_modules():
+            if n and matches(n, [t]):
+                saved[_pattern(n)] = saved.get(_pattern(n), 0) + sum(p.numel() for p in mod.parameters())
+    params = list(model.parameters())
+    total = sum(p.numel() for p in params)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    return ParamReport(list(groups.values()), list(saved.items()), total, trainable)

@@ -1,0 +1,117 @@
+"""The speed kernels against the plain torch expressions they replace: the fused LM-head loss against
+F.cross_entropy over the logits (and float64), frozen weights cast once against autocast's casts,
+ShortAttention against float64 attention."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import examples, grads, lora_model
+from minilora.data import collate
+from minilora.kernels import LinearCrossEntropy, frozen_weights_in, prepared_head
+from minilora.models.common import attend, attention_mask
+from minilora.train import accumulate_gradients, causal_lm_loss
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "gptj", "llama-tied"])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_fused_head_and_loss_equal_the_plain_ones(saved_tiny, kind, bf16):
+    """The fused LM-head cross-entropy against F.cross_entropy over the model's logits (the oracle)."""
+    model = lora_model(saved_tiny, kind)
+    batch = collate(examples(6), 0)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        fused, n = causal_lm_loss(model, batch)
+    fused.backward()
+    got = grads(model)
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+    labels = batch["labels"][:, 1:]
+    plain = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), reduction="sum")
+    plain.backward()
+    expected = grads(model)
+    tol = 2e-2 if bf16 else 1e-5
+    assert n == int((labels != -100).sum())
+    assert abs(fused.item() - plain.item()) <= tol * abs(plain.item())
+    for name in expected:
+        assert ((got[name] - expected[name]).norm() / expected[name].norm()).item() <= (5e-2 if bf16 else 1e-5), name
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama-gqa"])
+def test_frozen_weights_cast_once_give_the_same_gradients(saved_tiny, kind):
+    """frozen_weights_in (bf16 runs) changes where the cast happens, not a bit of the result."""
+    model = lora_model(saved_tiny, kind)
+    micro = [collate(examples(4, seed=s), 0) for s in range(2)]
+    loss, _ = accumulate_gradients(model, micro, bf16=True)
+    expected = grads(model)
+    model.zero_grad(set_to_none=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with frozen_weights_in(model, torch.bfloat16):
+        assert model.lm_head.weight.dtype == (torch.float32 if kind == "gpt2" else torch.bfloat16)  # tied: untouched
+        again, _ = accumulate_gradients(model, micro, bf16=True)
+    got = grads(model)
+    assert again == loss and all(torch.equal(got[n], expected[n]) for n in expected)
+    assert all(torch.equal(p, before[n]) and p.dtype == before[n].dtype for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_short_attention_against_sdpa_in_float64(padded):
+    """bf16 training attention on CPU (ShortAttention): outputs and q/k/v gradients as close to the exact
+    (float64) attention of the same bf16 inputs as SDPA's own bf16 kernel is, with grouped-query heads."""
+    g = torch.Generator().manual_seed(0)
+    B, H, Hk, T, D = 3, 8, 2, 24, 16
+    q, k, v = (torch.randn(B, h, T, D, generator=g) * s for h, s in ((H, 1.5), (Hk, 1.5), (Hk, 1.0)))
+    dout = torch.randn(B, H, T, D, generator=g)
+    pad = torch.ones(B, T, dtype=torch.long)
+    pad[1, :5] = 0  # a left-padded row
+    mask = attention_mask(pad, T, 0, "cpu") if padded else None
+
+    def run(fn, dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves)
+        out.backward(dout.to(dtype))
+        return [out.detach().double()] + [t.grad.double() for t in leaves], type(out.grad_fn).__name__
+    sdpa = lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+    exact, _ = run(sdpa, torch.float64)
+    ours, path = run(lambda a, b, c: attend(a, b, c, mask, 0), torch.bfloat16)
+    theirs, _ = run(sdpa, torch.bfloat16)
+    assert path == "ShortAttentionBackward"
+    for mine, sdpa_bf16, ref in zip(ours, theirs, exact):
+        err = lambda x: float((x - ref).norm() / ref.norm())
+        assert err(mine) <= max(1.5 * err(sdpa_bf16), 4e-3), (err(mine), err(sdpa_bf16))
+
+
+def test_fused_loss_over_chunks_padding_and_a_changed_head():
+    """LinearCrossEntropy against float64 F.cross_entropy(F.linear(...)): several chunks (1100 rows, 512 a
+    chunk), a vocabulary padded from 50257 to 50304, a bias, ignored targets; and the head it keeps
+    prepared between calls is remade when the weight changes in place or is given new data."""
+    g = torch.Generator().manual_seed(0)
+    vocab, d = 50257, 16
+    weight = torch.randn(vocab, d, generator=g)
+    bias = torch.randn(vocab, generator=g)
+    labels = torch.randint(0, vocab, (1100,), generator=g)
+    labels[::7] = -100
+
+    def check():
+        for b in (bias, None):  # the padding's -inf comes with the bias, or is written into the logits
+            h = torch.randn(1100, d, generator=g, dtype=torch.float64)
+            h32 = h.float().requires_grad_()
+            loss = LinearCrossEntropy.apply(h32, weight, b, labels)
+            loss.backward()
+            h64 = h.clone().requires_grad_()
+            expected = F.cross_entropy(F.linear(h64, weight.double(), None if b is None else b.double()), labels,
+                                       reduction="sum")
+            expected.backward()
+            assert abs(loss.item() - expected.item()) <= 1e-6 * abs(expected.item())
+            assert ((h32.grad.double() - h64.grad).norm() / h64.grad.norm()).item() <= 1e-5
+
+    check()
+    w, b = prepared_head(weight, bias, torch.float32, 512)[:2]
+    assert w.shape == (50304, d) and torch.isinf(b[vocab:]).all() and torch.equal(w[:vocab], weight)
+    assert prepared_head(weight, bias, torch.float32, 100)[0] is w  # another batch size: the same kept copy
+    assert prepared_head(weight, None, torch.float32, 512)[1] is None
+    with torch.no_grad():
+        weight.mul_(0.5)  # in place: the kept copy must follow
+    check()
+    weight.data = torch.randn(vocab, d, generator=g)  # new data, same Parameter-like tensor
+    check()
