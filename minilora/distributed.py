@@ -20,6 +20,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from .errors import ConfigError
+
 
 def rank_and_world() -> tuple[int, int]:
     """(this process's rank, number of processes); (0, 1) when not running distributed."""
@@ -32,13 +34,20 @@ def is_main() -> bool:
     return rank_and_world()[0] == 0
 
 
-def init_from_env() -> torch.device | None:
-    """Join the process group torchrun describes (WORLD_SIZE > 1 in the environment): nccl with one GPU
-    per rank on CUDA, gloo on CPU. Returns this rank's device, or None when not launched distributed."""
+def init_from_env(device: torch.device) -> torch.device:
+    """Join the process group torchrun describes (WORLD_SIZE > 1 in the environment) and return this
+    rank's device: for a CUDA `device`, nccl with GPU number LOCAL_RANK (one GPU per rank); for a CPU
+    one, gloo. Not launched distributed: `device` as it is."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
-        return None
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+        return device
+    cuda = device.type == "cuda"
+    if cuda:
+        local_rank, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local_rank >= gpus:
+            raise ConfigError(f"torchrun started {os.environ.get('LOCAL_WORLD_SIZE', local_rank + 1)} processes on this "
+                              f"machine but it has {gpus} GPU(s): one GPU per process, so --nproc_per_node {gpus} "
+                              "at most (or train on the CPU: --model.device cpu)")
+        device = torch.device("cuda", local_rank)
     if not dist.is_initialized():
         if cuda:
             torch.cuda.set_device(device)
@@ -46,8 +55,13 @@ def init_from_env() -> torch.device | None:
     return device
 
 
-def shutdown() -> None:
+def shutdown(wait: bool = True) -> None:
+    """Leave the process group. With `wait`, first wait for every rank to get here: a rank that tore its
+    gloo connections down while another still used them was seen to abort at exit (SIGABRT,
+    "terminate called without an active exception", one run in four)."""
     if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 

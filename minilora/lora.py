@@ -8,8 +8,9 @@ a low-rank update ΔW = B A, with A: r×k and B: d×r and r much smaller than d 
 Only r·(d + k) numbers are trained instead of d·k. A starts random and B starts at zero, so B A = 0
 and the model at step 0 is exactly the pretrained one (paper, section 4.1).
 
-This file knows nothing of models: `apply_lora` swaps `nn.Linear` modules, found by name, for
-`LoRALinear` modules that keep the same `weight` and `bias`, so every existing state-dict name stays.
+This file knows nothing of model files: `apply_lora` swaps `nn.Linear` modules, found by name, for
+`LoRALinear` modules that keep the same `weight` and `bias`, so every existing state-dict name stays;
+of a model it reads only the output heads it declares ("all-linear" leaves those alone).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import ConfigError
-from .names import matches, output_heads, replace_module
+from .names import find_modules, matches, output_heads, replace_module
 
 
 class LoRALinear(nn.Module):
@@ -63,12 +64,16 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         if lora_dtype is None:  # train the adapter in fp32 unless the base is already fp32/fp64
             lora_dtype = base.weight.dtype if base.weight.dtype in (torch.float32, torch.float64) else torch.float32
-        factory = dict(device=base.weight.device, dtype=lora_dtype)
+        # Initialised on the CPU, from its RNG, then moved: the same seed gives the same adapter on any device.
+        device = base.weight.device
+        factory = dict(device="meta" if device.type == "meta" else "cpu", dtype=lora_dtype)
         self.lora_A = nn.Linear(self.in_features, r, bias=False, **factory)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, **factory)
         self.merged = False
         self.disabled = False  # see adapter_disabled(): the base layer alone
         self.reset_lora_parameters()
+        self.lora_A.to(device)
+        self.lora_B.to(device)
 
     def reset_lora_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
@@ -194,8 +199,10 @@ class LoRAConfig:
         check_lora_hyperparameters(self.r, self.alpha, self.dropout)
         if isinstance(self.targets, tuple):
             self.targets = list(self.targets)
-        if isinstance(self.targets, list) and len(self.targets) == 1 and self.targets[0] in ("all-linear", "all_linear"):
-            self.targets = self.targets[0]
+        if isinstance(self.targets, list) and len(self.targets) == 1:
+            self.targets = self.targets[0] if self.targets[0] in ("all-linear", "all_linear") else self.targets
+        if self.targets == "all_linear":  # PEFT accepts both spellings
+            self.targets = "all-linear"
         if not (isinstance(self.targets, str) or isinstance(self.targets, list) and self.targets
                 and all(isinstance(t, str) for t in self.targets)):
             raise ConfigError("LoRA targets must be a list of module names, a regex string or 'all-linear', "
@@ -213,7 +220,7 @@ def _is_linear(module: nn.Module) -> bool:
 def find_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
     """Names of the linear modules that `targets` selects; raises ConfigError if a target selects none."""
     linear = [n for n, m in model.named_modules() if _is_linear(m) and not isinstance(m, LoRALinear)]
-    if targets in ("all-linear", "all_linear"):
+    if targets == "all-linear":
         heads = output_heads(model)
         chosen = [n for n in linear if not matches(n, heads)]
     elif isinstance(targets, str):
@@ -225,7 +232,7 @@ def find_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
         chosen = [n for n in linear if matches(n, targets)]
         for t in targets:
             if not any(matches(n, [t]) for n in chosen):
-                others = [n for n, m in model.named_modules() if n and matches(n, [t])]
+                others = [n for n, _ in find_modules(model, [t])]
                 why = f"it names {others[0]!r}, which is {type(model.get_submodule(others[0])).__name__}, " \
                       "not a linear layer" if others else "no module has that name"
                 raise ConfigError(f"LoRA target {t!r} matches no linear module ({why}); linear modules are "
@@ -258,10 +265,10 @@ def apply_lora(model: nn.Module, targets: list[str] | str | LoRAConfig, r: int =
         replace_module(model, name, LoRALinear(base, config.r, config.alpha, config.dropout,
                                                config.use_rslora).train(base.training))
     for t in config.modules_to_save:
-        found = [m for n, m in model.named_modules() if n and matches(n, [t])]
+        found = find_modules(model, [t])
         if not found:
             raise ConfigError(f"modules_to_save entry {t!r} matches no module of {type(model).__name__}")
-        for m in found:
+        for _, m in found:
             for p in m.parameters():
                 if p.is_floating_point():
                     p.requires_grad_(True)

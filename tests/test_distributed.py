@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 
 def torchrun(recipe, *overrides, n=2):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-           "-m", "minilora", "train", str(recipe), *overrides]
+           "-m", "minilora", "train", str(recipe), "--model.device", "cpu", *overrides]  # gloo, even beside a GPU
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
@@ -45,7 +45,7 @@ def recipe(saved_tiny, tmp_path):
 
 
 def test_two_processes_follow_the_one_process_loss_curve(recipe, tmp_path, capsys):
-    assert main(["train", str(recipe), "--train.output_dir", str(tmp_path / "one")]) == 0
+    assert main(["train", str(recipe), "--model.device", "cpu", "--train.output_dir", str(tmp_path / "one")]) == 0
     out = torchrun(recipe, "--train.output_dir", str(tmp_path / "two"))
     assert out.count("adapter saved to") == 1 and out.count("trainable params") == 1  # rank 0 alone speaks
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")

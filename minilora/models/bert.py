@@ -285,7 +285,7 @@ class Encoder(PretrainedModel):
     def checkpoint_to_model(cls, name: str, tensor: torch.Tensor):
         if name.endswith("position_ids") or name.startswith(cls.ignored):
             return None  # a saved arange buffer; masked-LM heads we do not use
-        if not name.startswith((cls.prefix + ".", *(h + "." for h in cls.output_heads))):
+        if not name.startswith((cls.prefix + ".", *(h + "." for h in cls.task_head))):
             name = f"{cls.prefix}.{name}"  # the bare encoder's layout (BertModel, as all-MiniLM-L6-v2)
         return name, tensor
 
@@ -297,11 +297,12 @@ class Encoder(PretrainedModel):
         return mean_pool(getattr(self, self.prefix)(input_ids, attention_mask), attention_mask)
 
     def init_head(self, name: str, shape: torch.Size, device) -> torch.Tensor | None:
-        """A fresh head tensor, as transformers initialises one: N(0, 0.02) weights, zero biases."""
-        if not name.startswith(tuple(h + "." for h in self.output_heads)):
+        """A fresh head tensor, as transformers initialises one: N(0, 0.02) weights, zero biases (drawn on
+        the CPU, so that a seed gives the same head on any device)."""
+        if not name.startswith(tuple(h + "." for h in self.task_head)):
             return None
-        t = torch.zeros(shape, device=device)
-        return t.normal_(0.0, 0.02) if name.endswith("weight") else t
+        t = torch.zeros(shape)
+        return (t.normal_(0.0, 0.02) if name.endswith("weight") else t).to(device)
 
 
 class BertForEmbedding(Encoder):
@@ -317,7 +318,7 @@ class DistilBertForEmbedding(Encoder):
 class BertForSequenceClassification(BertForEmbedding):
     """first token -> pooler (dense + tanh, part of the pretrained encoder) -> dropout -> classifier."""
     task_type = "SEQ_CLS"
-    output_heads = ("classifier",)
+    output_heads = task_head = ("classifier",)
 
     def __init__(self, cfg: BertConfig) -> None:
         super().__init__(cfg)
@@ -333,9 +334,9 @@ class BertForSequenceClassification(BertForEmbedding):
 
 
 class DistilBertForSequenceClassification(DistilBertForEmbedding):
-    """first token -> pre_classifier -> ReLU -> dropout -> classifier; both linears are the head."""
+    """first token -> pre_classifier -> ReLU -> dropout -> classifier; both linears are the task head."""
     task_type = "SEQ_CLS"
-    output_heads = ("pre_classifier", "classifier")
+    output_heads, task_head = ("classifier",), ("pre_classifier", "classifier")
 
     def __init__(self, cfg: DistilBertConfig) -> None:
         super().__init__(cfg)

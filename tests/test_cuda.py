@@ -1,0 +1,156 @@
+"""The same code on CUDA (skipped where torch sees no GPU): models, LoRA's written-out backward, int8
+products, the fused head loss and a training run give on the GPU what the CPU (or float64) gives."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import Tok, examples, lora_model
+from minilora.data import collate
+from minilora.generate import generate_ids
+from minilora.kernels import LinearCrossEntropy
+from minilora.lora import LoRALinear
+from minilora.quant import Int8Linear, int8_matmul, quantize_rows
+from minilora.train import TrainConfig, accumulate_gradients, train
+from minilora.weights import load_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32():
+    """Compare fp32 with fp32: no TF32 in matmuls or convolutions during these tests."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama-gqa", "gptj", "distilbert"])
+def test_logits_on_cuda_equal_transformers_on_cuda(saved_tiny, kind):
+    hf, folder = saved_tiny[kind]
+    ours = load_model(folder, device="cuda")
+    assert all(p.device.type == "cuda" for p in ours.parameters())
+    ids = torch.randint(0, 97, (3, 11), device=CUDA)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    with torch.no_grad():
+        expected = hf.to(CUDA)(input_ids=ids, attention_mask=mask).logits
+        got = ours(ids, attention_mask=mask)
+    hf.to("cpu")
+    keep = mask.bool() if got.dim() == 3 else slice(None)
+    assert (got[keep] - expected[keep]).abs().max().item() <= 1e-4
+
+
+def test_greedy_generation_on_cuda_equals_cpu(saved_tiny):
+    _, folder = saved_tiny["llama-gqa"]
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
+    cpu = generate_ids(load_model(folder), prompts, [1], 0, max_new_tokens=8)
+    assert generate_ids(load_model(folder, device="cuda"), prompts, [1], 0, max_new_tokens=8) == cpu
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_lora_backward_on_cuda_equals_float64(bf16):
+    torch.manual_seed(0)
+    base = torch.nn.Linear(64, 48).to(CUDA)
+    layer = LoRALinear(base, r=4, alpha=8)
+    torch.nn.init.normal_(layer.lora_B.weight, std=0.1)
+    x = torch.randn(2, 5, 64, device=CUDA, requires_grad=True)
+    g = torch.randn(2, 5, 48, device=CUDA)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        out = layer(x)
+    out.backward(g.to(out.dtype))
+    x64 = x.detach().double().requires_grad_()
+    W0, b, A, B = (t.detach().double().requires_grad_() for t in
+                   (layer.weight, layer.bias, layer.lora_A.weight, layer.lora_B.weight))
+    expected = x64 @ W0.T + b + layer.scaling * (x64 @ A.T @ B.T)
+    expected.backward(g.double())
+    tol = 2e-2 if bf16 else 1e-5
+    assert ((out.double() - expected).norm() / expected.norm()).item() <= tol
+    for got, ref in ((x.grad, x64.grad), (layer.lora_A.weight.grad, A.grad), (layer.lora_B.weight.grad, B.grad)):
+        assert ((got.double() - ref).norm() / ref.norm()).item() <= tol
+    assert layer.weight.grad is None
+
+
+@pytest.mark.parametrize("rows", [8, 64])  # cuBLASLt's int8 product wants more than 16 rows; fewer take the float path
+def test_int8_products_on_cuda_are_the_exact_integers(rows):
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (rows, 512), generator=g, dtype=torch.int8)
+    b = torch.randint(-127, 128, (512, 96), generator=g, dtype=torch.int8)
+    expected = a.long() @ b.long()
+    assert torch.equal(int8_matmul(a.to(CUDA), b.to(CUDA)).cpu().long(), expected)
+
+
+def test_int8_linear_on_cuda_equals_cpu():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 128)
+    x = torch.randn(40, 256)
+    x[:, 3] *= 20  # an outlier column (LLM.int8() keeps it in floating point)
+    cpu = Int8Linear.from_linear(linear)
+    q, _ = quantize_rows(linear.weight.detach())
+    cuda = Int8Linear.from_linear(linear.to(CUDA))
+    assert torch.equal(cuda.weight.cpu(), q)
+    with torch.no_grad():
+        assert torch.allclose(cuda(x.to(CUDA)).cpu(), cpu(x), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_fused_head_loss_on_cuda_equals_cross_entropy(bf16):
+    g = torch.Generator(device=CUDA).manual_seed(0)
+    weight = torch.randn(1000, 32, device=CUDA, generator=g)
+    h = torch.randn(700, 32, device=CUDA, generator=g, requires_grad=True)
+    labels = torch.randint(0, 1000, (700,), device=CUDA, generator=g)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        loss = LinearCrossEntropy.apply(h, weight, None, labels)
+    loss.backward()
+    h64 = h.detach().double().requires_grad_()
+    expected = F.cross_entropy(h64 @ weight.double().T, labels, reduction="sum")
+    expected.backward()
+    tol = 2e-2 if bf16 else 1e-5
+    assert abs(loss.item() - expected.item()) <= tol * abs(expected.item())
+    assert ((h.grad.double() - h64.grad).norm() / h64.grad.norm()).item() <= tol
+
+
+@pytest.mark.parametrize("bf16", [False, "auto"])
+def test_training_on_cuda_lowers_the_loss_and_the_adapter_loads_on_cpu(saved_tiny, tmp_path, bf16):
+    model = lora_model(saved_tiny).to(CUDA)
+    data = examples(16)
+    cfg = TrainConfig(output_dir=str(tmp_path), max_steps=8, micro_batch_size=8, lr=2e-2, bf16=bf16, progress=False)
+    result = train(model, Tok, data, None, cfg)
+    losses = [h["loss"] for h in result.history if "loss" in h]
+    assert not result.stopped_early and losses[-1] < losses[0]
+    from minilora.adapter import load_adapter
+    cpu = load_adapter(load_model(saved_tiny["llama-gqa"][1]), result.adapter_dir)
+    batch = collate(data[:4], 0)
+    with torch.no_grad():
+        on_cuda = model(batch["input_ids"].to(CUDA), attention_mask=batch["attention_mask"].to(CUDA)).cpu()
+        on_cpu = cpu(batch["input_ids"], attention_mask=batch["attention_mask"])
+    assert (on_cuda - on_cpu).abs().max().item() <= 1e-4
+    model.zero_grad(set_to_none=True)
+    loss, n = accumulate_gradients(model, [{k: v.to(CUDA) for k, v in batch.items()}])
+    assert n > 0 and all(p.grad.device.type == "cuda" for p in model.parameters() if p.grad is not None)
+
+
+def test_more_processes_than_gpus_is_a_named_error(monkeypatch):
+    """torchrun with more processes than GPUs: each rank wants GPU LOCAL_RANK; refused before any work."""
+    from minilora import distributed
+    from minilora.errors import ConfigError
+    n = torch.cuda.device_count()
+    monkeypatch.setenv("WORLD_SIZE", str(n + 1))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(n + 1))
+    monkeypatch.setenv("LOCAL_RANK", str(n))
+    with pytest.raises(ConfigError, match=rf"torchrun started {n + 1} processes on this machine but it has {n} GPU\(s\)"):
+        distributed.init_from_env(CUDA)
+    assert not torch.distributed.is_initialized()
+
+
+def test_the_same_seed_gives_the_same_lora_init_on_cuda_and_cpu():
+    """A is drawn from the CPU's RNG whatever the device, so a seeded run starts from the same adapter."""
+    layers = {}
+    for device in ("cpu", "cuda"):
+        base = torch.nn.Linear(64, 32).to(device)
+        torch.manual_seed(0)
+        layers[device] = LoRALinear(base, r=4, alpha=8)
+    assert layers["cuda"].lora_A.weight.device.type == "cuda"
+    assert torch.equal(layers["cuda"].lora_A.weight.cpu(), layers["cpu"].lora_A.weight)
