@@ -17,7 +17,11 @@ install: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
+# Everything but the tests marked slow (real weights fetched through registries, fault trials).
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow"
+
 demo: $(VENV)/.installed
 	$(PY) scripts/demo.py
 
-.PHONY: install test demo
+.PHONY: install test test-fast demo

@@ -15,12 +15,12 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .errors import CheckpointError, ConfigError
-from .files import read_json, write_atomically
+from .files import pickle_tensors, read_json, safetensors_tensors, write_atomically
 from .lora import LoRAConfig, apply_lora, lora_modules
-from .names import matches
+from .names import find_modules
 
 PREFIX = "base_model.model."
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -39,7 +39,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     if not keep:
         raise CheckpointError("the model has no LoRA tensors to save (was apply_lora called?)")
     for target in config.modules_to_save:
-        owners = [n for n, _ in model.named_modules() if n and matches(n, [target])]
+        owners = [n for n, _ in find_modules(model, [target])]
         keep += [n for n in state if any(n.startswith(o + ".") for o in owners) and n not in keep]
     return {PREFIX + n: state[n].detach().to("cpu").contiguous() for n in keep}
 
@@ -70,8 +70,9 @@ def adapter_config(model: nn.Module) -> dict[str, Any]:
 def lora_config_from_peft(config: dict[str, Any], file: Path) -> LoRAConfig:
     """The LoRA settings of a PEFT adapter_config.json."""
     for required in ("target_modules", "r", "lora_alpha"):
-        if required not in config:
-            raise CheckpointError(f"{file}: missing field {required!r}")
+        if config.get(required) is None:
+            raise CheckpointError(f"{file}: missing field {required!r}"
+                                  + (" (it is null)" if required in config else ""))
     try:
         return LoRAConfig(**{ours: config[peft] for ours, peft in PEFT_NAMES.items() if config.get(peft) is not None})
     except ConfigError as e:
@@ -116,17 +117,10 @@ def read_adapter(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, t
             raise CheckpointError(f"{folder / CONFIG_FILE}: {key} (per-module ranks) is not supported")
     if config.get("use_dora"):
         raise CheckpointError(f"{folder / CONFIG_FILE}: DoRA adapters are not supported")
-    file = folder / WEIGHTS_FILE
-    if file.is_file():
-        try:
-            tensors = load_file(str(file))
-        except Exception as e:
-            raise CheckpointError(f"{file}: not a readable safetensors file, truncated or corrupt ({e})") from None
+    if (folder / WEIGHTS_FILE).is_file():
+        tensors = dict(safetensors_tensors(folder / WEIGHTS_FILE))
     elif (folder / "adapter_model.bin").is_file():
-        try:
-            tensors = torch.load(folder / "adapter_model.bin", map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f"{folder / 'adapter_model.bin'}: refused or corrupt ({type(e).__name__})") from None
+        tensors = dict(pickle_tensors(folder / "adapter_model.bin"))
     else:
         raise CheckpointError(f"{folder}: no {WEIGHTS_FILE}")
     return config, tensors

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from .errors import DataError
+from .errors import CheckpointError, DataError
+from .files import resolve
 
 IGNORE = -100  # label value the loss skips
 
@@ -27,11 +28,10 @@ IGNORE = -100  # label value the loss skips
 
 def read_records(source: str | os.PathLike, revision: str | None = None) -> list[dict[str, Any]]:
     """Records of a .json (a list of objects), .jsonl or .csv file, a folder of them, or a Hub dataset id."""
-    path = Path(os.path.expanduser(str(source)))
-    if not path.exists():
-        if str(source).startswith((".", "/", "~")) or path.suffix in (".json", ".jsonl", ".csv"):
-            raise DataError(f"{source}: no such file or folder")
-        path = _hub_dataset(str(source), revision)
+    try:
+        path = resolve(source, revision, repo_type="dataset")
+    except CheckpointError as e:
+        raise DataError(str(e)) from None
     kinds = (".json", ".jsonl", ".csv", ".parquet")
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in kinds)
     if not files:
@@ -42,16 +42,6 @@ def read_records(source: str | os.PathLike, revision: str | None = None) -> list
     if not records:
         raise DataError(f"{source}: the dataset is empty")
     return records
-
-
-def _hub_dataset(repo_id: str, revision: str | None) -> Path:
-    from huggingface_hub import snapshot_download
-    try:
-        return Path(snapshot_download(repo_id=repo_id, repo_type="dataset", revision=revision,
-                                      allow_patterns=["*.json", "*.jsonl", "*.csv", "*.parquet"]))
-    except Exception as e:
-        raise DataError(f"{repo_id}: not a local file, and the Hugging Face Hub could not provide it as a dataset "
-                        f"({type(e).__name__}). Pass a local .json, .jsonl or .csv file instead.") from None
 
 
 def _read_file(file: Path) -> list[dict[str, Any]]:

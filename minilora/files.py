@@ -16,24 +16,29 @@ import torch
 
 from .errors import CheckpointError
 
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "vocab.txt", "generation_config.json"]
 # What a model needs from a Hub repo: never the .bin/.h5/.msgpack duplicates of the same weights.
-HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
-             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-             "merges.txt", "vocab.txt"]
+HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES]
+DATA_FILES = ["*.json", "*.jsonl", "*.csv", "*.parquet"]
+_HINTS = {"model": "Pass a local folder with config.json and *.safetensors instead.",
+          "dataset": "Pass a local .json, .jsonl, .csv or .parquet file instead."}
 
 Tensors = Iterator[tuple[str, torch.Tensor]]
 
 
 def _looks_local(source: str) -> bool:
-    return source.startswith(("/", ".", "~")) or source.endswith((".gguf", ".safetensors")) \
+    return source.startswith(("/", ".", "~")) or source.endswith((".gguf", ".safetensors", ".json", ".jsonl", ".csv",
+                                                                   ".parquet")) \
         or source.count("/") > 1 or os.sep in source and os.sep != "/"
 
 
-def resolve(source: str | os.PathLike, revision: str | None = None, files: list[str] | None = None) -> Path:
-    """A local folder or file as is; a Hub repo id downloaded (or found in the cache) with huggingface-hub.
-
-    `revision` pins a Hub branch, tag or commit. HF_HUB_OFFLINE=1 makes huggingface-hub use its cache only.
-    """
+def resolve(source: str | os.PathLike, revision: str | None = None, files: list[str] | None = None,
+            repo_type: str = "model") -> Path:
+    """A local folder or file as is; a Hub repo id (a model, or with repo_type="dataset" a dataset)
+    downloaded, or found in the cache, with huggingface-hub: only the `files` patterns (HUB_FILES or
+    DATA_FILES by default). `revision` pins a Hub branch, tag or commit. HF_HUB_OFFLINE=1 makes
+    huggingface-hub use its cache only."""
     path = Path(os.path.expanduser(str(source)))
     if path.exists():
         return path
@@ -42,11 +47,12 @@ def resolve(source: str | os.PathLike, revision: str | None = None, files: list[
         raise CheckpointError(f"{source}: no such file or folder")
     from huggingface_hub import snapshot_download  # imported here: local use never touches the network code
     try:
-        return Path(snapshot_download(repo_id=source, revision=revision, allow_patterns=files or HUB_FILES))
+        return Path(snapshot_download(repo_id=source, repo_type=repo_type, revision=revision,
+                                      allow_patterns=files or (DATA_FILES if repo_type == "dataset" else HUB_FILES)))
     except Exception as e:  # network down, repo missing, gated, bad id: all mean "not available"
-        raise CheckpointError(f"{source}: not a local path, and the Hugging Face Hub could not provide it "
-                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
-                              "Pass a local folder with config.json and *.safetensors instead.") from None
+        raise CheckpointError(f"{source}: not a local path, and the Hugging Face Hub could not provide it as a "
+                              f"{repo_type} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+                              f"{_HINTS[repo_type]}") from None
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -108,7 +114,7 @@ def checkpoint_tensors(folder: Path, map_dtype: torch.dtype | None = None) -> Te
     elif (folder / "model.safetensors").is_file():
         files = [folder / "model.safetensors"]
     elif (folder / "pytorch_model.bin").is_file():
-        yield from _pickle_tensors(folder / "pytorch_model.bin")
+        yield from pickle_tensors(folder / "pytorch_model.bin")
         return
     else:
         raise CheckpointError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
@@ -143,6 +149,8 @@ def safetensors_tensors(file: Path, map_dtype: torch.dtype | None = None) -> Ten
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise CheckpointError(f"{corrupt} (the header is not JSON)") from None
         header.pop("__metadata__", None)
+        if not all(isinstance(i, dict) and {"dtype", "shape", "data_offsets"} <= set(i) for i in header.values()):
+            raise CheckpointError(f"{corrupt} (a header entry lacks dtype, shape or data_offsets)")
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if map_dtype is not None else None
         for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
             dtype, shape, (begin, end) = SAFETENSORS_DTYPES.get(info["dtype"]), info["shape"], info["data_offsets"]
@@ -160,7 +168,11 @@ def safetensors_tensors(file: Path, map_dtype: torch.dtype | None = None) -> Ten
             yield name, (torch.frombuffer(buffer, dtype=dtype) if numel else torch.empty(0, dtype=dtype)).reshape(shape)
 
 
-def _pickle_tensors(file: Path) -> Tensors:
+def pickle_tensors(file: Path) -> Tensors:
+    """The tensors of a pytorch_model.bin-style file, with torch's weights_only loader (which refuses
+    arbitrary pickled objects)."""
+    if not file.is_file():
+        raise CheckpointError(f"{file}: file not found")
     try:
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:

@@ -10,8 +10,11 @@ import re
 
 import torch.nn as nn
 
-# A model that declares no output heads (a user's own nn.Module): the names PEFT treats as output layers.
+# For a model that declares nothing (a user's own nn.Module): the usual names of output layers (a
+# language model's lm_head; classification heads, which PEFT names score or classifier), and of the
+# layer before a classifier that DistilBERT-like heads add.
 USUAL_HEADS = ("lm_head", "classifier", "score")
+USUAL_TASK_HEAD = ("pre_classifier", "classifier", "score")
 
 
 def matches(name: str, patterns: list[str] | tuple[str, ...] | str) -> bool:
@@ -19,6 +22,11 @@ def matches(name: str, patterns: list[str] | tuple[str, ...] | str) -> bool:
     if isinstance(patterns, str):
         return re.fullmatch(patterns, name) is not None
     return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def find_modules(model: nn.Module, patterns: list[str] | tuple[str, ...] | str) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every submodule whose name matches."""
+    return [(n, m) for n, m in model.named_modules() if n and matches(n, patterns)]
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
@@ -31,6 +39,12 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
 
 
 def output_heads(model: nn.Module) -> tuple[str, ...]:
-    """Names of the layers that produce the model's output, as the model declares them: "all-linear"
-    LoRA and quantization leave these alone."""
+    """The layers that produce the model's output, as the model declares them: "all-linear" LoRA leaves
+    these alone, and quantization keeps them in floating point."""
     return tuple(getattr(model, "output_heads", USUAL_HEADS))
+
+
+def kept_in_float(model: nn.Module) -> tuple[str, ...]:
+    """What quantization leaves in floating point: the output heads and every module of the task head
+    (a classifier's layers, trained in full through modules_to_save, cannot be int8)."""
+    return output_heads(model) + tuple(getattr(model, "task_head", USUAL_TASK_HEAD))

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from . import hardware
-from .names import matches, output_heads, replace_module
+from .names import kept_in_float, matches, replace_module
 
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,8 +166,9 @@ class Int8Linear(nn.Module):
 
 
 def quantize_model(model: nn.Module, skip: tuple[str, ...] | None = None, threshold: float = 6.0) -> nn.Module:
-    """Swap every nn.Linear but `skip` (by default the model's output heads) for Int8Linear, in place."""
-    skip = output_heads(model) if skip is None else skip
+    """Swap every nn.Linear but `skip` (by default names.kept_in_float: the output and task heads) for
+    Int8Linear, in place."""
+    skip = kept_in_float(model) if skip is None else skip
     for name, module in list(model.named_modules()):
         if type(module) is nn.Linear and not matches(name, skip):
             replace_module(model, name, Int8Linear.from_linear(module, threshold))
@@ -176,10 +177,10 @@ def quantize_model(model: nn.Module, skip: tuple[str, ...] | None = None, thresh
 
 def prepare_int8(model: nn.Module, skip: tuple[str, ...] | None = None, threshold: float = 6.0,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-    """For loading straight into int8: swap the (meta) linears but `skip` (by default the model's output
-    heads) for empty Int8Linear modules and return a transform(name, tensor) that quantizes each weight
-    as it streams in from disk."""
-    skip = output_heads(model) if skip is None else skip
+    """For loading straight into int8: swap the (meta) linears but `skip` (by default names.kept_in_float:
+    the output and task heads) for empty Int8Linear modules and return a transform(name, tensor) that
+    quantizes each weight as it streams in from disk."""
+    skip = kept_in_float(model) if skip is None else skip
     owners = {}
     for name, module in list(model.named_modules()):
         if type(module) is nn.Linear and not matches(name, skip):

@@ -1,9 +1,10 @@
-"""Recipes: one TOML file describes a whole fine-tune, in four sections.
+"""Recipes: one TOML file describes a whole fine-tune, in four sections and an optional fifth.
 
     [model]  name = "gpt2-medium"          # Hub id, local folder or .gguf; dtype, device, revision
     [lora]   targets = ["c_attn"]  r = 8  alpha = 16  dropout = 0.05  modules_to_save = []  (a LoRAConfig)
     [data]   train = "quotes.jsonl"  template = "quotes"  cutoff = 128  val_size = 0.1
     [train]  any TrainConfig field: output_dir, epochs, micro_batch_size, batch_size, lr, ...
+    [generate]  prompts = [...]  max_new_tokens = 48  temperature = 0.0   (optional: shown after training)
 
 Every key is checked against the dataclass it fills: an unknown key or a value of the wrong type
 is a ConfigError naming the file, the section and the key.
@@ -11,12 +12,13 @@ is a ConfigError naming the file, the section and the key.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import torch
 
@@ -158,9 +160,12 @@ def torch_dtype(name: str, where: str = "dtype") -> torch.dtype:
     return getattr(torch, DTYPES[name])
 
 
-def run_recipe(recipe: Recipe, should_stop: Callable[[], bool] | None = None):
+def run_recipe(recipe: Recipe, stop_request: Callable[[], ContextManager[Callable[[], bool]]] | None = None):
     """Load the model and data, apply LoRA, train; returns (model, tokenizer, TrainResult).
-    should_stop is passed to train() (the command line's turns SIGINT/SIGTERM into a stop).
+
+    stop_request (the command line's is cli.stop_on_signals) is entered around the training loop alone
+    and yields the should_stop() that train() asks after every step; loading and evaluating outside the
+    loop are interrupted as usual.
 
     Launched by torchrun (WORLD_SIZE > 1), joins the process group and trains data-parallel; every
     rank loads the model and data, rank 0 alone prints and writes."""
@@ -186,11 +191,8 @@ def run_recipe(recipe: Recipe, should_stop: Callable[[], bool] | None = None):
         if len(names) != len(label2id):
             raise ConfigError(f"{recipe.source} [data].label_names: {len(names)} names for {len(label2id)} labels")
         id2label = dict(enumerate(names))
-    rank_device = distributed.init_from_env()
+    device = distributed.init_from_env(torch.device(m.device or ("cuda" if torch.cuda.is_available() else "cpu")))
     say = print if distributed.is_main() else (lambda *a, **k: None)
-    device = m.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if rank_device is not None and torch.device(device).type == rank_device.type:
-        device = rank_device  # one GPU per rank
     model = load_model(m.name, dtype=torch_dtype(m.dtype, f"{recipe.source} [model].dtype"), device=device,
                        revision=m.revision, load_in_8bit=m.load_in_8bit,
                        task="classification" if classify else None, id2label=id2label)
@@ -237,6 +239,7 @@ def run_recipe(recipe: Recipe, should_stop: Callable[[], bool] | None = None):
                                                                         d.cutoff, d.truncation)):
                 print(f"  {when:>6}: {label:<10} {p:.2f}  {text}")
     report_test("before")
-    result = train(model, tokenizer, train_data, eval_data, recipe.train, should_stop=should_stop)
+    with stop_request() if stop_request is not None else contextlib.nullcontext() as should_stop:
+        result = train(model, tokenizer, train_data, eval_data, recipe.train, should_stop=should_stop)
     report_test("after")
     return model, tokenizer, result

@@ -1,5 +1,6 @@
 """The parameter report: the LoRA paper's arithmetic, d·k frozen vs r·(d+k) trained, per module and in
-total, with every parameter of the model counted as PEFT's print_trainable_parameters counts it.
+total. "all params" counts every parameter of the model, LoRA's included, once: PEFT's
+print_trainable_parameters counts the same, plus a frozen copy it keeps of each modules_to_save module.
 
 It reads only module shapes, so it works on a model built on the `meta` device from config.json alone.
 """
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from .lora import lora_modules
-from .names import matches
+from .names import find_modules
 
 
 @dataclass
@@ -67,9 +68,8 @@ def param_report(model: nn.Module) -> ParamReport:
         row.count += 1
     saved: dict[str, int] = {}
     for t in getattr(getattr(model, "lora_config", None), "modules_to_save", []):
-        for n, mod in model.named_modules():
-            if n and matches(n, [t]):
-                saved[_pattern(n)] = saved.get(_pattern(n), 0) + sum(p.numel() for p in mod.parameters())
+        for n, mod in find_modules(model, [t]):
+            saved[_pattern(n)] = saved.get(_pattern(n), 0) + sum(p.numel() for p in mod.parameters())
     params = list(model.parameters())
     total = sum(p.numel() for p in params)
     trainable = sum(p.numel() for p in params if p.requires_grad)

@@ -159,7 +159,7 @@ def train(model: nn.Module, tokenizer, train_data: list[Example], eval_data: lis
         state = load_checkpoint(folder, model, optimizer, scheduler, run)
         step, result.best_metric, result.best_step = state["step"], state.get("best_metric"), state.get("best_step")
     metrics = MetricsLog(out, step)  # a resumed run rewrites what came after its checkpoint
-    progress = _progress(cfg.progress and main, total_steps, step)
+    progress = None
 
     def log(record: dict[str, Any]) -> None:
         result.history.append(record)
@@ -174,6 +174,7 @@ def train(model: nn.Module, tokenizer, train_data: list[Example], eval_data: lis
     with contextlib.ExitStack() as cleanup:  # undone however the loop ends
         if bf16:  # the frozen linear weights cast to bf16 once, not per micro-batch
             cleanup.enter_context(frozen_weights_in(model, torch.bfloat16))
+        progress = _progress(cfg.progress and main, total_steps, step)
         if progress is not None:
             cleanup.callback(progress.close)
         while step < total_steps:
@@ -350,7 +351,7 @@ def evaluate_classification(model: nn.Module, data: list[Example], pad_id: int, 
     model.eval()
     device = next(model.parameters()).device
     rank, world = distributed.rank_and_world()  # each rank evaluates every world-th example
-    n_classes = model.classifier.weight.shape[0]
+    n_classes = model.config.num_labels
     total = torch.zeros(1, dtype=torch.float64, device=device)
     confusion = torch.zeros(n_classes, n_classes, dtype=torch.float64, device=device)  # [gold, predicted]
     for batch in batches(data, list(range(rank, len(data), world)), micro_batch_size, pad_id, device):

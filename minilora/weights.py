@@ -20,7 +20,8 @@ from safetensors.torch import save_file
 
 from . import hardware
 from .errors import CheckpointError
-from .files import Tensors, checkpoint_tensors, read_json, release_freed_memory, resolve, write_atomically
+from .files import (TOKENIZER_FILES, Tensors, checkpoint_tensors, read_json, release_freed_memory, resolve,
+                    write_atomically)
 from .gguf import gguf_config, gguf_tensors, read_gguf
 from .models import PRESETS, PretrainedModel, build_model
 from .quant import prepare_int8
@@ -167,10 +168,6 @@ def _no_random_init():
     finally:
         for n, f in saved.items():
             setattr(nn.init, n, f)
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "vocab.txt", "generation_config.json")
 
 
 def save_model(model: PretrainedModel, folder: str | os.PathLike, tokenizer=None) -> Path:

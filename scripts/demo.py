@@ -19,7 +19,7 @@ sys.path.insert(0, str(HERE))
 
 import assets  # noqa: E402
 
-from minilora.cli import folder_size, show_comparison  # noqa: E402
+from minilora.cli import folder_size, show_comparison, stop_on_signals  # noqa: E402
 from minilora.generate import generate_ids  # noqa: E402
 from minilora.lora import adapter_disabled  # noqa: E402
 from minilora.recipe import load_recipe, run_recipe  # noqa: E402
@@ -43,7 +43,11 @@ def main() -> None:
 
     print(f"2. LoRA fine-tune, recipe {recipe.source}")
     start = time.time()
-    model, tokenizer, result = run_recipe(recipe)
+    model, tokenizer, result = run_recipe(recipe, stop_on_signals)  # Ctrl-C: stop after the step, checkpoint
+    if result.stopped_early:
+        print("   stopped on request; to go on: .venv/bin/minilora train scripts/quotes_smollm2.toml "
+              f"--model.name {gguf} --data.train {quotes} --train.resume_from_checkpoint latest")
+        return
     print(f"   trained in {time.time() - start:.0f} s")
 
     print("3. base model vs fine-tuned, greedy decoding")

@@ -2,8 +2,9 @@
 
 import pytest
 import torch
+import torch.nn as nn
 
-from conftest import TINY
+from conftest import ENCODERS, TINY
 from minilora.generate import generate_ids
 from minilora.weights import load_model
 
@@ -163,3 +164,56 @@ def test_mapped_weights_are_copy_on_write(saved_tiny, tmp_path, kind):
     del model
     assert hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest() == digest
     assert torch.equal(load_model(folder)(ids, attention_mask=mask), before)
+
+
+@pytest.mark.parametrize("kind, task", [(k, None) for k in TINY] + [(k, t) for k in ENCODERS
+                                                                     for t in ("classification", "embedding")])
+def test_every_family_keeps_the_model_contract(kind, task):
+    """What the loader, LoRA, quantization and adapters rely on (models/common.PretrainedModel), checked
+    for every registered class: the declared output heads are the linear layers that "all-linear" LoRA
+    leaves alone, those and the task head's are what 8-bit loading keeps in floating point, the
+    fingerprint is config.json's values, the checkpoint mapping goes there and back, and only a
+    classifier's task head may start fresh."""
+    from minilora.lora import find_targets
+    from minilora.models import MODEL_TYPES, PretrainedModel, build_model
+    from minilora.names import kept_in_float, matches
+    from minilora.quant import Int8Linear, prepare_int8
+    config = dict(TINY.get(kind) or ENCODERS[kind])
+    with torch.device("meta"):
+        model = build_model(config, task=task)
+    assert isinstance(model, PretrainedModel) and type(model.config) is model.config_class
+    assert type(model) in [c for e in MODEL_TYPES.values() for c in (e.values() if isinstance(e, dict) else [e])]
+    linear = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    heads = [n for n in linear if matches(n, model.output_heads)]
+    assert len(heads) == len(model.output_heads)  # each declared head is one linear layer of the model
+    assert sorted(find_targets(model, "all-linear")) == sorted(set(linear) - set(heads))
+    floats = [n for n in linear if matches(n, kept_in_float(model))]
+    assert len(floats) == len(set(model.output_heads) | set(model.task_head))
+    prepare_int8(model)
+    assert {n for n, m in model.named_modules() if type(m) is nn.Linear} == set(floats)
+    assert sum(isinstance(m, Int8Linear) for m in model.modules()) == len(linear) - len(floats)
+    fingerprint = model.fingerprint()
+    assert {"model_type", "vocab_size"} <= set(fingerprint)
+    assert all(fingerprint[k] == config[k] for k in fingerprint if k in config)
+    for name, tensor in model.state_dict().items():
+        assert model.checkpoint_to_model(*model.model_to_checkpoint(name, tensor))[0] == name
+    for name, tensor in model.state_dict().items():  # a classifier's task head may start fresh, nothing else
+        fresh = model.init_head(name, tensor.shape, "cpu")
+        in_head = any(name.startswith(h + ".") for h in model.task_head)
+        assert (fresh is not None) == in_head, name
+        assert fresh is None or fresh.shape == tensor.shape
+    assert bool(model.task_head) == (task == "classification")
+    assert model.max_length > 0 and isinstance(model.input_embeddings, nn.Embedding)
+
+
+def test_a_model_outside_the_registry_keeps_the_usual_head_names():
+    """apply_lora and quantization work on any nn.Module: with no declared heads, "all-linear" leaves the
+    usual output-layer names alone, and int8 keeps those and a pre_classifier in floating point."""
+    from minilora.lora import apply_lora
+    from minilora.quant import quantize_model
+    model = nn.ModuleDict({"body": nn.Linear(4, 4), "lm_head": nn.Linear(4, 9), "score": nn.Linear(4, 2)})
+    apply_lora(model, "all-linear", r=2)
+    assert [type(m).__name__ for m in model.values()] == ["LoRALinear", "Linear", "Linear"]
+    model = quantize_model(nn.ModuleDict({"body": nn.Linear(4, 4), "pre_classifier": nn.Linear(4, 4),
+                                          "classifier": nn.Linear(4, 2)}))
+    assert [type(m).__name__ for m in model.values()] == ["Int8Linear", "Linear", "Linear"]

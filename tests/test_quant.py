@@ -145,6 +145,20 @@ def test_adapter_trained_on_int8_base_saves_and_loads(saved_tiny, tmp_path):
         assert torch.equal(again(ids), expected)
 
 
+def test_save_model_refuses_an_int8_model_and_writes_nothing(saved_tiny, tmp_path):
+    """An int8-loaded model's weights are not the checkpoint's any more (and transformers could not read
+    them back): saving it as a checkpoint is refused by name, and the folder is not created."""
+    from minilora.errors import CheckpointError
+    from minilora.weights import save_model
+    _, folder = saved_tiny["llama-gqa"]
+    with pytest.raises(CheckpointError, match=r"cannot save a quantized model as a checkpoint "
+                                              r"\(model\.layers\.0\.self_attn\.q_proj\.weight is torch\.int8, 14 such weights\)"):
+        save_model(load_model(folder, load_in_8bit=True), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    save_model(load_model(folder), tmp_path / "out")  # the float model saves
+    assert torch.equal(load_model(tmp_path / "out")(torch.tensor([[1, 2, 3]])), load_model(folder)(torch.tensor([[1, 2, 3]])))
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmHWM from /proc")
 def test_8bit_load_peaks_well_under_the_fp32_size(tmp_path):
     """A 64M-parameter fp32 checkpoint (256 MB): loading it in 8-bit must never hold it in fp32."""

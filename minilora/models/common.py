@@ -166,15 +166,18 @@ def resize_token_embeddings(model: nn.Module, size: int) -> None:
 
 
 class PretrainedModel(nn.Module):
-    """The contract between a model family and the rest of minilora: the loader, LoRA, quantization and
-    adapters use only what is declared here. A new family subclasses this (usually through CausalLM),
-    sets the class attributes, and takes one line in the registry (models/__init__.py).
+    """The contract between a model family and the rest of minilora: what the loader, LoRA, quantization
+    and adapters rely on besides `config` (whose fields are config.json's keys). A new family subclasses
+    this (usually through CausalLM), sets the class attributes, and takes one line in the registry
+    (models/__init__.py); tests/test_models.py checks every registered class against it.
 
     config_class         a dataclass whose fields are config.json's keys (config_from_dict builds it)
     presets              {name: config.json dict} of published sizes, for reports with no download
     task_type            PEFT's task_type for an adapter of this model: CAUSAL_LM, SEQ_CLS, ...
-    output_heads         names of the modules that produce the output: "all-linear" LoRA and 8-bit
-                         loading leave them alone, and init_head may make them fresh
+    output_heads         names of the layers that produce the output: "all-linear" LoRA leaves them
+                         alone (as PEFT does) and 8-bit loading keeps them in floating point
+    task_head            names of the modules of a task head (a classifier's layers): kept in floating
+                         point too, and init_head may make them fresh over a bare encoder
     fingerprint_fields   config fields an adapter's base model must share with this one to fit it
     conv1d_layout        the checkpoint stores its linear weights as (in, out): PEFT's fan_in_fan_out
 
@@ -186,6 +189,7 @@ class PretrainedModel(nn.Module):
     presets: dict[str, dict[str, Any]] = {}
     task_type = "CAUSAL_LM"
     output_heads: tuple[str, ...] = ()
+    task_head: tuple[str, ...] = ()
     fingerprint_fields: tuple[str, ...] = ("model_type", "vocab_size")
     conv1d_layout = False
 
@@ -208,7 +212,7 @@ class PretrainedModel(nn.Module):
         """Make every alias of tied_weights the same tensor as its source (after loading)."""
 
     def init_head(self, name: str, shape: torch.Size, device: torch.device | str) -> torch.Tensor | None:
-        """A fresh tensor for `name` when the checkpoint lacks it and it belongs to an output head that
+        """A fresh tensor for `name` when the checkpoint lacks it and it belongs to the task head, which
         may start untrained (a classifier over a bare encoder); None where a missing tensor is an error."""
         return None
 
