@@ -66,11 +66,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.adam_betas = tuple(self.adam_betas)
         self.batch_size = self.batch_size or self.micro_batch_size
-        for name in ("epochs", "micro_batch_size", "batch_size", "log_every"):
-            _positive(name, getattr(self, name))
-        for name in ("max_steps", "eval_every", "save_every", "keep_last", "pad_to"):
-            if getattr(self, name) is not None:
-                _positive(name, getattr(self, name))
+        optional = ("max_steps", "eval_every", "save_every", "keep_last", "pad_to")
+        for name in ("epochs", "micro_batch_size", "batch_size", "log_every", *optional):
+            value = getattr(self, name)
+            if not (value is None and name in optional) and (isinstance(value, bool) or not isinstance(value, int)
+                                                              or value <= 0):
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.batch_size % self.micro_batch_size:
             raise ConfigError(f"batch_size={self.batch_size} is not a multiple of micro_batch_size={self.micro_batch_size}")
         if self.lr_schedule not in ("linear", "cosine", "constant"):
@@ -83,10 +84,6 @@ class TrainConfig:
             raise ConfigError(f"bf16 must be true, false or \"auto\", got {self.bf16!r}")
         if self.load_best_at_end and not self.best_metric:
             raise ConfigError("load_best_at_end needs best_metric (e.g. 'eval_loss')")
-
-    @property
-    def accumulation_steps(self) -> int:
-        return self.batch_size // self.micro_batch_size
 
 
 @dataclass
@@ -377,11 +374,6 @@ def evaluate_classification(model: nn.Module, data: list[Example], pad_id: int, 
 def _better(metric: str, new: float, old: float | None) -> bool:
     lower_is_better = "loss" in metric or "perplexity" in metric
     return old is None or (new < old if lower_is_better else new > old)
-
-
-def _positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _show(record: dict[str, Any], progress) -> None:
