@@ -11,6 +11,7 @@ import csv
 import json
 import os
 import random
+import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,7 +110,6 @@ class Template:
 def _fill(fmt: str, record: dict[str, Any], where: str) -> str:
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected an object with fields, found {type(record).__name__}")
-    import string
     for _, field, _, _ in string.Formatter().parse(fmt):
         if field is None:
             continue
