@@ -1,4 +1,9 @@
-"""Training checkpoints: output_dir/checkpoint-<step>/ folders, the run's metrics log, and resume.
+"""Training checkpoints: output_dir/checkpoint-<step>/ folders, the run's metrics log, resume, and the
+output folder a run owns.
+
+A run owns its output folder: it holds a lock on it for its whole life (a second run into the same
+folder fails at once, naming the process), and a fresh run never writes over another run's
+checkpoints or adapter (it refuses, unless told to resume or to overwrite).
 
 A checkpoint holds the adapter (PEFT's files), the optimizer, the scheduler, every rank's RNG state and
 trainer_state.json (the step, the best metric so far, and the run's fingerprint). Each is written to a
@@ -10,11 +15,17 @@ run's, since the loss curve would then not continue.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; the folder check below still applies
+    fcntl = None
 
 import torch
 import torch.nn as nn
@@ -26,6 +37,50 @@ from .files import read_json, write_atomically
 
 STATE_FILE = "trainer_state.json"
 METRICS_FILE = "metrics.jsonl"
+LOCK_FILE = ".minilora.lock"
+
+
+def previous_run(output_dir: Path) -> list[str]:
+    """What of another run the folder holds: checkpoints, the final adapter, the best one."""
+    found = [p.name for p in checkpoint_folders(output_dir)]
+    return found + [name for name in ("adapter", "best") if (output_dir / name).is_dir()]
+
+
+@contextlib.contextmanager
+def own_output_dir(output_dir: Path, resuming: bool, overwrite: bool) -> Iterator[None]:
+    """Hold output_dir for a run: lock it (another run holding it is an error naming its process), and
+    unless the run resumes, refuse a folder that holds another run's checkpoints or adapter, or with
+    `overwrite` delete that run's files (checkpoints, adapter/, best/, metrics.jsonl) first."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with open(output_dir / LOCK_FILE, "a+") as lock:
+        if fcntl is not None:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                lock.seek(0)
+                holder = lock.read().strip() or "unknown"
+                raise CheckpointError(f"{output_dir}: another run is training into this folder (process {holder}); "
+                                      "wait for it to end, or choose another output_dir") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        found = previous_run(output_dir)
+        if found and not resuming:
+            if not overwrite:
+                raise CheckpointError(
+                    f"{output_dir} holds another run ({', '.join(found)}), which a fresh run would overwrite. "
+                    "Resume it (resume_from_checkpoint = \"latest\", --train.resume_from_checkpoint latest), or "
+                    "delete it and start afresh (overwrite_output_dir = true, --train.overwrite_output_dir true), "
+                    "or choose another output_dir")
+            for name in found:
+                shutil.rmtree(output_dir / name)
+            (output_dir / METRICS_FILE).unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def checkpoint_folders(output_dir: str | os.PathLike) -> list[Path]:
@@ -106,18 +161,27 @@ def resolve_resume(value: str, output_dir: Path) -> Path:
 
 
 class MetricsLog:
-    """output_dir/metrics.jsonl: one JSON record per logged step or evaluation, appended as they come.
-    Opened at a resumed step, it first drops what came after that step, so that the file reads as one
-    uninterrupted run. Rank 0 alone writes; on other ranks every call does nothing."""
+    """output_dir/metrics.jsonl: one JSON record per logged step or evaluation, appended a whole line at
+    a time. A fresh run starts it empty; a resumed one first drops what came after its step (and a
+    partial last line a crash left), so that the file reads as one uninterrupted run. Rank 0 alone
+    writes; on other ranks every call does nothing."""
 
-    def __init__(self, output_dir: Path, resumed_step: int = 0) -> None:
+    def __init__(self, output_dir: Path, resumed_step: int | None = None) -> None:
         self.file = output_dir / METRICS_FILE if distributed.is_main() else None
-        if self.file is not None and self.file.exists():
-            keep = [line for line in self.file.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resumed_step]
-            self.file.write_text("".join(line + "\n" for line in keep))
+        if self.file is None:
+            return
+        keep = []
+        if resumed_step is not None and self.file.exists():
+            for line in self.file.read_text(encoding="utf-8", errors="replace").split("\n"):
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # blank, or a line a crash cut short
+                if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= resumed_step:
+                    keep.append(line)
+        self.file.write_text("".join(line + "\n" for line in keep))
 
     def write(self, record: dict[str, Any]) -> None:
         if self.file is not None:
             with open(self.file, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(record) + "\n")  # one write: a line is whole or, after a crash, cut short

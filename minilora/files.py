@@ -74,10 +74,14 @@ def write_atomically(folder: str | os.PathLike, write: Callable[[Path], None]) -
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     # What a process killed here earlier may have left: a half-written temporary (dropped), or the
-    # previous version moved aside just before the new one was renamed in (put back).
+    # previous version moved aside just before the new one was renamed in (put back). A live process's
+    # temporaries are its own business: only those of processes that no longer exist are touched.
     for stale in folder.parent.glob(f".{folder.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+        if not _alive(stale.name.rpartition("-")[2]):
+            shutil.rmtree(stale, ignore_errors=True)
     for aside in sorted(folder.parent.glob(f".{folder.name}.old-*")):
+        if _alive(aside.name.rpartition("-")[2]):
+            continue
         if folder.exists():
             shutil.rmtree(aside, ignore_errors=True)
         else:
@@ -96,6 +100,19 @@ def write_atomically(folder: str | os.PathLike, write: Callable[[Path], None]) -
     tmp.rename(folder)
     shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+def _alive(pid: str) -> bool:
+    """Is there a process with this id (other than this one, whose leftovers are stale by definition)?"""
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,10 +27,10 @@ import torch.nn.functional as F
 
 from . import distributed, hardware
 from .adapter import load_adapter, save_adapter
-from .checkpoint import (MetricsLog, checkpoint_folders, load_checkpoint, resolve_resume, rotate, run_fingerprint,
-                         save_checkpoint)
+from .checkpoint import (MetricsLog, checkpoint_folders, load_checkpoint, own_output_dir, resolve_resume, rotate,
+                         run_fingerprint, save_checkpoint)
 from .data import IGNORE, Example, collate
-from .errors import ConfigError, TrainingError
+from .errors import CheckpointError, ConfigError, TrainingError
 from .kernels import LinearCrossEntropy, frozen_weights_in
 
 
@@ -54,6 +54,7 @@ class TrainConfig:
     save_each_epoch: bool = False
     keep_last: int | None = 3             # checkpoints kept; None keeps all
     resume_from_checkpoint: str | None = None  # a checkpoint folder, or "latest" in output_dir
+    overwrite_output_dir: bool = False    # a fresh run into a folder holding another run deletes that run first
     best_metric: str | None = None        # e.g. "eval_loss" or "eval_accuracy"
     load_best_at_end: bool = False
     bf16: bool | str = False              # bf16 autocast: true, false, or "auto" (on where bf16 products are fast)
@@ -124,56 +125,63 @@ def train(model: nn.Module, tokenizer, train_data: list[Example], eval_data: lis
     rank, world = distributed.rank_and_world()
     main = rank == 0
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
-    bf16 = hardware.use_bf16(cfg.bf16, device)
-    pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ConfigError("the model has no trainable parameters: call apply_lora first")
-    torch.manual_seed(cfg.seed + rank)  # dropout masks differ between ranks
-    distributed.broadcast_from_main(params)  # every rank starts from rank 0's LoRA initialisation
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],  # no decay on biases and norms
-        lr=cfg.lr, betas=cfg.adam_betas)
-    steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
-    total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.lr_schedule))
-    run = run_fingerprint(cfg, len(train_data), total_steps)
-    classifier = isinstance(train_data[0].labels, int)
-    loss_fn = loss_fn or (classification_loss if classifier else causal_lm_loss)
-    if evaluate_fn is None and eval_data:
-        def evaluate_fn(m: nn.Module) -> dict[str, float]:
-            if classifier:
-                return evaluate_classification(m, eval_data, pad_id, cfg.micro_batch_size, bf16)
-            return evaluate(m, eval_data, pad_id, cfg.micro_batch_size, loss_fn, bf16)
+    with contextlib.ExitStack() as held:  # the output folder and what the loop changes, until train returns
+        claim_error = None
+        if main:  # rank 0 writes, so rank 0 owns the folder; all ranks agree on whether it could
+            try:
+                held.enter_context(own_output_dir(out, bool(cfg.resume_from_checkpoint), cfg.overwrite_output_dir))
+            except CheckpointError as e:
+                claim_error = e
+        if distributed.any_rank(claim_error is not None, device):
+            raise claim_error or CheckpointError(f"{out}: rank 0 could not take the output folder")
+        bf16 = hardware.use_bf16(cfg.bf16, device)
+        pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ConfigError("the model has no trainable parameters: call apply_lora first")
+        torch.manual_seed(cfg.seed + rank)  # dropout masks differ between ranks
+        distributed.broadcast_from_main(params)  # every rank starts from rank 0's LoRA initialisation
+        optimizer = torch.optim.AdamW(
+            [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],  # no decay on biases and norms
+            lr=cfg.lr, betas=cfg.adam_betas)
+        steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
+        total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.lr_schedule))
+        run = run_fingerprint(cfg, len(train_data), total_steps)
+        classifier = isinstance(train_data[0].labels, int)
+        loss_fn = loss_fn or (classification_loss if classifier else causal_lm_loss)
+        if evaluate_fn is None and eval_data:
+            def evaluate_fn(m: nn.Module) -> dict[str, float]:
+                if classifier:
+                    return evaluate_classification(m, eval_data, pad_id, cfg.micro_batch_size, bf16)
+                return evaluate(m, eval_data, pad_id, cfg.micro_batch_size, loss_fn, bf16)
 
-    result, step = TrainResult(), 0
-    if cfg.resume_from_checkpoint:
-        folder = resolve_resume(cfg.resume_from_checkpoint, out)
-        state = load_checkpoint(folder, model, optimizer, scheduler, run)
-        step, result.best_metric, result.best_step = state["step"], state.get("best_metric"), state.get("best_step")
-    metrics = MetricsLog(out, step)  # a resumed run rewrites what came after its checkpoint
-    progress = None
+        result, step = TrainResult(), 0
+        if cfg.resume_from_checkpoint:
+            folder = resolve_resume(cfg.resume_from_checkpoint, out)
+            state = load_checkpoint(folder, model, optimizer, scheduler, run)
+            step, result.best_metric, result.best_step = state["step"], state.get("best_metric"), state.get("best_step")
+        metrics = MetricsLog(out, step if cfg.resume_from_checkpoint else None)  # after a resume: its own steps
+        progress = None
 
-    def log(record: dict[str, Any]) -> None:
-        result.history.append(record)
-        metrics.write(record)
-        if main:
-            _show(record, progress)
+        def log(record: dict[str, Any]) -> None:
+            result.history.append(record)
+            metrics.write(record)
+            if main:
+                _show(record, progress)
 
-    if cfg.eval_at_start and evaluate_fn is not None and step == 0:
-        log({"step": 0, "epoch": 0.0, **evaluate_fn(model)})
-    set_gradient_checkpointing(model, cfg.gradient_checkpointing)
-    model.train()
-    with contextlib.ExitStack() as cleanup:  # undone however the loop ends
+        if cfg.eval_at_start and evaluate_fn is not None and step == 0:
+            log({"step": 0, "epoch": 0.0, **evaluate_fn(model)})
+        set_gradient_checkpointing(model, cfg.gradient_checkpointing)
+        model.train()
         if bf16:  # the frozen linear weights cast to bf16 once, not per micro-batch
-            cleanup.enter_context(frozen_weights_in(model, torch.bfloat16))
+            held.enter_context(frozen_weights_in(model, torch.bfloat16))
         progress = _progress(cfg.progress and main, total_steps, step)
         if progress is not None:
-            cleanup.callback(progress.close)
+            held.callback(progress.close)
         while step < total_steps:
             epoch, i = divmod(step, steps_per_epoch)
             order = epoch_order(len(train_data), cfg.seed, epoch)[i * cfg.batch_size:(i + 1) * cfg.batch_size]
@@ -216,13 +224,13 @@ def train(model: nn.Module, tokenizer, train_data: list[Example], eval_data: lis
             if stop:
                 result.stopped_early = True
                 break
-    distributed.barrier()  # rank 0's files are complete before any rank reads them or returns
-    if not result.stopped_early:
-        if cfg.load_best_at_end and result.best_step is not None:
-            load_adapter(model, out / "best")
-        result.adapter_dir = save_adapter(model, out / "adapter") if main else out / "adapter"
-        distributed.barrier()
-    model.eval()
+        distributed.barrier()  # rank 0's files are complete before any rank reads them or returns
+        if not result.stopped_early:
+            if cfg.load_best_at_end and result.best_step is not None:
+                load_adapter(model, out / "best")
+            result.adapter_dir = save_adapter(model, out / "adapter") if main else out / "adapter"
+            distributed.barrier()
+        model.eval()
     return result
 
 

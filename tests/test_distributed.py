@@ -67,7 +67,7 @@ def test_two_processes_follow_the_one_process_loss_curve(recipe, tmp_path, capsy
     apart = sum(float((wa[k] - wb[k]).norm()) ** 2 for k in wa) ** 0.5
     assert apart <= 1e-3 * moved, (apart, moved)
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == \
-        ["adapter", "checkpoint-2", "checkpoint-4", "checkpoint-6", "metrics.jsonl"]
+        [".minilora.lock", "adapter", "checkpoint-2", "checkpoint-4", "checkpoint-6", "metrics.jsonl"]
     assert "ranks" in torch.load(tmp_path / "two" / "checkpoint-4" / "rng.pt", weights_only=True)
 
 

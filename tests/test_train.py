@@ -120,7 +120,7 @@ def test_crash_during_a_checkpoint_leaves_the_previous_one_loadable(saved_tiny, 
         run(saved_tiny, tmp_path)
     monkeypatch.setattr(torch, "save", real_save)
     assert [f.name for f in checkpoint_folders(tmp_path)] == ["checkpoint-2"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "metrics.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".minilora.lock", "checkpoint-2", "metrics.jsonl"]
     _, resumed = run(saved_tiny, tmp_path, resume_from_checkpoint="latest")
     assert min(losses(resumed)) == 3
 

@@ -1,0 +1,131 @@
+"""No run is lost, nothing is silently wrong: a run owns its output folder (a lock for its life, no
+fresh run over another run's files), resume refuses a changed run, values and data that would train
+to a wrong result are refused up front, and bad input gets the project's own error naming the culprit."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from conftest import Tok, examples, lora_model, write_recipe
+from minilora.checkpoint import checkpoint_folders, own_output_dir
+from minilora.cli import main
+from minilora.errors import CheckpointError
+from minilora.files import write_atomically
+from minilora.train import TrainConfig, train
+
+
+def digests(folder):
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith(".")}
+
+
+def quick(out, **kw):
+    return TrainConfig(**{**dict(output_dir=str(out), max_steps=4, micro_batch_size=2, batch_size=4, lr=1e-2,
+                                 save_every=2, progress=False), **kw})
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. A run owns its output folder
+
+def test_a_fresh_run_refuses_a_folder_holding_another_run_and_keeps_it_byte_identical(saved_tiny, tmp_path):
+    first = train(lora_model(saved_tiny), Tok, examples(8), None, quick(tmp_path))
+    before = digests(tmp_path)
+    assert "adapter/adapter_model.safetensors" in before and "checkpoint-4/optimizer.pt" in before
+    with pytest.raises(CheckpointError, match=r"holds another run \(checkpoint-2, checkpoint-4, adapter\), which a "
+                                              r"fresh run would overwrite\. Resume it .*latest.* or delete it and start "
+                                              r"afresh \(overwrite_output_dir = true"):
+        train(lora_model(saved_tiny), Tok, examples(8, seed=3), None, quick(tmp_path))
+    assert digests(tmp_path) == before  # not a byte of the first run changed
+    # resuming it is allowed (it is the same run); overwriting is allowed when asked for
+    resumed = train(lora_model(saved_tiny), Tok, examples(8), None, quick(tmp_path, resume_from_checkpoint="latest"))
+    assert resumed.adapter_dir == first.adapter_dir
+    again = train(lora_model(saved_tiny), Tok, examples(8, seed=3), None, quick(tmp_path, overwrite_output_dir=True,
+                                                                                   save_every=3))
+    assert [p.name for p in checkpoint_folders(tmp_path)] == ["checkpoint-3"]  # the old ones are gone
+    assert digests(tmp_path)["adapter/adapter_model.safetensors"] != before["adapter/adapter_model.safetensors"]
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert not again.stopped_early
+
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from minilora.checkpoint import own_output_dir
+    with own_output_dir(Path(sys.argv[1]), resuming=False, overwrite=False):
+        print("held", flush=True)
+        time.sleep(60)
+""")
+
+
+def test_a_second_concurrent_run_fails_at_once_naming_the_process(saved_tiny, tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path / "run")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        start = time.monotonic()
+        with pytest.raises(CheckpointError, match=rf"run: another run is training into this folder \(process "
+                                                  rf"{holder.pid}\); wait for it to end, or choose another output_dir"):
+            train(lora_model(saved_tiny), Tok, examples(8), None, quick(tmp_path / "run"))
+        assert time.monotonic() - start < 5  # at once, not after loading or training
+    finally:
+        holder.kill()
+        holder.wait()
+    # the lock dies with its process (even a SIGKILL): the folder is free again
+    assert not train(lora_model(saved_tiny), Tok, examples(8), None, quick(tmp_path / "run")).stopped_early
+
+
+def test_the_same_process_cannot_hold_a_folder_twice(tmp_path):
+    with own_output_dir(tmp_path, resuming=False, overwrite=False):
+        with pytest.raises(CheckpointError, match=rf"process {os.getpid()}"):
+            with own_output_dir(tmp_path, resuming=False, overwrite=False):
+                pass
+    with own_output_dir(tmp_path, resuming=False, overwrite=False):  # released on exit
+        pass
+
+
+def test_stale_file_clean_up_never_touches_a_live_process_temporaries(tmp_path):
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        (tmp_path / f".adapter.tmp-{live.pid}").mkdir()      # another process writing this very folder now
+        (tmp_path / f".adapter.tmp-{dead.pid}").mkdir()      # what a killed writer left
+        write_atomically(tmp_path / "adapter", lambda d: (d / "a.txt").write_text("x"))
+        assert (tmp_path / f".adapter.tmp-{live.pid}").is_dir()
+        assert not (tmp_path / f".adapter.tmp-{dead.pid}").exists()
+        assert (tmp_path / "adapter" / "a.txt").read_text() == "x"
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_a_partial_last_metrics_line_never_breaks_a_resume(saved_tiny, tmp_path):
+    import shutil
+    train(lora_model(saved_tiny), Tok, examples(8), None, quick(tmp_path))
+    shutil.rmtree(tmp_path / "adapter")
+    shutil.rmtree(tmp_path / "checkpoint-4")  # as if killed during step 5 ...
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "epoch": 2.5, "lo')  # ... in the middle of writing its line
+    resumed = train(lora_model(saved_tiny), Tok, examples(8), None,
+                    quick(tmp_path, resume_from_checkpoint=str(tmp_path / "checkpoint-2")))
+    assert not resumed.stopped_early
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_the_command_line_refuses_a_second_fresh_run_and_overwrites_when_asked(saved_tiny, tmp_path, capsys):
+    recipe, _ = write_recipe(saved_tiny, tmp_path)
+    assert main(["train", str(recipe)]) == 0
+    before = digests(tmp_path / "run")
+    capsys.readouterr()
+    assert main(["train", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "holds another run (checkpoint-2, checkpoint-4, adapter)" in err and "--train.overwrite_output_dir true" in err
+    assert digests(tmp_path / "run") == before
+    assert main(["train", str(recipe), "--train.overwrite_output_dir", "true", "--lora.r", "2"]) == 0
+    assert json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())["r"] == 2
