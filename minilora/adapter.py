@@ -8,6 +8,7 @@ So an adapter saved here loads with `PeftModel.from_pretrained`, and one saved b
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -143,12 +144,27 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     wrong = [f"{k}: adapter {v!r} vs model {actual[k]!r}" for k, v in expected.items() if k in actual and actual[k] != v]
     if wrong:
         raise CheckpointError(f"{folder}: adapter was trained on another base model ({'; '.join(wrong)})")
-    if not lora_modules(model):
-        settings = lora_config_from_peft(config, Path(folder) / CONFIG_FILE)
+    settings = lora_config_from_peft(config, Path(folder) / CONFIG_FILE)
+    layers = lora_modules(model)
+    if not layers:
+        if isinstance(settings.targets, str) and settings.targets != "all-linear":
+            # A regex from a file is not run (one can be made to backtrack for minutes): the tensor keys
+            # name every adapted module, and LoRA goes exactly there.
+            names = sorted({k.removeprefix(PREFIX).split(".lora_A.")[0] for k in tensors if ".lora_A." in k})
+            settings = dataclasses.replace(settings, targets=names or ["(none: the adapter has no lora_A tensors)"])
         try:
             apply_lora(model, settings)
         except ConfigError as e:
             raise CheckpointError(f"{Path(folder) / CONFIG_FILE} does not fit this model: {e}") from None
+    else:  # LoRA is on the model already: the adapter must have been made with the same settings
+        have = {(m.r, m.alpha, m.use_rslora, getattr(m.dropout, "p", 0.0)) for _, m in layers}
+        want = (settings.r, settings.alpha, settings.use_rslora, settings.dropout)
+        if have != {want}:
+            names = ("r", "alpha", "use_rslora", "dropout")
+            now = ", ".join(f"{n}={v!r}" for n, v in zip(names, next(iter(have)))) + (" (and others)" if len(have) > 1 else "")
+            raise CheckpointError(f"{folder}: the adapter's LoRA settings ({', '.join(f'{n}={v!r}' for n, v in zip(names, want))}) "
+                                  f"differ from those of the LoRA layers already on the model ({now}); load it onto "
+                                  "the base model without LoRA (remove_lora(model, merge=False), or a fresh load_model)")
     state = model.state_dict(keep_vars=True)
     unmatched, mismatched, matched = [], [], {}
     for key, tensor in tensors.items():

@@ -16,6 +16,8 @@ run's, since the loss curve would then not continue.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -27,6 +29,7 @@ try:
 except ImportError:  # Windows: no advisory locks; the folder check below still applies
     fcntl = None
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -91,11 +94,22 @@ def checkpoint_folders(output_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
-def run_fingerprint(config: Any, n_train: int, total_steps: int) -> dict[str, Any]:
-    """What must be the same for a checkpoint to be resumed exactly, from a TrainConfig and the run."""
-    return dict(batch_size=config.batch_size, micro_batch_size=config.micro_batch_size, seed=config.seed,
-                lr=config.lr, lr_schedule=config.lr_schedule, warmup_steps=config.warmup_steps,
-                total_steps=total_steps, n_train=n_train, processes=distributed.rank_and_world()[1])
+def run_fingerprint(config: Any, model: nn.Module, train_data: list, total_steps: int, bf16: bool) -> dict[str, Any]:
+    """What must be the same for a checkpoint to be resumed exactly: the TrainConfig's batch sizes,
+    schedule and optimizer settings, the LoRA settings, the training examples in their order (a digest
+    of their token ids and labels), bf16 and the number of processes. As JSON would give it back."""
+    data = hashlib.sha256()
+    for example in train_data:
+        data.update(np.asarray(example.input_ids, dtype=np.int64).tobytes() + b"|")
+        data.update(np.asarray(example.labels, dtype=np.int64).tobytes() + b";")
+    lora = getattr(model, "lora_config", None)
+    run = dict(batch_size=config.batch_size, micro_batch_size=config.micro_batch_size, seed=config.seed,
+               lr=config.lr, lr_schedule=config.lr_schedule, warmup_steps=config.warmup_steps, total_steps=total_steps,
+               weight_decay=config.weight_decay, adam_betas=config.adam_betas, max_grad_norm=config.max_grad_norm,
+               bf16=bf16, processes=distributed.rank_and_world()[1], n_train=len(train_data),
+               data=data.hexdigest()[:16], **{f"lora.{k}": v for k, v in
+                                              (dataclasses.asdict(lora) if lora is not None else {}).items()})
+    return json.loads(json.dumps(run))
 
 
 def save_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, state: dict[str, Any]) -> Path:
@@ -120,10 +134,14 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, expect
     """Restore a checkpoint into the model, optimizer, scheduler and RNG; returns trainer_state.json.
     Refused, naming each difference, when the checkpoint's fingerprint is not `expected`."""
     state = read_json(folder / STATE_FILE)
-    saved = state.get("run", {})
-    wrong = [f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}" for k, v in expected.items() if saved.get(k) != v]
+    saved = state.get("run")
+    if not isinstance(saved, dict) or not isinstance(state.get("step"), int) or state["step"] < 0:
+        raise CheckpointError(f"{folder / STATE_FILE}: expected a non-negative integer \"step\" and a \"run\" object")
+    wrong = [f"{k}: " + (f"checkpoint {saved[k]!r} vs now {v!r}" if k in saved else "not recorded in the checkpoint")
+             for k, v in expected.items() if saved.get(k) != v]
     if wrong:
-        raise CheckpointError(f"{folder}: cannot resume, the run's settings changed ({'; '.join(wrong)})")
+        why = " (the training examples or their order differ)" if "data" in saved and saved["data"] != expected["data"] else ""
+        raise CheckpointError(f"{folder}: cannot resume, the run's settings changed ({'; '.join(wrong)}){why}")
     load_adapter(model, folder)
     try:
         optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))

@@ -150,7 +150,7 @@ def train(model: nn.Module, tokenizer, train_data: list[Example], eval_data: lis
         total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.lr_schedule))
-        run = run_fingerprint(cfg, len(train_data), total_steps)
+        run = run_fingerprint(cfg, model, train_data, total_steps, bf16)
         classifier = isinstance(train_data[0].labels, int)
         loss_fn = loss_fn or (classification_loss if classifier else causal_lm_loss)
         if evaluate_fn is None and eval_data:

@@ -103,7 +103,9 @@ def test_adapter_of_another_rank_names_the_shapes(saved_tiny, tmp_path):
     save_adapter(apply_lora(load_model(folder), ["q_proj"], r=4), tmp_path / "a")
     model = apply_lora(load_model(folder), ["q_proj"], r=8)
     before = model.model.layers[0].self_attn.q_proj.lora_A.weight.clone()
-    with pytest.raises(CheckpointError, match=r"wrong shapes .*q_proj.lora_A.weight: adapter \(4, 32\) vs model \(8, 32\)"):
+    with pytest.raises(CheckpointError, match=r"the adapter's LoRA settings \(r=4, alpha=16, use_rslora=False, "
+                                              r"dropout=0.0\) differ from those of the LoRA layers already on the "
+                                              r"model \(r=8, alpha=16"):
         load_adapter(model, tmp_path / "a")
     assert torch.equal(model.model.layers[0].self_attn.q_proj.lora_A.weight, before)  # untouched
 

@@ -129,3 +129,74 @@ def test_the_command_line_refuses_a_second_fresh_run_and_overwrites_when_asked(s
     assert digests(tmp_path / "run") == before
     assert main(["train", str(recipe), "--train.overwrite_output_dir", "true", "--lora.r", "2"]) == 0
     assert json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())["r"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Resume and load_adapter refuse whatever would alter the run
+
+@pytest.mark.parametrize("change, named", [
+    (dict(lora=dict(alpha=16)), "lora.alpha: checkpoint 8 vs now 16"),
+    (dict(lora=dict(r=2)), "lora.r: checkpoint 4 vs now 2"),
+    (dict(lora=dict(dropout=0.2)), "lora.dropout: checkpoint 0.0 vs now 0.2"),
+    (dict(lora=dict(use_rslora=True)), "lora.use_rslora: checkpoint False vs now True"),
+    (dict(lora=dict(targets=["q_proj"])), r"lora.targets: checkpoint 'all-linear' vs now \['q_proj'\]"),
+    (dict(data_seed=7), r"data: checkpoint '[0-9a-f]{16}' vs now '[0-9a-f]{16}'\) \(the training examples or their order"),
+    (dict(config=dict(weight_decay=0.1)), "weight_decay: checkpoint 0.0 vs now 0.1"),
+    (dict(config=dict(adam_betas=(0.8, 0.99))), r"adam_betas: checkpoint \[0.9, 0.999\] vs now \[0.8, 0.99\]"),
+    (dict(config=dict(max_grad_norm=0.5)), "max_grad_norm: checkpoint 1.0 vs now 0.5"),
+    (dict(config=dict(lr_schedule="cosine")), "lr_schedule: checkpoint 'linear' vs now 'cosine'"),
+    (dict(config=dict(max_steps=6)), "total_steps: checkpoint 4 vs now 6"),
+    (dict(config=dict(seed=1)), "seed: checkpoint 42 vs now 1"),
+])
+def test_resume_refuses_every_change_that_alters_the_run(saved_tiny, tmp_path, change, named):
+    from minilora.lora import apply_lora
+    from minilora.weights import load_model
+    train(lora_model(saved_tiny), Tok, examples(8), None, quick(tmp_path))
+    model = load_model(saved_tiny["llama-gqa"][1])
+    apply_lora(model, **{"targets": "all-linear", "r": 4, "alpha": 8, **change.get("lora", {})})
+    data = examples(8, seed=change.get("data_seed", 0))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(CheckpointError, match=r"checkpoint-4: cannot resume, the run's settings changed \(.*" + named):
+        train(model, Tok, data, None, quick(tmp_path, resume_from_checkpoint="latest", **change.get("config", {})))
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # nothing was loaded
+
+
+def test_load_adapter_never_mixes_scalings(saved_tiny, tmp_path):
+    """Same shapes, other alpha: loading it onto LoRA layers of alpha 8 would scale its B·A wrongly."""
+    from minilora.adapter import load_adapter, save_adapter
+    from minilora.lora import apply_lora
+    from minilora.weights import load_model
+    folder = saved_tiny["llama-gqa"][1]
+    save_adapter(apply_lora(load_model(folder), ["q_proj"], r=4, alpha=32), tmp_path / "a")
+    model = apply_lora(load_model(folder), ["q_proj"], r=4, alpha=8)
+    with pytest.raises(CheckpointError, match=r"a: the adapter's LoRA settings \(r=4, alpha=32, .*\) differ from those "
+                                              r"of the LoRA layers already on the model \(r=4, alpha=8"):
+        load_adapter(model, tmp_path / "a")
+    loaded = load_adapter(load_model(folder), tmp_path / "a")  # onto the base model: its own settings
+    assert {m.scaling for m in loaded.modules() if hasattr(m, "scaling")} == {32 / 4}
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. No input can hang the program
+
+def test_a_regex_in_an_adapter_file_is_never_run(saved_tiny, tmp_path):
+    """PEFT writes target_modules as a regex when given one; a crafted one backtracks for ages on module
+    names. The adapter's tensor keys name every adapted module: LoRA goes exactly there, the regex unrun."""
+    from minilora.adapter import save_adapter
+    from minilora.lora import apply_lora
+    from minilora.weights import load_model
+    folder = saved_tiny["llama-gqa"][1]
+    save_adapter(apply_lora(load_model(folder), ["q_proj"], r=2), tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    config["target_modules"] = "(.*)*Z"  # exponential backtracking on a 30-character module name
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config))
+    code = textwrap.dedent(f"""
+        from minilora.adapter import load_adapter
+        from minilora.lora import lora_modules
+        from minilora.weights import load_model
+        model = load_adapter(load_model({str(folder)!r}), {str(tmp_path / "a")!r})
+        print(sorted(n for n, _ in lora_modules(model)))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str([f"model.layers.{i}.self_attn.q_proj" for i in range(2)])
