@@ -44,7 +44,7 @@ def worker(side: str, name: str, dtype: str, steps: int, batch: int, seq: int, r
     if side == "minilora":
         from minilora.lora import apply_lora
         from minilora.models import build_model
-        from minilora.train import causal_lm_loss
+        from minilora.evaluate import causal_lm_loss
         model = build_model(cfg)
         model.load_state_dict(reference_state(cfg), strict=False)  # the state dict is freed at once, as on peft's side
         model.tie_weights()

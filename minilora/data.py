@@ -8,6 +8,7 @@ the loss) on padding and, unless `train_on_prompt`, on the prompt, so only the r
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import random
@@ -45,26 +46,47 @@ def read_records(source: str | os.PathLike, revision: str | None = None) -> list
     return records
 
 
-def _read_file(file: Path) -> list[dict[str, Any]]:
+class Record(dict):
+    """One record's fields, and `where` it came from ("file.jsonl, line 7"), so that an error names the
+    line of the file whatever shuffling and splitting did. A row that is not an object keeps its `kind`."""
+
+    def __init__(self, fields: Any, where: str) -> None:
+        super().__init__(fields if isinstance(fields, dict) else {})
+        self.where = where
+        self.kind = None if isinstance(fields, dict) else type(fields).__name__
+
+
+def _read_file(file: Path) -> list[Record]:
     if file.suffix == ".parquet":  # many Hub datasets are stored so; pyarrow is optional
         try:
             import pyarrow.parquet as pq
         except ModuleNotFoundError:
             raise DataError(f"{file}: reading parquet needs pyarrow (pip install pyarrow), "
                             "or convert the dataset to JSONL/CSV") from None
-        return pq.read_table(file).to_pylist()
+        return [Record(row, f"{file}, row {n}") for n, row in enumerate(pq.read_table(file).to_pylist(), start=1)]
     try:
         text = file.read_text(encoding="utf-8-sig")  # -sig: tolerate a byte-order mark
     except UnicodeDecodeError as e:
         raise DataError(f"{file}: not UTF-8 text ({e})") from None
-    if file.suffix == ".csv":
-        return list(csv.DictReader(text.splitlines()))
+    if file.suffix == ".csv":  # quoted fields may hold line breaks: the csv module reads them whole
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        rows, line = [], 1  # the header's line
+        try:
+            for row in reader:
+                if None in row or None in row.values():
+                    raise DataError(f"{file}, line {line + 1}: the record's fields do not match the header's "
+                                    f"{len(reader.fieldnames)} columns")
+                rows.append(Record(row, f"{file}, line {line + 1}"))
+                line = reader.line_num
+        except csv.Error as e:
+            raise DataError(f"{file}, line {reader.line_num}: not valid CSV ({e})") from None
+        return rows
     if file.suffix == ".jsonl" or (file.suffix == ".json" and not text.lstrip().startswith("[")):
         rows = []
-        for n, line in enumerate(text.splitlines(), start=1):
+        for n, line in enumerate(text.split("\n"), start=1):  # "\n" alone ends a line: JSON strings may hold U+2028
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    rows.append(Record(json.loads(line), f"{file}, line {n}"))
                 except json.JSONDecodeError as e:
                     raise DataError(f"{file}: line {n} is not valid JSON ({e.msg})") from None
         return rows
@@ -74,7 +96,7 @@ def _read_file(file: Path) -> list[dict[str, Any]]:
         raise DataError(f"{file}: not valid JSON ({e.msg} at line {e.lineno})") from None
     if not isinstance(rows, list):
         raise DataError(f"{file}: expected a JSON list of records, found {type(rows).__name__}")
-    return rows
+    return [Record(row, f"{file}, item {n}") for n, row in enumerate(rows, start=1)]
 
 
 def split(records: list, val_size: float | int, seed: int = 0) -> tuple[list, list]:
@@ -108,8 +130,9 @@ class Template:
 
 
 def _fill(fmt: str, record: dict[str, Any], where: str) -> str:
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: expected an object with fields, found {type(record).__name__}")
+    kind = getattr(record, "kind", None) or (None if isinstance(record, dict) else type(record).__name__)
+    if kind is not None:
+        raise DataError(f"{where}: expected an object with fields, found {kind}")
     for _, field, _, _ in string.Formatter().parse(fmt):
         if field is None:
             continue
@@ -187,11 +210,28 @@ def build_examples(records: list[dict[str, Any]], tokenizer, template: str | Tem
     def make(record: dict[str, Any], where: str) -> Example:
         prompt, response = template.format(record, where)
         return tokenize(tokenizer, prompt, response, cutoff, add_eos, train_on_prompt, truncation, where)
-    return _rows(records, make, skip_bad_rows, source)
+    examples = _rows(records, make, skip_bad_rows, source)
+    examples.without_targets = sum(target_count(e) == 0 for e in examples)
+    if examples.without_targets == len(examples):
+        fields = [f for _, f, _, _ in string.Formatter().parse(template.response) if f]
+        raise DataError(f"{source}: no example has a token to learn after truncation to cutoff={cutoff} tokens"
+                        + ("" if train_on_prompt else " and masking of the prompt (train_on_prompt = false)")
+                        + f": the response ({', '.join(fields) or 'template text'}) was cut off in every record. "
+                        "Raise the cutoff, shorten the prompt, or truncate from the left")
+    return examples
+
+
+def target_count(example: Example) -> int:
+    """How many tokens of an example the loss learns: a class, or each label after the first that is
+    not IGNORE (token t predicts token t+1)."""
+    if isinstance(example.labels, int):
+        return 1
+    return sum(label != IGNORE for label in example.labels[1:])
 
 
 class ExampleList(list):
-    skipped: int = 0
+    skipped: int = 0           # malformed records left out (skip_bad_rows)
+    without_targets: int = 0   # examples whose response truncation removed entirely: they teach nothing
 
 
 def _rows(records: list[dict[str, Any]], make, skip_bad_rows: bool, source: str) -> ExampleList:
@@ -200,7 +240,7 @@ def _rows(records: list[dict[str, Any]], make, skip_bad_rows: bool, source: str)
     examples, skipped = ExampleList(), 0
     for n, record in enumerate(records, start=1):
         try:
-            examples.append(make(record, f"{source}, row {n}"))
+            examples.append(make(record, getattr(record, "where", None) or f"{source}, row {n}"))
         except DataError:
             if not skip_bad_rows:
                 raise
@@ -241,6 +281,15 @@ def build_classification_examples(records: list[dict[str, Any]], tokenizer, labe
 
 # ---------------------------------------------------------------------------------------------
 # Batching
+
+def batches(data: list[Example], indices: list[int], size: int, pad_id: int, device: torch.device,
+            pad_to: int | None = None, shard: tuple[int, int] = (0, 1)) -> list[dict[str, torch.Tensor]]:
+    """Micro-batches of `size` examples in the order of `indices`; with shard=(rank, world), only
+    micro-batches rank, rank + world, ... (this rank's share of a step)."""
+    starts = range(0, len(indices), size)[shard[0]::shard[1]]
+    return [{k: v.to(device) for k, v in collate([data[j] for j in indices[i:i + size]], pad_id, pad_to).items()}
+            for i in starts]
+
 
 def collate(examples: list[Example], pad_id: int, pad_to: int | None = None,
             side: str = "right") -> dict[str, torch.Tensor]:

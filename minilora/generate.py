@@ -7,11 +7,26 @@ models whose pad token is their EOS token still stop on EOS.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
 from .data import Example, collate
+from .errors import ConfigError
 from .models.common import KVCache
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Refuse settings that would sample something other than what they say."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ConfigError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
+        raise ConfigError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0):
+        raise ConfigError(f"top_k must be a positive integer, got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise ConfigError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
@@ -40,10 +55,19 @@ def generate_ids(model: nn.Module, prompts: list[list[int]], eos_ids: list[int],
     """New token ids for each prompt (ids lists), without the EOS that ended it.
 
     stop_check(row, new_ids) -> bool may end a row early (stop strings)."""
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    if not prompts:
+        raise ConfigError("no prompts to complete")
+    empty = [i for i, p in enumerate(prompts) if len(p) == 0]
+    if empty:
+        raise ConfigError(f"prompt {empty[0]} is empty (no tokens): generation needs at least one token to start from")
+    rows = getattr(getattr(model, "input_embeddings", None), "num_embeddings", None)
+    beyond = [t for p in prompts for t in p if not 0 <= t < (rows or float("inf"))]
+    if beyond:
+        raise ConfigError(f"token id {beyond[0]} is outside the model's {rows} embeddings: the tokenizer does not "
+                          "belong to this model")
     device = next(model.parameters()).device
     B, T = len(prompts), max(len(p) for p in prompts)
-    if min(len(p) for p in prompts) == 0:
-        raise ValueError("cannot generate from an empty prompt")
     ids = torch.full((B, T), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros((B, T), dtype=torch.long, device=device)
     for i, p in enumerate(prompts):  # left padding: every prompt ends at the last column

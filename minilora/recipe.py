@@ -25,12 +25,13 @@ import torch
 from . import distributed, hardware
 from .data import build_classification_examples, build_examples, label_ids, read_records, split
 from .errors import ConfigError
-from .generate import classify as predict
+from .generate import check_sampling, classify as predict
 from .lora import LoRAConfig, apply_lora
 from .models.common import resize_token_embeddings
 from .report import param_report
 from .tokenizer import load_tokenizer
-from .train import TrainConfig, evaluate_classification, train
+from .evaluate import evaluate_classification
+from .train import TrainConfig, train
 from .weights import load_model
 
 
@@ -69,6 +70,9 @@ class GenerateSection:
     prompts: list[str] = field(default_factory=list)
     max_new_tokens: int = 48
     temperature: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_sampling(self.max_new_tokens, self.temperature, None, None)
 
 
 @dataclass
@@ -221,6 +225,9 @@ def run_recipe(recipe: Recipe, stop_request: Callable[[], ContextManager[Callabl
     test_data = examples(test_records, d.test)
     if train_data.skipped:
         say(f"skipped {train_data.skipped} malformed training rows")
+    if getattr(train_data, "without_targets", 0):
+        say(f"{train_data.without_targets} of {len(train_data)} training examples keep no response token after "
+            f"truncation to cutoff={d.cutoff}: they teach nothing")
     apply_lora(model, recipe.lora)
     say(param_report(model))
     say(f"training on {len(train_data)} examples, evaluating on {len(eval_data or [])}")

@@ -17,21 +17,22 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import distributed, hardware
 from .adapter import load_adapter, save_adapter
 from .checkpoint import (MetricsLog, checkpoint_folders, load_checkpoint, own_output_dir, resolve_resume, rotate,
                          run_fingerprint, save_checkpoint)
-from .data import IGNORE, Example, collate
-from .errors import CheckpointError, ConfigError, TrainingError
-from .kernels import LinearCrossEntropy, frozen_weights_in
+from .data import Example, batches, target_count
+from .errors import CheckpointError, ConfigError, DataError, TrainingError
+from .evaluate import LossFn, causal_lm_loss, classification_loss, evaluate, evaluate_classification
+from .kernels import frozen_weights_in
 
 
 @dataclass
@@ -77,10 +78,16 @@ class TrainConfig:
             raise ConfigError(f"batch_size={self.batch_size} is not a multiple of micro_batch_size={self.micro_batch_size}")
         if self.lr_schedule not in ("linear", "cosine", "constant"):
             raise ConfigError(f"lr_schedule must be linear, cosine or constant, got {self.lr_schedule!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
-        if self.warmup_steps < 0 or self.weight_decay < 0:
-            raise ConfigError("warmup_steps and weight_decay must not be negative")
+        for name in ("lr", "max_grad_norm"):  # None: no clipping
+            value = getattr(self, name)
+            if not (value is None and name == "max_grad_norm") and not _number(value, 0, math.inf, True, True):
+                raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
+        if not _number(self.weight_decay, 0, math.inf, high_open=True):
+            raise ConfigError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        if len(self.adam_betas) != 2 or not all(_number(b, 0, 1, high_open=True) for b in self.adam_betas):
+            raise ConfigError(f"adam_betas must be two numbers in [0, 1), got {list(self.adam_betas)!r}")
         if not (isinstance(self.bf16, bool) or self.bf16 == "auto"):  # resolved by hardware.use_bf16
             raise ConfigError(f"bf16 must be true, false or \"auto\", got {self.bf16!r}")
         if self.load_best_at_end and not self.best_metric:
@@ -94,9 +101,6 @@ class TrainResult:
     best_metric: float | None = None
     best_step: int | None = None
     stopped_early: bool = False
-
-
-LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int]]
 
 
 def train(model: nn.Module, tokenizer, train_data: list[Example], eval_data: list[Example] | None = None,
@@ -122,6 +126,9 @@ def train(model: nn.Module, tokenizer, train_data: list[Example], eval_data: lis
     cfg = config or TrainConfig()
     if not train_data:
         raise ConfigError("train_data is empty")
+    if not any(target_count(e) for e in train_data):
+        raise DataError("train_data has no token to learn: every label is -100 (ignored) once token t is set to "
+                        "predict token t+1; check the cutoff and the prompt masking")
     rank, world = distributed.rank_and_world()
     main = rank == 0
     out = Path(cfg.output_dir)
@@ -148,6 +155,9 @@ def train(model: nn.Module, tokenizer, train_data: list[Example], eval_data: lis
             lr=cfg.lr, betas=cfg.adam_betas)
         steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
         total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
+        if cfg.warmup_steps >= total_steps:
+            warnings.warn(f"warmup_steps={cfg.warmup_steps} is not shorter than the run ({total_steps} steps): the "
+                          "learning rate never reaches its peak", stacklevel=3)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.lr_schedule))
         run = run_fingerprint(cfg, model, train_data, total_steps, bf16)
@@ -267,15 +277,6 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.T
     return total / max(count, 1), count
 
 
-def batches(data: list[Example], indices: list[int], size: int, pad_id: int, device: torch.device,
-            pad_to: int | None = None, shard: tuple[int, int] = (0, 1)) -> list[dict[str, torch.Tensor]]:
-    """Micro-batches of `size` examples in the order of `indices`; with shard=(rank, world), only
-    micro-batches rank, rank + world, ... (this rank's share of a step)."""
-    starts = range(0, len(indices), size)[shard[0]::shard[1]]
-    return [{k: v.to(device) for k, v in collate([data[j] for j in indices[i:i + size]], pad_id, pad_to).items()}
-            for i in starts]
-
-
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
 
@@ -299,89 +300,18 @@ def set_gradient_checkpointing(model: nn.Module, on: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The losses, and evaluation
-
-def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over target tokens, and their count.
-
-    With a frozen plain output head (the usual LoRA case), the head and the loss are fused
-    (`LinearCrossEntropy`): the (B, T, vocab) logits never exist at once, their gradient is computed
-    while they do, instead of a second pass through a log-softmax backward, and positions without a
-    target (padding, a prompt not trained on) cost no head matmul at all."""
-    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE)], dim=1)  # token t predicts t+1
-    head = getattr(model, "lm_head", None)
-    if type(head) is nn.Linear and not head.weight.requires_grad and hasattr(model, "hidden_states") \
-            and (head.bias is None or not head.bias.requires_grad):
-        h, targets = model.hidden_states(ids, attention_mask=mask).flatten(0, 1), shifted.flatten()
-        keep = targets != IGNORE  # no head work for padding and masked prompt positions
-        loss = LinearCrossEntropy.apply(h[keep], head.weight, head.bias, targets[keep], IGNORE)
-    else:
-        logits = model(ids, attention_mask=mask)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE, reduction="sum")
-    return loss, int((shifted != IGNORE).sum())
-
-
-def classification_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy of the class logits (B, num_labels), and the number of examples."""
-    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
-    return F.cross_entropy(logits.float(), batch["labels"], reduction="sum"), batch["labels"].numel()
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, data: list[Example], pad_id: int, micro_batch_size: int = 8,
-             loss_fn: LossFn | None = None, bf16: bool = False) -> dict[str, float]:
-    """Mean loss per target token over `data`, and its perplexity."""
-    loss_fn = loss_fn or causal_lm_loss
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    rank, world = distributed.rank_and_world()  # each rank evaluates every world-th example
-    sums = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, target tokens
-    for batch in batches(data, list(range(rank, len(data), world)), micro_batch_size, pad_id, device):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss, n = loss_fn(model, batch)
-        sums += torch.stack([loss.detach().double(), torch.tensor(float(n), dtype=torch.float64, device=device)])
-    distributed.sum_across_ranks([sums])
-    model.train(was_training)
-    loss = float(sums[0]) / max(float(sums[1]), 1.0)
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
-
-
-@torch.no_grad()
-def evaluate_classification(model: nn.Module, data: list[Example], pad_id: int, micro_batch_size: int = 8,
-                            bf16: bool = False) -> dict[str, float]:
-    """Mean loss, accuracy, and F1 (of class 1 with two classes, macro-averaged with more)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    rank, world = distributed.rank_and_world()  # each rank evaluates every world-th example
-    n_classes = model.config.num_labels
-    total = torch.zeros(1, dtype=torch.float64, device=device)
-    confusion = torch.zeros(n_classes, n_classes, dtype=torch.float64, device=device)  # [gold, predicted]
-    for batch in batches(data, list(range(rank, len(data), world)), micro_batch_size, pad_id, device):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).float()
-        total += F.cross_entropy(logits, batch["labels"], reduction="sum")
-        confusion.index_put_((batch["labels"], logits.argmax(-1)), torch.ones_like(logits[:, 0], dtype=torch.float64),
-                             accumulate=True)
-    distributed.sum_across_ranks([total, confusion])
-    model.train(was_training)
-    tp = confusion.diagonal()
-    fp, fn = confusion.sum(0) - tp, confusion.sum(1) - tp
-    seen = (tp + fp + fn) > 0  # macro F1 over the classes that occur in the labels or predictions
-    f1 = torch.where(seen, 2 * tp / (2 * tp + fp + fn).clamp(min=1), torch.zeros_like(tp))
-    n = float(confusion.sum())
-    return {"eval_loss": float(total) / n, "eval_accuracy": float(tp.sum()) / n,
-            "eval_f1": float(f1[1]) if n_classes == 2 else float(f1[seen].mean())}
-
-
-# ---------------------------------------------------------------------------------------------
 # Helpers
 
 def _better(metric: str, new: float, old: float | None) -> bool:
     lower_is_better = "loss" in metric or "perplexity" in metric
     return old is None or (new < old if lower_is_better else new > old)
+
+
+def _number(value: Any, low: float, high: float, low_open: bool = False, high_open: bool = False) -> bool:
+    """Is value a real number (not a bool, not NaN) within [low, high], with open ends where asked?"""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        return False
+    return (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
 
 
 def _show(record: dict[str, Any], progress) -> None:

@@ -87,6 +87,8 @@ def test_no_import_cycles():
     ("minilora.lora", ("minilora.models", "minilora.weights", "minilora.quant", "minilora.adapter", "minilora.train")),
     ("minilora.quant", ("minilora.models", "minilora.weights", "minilora.lora", "minilora.adapter", "minilora.train")),
     ("minilora.train", ("minilora.files", "minilora.gguf", "minilora.weights", "minilora.tokenizer", "minilora.models")),
+    ("minilora.evaluate", ("minilora.files", "minilora.gguf", "minilora.weights", "minilora.tokenizer", "minilora.models",
+                           "minilora.train")),
     ("minilora.kernels", ("minilora.models", "minilora.lora", "minilora.train")),
 ])
 def test_dependencies_flow_one_way(module, forbidden):

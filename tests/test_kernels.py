@@ -10,7 +10,8 @@ from conftest import examples, grads, lora_model
 from minilora.data import collate
 from minilora.kernels import LinearCrossEntropy, frozen_weights_in, prepared_head
 from minilora.models.common import attend, attention_mask
-from minilora.train import accumulate_gradients, causal_lm_loss
+from minilora.evaluate import causal_lm_loss
+from minilora.train import accumulate_gradients
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "gptj", "llama-tied"])

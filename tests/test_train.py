@@ -16,7 +16,8 @@ from minilora.data import collate
 from minilora.errors import CheckpointError, ConfigError
 from minilora.files import write_atomically
 from minilora.hardware import use_bf16
-from minilora.train import TrainConfig, accumulate_gradients, causal_lm_loss, lr_factor, train
+from minilora.evaluate import causal_lm_loss
+from minilora.train import TrainConfig, accumulate_gradients, lr_factor, train
 
 
 @pytest.mark.parametrize("kind", ["llama-gqa", "gpt2"])
@@ -208,7 +209,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(saved_tiny):
     (dict(micro_batch_size=0), "micro_batch_size must be a positive integer"),
     (dict(micro_batch_size=3, batch_size=8), "batch_size=8 is not a multiple of micro_batch_size=3"),
     (dict(lr_schedule="exp"), "lr_schedule must be"),
-    (dict(lr=-1.0), "lr must be a positive number"),
+    (dict(lr=-1.0), "lr must be a positive finite number, got -1.0"),
     (dict(load_best_at_end=True), "load_best_at_end needs best_metric"),
     (dict(bf16="yes"), 'bf16 must be true, false or "auto"'),
     (dict(bf16=1), 'bf16 must be true, false or "auto"'),

@@ -200,3 +200,104 @@ def test_a_regex_in_an_adapter_file_is_never_run(saved_tiny, tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str([f"model.layers.{i}.self_attn.q_proj" for i in range(2)])
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Values that would train to a wrong result are refused up front
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(max_grad_norm=0.0), "max_grad_norm must be a positive finite number, got 0.0"),
+    (dict(max_grad_norm=-1.0), "max_grad_norm must be a positive finite number, got -1.0"),
+    (dict(max_grad_norm=float("nan")), "max_grad_norm must be a positive finite number, got nan"),
+    (dict(max_grad_norm=float("inf")), "max_grad_norm must be a positive finite number, got inf"),
+    (dict(lr=float("inf")), "lr must be a positive finite number, got inf"),
+    (dict(lr=float("nan")), "lr must be a positive finite number, got nan"),
+    (dict(adam_betas=(1.0, 0.999)), r"adam_betas must be two numbers in \[0, 1\), got \[1.0, 0.999\]"),
+    (dict(adam_betas=(0.9, -0.1)), r"adam_betas must be two numbers in \[0, 1\)"),
+    (dict(adam_betas=(0.9,)), r"adam_betas must be two numbers in \[0, 1\), got \[0.9\]"),
+    (dict(weight_decay=float("inf")), "weight_decay must be a finite number >= 0, got inf"),
+    (dict(warmup_steps=2.5), "warmup_steps must be an integer >= 0, got 2.5"),
+])
+def test_train_config_values_that_train_wrongly_are_refused(bad, message):
+    from minilora.errors import ConfigError
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**bad)
+
+
+def test_warmup_longer_than_the_run_is_a_warning(saved_tiny, tmp_path):
+    with pytest.warns(UserWarning, match=r"warmup_steps=100 is not shorter than the run \(4 steps\)"):
+        train(lora_model(saved_tiny), Tok, examples(8), None, quick(tmp_path, warmup_steps=100))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=-0.5), r"temperature must be a finite number >= 0 \(0 = greedy\), got -0.5"),
+    (dict(temperature=float("nan")), "temperature must be a finite number >= 0"),
+    (dict(temperature=1.0, top_p=0.0), r"top_p must be in \(0, 1\], got 0.0"),
+    (dict(temperature=1.0, top_p=1.5), r"top_p must be in \(0, 1\], got 1.5"),
+    (dict(temperature=1.0, top_k=0), "top_k must be a positive integer, got 0"),
+    (dict(max_new_tokens=-1), "max_new_tokens must be a non-negative integer, got -1"),
+    (dict(prompts=[]), "no prompts to complete"),
+    (dict(prompts=[[5, 6], []]), r"prompt 1 is empty \(no tokens\)"),
+    (dict(prompts=[[5, 120]]), "token id 120 is outside the model's 97 embeddings: the tokenizer does not belong"),
+])
+def test_generation_settings_and_prompts_are_checked(saved_tiny, kwargs, message):
+    from minilora.errors import ConfigError
+    from minilora.generate import generate_ids
+    from minilora.weights import load_model
+    model = load_model(saved_tiny["llama-gqa"][1])
+    prompts = kwargs.pop("prompts", [[5, 6, 7]])
+    with pytest.raises(ConfigError, match=message):
+        generate_ids(model, prompts, [1], 0, **kwargs)
+
+
+def test_a_dataset_with_no_token_to_learn_is_an_error_naming_the_cutoff_and_the_field(saved_tiny, tmp_path):
+    from conftest import tiny_model_with_tokenizer
+    from minilora.data import Example, build_examples
+    from minilora.errors import DataError
+    from minilora.tokenizer import load_tokenizer
+    tok = load_tokenizer(tiny_model_with_tokenizer(saved_tiny, tmp_path))
+    rows = [{"author": "w5 w6 w7 w8 w9 w10", "quote": "w11 w12"}, {"author": "w2 w3 w4 w5 w6 w7 w8", "quote": "w9"}]
+    template = {"prompt": "{author} says", "response": " {quote}"}
+    with pytest.raises(DataError, match=r"quotes: no example has a token to learn after truncation to cutoff=5 tokens "
+                                        r"and masking of the prompt \(train_on_prompt = false\): the response \(quote\) "
+                                        r"was cut off in every record"):
+        build_examples(rows, tok, template, cutoff=5, train_on_prompt=False, source="quotes")
+    some = build_examples(rows, tok, template, cutoff=8, train_on_prompt=False)
+    assert some.without_targets == 1 and len(some) == 2  # the second keeps its response; the first does not
+    with pytest.raises(DataError, match="train_data has no token to learn: every label is -100"):
+        train(lora_model(saved_tiny), Tok, [Example([5, 6, 7], [5, -100, -100])], None, quick(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Data errors name the line of the file
+
+def test_data_errors_name_the_line_whatever_the_split_did(tmp_path):
+    from minilora.data import build_examples, read_records, split
+    from minilora.errors import DataError
+    lines = [json.dumps({"author": f"a{i}", "quote": f"q{i}"}) for i in range(20)]
+    lines[12] = json.dumps({"author": "a12"})  # line 13 of the file lacks its quote
+    (tmp_path / "q.jsonl").write_text("\n".join(lines) + "\n")
+    train_rows, val_rows = split(read_records(tmp_path / "q.jsonl"), 0.25, seed=1)
+    bad = train_rows if any("quote" not in r for r in train_rows) else val_rows
+
+    class Words:
+        eos_token_id = 1
+        def encode(self, text, add_special_tokens=True):
+            return [2] * len(text.split())
+    with pytest.raises(DataError, match=r"q\.jsonl, line 13: missing field 'quote' \(the record has: author\)"):
+        build_examples(bad, Words(), "quotes")
+
+
+def test_jsonl_lines_end_at_newline_only_and_csv_keeps_multi_line_fields(tmp_path):
+    from minilora.data import read_records
+    from minilora.errors import DataError
+    (tmp_path / "a.jsonl").write_text('{"text": "one\u2028two"}\n{"text": "three"}\n', encoding="utf-8")
+    assert [r["text"] for r in read_records(tmp_path / "a.jsonl")] == ["one\u2028two", "three"]
+    (tmp_path / "a.csv").write_text('text,label\n"a review\nover two lines",1\nshort,0\n"broken,1\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"a\.csv, line 5: the record's fields do not match the header's 2 columns"):
+        read_records(tmp_path / "a.csv")
+    (tmp_path / "b.csv").write_text('text,label\n"a review\nover two lines",1\nshort,0\n', encoding="utf-8")
+    rows = read_records(tmp_path / "b.csv")
+    assert [dict(r) for r in rows] == [{"text": "a review\nover two lines", "label": "1"}, {"text": "short", "label": "0"}]
+    assert [r.where.rsplit(", ", 1)[1] for r in rows] == ["line 2", "line 4"]
