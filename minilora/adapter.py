@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from .errors import CheckpointError, ConfigError
-from .files import pickle_tensors, read_json, safetensors_tensors, write_atomically
+from .files import check_tensor, pickle_tensors, read_json, safetensors_tensors, write_atomically
 from .lora import LoRAConfig, apply_lora, lora_modules
 from .names import find_modules
 
@@ -88,7 +88,7 @@ def _base_fingerprint(model: nn.Module) -> dict[str, Any]:
 
 def write_adapter_files(folder: Path, model: nn.Module, extra: dict[str, Any] | None = None) -> None:
     """The adapter's three files into an existing folder (checkpoints add theirs beside them)."""
-    save_file(adapter_state_dict(model), str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    (folder / WEIGHTS_FILE).write_bytes(save(adapter_state_dict(model), metadata={"format": "pt"}))  # OSError names it
     (folder / CONFIG_FILE).write_text(json.dumps(adapter_config(model), indent=2) + "\n")
     meta = {"base_model": _base_fingerprint(model), **(extra or {})}
     id2label = getattr(getattr(model, "config", None), "id2label", None)
@@ -174,6 +174,7 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
         elif tuple(state[name].shape) != tuple(tensor.shape):
             mismatched.append(f"{key}: adapter {tuple(tensor.shape)} vs model {tuple(state[name].shape)}")
         else:
+            check_tensor(str(where), key, tensor, state[name].is_floating_point())
             matched[name] = tensor
     missing = [n for n in state if (".lora_A." in n or ".lora_B." in n) and n not in matched]
     if unmatched or mismatched or missing:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -36,7 +37,7 @@ import torch.nn as nn
 from . import distributed
 from .adapter import load_adapter, write_adapter_files
 from .errors import CheckpointError
-from .files import read_json, write_atomically
+from .files import make_folder, read_json, write_atomically
 
 STATE_FILE = "trainer_state.json"
 METRICS_FILE = "metrics.jsonl"
@@ -54,8 +55,12 @@ def own_output_dir(output_dir: Path, resuming: bool, overwrite: bool) -> Iterato
     """Hold output_dir for a run: lock it (another run holding it is an error naming its process), and
     unless the run resumes, refuse a folder that holds another run's checkpoints or adapter, or with
     `overwrite` delete that run's files (checkpoints, adapter/, best/, metrics.jsonl) first."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    with open(output_dir / LOCK_FILE, "a+") as lock:
+    make_folder(output_dir)
+    try:
+        lock = open(output_dir / LOCK_FILE, "a+")
+    except OSError as e:
+        raise CheckpointError(f"{output_dir / LOCK_FILE}: cannot create the run's lock file ({e.strerror or e})") from None
+    with lock:
         if fcntl is not None:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -123,9 +128,11 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, state:
 
     def write(tmp: Path) -> None:
         write_adapter_files(tmp, model)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save({**rng, "ranks": ranks} if len(ranks) > 1 else rng, tmp / "rng.pt")
+        for name, obj in (("optimizer.pt", optimizer.state_dict()), ("scheduler.pt", scheduler.state_dict()),
+                          ("rng.pt", {**rng, "ranks": ranks} if len(ranks) > 1 else rng)):
+            buffer = io.BytesIO()  # serialised in memory, written by Python: a full disk is an OSError naming the file
+            torch.save(obj, buffer)
+            (tmp / name).write_bytes(buffer.getvalue())
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")  # written last
     return write_atomically(folder, write)
 
@@ -142,20 +149,36 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, expect
     if wrong:
         why = " (the training examples or their order differ)" if "data" in saved and saved["data"] != expected["data"] else ""
         raise CheckpointError(f"{folder}: cannot resume, the run's settings changed ({'; '.join(wrong)}){why}")
+    for key, kind in (("best_metric", (int, float)), ("best_step", int)):
+        if state.get(key) is not None and (isinstance(state[key], bool) or not isinstance(state[key], kind)):
+            raise CheckpointError(f"{folder / STATE_FILE}: {key} is {state[key]!r}, expected a number or null")
+    optimizer_state, scheduler_state, rng = (_read(folder, name) for name in ("optimizer.pt", "scheduler.pt", "rng.pt"))
+    rank = distributed.rank_and_world()[0]
+    rng = rng.get("ranks", [rng])[rank] if isinstance(rng, dict) and len(rng.get("ranks", [rng])) > rank else None
+    if not (isinstance(rng, dict) and isinstance(rng.get("cpu"), torch.Tensor) and rng["cpu"].dtype == torch.uint8
+            and rng["cpu"].shape == torch.get_rng_state().shape):
+        raise CheckpointError(f"{folder / 'rng.pt'}: not the random-number state of this run's rank {rank} "
+                              f"(expected a uint8 tensor of {torch.get_rng_state().numel()} bytes under 'cpu')")
     load_adapter(model, folder)
     try:
-        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-        scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
-        rng = torch.load(folder / "rng.pt", weights_only=True)
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{folder}: incomplete checkpoint, {Path(e.filename).name} is missing") from None
-    except (RuntimeError, ValueError, KeyError) as e:
+        optimizer.load_state_dict(optimizer_state)
+        scheduler.load_state_dict(scheduler_state)
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{folder}: optimizer or scheduler state does not fit this run ({e})") from None
-    rng = rng["ranks"][distributed.rank_and_world()[0]] if "ranks" in rng else rng
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     return state
+
+
+def _read(folder: Path, name: str) -> Any:
+    file = folder / name
+    if not file.is_file():
+        raise CheckpointError(f"{folder}: incomplete checkpoint, {name} is missing")
+    try:
+        return torch.load(file, weights_only=True)
+    except Exception as e:  # truncated, corrupt, or holding more than tensors and plain data
+        raise CheckpointError(f"{file}: not a readable checkpoint file, truncated or corrupt ({type(e).__name__})") from None
 
 
 def rotate(output_dir: Path, keep_last: int | None) -> None:
@@ -197,9 +220,15 @@ class MetricsLog:
                     continue  # blank, or a line a crash cut short
                 if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= resumed_step:
                     keep.append(line)
-        self.file.write_text("".join(line + "\n" for line in keep))
+        self._write("".join(line + "\n" for line in keep), "w")
 
     def write(self, record: dict[str, Any]) -> None:
         if self.file is not None:
-            with open(self.file, "a") as f:
-                f.write(json.dumps(record) + "\n")  # one write: a line is whole or, after a crash, cut short
+            self._write(json.dumps(record) + "\n", "a")  # one write: a line is whole or, after a crash, cut short
+
+    def _write(self, text: str, mode: str) -> None:
+        try:
+            with open(self.file, mode, encoding="utf-8") as f:
+                f.write(text)
+        except OSError as e:
+            raise CheckpointError(f"{self.file}: {e.strerror or e} while writing the metrics log") from None

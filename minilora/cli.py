@@ -23,10 +23,10 @@ from .errors import ConfigError, MiniLoraError
 from .generate import classify, generate
 from .lora import LoRAConfig, adapter_disabled, apply_lora, remove_lora
 from .models import build_model
-from .recipe import load_recipe, run_recipe, torch_dtype
+from .recipe import load_recipe, run_recipe
 from .report import param_report
 from .tokenizer import load_tokenizer
-from .weights import load_config, load_model, save_model
+from .weights import load_config, load_model, save_model, torch_dtype
 
 
 def targets_arg(values: list[str]) -> list[str] | str:

@@ -122,6 +122,21 @@ class Template:
     response: str
     prompt_no_input: str | None = None
 
+    def __post_init__(self) -> None:
+        for part in ("prompt", "response", "prompt_no_input"):
+            fmt = getattr(self, part)
+            if fmt is None and part == "prompt_no_input":
+                continue
+            if not isinstance(fmt, str):
+                raise DataError(f"template {part}: expected text, got {type(fmt).__name__} {fmt!r}")
+            try:
+                fields = [f for _, f, _, _ in string.Formatter().parse(fmt) if f is not None]
+            except ValueError as e:
+                raise DataError(f"template {part} {fmt!r}: {e} (write {{{{ and }}}} for literal braces)") from None
+            bad = next((f for f in fields if not f or f[0].isdigit() or "." in f or "[" in f), None)
+            if bad is not None:
+                raise DataError(f"template {part} {fmt!r}: {{{bad}}} is not a field name (fields look like {{quote}})")
+
     def format(self, record: dict[str, Any], where: str) -> tuple[str, str]:
         prompt = self.prompt
         if self.prompt_no_input is not None and not record.get("input"):
@@ -162,6 +177,10 @@ def get_template(template: str | Template | dict) -> Template:
     if isinstance(template, Template):
         return template
     if isinstance(template, dict):
+        unknown = set(template) - {"prompt", "response", "prompt_no_input"}
+        if unknown or not {"prompt", "response"} <= set(template):
+            raise DataError(f"template {template!r}: expected the keys prompt and response (and prompt_no_input); "
+                            + (f"unknown: {', '.join(sorted(unknown))}" if unknown else "missing one"))
         return Template(**template)
     if template not in TEMPLATES:
         raise DataError(f"unknown template {template!r}; built in: {', '.join(TEMPLATES)}")

@@ -72,7 +72,7 @@ def write_atomically(folder: str | os.PathLike, write: Callable[[Path], None]) -
     """Run write(tmp_folder), then swap tmp_folder in for `folder` by rename: a crash at any point
     leaves either the old complete folder or the new complete one, never a half-written one."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(folder.parent)
     # What a process killed here earlier may have left: a half-written temporary (dropped), or the
     # previous version moved aside just before the new one was renamed in (put back). A live process's
     # temporaries are its own business: only those of processes that no longer exist are touched.
@@ -89,17 +89,30 @@ def write_atomically(folder: str | os.PathLike, write: Callable[[Path], None]) -
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
+        tmp.mkdir()
         write(tmp)
-    except BaseException:
+        if folder.exists():
+            folder.rename(old)
+        tmp.rename(folder)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not folder.exists():
+            old.rename(folder)  # the previous version back in its place
+        if isinstance(e, OSError):  # disk full, read-only, permissions: name what was being written
+            raise CheckpointError(f"{folder}: {e.strerror or e} while writing {e.filename or tmp}; the previous "
+                                  f"version, if any, is kept") from None
         raise
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
     shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+def make_folder(folder: Path) -> None:
+    """mkdir -p, with a CheckpointError naming the folder (read-only, no permission, a file in the way)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"{folder}: cannot create this folder ({e.strerror or e})") from None
 
 
 def _alive(pid: str) -> bool:
@@ -165,9 +178,13 @@ def safetensors_tensors(file: Path, map_dtype: torch.dtype | None = None) -> Ten
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise CheckpointError(f"{corrupt} (the header is not JSON)") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{corrupt} (the header is a JSON {type(header).__name__}, not an object)")
         header.pop("__metadata__", None)
-        if not all(isinstance(i, dict) and {"dtype", "shape", "data_offsets"} <= set(i) for i in header.values()):
-            raise CheckpointError(f"{corrupt} (a header entry lacks dtype, shape or data_offsets)")
+        for name, info in header.items():
+            if not _valid_entry(info):
+                raise CheckpointError(f"{corrupt} (tensor {name}: expected dtype, shape (non-negative integers) and "
+                                      f"data_offsets [begin, end], found {str(info)[:100]})")
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if map_dtype is not None else None
         for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
             dtype, shape, (begin, end) = SAFETENSORS_DTYPES.get(info["dtype"]), info["shape"], info["data_offsets"]
@@ -185,6 +202,14 @@ def safetensors_tensors(file: Path, map_dtype: torch.dtype | None = None) -> Ten
             yield name, (torch.frombuffer(buffer, dtype=dtype) if numel else torch.empty(0, dtype=dtype)).reshape(shape)
 
 
+def _valid_entry(info: Any) -> bool:
+    """A safetensors header entry: {"dtype": str, "shape": [n, ...], "data_offsets": [begin, end]}."""
+    ints = lambda xs: isinstance(xs, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in xs)
+    return isinstance(info, dict) and isinstance(info.get("dtype"), str) and ints(info.get("shape")) \
+        and ints(info.get("data_offsets")) and len(info["data_offsets"]) == 2 \
+        and info["data_offsets"][0] <= info["data_offsets"][1]
+
+
 def pickle_tensors(file: Path) -> Tensors:
     """The tensors of a pytorch_model.bin-style file, with torch's weights_only loader (which refuses
     arbitrary pickled objects)."""
@@ -196,6 +221,15 @@ def pickle_tensors(file: Path) -> Tensors:
         raise CheckpointError(f"{file}: refused; loading it needs more than weights_only=True allows, "
                               f"or it is corrupt ({type(e).__name__}). Convert it to safetensors.") from None
     yield from state.items()
+
+
+def check_tensor(where: str, name: str, tensor: torch.Tensor, floating: bool) -> None:
+    """Refuse a tensor that cannot be the weight it stands for: not floating-point where a float weight
+    belongs (`floating`), or holding NaN or infinite values."""
+    if floating and not tensor.is_floating_point():
+        raise CheckpointError(f"{where}: tensor {name} is {tensor.dtype}, where a floating-point weight belongs")
+    if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
+        raise CheckpointError(f"{where}: tensor {name} holds NaN or infinite values")
 
 
 def release_freed_memory() -> None:

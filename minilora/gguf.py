@@ -25,6 +25,9 @@ _BLOCKS = {GGML_F32: (1, 4), GGML_F16: (1, 2), GGML_BF16: (1, 2), GGML_Q4_0: (32
            GGML_Q8_0: (32, 34)}
 
 
+MAX_NESTING = 4  # arrays of arrays: llama.cpp's files use one level at most
+
+
 class _Reader:
     def __init__(self, buf: memoryview, path: Path) -> None:
         self.buf, self.pos, self.path = buf, 0, path
@@ -39,16 +42,26 @@ class _Reader:
 
     def string(self) -> str:
         n = self.scalar("<Q")
+        self.room(n, "a string")
         s = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8", errors="replace")
         self.pos += n
         return s
 
-    def value(self, kind: int):
+    def room(self, n: int, what: str) -> None:
+        """Each element takes at least a byte: a count beyond the bytes left is a truncated or corrupt file."""
+        if n > len(self.buf) - self.pos:
+            raise CheckpointError(f"{self.path}: GGUF header is truncated or corrupt at byte {self.pos} "
+                                  f"({what} of {n} elements, {len(self.buf) - self.pos} bytes left)")
+
+    def value(self, kind: int, depth: int = 0):
         if kind == 8:
             return self.string()
         if kind == 9:
             item, n = self.scalar("<I"), self.scalar("<Q")
-            return [self.value(item) for _ in range(n)]
+            if depth >= MAX_NESTING:
+                raise CheckpointError(f"{self.path}: GGUF metadata nests arrays deeper than {MAX_NESTING} at byte {self.pos}")
+            self.room(n, "an array")
+            return [self.value(item, depth + 1) for _ in range(n)]
         if kind not in _SCALARS:
             raise CheckpointError(f"{self.path}: unknown GGUF value type {kind} at byte {self.pos}")
         return self.scalar(_SCALARS[kind])
@@ -80,10 +93,15 @@ def read_gguf(path: Path) -> GGUFFile:
     infos = {}
     for _ in range(n_tensors):
         name = r.string()
-        dims = [r.scalar("<Q") for _ in range(r.scalar("<I"))]
+        n_dims = r.scalar("<I")
+        if n_dims > 4:
+            raise CheckpointError(f"{path}: tensor {name} has {n_dims} dimensions (GGUF allows at most 4)")
+        dims = [r.scalar("<Q") for _ in range(n_dims)]
         kind, offset = r.scalar("<I"), r.scalar("<Q")
         infos[name] = (tuple(reversed(dims)), kind, offset)  # GGUF lists the fastest dimension first
     align = meta.get("general.alignment", 32)
+    if isinstance(align, bool) or not isinstance(align, int) or align <= 0:
+        raise CheckpointError(f"{path}: general.alignment is {align!r}, expected a positive integer")
     return GGUFFile(Path(path), meta, infos, (r.pos + align - 1) // align * align)
 
 
@@ -126,7 +144,11 @@ def gguf_config(file: GGUFFile) -> dict[str, Any]:
         raise ConfigError(f"{path}: GGUF architecture {arch!r} is not supported (llama is)")
     def get(key: str, default: Any = ConfigError):
         if f"llama.{key}" in meta:
-            return meta[f"llama.{key}"]
+            value = meta[f"llama.{key}"]
+            kind = float if key.endswith(("epsilon", "freq_base")) else int
+            if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or value <= 0:
+                raise ConfigError(f"{path}: GGUF metadata llama.{key} is {value!r}, expected a positive {kind.__name__}")
+            return value
         if default is ConfigError:
             raise ConfigError(f"{path}: GGUF metadata has no llama.{key}")
         return default
@@ -156,6 +178,9 @@ def gguf_tensors(file: GGUFFile) -> Iterator[tuple[str, torch.Tensor]]:
                                   "(F32, F16, BF16, Q4_0, Q4_1, Q8_0 are)")
         per_block, block_bytes = _BLOCKS[kind]
         numel = int(np.prod(shape))
+        if numel % per_block:
+            raise CheckpointError(f"{path}: tensor {gguf_name} of shape {shape} is not a whole number of "
+                                  f"{per_block}-value blocks")
         start = file.data_start + offset
         raw = data[start:start + numel // per_block * block_bytes]
         if raw.size != numel // per_block * block_bytes:

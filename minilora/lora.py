@@ -16,6 +16,7 @@ of a model it reads only the output heads it declares ("all-linear" leaves those
 from __future__ import annotations
 
 import math
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -207,6 +208,11 @@ class LoRAConfig:
                 and all(isinstance(t, str) for t in self.targets)):
             raise ConfigError("LoRA targets must be a list of module names, a regex string or 'all-linear', "
                               f"got {self.targets!r}")
+        if isinstance(self.targets, str) and self.targets != "all-linear":
+            try:
+                re.compile(self.targets)
+            except re.error as e:
+                raise ConfigError(f"LoRA target regex {self.targets!r} is not a valid regular expression ({e})") from None
         self.modules_to_save = list(self.modules_to_save or [])
         if not all(isinstance(t, str) for t in self.modules_to_save):
             raise ConfigError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")

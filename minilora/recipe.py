@@ -23,8 +23,8 @@ from typing import Any, Callable, ContextManager
 import torch
 
 from . import distributed, hardware
-from .data import build_classification_examples, build_examples, label_ids, read_records, split
-from .errors import ConfigError
+from .data import build_classification_examples, build_examples, get_template, label_ids, read_records, split
+from .errors import ConfigError, DataError
 from .generate import check_sampling, classify as predict
 from .lora import LoRAConfig, apply_lora
 from .models.common import resize_token_embeddings
@@ -32,16 +32,21 @@ from .report import param_report
 from .tokenizer import load_tokenizer
 from .evaluate import evaluate_classification
 from .train import TrainConfig, train
-from .weights import load_model
+from .weights import check_device, load_model, torch_dtype
 
 
 @dataclass
 class ModelSection:
     name: str
     dtype: str = "float32"
-    device: str | None = None
+    device: str | None = None         # cpu, cuda, cuda:1, ...; default: cuda where there is one
     revision: str | None = None
     load_in_8bit: bool = False        # frozen linear weights held in int8 (quant.py)
+
+    def __post_init__(self) -> None:
+        torch_dtype(self.dtype, "dtype")
+        if self.device is not None:
+            check_device(self.device)
 
 
 @dataclass
@@ -63,6 +68,19 @@ class DataSection:
     limit: int | None = None          # use only the first N training records (after shuffling)
     skip_bad_rows: bool = False
     seed: int = 0
+
+    def __post_init__(self) -> None:  # the template and the numbers, before any model is loaded
+        if self.task not in ("causal-lm", "classification"):
+            raise ConfigError(f"task: expected causal-lm or classification, got {self.task!r}")
+        if self.task == "causal-lm":
+            try:
+                get_template(self.template)
+            except DataError as e:
+                raise ConfigError(f"template: {e}") from None
+        for name in ("cutoff", "limit"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or value <= 0):
+                raise ConfigError(f"{name}: expected a positive number, got {value!r}")
 
 
 @dataclass
@@ -154,16 +172,6 @@ def load_recipe(path: str | os.PathLike, overrides: dict[str, str] | None = None
     return Recipe(**parts, source=str(path))
 
 
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}
-
-
-def torch_dtype(name: str, where: str = "dtype") -> torch.dtype:
-    if name not in DTYPES:
-        raise ConfigError(f"{where}: unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
-    return getattr(torch, DTYPES[name])
-
-
 def run_recipe(recipe: Recipe, stop_request: Callable[[], ContextManager[Callable[[], bool]]] | None = None):
     """Load the model and data, apply LoRA, train; returns (model, tokenizer, TrainResult).
 
@@ -174,8 +182,6 @@ def run_recipe(recipe: Recipe, stop_request: Callable[[], ContextManager[Callabl
     Launched by torchrun (WORLD_SIZE > 1), joins the process group and trains data-parallel; every
     rank loads the model and data, rank 0 alone prints and writes."""
     m, d = recipe.model, recipe.data
-    if d.task not in ("causal-lm", "classification"):
-        raise ConfigError(f"{recipe.source} [data].task: expected causal-lm or classification, got {d.task!r}")
     classify = d.task == "classification"
     torch.manual_seed(recipe.train.seed)  # a fresh classifier head is initialised from the global RNG
     records = read_records(d.train)

@@ -117,7 +117,10 @@ def load_tokenizer(source: str | os.PathLike, revision: str | None = None) -> To
 
 def gpt2_tokenizer(vocab: Path, merges: Path) -> HFTokenizer:
     """GPT-2's byte-level BPE from its two files; <|endoftext|> is its only special token."""
-    tk = HFTokenizer(models.BPE.from_file(str(vocab), str(merges)))
+    try:
+        tk = HFTokenizer(models.BPE.from_file(str(vocab), str(merges)))
+    except Exception as e:
+        raise CheckpointError(f"{vocab.parent}: vocab.json and merges.txt cannot be read as a BPE tokenizer ({e})") from None
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     if tk.token_to_id("<|endoftext|>") is not None:
@@ -130,9 +133,18 @@ def gguf_tokenizer(meta: dict[str, Any], path: Path) -> Tokenizer:
     if meta.get("tokenizer.ggml.model") != "gpt2":
         raise CheckpointError(f"{path}: GGUF tokenizer {meta.get('tokenizer.ggml.model')!r} is not supported "
                               "(byte-level BPE, 'gpt2', is)")
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
+        if not isinstance(meta.get(key), list) or not all(isinstance(t, str) for t in meta[key]):
+            raise CheckpointError(f"{path}: GGUF metadata has no {key} list of strings: the tokenizer cannot be rebuilt")
     tokens, merges = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.merges"]
-    tk = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)},
-                                merges=[tuple(m.split(" ", 1)) for m in merges]))
+    bad = next((m for m in merges if len(m.split(" ")) != 2), None)
+    if bad is not None:
+        raise CheckpointError(f"{path}: GGUF merge {bad!r} is not two tokens separated by a space")
+    try:
+        tk = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)},
+                                    merges=[tuple(m.split(" ", 1)) for m in merges]))
+    except Exception as e:  # a merge of tokens the vocabulary lacks
+        raise CheckpointError(f"{path}: the GGUF tokenizer's vocabulary and merges do not fit together ({e})") from None
     tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tk.decoder = decoders.ByteLevel()

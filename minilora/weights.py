@@ -19,12 +19,36 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from . import hardware
-from .errors import CheckpointError
-from .files import (TOKENIZER_FILES, Tensors, checkpoint_tensors, read_json, release_freed_memory, resolve,
-                    write_atomically)
+from .errors import CheckpointError, ConfigError
+from .files import (TOKENIZER_FILES, Tensors, check_tensor, checkpoint_tensors, read_json, release_freed_memory,
+                    resolve, write_atomically)
 from .gguf import gguf_config, gguf_tensors, read_gguf
 from .models import PRESETS, PretrainedModel, build_model
 from .quant import prepare_int8
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def torch_dtype(value: str | torch.dtype | None, where: str = "dtype") -> torch.dtype | None:
+    """A floating dtype given as torch's or by name ("bf16", "float32", ...); None stays None."""
+    if value is None or isinstance(value, torch.dtype) and value.is_floating_point:
+        return value
+    if isinstance(value, str) and value in DTYPES:
+        return DTYPES[value]
+    raise ConfigError(f"{where}: unknown dtype {value!r}; use one of {', '.join(DTYPES)} (or a floating torch.dtype)")
+
+
+def check_device(value: str | torch.device, where: str = "device") -> torch.device:
+    """A device torch knows and this machine has."""
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"{where}: {value!r} is not a device torch knows (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"{where}: {value!r}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def load_config(source: str | os.PathLike, revision: str | None = None) -> dict[str, Any]:
@@ -67,6 +91,7 @@ def load_weights(model: PretrainedModel, tensors: Tensors, source: str, dtype: t
         if tuple(tensor.shape) != tuple(expected[name].shape):
             mismatched.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {tuple(expected[name].shape)}")
             continue
+        check_tensor(source, name, tensor, expected[name].is_floating_point())
         if transform is not None:  # sees the checkpoint's own tensor (int8 quantizes from full precision)
             tensor = transform(name, tensor)
         if dtype is not None and tensor.is_floating_point():
@@ -127,6 +152,7 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype | None = torch.floa
     Int8Linear, each weight quantized as it is read, so the full-precision model never exists in memory.
     task: "causal-lm", or for encoders "classification" (with num_labels / id2label) or "embedding".
     """
+    dtype, device = torch_dtype(dtype), check_device(device)
     path = resolve(source, revision)
     hardware.warn_if_slow(dtype, device, str(source))
     if path.suffix == ".gguf":
@@ -193,7 +219,11 @@ def save_model(model: PretrainedModel, folder: str | os.PathLike, tokenizer=None
     source = getattr(model, "source_path", None)
 
     def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        try:
+            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        except Exception as e:  # safetensors' own writer: a full disk or a read-only folder comes as its error
+            raise OSError(None, str(e).splitlines()[0] if str(e) else type(e).__name__,
+                          str(tmp / "model.safetensors")) from None
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         copied = False
         if source is not None and Path(source).is_dir():
