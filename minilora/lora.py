@@ -47,11 +47,10 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         # The base layer's own parameters under their own names: the model's state-dict names stay those
         # of the checkpoint, so loading, saving merged weights and PEFT's adapter keys need no renaming.
-        self.weight = base.weight
-        self.bias = base.bias
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
+        self.weight, self.bias = base.weight, base.bias
+        for p in (self.weight, self.bias):
+            if p is not None:
+                p.requires_grad_(False)
         # A quantized base (quant.Int8Linear) brings its own function and state, e.g. the weight scales.
         self.base_linear = getattr(type(base), "linear", None)
         for name in getattr(base, "carried", ()):
@@ -198,34 +197,28 @@ class LoRAConfig:
 
     def __post_init__(self) -> None:
         check_lora_hyperparameters(self.r, self.alpha, self.dropout)
-        if isinstance(self.targets, tuple):
-            self.targets = list(self.targets)
-        if isinstance(self.targets, list) and len(self.targets) == 1:
-            self.targets = self.targets[0] if self.targets[0] in ("all-linear", "all_linear") else self.targets
-        if self.targets == "all_linear":  # PEFT accepts both spellings
-            self.targets = "all-linear"
+        targets = list(self.targets) if isinstance(self.targets, tuple) else self.targets
+        if targets in (["all-linear"], ["all_linear"], "all_linear"):  # PEFT accepts both spellings
+            targets = "all-linear"
+        self.targets = targets
         if not (isinstance(self.targets, str) or isinstance(self.targets, list) and self.targets
                 and all(isinstance(t, str) for t in self.targets)):
             raise ConfigError("LoRA targets must be a list of module names, a regex string or 'all-linear', "
                               f"got {self.targets!r}")
-        if isinstance(self.targets, str) and self.targets != "all-linear":
-            try:
-                re.compile(self.targets)
-            except re.error as e:
-                raise ConfigError(f"LoRA target regex {self.targets!r} is not a valid regular expression ({e})") from None
+        try:
+            re.compile(self.targets if isinstance(self.targets, str) else "")
+        except re.error as e:
+            raise ConfigError(f"LoRA target regex {self.targets!r} is not a valid regular expression ({e})") from None
         self.modules_to_save = list(self.modules_to_save or [])
         if not all(isinstance(t, str) for t in self.modules_to_save):
             raise ConfigError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
 
 
-def _is_linear(module: nn.Module) -> bool:
-    # Int8Linear (quant.py) declares itself linear-shaped; no import, so lora.py stays independent.
-    return isinstance(module, nn.Linear) or getattr(module, "is_linear", False)
-
-
 def find_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
     """Names of the linear modules that `targets` selects; raises ConfigError if a target selects none."""
-    linear = [n for n, m in model.named_modules() if _is_linear(m) and not isinstance(m, LoRALinear)]
+    # Int8Linear (quant.py) declares itself linear-shaped (is_linear): no import, lora.py stays independent
+    linear = [n for n, m in model.named_modules()
+              if (isinstance(m, nn.Linear) or getattr(m, "is_linear", False)) and not isinstance(m, LoRALinear)]
     if targets == "all-linear":
         heads = output_heads(model)
         chosen = [n for n in linear if not matches(n, heads)]

@@ -3,6 +3,7 @@ fresh run over another run's files), resume refuses a changed run, values and da
 to a wrong result are refused up front, and bad input gets the project's own error naming the culprit."""
 
 import hashlib
+import re
 import json
 import os
 import subprocess
@@ -301,3 +302,182 @@ def test_jsonl_lines_end_at_newline_only_and_csv_keeps_multi_line_fields(tmp_pat
     rows = read_records(tmp_path / "b.csv")
     assert [dict(r) for r in rows] == [{"text": "a review\nover two lines", "label": "1"}, {"text": "short", "label": "0"}]
     assert [r.where.rsplit(", ", 1)[1] for r in rows] == ["line 2", "line 4"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. No raw traceback for bad input: files, metadata, checkpoints, recipes, API arguments
+
+def test_weights_that_are_not_float_or_not_finite_are_refused_by_name(saved_tiny, tmp_path):
+    import shutil
+    from safetensors.torch import load_file, save_file
+    from minilora.adapter import load_adapter, save_adapter
+    from minilora.lora import apply_lora
+    from minilora.weights import load_model
+    folder = tmp_path / "m"
+    shutil.copytree(saved_tiny["llama-gqa"][1], folder)
+    state = load_file(str(folder / "model.safetensors"))
+    state["model.norm.weight"] = state["model.norm.weight"].long()
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"m: tensor model\.norm\.weight is torch\.int64, where a "
+                                              r"floating-point weight belongs"):
+        load_model(folder)
+    state["model.norm.weight"] = torch.full_like(state["model.norm.weight"], float("nan"), dtype=torch.float32)
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"tensor model\.norm\.weight holds NaN or infinite values"):
+        load_model(folder)
+    save_adapter(apply_lora(load_model(saved_tiny["llama-gqa"][1]), ["q_proj"], r=2), tmp_path / "a")
+    tensors = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    key = sorted(tensors)[0]
+    tensors[key][0, 0] = float("inf")
+    save_file(tensors, str(tmp_path / "a" / "adapter_model.safetensors"))
+    with pytest.raises(CheckpointError, match=rf"adapter_model\.safetensors: tensor {re.escape(key)} holds NaN or infinite"):
+        load_adapter(load_model(saved_tiny["llama-gqa"][1]), tmp_path / "a")
+
+
+@pytest.mark.parametrize("header, message", [
+    (b"[1, 2, 3]", r"the header is a JSON list, not an object"),
+    (b'{"w": {"dtype": "F32", "shape": [2]}}', r"tensor w: expected dtype, shape \(non-negative integers\) and data_offsets"),
+    (b'{"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}', r"tensor w: expected dtype, shape"),
+    (b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}', r"tensor w: expected dtype, shape"),
+    (b'{"w": {"dtype": "Q9", "shape": [2], "data_offsets": [0, 8]}}', r"tensor w has dtype Q9, which is not supported"),
+])
+def test_crafted_safetensors_headers_are_named_errors(tmp_path, header, message):
+    from minilora.files import safetensors_tensors
+    file = tmp_path / "x.safetensors"
+    file.write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
+    with pytest.raises(CheckpointError, match=message):
+        list(safetensors_tensors(file))
+
+
+def gguf_bytes(kvs: list[bytes], n_tensors: int = 0) -> bytes:
+    """A GGUF v3 header by hand: magic, version, tensor count, key/value count, then the key/values."""
+    import struct
+    return b"GGUF" + struct.pack("<IQQ", 3, n_tensors, len(kvs)) + b"".join(kvs)
+
+
+def kv(key: str, kind: int, payload: bytes) -> bytes:
+    import struct
+    return struct.pack("<Q", len(key)) + key.encode() + struct.pack("<I", kind) + payload
+
+
+@pytest.mark.parametrize("kvs, message", [
+    ([kv("general.alignment", 4, (0).to_bytes(4, "little"))], r"general\.alignment is 0, expected a positive integer"),
+    ([kv("big", 9, (4).to_bytes(4, "little") + (1 << 40).to_bytes(8, "little"))],
+     r"GGUF header is truncated or corrupt at byte \d+ \(an array of 1099511627776 elements"),
+    ([kv("deep", 9, b"".join((9).to_bytes(4, "little") + (1).to_bytes(8, "little") for _ in range(6))
+         + (4).to_bytes(4, "little") + (0).to_bytes(8, "little"))], r"nests arrays deeper than 4"),
+    ([kv("name", 8, (1 << 50).to_bytes(8, "little"))], r"truncated or corrupt at byte \d+ \(a string of"),
+])
+def test_crafted_gguf_metadata_is_a_named_error(tmp_path, kvs, message):
+    from minilora.gguf import read_gguf
+    (tmp_path / "x.gguf").write_bytes(gguf_bytes(kvs))
+    with pytest.raises(CheckpointError, match=message):
+        read_gguf(tmp_path / "x.gguf")
+
+
+def test_gguf_with_zero_heads_or_no_merges_is_a_named_error(tmp_path):
+    import struct
+    from minilora.errors import ConfigError
+    from minilora.tokenizer import load_tokenizer
+    from minilora.weights import load_config
+    u32 = lambda v: struct.pack("<I", v)
+    text = lambda s: struct.pack("<Q", len(s)) + s.encode()
+    header = [kv("general.architecture", 8, text("llama")), kv("llama.attention.head_count", 4, u32(0)),
+              kv("llama.embedding_length", 4, u32(64)), kv("tokenizer.ggml.model", 8, text("gpt2")),
+              kv("tokenizer.ggml.tokens", 9, u32(8) + struct.pack("<Q", 2) + text("a") + text("b"))]
+    (tmp_path / "x.gguf").write_bytes(gguf_bytes(header))
+    with pytest.raises(ConfigError, match=r"x\.gguf: GGUF metadata llama\.attention\.head_count is 0, expected a positive int"):
+        load_config(tmp_path / "x.gguf")
+    with pytest.raises(CheckpointError, match=r"x\.gguf: GGUF metadata has no tokenizer\.ggml\.merges list of strings"):
+        load_tokenizer(tmp_path / "x.gguf")
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("optimizer", r"optimizer\.pt: not a readable checkpoint file, truncated or corrupt"),
+    ("step", r"trainer_state\.json: expected a non-negative integer \"step\" and a \"run\" object"),
+    ("best", r"trainer_state\.json: best_metric is 'low', expected a number or null"),
+    ("rng", r"rng\.pt: not the random-number state of this run's rank 0"),
+    ("missing", r"checkpoint-4: incomplete checkpoint, scheduler\.pt is missing"),
+])
+def test_damaged_training_checkpoints_are_named_errors(saved_tiny, tmp_path, damage, message):
+    train(lora_model(saved_tiny), Tok, examples(8), None, quick(tmp_path))
+    ckpt = tmp_path / "checkpoint-4"
+    if damage == "optimizer":
+        data = (ckpt / "optimizer.pt").read_bytes()
+        (ckpt / "optimizer.pt").write_bytes(data[:len(data) // 2])
+    elif damage in ("step", "best"):
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        state.update({"step": "4"} if damage == "step" else {"best_metric": "low"})
+        (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    elif damage == "rng":
+        torch.save({"cpu": torch.zeros(10, dtype=torch.uint8)}, ckpt / "rng.pt")
+    else:
+        (ckpt / "scheduler.pt").unlink()
+    model = lora_model(saved_tiny)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(CheckpointError, match=message):
+        train(model, Tok, examples(8), None, quick(tmp_path, resume_from_checkpoint="latest"))
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # refused before loading anything
+
+
+@pytest.mark.parametrize("change, message", [
+    (('template = { prompt = "{author} says"', 'template = { prompt = "{author says"'),
+     r"\[data\]: template: template prompt '\{author says': expected '\}' before end of string"),
+    (('template = { prompt = "{author} says"', 'template = { prompt = "{0} says"'),
+     r"\[data\]: template: template prompt '\{0\} says': \{0\} is not a field name"),
+    (('[lora]\n', '[lora]\ntargets = "q_proj["\n'), r"\[lora\]: LoRA target regex 'q_proj\[' is not a valid regular expression"),
+    (('[model]\n', '[model]\ndevice = "gpu"\n'), r"\[model\]: device: 'gpu' is not a device torch knows"),
+    (('[model]\n', '[model]\ndtype = "float64x"\n'), r"\[model\]: dtype: unknown dtype 'float64x'"),
+    (('[generate]\n', '[generate]\ntemperature = -1.0\n'), r"\[generate\]: temperature must be a finite number >= 0"),
+    (('cutoff = 16', 'cutoff = 0'), r"\[data\]: cutoff: expected a positive number, got 0"),
+])
+def test_bad_recipe_values_are_named_before_anything_loads(saved_tiny, tmp_path, capsys, change, message):
+    recipe, _ = write_recipe(saved_tiny, tmp_path)
+    text = recipe.read_text()
+    if change[0].startswith("[lora]"):
+        text = text.replace('targets = ["q_proj", "v_proj"]\n', "")
+    assert change[0] in text, change
+    recipe.write_text(text.replace(change[0], change[1], 1))
+    assert main(["train", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_device_this_machine_lacks_and_odd_dtypes_are_named(saved_tiny):
+    from minilora.errors import ConfigError
+    from minilora.weights import load_model
+    folder = saved_tiny["llama-gqa"][1]
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"device: 'cuda', but this machine has 0 CUDA device\(s\)"):
+            load_model(folder, device="cuda")
+    with pytest.raises(ConfigError, match=r"dtype: unknown dtype 'half-ish'; use one of float32, fp32"):
+        load_model(folder, dtype="half-ish")
+    with pytest.raises(ConfigError, match=r"dtype: unknown dtype torch\.int8"):
+        load_model(folder, dtype=torch.int8)
+    assert load_model(folder, dtype="bf16").lm_head.weight.dtype == torch.bfloat16  # names are welcome
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. A full disk or a folder that cannot be written: the path, and nothing saved is lost
+
+def test_an_output_folder_that_cannot_be_created_is_named(saved_tiny, tmp_path):
+    from minilora.adapter import save_adapter
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(CheckpointError, match=r"file/run: cannot create this folder \(Not a directory\)"):
+        train(lora_model(saved_tiny), Tok, examples(8), None, quick(tmp_path / "file" / "run"))
+    with pytest.raises(CheckpointError, match=r"file: cannot create this folder"):
+        save_adapter(lora_model(saved_tiny), tmp_path / "file" / "adapter")
+
+
+def test_a_full_disk_while_logging_metrics_names_the_file(saved_tiny, tmp_path, monkeypatch):
+    import builtins
+    real_open = builtins.open
+
+    def full(file, mode="r", *a, **k):
+        if str(file).endswith("metrics.jsonl") and "a" in mode:
+            raise OSError(28, "No space left on device", str(file))
+        return real_open(file, mode, *a, **k)
+    monkeypatch.setattr(builtins, "open", full)
+    with pytest.raises(CheckpointError, match=r"metrics\.jsonl: No space left on device while writing the metrics log"):
+        train(lora_model(saved_tiny), Tok, examples(8), None, quick(tmp_path))
