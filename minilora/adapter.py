@@ -8,7 +8,6 @@ So an adapter saved here loads with `PeftModel.from_pretrained`, and one saved b
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
@@ -19,13 +18,14 @@ import torch.nn as nn
 from safetensors.torch import save
 
 from .errors import CheckpointError, ConfigError
-from .files import check_tensor, pickle_tensors, read_json, safetensors_tensors, write_atomically
+from .files import check_replaceable, check_tensor, pickle_tensors, read_json, safetensors_tensors, write_atomically
 from .lora import LoRAConfig, apply_lora, lora_modules
 from .names import find_modules
 
 PREFIX = "base_model.model."
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 META_FILE = "minilora.json"  # what PEFT has no field for: the base model's shape, labels, the best step
+ADAPTER_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE, META_FILE, "adapter_model.bin", "README.md"})
 
 # LoRAConfig's fields under the names PEFT's adapter_config.json gives them.
 PEFT_NAMES = {"targets": "target_modules", "r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout",
@@ -68,14 +68,20 @@ def adapter_config(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def lora_config_from_peft(config: dict[str, Any], file: Path) -> LoRAConfig:
-    """The LoRA settings of a PEFT adapter_config.json."""
+def lora_config_from_peft(config: dict[str, Any], file: Path, keys: list[str] = ()) -> LoRAConfig:
+    """The LoRA settings of a PEFT adapter_config.json. A target regex in the file is neither checked nor
+    run (one can be made to backtrack for minutes): the adapter's tensor `keys` name every adapted
+    module, and those names become the targets."""
     for required in ("target_modules", "r", "lora_alpha"):
         if config.get(required) is None:
             raise CheckpointError(f"{file}: missing field {required!r}"
                                   + (" (it is null)" if required in config else ""))
+    settings = {ours: config[peft] for ours, peft in PEFT_NAMES.items() if config.get(peft) is not None}
+    if isinstance(settings["targets"], str) and settings["targets"] not in ("all-linear", "all_linear"):
+        names = sorted({k.removeprefix(PREFIX).split(".lora_A.")[0] for k in keys if ".lora_A." in k})
+        settings["targets"] = names or ["(none: the adapter has no lora_A tensors)"]
     try:
-        return LoRAConfig(**{ours: config[peft] for ours, peft in PEFT_NAMES.items() if config.get(peft) is not None})
+        return LoRAConfig(**settings)
     except ConfigError as e:
         raise CheckpointError(f"{file}: {e}") from None
 
@@ -100,8 +106,10 @@ def write_adapter_files(folder: Path, model: nn.Module, extra: dict[str, Any] | 
 
 
 def save_adapter(model: nn.Module, folder: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
-    """Write the adapter folder atomically; returns its path. `extra` goes into minilora.json."""
+    """Write the adapter folder atomically; returns its path. `extra` goes into minilora.json. A folder
+    that holds an earlier adapter is replaced; one that holds anything else is refused."""
     _lora_config(model)  # refuse before touching the disk
+    check_replaceable(Path(folder), ADAPTER_FILES, "an adapter")
     return write_atomically(folder, lambda tmp: write_adapter_files(tmp, model, extra))
 
 
@@ -128,30 +136,33 @@ def read_adapter(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, t
 
 
 def read_adapter_meta(folder: str | os.PathLike) -> dict[str, Any]:
-    """minilora.json of an adapter folder, or {} for one saved by PEFT."""
+    """minilora.json of an adapter folder, or {} for one saved by PEFT. Its base_model is an object of
+    config values, its id2label (a classifier's) maps class ids to names."""
     file = Path(os.path.expanduser(str(folder))) / META_FILE
-    return read_json(file) if file.is_file() else {}
+    meta = read_json(file) if file.is_file() else {}
+    if not isinstance(meta.get("base_model", {}), dict):
+        raise CheckpointError(f"{file}: base_model is {meta['base_model']!r}, expected an object of config values")
+    labels = meta.get("id2label")
+    if labels is not None and not (isinstance(labels, dict) and all(str(k).isdecimal() and isinstance(v, str)
+                                                                     for k, v in labels.items())):
+        raise CheckpointError(f"{file}: id2label is {labels!r}, expected an object of class id -> name")
+    return meta
 
 
 def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     """Put an adapter on `model` (applying LoRA as its config says, if the model has none yet) and load
     its tensors. Every adapter key must match a tensor of the model with the same shape."""
     config, tensors = read_adapter(folder)
-    where = Path(folder) / WEIGHTS_FILE
+    where = Path(folder) / (WEIGHTS_FILE if (Path(folder) / WEIGHTS_FILE).is_file() else "adapter_model.bin")
     meta = read_adapter_meta(folder)
     expected = meta.get("base_model") or {}
     actual = _base_fingerprint(model)
     wrong = [f"{k}: adapter {v!r} vs model {actual[k]!r}" for k, v in expected.items() if k in actual and actual[k] != v]
     if wrong:
         raise CheckpointError(f"{folder}: adapter was trained on another base model ({'; '.join(wrong)})")
-    settings = lora_config_from_peft(config, Path(folder) / CONFIG_FILE)
+    settings = lora_config_from_peft(config, Path(folder) / CONFIG_FILE, list(tensors))
     layers = lora_modules(model)
     if not layers:
-        if isinstance(settings.targets, str) and settings.targets != "all-linear":
-            # A regex from a file is not run (one can be made to backtrack for minutes): the tensor keys
-            # name every adapted module, and LoRA goes exactly there.
-            names = sorted({k.removeprefix(PREFIX).split(".lora_A.")[0] for k in tensors if ".lora_A." in k})
-            settings = dataclasses.replace(settings, targets=names or ["(none: the adapter has no lora_A tensors)"])
         try:
             apply_lora(model, settings)
         except ConfigError as e:
@@ -166,11 +177,13 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
                                   f"differ from those of the LoRA layers already on the model ({now}); load it onto "
                                   "the base model without LoRA (remove_lora(model, merge=False), or a fresh load_model)")
     state = model.state_dict(keep_vars=True)
+    saved = getattr(model, "lora_config", settings).modules_to_save
+    saved_tensors = {f"{n}.{t}" for n, m in find_modules(model, saved) for t, _ in m.named_parameters()} if saved else set()
     unmatched, mismatched, matched = [], [], {}
     for key, tensor in tensors.items():
         name = key.removeprefix(PREFIX).replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
-        if name not in state:
-            unmatched.append(key)
+        if name not in state or not (".lora_A." in name or ".lora_B." in name or name in saved_tensors):
+            unmatched.append(key)  # nothing but LoRA's tensors and those of modules_to_save
         elif tuple(state[name].shape) != tuple(tensor.shape):
             mismatched.append(f"{key}: adapter {tuple(tensor.shape)} vs model {tuple(state[name].shape)}")
         else:

@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -142,16 +143,20 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, expect
     Refused, naming each difference, when the checkpoint's fingerprint is not `expected`."""
     state = read_json(folder / STATE_FILE)
     saved = state.get("run")
-    if not isinstance(saved, dict) or not isinstance(state.get("step"), int) or state["step"] < 0:
+    step = state.get("step")
+    if not isinstance(saved, dict) or isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise CheckpointError(f"{folder / STATE_FILE}: expected a non-negative integer \"step\" and a \"run\" object")
     wrong = [f"{k}: " + (f"checkpoint {saved[k]!r} vs now {v!r}" if k in saved else "not recorded in the checkpoint")
              for k, v in expected.items() if saved.get(k) != v]
     if wrong:
         why = " (the training examples or their order differ)" if "data" in saved and saved["data"] != expected["data"] else ""
         raise CheckpointError(f"{folder}: cannot resume, the run's settings changed ({'; '.join(wrong)}){why}")
+    if step > expected.get("total_steps", step):
+        raise CheckpointError(f"{folder / STATE_FILE}: step {step} is beyond the run's {expected['total_steps']} steps")
     for key, kind in (("best_metric", (int, float)), ("best_step", int)):
-        if state.get(key) is not None and (isinstance(state[key], bool) or not isinstance(state[key], kind)):
-            raise CheckpointError(f"{folder / STATE_FILE}: {key} is {state[key]!r}, expected a number or null")
+        value = state.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value)):
+            raise CheckpointError(f"{folder / STATE_FILE}: {key} is {value!r}, expected a finite number or null")
     optimizer_state, scheduler_state, rng = (_read(folder, name) for name in ("optimizer.pt", "scheduler.pt", "rng.pt"))
     rank = distributed.rank_and_world()[0]
     rng = rng.get("ranks", [rng])[rank] if isinstance(rng, dict) and len(rng.get("ranks", [rng])) > rank else None
@@ -159,6 +164,7 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, expect
             and rng["cpu"].shape == torch.get_rng_state().shape):
         raise CheckpointError(f"{folder / 'rng.pt'}: not the random-number state of this run's rank {rank} "
                               f"(expected a uint8 tensor of {torch.get_rng_state().numel()} bytes under 'cpu')")
+    _check_states(folder, optimizer, optimizer_state, scheduler_state, step)
     load_adapter(model, folder)
     try:
         optimizer.load_state_dict(optimizer_state)
@@ -169,6 +175,22 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, expect
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     return state
+
+
+def _check_states(folder: Path, optimizer, optimizer_state: Any, scheduler_state: Any, step: int) -> None:
+    """The optimizer's moments have the shapes of the parameters they belong to; the scheduler is at the step."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    try:
+        for i, moments in optimizer_state["state"].items():
+            for key, value in moments.items():
+                if isinstance(value, torch.Tensor) and value.dim() and value.shape != params[i].shape:
+                    raise CheckpointError(f"{folder / 'optimizer.pt'}: {key} of parameter {i} has shape "
+                                          f"{tuple(value.shape)}, the parameter {tuple(params[i].shape)}")
+    except (KeyError, TypeError, IndexError, AttributeError):
+        raise CheckpointError(f"{folder / 'optimizer.pt'}: not the optimizer state of this run's parameters") from None
+    if not isinstance(scheduler_state, dict) or scheduler_state.get("last_epoch") != step:
+        found = scheduler_state.get("last_epoch") if isinstance(scheduler_state, dict) else scheduler_state
+        raise CheckpointError(f"{folder / 'scheduler.pt'}: the schedule is at step {found!r}, the checkpoint at {step}")
 
 
 def _read(folder: Path, name: str) -> Any:

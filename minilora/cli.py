@@ -172,7 +172,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
     model = load_model(args.model, dtype=torch_dtype(args.dtype) if args.dtype else None, revision=args.revision)
     load_adapter(model, args.adapter)
     remove_lora(model, merge=True)
-    out = save_model(model, args.out, tokenizer=load_tokenizer(args.model, revision=args.revision))
+    out = save_model(model, args.out, tokenizer=load_tokenizer(args.model, revision=args.revision), overwrite=args.overwrite)
     print(f"merged model saved to {out} ({folder_size(out) / 1e6:.1f} MB)")
 
 
@@ -227,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter")
     p.add_argument("out")
     p.add_argument("--dtype", help="cast the merged weights (default: the checkpoint's own dtype)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
     p.add_argument("--revision")
     p.set_defaults(func=cmd_merge)
     return parser

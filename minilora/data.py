@@ -12,6 +12,7 @@ import io
 import json
 import os
 import random
+import re
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,9 +70,13 @@ def _read_file(file: Path) -> list[Record]:
     except UnicodeDecodeError as e:
         raise DataError(f"{file}: not UTF-8 text ({e})") from None
     if file.suffix == ".csv":  # quoted fields may hold line breaks: the csv module reads them whole
-        reader = csv.DictReader(io.StringIO(text, newline=""))
+        reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)  # strict: an unclosed quote is an error
         rows, line = [], 1  # the header's line
         try:
+            header = reader.fieldnames or []
+            twice = sorted({c for c in header if header.count(c) > 1})
+            if twice:
+                raise DataError(f"{file}, line 1: column {twice[0]!r} appears twice in the header")
             for row in reader:
                 if None in row or None in row.values():
                     raise DataError(f"{file}, line {line + 1}: the record's fields do not match the header's "
@@ -79,8 +84,14 @@ def _read_file(file: Path) -> list[Record]:
                 rows.append(Record(row, f"{file}, line {line + 1}"))
                 line = reader.line_num
         except csv.Error as e:
-            raise DataError(f"{file}, line {reader.line_num}: not valid CSV ({e})") from None
+            raise DataError(f"{file}, line {line + 1}: not valid CSV ({e})") from None
         return rows
+    if file.suffix == ".json" and text.lstrip().startswith("{") and "\n" in text.strip():
+        try:  # one object over several lines: a document, not JSON Lines
+            json.loads(text)
+            raise DataError(f"{file}: one JSON object; expected a list of records, or one record per line (JSONL)")
+        except json.JSONDecodeError:
+            pass  # JSON Lines after all
     if file.suffix == ".jsonl" or (file.suffix == ".json" and not text.lstrip().startswith("[")):
         rows = []
         for n, line in enumerate(text.split("\n"), start=1):  # "\n" alone ends a line: JSON strings may hold U+2028
@@ -101,8 +112,9 @@ def _read_file(file: Path) -> list[Record]:
 
 def split(records: list, val_size: float | int, seed: int = 0) -> tuple[list, list]:
     """Shuffle with `seed`, then hold out val_size records (a fraction if < 1, else a count)."""
-    if isinstance(val_size, float) and not 0 <= val_size < 1:
-        raise DataError(f"val_size must be a fraction in [0, 1) or a count, got {val_size}")
+    if isinstance(val_size, bool) or not isinstance(val_size, (int, float)) or val_size < 0 \
+            or isinstance(val_size, float) and not val_size < 1:
+        raise DataError(f"val_size must be a fraction in [0, 1) or a count >= 0, got {val_size!r}")
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     n_val = int(round(val_size * len(records))) if isinstance(val_size, float) else int(val_size)
@@ -136,12 +148,21 @@ class Template:
             bad = next((f for f in fields if not f or f[0].isdigit() or "." in f or "[" in f), None)
             if bad is not None:
                 raise DataError(f"template {part} {fmt!r}: {{{bad}}} is not a field name (fields look like {{quote}})")
+            try:  # conversions and format specs, tried on text as every field will be
+                fmt.format_map(_AnyText())
+            except (ValueError, KeyError, IndexError) as e:
+                raise DataError(f"template {part} {fmt!r}: {e} (fields are text: write {{quote}})") from None
 
     def format(self, record: dict[str, Any], where: str) -> tuple[str, str]:
         prompt = self.prompt
         if self.prompt_no_input is not None and not record.get("input"):
             prompt = self.prompt_no_input
         return _fill(prompt, record, where), _fill(self.response, record, where)
+
+
+class _AnyText(dict):
+    def __missing__(self, key: str) -> str:
+        return "text"
 
 
 def _fill(fmt: str, record: dict[str, Any], where: str) -> str:
@@ -201,6 +222,9 @@ def tokenize(tokenizer, prompt: str, response: str, cutoff: int, add_eos: bool =
     """prompt + response (+ EOS), truncated to `cutoff` tokens from the `truncation` side ("right",
     "left", or "none" to refuse). Prompt and response are tokenized apart, so the prompt's tokens are
     the ones generation will see."""
+    if add_eos and tokenizer.eos_token_id is None:
+        raise DataError(f"{where}: the tokenizer has no end-of-sequence token to end the example with: give its "
+                        "tokenizer_config.json an eos_token, or set add_eos = false")
     prompt_ids = tokenizer.encode(prompt) if prompt else []
     response_ids = tokenizer.encode(response, add_special_tokens=not prompt_ids)
     ids = prompt_ids + response_ids + ([tokenizer.eos_token_id] if add_eos else [])
@@ -275,7 +299,7 @@ def label_ids(records: list[dict[str, Any]], label_field: str = "label",
     """label value (as text) -> class id: the given order, or the sorted values found (numbers numerically)."""
     if labels is None:
         found = {str(r.get(label_field)) for r in records if isinstance(r, dict) and r.get(label_field) is not None}
-        numeric = all(v.lstrip("-").isdigit() for v in found)
+        numeric = all(re.fullmatch(r"-?[0-9]+", v) for v in found)
         labels = sorted(found, key=lambda v: (int(v) if numeric else v))
     return {str(v): i for i, v in enumerate(labels)}
 
@@ -315,6 +339,13 @@ def collate(examples: list[Example], pad_id: int, pad_to: int | None = None,
     """Pad to the longest example (or to pad_to): input_ids, attention_mask (1 = real token), labels
     (-100 on padding; or one class id per example). Padding is recognised by the mask, so pad_id may
     equal the EOS id."""
+    if not examples:
+        raise DataError("no examples to collate")
+    if isinstance(pad_id, bool) or not isinstance(pad_id, int):
+        raise DataError(f"the pad token id is {pad_id!r}: the tokenizer has neither a pad nor an end-of-sequence token")
+    for i, e in enumerate(examples):
+        if not isinstance(e.labels, int) and len(e.labels) != len(e.input_ids):
+            raise DataError(f"example {i} has {len(e.input_ids)} input ids but {len(e.labels)} labels")
     length = max(len(e.input_ids) for e in examples) if pad_to is None else pad_to
     ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
     classes = isinstance(examples[0].labels, int)

@@ -5,6 +5,7 @@ tensor at a time, and write a folder atomically. Every error names the file at f
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import shutil
@@ -107,6 +108,19 @@ def write_atomically(folder: str | os.PathLike, write: Callable[[Path], None]) -
     return folder
 
 
+def check_replaceable(folder: Path, allowed: frozenset[str], what: str) -> None:
+    """Refuse to replace `folder` (write_atomically swaps the whole folder) when it holds anything but
+    the `allowed` files: saving `what` there would delete the rest."""
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: exists and is not a folder; {what} is saved as a folder")
+    other = sorted(p.name for p in folder.iterdir() if p.name not in allowed)
+    if other:
+        raise CheckpointError(f"{folder} holds other files ({', '.join(other[:5])}{', ...' if len(other) > 5 else ''}): "
+                              f"saving {what} there would replace the whole folder. Choose a new or empty folder")
+
+
 def make_folder(folder: Path) -> None:
     """mkdir -p, with a CheckpointError naming the folder (read-only, no permission, a file in the way)."""
     try:
@@ -138,8 +152,8 @@ def checkpoint_tensors(folder: Path, map_dtype: torch.dtype | None = None) -> Te
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index}: no weight_map object")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{index}: expected a weight_map object of tensor name -> shard file name")
         files = [folder / f for f in sorted(set(weight_map.values()))]
     elif (folder / "model.safetensors").is_file():
         files = [folder / "model.safetensors"]
@@ -190,7 +204,7 @@ def safetensors_tensors(file: Path, map_dtype: torch.dtype | None = None) -> Ten
             dtype, shape, (begin, end) = SAFETENSORS_DTYPES.get(info["dtype"]), info["shape"], info["data_offsets"]
             if dtype is None:
                 raise CheckpointError(f"{file}: tensor {name} has dtype {info['dtype']}, which is not supported")
-            numel = int(np.prod(shape)) if shape else 1
+            numel = math.prod(shape)  # Python integers: a crafted shape cannot overflow
             if end - begin != numel * dtype.itemsize or 8 + n + end > size:
                 raise CheckpointError(f"{corrupt} (tensor {name} runs past the end of the file or has the wrong size)")
             if mapped is not None and dtype == map_dtype and numel and (8 + n + begin) % dtype.itemsize == 0:
@@ -220,6 +234,8 @@ def pickle_tensors(file: Path) -> Tensors:
     except Exception as e:
         raise CheckpointError(f"{file}: refused; loading it needs more than weights_only=True allows, "
                               f"or it is corrupt ({type(e).__name__}). Convert it to safetensors.") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise CheckpointError(f"{file}: expected a dict of named tensors, found {type(state).__name__}")
     yield from state.items()
 
 

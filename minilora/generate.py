@@ -31,8 +31,9 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, t
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Pick one token per row from logits (B, vocab): argmax when temperature is 0."""
-    if temperature <= 0:
+    """Pick one token per row from logits (B, vocab): argmax when temperature is 0 (or below 1e-4, where
+    sampling is argmax too, and dividing by it would overflow fp32 into NaN)."""
+    if temperature < 1e-4:
         return logits.argmax(-1)
     logits = logits.float() / temperature
     if top_k is not None and 0 < top_k < logits.shape[-1]:
@@ -61,8 +62,12 @@ def generate_ids(model: nn.Module, prompts: list[list[int]], eos_ids: list[int],
     empty = [i for i, p in enumerate(prompts) if len(p) == 0]
     if empty:
         raise ConfigError(f"prompt {empty[0]} is empty (no tokens): generation needs at least one token to start from")
+    context = getattr(model, "max_length", None)
+    if context is not None and max(len(p) for p in prompts) + max_new_tokens > context:
+        raise ConfigError(f"a prompt of {max(len(p) for p in prompts)} tokens and max_new_tokens={max_new_tokens} "
+                          f"run past the model's context of {context} tokens")
     rows = getattr(getattr(model, "input_embeddings", None), "num_embeddings", None)
-    beyond = [t for p in prompts for t in p if not 0 <= t < (rows or float("inf"))]
+    beyond = [t for p in [*prompts, [pad_id]] for t in p if not 0 <= t < (rows or float("inf"))]
     if beyond:
         raise ConfigError(f"token id {beyond[0]} is outside the model's {rows} embeddings: the tokenizer does not "
                           "belong to this model")
@@ -105,9 +110,13 @@ def generate(model: nn.Module, tokenizer, prompts: str | list[str], max_new_toke
              stop: list[str] | None = None, seed: int | None = None, use_cache: bool = True) -> str | list[str]:
     """Complete one prompt (returns a string) or several (returns a list), stopping at EOS or a stop string."""
     single = isinstance(prompts, str)
-    texts = [prompts] if single else list(prompts)
+    texts = [prompts] if single else prompts
+    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+        raise ConfigError(f"prompts must be a string or a list of strings, got {prompts!r}")
+    if not all(isinstance(s, str) and s for s in stop):
+        raise ConfigError(f"stop strings must be non-empty text, got {stop!r}")
     encoded = [tokenizer.encode(t) for t in texts]
-    stop = list(stop or [])
 
     def stop_check(row: int, new_ids: list[int]) -> bool:
         text = tokenizer.decode(new_ids)
@@ -129,6 +138,10 @@ def generate(model: nn.Module, tokenizer, prompts: str | list[str], max_new_toke
 def classify(model: nn.Module, tokenizer, texts: list[str], max_length: int = 512,
              truncation: str = "right") -> list[tuple[str, float]]:
     """(label name, probability) of the most likely class for each text."""
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise ConfigError(f"texts must be a non-empty list of strings, got {texts!r}")
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length <= 0:
+        raise ConfigError(f"max_length must be a positive number of tokens, got {max_length!r}")
     device = next(model.parameters()).device
     batch = collate([Example(tokenizer.encode_truncated(t, max_length, truncation), 0) for t in texts],
                     tokenizer.pad_token_id)

@@ -7,6 +7,8 @@ RoPE order. The tokenizer in the metadata is rebuilt by tokenizer.py.
 
 from __future__ import annotations
 
+import math
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +79,8 @@ class GGUFFile:
 
 def read_gguf(path: Path) -> GGUFFile:
     """The header of a GGUF file (version 2 or 3); the tensor data is read later, one tensor at a time."""
+    if not Path(path).is_file() or Path(path).stat().st_size < 24:
+        raise CheckpointError(f"{path}: not a GGUF file (" + ("a folder" if Path(path).is_dir() else "too short") + ")")
     with open(path, "rb") as f:
         buf = memoryview(np.memmap(f, dtype=np.uint8, mode="r"))
     r = _Reader(buf, path)
@@ -154,7 +158,8 @@ def gguf_config(file: GGUFFile) -> dict[str, Any]:
         return default
     heads = get("attention.head_count")
     hidden = get("embedding_length")
-    return dict(model_type="llama", vocab_size=get("vocab_size", len(meta.get("tokenizer.ggml.tokens", [])) or None),
+    tokens = meta.get("tokenizer.ggml.tokens")
+    return dict(model_type="llama", vocab_size=get("vocab_size", len(tokens) if isinstance(tokens, list) else None),
                 hidden_size=hidden, intermediate_size=get("feed_forward_length"),
                 num_hidden_layers=get("block_count"), num_attention_heads=heads,
                 num_key_value_heads=get("attention.head_count_kv", heads),
@@ -177,7 +182,7 @@ def gguf_tensors(file: GGUFFile) -> Iterator[tuple[str, torch.Tensor]]:
             raise CheckpointError(f"{path}: tensor {gguf_name} has GGML type {kind}, which is not supported "
                                   "(F32, F16, BF16, Q4_0, Q4_1, Q8_0 are)")
         per_block, block_bytes = _BLOCKS[kind]
-        numel = int(np.prod(shape))
+        numel = math.prod(shape)
         if numel % per_block:
             raise CheckpointError(f"{path}: tensor {gguf_name} of shape {shape} is not a whole number of "
                                   f"{per_block}-value blocks")
@@ -185,14 +190,20 @@ def gguf_tensors(file: GGUFFile) -> Iterator[tuple[str, torch.Tensor]]:
         raw = data[start:start + numel // per_block * block_bytes]
         if raw.size != numel // per_block * block_bytes:
             raise CheckpointError(f"{path}: tensor {gguf_name} runs past the end of the file (truncated?)")
-        w = dequantize(raw, kind, shape)
         parts = gguf_name.split(".")  # blk.N.attn_q.weight or token_embd.weight
+        if not re.fullmatch(r"blk\.\d+\.\w+\.(weight|bias)|\w+\.(weight|bias)", gguf_name):
+            raise CheckpointError(f"{path}: tensor {gguf_name!r} is not named as llama.cpp names a Llama's tensors "
+                                  "(blk.N.attn_q.weight, token_embd.weight, ...)")
+        w = dequantize(raw, kind, shape)
         if parts[0] == "blk":
             name = f"model.layers.{parts[1]}.{GGUF_NAMES.get(parts[2], parts[2])}.{parts[3]}"
             if parts[2] in ("attn_q", "attn_k") and w.dim() == 2:
                 # llama.cpp interleaves each head's rotary halves; undo it to get the Hub's rotate-half rows.
                 n = heads if parts[2] == "attn_q" else kv_heads
                 rows, cols = w.shape
+                if rows % (2 * n):
+                    raise CheckpointError(f"{path}: tensor {gguf_name} has {rows} rows, not a whole number of "
+                                          f"{n} heads of even size")
                 w = w.reshape(n, rows // n // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
         else:
             name = f"{GGUF_NAMES.get(parts[0], parts[0])}.{parts[1]}"

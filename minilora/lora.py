@@ -16,7 +16,6 @@ of a model it reads only the output heads it declares ("all-linear" leaves those
 from __future__ import annotations
 
 import math
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -25,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import ConfigError
-from .names import find_modules, matches, output_heads, replace_module
+from .names import check_regex, find_modules, matches, output_heads, replace_module
 
 
 class LoRALinear(nn.Module):
@@ -198,20 +197,19 @@ class LoRAConfig:
     def __post_init__(self) -> None:
         check_lora_hyperparameters(self.r, self.alpha, self.dropout)
         targets = list(self.targets) if isinstance(self.targets, tuple) else self.targets
-        if targets in (["all-linear"], ["all_linear"], "all_linear"):  # PEFT accepts both spellings
-            targets = "all-linear"
-        self.targets = targets
+        self.targets = "all-linear" if targets in (["all-linear"], ["all_linear"], "all_linear") else targets  # as PEFT
         if not (isinstance(self.targets, str) or isinstance(self.targets, list) and self.targets
                 and all(isinstance(t, str) for t in self.targets)):
             raise ConfigError("LoRA targets must be a list of module names, a regex string or 'all-linear', "
                               f"got {self.targets!r}")
-        try:
-            re.compile(self.targets if isinstance(self.targets, str) else "")
-        except re.error as e:
-            raise ConfigError(f"LoRA target regex {self.targets!r} is not a valid regular expression ({e})") from None
-        self.modules_to_save = list(self.modules_to_save or [])
-        if not all(isinstance(t, str) for t in self.modules_to_save):
+        if isinstance(self.targets, str):
+            check_regex(self.targets, "LoRA target regex")
+        saved = self.modules_to_save or []
+        if not isinstance(saved, (list, tuple)) or not all(isinstance(t, str) for t in saved):
             raise ConfigError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
+        self.modules_to_save = list(saved)
+        if not isinstance(self.use_rslora, bool):
+            raise ConfigError(f"use_rslora must be true or false, got {self.use_rslora!r}")
 
 
 def find_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
@@ -255,6 +253,8 @@ def apply_lora(model: nn.Module, targets: list[str] | str | LoRAConfig, r: int =
     `targets` (a recipe's [lora] section, an adapter's settings)."""
     config = targets if isinstance(targets, LoRAConfig) else \
         LoRAConfig(targets, r, alpha, dropout, modules_to_save or [], use_rslora)
+    if lora_modules(model):
+        raise ConfigError(f"the model already carries LoRA layers ({len(lora_modules(model))}): remove_lora(model) first")
     chosen = find_targets(model, config.targets)
     for p in model.parameters():
         p.requires_grad_(False)

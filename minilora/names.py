@@ -10,6 +10,8 @@ import re
 
 import torch.nn as nn
 
+from .errors import ConfigError
+
 # For a model that declares nothing (a user's own nn.Module): the usual names of output layers (a
 # language model's lm_head; classification heads, which PEFT names score or classifier), and of the
 # layer before a classifier that DistilBERT-like heads add.
@@ -22,6 +24,41 @@ def matches(name: str, patterns: list[str] | tuple[str, ...] | str) -> bool:
     if isinstance(patterns, str):
         return re.fullmatch(patterns, name) is not None
     return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def check_regex(pattern: str, what: str = "regex") -> None:
+    """A ConfigError for a pattern that does not compile, or that repeats a repetition (see below)."""
+    try:
+        nested = repeats_a_repetition(pattern)
+    except re.error as e:
+        raise ConfigError(f"{what} {pattern!r} is not a valid regular expression ({e})") from None
+    if nested:
+        raise ConfigError(f"{what} {pattern!r} repeats a repetition (as (a*)* does), which can take exponential "
+                          "time on module names: use a flat regex or a list of module names")
+
+
+def repeats_a_repetition(pattern: str) -> bool:
+    """Does a regex quantify something that holds a quantifier, as (a+)+ or (.*)*x do? Such a pattern can
+    backtrack for an exponential time on a name it does not match; flat ones stay polynomial."""
+    try:
+        from re import _parser as parser  # Python >= 3.11
+    except ImportError:  # pragma: no cover
+        import sre_parse as parser
+
+    def walk(items, inside: bool) -> bool:
+        for op, arg in items:
+            if str(op) in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+                low, high, sub = arg
+                many = high is parser.MAXREPEAT or high > 1
+                if many and inside or walk(sub, inside or many):
+                    return True
+            elif str(op) in ("SUBPATTERN", "ATOMIC_GROUP", "ASSERT", "ASSERT_NOT"):
+                if walk(arg[-1], inside):
+                    return True
+            elif str(op) == "BRANCH" and any(walk(branch, inside) for branch in arg[1]):
+                return True
+        return False
+    return walk(parser.parse(pattern), False)
 
 
 def find_modules(model: nn.Module, patterns: list[str] | tuple[str, ...] | str) -> list[tuple[str, nn.Module]]:

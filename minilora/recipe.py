@@ -91,6 +91,8 @@ class GenerateSection:
 
     def __post_init__(self) -> None:
         check_sampling(self.max_new_tokens, self.temperature, None, None)
+        if not all(isinstance(p, str) for p in self.prompts):
+            raise ConfigError(f"prompts must be a list of strings, got {self.prompts!r}")
 
 
 @dataclass

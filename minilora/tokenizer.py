@@ -149,6 +149,14 @@ def gguf_tokenizer(meta: dict[str, Any], path: Path) -> Tokenizer:
                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tk.decoder = decoders.ByteLevel()
     kinds = meta.get("tokenizer.ggml.token_type", [])
+    if not isinstance(kinds, list) or not all(isinstance(k, int) for k in kinds):
+        raise CheckpointError(f"{path}: GGUF metadata tokenizer.ggml.token_type is not a list of integers")
     tk.add_special_tokens([t for t, kind in zip(tokens, kinds) if kind == 3])  # 3 = control token
-    return Tokenizer(tk, meta.get("tokenizer.ggml.eos_token_id"), meta.get("tokenizer.ggml.bos_token_id"),
-                     meta.get("tokenizer.ggml.padding_token_id"), meta.get("tokenizer.chat_template"))
+    ids = {}
+    for kind in ("eos", "bos", "padding"):
+        value = meta.get(f"tokenizer.ggml.{kind}_token_id")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < len(tokens)):
+            raise CheckpointError(f"{path}: GGUF metadata tokenizer.ggml.{kind}_token_id is {value!r}, not one of the "
+                                  f"{len(tokens)} token ids")
+        ids[kind] = value
+    return Tokenizer(tk, ids["eos"], ids["bos"], ids["padding"], meta.get("tokenizer.chat_template"))

@@ -68,6 +68,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.adam_betas = tuple(self.adam_betas)
         self.batch_size = self.batch_size or self.micro_batch_size
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 32:
+            raise ConfigError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
         optional = ("max_steps", "eval_every", "save_every", "keep_last", "pad_to")
         for name in ("epochs", "micro_batch_size", "batch_size", "log_every", *optional):
             value = getattr(self, name)
@@ -129,6 +131,17 @@ def train(model: nn.Module, tokenizer, train_data: list[Example], eval_data: lis
     if not any(target_count(e) for e in train_data):
         raise DataError("train_data has no token to learn: every label is -100 (ignored) once token t is set to "
                         "predict token t+1; check the cutoff and the prompt masking")
+    rows = getattr(getattr(model, "input_embeddings", None), "num_embeddings", None)
+    pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+    for i, e in enumerate(e for data in (train_data, eval_data or []) for e in data):
+        if rows is not None and not all(0 <= t < rows for t in e.input_ids):
+            raise DataError(f"example {i} holds token id {max(e.input_ids)}, beyond the model's {rows} embeddings: "
+                            "the tokenizer does not belong to this model")
+        if cfg.pad_to is not None and len(e.input_ids) > cfg.pad_to:
+            raise ConfigError(f"pad_to={cfg.pad_to} is shorter than example {i} ({len(e.input_ids)} tokens): raise "
+                              "pad_to or lower the cutoff")
+    if rows is not None and not 0 <= pad_id < rows:
+        raise ConfigError(f"the pad token id {pad_id} is beyond the model's {rows} embeddings")
     rank, world = distributed.rank_and_world()
     main = rank == 0
     out = Path(cfg.output_dir)
@@ -137,13 +150,14 @@ def train(model: nn.Module, tokenizer, train_data: list[Example], eval_data: lis
         claim_error = None
         if main:  # rank 0 writes, so rank 0 owns the folder; all ranks agree on whether it could
             try:
-                held.enter_context(own_output_dir(out, bool(cfg.resume_from_checkpoint), cfg.overwrite_output_dir))
+                resuming = cfg.resume_from_checkpoint == "latest" or cfg.resume_from_checkpoint is not None and \
+                    Path(cfg.resume_from_checkpoint).expanduser().resolve().parent == out.resolve()  # this run's own
+                held.enter_context(own_output_dir(out, resuming, cfg.overwrite_output_dir))
             except CheckpointError as e:
                 claim_error = e
         if distributed.any_rank(claim_error is not None, device):
             raise claim_error or CheckpointError(f"{out}: rank 0 could not take the output folder")
         bf16 = hardware.use_bf16(cfg.bf16, device)
-        pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ConfigError("the model has no trainable parameters: call apply_lora first")

@@ -20,8 +20,8 @@ from safetensors.torch import save_file
 
 from . import hardware
 from .errors import CheckpointError, ConfigError
-from .files import (TOKENIZER_FILES, Tensors, check_tensor, checkpoint_tensors, read_json, release_freed_memory,
-                    resolve, write_atomically)
+from .files import (TOKENIZER_FILES, Tensors, check_replaceable, check_tensor, checkpoint_tensors, read_json,
+                    release_freed_memory, resolve, write_atomically)
 from .gguf import gguf_config, gguf_tensors, read_gguf
 from .models import PRESETS, PretrainedModel, build_model
 from .quant import prepare_int8
@@ -48,6 +48,13 @@ def check_device(value: str | torch.device, where: str = "device") -> torch.devi
         raise ConfigError(f"{where}: {value!r} is not a device torch knows (cpu, cuda, cuda:1, ...)") from None
     if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
         raise ConfigError(f"{where}: {value!r}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "meta":
+        raise ConfigError(f"{where}: 'meta' holds no data; weights are loaded onto a real device (cpu, cuda)")
+    if device.type not in ("cpu", "cuda"):
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as e:
+            raise ConfigError(f"{where}: {value!r} is not usable here ({str(e).splitlines()[0]})") from None
     return device
 
 
@@ -70,7 +77,7 @@ def load_weights(model: PretrainedModel, tensors: Tensors, source: str, dtype: t
                  device: torch.device | str = "cpu",
                  transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> PretrainedModel:
     """Stream (name, tensor) pairs into a model built on `meta`, key for key. Floating tensors are cast
-    to `dtype` (None keeps the checkpoint's). Raises CheckpointError naming missing, unexpected and
+    to `dtype` (None keeps the checkpoint's: the dtype of its first floating tensor). Raises CheckpointError naming missing, unexpected and
     mis-shaped keys. `transform` may replace a tensor (int8 quantization hooks in here)."""
     expected = dict(model.state_dict(keep_vars=True))
     tied = model.tied_weights
@@ -79,6 +86,8 @@ def load_weights(model: PretrainedModel, tensors: Tensors, source: str, dtype: t
     seen: set[str] = set()
     unexpected, mismatched = [], []
     for name, tensor in tensors:
+        if dtype is None and tensor.is_floating_point():
+            dtype = tensor.dtype  # "the checkpoint's own": its first floating tensor's, for every tensor alike
         converted = model.checkpoint_to_model(name, tensor)
         if converted is None:
             continue
@@ -196,15 +205,18 @@ def _no_random_init():
             setattr(nn.init, n, f)
 
 
-def save_model(model: PretrainedModel, folder: str | os.PathLike, tokenizer=None) -> Path:
+def save_model(model: PretrainedModel, folder: str | os.PathLike, tokenizer=None, overwrite: bool = False) -> Path:
     """Save floating-point weights as model.safetensors under the checkpoint's own names and layout
     (GPT-2's Conv1D transposed back, tied heads left out), with config.json and the tokenizer,
     atomically. The folder loads here and in transformers.
 
     A quantized model (loaded in 8-bit) is refused, not dequantized: its weights are no longer the
-    checkpoint's, and transformers could not read them. Load the base in floating point to save it."""
+    checkpoint's, and transformers could not read them. Load the base in floating point to save it.
+    A folder that exists and is not empty is refused too, unless `overwrite` (it is replaced whole)."""
     if any("lora_" in n for n in model.state_dict()):
         raise CheckpointError("the model still has LoRA layers: merge them first (remove_lora(model))")
+    if not overwrite:
+        check_replaceable(Path(folder), frozenset(), "a model")
     quantized = [(n, p.dtype) for n, p in model.named_parameters() if not p.is_floating_point()]
     if quantized:
         raise CheckpointError(f"cannot save a quantized model as a checkpoint ({quantized[0][0]} is {quantized[0][1]}, "

@@ -296,8 +296,11 @@ def test_jsonl_lines_end_at_newline_only_and_csv_keeps_multi_line_fields(tmp_pat
     (tmp_path / "a.jsonl").write_text('{"text": "one\u2028two"}\n{"text": "three"}\n', encoding="utf-8")
     assert [r["text"] for r in read_records(tmp_path / "a.jsonl")] == ["one\u2028two", "three"]
     (tmp_path / "a.csv").write_text('text,label\n"a review\nover two lines",1\nshort,0\n"broken,1\n', encoding="utf-8")
-    with pytest.raises(DataError, match=r"a\.csv, line 5: the record's fields do not match the header's 2 columns"):
-        read_records(tmp_path / "a.csv")
+    with pytest.raises(DataError, match=r"a\.csv, line 5: not valid CSV \(unexpected end of data\)"):
+        read_records(tmp_path / "a.csv")  # an unclosed quote would otherwise swallow every later row
+    (tmp_path / "c.csv").write_text("text,label\nshort,0\nextra,1,2\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"c\.csv, line 3: the record's fields do not match the header's 2 columns"):
+        read_records(tmp_path / "c.csv")
     (tmp_path / "b.csv").write_text('text,label\n"a review\nover two lines",1\nshort,0\n', encoding="utf-8")
     rows = read_records(tmp_path / "b.csv")
     assert [dict(r) for r in rows] == [{"text": "a review\nover two lines", "label": "1"}, {"text": "short", "label": "0"}]
@@ -395,7 +398,12 @@ def test_gguf_with_zero_heads_or_no_merges_is_a_named_error(tmp_path):
 @pytest.mark.parametrize("damage, message", [
     ("optimizer", r"optimizer\.pt: not a readable checkpoint file, truncated or corrupt"),
     ("step", r"trainer_state\.json: expected a non-negative integer \"step\" and a \"run\" object"),
-    ("best", r"trainer_state\.json: best_metric is 'low', expected a number or null"),
+    ("best", r"trainer_state\.json: best_metric is 'low', expected a finite number or null"),
+    ("nan", r"trainer_state\.json: best_metric is nan, expected a finite number or null"),
+    ("bool", r"trainer_state\.json: expected a non-negative integer \"step\""),
+    ("far", r"trainer_state\.json: step 999 is beyond the run's 4 steps"),
+    ("moments", r"optimizer\.pt: exp_avg of parameter 0 has shape \(3,\)"),
+    ("schedule", r"scheduler\.pt: the schedule is at step 'x', the checkpoint at 4"),
     ("rng", r"rng\.pt: not the random-number state of this run's rank 0"),
     ("missing", r"checkpoint-4: incomplete checkpoint, scheduler\.pt is missing"),
 ])
@@ -405,10 +413,19 @@ def test_damaged_training_checkpoints_are_named_errors(saved_tiny, tmp_path, dam
     if damage == "optimizer":
         data = (ckpt / "optimizer.pt").read_bytes()
         (ckpt / "optimizer.pt").write_bytes(data[:len(data) // 2])
-    elif damage in ("step", "best"):
+    elif damage in ("step", "best", "nan", "bool", "far"):
         state = json.loads((ckpt / "trainer_state.json").read_text())
-        state.update({"step": "4"} if damage == "step" else {"best_metric": "low"})
+        state.update({"step": {"step": "4", "bool": True, "far": 999}[damage]} if damage in ("step", "bool", "far")
+                     else {"best_metric": "low" if damage == "best" else float("nan")})
         (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    elif damage == "moments":
+        state = torch.load(ckpt / "optimizer.pt", weights_only=True)
+        state["state"][0]["exp_avg"] = torch.zeros(3)
+        torch.save(state, ckpt / "optimizer.pt")
+    elif damage == "schedule":
+        state = torch.load(ckpt / "scheduler.pt", weights_only=True)
+        state["last_epoch"] = "x"
+        torch.save(state, ckpt / "scheduler.pt")
     elif damage == "rng":
         torch.save({"cpu": torch.zeros(10, dtype=torch.uint8)}, ckpt / "rng.pt")
     else:

@@ -41,7 +41,7 @@ def model_class(config: dict[str, Any], source: str = "config.json", task: str |
     kind = config.get("model_type")
     if kind is None:
         raise ConfigError(f"{source}: no model_type field, so the architecture is unknown")
-    if kind not in MODEL_TYPES:
+    if not isinstance(kind, str) or kind not in MODEL_TYPES:
         raise ConfigError(f"{source}: model_type {kind!r} is not supported; supported: {', '.join(MODEL_TYPES)}")
     entry = MODEL_TYPES[kind]
     if not isinstance(entry, dict):

@@ -41,7 +41,7 @@ class BertConfig:
     model_type: str = "bert"
 
     def __post_init__(self) -> None:
-        self.num_labels = self.num_labels or (len(self.id2label) if self.id2label else 2)
+        self.num_labels = check_labels(self.id2label, self.num_labels)
 
 
 @dataclass
@@ -63,9 +63,19 @@ class DistilBertConfig:
     model_type: str = "distilbert"
 
     def __post_init__(self) -> None:
-        self.num_labels = self.num_labels or (len(self.id2label) if self.id2label else 2)
+        self.num_labels = check_labels(self.id2label, self.num_labels)
         if self.sinusoidal_pos_embds:
-            raise ConfigError("config.json: sinusoidal_pos_embds=true is not supported")
+            raise ConfigError("sinusoidal_pos_embds=true is not supported")
+
+
+def check_labels(id2label: dict | None, num_labels: int | None) -> int:
+    """The number of classes: num_labels, or as many as id2label names ({"0": "negative", ...}), or 2."""
+    if id2label:
+        if not all(str(k).isdecimal() for k in id2label) or sorted(int(k) for k in id2label) != list(range(len(id2label))):
+            raise ConfigError(f"id2label must map the class ids 0, 1, ... to names, got {id2label!r}")
+        if num_labels is not None and num_labels != len(id2label):
+            raise ConfigError(f"num_labels={num_labels} but id2label names {len(id2label)} classes")
+    return num_labels or (len(id2label) if id2label else 2)
 
 
 class EncoderAttention(nn.Module):

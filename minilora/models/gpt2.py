@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from .common import CausalLM, KVCache, activation, attend, attention_mask, position_ids, run_blocks
 
 
@@ -117,7 +117,7 @@ class GPT2Model(nn.Module):
         past = len(cache) if cache is not None else 0
         pos = position_ids(attn_mask, T, past, input_ids.device) if pos is None else pos
         if past + T > self.n_positions:
-            raise ValueError(f"sequence of {past + T} tokens is longer than GPT-2's context of {self.n_positions}")
+            raise DataError(f"a sequence of {past + T} tokens is longer than GPT-2's context of {self.n_positions}")
         mask = attention_mask(attn_mask, T, past, input_ids.device)
         x = self.drop(self.wte(input_ids) + self.wpe(pos))
         x = run_blocks(self.h, x, mask, cache, past, checkpoint=self.gradient_checkpointing and self.training and cache is None)

@@ -19,6 +19,11 @@ from ..errors import ConfigError
 from .common import CausalLM, activation, attend, attention_mask, position_ids, run_blocks
 
 
+# rope scaling types and the numbers each needs
+ROPE_SCALING = {"default": (), "linear": ("factor",),
+                "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
 @dataclass
 class LlamaConfig:
     vocab_size: int
@@ -51,8 +56,18 @@ class LlamaConfig:
         if self.rope_scaling is None and rope.get("rope_type", "default") != "default":
             self.rope_scaling = rope
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(f"config.json: num_attention_heads={self.num_attention_heads} is not a multiple of "
+            raise ConfigError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                               f"num_key_value_heads={self.num_key_value_heads}")
+        scaling = self.rope_scaling if isinstance(self.rope_scaling, dict) else {}
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        if kind not in ROPE_SCALING:
+            raise ConfigError(f"rope scaling type {kind!r} is not supported (default, linear, llama3 are)")
+        bad = [k for k in ROPE_SCALING[kind] if isinstance(scaling.get(k), bool)
+               or not isinstance(scaling.get(k), (int, float)) or not scaling[k] > 0]
+        if bad or not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0) or self.head_dim % 2:
+            raise ConfigError(f"rope_scaling {kind!r} needs {', '.join(bad)} as positive numbers" if bad else
+                              f"rope needs a positive rope_theta and an even head_dim, got {self.rope_theta!r} "
+                              f"and {self.head_dim}")
 
     @property
     def qkv_bias(self) -> bool:

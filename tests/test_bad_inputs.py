@@ -1,0 +1,273 @@
+"""A catalogue of bad inputs, each expected to end in the project's own error naming the culprit (never
+a raw traceback, a silently wrong result, a hang, or lost work). Many came from an adversarial probe
+of the package; each case names what it feeds in and the words the error must contain."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import Tok, examples, lora_model, tiny_model_with_tokenizer
+from minilora.errors import CheckpointError, ConfigError, DataError, MiniLoraError
+from minilora.lora import apply_lora
+from minilora.weights import load_model
+
+
+def copy_model(saved_tiny, tmp_path, kind="llama-gqa", **config_changes):
+    folder = tmp_path / kind
+    shutil.copytree(saved_tiny[kind][1], folder)
+    if config_changes:
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, **config_changes}))
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# Finished work is never lost
+
+def test_merge_and_save_never_replace_a_folder_holding_other_work(saved_tiny, tmp_path, capsys):
+    from minilora.adapter import save_adapter
+    from minilora.cli import main
+    model_dir = tiny_model_with_tokenizer(saved_tiny, tmp_path)
+    (model_dir / "notes.txt").write_text("mine")
+    save_adapter(apply_lora(load_model(model_dir), ["q_proj"], r=2), tmp_path / "adapter")
+    before = sorted(p.name for p in model_dir.iterdir())
+    for out in (tmp_path / "adapter", model_dir):  # merging into the adapter, or into the base model's folder
+        assert main(["merge", str(model_dir), str(tmp_path / "adapter"), str(out)]) == 2
+        assert "holds other files" in capsys.readouterr().err
+    assert sorted(p.name for p in model_dir.iterdir()) == before
+    with pytest.raises(CheckpointError, match=r"tiny holds other files \(config\.json, .*notes\.txt.*saving an adapter"):
+        save_adapter(apply_lora(load_model(model_dir), ["q_proj"], r=2), model_dir)
+    assert (model_dir / "notes.txt").read_text() == "mine" and (model_dir / "model.safetensors").exists()
+    assert main(["merge", str(model_dir), str(tmp_path / "adapter"), str(tmp_path / "merged")]) == 0
+    assert main(["merge", str(model_dir), str(tmp_path / "adapter"), str(tmp_path / "merged"), "--overwrite"]) == 0
+
+
+def test_resuming_another_runs_checkpoint_never_writes_over_a_finished_run(saved_tiny, tmp_path):
+    from minilora.train import TrainConfig, train
+    cfg = dict(max_steps=4, micro_batch_size=2, batch_size=4, save_every=2, progress=False)
+    train(lora_model(saved_tiny), Tok, examples(8), None, TrainConfig(output_dir=str(tmp_path / "a"), **cfg))
+    train(lora_model(saved_tiny), Tok, examples(8), None, TrainConfig(output_dir=str(tmp_path / "b"), **cfg))
+    kept = (tmp_path / "b" / "adapter" / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(CheckpointError, match=r"b holds another run \(checkpoint-2, checkpoint-4, adapter\)"):
+        train(lora_model(saved_tiny), Tok, examples(8), None, TrainConfig(
+            output_dir=str(tmp_path / "b"), resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"), **cfg))
+    assert (tmp_path / "b" / "adapter" / "adapter_model.safetensors").read_bytes() == kept
+
+
+# ---------------------------------------------------------------------------------------------
+# No hang: a regex that backtracks exponentially is refused before it runs
+
+def test_a_catastrophic_target_regex_is_refused_at_once(saved_tiny, tmp_path):
+    with pytest.raises(ConfigError, match=r"LoRA target regex '\(\.\*\.\*\)\*x' repeats a repetition"):
+        apply_lora(load_model(saved_tiny["llama-gqa"][1]), "(.*.*)*x")
+    proc = subprocess.run([sys.executable, "-m", "minilora", "params", str(saved_tiny["llama-gqa"][1]), "--targets",
+                           "(a+)+b"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "repeats a repetition" in proc.stderr
+    assert apply_lora(load_model(saved_tiny["llama-gqa"][1]), r".*\.(q|v)_proj")  # a flat regex is fine
+
+
+# ---------------------------------------------------------------------------------------------
+# config.json: every value of the type and range its field needs
+
+@pytest.mark.parametrize("kind, change, message", [
+    ("llama-tied", dict(tie_word_embeddings="no"), r"field tie_word_embeddings must be a bool, got 'no'"),
+    ("mistral-window", dict(sliding_window=0), r"field sliding_window must be a positive integer, got 0"),
+    ("llama-gqa", dict(rms_norm_eps=-1.0), r"field rms_norm_eps must be a positive finite number, got -1.0"),
+    ("llama-gqa", dict(head_dim=-8), r"field head_dim must be a positive integer, got -8"),
+    ("llama-gqa", dict(rope_theta="big"), r"field rope_theta must be a float or null, got 'big'"),
+    ("llama-gqa", dict(max_position_embeddings=-1), r"field max_position_embeddings must be a positive integer"),
+    ("llama-gqa", dict(hidden_act=["silu"]), r"field hidden_act must be a str, got \['silu'\]"),
+    ("llama-gqa", dict(model_type=["llama"]), r"model_type \['llama'\] is not supported"),
+    ("llama-gqa", dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}),
+     r"rope_scaling 'llama3' needs low_freq_factor, high_freq_factor, original_max_position_embeddings"),
+    ("llama-gqa", dict(rope_scaling={"rope_type": "yarn"}), r"rope scaling type 'yarn' is not supported"),
+    ("gpt2", dict(layer_norm_epsilon=None), r"field layer_norm_epsilon must be set"),
+    ("gpt2", dict(resid_pdrop=1.5), r"field resid_pdrop must be a probability in \[0, 1\], got 1.5"),
+    ("distilbert", dict(id2label=["neg", "pos"]), r"field id2label must be a dict or null"),
+    ("bert", dict(num_labels=0), r"field num_labels must be a positive integer, got 0"),
+    ("bert", dict(id2label={"a": "x"}), r"id2label must map the class ids 0, 1, \.\.\. to names"),
+])
+def test_config_values_of_the_wrong_type_or_range_are_named(saved_tiny, tmp_path, kind, change, message):
+    folder = copy_model(saved_tiny, tmp_path, kind, **change)
+    with pytest.raises(ConfigError, match=rf"config\.json: {message}" if "model_type" not in message else message):
+        load_model(folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint and adapter files
+
+@pytest.mark.parametrize("damage, message", [
+    ("shape", r"not a readable safetensors file, truncated or corrupt \(tensor w runs past the end"),
+    ("weight_map", r"expected a weight_map object of tensor name -> shard file name"),
+    ("mixed", None),
+])
+def test_odd_checkpoint_files(saved_tiny, tmp_path, damage, message):
+    from safetensors.torch import load_file, save_file
+    folder = copy_model(saved_tiny, tmp_path)
+    if damage == "shape":
+        header = json.dumps({"w": {"dtype": "F32", "shape": [2 ** 32, 2 ** 32], "data_offsets": [0, 8]}}).encode()
+        (folder / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
+    elif damage == "weight_map":
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": 5}}))
+    else:  # one float64 tensor among float32 ones: with dtype=None every tensor takes the first one's dtype
+        state = load_file(str(folder / "model.safetensors"))
+        state["model.norm.weight"] = state["model.norm.weight"].double()
+        save_file(state, str(folder / "model.safetensors"))
+        model = load_model(folder, dtype=None)
+        assert len({p.dtype for p in model.parameters()}) == 1
+        assert model(torch.tensor([[1, 2, 3]])).isfinite().all()
+        return
+    with pytest.raises(CheckpointError, match=message):
+        load_model(folder)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("rslora", r"use_rslora must be true or false, got 'false'"),
+    ("norm", r"keys that match no module: base_model\.model\.model\.norm\.weight"),
+    ("meta_base", r"minilora\.json: base_model is 'llama', expected an object of config values"),
+    ("meta_labels", r"minilora\.json: id2label is \['a', 'b'\], expected an object of class id -> name"),
+    ("bin_list", r"adapter_model\.bin: expected a dict of named tensors, found list"),
+    ("modules_to_save", r"modules_to_save must be a list of module names, got 'lm_head'"),
+])
+def test_odd_adapter_folders(saved_tiny, tmp_path, damage, message):
+    from safetensors.torch import load_file, save_file
+    from minilora.adapter import load_adapter, save_adapter
+    folder = saved_tiny["llama-gqa"][1]
+    adapter = save_adapter(apply_lora(load_model(folder), ["q_proj"], r=2), tmp_path / "a")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    if damage in ("rslora", "modules_to_save"):
+        config.update({"use_rslora": "false"} if damage == "rslora" else {"modules_to_save": "lm_head"})
+        (adapter / "adapter_config.json").write_text(json.dumps(config))
+    elif damage == "norm":  # a tensor for a module that neither has LoRA nor is in modules_to_save
+        tensors = load_file(str(adapter / "adapter_model.safetensors"))
+        tensors["base_model.model.model.norm.weight"] = torch.zeros(32)
+        save_file(tensors, str(adapter / "adapter_model.safetensors"))
+    elif damage.startswith("meta"):
+        meta = json.loads((adapter / "minilora.json").read_text())
+        meta.update({"base_model": "llama"} if damage == "meta_base" else {"id2label": ["a", "b"]})
+        (adapter / "minilora.json").write_text(json.dumps(meta))
+    else:
+        (adapter / "adapter_model.safetensors").unlink()
+        torch.save([torch.zeros(2)], adapter / "adapter_model.bin")
+    model = load_model(folder)
+    before = model.model.norm.weight.detach().clone()
+    with pytest.raises(CheckpointError, match=message):
+        load_adapter(model, adapter)
+    assert torch.equal(model.model.norm.weight, before)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.write_bytes(b""), r"x\.gguf: not a GGUF file \(too short\)"),
+    (lambda p: p.mkdir(), r"x\.gguf: not a GGUF file \(a folder\)"),
+])
+def test_empty_or_folder_gguf(tmp_path, make, message):
+    from minilora.gguf import read_gguf
+    make(tmp_path / "x.gguf")
+    with pytest.raises(CheckpointError, match=message):
+        read_gguf(tmp_path / "x.gguf")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+def test_data_inputs_that_used_to_crash_or_mislead(saved_tiny, tmp_path):
+    from minilora.data import build_classification_examples, collate, get_template, label_ids, read_records, split
+    from minilora.tokenizer import load_tokenizer
+    rows = [{"text": "w5", "label": "--1"}, {"text": "w6", "label": "1"}]
+    assert label_ids(rows) == {"--1": 0, "1": 1}  # not numbers: sorted as text, no int() crash
+    with pytest.raises(DataError, match=r"val_size must be a fraction in \[0, 1\) or a count >= 0, got -3"):
+        split(rows, -3)
+    for template, words in ((dict(prompt="{author:d}", response=" {quote}"), "Unknown format code 'd'"),
+                            (dict(prompt="{author!z}", response=" {quote}"), "Unknown conversion specifier z"),
+                            (dict(prompt="{a}", response="{b}", extra="{c}"), "unknown: extra")):
+        with pytest.raises(DataError, match=re.escape(words)):
+            get_template(template)
+    (tmp_path / "d.csv").write_text("text,text\nw5,w6\n")
+    with pytest.raises(DataError, match=r"d\.csv, line 1: column 'text' appears twice in the header"):
+        read_records(tmp_path / "d.csv")
+    (tmp_path / "o.json").write_text('{\n  "text": "w5"\n}\n')
+    with pytest.raises(DataError, match=r"o\.json: one JSON object; expected a list of records"):
+        read_records(tmp_path / "o.json")
+    with pytest.raises(DataError, match="no examples to collate"):
+        collate([], 0)
+    from minilora.data import Example
+    with pytest.raises(DataError, match="example 0 has 3 input ids but 2 labels"):
+        collate([Example([1, 2, 3], [1, 2])], 0)
+    folder = tiny_model_with_tokenizer(saved_tiny, tmp_path)
+    (folder / "tokenizer_config.json").write_text("{}")  # no eos token named anywhere
+    (folder / "config.json").write_text(json.dumps({k: v for k, v in json.loads((folder / "config.json").read_text()).items()
+                                                    if k not in ("eos_token_id", "bos_token_id")}))
+    tok = load_tokenizer(folder)
+    if tok.eos_token_id is None:
+        from minilora.data import build_examples
+        with pytest.raises(DataError, match="the tokenizer has no end-of-sequence token"):
+            build_examples([{"text": "w5 w6"}], tok, "text", cutoff=8)
+    with pytest.raises(DataError, match=r"label 'x' is not one of 0, 1"):
+        build_classification_examples([{"text": "w5", "label": "x"}], tok, {"0": 0, "1": 1})
+
+
+def test_training_with_token_ids_beyond_the_embeddings_is_named(saved_tiny, tmp_path):
+    from minilora.data import Example
+    from minilora.train import TrainConfig, train
+    with pytest.raises(DataError, match=r"example 0 holds token id 500, beyond the model's 97 embeddings"):
+        train(lora_model(saved_tiny), Tok, [Example([5, 500, 7], [5, 500, 7])], None,
+              TrainConfig(output_dir=str(tmp_path), max_steps=1, progress=False))
+    with pytest.raises(ConfigError, match=r"pad_to=2 is shorter than example 0 \(3 tokens\)"):
+        train(lora_model(saved_tiny), Tok, [Example([5, 6, 7], [5, 6, 7])], None,
+              TrainConfig(output_dir=str(tmp_path), max_steps=1, pad_to=2, progress=False))
+    with pytest.raises(ConfigError, match=r"seed must be an integer in \[0, 2\*\*32\), got 4611686018427387904"):
+        TrainConfig(seed=2 ** 62)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Python API and the command line
+
+def test_api_arguments_that_used_to_crash_or_mislead(saved_tiny, tmp_path):
+    from minilora.generate import classify, generate, generate_ids
+    folder = tiny_model_with_tokenizer(saved_tiny, tmp_path)
+    from minilora.tokenizer import load_tokenizer
+    model, tok = load_model(folder), load_tokenizer(folder)
+    assert generate(model, tok, "w5 w6", max_new_tokens=3, stop="w") == ""  # a string is one stop string
+    with pytest.raises(ConfigError, match=r"stop strings must be non-empty text, got \[''\]"):
+        generate(model, tok, "w5", stop=[""])
+    with pytest.raises(ConfigError, match="prompts must be a string or a list of strings, got None"):
+        generate(model, tok, None)
+    out = generate(model, tok, "w5 w6", max_new_tokens=4, temperature=1e-300, seed=0)  # as greedy, no NaN
+    assert out == generate(model, tok, "w5 w6", max_new_tokens=4)
+    with pytest.raises(ConfigError, match=r"a prompt of 3 tokens and max_new_tokens=2048 run past the model's context"):
+        generate_ids(model, [[5, 6, 7]], [1], 0, max_new_tokens=2048)
+    with pytest.raises(ConfigError, match="the model already carries LoRA layers"):
+        apply_lora(apply_lora(model, "all-linear", r=2), "all-linear", r=2)
+    classifier = load_model(saved_tiny["bert"][1])
+    with pytest.raises(ConfigError, match="texts must be a non-empty list of strings"):
+        classify(classifier, tok, [])
+    with pytest.raises(ConfigError, match="max_length must be a positive number of tokens, got 0"):
+        classify(classifier, tok, ["w5"], max_length=0)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "{model}", "--prompt", "w5", "--stop", ""], "stop strings must be non-empty text"),
+    (["classify", "{bert}", "w5 w6", "--max-length", "-5"], "max_length must be a positive number of tokens, got -5"),
+    (["generate", "{model}", "--prompt", "w5", "--temperature", "-1"], "temperature must be a finite number >= 0"),
+    (["params", "{model}", "--targets", "q_proj["], "is not a valid regular expression"),
+])
+def test_command_line_bad_arguments_are_one_line(saved_tiny, tmp_path, argv, message):
+    folder = tiny_model_with_tokenizer(saved_tiny, tmp_path)
+    bert = copy_model(saved_tiny, tmp_path, "bert")
+    shutil.copy(folder / "tokenizer.json", bert / "tokenizer.json")
+    argv = [a.format(model=folder, bert=bert) for a in argv]
+    proc = subprocess.run([sys.executable, "-m", "minilora", *argv], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith(f"minilora {argv[0]}: error: ") and message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_every_error_here_is_a_minilora_error():
+    """The catalogue above catches specific types; all of them derive from one base, so a script can
+    catch MiniLoraError alone and the command line prints each as one line."""
+    assert all(issubclass(e, MiniLoraError) for e in (CheckpointError, ConfigError, DataError))
