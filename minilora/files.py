@@ -12,7 +12,6 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
 import torch
 
 from .errors import CheckpointError

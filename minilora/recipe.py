@@ -13,9 +13,7 @@ is a ConfigError naming the file, the section and the key.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ContextManager
@@ -31,6 +29,7 @@ from .models.common import resize_token_embeddings
 from .report import param_report
 from .tokenizer import load_tokenizer
 from .evaluate import evaluate_classification
+from .fields import from_table
 from .train import TrainConfig, train
 from .weights import check_device, load_model, torch_dtype
 
@@ -107,36 +106,6 @@ class Recipe:
 
 SECTIONS = {"model": ModelSection, "lora": LoRAConfig, "data": DataSection, "train": TrainConfig,
             "generate": GenerateSection}
-_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "list": (list,),
-          "tuple": (list, tuple), "dict": (dict,), "None": (type(None),)}
-
-
-def _allowed(annotation: str) -> tuple[type, ...]:
-    # "list[str] | str" -> the outer type names list, str
-    outer = re.sub(r"\[[^\]]*\]", "", annotation)
-    return tuple(t for name in outer.split("|") for t in _TYPES.get(name.strip(), (object,)))
-
-
-def _section(cls: type, values: Any, where: str):
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where}: expected a table of keys, found {type(values).__name__}")
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    for key, value in values.items():
-        if key not in known:
-            raise ConfigError(f"{where}: unknown key {key!r}; known keys: {', '.join(known)}")
-        allowed = _allowed(str(known[key].type))
-        if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
-            raise ConfigError(f"{where}.{key}: expected {known[key].type}, got {type(value).__name__} {value!r}")
-    missing = [n for n, f in known.items() if n not in values and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise ConfigError(f"{where}: missing key(s) {', '.join(missing)}")
-    try:
-        return cls(**values)
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
-
-
 def parse_value(text: str) -> Any:
     """A command-line override as a TOML value (1e-4, true, ["a", "b"]), or else the plain string."""
     import tomllib
@@ -170,7 +139,7 @@ def load_recipe(path: str | os.PathLike, overrides: dict[str, str] | None = None
     for required in ("model", "data"):
         if required not in raw:
             raise ConfigError(f"{path}: missing section [{required}]")
-    parts = {name: _section(cls, raw.get(name, {}), f"{path} [{name}]") for name, cls in SECTIONS.items()}
+    parts = {name: from_table(cls, raw.get(name, {}), f"{path} [{name}]") for name, cls in SECTIONS.items()}
     return Recipe(**parts, source=str(path))
 
 

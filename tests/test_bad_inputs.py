@@ -75,21 +75,21 @@ def test_a_catastrophic_target_regex_is_refused_at_once(saved_tiny, tmp_path):
 # config.json: every value of the type and range its field needs
 
 @pytest.mark.parametrize("kind, change, message", [
-    ("llama-tied", dict(tie_word_embeddings="no"), r"field tie_word_embeddings must be a bool, got 'no'"),
-    ("mistral-window", dict(sliding_window=0), r"field sliding_window must be a positive integer, got 0"),
-    ("llama-gqa", dict(rms_norm_eps=-1.0), r"field rms_norm_eps must be a positive finite number, got -1.0"),
-    ("llama-gqa", dict(head_dim=-8), r"field head_dim must be a positive integer, got -8"),
-    ("llama-gqa", dict(rope_theta="big"), r"field rope_theta must be a float or null, got 'big'"),
-    ("llama-gqa", dict(max_position_embeddings=-1), r"field max_position_embeddings must be a positive integer"),
-    ("llama-gqa", dict(hidden_act=["silu"]), r"field hidden_act must be a str, got \['silu'\]"),
+    ("llama-tied", dict(tie_word_embeddings="no"), r"tie_word_embeddings must be true or false, got 'no'"),
+    ("mistral-window", dict(sliding_window=0), r"sliding_window must be a positive integer, got 0"),
+    ("llama-gqa", dict(rms_norm_eps=-1.0), r"rms_norm_eps must be a positive finite number, got -1.0"),
+    ("llama-gqa", dict(head_dim=-8), r"head_dim must be a positive integer, got -8"),
+    ("llama-gqa", dict(rope_theta="big"), r"rope_theta must be a number or null, got 'big'"),
+    ("llama-gqa", dict(max_position_embeddings=-1), r"max_position_embeddings must be a positive integer"),
+    ("llama-gqa", dict(hidden_act=["silu"]), r"hidden_act must be a string, got \['silu'\]"),
     ("llama-gqa", dict(model_type=["llama"]), r"model_type \['llama'\] is not supported"),
     ("llama-gqa", dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}),
      r"rope_scaling 'llama3' needs low_freq_factor, high_freq_factor, original_max_position_embeddings"),
     ("llama-gqa", dict(rope_scaling={"rope_type": "yarn"}), r"rope scaling type 'yarn' is not supported"),
-    ("gpt2", dict(layer_norm_epsilon=None), r"field layer_norm_epsilon must be set"),
-    ("gpt2", dict(resid_pdrop=1.5), r"field resid_pdrop must be a probability in \[0, 1\], got 1.5"),
-    ("distilbert", dict(id2label=["neg", "pos"]), r"field id2label must be a dict or null"),
-    ("bert", dict(num_labels=0), r"field num_labels must be a positive integer, got 0"),
+    ("gpt2", dict(layer_norm_epsilon=None), r"layer_norm_epsilon must be set"),
+    ("gpt2", dict(resid_pdrop=1.5), r"resid_pdrop must be a probability in \[0, 1\], got 1.5"),
+    ("distilbert", dict(id2label=["neg", "pos"]), r"id2label must be a table or null"),
+    ("bert", dict(num_labels=0), r"num_labels must be a positive integer, got 0"),
     ("bert", dict(id2label={"a": "x"}), r"id2label must map the class ids 0, 1, \.\.\. to names"),
 ])
 def test_config_values_of_the_wrong_type_or_range_are_named(saved_tiny, tmp_path, kind, change, message):

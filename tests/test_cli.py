@@ -62,7 +62,7 @@ def test_train_generate_merge_from_the_command_line(saved_tiny, tmp_path, capsys
 
 @pytest.mark.parametrize("change, message", [
     (("max_steps = 4", "max_step = 4"), r"\[train\]: unknown key 'max_step'"),
-    (("lr = 1e-2", 'lr = "fast"'), r"\[train\].lr: expected float, got str 'fast'"),
+    (("lr = 1e-2", 'lr = "fast"'), r"\[train\]: lr must be a number, got 'fast'"),
     (("r = 4", "r = 0"), "rank r must be a positive integer"),
     (("[generate]", "[generation]"), r"unknown section\(s\) generation"),
     (("cutoff = 16", "cutoff = 16\ncutof = 3"), r"\[data\]: unknown key 'cutof'"),

@@ -49,7 +49,7 @@ def test_config_missing_a_field(saved_tiny, tmp_path):
     cfg = json.loads((folder / "config.json").read_text())
     del cfg["num_hidden_layers"]
     (folder / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ConfigError, match=r"config.json: missing field\(s\) num_hidden_layers needed by LlamaConfig"):
+    with pytest.raises(ConfigError, match=r"config.json: missing key\(s\) num_hidden_layers needed by LlamaConfig"):
         load_model(folder)
 
 

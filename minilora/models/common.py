@@ -6,9 +6,6 @@ Each is a few lines; they live here so the family files hold only what makes a f
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import re
 from typing import Any, TypeVar
 
 import torch
@@ -17,50 +14,16 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from ..errors import ConfigError
+from ..fields import from_table
 from ..kernels import SHORT_ATTENTION, ShortAttention
 
 C = TypeVar("C")
 
 
 def config_from_dict(cls: type[C], d: dict[str, Any], source: str = "config.json") -> C:
-    """Build a config dataclass from config.json's keys; unknown keys are ignored, missing required ones named."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    missing = [n for n, f in fields.items() if n not in d and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise ConfigError(f"{source}: missing field(s) {', '.join(missing)} needed by {cls.__name__}")
-    values = {n: d[n] for n in fields if n in d}
-    for n, v in values.items():
-        expected = _expected(n, str(fields[n].type), v)
-        if expected:
-            raise ConfigError(f"{source}: field {n} must be {expected}, got {v!r}")
-    try:
-        return cls(**values)
-    except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
-
-
-def _expected(name: str, annotation: str, value: Any) -> str | None:
-    """What a config.json value should have been, from its dataclass annotation ("int | None", "float",
-    "bool", "str", "dict | None", "int | list[int] | None"); None when it is fine. Integers are sizes
-    (> 0) except token ids (>= 0); floats are > 0 except dropout probabilities, in [0, 1]."""
-    kinds = {k.strip() for k in re.sub(r"\[[^\]]*\]", "", annotation).split("|")}
-    if value is None:
-        return None if "None" in kinds else "set (not null)"
-    if isinstance(value, bool):
-        return None if "bool" in kinds else f"a {' or '.join(sorted(kinds - {'None'}))}"
-    if isinstance(value, int) and ("int" in kinds or "float" in kinds):
-        low = 0 if name.endswith("_id") or "drop" in name or "prob" in name else 1
-        return None if value >= low else ("an integer >= 0" if low == 0 else "a positive integer")
-    if isinstance(value, float) and "float" in kinds:
-        if "drop" in name or "prob" in name:
-            return None if 0 <= value <= 1 else "a probability in [0, 1]"
-        return None if 0 < value < math.inf else "a positive finite number"
-    for kind, types in (("str", str), ("dict", dict), ("list", list)):
-        if kind in kinds and isinstance(value, types):
-            return None if kind != "list" or all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
-                                                 for x in value) else "a list of token ids"
-    return f"a {' or '.join(sorted(kinds - {'None'}))}" + (" or null" if "None" in kinds else "")
+    """Build a config dataclass from config.json's keys: unknown keys are ignored, missing required ones
+    named, and every value checked against its field's type and range (fields.from_table)."""
+    return from_table(cls, d, source, unknown_keys_allowed=True, ranges=True)
 
 
 ACTIVATIONS = {
