@@ -164,7 +164,7 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, expect
             and rng["cpu"].shape == torch.get_rng_state().shape):
         raise CheckpointError(f"{folder / 'rng.pt'}: not the random-number state of this run's rank {rank} "
                               f"(expected a uint8 tensor of {torch.get_rng_state().numel()} bytes under 'cpu')")
-    _check_states(folder, optimizer, optimizer_state, scheduler_state, step)
+    _check_states(folder, optimizer, optimizer_state, scheduler_state, step, expected)
     load_adapter(model, folder)
     try:
         optimizer.load_state_dict(optimizer_state)
@@ -177,17 +177,33 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, expect
     return state
 
 
-def _check_states(folder: Path, optimizer, optimizer_state: Any, scheduler_state: Any, step: int) -> None:
-    """The optimizer's moments have the shapes of the parameters they belong to; the scheduler is at the step."""
+def _check_states(folder: Path, optimizer, optimizer_state: Any, scheduler_state: Any, step: int,
+                  run: dict[str, Any]) -> None:
+    """The optimizer state is this run's: moments of the parameters' shapes, counted to the checkpoint's
+    step, and the run's lr, betas and weight decay; the scheduler is at the step, from the run's lr."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    file = folder / "optimizer.pt"
     try:
         for i, moments in optimizer_state["state"].items():
             for key, value in moments.items():
                 if isinstance(value, torch.Tensor) and value.dim() and value.shape != params[i].shape:
-                    raise CheckpointError(f"{folder / 'optimizer.pt'}: {key} of parameter {i} has shape "
-                                          f"{tuple(value.shape)}, the parameter {tuple(params[i].shape)}")
-    except (KeyError, TypeError, IndexError, AttributeError):
-        raise CheckpointError(f"{folder / 'optimizer.pt'}: not the optimizer state of this run's parameters") from None
+                    raise CheckpointError(f"{file}: {key} of parameter {i} has shape {tuple(value.shape)}, the "
+                                          f"parameter {tuple(params[i].shape)}")
+                if key == "step" and float(value) != step:
+                    raise CheckpointError(f"{file}: parameter {i} has taken {float(value):g} steps, the checkpoint {step}")
+        for group in optimizer_state["param_groups"]:
+            settings = {"initial lr": group.get("initial_lr"), "betas": list(group["betas"]),
+                        "weight_decay": group["weight_decay"]}
+            want = {"initial lr": run["lr"], "betas": run["adam_betas"], "weight_decay": group["weight_decay"]
+                    if group["weight_decay"] in (0.0, run["weight_decay"]) else run["weight_decay"]}
+            wrong = [f"{k} {settings[k]!r}, the run {want[k]!r}" for k in settings if settings[k] != want[k]]
+            if wrong:
+                raise CheckpointError(f"{file}: not this run's optimizer settings ({'; '.join(wrong)})")
+    except (KeyError, TypeError, IndexError, AttributeError, ValueError, RuntimeError):
+        raise CheckpointError(f"{file}: not the optimizer state of this run's parameters") from None
+    if isinstance(scheduler_state, dict) and any(lr != run["lr"] for lr in scheduler_state.get("base_lrs", [])):
+        raise CheckpointError(f"{folder / 'scheduler.pt'}: base learning rates {scheduler_state['base_lrs']}, the run's "
+                              f"lr is {run['lr']}")
     if not isinstance(scheduler_state, dict) or scheduler_state.get("last_epoch") != step:
         found = scheduler_state.get("last_epoch") if isinstance(scheduler_state, dict) else scheduler_state
         raise CheckpointError(f"{folder / 'scheduler.pt'}: the schedule is at step {found!r}, the checkpoint at {step}")

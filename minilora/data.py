@@ -36,7 +36,7 @@ def read_records(source: str | os.PathLike, revision: str | None = None) -> list
     except CheckpointError as e:
         raise DataError(str(e)) from None
     kinds = (".json", ".jsonl", ".csv", ".parquet")
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in kinds)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix.lower() in kinds)
     if not files:
         raise DataError(f"{path}: no .json, .jsonl, .csv or .parquet files")
     records = []
@@ -58,7 +58,8 @@ class Record(dict):
 
 
 def _read_file(file: Path) -> list[Record]:
-    if file.suffix == ".parquet":  # many Hub datasets are stored so; pyarrow is optional
+    suffix = file.suffix.lower()  # DATA.JSONL too
+    if suffix == ".parquet":  # many Hub datasets are stored so; pyarrow is optional
         try:
             import pyarrow.parquet as pq
         except ModuleNotFoundError:
@@ -69,7 +70,7 @@ def _read_file(file: Path) -> list[Record]:
         text = file.read_text(encoding="utf-8-sig")  # -sig: tolerate a byte-order mark
     except UnicodeDecodeError as e:
         raise DataError(f"{file}: not UTF-8 text ({e})") from None
-    if file.suffix == ".csv":  # quoted fields may hold line breaks: the csv module reads them whole
+    if suffix == ".csv":  # quoted fields may hold line breaks: the csv module reads them whole
         reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)  # strict: an unclosed quote is an error
         rows, line = [], 1  # the header's line
         try:
@@ -86,13 +87,13 @@ def _read_file(file: Path) -> list[Record]:
         except csv.Error as e:
             raise DataError(f"{file}, line {line + 1}: not valid CSV ({e})") from None
         return rows
-    if file.suffix == ".json" and text.lstrip().startswith("{") and "\n" in text.strip():
+    if suffix == ".json" and text.lstrip().startswith("{") and "\n" in text.strip():
         try:  # one object over several lines: a document, not JSON Lines
             json.loads(text)
             raise DataError(f"{file}: one JSON object; expected a list of records, or one record per line (JSONL)")
         except json.JSONDecodeError:
             pass  # JSON Lines after all
-    if file.suffix == ".jsonl" or (file.suffix == ".json" and not text.lstrip().startswith("[")):
+    if suffix == ".jsonl" or (suffix == ".json" and not text.lstrip().startswith("[")):
         rows = []
         for n, line in enumerate(text.split("\n"), start=1):  # "\n" alone ends a line: JSON strings may hold U+2028
             if line.strip():
@@ -246,8 +247,8 @@ def build_examples(records: list[dict[str, Any]], tokenizer, template: str | Tem
     or, with skip_bad_rows, is skipped and counted in the returned list's `.skipped`."""
     if truncation not in ("right", "left", "none"):
         raise DataError(f"truncation must be 'right', 'left' or 'none', got {truncation!r}")
-    if cutoff <= 0:
-        raise DataError(f"cutoff must be a positive number of tokens, got {cutoff}")
+    if isinstance(cutoff, bool) or not isinstance(cutoff, int) or cutoff <= 0:
+        raise DataError(f"cutoff must be a positive number of tokens, got {cutoff!r}")
     template = get_template(template)
 
     def make(record: dict[str, Any], where: str) -> Example:
@@ -301,6 +302,8 @@ def label_ids(records: list[dict[str, Any]], label_field: str = "label",
         found = {str(r.get(label_field)) for r in records if isinstance(r, dict) and r.get(label_field) is not None}
         numeric = all(re.fullmatch(r"-?[0-9]+", v) for v in found)
         labels = sorted(found, key=lambda v: (int(v) if numeric else v))
+    if len({str(v) for v in labels}) != len(labels):
+        raise DataError(f"labels {labels!r} name a class twice")
     return {str(v): i for i, v in enumerate(labels)}
 
 

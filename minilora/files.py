@@ -58,7 +58,7 @@ def resolve(source: str | os.PathLike, revision: str | None = None, files: list[
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON object from a file; CheckpointError naming the file if it is missing, not JSON or not an object."""
     if not path.is_file():
-        raise CheckpointError(f"{path}: file not found")
+        raise CheckpointError(f"{path}: " + ("a folder, where a JSON file belongs" if path.is_dir() else "file not found"))
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -154,6 +154,9 @@ def checkpoint_tensors(folder: Path, map_dtype: torch.dtype | None = None) -> Te
         if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
             raise CheckpointError(f"{index}: expected a weight_map object of tensor name -> shard file name")
         files = [folder / f for f in sorted(set(weight_map.values()))]
+        outside = [f for f in files if not f.resolve().is_relative_to(folder.resolve())]
+        if outside:
+            raise CheckpointError(f"{index}: shard {outside[0].name!r} lies outside the checkpoint's folder")
     elif (folder / "model.safetensors").is_file():
         files = [folder / "model.safetensors"]
     elif (folder / "pytorch_model.bin").is_file():
@@ -198,6 +201,10 @@ def safetensors_tensors(file: Path, map_dtype: torch.dtype | None = None) -> Ten
             if not _valid_entry(info):
                 raise CheckpointError(f"{corrupt} (tensor {name}: expected dtype, shape (non-negative integers) and "
                                       f"data_offsets [begin, end], found {str(info)[:100]})")
+        spans = sorted((info["data_offsets"][0], info["data_offsets"][1], name) for name, info in header.items())
+        for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
+            if begin < end:
+                raise CheckpointError(f"{corrupt} (tensors {a} and {b} share bytes)")
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if map_dtype is not None else None
         for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
             dtype, shape, (begin, end) = SAFETENSORS_DTYPES.get(info["dtype"]), info["shape"], info["data_offsets"]

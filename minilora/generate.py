@@ -57,6 +57,10 @@ def generate_ids(model: nn.Module, prompts: list[list[int]], eos_ids: list[int],
 
     stop_check(row, new_ids) -> bool may end a row early (stop strings)."""
     check_sampling(max_new_tokens, temperature, top_k, top_p)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
+        raise ConfigError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    if getattr(model, "task_type", "CAUSAL_LM") != "CAUSAL_LM":
+        raise ConfigError(f"{type(model).__name__} does not generate text: it is a {model.task_type} model")
     if not prompts:
         raise ConfigError("no prompts to complete")
     empty = [i for i, p in enumerate(prompts) if len(p) == 0]
@@ -111,10 +115,10 @@ def generate(model: nn.Module, tokenizer, prompts: str | list[str], max_new_toke
     """Complete one prompt (returns a string) or several (returns a list), stopping at EOS or a stop string."""
     single = isinstance(prompts, str)
     texts = [prompts] if single else prompts
-    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    stop = [stop] if isinstance(stop, str) else stop or []
     if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
         raise ConfigError(f"prompts must be a string or a list of strings, got {prompts!r}")
-    if not all(isinstance(s, str) and s for s in stop):
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
         raise ConfigError(f"stop strings must be non-empty text, got {stop!r}")
     encoded = [tokenizer.encode(t) for t in texts]
 
@@ -137,14 +141,22 @@ def generate(model: nn.Module, tokenizer, prompts: str | list[str], max_new_toke
 @torch.no_grad()
 def classify(model: nn.Module, tokenizer, texts: list[str], max_length: int = 512,
              truncation: str = "right") -> list[tuple[str, float]]:
-    """(label name, probability) of the most likely class for each text."""
-    if not texts or not all(isinstance(t, str) for t in texts):
+    """(label name, probability) of the most likely class for each text (one text: a list of one)."""
+    texts = [texts] if isinstance(texts, str) else texts
+    if not texts or not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
         raise ConfigError(f"texts must be a non-empty list of strings, got {texts!r}")
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length <= 0:
         raise ConfigError(f"max_length must be a positive number of tokens, got {max_length!r}")
+    if truncation not in ("right", "left"):
+        raise ConfigError(f"truncation must be 'right' or 'left', got {truncation!r}")
+    if getattr(model, "task_type", None) != "SEQ_CLS":
+        raise ConfigError(f"{type(model).__name__} is not a classifier: load it with task='classification'")
+    encoded = [tokenizer.encode_truncated(t, max_length, truncation) for t in texts]
+    empty = next((i for i, ids in enumerate(encoded) if not ids), None)
+    if empty is not None:
+        raise ConfigError(f"text {empty} ({texts[empty]!r}) gives no tokens to classify")
     device = next(model.parameters()).device
-    batch = collate([Example(tokenizer.encode_truncated(t, max_length, truncation), 0) for t in texts],
-                    tokenizer.pad_token_id)
+    batch = collate([Example(ids, 0) for ids in encoded], tokenizer.pad_token_id)
     probs = model(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).float().softmax(-1)
     id2label = getattr(model.config, "id2label", None) or {}
     names = {int(i): str(v) for i, v in id2label.items()}

@@ -93,6 +93,8 @@ def read_gguf(path: Path) -> GGUFFile:
     meta = {}
     for _ in range(n_kv):
         key = r.string()
+        if key in meta:
+            raise CheckpointError(f"{path}: GGUF metadata key {key!r} appears twice")
         meta[key] = r.value(r.scalar("<I"))
     infos = {}
     for _ in range(n_tensors):
@@ -102,6 +104,8 @@ def read_gguf(path: Path) -> GGUFFile:
             raise CheckpointError(f"{path}: tensor {name} has {n_dims} dimensions (GGUF allows at most 4)")
         dims = [r.scalar("<Q") for _ in range(n_dims)]
         kind, offset = r.scalar("<I"), r.scalar("<Q")
+        if name in infos:
+            raise CheckpointError(f"{path}: tensor {name!r} appears twice")
         infos[name] = (tuple(reversed(dims)), kind, offset)  # GGUF lists the fastest dimension first
     align = meta.get("general.alignment", 32)
     if isinstance(align, bool) or not isinstance(align, int) or align <= 0:

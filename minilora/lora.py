@@ -173,8 +173,8 @@ class LoRAFunction(torch.autograd.Function):
 def check_lora_hyperparameters(r: object, alpha: object, dropout: object) -> None:
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ConfigError(f"LoRA rank r must be a positive integer, got r={r!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-        raise ConfigError(f"LoRA alpha must be a positive number, got alpha={alpha!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
+        raise ConfigError(f"LoRA alpha must be a positive finite number, got alpha={alpha!r}")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise ConfigError(f"LoRA dropout must be in [0, 1), got dropout={dropout!r}")
 
@@ -223,7 +223,9 @@ def find_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
     elif isinstance(targets, str):
         chosen = [n for n in linear if matches(n, targets)]
         if not chosen:
-            raise ConfigError(f"LoRA target regex {targets!r} matches no linear module; linear modules are "
+            hint = f" (a regex must match the whole name, as '.*{targets}'; or give a list of name suffixes)" \
+                if any(n.endswith(targets) for n in linear) else ""
+            raise ConfigError(f"LoRA target regex {targets!r} matches no linear module{hint}; linear modules are "
                               f"named like: {_suffix_summary(linear)}")
     else:
         chosen = [n for n in linear if matches(n, targets)]
@@ -309,8 +311,7 @@ def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
     for name, m in lora_modules(model):
         if m.base_linear is not None and not merge:
             raise ConfigError(f"{name}: removing LoRA from an int8 base is not supported; reload the base model")
-        if merge:
-            m.merge()
+        m.merge() if merge else m.unmerge()  # merge=False: the base layer as it was, even after merge_lora
         linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
         linear.weight, linear.bias = m.weight, m.bias
         replace_module(model, name, linear)

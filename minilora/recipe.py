@@ -36,13 +36,15 @@ from .weights import check_device, load_model, torch_dtype
 
 @dataclass
 class ModelSection:
-    name: str
+    name: str                         # a Hub id, a local folder or a .gguf file
     dtype: str = "float32"
     device: str | None = None         # cpu, cuda, cuda:1, ...; default: cuda where there is one
     revision: str | None = None
     load_in_8bit: bool = False        # frozen linear weights held in int8 (quant.py)
 
     def __post_init__(self) -> None:
+        if not self.name.strip():
+            raise ConfigError("name: empty; give a Hub id, a local folder or a .gguf file")
         torch_dtype(self.dtype, "dtype")
         if self.device is not None:
             check_device(self.device)
@@ -68,7 +70,10 @@ class DataSection:
     skip_bad_rows: bool = False
     seed: int = 0
 
-    def __post_init__(self) -> None:  # the template and the numbers, before any model is loaded
+    def __post_init__(self) -> None:  # the files, the template and the numbers, before any model is loaded
+        for name in ("train", "eval", "test"):
+            if getattr(self, name) is not None and not getattr(self, name).strip():
+                raise ConfigError(f"{name}: empty; give a file, a folder or a Hub dataset id (or leave the key out)")
         if self.task not in ("causal-lm", "classification"):
             raise ConfigError(f"task: expected causal-lm or classification, got {self.task!r}")
         if self.task == "causal-lm":
@@ -123,11 +128,11 @@ def load_recipe(path: str | os.PathLike, overrides: dict[str, str] | None = None
         raise ConfigError("TOML recipes need Python >= 3.11 (tomllib)") from None
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: no such recipe file")
+        raise ConfigError(f"{path}: " + ("a folder, not a recipe file" if path.is_dir() else "no such recipe file"))
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid TOML in UTF-8 ({e})") from None
     for dotted, text in (overrides or {}).items():
         section, _, key = dotted.partition(".")
         if section not in SECTIONS or not key:
@@ -168,9 +173,13 @@ def run_recipe(recipe: Recipe, stop_request: Callable[[], ContextManager[Callabl
     id2label = None
     if classify:
         label2id = label_ids(train_records, d.label_field, d.labels)
+        if len(label2id) < 2:
+            raise ConfigError(f"{recipe.source} [data]: {len(label2id)} class(es) in field {d.label_field!r} of "
+                              f"{d.train} (or in labels): a classifier needs at least 2")
         names = d.label_names or list(label2id)
-        if len(names) != len(label2id):
-            raise ConfigError(f"{recipe.source} [data].label_names: {len(names)} names for {len(label2id)} labels")
+        if len(names) != len(label2id) or len(set(names)) != len(names):
+            raise ConfigError(f"{recipe.source} [data].label_names: {len(names)} names ({len(set(names))} different) "
+                              f"for {len(label2id)} labels")
         id2label = dict(enumerate(names))
     device = distributed.init_from_env(torch.device(m.device or ("cuda" if torch.cuda.is_available() else "cpu")))
     say = print if distributed.is_main() else (lambda *a, **k: None)
@@ -206,6 +215,15 @@ def run_recipe(recipe: Recipe, stop_request: Callable[[], ContextManager[Callabl
         say(f"{train_data.without_targets} of {len(train_data)} training examples keep no response token after "
             f"truncation to cutoff={d.cutoff}: they teach nothing")
     apply_lora(model, recipe.lora)
+    untrained = [n for n, p in model.named_parameters() if n in getattr(model, "fresh_tensors", []) and not p.requires_grad]
+    if untrained:
+        raise ConfigError(f"{recipe.source} [lora].modules_to_save: the classification head starts untrained "
+                          f"({', '.join(untrained)}) and would stay so: list {', '.join(model.task_head)} there")
+    if recipe.generate.prompts and not classify:
+        longest = max(len(tokenizer.encode(p)) for p in recipe.generate.prompts)
+        if longest + recipe.generate.max_new_tokens > model.max_length:
+            raise ConfigError(f"{recipe.source} [generate].max_new_tokens: {recipe.generate.max_new_tokens} tokens after "
+                              f"a prompt of {longest} run past the model's context of {model.max_length}")
     say(param_report(model))
     say(f"training on {len(train_data)} examples, evaluating on {len(eval_data or [])}")
     if recipe.train.bf16 == "auto":

@@ -106,7 +106,10 @@ def load_tokenizer(source: str | os.PathLike, revision: str | None = None) -> To
             settings.update({k: v for k, v in read_json(path / name).items() if v is not None})
     ids = {}
     for kind in ("eos", "bos", "pad"):
-        ids[kind] = _token_id(tk, settings.get(f"{kind}_token"))
+        named = settings.get(f"{kind}_token")
+        ids[kind] = _token_id(tk, named)
+        if named is not None and ids[kind] is None:
+            raise CheckpointError(f"{path}: {kind}_token {named!r} is not a token of this tokenizer's vocabulary")
         if ids[kind] is None and isinstance(settings.get(f"{kind}_token_id"), int):
             ids[kind] = settings[f"{kind}_token_id"]
     if ids["eos"] is None:

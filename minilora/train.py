@@ -16,6 +16,7 @@ of every step's micro-batches, the gradient sums meet in one all-reduce, rank 0 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from .checkpoint import (MetricsLog, checkpoint_folders, load_checkpoint, own_ou
 from .data import Example, batches, target_count
 from .errors import CheckpointError, ConfigError, DataError, TrainingError
 from .evaluate import LossFn, causal_lm_loss, classification_loss, evaluate, evaluate_classification
+from .fields import problem
 from .kernels import frozen_weights_in
 
 
@@ -66,6 +68,12 @@ class TrainConfig:
     pad_to: int | None = None             # pad every batch to this length; None pads per batch
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # types first: from Python, "false" would count as true
+            expected = problem(f.name, str(f.type), getattr(self, f.name))
+            if expected and f.name != "bf16":  # bf16 says it better below
+                raise ConfigError(f"{f.name} must be {expected}, got {getattr(self, f.name)!r}")
+        if not self.output_dir or self.resume_from_checkpoint == "":
+            raise ConfigError("output_dir and resume_from_checkpoint must not be empty")
         self.adam_betas = tuple(self.adam_betas)
         self.batch_size = self.batch_size or self.micro_batch_size
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 32:
@@ -126,22 +134,8 @@ def train(model: nn.Module, tokenizer, train_data: list[Example], eval_data: lis
     process, and only rank 0 writes files.
     """
     cfg = config or TrainConfig()
-    if not train_data:
-        raise ConfigError("train_data is empty")
-    if not any(target_count(e) for e in train_data):
-        raise DataError("train_data has no token to learn: every label is -100 (ignored) once token t is set to "
-                        "predict token t+1; check the cutoff and the prompt masking")
-    rows = getattr(getattr(model, "input_embeddings", None), "num_embeddings", None)
     pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
-    for i, e in enumerate(e for data in (train_data, eval_data or []) for e in data):
-        if rows is not None and not all(0 <= t < rows for t in e.input_ids):
-            raise DataError(f"example {i} holds token id {max(e.input_ids)}, beyond the model's {rows} embeddings: "
-                            "the tokenizer does not belong to this model")
-        if cfg.pad_to is not None and len(e.input_ids) > cfg.pad_to:
-            raise ConfigError(f"pad_to={cfg.pad_to} is shorter than example {i} ({len(e.input_ids)} tokens): raise "
-                              "pad_to or lower the cutoff")
-    if rows is not None and not 0 <= pad_id < rows:
-        raise ConfigError(f"the pad token id {pad_id} is beyond the model's {rows} embeddings")
+    _refuse_what_would_go_wrong(model, train_data, eval_data, cfg, pad_id, evaluate_fn is not None)
     rank, world = distributed.rank_and_world()
     main = rank == 0
     out = Path(cfg.output_dir)
@@ -315,6 +309,38 @@ def set_gradient_checkpointing(model: nn.Module, on: bool) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
+
+def _refuse_what_would_go_wrong(model: nn.Module, train_data: list[Example], eval_data: list[Example] | None,
+                                cfg: TrainConfig, pad_id: int, custom_eval: bool) -> None:
+    """What would fail late (after hours) or train wrongly, refused before anything is written."""
+    if not train_data:
+        raise ConfigError("train_data is empty")
+    if not any(target_count(e) for e in train_data):
+        raise DataError("train_data has no token to learn: every label is -100 (ignored) once token t is set to "
+                        "predict token t+1; check the cutoff and the prompt masking")
+    if any(getattr(m, "merged", False) for m in model.modules()):
+        raise ConfigError("the model's LoRA layers are merged into the base weights: unmerge_lora(model) first")
+    rows = getattr(getattr(model, "input_embeddings", None), "num_embeddings", None)
+    classes = getattr(getattr(model, "config", None), "num_labels", None) if isinstance(train_data[0].labels, int) else None
+    for i, e in enumerate(e for data in (train_data, eval_data or []) for e in data):
+        if rows is not None and not all(0 <= t < rows for t in e.input_ids):
+            raise DataError(f"example {i} holds token id {max(e.input_ids)}, beyond the model's {rows} embeddings: "
+                            "the tokenizer does not belong to this model")
+        if classes is not None and not (isinstance(e.labels, int) and 0 <= e.labels < classes):
+            raise DataError(f"example {i} has class {e.labels!r}, but the model has {classes} classes (0 to {classes - 1})")
+        if cfg.pad_to is not None and len(e.input_ids) > cfg.pad_to:
+            raise ConfigError(f"pad_to={cfg.pad_to} is shorter than example {i} ({len(e.input_ids)} tokens): raise "
+                              "pad_to or lower the cutoff")
+    if rows is not None and not 0 <= pad_id < rows:
+        raise ConfigError(f"the pad token id {pad_id} is beyond the model's {rows} embeddings")
+    if cfg.best_metric and not eval_data and not custom_eval:
+        raise ConfigError(f"best_metric={cfg.best_metric!r} needs evaluation data")
+    known = ("eval_loss", "eval_accuracy", "eval_f1") if classes is not None else ("eval_loss", "eval_perplexity")
+    if cfg.best_metric and not custom_eval and cfg.best_metric not in known:
+        raise ConfigError(f"best_metric {cfg.best_metric!r} is not among the metrics evaluation gives: {', '.join(known)}")
+    if cfg.resume_from_checkpoint not in (None, "latest"):
+        resolve_resume(cfg.resume_from_checkpoint, Path(cfg.output_dir))  # a checkpoint folder, or a named error
+
 
 def _better(metric: str, new: float, old: float | None) -> bool:
     lower_is_better = "loss" in metric or "perplexity" in metric

@@ -117,6 +117,7 @@ def load_weights(model: PretrainedModel, tensors: Tensors, source: str, dtype: t
             missing.append(name)
         else:
             set_tensor(model, name, head.to(dtype) if dtype is not None else head)
+            model.fresh_tensors = [*getattr(model, "fresh_tensors", []), name]  # for run_recipe's check
     if missing or unexpected or mismatched:
         raise CheckpointError(mismatch_message(source, type(model).__name__, missing, unexpected, mismatched))
     model.tie_weights()
@@ -173,6 +174,8 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype | None = torch.floa
     else:
         raise CheckpointError(f"{path}: expected a folder with config.json and *.safetensors, or a .gguf file")
     if id2label is not None:
+        if not isinstance(id2label, dict) or not id2label or num_labels not in (None, len(id2label)):
+            raise ConfigError(f"id2label must name the classes ({id2label!r}), and num_labels={num_labels} agree with it")
         config = {**config, "id2label": {str(i): name for i, name in id2label.items()}, "num_labels": len(id2label)}
     elif num_labels is not None:
         config = {**config, "num_labels": num_labels, "id2label": None}

@@ -271,3 +271,155 @@ def test_every_error_here_is_a_minilora_error():
     """The catalogue above catches specific types; all of them derive from one base, so a script can
     catch MiniLoraError alone and the command line prints each as one line."""
     assert all(issubclass(e, MiniLoraError) for e in (CheckpointError, ConfigError, DataError))
+
+
+# ---------------------------------------------------------------------------------------------
+# A second round of the probe
+
+def test_training_mistakes_refused_before_any_step(saved_tiny, tmp_path):
+    from minilora.data import Example
+    from minilora.lora import merge_lora
+    from minilora.train import TrainConfig, train
+    cfg = lambda **kw: TrainConfig(**{**dict(output_dir=str(tmp_path / "run"), max_steps=2, progress=False), **kw})
+    with pytest.raises(ConfigError, match=r"best_metric 'eval_bleu' is not among the metrics evaluation gives: "
+                                          r"eval_loss, eval_perplexity"):
+        train(lora_model(saved_tiny), Tok, examples(8), examples(2), cfg(best_metric="eval_bleu"))
+    with pytest.raises(ConfigError, match=r"best_metric='eval_loss' needs evaluation data"):
+        train(lora_model(saved_tiny), Tok, examples(8), None, cfg(best_metric="eval_loss", load_best_at_end=True))
+    merged = lora_model(saved_tiny)
+    merge_lora(merged)
+    with pytest.raises(ConfigError, match=r"LoRA layers are merged into the base weights: unmerge_lora\(model\) first"):
+        train(merged, Tok, examples(8), None, cfg())
+    with pytest.raises(CheckpointError, match=r"trainer_state\.json: not a checkpoint folder"):
+        train(lora_model(saved_tiny), Tok, examples(8), None, cfg(resume_from_checkpoint=str(tmp_path / "trainer_state.json")))
+    classifier = apply_lora(load_model(saved_tiny["distilbert"][1]), ["q_lin"], r=2, modules_to_save=["classifier"])
+    with pytest.raises(DataError, match=r"example 0 has class 7, but the model has 2 classes \(0 to 1\)"):
+        train(classifier, Tok, [Example([5, 6], 7)], None, cfg())
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("lr", r"optimizer\.pt: not this run's optimizer settings \(initial lr 100\.0, the run 0\.01\)"),
+    ("step", r"optimizer\.pt: parameter 0 has taken 1000 steps, the checkpoint 4"),
+    ("base_lrs", r"scheduler\.pt: base learning rates \[5\.0, 5\.0\], the run's lr is 0\.01"),
+])
+def test_a_checkpoint_whose_optimizer_was_tampered_with_is_refused(saved_tiny, tmp_path, damage, message):
+    from minilora.train import TrainConfig, train
+    cfg = dict(output_dir=str(tmp_path), max_steps=4, micro_batch_size=2, batch_size=4, lr=1e-2, save_every=4,
+               progress=False)
+    train(lora_model(saved_tiny), Tok, examples(8), None, TrainConfig(**cfg))
+    ckpt = tmp_path / "checkpoint-4"
+    name = "scheduler.pt" if damage == "base_lrs" else "optimizer.pt"
+    state = torch.load(ckpt / name, weights_only=True)
+    if damage == "lr":
+        for group in state["param_groups"]:
+            group["lr"] = group["initial_lr"] = 100.0
+    elif damage == "step":
+        state["state"][0]["step"] = torch.tensor(1000.0)
+    else:
+        state["base_lrs"] = [5.0, 5.0]
+    torch.save(state, ckpt / name)
+    with pytest.raises(CheckpointError, match=message):
+        train(lora_model(saved_tiny), Tok, examples(8), None, TrainConfig(**cfg, resume_from_checkpoint="latest"))
+
+
+def test_crafted_files_that_used_to_load_silently(saved_tiny, tmp_path):
+    from safetensors.torch import load_file, save_file
+    from minilora.files import safetensors_tensors
+    from minilora.gguf import read_gguf
+    header = json.dumps({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                         "b": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    (tmp_path / "x.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
+    with pytest.raises(CheckpointError, match=r"tensors a and b share bytes"):
+        list(safetensors_tensors(tmp_path / "x.safetensors"))
+    folder = copy_model(saved_tiny, tmp_path)
+    save_file(load_file(str(folder / "model.safetensors")), str(tmp_path / "elsewhere.safetensors"))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "../elsewhere.safetensors"}}))
+    with pytest.raises(CheckpointError, match=r"shard 'elsewhere\.safetensors' lies outside the checkpoint's folder"):
+        load_model(folder)
+    import struct
+    tensor = lambda name: struct.pack("<Q", len(name)) + name.encode() + struct.pack("<IQIQ", 1, 32, 0, 0)
+    (tmp_path / "t.gguf").write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 2, 0) + tensor("token_embd.weight") * 2)
+    with pytest.raises(CheckpointError, match=r"tensor 'token_embd\.weight' appears twice"):
+        read_gguf(tmp_path / "t.gguf")
+
+
+def test_api_mistakes_of_the_second_round(saved_tiny, tmp_path):
+    from minilora.generate import classify, generate
+    from minilora.lora import merge_lora, remove_lora
+    from minilora.tokenizer import load_tokenizer
+    folder = tiny_model_with_tokenizer(saved_tiny, tmp_path)
+    model, tok = load_model(folder), load_tokenizer(folder)
+    with pytest.raises(ConfigError, match=r"LoRA alpha must be a positive finite number, got alpha=inf"):
+        apply_lora(model, ["q_proj"], alpha=float("inf"))
+    with pytest.raises(ConfigError, match=r"LoRA target regex 'q_proj' matches no linear module \(a regex must match "
+                                          r"the whole name, as '\.\*q_proj'"):
+        apply_lora(model, "q_proj")
+    base = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    apply_lora(model, ["q_proj"], r=2)
+    torch.nn.init.normal_(model.model.layers[0].self_attn.q_proj.lora_B.weight)
+    merge_lora(model)
+    remove_lora(model, merge=False)  # the base layer as it was, although the adapter had been merged
+    assert torch.allclose(model.model.layers[0].self_attn.q_proj.weight, base, atol=1e-6)
+    with pytest.raises(ConfigError, match=r"stop strings must be non-empty text, got 5"):
+        generate(model, tok, "w5", 3, stop=5)
+    with pytest.raises(ConfigError, match=r"seed must be an integer in \[0, 2\*\*63\)"):
+        generate(model, tok, "w5", 3, temperature=1.0, seed=2 ** 70)
+    with pytest.raises(ConfigError, match=r"LlamaForCausalLM is not a classifier"):
+        classify(model, tok, ["w5"])
+    classifier = load_model(saved_tiny["bert"][1])
+    with pytest.raises(ConfigError, match=r"BertForSequenceClassification does not generate text"):
+        generate(classifier, tok, "w5")
+    assert len(classify(classifier, tok, "w5 w6")) == 1  # one text, not one per character
+    with pytest.raises(ConfigError, match=r"text 0 \(''\) gives no tokens to classify"):
+        classify(classifier, tok, [""])
+    with pytest.raises(ConfigError, match=r"truncation must be 'right' or 'left', got 'middle'"):
+        classify(classifier, tok, ["w5"], truncation="middle")
+    with pytest.raises(ConfigError, match=r"num_labels=3 agree with it"):
+        load_model(saved_tiny["bert"][1], num_labels=3, id2label={0: "a", 1: "b"})
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<nope>"}))
+    with pytest.raises(CheckpointError, match=r"eos_token '<nope>' is not a token of this tokenizer's vocabulary"):
+        load_tokenizer(folder)
+
+
+def test_data_and_recipe_mistakes_of_the_second_round(saved_tiny, tmp_path, capsys):
+    from conftest import write_recipe
+    from minilora.cli import main
+    from minilora.data import build_examples, label_ids, read_records
+    with pytest.raises(DataError, match=r"labels \['pos', 'neg', 'pos'\] name a class twice"):
+        label_ids([], labels=["pos", "neg", "pos"])
+    with pytest.raises(DataError, match=r"cutoff must be a positive number of tokens, got 1\.5"):
+        build_examples([{"text": "a"}], Tok, "text", cutoff=1.5)
+    (tmp_path / "UP.JSONL").write_text('{"text": "w5"}\n')
+    assert [dict(r) for r in read_records(tmp_path / "UP.JSONL")] == [{"text": "w5"}]
+    recipe, _ = write_recipe(saved_tiny, tmp_path)
+    cases = [(recipe.read_text().replace('train = "', 'train = "" #'), r"\[data\]: train: empty"),
+             (recipe.read_text().replace("max_new_tokens = 4", "max_new_tokens = 100000"),
+              r"\[generate\]\.max_new_tokens: 100000 tokens after a prompt of \d+ run past the model's context of 2048")]
+    for text, message in cases:
+        recipe.write_text(text)
+        assert main(["train", str(recipe)]) == 2
+        assert re.search(message, capsys.readouterr().err)
+        assert not (tmp_path / "run").exists()
+    recipe.write_bytes("[model]\nname = \"caf\xe9\"\n".encode("latin-1"))
+    assert main(["train", str(recipe)]) == 2
+    assert "not valid TOML in UTF-8" in capsys.readouterr().err
+    assert main(["train", str(tmp_path)]) == 2
+    assert "a folder, not a recipe file" in capsys.readouterr().err
+
+
+def test_a_classifier_whose_fresh_head_would_stay_untrained_is_refused(saved_tiny, tmp_path, capsys):
+    from minilora.cli import main
+    from safetensors.torch import load_file, save_file
+    folder = copy_model(saved_tiny, tmp_path, "distilbert")
+    state = {k: v for k, v in load_file(str(folder / "model.safetensors")).items() if "classifier" not in k}
+    save_file(state, str(folder / "model.safetensors"))  # a bare encoder: the head starts fresh
+    shutil.copy(tiny_model_with_tokenizer(saved_tiny, tmp_path) / "tokenizer.json", folder / "tokenizer.json")
+    rows = [{"text": f"w{5 + i % 7} w{9 + i % 5}", "label": str(i % 2)} for i in range(16)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "r.toml").write_text(f'[model]\nname = "{folder}"\n[lora]\ntargets = ["q_lin"]\n[data]\n'
+                                     f'train = "{tmp_path / "d.jsonl"}"\ntask = "classification"\ncutoff = 8\n'
+                                     f'[train]\noutput_dir = "{tmp_path / "run"}"\nmax_steps = 1\nprogress = false\n')
+    assert main(["train", str(tmp_path / "r.toml")]) == 2
+    err = capsys.readouterr().err
+    assert "[lora].modules_to_save: the classification head starts untrained" in err and "pre_classifier, classifier" in err

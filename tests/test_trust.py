@@ -217,7 +217,13 @@ def test_a_regex_in_an_adapter_file_is_never_run(saved_tiny, tmp_path):
     (dict(adam_betas=(0.9, -0.1)), r"adam_betas must be two numbers in \[0, 1\)"),
     (dict(adam_betas=(0.9,)), r"adam_betas must be two numbers in \[0, 1\), got \[0.9\]"),
     (dict(weight_decay=float("inf")), "weight_decay must be a finite number >= 0, got inf"),
-    (dict(warmup_steps=2.5), "warmup_steps must be an integer >= 0, got 2.5"),
+    (dict(warmup_steps=2.5), "warmup_steps must be an integer, got 2.5"),
+    (dict(warmup_steps=-1), "warmup_steps must be an integer >= 0, got -1"),
+    (dict(overwrite_output_dir="false"), "overwrite_output_dir must be true or false, got 'false'"),
+    (dict(eval_each_epoch="no"), "eval_each_epoch must be true or false, got 'no'"),
+    (dict(resume_from_checkpoint=True), "resume_from_checkpoint must be a string or null, got True"),
+    (dict(output_dir=None), "output_dir must be set"),
+    (dict(output_dir=""), "output_dir and resume_from_checkpoint must not be empty"),
 ])
 def test_train_config_values_that_train_wrongly_are_refused(bad, message):
     from minilora.errors import ConfigError
