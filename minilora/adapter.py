@@ -109,6 +109,13 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, extra: dict[str, A
     """Write the adapter folder atomically; returns its path. `extra` goes into minilora.json. A folder
     that holds an earlier adapter is replaced; one that holds anything else is refused."""
     _lora_config(model)  # refuse before touching the disk
+    reserved = sorted(set(extra or {}) & {"base_model", "id2label", "label2id"})
+    if reserved:
+        raise ConfigError(f"extra: {reserved[0]!r} is minilora.json's own key")
+    try:
+        json.dumps(extra or {})
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"extra: not JSON data ({e})") from None
     check_replaceable(Path(folder), ADAPTER_FILES, "an adapter")
     return write_atomically(folder, lambda tmp: write_adapter_files(tmp, model, extra))
 

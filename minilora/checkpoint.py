@@ -23,6 +23,7 @@ import json
 import math
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -85,6 +86,8 @@ def own_output_dir(output_dir: Path, resuming: bool, overwrite: bool) -> Iterato
             for name in found:
                 shutil.rmtree(output_dir / name)
             (output_dir / METRICS_FILE).unlink(missing_ok=True)
+        elif not resuming and (output_dir / METRICS_FILE).exists():  # a log with nothing saved: kept, aside
+            (output_dir / METRICS_FILE).rename(output_dir / f"{METRICS_FILE}.{int(time.time())}.old")
         try:
             yield
         finally:
@@ -201,6 +204,10 @@ def _check_states(folder: Path, optimizer, optimizer_state: Any, scheduler_state
                 raise CheckpointError(f"{file}: not this run's optimizer settings ({'; '.join(wrong)})")
     except (KeyError, TypeError, IndexError, AttributeError, ValueError, RuntimeError):
         raise CheckpointError(f"{file}: not the optimizer state of this run's parameters") from None
+    last = scheduler_state.get("_last_lr") if isinstance(scheduler_state, dict) else None
+    if last is not None and [g.get("lr") for g in optimizer_state["param_groups"]] != list(last):
+        raise CheckpointError(f"{file}: learning rates {[g.get('lr') for g in optimizer_state['param_groups']]}, "
+                              f"not the schedule's {list(last)} at step {step}")
     if isinstance(scheduler_state, dict) and any(lr != run["lr"] for lr in scheduler_state.get("base_lrs", [])):
         raise CheckpointError(f"{folder / 'scheduler.pt'}: base learning rates {scheduler_state['base_lrs']}, the run's "
                               f"lr is {run['lr']}")
@@ -235,7 +242,8 @@ def resolve_resume(value: str, output_dir: Path) -> Path:
         return found[-1]
     folder = Path(os.path.expanduser(value))
     if not (folder / STATE_FILE).is_file():
-        raise CheckpointError(f"{folder}: not a checkpoint folder (no {STATE_FILE})")
+        raise CheckpointError(f"{folder}: " + ("a file; give the checkpoint's folder" if folder.is_file() else
+                                               f"not a checkpoint folder (no {STATE_FILE})"))
     return folder
 
 

@@ -169,7 +169,9 @@ def cmd_classify(args: argparse.Namespace) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
-    model = load_model(args.model, dtype=torch_dtype(args.dtype) if args.dtype else None, revision=args.revision)
+    labels = read_adapter_meta(args.adapter).get("id2label")  # a classifier's label names go into config.json
+    model = load_model(args.model, dtype=torch_dtype(args.dtype) if args.dtype else None, revision=args.revision,
+                       **({"task": "classification", "id2label": {int(i): n for i, n in labels.items()}} if labels else {}))
     load_adapter(model, args.adapter)
     remove_lora(model, merge=True)
     out = save_model(model, args.out, tokenizer=load_tokenizer(args.model, revision=args.revision), overwrite=args.overwrite)

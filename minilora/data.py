@@ -36,7 +36,12 @@ def read_records(source: str | os.PathLike, revision: str | None = None) -> list
     except CheckpointError as e:
         raise DataError(str(e)) from None
     kinds = (".json", ".jsonl", ".csv", ".parquet")
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix.lower() in kinds)
+    if path.is_file() and path.suffix.lower() not in kinds:
+        raise DataError(f"{path}: a {path.suffix or 'suffix-less'} file; datasets are read from .json, .jsonl, .csv "
+                        "or .parquet files")
+    files = [path] if path.is_file() else sorted(  # hidden folders (.ipynb_checkpoints, .git) are not data
+        p for p in path.rglob("*") if p.suffix.lower() in kinds and not any(part.startswith(".")
+                                                                              for part in p.relative_to(path).parts))
     if not files:
         raise DataError(f"{path}: no .json, .jsonl, .csv or .parquet files")
     records = []

@@ -51,7 +51,11 @@ def init_from_env(device: torch.device) -> torch.device:
     if not dist.is_initialized():
         if cuda:
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if cuda else "gloo")
+        try:
+            dist.init_process_group("nccl" if cuda else "gloo")
+        except (ValueError, RuntimeError) as e:
+            raise ConfigError(f"WORLD_SIZE={os.environ.get('WORLD_SIZE')} but the process group cannot form "
+                              f"({str(e).splitlines()[0]}): launch with torchrun") from None
     return device
 
 

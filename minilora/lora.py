@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import ConfigError
-from .names import check_regex, find_modules, matches, output_heads, replace_module
+from .names import check_regex, find_modules, find_targets, owners, replace_module
 
 
 class LoRALinear(nn.Module):
@@ -44,6 +44,9 @@ class LoRALinear(nn.Module):
         super().__init__()
         check_lora_hyperparameters(r, alpha, dropout)
         self.in_features, self.out_features = base.in_features, base.out_features
+        if r > min(self.in_features, self.out_features):  # B·A has rank min(d, k) at most: more r adds nothing
+            raise ConfigError(f"LoRA rank r={r} is above min(d, k) = {min(self.in_features, self.out_features)} of "
+                              f"this {self.out_features}x{self.in_features} layer")
         # The base layer's own parameters under their own names: the model's state-dict names stay those
         # of the checkpoint, so loading, saving merged weights and PEFT's adapter keys need no renaming.
         self.weight, self.bias = base.weight, base.bias
@@ -212,40 +215,6 @@ class LoRAConfig:
             raise ConfigError(f"use_rslora must be true or false, got {self.use_rslora!r}")
 
 
-def find_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
-    """Names of the linear modules that `targets` selects; raises ConfigError if a target selects none."""
-    # Int8Linear (quant.py) declares itself linear-shaped (is_linear): no import, lora.py stays independent
-    linear = [n for n, m in model.named_modules()
-              if (isinstance(m, nn.Linear) or getattr(m, "is_linear", False)) and not isinstance(m, LoRALinear)]
-    if targets == "all-linear":
-        heads = output_heads(model)
-        chosen = [n for n in linear if not matches(n, heads)]
-    elif isinstance(targets, str):
-        chosen = [n for n in linear if matches(n, targets)]
-        if not chosen:
-            hint = f" (a regex must match the whole name, as '.*{targets}'; or give a list of name suffixes)" \
-                if any(n.endswith(targets) for n in linear) else ""
-            raise ConfigError(f"LoRA target regex {targets!r} matches no linear module{hint}; linear modules are "
-                              f"named like: {_suffix_summary(linear)}")
-    else:
-        chosen = [n for n in linear if matches(n, targets)]
-        for t in targets:
-            if not any(matches(n, [t]) for n in chosen):
-                others = [n for n, _ in find_modules(model, [t])]
-                why = f"it names {others[0]!r}, which is {type(model.get_submodule(others[0])).__name__}, " \
-                      "not a linear layer" if others else "no module has that name"
-                raise ConfigError(f"LoRA target {t!r} matches no linear module ({why}); linear modules are "
-                                  f"named like: {_suffix_summary(linear)}")
-    if not chosen:
-        raise ConfigError(f"LoRA targets {targets!r} select no linear module")
-    return chosen
-
-
-def _suffix_summary(names: list[str]) -> str:
-    suffixes = sorted({n.split(".")[-1] for n in names})
-    return ", ".join(suffixes) if suffixes else "(the model has no linear modules)"
-
-
 def apply_lora(model: nn.Module, targets: list[str] | str | LoRAConfig, r: int = LoRAConfig.r,
                alpha: float = LoRAConfig.alpha, dropout: float = LoRAConfig.dropout,
                modules_to_save: list[str] | None = None, use_rslora: bool = LoRAConfig.use_rslora) -> nn.Module:
@@ -257,7 +226,7 @@ def apply_lora(model: nn.Module, targets: list[str] | str | LoRAConfig, r: int =
         LoRAConfig(targets, r, alpha, dropout, modules_to_save or [], use_rslora)
     if lora_modules(model):
         raise ConfigError(f"the model already carries LoRA layers ({len(lora_modules(model))}): remove_lora(model) first")
-    chosen = find_targets(model, config.targets)
+    chosen = find_targets(model, config.targets, exclude=LoRALinear)
     for p in model.parameters():
         p.requires_grad_(False)
     for name in chosen:
@@ -269,10 +238,11 @@ def apply_lora(model: nn.Module, targets: list[str] | str | LoRAConfig, r: int =
         found = find_modules(model, [t])
         if not found:
             raise ConfigError(f"modules_to_save entry {t!r} matches no module of {type(model).__name__}")
-        for _, m in found:
+        for n, m in found:
+            if isinstance(m, LoRALinear) or not all(p.is_floating_point() for p in m.parameters()):
+                raise ConfigError(f"modules_to_save entry {t!r}: {n} is adapted by LoRA or quantized, not trainable")
             for p in m.parameters():
-                if p.is_floating_point():
-                    p.requires_grad_(True)
+                p.requires_grad_(True)
     model.lora_config = config
     return model
 
@@ -297,6 +267,11 @@ def adapter_disabled(model: nn.Module):
 
 
 def merge_lora(model: nn.Module) -> None:
+    """Fold every LoRA layer's ΔW into its W0; refused where W0 is shared (a head tied to the embeddings)."""
+    holders = owners(model)
+    tied = [", ".join(holders[id(m.weight)]) for _, m in lora_modules(model) if len(holders[id(m.weight)]) > 1]
+    if tied:
+        raise ConfigError(f"a LoRA layer's weight is tied ({tied[0]}): merging it would change both")
     for _, m in lora_modules(model):
         m.merge()
 
@@ -308,10 +283,13 @@ def unmerge_lora(model: nn.Module) -> None:
 
 def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
     """Swap every LoRALinear back for a plain nn.Linear (merged first unless merge=False); in place."""
+    if merge:
+        merge_lora(model)
     for name, m in lora_modules(model):
         if m.base_linear is not None and not merge:
             raise ConfigError(f"{name}: removing LoRA from an int8 base is not supported; reload the base model")
-        m.merge() if merge else m.unmerge()  # merge=False: the base layer as it was, even after merge_lora
+        if not merge:
+            m.unmerge()  # the base layer as it was, even after merge_lora
         linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
         linear.weight, linear.bias = m.weight, m.bias
         replace_module(model, name, linear)

@@ -66,6 +66,15 @@ def find_modules(model: nn.Module, patterns: list[str] | tuple[str, ...] | str) 
     return [(n, m) for n, m in model.named_modules() if n and matches(n, patterns)]
 
 
+def owners(model: nn.Module) -> dict[int, list[str]]:
+    """id(parameter) -> names of the modules holding it; two or more names: a tied parameter."""
+    found: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            found.setdefault(id(p), []).append(name)
+    return found
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     """Put `new` where the submodule `name` is; returns the module it replaced."""
     parent_name, _, child = name.rpartition(".")
@@ -85,3 +94,39 @@ def kept_in_float(model: nn.Module) -> tuple[str, ...]:
     """What quantization leaves in floating point: the output heads and every module of the task head
     (a classifier's layers, trained in full through modules_to_save, cannot be int8)."""
     return output_heads(model) + tuple(getattr(model, "task_head", USUAL_TASK_HEAD))
+
+
+def find_targets(model: nn.Module, targets: list[str] | str, exclude: type = type(None)) -> list[str]:
+    """Names of the linear modules that `targets` selects (module-name suffixes, a regex over full names,
+    or "all-linear": all but the output heads), `exclude` left out; a ConfigError if a target selects
+    none, naming what the model's linear modules are called. Linear means nn.Linear, or a module that
+    says it is linear-shaped (is_linear, as quant.Int8Linear does)."""
+    linear = [n for n, m in model.named_modules()
+              if (isinstance(m, nn.Linear) or getattr(m, "is_linear", False)) and not isinstance(m, exclude)]
+    if targets == "all-linear":
+        heads = output_heads(model)
+        chosen = [n for n in linear if not matches(n, heads)]
+    elif isinstance(targets, str):
+        chosen = [n for n in linear if matches(n, targets)]
+        if not chosen:
+            hint = f" (a regex must match the whole name, as '.*{targets}'; or give a list of name suffixes)" \
+                if any(n.endswith(targets) for n in linear) else ""
+            raise ConfigError(f"LoRA target regex {targets!r} matches no linear module{hint}; linear modules are "
+                              f"named like: {_suffix_summary(linear)}")
+    else:
+        chosen = [n for n in linear if matches(n, targets)]
+        for t in targets:
+            if not any(matches(n, [t]) for n in chosen):
+                others = [n for n, _ in find_modules(model, [t])]
+                why = f"it names {others[0]!r}, which is {type(model.get_submodule(others[0])).__name__}, " \
+                      "not a linear layer" if others else "no module has that name"
+                raise ConfigError(f"LoRA target {t!r} matches no linear module ({why}); linear modules are "
+                                  f"named like: {_suffix_summary(linear)}")
+    if not chosen:
+        raise ConfigError(f"LoRA targets {targets!r} select no linear module")
+    return chosen
+
+
+def _suffix_summary(names: list[str]) -> str:
+    suffixes = sorted({n.split(".")[-1] for n in names})
+    return ", ".join(suffixes) if suffixes else "(the model has no linear modules)"

@@ -74,6 +74,8 @@ class DataSection:
         for name in ("train", "eval", "test"):
             if getattr(self, name) is not None and not getattr(self, name).strip():
                 raise ConfigError(f"{name}: empty; give a file, a folder or a Hub dataset id (or leave the key out)")
+        if self.truncation not in ("right", "left", "none"):
+            raise ConfigError(f"truncation: expected right, left or none, got {self.truncation!r}")
         if self.task not in ("causal-lm", "classification"):
             raise ConfigError(f"task: expected causal-lm or classification, got {self.task!r}")
         if self.task == "causal-lm":
@@ -216,7 +218,7 @@ def run_recipe(recipe: Recipe, stop_request: Callable[[], ContextManager[Callabl
             f"truncation to cutoff={d.cutoff}: they teach nothing")
     apply_lora(model, recipe.lora)
     untrained = [n for n, p in model.named_parameters() if n in getattr(model, "fresh_tensors", []) and not p.requires_grad]
-    if untrained:
+    if untrained:  # train() refuses it too; here the recipe's key is named
         raise ConfigError(f"{recipe.source} [lora].modules_to_save: the classification head starts untrained "
                           f"({', '.join(untrained)}) and would stay so: list {', '.join(model.task_head)} there")
     if recipe.generate.prompts and not classify:

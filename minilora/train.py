@@ -318,6 +318,15 @@ def _refuse_what_would_go_wrong(model: nn.Module, train_data: list[Example], eva
     if not any(target_count(e) for e in train_data):
         raise DataError("train_data has no token to learn: every label is -100 (ignored) once token t is set to "
                         "predict token t+1; check the cutoff and the prompt masking")
+    kinds = {isinstance(e.labels, int) for e in [*train_data, *(eval_data or [])]}
+    if len(kinds) > 1:
+        raise DataError("the examples mix class ids (classification) and token labels (language modelling)")
+    if eval_data and not any(target_count(e) for e in eval_data):
+        raise DataError("eval_data has no token to evaluate: every label is -100 once shifted")
+    untrained = [n for n, p in model.named_parameters() if n in getattr(model, "fresh_tensors", []) and not p.requires_grad]
+    if untrained:
+        raise ConfigError(f"the classification head starts untrained ({', '.join(untrained)}) and would stay so: "
+                          "give its modules to apply_lora's modules_to_save")
     if any(getattr(m, "merged", False) for m in model.modules()):
         raise ConfigError("the model's LoRA layers are merged into the base weights: unmerge_lora(model) first")
     rows = getattr(getattr(model, "input_embeddings", None), "num_embeddings", None)

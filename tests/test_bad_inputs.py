@@ -423,3 +423,82 @@ def test_a_classifier_whose_fresh_head_would_stay_untrained_is_refused(saved_tin
     assert main(["train", str(tmp_path / "r.toml")]) == 2
     err = capsys.readouterr().err
     assert "[lora].modules_to_save: the classification head starts untrained" in err and "pre_classifier, classifier" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# A third round
+
+def test_third_round_models_and_adapters(saved_tiny, tmp_path, capsys):
+    from minilora.adapter import save_adapter
+    from minilora.cli import main
+    from minilora.lora import merge_lora
+    gpt2 = apply_lora(load_model(saved_tiny["gpt2"][1]), ["lm_head"], r=2)  # GPT-2's head is the token embedding
+    with pytest.raises(ConfigError, match=r"a LoRA layer's weight is tied \(transformer\.wte, lm_head\): merging it"):
+        merge_lora(gpt2)
+    with pytest.raises(ConfigError, match=r"modules_to_save entry 'q_proj': .*q_proj is adapted by LoRA or quantized"):
+        apply_lora(load_model(saved_tiny["llama-gqa"][1]), ["q_proj"], r=2, modules_to_save=["q_proj"])
+    with pytest.raises(ConfigError, match=r"modules_to_save entry 'o_proj': .*o_proj is adapted by LoRA or quantized"):
+        apply_lora(load_model(saved_tiny["llama-gqa"][1], load_in_8bit=True), ["q_proj"], r=2, modules_to_save=["o_proj"])
+    with pytest.raises(ConfigError, match=r"LoRA rank r=1000000000000 is above min\(d, k\) = 32 of this 32x32 layer"):
+        apply_lora(load_model(saved_tiny["llama-gqa"][1]), ["q_proj"], r=10 ** 12)
+    model = apply_lora(load_model(saved_tiny["llama-gqa"][1]), ["q_proj"], r=2)
+    with pytest.raises(ConfigError, match=r"extra: 'base_model' is minilora\.json's own key"):
+        save_adapter(model, tmp_path / "a", extra={"base_model": "mine"})
+    with pytest.raises(ConfigError, match=r"extra: not JSON data"):
+        save_adapter(model, tmp_path / "a", extra={"when": object()})
+    # a merged classifier keeps the adapter's label names
+    bert = copy_model(saved_tiny, tmp_path, "bert")
+    shutil.copy(tiny_model_with_tokenizer(saved_tiny, tmp_path) / "tokenizer.json", bert / "tokenizer.json")
+    classifier = apply_lora(load_model(bert, id2label={0: "spam", 1: "ham", 2: "eggs"}), ["query"], r=2,
+                            modules_to_save=["classifier"])
+    save_adapter(classifier, tmp_path / "cls")
+    assert main(["merge", str(bert), str(tmp_path / "cls"), str(tmp_path / "merged")]) == 0
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["id2label"] == {"0": "spam", "1": "ham", "2": "eggs"}
+
+
+def test_third_round_training_and_data(saved_tiny, tmp_path, capsys):
+    from minilora.data import Example, read_records
+    from minilora.train import TrainConfig, train
+    cfg = lambda **kw: TrainConfig(**{**dict(output_dir=str(tmp_path / "run"), max_steps=2, progress=False), **kw})
+    with pytest.raises(DataError, match=r"the examples mix class ids \(classification\) and token labels"):
+        train(lora_model(saved_tiny), Tok, [*examples(4), Example([5, 6], 0)], None, cfg())
+    with pytest.raises(DataError, match=r"eval_data has no token to evaluate"):
+        train(lora_model(saved_tiny), Tok, examples(4), [Example([5, 6, 7], [5, -100, -100])], cfg())
+    fresh = copy_model(saved_tiny, tmp_path, "distilbert")
+    from safetensors.torch import load_file, save_file
+    save_file({k: v for k, v in load_file(str(fresh / "model.safetensors")).items() if "classifier" not in k},
+              str(fresh / "model.safetensors"))
+    head_untrained = apply_lora(load_model(fresh), ["q_lin"], r=2)
+    with pytest.raises(ConfigError, match=r"the classification head starts untrained \(pre_classifier\.weight"):
+        train(head_untrained, Tok, [Example([5, 6], 1), Example([7, 8], 0)], None, cfg())
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.jsonl").write_text('{"text": "w5"}\n')
+    (tmp_path / "data" / ".ipynb_checkpoints").mkdir()
+    (tmp_path / "data" / ".ipynb_checkpoints" / "a-checkpoint.jsonl").write_text('{"text": "old"}\n')
+    assert [dict(r) for r in read_records(tmp_path / "data")] == [{"text": "w5"}]
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(DataError, match=r"notes\.txt: a \.txt file; datasets are read from \.json, \.jsonl, \.csv"):
+        read_records(tmp_path / "notes.txt")
+    # a fresh run keeps a log it finds beside nothing saved: moved aside, not overwritten
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"mine": true}\n')
+    train(lora_model(saved_tiny), Tok, examples(8), None, cfg())
+    kept = [p for p in (tmp_path / "run").iterdir() if p.name.startswith("metrics.jsonl.")]
+    assert len(kept) == 1 and kept[0].read_text() == '{"mine": true}\n'
+    with pytest.raises(CheckpointError, match=r"metrics\.jsonl: a file; give the checkpoint's folder"):
+        train(lora_model(saved_tiny), Tok, examples(8), None, cfg(
+            output_dir=str(tmp_path / "other"), resume_from_checkpoint=str(tmp_path / "run" / "metrics.jsonl")))
+
+
+def test_third_round_command_line(saved_tiny, tmp_path):
+    import os
+    from conftest import write_recipe
+    recipe, _ = write_recipe(saved_tiny, tmp_path)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-m", "minilora", "train", str(recipe)], capture_output=True, text=True,
+                          env={**env, "WORLD_SIZE": "2"}, timeout=120)
+    assert proc.returncode == 2 and "WORLD_SIZE=2 but the process group cannot form" in proc.stderr
+    recipe.write_text(recipe.read_text().replace("cutoff = 16", 'cutoff = 16\ntruncation = "middle"'))
+    proc = subprocess.run([sys.executable, "-m", "minilora", "train", str(recipe)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "truncation: expected right, left or none, got 'middle'" in proc.stderr

@@ -174,7 +174,7 @@ def test_every_family_keeps_the_model_contract(kind, task):
     leaves alone, those and the task head's are what 8-bit loading keeps in floating point, the
     fingerprint is config.json's values, the checkpoint mapping goes there and back, and only a
     classifier's task head may start fresh."""
-    from minilora.lora import find_targets
+    from minilora.names import find_targets
     from minilora.models import MODEL_TYPES, PretrainedModel, build_model
     from minilora.names import kept_in_float, matches
     from minilora.quant import Int8Linear, prepare_int8
