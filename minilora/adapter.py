@@ -20,7 +20,7 @@ from safetensors.torch import save
 from .errors import CheckpointError, ConfigError
 from .files import check_replaceable, check_tensor, pickle_tensors, read_json, safetensors_tensors, write_atomically
 from .lora import LoRAConfig, apply_lora, lora_modules
-from .names import find_modules
+from .names import find_saved
 
 PREFIX = "base_model.model."
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -40,7 +40,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     if not keep:
         raise CheckpointError("the model has no LoRA tensors to save (was apply_lora called?)")
     for target in config.modules_to_save:
-        owners = [n for n, _ in find_modules(model, [target])]
+        owners = [n for n, _ in find_saved(model, [target])]
         keep += [n for n in state if any(n.startswith(o + ".") for o in owners) and n not in keep]
     return {PREFIX + n: state[n].detach().to("cpu").contiguous() for n in keep}
 
@@ -156,6 +156,26 @@ def read_adapter_meta(folder: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
+def adapter_classes(folder: str | os.PathLike) -> dict[str, Any]:
+    """What a classifier adapter says of its classes, as load_model's arguments (`load_model(base,
+    task="classification", **adapter_classes(folder))`): the label names of minilora.json, else of a
+    config.json saved beside the adapter (as a transformers Trainer may), else only the number of rows
+    of the saved classifier (PEFT writes no names; the base model's are kept if as many). {} for an
+    adapter without a classifier."""
+    meta = read_adapter_meta(folder)
+    if meta.get("id2label"):
+        return {"id2label": {int(i): name for i, name in meta["id2label"].items()}}
+    _, tensors = read_adapter(folder)
+    rows = [t.shape[0] for k, t in tensors.items() if k.removeprefix(PREFIX) in ("classifier.weight", "score.weight")]
+    beside = Path(os.path.expanduser(str(folder))) / "config.json"
+    labels = read_json(beside).get("id2label") if beside.is_file() else None
+    if isinstance(labels, dict) and labels and rows and len(labels) == rows[0]:
+        if sorted(str(k) for k in labels) != sorted(str(i) for i in range(len(labels))):
+            raise CheckpointError(f"{beside}: id2label is {labels!r}, expected the class ids 0, 1, ... -> names")
+        return {"id2label": {int(i): str(name) for i, name in labels.items()}}
+    return {"num_labels": rows[0]} if rows else {}
+
+
 def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     """Put an adapter on `model` (applying LoRA as its config says, if the model has none yet) and load
     its tensors. Every adapter key must match a tensor of the model with the same shape."""
@@ -185,7 +205,7 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
                                   "the base model without LoRA (remove_lora(model, merge=False), or a fresh load_model)")
     state = model.state_dict(keep_vars=True)
     saved = getattr(model, "lora_config", settings).modules_to_save
-    saved_tensors = {f"{n}.{t}" for n, m in find_modules(model, saved) for t, _ in m.named_parameters()} if saved else set()
+    saved_tensors = {f"{n}.{t}" for n, m in find_saved(model, saved) for t, _ in m.named_parameters()} if saved else set()
     unmatched, mismatched, matched = [], [], {}
     for key, tensor in tensors.items():
         name = key.removeprefix(PREFIX).replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")

@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import torch
 
 from . import distributed
-from .adapter import load_adapter, read_adapter_meta
+from .adapter import adapter_classes, load_adapter
 from .errors import ConfigError, MiniLoraError
 from .generate import classify, generate
 from .lora import LoRAConfig, adapter_disabled, apply_lora, remove_lora
@@ -158,9 +158,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_classify(args: argparse.Namespace) -> None:
-    meta = read_adapter_meta(args.adapter) if args.adapter else {}
-    id2label = {int(i): name for i, name in meta.get("id2label", {}).items()} or None
-    model = load_model(args.model, task="classification", id2label=id2label, revision=args.revision)
+    classes = adapter_classes(args.adapter) if args.adapter else {}
+    model = load_model(args.model, task="classification", revision=args.revision, **classes)
     tokenizer = load_tokenizer(args.model, revision=args.revision)
     if args.adapter:
         load_adapter(model, args.adapter)
@@ -169,9 +168,9 @@ def cmd_classify(args: argparse.Namespace) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
-    labels = read_adapter_meta(args.adapter).get("id2label")  # a classifier's label names go into config.json
+    classes = adapter_classes(args.adapter)  # a classifier's label names go into config.json
     model = load_model(args.model, dtype=torch_dtype(args.dtype) if args.dtype else None, revision=args.revision,
-                       **({"task": "classification", "id2label": {int(i): n for i, n in labels.items()}} if labels else {}))
+                       **({"task": "classification", **classes} if classes else {}))
     load_adapter(model, args.adapter)
     remove_lora(model, merge=True)
     out = save_model(model, args.out, tokenizer=load_tokenizer(args.model, revision=args.revision), overwrite=args.overwrite)

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import ConfigError
-from .names import check_regex, find_modules, find_targets, owners, replace_module
+from .names import CLASSIFIER_NAMES, check_regex, find_saved, find_targets, owners, replace_module
 
 
 class LoRALinear(nn.Module):
@@ -235,7 +235,9 @@ def apply_lora(model: nn.Module, targets: list[str] | str | LoRAConfig, r: int =
         replace_module(model, name, LoRALinear(base, config.r, config.alpha, config.dropout,
                                                config.use_rslora).train(base.training))
     for t in config.modules_to_save:
-        found = find_modules(model, [t])
+        found = find_saved(model, [t])
+        if not found and t in CLASSIFIER_NAMES and getattr(model, "task_type", None) == "SEQ_CLS":
+            continue  # another family's name for the classifier (PEFT lists both)
         if not found:
             raise ConfigError(f"modules_to_save entry {t!r} matches no module of {type(model).__name__}")
         for n, m in found:

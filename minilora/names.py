@@ -17,6 +17,9 @@ from .errors import ConfigError
 # layer before a classifier that DistilBERT-like heads add.
 USUAL_HEADS = ("lm_head", "classifier", "score")
 USUAL_TASK_HEAD = ("pre_classifier", "classifier", "score")
+# What PEFT adds to every SEQ_CLS adapter's modules_to_save, whatever the family: one of the two names
+# the model's classifier, the other names nothing and is skipped (by PEFT, and so here).
+CLASSIFIER_NAMES = ("classifier", "score")
 
 
 def matches(name: str, patterns: list[str] | tuple[str, ...] | str) -> bool:
@@ -64,6 +67,17 @@ def repeats_a_repetition(pattern: str) -> bool:
 def find_modules(model: nn.Module, patterns: list[str] | tuple[str, ...] | str) -> list[tuple[str, nn.Module]]:
     """(name, module) of every submodule whose name matches."""
     return [(n, m) for n, m in model.named_modules() if n and matches(n, patterns)]
+
+
+def find_saved(model: nn.Module, names: list[str] | tuple[str, ...]) -> list[tuple[str, nn.Module]]:
+    """The modules that modules_to_save names, matched as PEFT matches them: a full name that ends with
+    one of the strings, dot or not ("classifier" takes DistilBERT's pre_classifier too, in PEFT and so
+    here). A module inside one already taken is left to its parent."""
+    found: list[tuple[str, nn.Module]] = []
+    for n, m in model.named_modules():
+        if n and any(n.endswith(t) for t in names) and not any(n.startswith(p + ".") for p, _ in found):
+            found.append((n, m))
+    return found
 
 
 def owners(model: nn.Module) -> dict[int, list[str]]:

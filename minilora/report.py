@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from .lora import lora_modules
-from .names import find_modules
+from .names import find_saved
 
 
 @dataclass
@@ -68,7 +68,7 @@ def param_report(model: nn.Module) -> ParamReport:
         row.count += 1
     saved: dict[str, int] = {}
     for t in getattr(getattr(model, "lora_config", None), "modules_to_save", []):
-        for n, mod in find_modules(model, [t]):
+        for n, mod in find_saved(model, [t]):
             saved[_pattern(n)] = saved.get(_pattern(n), 0) + sum(p.numel() for p in mod.parameters())
     params = list(model.parameters())
     total = sum(p.numel() for p in params)

@@ -177,7 +177,7 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype | None = torch.floa
         if not isinstance(id2label, dict) or not id2label or num_labels not in (None, len(id2label)):
             raise ConfigError(f"id2label must name the classes ({id2label!r}), and num_labels={num_labels} agree with it")
         config = {**config, "id2label": {str(i): name for i, name in id2label.items()}, "num_labels": len(id2label)}
-    elif num_labels is not None:
+    elif num_labels is not None and len(config.get("id2label") or {}) != num_labels:  # else keep the names
         config = {**config, "num_labels": num_labels, "id2label": None}
     with torch.device("meta"), _no_random_init():
         model = build_model(config, f"{where}/config.json" if path.is_dir() else where, task)

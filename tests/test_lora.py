@@ -230,8 +230,10 @@ def test_target_that_matches_nothing_names_it(saved_tiny):
         apply_lora(model, ["input_layernorm"])
     with pytest.raises(ConfigError, match="regex"):
         apply_lora(model, r"nothing\..*")
-    with pytest.raises(ConfigError, match="modules_to_save entry 'head'"):
-        apply_lora(model, ["q_proj"], modules_to_save=["head"])
+    with pytest.raises(ConfigError, match="modules_to_save entry 'heads'"):
+        apply_lora(model, ["q_proj"], modules_to_save=["heads"])
+    # modules_to_save match as PEFT matches them, by the end of the name, dot or not: "head" is lm_head
+    assert apply_lora(remove_lora(model), ["q_proj"], modules_to_save=["head"]).lm_head.weight.requires_grad
 
 
 def test_apply_lora_keeps_eval_mode():
