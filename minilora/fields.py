@@ -55,7 +55,7 @@ def problem(name: str, annotation: str, value: Any, ranges: bool = False) -> str
     if isinstance(value, bool):
         return None if "bool" in kinds else described
     if isinstance(value, int) and ("int" in kinds or "float" in kinds):
-        low = 0 if name.endswith("_id") or probability else 1
+        low = 0 if name.endswith("_id") or probability or name == "max_window_layers" else 1  # 0: every layer
         return None if not ranges or value >= low else ("an integer >= 0" if low == 0 else "a positive integer")
     if isinstance(value, float) and "float" in kinds:
         if not ranges:

@@ -3,8 +3,8 @@
 What the family shares: pre-norm blocks with RMSNorm, rotary position embeddings (RoPE, Su et al. 2021)
 in the "rotate half" layout of the Hub's checkpoints, grouped-query attention (n_kv_heads <= n_heads),
 and a SwiGLU MLP down(silu(gate(x)) * up(x)). What differs is read from config.json:
-Qwen2 puts a bias on q/k/v, Mistral may limit attention to a sliding window, Llama 3 rescales RoPE
-frequencies, SmolLM2 ties the output head to the embeddings.
+Qwen2 puts a bias on q/k/v, Mistral and Qwen2 may limit attention to a sliding window (Qwen2 in some
+layers only), Llama 3 rescales RoPE frequencies, SmolLM2 ties the output head to the embeddings.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from .common import CausalLM, activation, attend, attention_mask, position_ids, 
 # rope scaling types and the numbers each needs
 ROPE_SCALING = {"default": (), "linear": ("factor",),
                 "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclass
@@ -42,7 +43,10 @@ class LlamaConfig:
     mlp_bias: bool = False
     hidden_act: str = "silu"
     tie_word_embeddings: bool = False
-    sliding_window: int | None = None
+    sliding_window: int | None = None  # a query sees itself and the sliding_window - 1 keys before it
+    use_sliding_window: bool = False  # Qwen2 only: its sliding_window is ignored unless this is set
+    max_window_layers: int = 28  # Qwen2: layers from this index on are windowed (transformers' default)
+    layer_types: list[str] | None = None  # "full_attention" / "sliding_attention" per layer (Qwen2)
     model_type: str = "llama"
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -68,14 +72,36 @@ class LlamaConfig:
             raise ConfigError(f"rope_scaling {kind!r} needs {', '.join(bad)} as positive numbers" if bad else
                               f"rope needs a positive rope_theta and an even head_dim, got {self.rope_theta!r} "
                               f"and {self.head_dim}")
+        if self.max_window_layers < 0:
+            raise ConfigError(f"max_window_layers must be an integer >= 0, got {self.max_window_layers}")
+        kinds = self.layer_types
+        if kinds is not None and (len(kinds) != self.num_hidden_layers or set(kinds) - set(LAYER_TYPES)):
+            raise ConfigError(f"layer_types must list one of {', '.join(LAYER_TYPES)} for each of the "
+                              f"{self.num_hidden_layers} layers, got {kinds!r}")
+        no_window = not (self.use_sliding_window and self.sliding_window)
+        if self.model_type == "qwen2" and no_window and "sliding_attention" in (kinds or []):  # transformers crashes
+            raise ConfigError("layer_types has sliding_attention layers, but use_sliding_window is false or "
+                              "sliding_window is null, so there is no window to apply")
 
     @property
     def qkv_bias(self) -> bool:
         return self.attention_bias or self.model_type == "qwen2"
 
     @property
-    def window(self) -> int | None:
-        return self.sliding_window if self.model_type == "mistral" else None
+    def windows(self) -> list[int | None]:
+        """Each layer's attention window (None: the full causal context), as transformers 5 decides it:
+        Mistral windows every layer and ignores layer_types; Qwen2 windows only with use_sliding_window,
+        and then the layers layer_types calls sliding_attention, by default those from max_window_layers
+        on; Llama has no window."""
+        n = self.num_hidden_layers
+        if self.model_type == "mistral":
+            return [self.sliding_window] * n
+        if self.model_type != "qwen2":
+            return [None] * n
+        window = self.sliding_window if self.use_sliding_window else None
+        kinds = self.layer_types or ["sliding_attention" if i >= self.max_window_layers else "full_attention"
+                                     for i in range(n)]
+        return [window if kind == "sliding_attention" else None for kind in kinds]
 
 
 def rope_frequencies(cfg: LlamaConfig) -> torch.Tensor:
@@ -162,9 +188,10 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn = LlamaAttention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg)
+        self.window = cfg.windows[layer_idx]
 
-    def forward(self, x, cos, sin, mask, cache, past):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, past)
+    def forward(self, x, cos, sin, masks, cache, past):  # masks: {window: mask}, see LlamaModel.forward
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, masks[self.window], cache, past)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -182,13 +209,15 @@ class LlamaModel(nn.Module):
         B, T = input_ids.shape
         past = len(cache) if cache is not None else 0
         pos = position_ids(attn_mask, T, past, input_ids.device) if pos is None else pos
-        mask = attention_mask(attn_mask, T, past, input_ids.device, self.cfg.window)
+        # One mask per distinct window, each layer takes its own: at most two (full and windowed).
+        windows = {layer.window for layer in self.layers}
+        masks = {w: attention_mask(attn_mask, T, past, input_ids.device, w) for w in windows}
         x = self.embed_tokens(input_ids)
         # RoPE angles in fp32, then cast, as the reference implementation does. (B, 1, T, hd)
         freqs = pos[..., None].float() * rope_frequencies(self.cfg).to(input_ids.device)
         angles = torch.cat((freqs, freqs), dim=-1)[:, None]
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-        x = run_blocks(self.layers, x, cos, sin, mask, cache, past, checkpoint=self.gradient_checkpointing and self.training and cache is None)
+        x = run_blocks(self.layers, x, cos, sin, masks, cache, past, checkpoint=self.gradient_checkpointing and self.training and cache is None)
         return self.norm(x)
 
 
