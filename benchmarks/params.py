@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from minilora.lora import apply_lora
+from minilora.inject import apply_lora
 from minilora.models import PRESETS, build_model
 from minilora.report import param_report
 

@@ -42,7 +42,7 @@ def worker(side: str, name: str, dtype: str, steps: int, batch: int, seq: int, r
     ids = torch.randint(0, cfg["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(1))
     start = time.perf_counter()
     if side == "minilora":
-        from minilora.lora import apply_lora
+        from minilora.inject import apply_lora
         from minilora.models import build_model
         from minilora.evaluate import causal_lm_loss
         model = build_model(cfg)

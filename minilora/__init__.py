@@ -3,7 +3,8 @@
 from .adapter import load_adapter, save_adapter
 from .errors import CheckpointError, ConfigError, DataError, MiniLoraError, TrainingError
 from .generate import generate
-from .lora import LoRAConfig, LoRALinear, apply_lora, merge_lora, remove_lora, unmerge_lora
+from .inject import LoRAConfig, apply_lora, merge_lora, remove_lora, unmerge_lora
+from .lora import LoRALinear
 from .report import param_report
 from .tokenizer import Tokenizer, load_tokenizer
 from .train import TrainConfig, train

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ from safetensors.torch import save
 
 from .errors import CheckpointError, ConfigError
 from .files import check_replaceable, check_tensor, pickle_tensors, read_json, safetensors_tensors, write_atomically
-from .lora import LoRAConfig, apply_lora, lora_modules
+from .inject import LoRAConfig, add_adapter, delete_adapter, lora_modules, remove_lora, set_adapter
+from .lora import is_adapter_tensor
 from .names import find_saved
 
 PREFIX = "base_model.model."
@@ -29,20 +31,26 @@ ADAPTER_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE, META_FILE, "adapter_model.
 
 # LoRAConfig's fields under the names PEFT's adapter_config.json gives them.
 PEFT_NAMES = {"targets": "target_modules", "r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout",
-              "modules_to_save": "modules_to_save", "use_rslora": "use_rslora"}
+              "modules_to_save": "modules_to_save", "use_rslora": "use_rslora", "use_dora": "use_dora",
+              "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern",
+              "ensure_weight_tying": "ensure_weight_tying"}
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under PEFT's names: every LoRA A/B, and modules_to_save in full."""
+    """The adapter's tensors under PEFT's names: every LoRA A/B (DoRA's magnitudes, an embedding's
+    A/B), and modules_to_save in full, under every name they have (a tied tensor under both, as PEFT)."""
     config = _lora_config(model)
-    state = model.state_dict()
-    keep = [n for n in state if ".lora_A." in n or ".lora_B." in n]
+    state = model.state_dict(keep_vars=True)
+    keep = [n for n in state if is_adapter_tensor(n)]
     if not keep:
         raise CheckpointError("the model has no LoRA tensors to save (was apply_lora called?)")
     for target in config.modules_to_save:
         owners = [n for n, _ in find_saved(model, [target])]
         keep += [n for n in state if any(n.startswith(o + ".") for o in owners) and n not in keep]
-    return {PREFIX + n: state[n].detach().to("cpu").contiguous() for n in keep}
+    shared = {id(state[n]) for n in keep}
+    aliases = [n for n in state if id(state[n]) in shared and n not in keep]
+    out = {PREFIX + n: state[n].detach().to("cpu").contiguous() for n in keep}
+    return {**out, **{PREFIX + n: state[n].detach().to("cpu").clone() for n in aliases}}  # a file holds no alias
 
 
 def _lora_config(model: nn.Module) -> LoRAConfig:
@@ -78,7 +86,8 @@ def lora_config_from_peft(config: dict[str, Any], file: Path, keys: list[str] = 
                                   + (" (it is null)" if required in config else ""))
     settings = {ours: config[peft] for ours, peft in PEFT_NAMES.items() if config.get(peft) is not None}
     if isinstance(settings["targets"], str) and settings["targets"] not in ("all-linear", "all_linear"):
-        names = sorted({k.removeprefix(PREFIX).split(".lora_A.")[0] for k in keys if ".lora_A." in k})
+        names = sorted({re.split(r"\.lora_(?:embedding_)?A\b", k.removeprefix(PREFIX))[0] for k in keys
+                        if ".lora_A." in k or k.endswith(".lora_embedding_A")})
         settings["targets"] = names or ["(none: the adapter has no lora_A tensors)"]
     try:
         return LoRAConfig(**settings)
@@ -107,7 +116,10 @@ def write_adapter_files(folder: Path, model: nn.Module, extra: dict[str, Any] | 
 
 def save_adapter(model: nn.Module, folder: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
     """Write the adapter folder atomically; returns its path. `extra` goes into minilora.json. A folder
-    that holds an earlier adapter is replaced; one that holds anything else is refused."""
+    that holds an earlier adapter is replaced; one that holds anything else is refused.
+
+    Several named adapters are saved in PEFT's layout: "default" in the folder itself, every other one
+    in a subfolder of its name (which load_adapter(model, folder / name, adapter_name=name) reads)."""
     _lora_config(model)  # refuse before touching the disk
     reserved = sorted(set(extra or {}) & {"base_model", "id2label", "label2id"})
     if reserved:
@@ -116,8 +128,22 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, extra: dict[str, A
         json.dumps(extra or {})
     except (TypeError, ValueError) as e:
         raise ConfigError(f"extra: not JSON data ({e})") from None
-    check_replaceable(Path(folder), ADAPTER_FILES, "an adapter")
-    return write_atomically(folder, lambda tmp: write_adapter_files(tmp, model, extra))
+    names = list(getattr(model, "lora_adapters", None) or {"default": None})
+    check_replaceable(Path(folder), ADAPTER_FILES | set(names), "an adapter")
+    if len(names) == 1:
+        return write_atomically(folder, lambda tmp: write_adapter_files(tmp, model, extra))
+    active = model.active_adapter
+
+    def write_each(tmp: Path) -> None:
+        try:
+            for name in names:
+                set_adapter(model, name)
+                where = tmp if name == "default" else tmp / name
+                where.mkdir(exist_ok=True)
+                write_adapter_files(where, model, extra)
+        finally:
+            set_adapter(model, active)
+    return write_atomically(folder, write_each)
 
 
 def read_adapter(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -128,11 +154,6 @@ def read_adapter(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, t
     config = read_json(folder / CONFIG_FILE)
     if config.get("peft_type", "LORA") != "LORA":
         raise CheckpointError(f"{folder / CONFIG_FILE}: peft_type {config.get('peft_type')!r} is not LORA")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if config.get(key):
-            raise CheckpointError(f"{folder / CONFIG_FILE}: {key} (per-module ranks) is not supported")
-    if config.get("use_dora"):
-        raise CheckpointError(f"{folder / CONFIG_FILE}: DoRA adapters are not supported")
     if (folder / WEIGHTS_FILE).is_file():
         tensors = dict(safetensors_tensors(folder / WEIGHTS_FILE))
     elif (folder / "adapter_model.bin").is_file():
@@ -176,9 +197,12 @@ def adapter_classes(folder: str | os.PathLike) -> dict[str, Any]:
     return {"num_labels": rows[0]} if rows else {}
 
 
-def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
+def load_adapter(model: nn.Module, folder: str | os.PathLike, adapter_name: str | None = None) -> nn.Module:
     """Put an adapter on `model` (applying LoRA as its config says, if the model has none yet) and load
-    its tensors. Every adapter key must match a tensor of the model with the same shape."""
+    its tensors. Every adapter key must match a tensor of the model with the same shape.
+
+    adapter_name: a name for it beside the adapters already on the model (PEFT's
+    load_adapter(folder, adapter_name)); the active adapter stays the active one (set_adapter switches)."""
     config, tensors = read_adapter(folder)
     where = Path(folder) / (WEIGHTS_FILE if (Path(folder) / WEIGHTS_FILE).is_file() else "adapter_model.bin")
     meta = read_adapter_meta(folder)
@@ -188,35 +212,64 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     if wrong:
         raise CheckpointError(f"{folder}: adapter was trained on another base model ({'; '.join(wrong)})")
     settings = lora_config_from_peft(config, Path(folder) / CONFIG_FILE, list(tensors))
-    layers = lora_modules(model)
-    if not layers:
-        try:
-            apply_lora(model, settings)
-        except ConfigError as e:
-            raise CheckpointError(f"{Path(folder) / CONFIG_FILE} does not fit this model: {e}") from None
-    else:  # LoRA is on the model already: the adapter must have been made with the same settings
-        have = {(m.r, m.alpha, m.use_rslora, getattr(m.dropout, "p", 0.0)) for _, m in layers}
-        want = (settings.r, settings.alpha, settings.use_rslora, settings.dropout)
-        if have != {want}:
-            names = ("r", "alpha", "use_rslora", "dropout")
-            now = ", ".join(f"{n}={v!r}" for n, v in zip(names, next(iter(have)))) + (" (and others)" if len(have) > 1 else "")
-            raise CheckpointError(f"{folder}: the adapter's LoRA settings ({', '.join(f'{n}={v!r}' for n, v in zip(names, want))}) "
-                                  f"differ from those of the LoRA layers already on the model ({now}); load it onto "
-                                  "the base model without LoRA (remove_lora(model, merge=False), or a fresh load_model)")
+    layers, previous = lora_modules(model), getattr(model, "active_adapter", None)
+    added = bool(layers) and adapter_name is not None and adapter_name not in model.lora_adapters
+    try:
+        if not layers or added:
+            add_adapter(model, adapter_name or "default", settings)
+        else:  # LoRA is on the model already: the adapter must have been made with the same settings
+            _check_same_settings(model, layers, settings, folder)
+        _load_tensors(model, tensors, settings, where)
+    except (ConfigError, CheckpointError) as e:
+        if added:  # leave the model as it was
+            set_adapter(model, previous)
+            delete_adapter(model, adapter_name)
+        elif not layers and lora_modules(model):
+            remove_lora(model, merge=False)
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{Path(folder) / CONFIG_FILE} does not fit this model: {e}") from None
+    if added:
+        set_adapter(model, previous)
+    return model
+
+
+def _check_same_settings(model: nn.Module, layers: list, settings: LoRAConfig, folder) -> None:
+    names = ("r", "alpha", "use_rslora", "dropout", "use_dora")
+    for n, m in layers:
+        have = (m.r, m.alpha, m.use_rslora, getattr(getattr(m, "dropout", None), "p", 0.0), m.use_dora)
+        want = (*settings.settings_for(n), settings.use_rslora, settings.dropout if hasattr(m, "dropout") else 0.0,
+                settings.use_dora)
+        if have != want:
+            raise CheckpointError(f"{folder}: the adapter's LoRA settings for {n} ({', '.join(f'{k}={v!r}' for k, v in zip(names, want))}) "
+                                  f"differ from those of the LoRA layer already there ({', '.join(f'{k}={v!r}' for k, v in zip(names, have))}); "
+                                  "load it onto the base model without LoRA (remove_lora(model, merge=False), or a fresh "
+                                  "load_model), or beside it with load_adapter(model, folder, adapter_name=...)")
+
+
+def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], settings: LoRAConfig, where: Path) -> None:
     state = model.state_dict(keep_vars=True)
-    saved = getattr(model, "lora_config", settings).modules_to_save
-    saved_tensors = {f"{n}.{t}" for n, m in find_saved(model, saved) for t, _ in m.named_parameters()} if saved else set()
+    lora_layers = {n for n, _ in lora_modules(model)}
+    saved = {id(p) for _, m in find_saved(model, getattr(model, "lora_config", settings).modules_to_save)
+             for p in m.parameters()}
+    saved_tensors = {n for n, t in state.items() if id(t) in saved}  # a tied tensor under each of its names
     unmatched, mismatched, matched = [], [], {}
     for key, tensor in tensors.items():
-        name = key.removeprefix(PREFIX).replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
-        if name not in state or not (".lora_A." in name or ".lora_B." in name or name in saved_tensors):
+        name = re.sub(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)\.default\b", r".\1",
+                      key.removeprefix(PREFIX)).removesuffix(".lora_magnitude_vector.weight")
+        owner = name.removesuffix(".base_layer.weight")
+        if owner != name and owner in lora_layers:  # PEFT saves a LoRA embedding's table beside it
+            name = owner + ".weight"
+        elif name != key.removeprefix(PREFIX) and key.endswith(".lora_magnitude_vector.weight"):
+            name += ".lora_magnitude_vector"
+        if name not in state or not (is_adapter_tensor(name) or name in saved_tensors or owner in lora_layers):
             unmatched.append(key)  # nothing but LoRA's tensors and those of modules_to_save
         elif tuple(state[name].shape) != tuple(tensor.shape):
             mismatched.append(f"{key}: adapter {tuple(tensor.shape)} vs model {tuple(state[name].shape)}")
         else:
             check_tensor(str(where), key, tensor, state[name].is_floating_point())
             matched[name] = tensor
-    missing = [n for n in state if (".lora_A." in n or ".lora_B." in n) and n not in matched]
+    missing = [n for n in state if is_adapter_tensor(n) and n not in matched]
     if unmatched or mismatched or missing:
         parts = [f"{where} does not fit this model:"]
         if unmatched:
@@ -229,4 +282,3 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     with torch.no_grad():  # only once everything fits: a bad adapter leaves the model as it was
         for name, tensor in matched.items():
             state[name].copy_(tensor)
-    return model

@@ -21,7 +21,7 @@ from . import distributed
 from .adapter import adapter_classes, load_adapter
 from .errors import ConfigError, MiniLoraError
 from .generate import classify, generate
-from .lora import LoRAConfig, adapter_disabled, apply_lora, remove_lora
+from .inject import LoRAConfig, adapter_disabled, apply_lora, remove_lora
 from .models import build_model
 from .recipe import load_recipe, run_recipe
 from .report import param_report

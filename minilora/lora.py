@@ -1,4 +1,4 @@
-"""LoRA: Low-Rank Adaptation of Large Language Models (Hu et al. 2021, arXiv:2106.09685).
+"""LoRA: Low-Rank Adaptation of Large Language Models (Hu et al. 2021, arXiv:2106.09685), and DoRA.
 
 A pretrained linear layer h = W0 x + b, with W0 of shape d×k (out×in), is frozen. Next to it we train
 a low-rank update ΔW = B A, with A: r×k and B: d×r and r much smaller than d and k (paper, eq. 3):
@@ -8,45 +8,59 @@ a low-rank update ΔW = B A, with A: r×k and B: d×r and r much smaller than d 
 Only r·(d + k) numbers are trained instead of d·k. A starts random and B starts at zero, so B A = 0
 and the model at step 0 is exactly the pretrained one (paper, section 4.1).
 
-This file knows nothing of model files: `apply_lora` swaps `nn.Linear` modules, found by name, for
-`LoRALinear` modules that keep the same `weight` and `bias`, so every existing state-dict name stays;
-of a model it reads only the output heads it declares ("all-linear" leaves those alone).
+DoRA (Weight-Decomposed Low-Rank Adaptation, Liu et al. 2024, arXiv:2402.09353, eq. 5) splits the
+adapted weight into a magnitude per output row and a direction, and trains both:
+
+    W' = m · (W0 + s·B A) / ||W0 + s·B A||_row        h = W' x + b
+
+m (d numbers) starts as the row norms of W0, so W' = W0 at step 0; the norm is taken as a constant in
+the backward pass (paper, section 4.3), so no d×k gradient is ever formed.
+
+This file holds the layers only: `LoRALinear` (with DoRA as an option) and `LoRAEmbedding`; each keeps
+the base layer's `weight` and `bias` as its own, so every existing state-dict name stays. inject.py
+puts them on a model by name.
 """
 
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import ConfigError
-from .names import CLASSIFIER_NAMES, check_regex, find_saved, find_targets, owners, replace_module
+
+# The names of an adapter's own tensors in a LoRA layer (as PEFT names them): anything else is the base's.
+ADAPTER_PARTS = ("lora_A", "lora_B", "lora_magnitude_vector", "lora_embedding_A", "lora_embedding_B")
+
+
+def is_adapter_tensor(name: str) -> bool:
+    """Is this state-dict name one of a LoRA layer's own tensors (model.layers.0.q_proj.lora_A.weight)?"""
+    return any(part in ADAPTER_PARTS for part in name.split("."))
 
 
 class LoRALinear(nn.Module):
-    """A frozen linear layer plus a trainable low-rank path: h = W0 x + b + (alpha/r) · B(A(dropout(x))).
+    """A frozen linear layer plus a trainable low-rank path: h = W0 x + b + s · B(A(dropout(x))), with
+    s = alpha/r (or alpha/sqrt(r) with `use_rslora`, Kalajdzievski 2023); with `use_dora`, DoRA's
+    magnitude and direction (see the module's docstring and dora()).
 
     Shapes: weight W0 is (d, k) = (out_features, in_features); lora_A.weight is (r, k); lora_B.weight
-    is (d, r). A is initialised Kaiming-uniform (as `nn.Linear` is), B with zeros, so the layer starts
-    equal to the base layer. `use_rslora` scales by alpha/sqrt(r) (Kalajdzievski 2023) instead of alpha/r.
+    is (d, r); lora_magnitude_vector is (d,). A is initialised Kaiming-uniform (as `nn.Linear` is), B
+    with zeros, so the layer starts equal to the base layer.
 
     The LoRA path is computed as x -> A -> B, never as a d×k product B·A added to W0: autograd then
     needs no d×k weight gradient, which is the work LoRA exists to avoid. W0 gets no gradient at all,
     only the input gets one through it.
     """
+    is_linear = True  # a target for a second named adapter (inject.add_adapter)
+    # what one adapter is, on this layer: several named adapters swap these (inject.set_adapter)
+    slot = ("lora_A", "lora_B", "lora_magnitude_vector", "r", "alpha", "scaling", "use_rslora", "use_dora", "dropout")
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
-                 use_rslora: bool = False, lora_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                 use_dora: bool = False, lora_dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        check_lora_hyperparameters(r, alpha, dropout)
         self.in_features, self.out_features = base.in_features, base.out_features
-        if r > min(self.in_features, self.out_features):  # B·A has rank min(d, k) at most: more r adds nothing
-            raise ConfigError(f"LoRA rank r={r} is above min(d, k) = {min(self.in_features, self.out_features)} of "
-                              f"this {self.out_features}x{self.in_features} layer")
         # The base layer's own parameters under their own names: the model's state-dict names stay those
         # of the checkpoint, so loading, saving merged weights and PEFT's adapter keys need no renaming.
         self.weight, self.bias = base.weight, base.bias
@@ -55,38 +69,55 @@ class LoRALinear(nn.Module):
                 p.requires_grad_(False)
         # A quantized base (quant.Int8Linear) brings its own function and state, e.g. the weight scales.
         self.base_linear = getattr(type(base), "linear", None)
+        self.base_dequantize = getattr(type(base), "dequantize", None)
         for name in getattr(base, "carried", ()):
             value = getattr(base, name)
             if isinstance(value, torch.Tensor):
                 self.register_buffer(name, value, persistent=False)
             else:
                 setattr(self, name, value)
-        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        self.merged = False
+        self.disabled = False  # see adapter_disabled(): the base layer alone
+        self.stored: dict[str, dict] = {}  # named adapters other than the active one
+        self.new_adapter(r, alpha, dropout, use_rslora, use_dora, lora_dtype)
+
+    def new_adapter(self, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                    use_dora: bool = False, lora_dtype: torch.dtype | None = None) -> None:
+        """Fresh A (random), B (zero) and, for DoRA, m = the row norms of W0: the active adapter."""
+        check_lora_hyperparameters(r, alpha, dropout, min(self.in_features, self.out_features))
+        self.r, self.alpha, self.use_rslora, self.use_dora = r, alpha, use_rslora, use_dora
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         if lora_dtype is None:  # train the adapter in fp32 unless the base is already fp32/fp64
-            lora_dtype = base.weight.dtype if base.weight.dtype in (torch.float32, torch.float64) else torch.float32
+            lora_dtype = self.weight.dtype if self.weight.dtype in (torch.float32, torch.float64) else torch.float32
         # Initialised on the CPU, from its RNG, then moved: the same seed gives the same adapter on any device.
-        device = base.weight.device
+        device = self.weight.device
         factory = dict(device="meta" if device.type == "meta" else "cpu", dtype=lora_dtype)
         self.lora_A = nn.Linear(self.in_features, r, bias=False, **factory)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, **factory)
-        self.merged = False
-        self.disabled = False  # see adapter_disabled(): the base layer alone
-        self.reset_lora_parameters()
-        self.lora_A.to(device)
-        self.lora_B.to(device)
-
-    def reset_lora_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+        self.lora_A.to(device)
+        self.lora_B.to(device)
+        self.lora_magnitude_vector = None
+        if use_dora:
+            norm = torch.empty(self.out_features, device=device) if device.type == "meta" else \
+                self.base_weight().norm(dim=1)
+            self.lora_magnitude_vector = nn.Parameter(norm.to(lora_dtype))
+
+    @property
+    def active(self) -> bool:
+        """Does the layer carry an adapter now? (Not when the active named adapter skips this layer.)"""
+        return self.lora_A is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         autocast = torch.is_autocast_enabled(x.device.type)
         if autocast:  # cast once here, not once in each path below
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        if self.merged or self.disabled:
+        if self.merged or self.disabled or not self.active:
             return self.base(x)
+        if self.use_dora:
+            return self.dora(x, autocast)
         if self.base_linear is None and (autocast or x.dtype == self.weight.dtype == self.lora_A.weight.dtype):
             return LoRAFunction.apply(x, self.dropout(x), self.weight, self.bias, self.lora_A.weight,
                                       self.lora_B.weight, self.scaling)
@@ -98,35 +129,132 @@ class LoRALinear(nn.Module):
         lora = self.lora_B(self.lora_A(self.dropout(x)))
         return out + (lora * self.scaling).to(out.dtype)
 
-    def base(self, x: torch.Tensor) -> torch.Tensor:
+    def dora(self, x: torch.Tensor, autocast: bool) -> torch.Tensor:
+        """DoRA's h = (m / n) ⊙ (W0 x + s·B A x) + b, n = ||W0 + s·B A|| per output row, held constant.
+        Written as the base output plus a correction, as PEFT computes it: with LoRA's dropout active
+        in training, the correction (m/n - 1) ⊙ W0 x_d + (m/n) ⊙ s·B A x_d uses the dropped-out x_d."""
+        out = self.base(x)
+        x_d = self.dropout(x)
+        with torch.no_grad():
+            n = (self.base_weight() + self.delta_weight().to(torch.float32)).norm(dim=1)
+        ratio = (self.lora_magnitude_vector / n.to(self.lora_magnitude_vector.dtype))  # (d,)
+        base_d = out - self.bias if x_d is x and self.bias is not None else out if x_d is x else self.base(x_d, bias=False)
+        lora = self.lora_B(self.lora_A(x_d if autocast else x_d.to(self.lora_A.weight.dtype)))
+        return out + ((ratio - 1) * base_d + ratio * lora * self.scaling).to(out.dtype)
+
+    def base(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
         """The frozen layer alone: W0 x + b (or the quantized base's own product)."""
-        return F.linear(x, self.weight, self.bias) if self.base_linear is None else self.base_linear(self, x)
+        if self.base_linear is not None:
+            out = self.base_linear(self, x)
+            return out if bias or self.bias is None else out - self.bias
+        return F.linear(x, self.weight, self.bias if bias else None)
+
+    def base_weight(self) -> torch.Tensor:
+        """W0 in fp32 (an int8 base dequantized)."""
+        return (self.weight if self.base_dequantize is None else self.base_dequantize(self)).to(torch.float32)
 
     def delta_weight(self) -> torch.Tensor:
-        """ΔW = (alpha/r) · B A, shape (d, k), in fp32 or the adapter's dtype."""
+        """ΔW = s · B A, shape (d, k), in the adapter's dtype."""
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold ΔW into W0 so inference costs one matmul. Explicit: never done by .eval()."""
+        """Fold the update into W0 so inference costs one matmul. Explicit: never done by .eval().
+        LoRA: W0 + ΔW. DoRA: (m / n) ⊙ (W0 + ΔW), n kept to undo it exactly."""
         if self.base_linear is not None:
             raise ConfigError("cannot merge into an int8 base weight: the update would be rounded away. Load the "
                               "base model in floating point (without load_in_8bit) and merge there, as "
                               "`minilora merge` does")
+        if self.merged or not self.active:
+            return
+        wide = torch.promote_types(self.weight.dtype, torch.float32)  # added in fp32 at least, then stored
+        merged = self.weight.to(wide) + self.delta_weight().to(wide)
+        if self.use_dora:
+            self.merged_norm = merged.norm(dim=1)
+            merged *= (self.lora_magnitude_vector.to(wide) / self.merged_norm)[:, None]
+        self.weight.copy_(merged)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take the update back out of W0 (exact up to floating-point rounding)."""
         if not self.merged:
+            return
+        wide = torch.promote_types(self.weight.dtype, torch.float32)
+        weight = self.weight.to(wide)
+        if self.use_dora:
+            weight /= (self.lora_magnitude_vector.to(wide) / self.merged_norm)[:, None]
+        self.weight.copy_(weight - self.delta_weight().to(wide))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        lora = f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}" + (", dora" if self.use_dora else "") \
+            if self.active else "no active adapter"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {lora}, merged={self.merged}"
+
+
+class LoRAEmbedding(nn.Module):
+    """A frozen embedding table plus a low-rank update, as PEFT has it: the row of token i is
+    W0[i] + s · (B A)ᵀ[i] = W0[i] + s · B · A[:, i]. So the lookup goes into A (r×V) first, then through
+    B (d×r): r·(V + d) numbers trained instead of V·d. A starts at zero and B random (PEFT's choice for
+    embeddings, the reverse of linear layers), so the table starts unchanged. LoRA's dropout is not
+    used (a dropped token id means nothing); neither is DoRA (refused)."""
+    slot = ("lora_embedding_A", "lora_embedding_B", "r", "alpha", "scaling", "use_rslora")
+    use_dora, is_embedding = False, True
+
+    def __init__(self, base: nn.Embedding, r: int, alpha: float, use_rslora: bool = False) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = base.num_embeddings, base.embedding_dim
+        self.padding_idx = base.padding_idx
+        self.weight = base.weight
+        self.weight.requires_grad_(False)
+        self.merged, self.disabled, self.stored = False, False, {}
+        self.new_adapter(r, alpha, use_rslora=use_rslora)
+
+    def new_adapter(self, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                    use_dora: bool = False, lora_dtype: torch.dtype | None = None) -> None:
+        check_lora_hyperparameters(r, alpha, 0.0, min(self.num_embeddings, self.embedding_dim))
+        if use_dora:
+            raise ConfigError("DoRA on an embedding layer is not supported: leave the embeddings out of the targets")
+        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        dtype = lora_dtype or (self.weight.dtype if self.weight.dtype in (torch.float32, torch.float64) else torch.float32)
+        device = self.weight.device
+        where = "meta" if device.type == "meta" else "cpu"  # CPU's RNG, then moved (as LoRALinear)
+        self.lora_embedding_A = nn.Parameter(torch.zeros(r, self.num_embeddings, dtype=dtype, device=where).to(device))
+        self.lora_embedding_B = nn.Parameter(torch.empty(self.embedding_dim, r, dtype=dtype, device=where))
+        nn.init.normal_(self.lora_embedding_B)
+        self.lora_embedding_B.data = self.lora_embedding_B.data.to(device)
+
+    @property
+    def active(self) -> bool:
+        return self.lora_embedding_A is not None
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = F.embedding(ids, self.weight, self.padding_idx)
+        if self.merged or self.disabled or not self.active:
+            return out
+        after_a = F.embedding(ids, self.lora_embedding_A.t(), self.padding_idx)  # (..., r): a lookup into A
+        return out + (after_a @ self.lora_embedding_B.t() * self.scaling).to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = s · (B A)ᵀ, shape (V, d), the update of every row of the table."""
+        return (self.lora_embedding_B @ self.lora_embedding_A).t() * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged and self.active:
             self.weight += self.delta_weight().to(self.weight.dtype)
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Take ΔW back out of W0 (exact up to floating-point rounding)."""
         if self.merged:
             self.weight -= self.delta_weight().to(self.weight.dtype)
             self.merged = False
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-                f"alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}")
+        return f"{self.num_embeddings}, {self.embedding_dim}, r={self.r}, alpha={self.alpha}, merged={self.merged}"
 
 
 class LoRAFunction(torch.autograd.Function):
@@ -173,128 +301,14 @@ class LoRAFunction(torch.autograd.Function):
         return grad_x, grad_xd, None, None, grad_A, grad_B, None
 
 
-def check_lora_hyperparameters(r: object, alpha: object, dropout: object) -> None:
+def check_lora_hyperparameters(r: object, alpha: object, dropout: object, most: int | None = None) -> None:
+    """r a positive integer (at most min(d, k) of the layer, `most`: B·A has no higher rank), alpha
+    positive and finite, dropout in [0, 1)."""
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ConfigError(f"LoRA rank r must be a positive integer, got r={r!r}")
+    if most is not None and r > most:
+        raise ConfigError(f"LoRA rank r={r} is above min(d, k) = {most} of this layer: a higher r adds nothing")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
         raise ConfigError(f"LoRA alpha must be a positive finite number, got alpha={alpha!r}")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise ConfigError(f"LoRA dropout must be in [0, 1), got dropout={dropout!r}")
-
-
-@dataclass
-class LoRAConfig:
-    """LoRA's settings, in one place: what apply_lora takes, a recipe's [lora] section, and what an
-    adapter file records (adapter.py maps these names to PEFT's). Kept on the model as `lora_config`.
-
-    targets: module-name suffixes (["q_proj", "v_proj"], ["c_attn"]), one regex string over full
-    names (r".*\\.h\\.[0-5]\\.attn\\.c_attn"), or "all-linear" (every linear layer but the output heads).
-    modules_to_save: suffixes of modules trained in full and saved with the adapter (a classifier head)."""
-    targets: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
-    r: int = 8
-    alpha: float = 16
-    dropout: float = 0.0
-    modules_to_save: list[str] = field(default_factory=list)
-    use_rslora: bool = False  # scale by alpha/sqrt(r) (Kalajdzievski 2023) instead of alpha/r
-
-    def __post_init__(self) -> None:
-        check_lora_hyperparameters(self.r, self.alpha, self.dropout)
-        targets = list(self.targets) if isinstance(self.targets, tuple) else self.targets
-        self.targets = "all-linear" if targets in (["all-linear"], ["all_linear"], "all_linear") else targets  # as PEFT
-        if not (isinstance(self.targets, str) or isinstance(self.targets, list) and self.targets
-                and all(isinstance(t, str) for t in self.targets)):
-            raise ConfigError("LoRA targets must be a list of module names, a regex string or 'all-linear', "
-                              f"got {self.targets!r}")
-        if isinstance(self.targets, str):
-            check_regex(self.targets, "LoRA target regex")
-        saved = self.modules_to_save or []
-        if not isinstance(saved, (list, tuple)) or not all(isinstance(t, str) for t in saved):
-            raise ConfigError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
-        self.modules_to_save = list(saved)
-        if not isinstance(self.use_rslora, bool):
-            raise ConfigError(f"use_rslora must be true or false, got {self.use_rslora!r}")
-
-
-def apply_lora(model: nn.Module, targets: list[str] | str | LoRAConfig, r: int = LoRAConfig.r,
-               alpha: float = LoRAConfig.alpha, dropout: float = LoRAConfig.dropout,
-               modules_to_save: list[str] | None = None, use_rslora: bool = LoRAConfig.use_rslora) -> nn.Module:
-    """Freeze `model` and swap the targeted linear layers for LoRALinear, in place; returns the model.
-
-    The settings are LoRAConfig's (see there), given one by one or as a whole LoRAConfig in place of
-    `targets` (a recipe's [lora] section, an adapter's settings)."""
-    config = targets if isinstance(targets, LoRAConfig) else \
-        LoRAConfig(targets, r, alpha, dropout, modules_to_save or [], use_rslora)
-    if lora_modules(model):
-        raise ConfigError(f"the model already carries LoRA layers ({len(lora_modules(model))}): remove_lora(model) first")
-    chosen = find_targets(model, config.targets, exclude=LoRALinear)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name in chosen:
-        base = model.get_submodule(name)
-        # keep the model's train/eval mode: a new module starts in training mode, dropout on
-        replace_module(model, name, LoRALinear(base, config.r, config.alpha, config.dropout,
-                                               config.use_rslora).train(base.training))
-    for t in config.modules_to_save:
-        found = find_saved(model, [t])
-        if not found and t in CLASSIFIER_NAMES and getattr(model, "task_type", None) == "SEQ_CLS":
-            continue  # another family's name for the classifier (PEFT lists both)
-        if not found:
-            raise ConfigError(f"modules_to_save entry {t!r} matches no module of {type(model).__name__}")
-        for n, m in found:
-            if isinstance(m, LoRALinear) or not all(p.is_floating_point() for p in m.parameters()):
-                raise ConfigError(f"modules_to_save entry {t!r}: {n} is adapted by LoRA or quantized, not trainable")
-            for p in m.parameters():
-                p.requires_grad_(True)
-    model.lora_config = config
-    return model
-
-
-def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
-
-
-@contextmanager
-def adapter_disabled(model: nn.Module):
-    """Run the base model alone inside the block (to compare with the adapted one)."""
-    layers = [m for _, m in lora_modules(model)]
-    if any(m.merged for m in layers):
-        raise ConfigError("cannot disable a merged adapter: unmerge_lora(model) first")
-    for m in layers:
-        m.disabled = True
-    try:
-        yield model
-    finally:
-        for m in layers:
-            m.disabled = False
-
-
-def merge_lora(model: nn.Module) -> None:
-    """Fold every LoRA layer's ΔW into its W0; refused where W0 is shared (a head tied to the embeddings)."""
-    holders = owners(model)
-    tied = [", ".join(holders[id(m.weight)]) for _, m in lora_modules(model) if len(holders[id(m.weight)]) > 1]
-    if tied:
-        raise ConfigError(f"a LoRA layer's weight is tied ({tied[0]}): merging it would change both")
-    for _, m in lora_modules(model):
-        m.merge()
-
-
-def unmerge_lora(model: nn.Module) -> None:
-    for _, m in lora_modules(model):
-        m.unmerge()
-
-
-def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
-    """Swap every LoRALinear back for a plain nn.Linear (merged first unless merge=False); in place."""
-    if merge:
-        merge_lora(model)
-    for name, m in lora_modules(model):
-        if m.base_linear is not None and not merge:
-            raise ConfigError(f"{name}: removing LoRA from an int8 base is not supported; reload the base model")
-        if not merge:
-            m.unmerge()  # the base layer as it was, even after merge_lora
-        linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
-        linear.weight, linear.bias = m.weight, m.bias
-        replace_module(model, name, linear)
-    if hasattr(model, "lora_config"):
-        del model.lora_config
-    return model

@@ -24,7 +24,7 @@ from . import distributed, hardware
 from .data import build_classification_examples, build_examples, get_template, label_ids, read_records, split
 from .errors import ConfigError, DataError
 from .generate import check_sampling, classify as predict
-from .lora import LoRAConfig, apply_lora
+from .inject import LoRAConfig, apply_lora
 from .models.common import resize_token_embeddings
 from .report import param_report
 from .tokenizer import load_tokenizer

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from .lora import lora_modules
+from .inject import lora_modules
 from .names import find_saved
 
 

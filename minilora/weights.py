@@ -224,12 +224,16 @@ def save_model(model: PretrainedModel, folder: str | os.PathLike, tokenizer=None
     if quantized:
         raise CheckpointError(f"cannot save a quantized model as a checkpoint ({quantized[0][0]} is {quantized[0][1]}, "
                               f"{len(quantized)} such weights): load the model without load_in_8bit and save that")
-    tensors = {}
-    for name, tensor in model.state_dict().items():
-        if name not in model.tied_weights:
+    tensors, state = {}, model.state_dict(keep_vars=True)
+    # A head untied by training it alone (modules_to_save, as PEFT does) is saved, and no longer tied.
+    untied = [alias for alias, source in model.tied_weights.items() if state[alias] is not state[source]]
+    for name, tensor in state.items():
+        if name not in model.tied_weights or name in untied:
             name, tensor = model.model_to_checkpoint(name, tensor)
             tensors[name] = tensor.detach().to("cpu").contiguous()
     config = dict(getattr(model, "config_dict", None) or {})
+    if untied:
+        config["tie_word_embeddings"] = False
     config.setdefault("architectures", [type(model).__name__])
     source = getattr(model, "source_path", None)
 

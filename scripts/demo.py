@@ -21,7 +21,7 @@ import assets  # noqa: E402
 
 from minilora.cli import folder_size, show_comparison, stop_on_signals  # noqa: E402
 from minilora.generate import generate_ids  # noqa: E402
-from minilora.lora import adapter_disabled  # noqa: E402
+from minilora.inject import adapter_disabled  # noqa: E402
 from minilora.recipe import load_recipe, run_recipe  # noqa: E402
 
 QUOTE = re.compile(r'^ "[^"]+"$')  # what the adapter should produce after `Quote by X:`

@@ -137,7 +137,7 @@ def examples(n=24, seed=0, vocab=97):
 
 def lora_model(saved_tiny, kind="llama-gqa", dropout=0.0):
     """A tiny model with LoRA on every linear layer, B made non-zero so that A gets gradients too."""
-    from minilora.lora import apply_lora
+    from minilora.inject import apply_lora
     from minilora.weights import load_model
     _, folder = saved_tiny[kind]
     torch.manual_seed(0)

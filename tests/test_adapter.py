@@ -9,7 +9,7 @@ import torch
 
 from minilora.adapter import load_adapter, save_adapter
 from minilora.errors import CheckpointError
-from minilora.lora import apply_lora, remove_lora
+from minilora.inject import apply_lora, remove_lora
 from minilora.weights import load_model, save_model
 
 IDS = torch.tensor([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16, 0, 0]])
@@ -103,9 +103,9 @@ def test_adapter_of_another_rank_names_the_shapes(saved_tiny, tmp_path):
     save_adapter(apply_lora(load_model(folder), ["q_proj"], r=4), tmp_path / "a")
     model = apply_lora(load_model(folder), ["q_proj"], r=8)
     before = model.model.layers[0].self_attn.q_proj.lora_A.weight.clone()
-    with pytest.raises(CheckpointError, match=r"the adapter's LoRA settings \(r=4, alpha=16, use_rslora=False, "
-                                              r"dropout=0.0\) differ from those of the LoRA layers already on the "
-                                              r"model \(r=8, alpha=16"):
+    with pytest.raises(CheckpointError, match=r"the adapter's LoRA settings for model.layers.0.self_attn.q_proj "
+                                              r"\(r=4, alpha=16, use_rslora=False, dropout=0.0, use_dora=False\) "
+                                              r"differ from those of the LoRA layer already there \(r=8, alpha=16"):
         load_adapter(model, tmp_path / "a")
     assert torch.equal(model.model.layers[0].self_attn.q_proj.lora_A.weight, before)  # untouched
 

@@ -13,7 +13,7 @@ import torch
 
 from conftest import Tok, examples, lora_model, tiny_model_with_tokenizer
 from minilora.errors import CheckpointError, ConfigError, DataError, MiniLoraError
-from minilora.lora import apply_lora
+from minilora.inject import apply_lora
 from minilora.weights import load_model
 
 
@@ -278,7 +278,7 @@ def test_every_error_here_is_a_minilora_error():
 
 def test_training_mistakes_refused_before_any_step(saved_tiny, tmp_path):
     from minilora.data import Example
-    from minilora.lora import merge_lora
+    from minilora.inject import merge_lora
     from minilora.train import TrainConfig, train
     cfg = lambda **kw: TrainConfig(**{**dict(output_dir=str(tmp_path / "run"), max_steps=2, progress=False), **kw})
     with pytest.raises(ConfigError, match=r"best_metric 'eval_bleu' is not among the metrics evaluation gives: "
@@ -346,7 +346,7 @@ def test_crafted_files_that_used_to_load_silently(saved_tiny, tmp_path):
 
 def test_api_mistakes_of_the_second_round(saved_tiny, tmp_path):
     from minilora.generate import classify, generate
-    from minilora.lora import merge_lora, remove_lora
+    from minilora.inject import merge_lora, remove_lora
     from minilora.tokenizer import load_tokenizer
     folder = tiny_model_with_tokenizer(saved_tiny, tmp_path)
     model, tok = load_model(folder), load_tokenizer(folder)
@@ -431,7 +431,7 @@ def test_a_classifier_whose_fresh_head_would_stay_untrained_is_refused(saved_tin
 def test_third_round_models_and_adapters(saved_tiny, tmp_path, capsys):
     from minilora.adapter import save_adapter
     from minilora.cli import main
-    from minilora.lora import merge_lora
+    from minilora.inject import merge_lora
     gpt2 = apply_lora(load_model(saved_tiny["gpt2"][1]), ["lm_head"], r=2)  # GPT-2's head is the token embedding
     with pytest.raises(ConfigError, match=r"a LoRA layer's weight is tied \(transformer\.wte, lm_head\): merging it"):
         merge_lora(gpt2)
@@ -439,7 +439,7 @@ def test_third_round_models_and_adapters(saved_tiny, tmp_path, capsys):
         apply_lora(load_model(saved_tiny["llama-gqa"][1]), ["q_proj"], r=2, modules_to_save=["q_proj"])
     with pytest.raises(ConfigError, match=r"modules_to_save entry 'o_proj': .*o_proj is adapted by LoRA or quantized"):
         apply_lora(load_model(saved_tiny["llama-gqa"][1], load_in_8bit=True), ["q_proj"], r=2, modules_to_save=["o_proj"])
-    with pytest.raises(ConfigError, match=r"LoRA rank r=1000000000000 is above min\(d, k\) = 32 of this 32x32 layer"):
+    with pytest.raises(ConfigError, match=r"q_proj: LoRA rank r=1000000000000 is above min\(d, k\) = 32 of this layer"):
         apply_lora(load_model(saved_tiny["llama-gqa"][1]), ["q_proj"], r=10 ** 12)
     model = apply_lora(load_model(saved_tiny["llama-gqa"][1]), ["q_proj"], r=2)
     with pytest.raises(ConfigError, match=r"extra: 'base_model' is minilora\.json's own key"):

@@ -24,7 +24,7 @@ TRAIN = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from conftest import Tok, examples
     from minilora.checkpoint import checkpoint_folders
-    from minilora.lora import apply_lora
+    from minilora.inject import apply_lora
     from minilora.train import TrainConfig, train
     from minilora.weights import load_model
     torch.manual_seed(0)

@@ -8,7 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minilora.errors import ConfigError
-from minilora.lora import LoRALinear, apply_lora, merge_lora, remove_lora, unmerge_lora
+from minilora.inject import apply_lora, merge_lora, remove_lora, unmerge_lora
+from minilora.lora import LoRALinear
 from minilora.report import param_report
 from minilora.weights import load_model
 

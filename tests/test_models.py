@@ -144,7 +144,7 @@ def test_mapped_weights_are_copy_on_write(saved_tiny, tmp_path, kind):
     must change the model only, never the checkpoint on disk."""
     import hashlib
     import shutil
-    from minilora.lora import apply_lora, merge_lora
+    from minilora.inject import apply_lora, merge_lora
     folder = tmp_path / kind
     shutil.copytree(saved_tiny[kind][1], folder)
     digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
@@ -209,7 +209,7 @@ def test_every_family_keeps_the_model_contract(kind, task):
 def test_a_model_outside_the_registry_keeps_the_usual_head_names():
     """apply_lora and quantization work on any nn.Module: with no declared heads, "all-linear" leaves the
     usual output-layer names alone, and int8 keeps those and a pre_classifier in floating point."""
-    from minilora.lora import apply_lora
+    from minilora.inject import apply_lora
     from minilora.quant import quantize_model
     model = nn.ModuleDict({"body": nn.Linear(4, 4), "lm_head": nn.Linear(4, 9), "score": nn.Linear(4, 2)})
     apply_lora(model, "all-linear", r=2)

@@ -12,7 +12,8 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
 from minilora.adapter import load_adapter, save_adapter  # noqa: E402
-from minilora.lora import LoRALinear, apply_lora  # noqa: E402
+from minilora.inject import apply_lora  # noqa: E402
+from minilora.lora import LoRALinear  # noqa: E402
 from minilora.quant import Int8Linear  # noqa: E402
 
 dims = st.integers(min_value=1, max_value=96)

@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 
 from minilora.errors import ConfigError
-from minilora.lora import LoRALinear, apply_lora
+from minilora.inject import apply_lora
+from minilora.lora import LoRALinear
 from minilora.report import param_report
 from minilora.quant import Int8Linear, int8_matmul, int8_matmul_in_float, quantize_model, quantize_rows
 from minilora.weights import load_model

@@ -4,7 +4,7 @@ and the fine-tuned model keeps the `Quote by X: "..."` format and stops, where t
 import re
 
 from minilora.generate import generate_ids
-from minilora.lora import adapter_disabled
+from minilora.inject import adapter_disabled
 from minilora.recipe import load_recipe, run_recipe
 from pathlib import Path
 

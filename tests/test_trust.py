@@ -150,7 +150,7 @@ def test_the_command_line_refuses_a_second_fresh_run_and_overwrites_when_asked(s
     (dict(config=dict(seed=1)), "seed: checkpoint 42 vs now 1"),
 ])
 def test_resume_refuses_every_change_that_alters_the_run(saved_tiny, tmp_path, change, named):
-    from minilora.lora import apply_lora
+    from minilora.inject import apply_lora
     from minilora.weights import load_model
     train(lora_model(saved_tiny), Tok, examples(8), None, quick(tmp_path))
     model = load_model(saved_tiny["llama-gqa"][1])
@@ -165,13 +165,13 @@ def test_resume_refuses_every_change_that_alters_the_run(saved_tiny, tmp_path, c
 def test_load_adapter_never_mixes_scalings(saved_tiny, tmp_path):
     """Same shapes, other alpha: loading it onto LoRA layers of alpha 8 would scale its B·A wrongly."""
     from minilora.adapter import load_adapter, save_adapter
-    from minilora.lora import apply_lora
+    from minilora.inject import apply_lora
     from minilora.weights import load_model
     folder = saved_tiny["llama-gqa"][1]
     save_adapter(apply_lora(load_model(folder), ["q_proj"], r=4, alpha=32), tmp_path / "a")
     model = apply_lora(load_model(folder), ["q_proj"], r=4, alpha=8)
-    with pytest.raises(CheckpointError, match=r"a: the adapter's LoRA settings \(r=4, alpha=32, .*\) differ from those "
-                                              r"of the LoRA layers already on the model \(r=4, alpha=8"):
+    with pytest.raises(CheckpointError, match=r"a: the adapter's LoRA settings for \S+ \(r=4, alpha=32, .*\) differ from those "
+                                              r"of the LoRA layer already there \(r=4, alpha=8"):
         load_adapter(model, tmp_path / "a")
     loaded = load_adapter(load_model(folder), tmp_path / "a")  # onto the base model: its own settings
     assert {m.scaling for m in loaded.modules() if hasattr(m, "scaling")} == {32 / 4}
@@ -184,7 +184,7 @@ def test_a_regex_in_an_adapter_file_is_never_run(saved_tiny, tmp_path):
     """PEFT writes target_modules as a regex when given one; a crafted one backtracks for ages on module
     names. The adapter's tensor keys name every adapted module: LoRA goes exactly there, the regex unrun."""
     from minilora.adapter import save_adapter
-    from minilora.lora import apply_lora
+    from minilora.inject import apply_lora
     from minilora.weights import load_model
     folder = saved_tiny["llama-gqa"][1]
     save_adapter(apply_lora(load_model(folder), ["q_proj"], r=2), tmp_path / "a")
@@ -193,7 +193,7 @@ def test_a_regex_in_an_adapter_file_is_never_run(saved_tiny, tmp_path):
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config))
     code = textwrap.dedent(f"""
         from minilora.adapter import load_adapter
-        from minilora.lora import lora_modules
+        from minilora.inject import lora_modules
         from minilora.weights import load_model
         model = load_adapter(load_model({str(folder)!r}), {str(tmp_path / "a")!r})
         print(sorted(n for n, _ in lora_modules(model)))
@@ -320,7 +320,7 @@ def test_weights_that_are_not_float_or_not_finite_are_refused_by_name(saved_tiny
     import shutil
     from safetensors.torch import load_file, save_file
     from minilora.adapter import load_adapter, save_adapter
-    from minilora.lora import apply_lora
+    from minilora.inject import apply_lora
     from minilora.weights import load_model
     folder = tmp_path / "m"
     shutil.copytree(saved_tiny["llama-gqa"][1], folder)
