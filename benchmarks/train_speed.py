@@ -2,6 +2,7 @@
 
     python benchmarks/train_speed.py --model gpt2-medium --dtype fp32 --steps 6
     python benchmarks/train_speed.py --model gpt2 --dtype bf16
+    python benchmarks/train_speed.py --model gpt2 --dora      # DoRA on both sides (run it without, to compare)
 
 Each side runs in its own subprocess (so its peak memory, VmHWM, is its own): random weights from the
 same seed, LoRA r=8 alpha=16 on the attention projections, micro-batch 8 x 128 tokens, AdamW. It
@@ -33,7 +34,8 @@ CONFIGS = {
 }
 
 
-def worker(side: str, name: str, dtype: str, steps: int, batch: int, seq: int, reference: bool = False) -> dict:
+def worker(side: str, name: str, dtype: str, steps: int, batch: int, seq: int, reference: bool = False,
+           dora: bool = False) -> dict:
     import torch
     torch.manual_seed(0)
     cfg = dict(CONFIGS[name])
@@ -48,7 +50,7 @@ def worker(side: str, name: str, dtype: str, steps: int, batch: int, seq: int, r
         model = build_model(cfg)
         model.load_state_dict(reference_state(cfg), strict=False)  # the state dict is freed at once, as on peft's side
         model.tie_weights()
-        apply_lora(model, targets, r=8, alpha=16)
+        apply_lora(model, targets, r=8, alpha=16, use_dora=dora)
 
         def loss_of(m):
             loss, n = causal_lm_loss(m, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
@@ -63,7 +65,8 @@ def worker(side: str, name: str, dtype: str, steps: int, batch: int, seq: int, r
         else:
             hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**c, attn_implementation="sdpa"))
         hf.load_state_dict(hf_state(cfg), strict=False)
-        model = get_peft_model(hf, LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0))
+        model = get_peft_model(hf, LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0,
+                                              use_dora=dora))
 
         def loss_of(m):
             return m(input_ids=ids, labels=ids).loss
@@ -177,9 +180,11 @@ def main() -> None:
                              "machine falls on both sides")
     parser.add_argument("--worker", choices=["minilora", "peft"])
     parser.add_argument("--reference", action="store_true")
+    parser.add_argument("--dora", action="store_true", help="DoRA instead of plain LoRA, on both sides")
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.model, args.dtype, args.steps, args.batch, args.seq, args.reference)))
+        print(json.dumps(worker(args.worker, args.model, args.dtype, args.steps, args.batch, args.seq, args.reference,
+                                args.dora)))
         return
     import torch
     from minilora.hardware import matmul_is_fast
@@ -192,7 +197,8 @@ def main() -> None:
     for round_ in range(args.rounds):
         for side in ("minilora", "peft") if round_ % 2 == 0 else ("peft", "minilora"):
             cmd = [sys.executable, __file__, "--worker", side, "--model", args.model, "--dtype", args.dtype,
-                   "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)]
+                   "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)] + \
+                (["--dora"] if args.dora else [])
             if round_ == 0 and side == "minilora" and args.dtype == "bf16":
                 cmd.append("--reference")
             proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -208,7 +214,7 @@ def main() -> None:
                           peak_rss=max(r["peak_rss"] for r in results), rounds=results)
     peak = max(peak, matmul_peak(args.dtype))
     flops = step_flops(CONFIGS[args.model], args.batch, args.seq)
-    print(f"LoRA r=8 on {TARGETS[CONFIGS[args.model]['model_type']]}, {args.model}, {args.dtype}, micro-batch "
+    print(f"{'DoRA' if args.dora else 'LoRA'} r=8 on {TARGETS[CONFIGS[args.model]['model_type']]}, {args.model}, {args.dtype}, micro-batch "
           f"{args.batch} x {args.seq}; matmul peak {peak / 1e9:.0f} GFLOP/s; {flops / 1e9:.0f} GFLOP per step")
     print(f"{'':>10} {'loss@1':>10} {'first step':>11} {'tokens/s':>9} {'of peak':>8} {'peak RSS':>9}")
     for side, r in rows.items():
@@ -232,9 +238,9 @@ def main() -> None:
             print(f"step-1 loss against the fp32 loss {ref:.6f}: minilora {rows['minilora']['loss_step1'] - ref:+.2e}, "
                   f"peft {rows['peft']['loss_step1'] - ref:+.2e}")
     RESULTS.mkdir(exist_ok=True)
-    out = dict(model=args.model, dtype=args.dtype, batch=args.batch, seq=args.seq, matmul_peak=peak,
+    out = dict(model=args.model, dtype=args.dtype, dora=args.dora, batch=args.batch, seq=args.seq, matmul_peak=peak,
                step_flops=flops, rows=rows)
-    (RESULTS / f"train_speed_{args.model}_{args.dtype}.json").write_text(json.dumps(out, indent=2) + "\n")
+    (RESULTS / f"train_speed_{args.model}_{args.dtype}{'_dora' if args.dora else ''}.json").write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":

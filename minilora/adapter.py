@@ -36,6 +36,12 @@ PEFT_NAMES = {"targets": "target_modules", "r": "r", "alpha": "lora_alpha", "dro
               "ensure_weight_tying": "ensure_weight_tying"}
 
 
+# PEFT options with no counterpart here: an adapter using one is refused, never loaded half-understood.
+UNSUPPORTED = {"lora_bias": "a trained bias on lora_B", "trainable_token_indices": "trainable rows of the embeddings",
+               "layers_to_transform": "LoRA on some layers only", "layer_replication": "replicated layers",
+               "use_qalora": "QALoRA", "alora_invocation_tokens": "activated LoRA"}
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's tensors under PEFT's names: every LoRA A/B (DoRA's magnitudes, an embedding's
     A/B), and modules_to_save in full, under every name they have (a tied tensor under both, as PEFT)."""
@@ -151,9 +157,16 @@ def read_adapter(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, t
     folder = Path(os.path.expanduser(str(folder)))
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such adapter folder")
+    named = sorted(p.name for p in folder.iterdir() if (p / CONFIG_FILE).is_file())
+    if not (folder / CONFIG_FILE).is_file() and named:  # PEFT's layout with no "default" adapter
+        raise CheckpointError(f"{folder}: no {CONFIG_FILE} here, but named adapters in {', '.join(named)}: load "
+                              f"each with load_adapter(model, {str(folder / named[0])!r}, adapter_name={named[0]!r})")
     config = read_json(folder / CONFIG_FILE)
     if config.get("peft_type", "LORA") != "LORA":
         raise CheckpointError(f"{folder / CONFIG_FILE}: peft_type {config.get('peft_type')!r} is not LORA")
+    for key, what in UNSUPPORTED.items():
+        if config.get(key):
+            raise CheckpointError(f"{folder / CONFIG_FILE}: {key} = {config[key]!r} ({what}) is not supported here")
     if (folder / WEIGHTS_FILE).is_file():
         tensors = dict(safetensors_tensors(folder / WEIGHTS_FILE))
     elif (folder / "adapter_model.bin").is_file():

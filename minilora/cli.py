@@ -41,8 +41,8 @@ def cmd_params(args: argparse.Namespace) -> None:
     with torch.device("meta"):  # shapes only: nothing is allocated, no weights are read
         model = build_model(config, f"{args.model} config")
         apply_lora(model, targets_arg(args.targets), r=args.r, alpha=args.alpha,
-                   modules_to_save=args.modules_to_save, use_rslora=args.rslora)
-    print(f"{args.model} ({config.get('model_type')}), LoRA r={args.r}, alpha={args.alpha}")
+                   modules_to_save=args.modules_to_save, use_rslora=args.rslora, use_dora=args.dora)
+    print(f"{args.model} ({config.get('model_type')}), {'DoRA' if args.dora else 'LoRA'} r={args.r}, alpha={args.alpha}")
     print(param_report(model))
 
 
@@ -190,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=defaults.alpha)
     p.add_argument("--modules-to-save", nargs="*", default=[])
     p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
+    p.add_argument("--dora", action="store_true", help="DoRA: a trained magnitude per output row besides A and B")
     p.add_argument("--revision", help="Hub branch, tag or commit")
     p.set_defaults(func=cmd_params)
 

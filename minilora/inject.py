@@ -164,12 +164,14 @@ def _all_lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear | LoRAEmbed
 def add_adapter(model: nn.Module, name: str, config: LoRAConfig) -> nn.Module:
     """A second (third, ...) adapter beside those on the model, freshly initialised, made active. LoRA
     tensors only: modules_to_save belong to one adapter at most here."""
-    adapters = getattr(model, "lora_adapters", None)
-    if not adapters:
-        return _rename(apply_lora(model, config), name)
+    adapters = getattr(model, "lora_adapters", None) or {}
     if not isinstance(name, str) or not name or name in adapters or "." in name or "/" in name:
         raise ConfigError(f"adapter name {name!r}: expected a new name without '.' or '/' "
-                          f"(the model has {', '.join(adapters)})")
+                          f"(the model has {', '.join(adapters) or 'none'})")
+    if not adapters:
+        apply_lora(model, config)
+        model.lora_adapters, model.active_adapter = {name: config}, name
+        return model
     if config.modules_to_save or any(c.modules_to_save for c in adapters.values()):
         raise ConfigError("several adapters with modules_to_save are not supported: only LoRA tensors can be swapped")
     _check_unmerged(model)
@@ -210,14 +212,6 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     for _, m in _all_lora_layers(model):
         m.stored.pop(name, None)
     del model.lora_adapters[name]
-
-
-def _rename(model: nn.Module, name: str) -> nn.Module:
-    if not isinstance(name, str) or not name or "." in name or "/" in name:
-        raise ConfigError(f"adapter name {name!r}: expected a name without '.' or '/'")
-    model.lora_adapters = {name: model.lora_config}
-    model.active_adapter = name
-    return model
 
 
 def _stash(model: nn.Module, keep: bool = True) -> None:

@@ -24,7 +24,7 @@ class ReportRow:
     k: int           # in_features
     r: int
     frozen: int      # d·k per module (the weight the update stands in for)
-    trainable: int   # r·(d+k) per module
+    trainable: int   # r·(d+k) per module (+ d with DoRA: the magnitudes)
 
 
 @dataclass
@@ -61,10 +61,10 @@ def param_report(model: nn.Module) -> ParamReport:
     """Count parameters as logical elements (an int8 weight counts d·k, not its bytes)."""
     groups: dict[tuple, ReportRow] = {}
     for name, m in lora_modules(model):
-        key = (_pattern(name), m.out_features, m.in_features, m.r)
-        row = groups.setdefault(key, ReportRow(key[0], 0, m.out_features, m.in_features, m.r,
-                                               m.out_features * m.in_features,
-                                               m.r * (m.out_features + m.in_features)))
+        # an embedding table V×d stands in for a linear layer: d = embedding_dim, k = num_embeddings
+        d, k = (m.embedding_dim, m.num_embeddings) if hasattr(m, "num_embeddings") else (m.out_features, m.in_features)
+        key = (_pattern(name), d, k, m.r)
+        row = groups.setdefault(key, ReportRow(key[0], 0, d, k, m.r, d * k, m.r * (d + k) + (d if m.use_dora else 0)))
         row.count += 1
     saved: dict[str, int] = {}
     for t in getattr(getattr(model, "lora_config", None), "modules_to_save", []):

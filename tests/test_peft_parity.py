@@ -365,3 +365,89 @@ def test_named_adapter_errors(saved_tiny, tmp_path):
         load_adapter(fresh, tmp_path / "r2")
     load_adapter(fresh, tmp_path / "r2", adapter_name="small")  # beside it, under its own name
     assert fresh.active_adapter == "default" and fresh.lora_adapters["small"].r == 2
+
+
+def test_report_counts_dora_magnitudes_and_embedding_updates_as_peft(saved_tiny):
+    from minilora.inject import LoRAConfig
+    from minilora.report import param_report
+    hf, folder = saved_tiny["llama-gqa"]
+    theirs = peft_model_of(hf, dict(target_modules=["q_proj", "v_proj", "embed_tokens"], use_dora=False), seed=0)
+    ours = apply_lora(load_model(folder), LoRAConfig(["q_proj", "v_proj", "embed_tokens"], r=4, alpha=8))
+    report = param_report(ours)
+    assert (report.trainable, report.total) == theirs.get_nb_trainable_parameters()
+    assert sum(row.count * row.trainable for row in report.rows) == report.trainable
+    dora = param_report(apply_lora(load_model(folder), LoRAConfig(["q_proj", "v_proj"], r=4, alpha=8, use_dora=True)))
+    theirs = peft_model_of(hf, dict(target_modules=["q_proj", "v_proj"], use_dora=True), seed=0)
+    assert dora.trainable == theirs.get_nb_trainable_parameters()[0]
+    assert sum(row.count * row.trainable for row in dora.rows) == dora.trainable  # r(d+k) + d per module
+
+
+@pytest.mark.parametrize("config", [
+    dict(targets=["q_proj", "v_proj"], use_dora=True, dropout=0.1),
+    dict(targets=["q_proj", "embed_tokens"], rank_pattern={"embed_tokens": 2}, dropout=0.1),
+], ids=["dora", "embedding"])
+def test_dora_and_embedding_adapters_train_and_resume_exactly(saved_tiny, tmp_path, config):
+    """train() trains the magnitudes and the embedding's A/B; a stop and resume continues the same curve,
+    and the saved adapter gives the trained model's logits."""
+    from conftest import Tok, examples
+    from minilora.inject import LoRAConfig
+    from minilora.train import TrainConfig, train
+    _, folder = saved_tiny["llama-gqa"]
+
+    def model():
+        torch.manual_seed(0)
+        return apply_lora(load_model(folder), LoRAConfig(r=4, alpha=8, **config))
+
+    def settings(out):
+        return TrainConfig(output_dir=str(out), epochs=2, micro_batch_size=2, batch_size=4, lr=1e-2, save_every=2,
+                           progress=False)
+    full_model = model()
+    trained = [n for n, p in full_model.named_parameters() if p.requires_grad]
+    assert any("lora_magnitude_vector" in n or "lora_embedding_A" in n for n in trained)
+    before = {n: p.detach().clone() for n, p in full_model.named_parameters() if p.requires_grad}
+    full = train(full_model, Tok, examples(12), None, settings(tmp_path / "a"))
+    assert not full.stopped_early
+    changed = {n for n, p in full_model.named_parameters() if n in before and not torch.equal(p, before[n])}
+    assert changed == set(trained)  # every adapter tensor learned, magnitudes and the table's A included
+    asked = []
+    stopped = train(model(), Tok, examples(12), None, settings(tmp_path / "b"),
+                    should_stop=lambda: asked.append(1) or len(asked) == 3)
+    assert stopped.stopped_early
+    cfg = settings(tmp_path / "b")
+    cfg.resume_from_checkpoint = "latest"
+    resumed_model = model()
+    resumed = train(resumed_model, Tok, examples(12), None, cfg)
+    a = {h["step"]: h["loss"] for h in full.history if "loss" in h}
+    assert [h["step"] for h in resumed.history if "loss" in h] == [4, 5, 6]
+    for h in resumed.history:
+        if "loss" in h:
+            assert abs(h["loss"] - a[h["step"]]) <= 1e-6
+    for (n, p), (_, q) in zip(full_model.named_parameters(), resumed_model.named_parameters()):
+        assert (p - q).abs().max().item() <= 1e-6, n
+    expected = logits(full_model.eval())
+    assert max_error(logits(load_adapter(load_model(folder), full.adapter_dir)), expected) <= 1e-6
+
+
+@pytest.mark.parametrize("field, value", [("lora_bias", True), ("layers_to_transform", [0]),
+                                          ("trainable_token_indices", [1, 2])])
+def test_peft_options_without_counterpart_are_refused_by_name(saved_tiny, tmp_path, field, value):
+    from minilora.errors import CheckpointError
+    hf, folder = saved_tiny["llama-gqa"]
+    theirs = peft_model_of(hf, dict(target_modules=["q_proj"]), seed=0)
+    theirs.save_pretrained(tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**config, field: value}))
+    with pytest.raises(CheckpointError, match=rf"adapter_config.json: {field} = .* is not supported here"):
+        load_adapter(load_model(folder), tmp_path / "a")
+
+
+def test_a_folder_of_named_adapters_names_them(saved_tiny, tmp_path):
+    from minilora.errors import CheckpointError
+    from minilora.inject import LoRAConfig, add_adapter
+    _, folder = saved_tiny["llama-gqa"]
+    model = add_adapter(add_adapter(load_model(folder), "a", LoRAConfig(["q_proj"])), "b", LoRAConfig(["k_proj"]))
+    save_adapter(model, tmp_path / "two")
+    assert not (tmp_path / "two" / "adapter_config.json").exists()
+    with pytest.raises(CheckpointError, match=r"named adapters in a, b: load each with load_adapter\(model, '.*two/a', "
+                                              r"adapter_name='a'\)"):
+        load_adapter(load_model(folder), tmp_path / "two")
