@@ -165,9 +165,7 @@ def add_adapter(model: nn.Module, name: str, config: LoRAConfig) -> nn.Module:
     """A second (third, ...) adapter beside those on the model, freshly initialised, made active. LoRA
     tensors only: modules_to_save belong to one adapter at most here."""
     adapters = getattr(model, "lora_adapters", None) or {}
-    if not isinstance(name, str) or not name or name in adapters or "." in name or "/" in name:
-        raise ConfigError(f"adapter name {name!r}: expected a new name without '.' or '/' "
-                          f"(the model has {', '.join(adapters) or 'none'})")
+    _check_name(name, adapters)
     if not adapters:
         apply_lora(model, config)
         model.lora_adapters, model.active_adapter = {name: config}, name
@@ -245,9 +243,9 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
     if len(adapters) != len(weights) or not adapters or any(a not in known for a in adapters):
         raise ConfigError(f"add_weighted_adapter: adapters {adapters!r} (of {', '.join(known) or 'none'}) and weights "
                           f"{weights!r} must be as many, and name adapters on the model")
-    if any(known[a].use_dora or known[a].modules_to_save for a in adapters) or name in known:
-        raise ConfigError(f"add_weighted_adapter: {name!r} must be a new name, and the adapters plain LoRA "
-                          "(no DoRA, no modules_to_save)")
+    if any(known[a].use_dora or known[a].modules_to_save for a in adapters):
+        raise ConfigError("add_weighted_adapter: the adapters must be plain LoRA (no DoRA, no modules_to_save)")
+    _check_name(name, known)
     _check_unmerged(model)
     active = model.active_adapter
     _stash(model)
@@ -275,6 +273,13 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
     _unstash(model, active)
     model.active_adapter = active
     return model
+
+
+def _check_name(name: object, adapters: dict) -> None:
+    """A new adapter's name: not taken, and usable as a subfolder's name (PEFT's layout)."""
+    if not isinstance(name, str) or not name or name in adapters or "." in name or "/" in name or name != name.strip():
+        raise ConfigError(f"adapter name {name!r}: expected a new name without '.' or '/' "
+                          f"(the model has {', '.join(adapters) or 'none'})")
 
 
 def _check_unmerged(model: nn.Module) -> None:

@@ -134,13 +134,15 @@ class LoRALinear(nn.Module):
         Written as the base output plus a correction, as PEFT computes it: with LoRA's dropout active
         in training, the correction (m/n - 1) ⊙ W0 x_d + (m/n) ⊙ s·B A x_d uses the dropped-out x_d."""
         out = self.base(x)
-        x_d = self.dropout(x)
-        with torch.no_grad():
+        dropped = self.training and isinstance(self.dropout, nn.Dropout)
+        x_d = self.dropout(x) if dropped else x
+        with torch.no_grad():  # n is a constant (paper, section 4.3): no d×k gradient, ever
             n = (self.base_weight() + self.delta_weight().to(torch.float32)).norm(dim=1)
-        ratio = (self.lora_magnitude_vector / n.to(self.lora_magnitude_vector.dtype))  # (d,)
-        base_d = out - self.bias if x_d is x and self.bias is not None else out if x_d is x else self.base(x_d, bias=False)
-        lora = self.lora_B(self.lora_A(x_d if autocast else x_d.to(self.lora_A.weight.dtype)))
-        return out + ((ratio - 1) * base_d + ratio * lora * self.scaling).to(out.dtype)
+        ratio = self.lora_magnitude_vector / n.to(self.lora_magnitude_vector.dtype)  # m / n, (d,)
+        base_d = self.base(x_d, bias=False) if dropped else out if self.bias is None else out - self.bias  # W0 x_d
+        lora = self.lora_B(self.lora_A(x_d if autocast else x_d.to(self.lora_A.weight.dtype))) * self.scaling
+        # out + (m/n - 1) W0 x_d + (m/n) s B A x_d, grouped so that autograd keeps one (N, d) tensor for m's gradient
+        return out + (ratio * (base_d + lora) - base_d).to(out.dtype)
 
     def base(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
         """The frozen layer alone: W0 x + b (or the quantized base's own product)."""
@@ -169,8 +171,8 @@ class LoRALinear(nn.Module):
             return
         wide = torch.promote_types(self.weight.dtype, torch.float32)  # added in fp32 at least, then stored
         merged = self.weight.to(wide) + self.delta_weight().to(wide)
-        if self.use_dora:
-            self.merged_norm = merged.norm(dim=1)
+        if self.use_dora:  # the norm of the unmerged weight, kept (and moved with the layer) to unmerge exactly
+            self.register_buffer("merged_norm", merged.norm(dim=1), persistent=False)
             merged *= (self.lora_magnitude_vector.to(wide) / self.merged_norm)[:, None]
         self.weight.copy_(merged)
         self.merged = True

@@ -154,3 +154,35 @@ def test_the_same_seed_gives_the_same_lora_init_on_cuda_and_cpu():
         layers[device] = LoRALinear(base, r=4, alpha=8)
     assert layers["cuda"].lora_A.weight.device.type == "cuda"
     assert torch.equal(layers["cuda"].lora_A.weight.cpu(), layers["cpu"].lora_A.weight)
+
+
+def test_dora_embeddings_and_named_adapters_on_cuda_equal_cpu(saved_tiny):
+    """DoRA, LoRA on embeddings and a switch between named adapters: the same numbers on the GPU, and the
+    gradients too; an adapter stored while the model moved comes back on the model's device."""
+    from minilora.inject import LoRAConfig, add_adapter, apply_lora, set_adapter
+    _, folder = saved_tiny["llama-gqa"]
+    ids = torch.randint(0, 97, (2, 9))
+    outs = {}
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        model = apply_lora(load_model(folder), LoRAConfig(["q_proj", "v_proj"], r=4, alpha=8, use_dora=True))
+        add_adapter(model, "emb", LoRAConfig(["embed_tokens", "o_proj"], r=2, alpha=4))
+        for name in ("emb", "default"):
+            set_adapter(model, name)
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if p.requires_grad:
+                        p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(n)))
+        model.to(device)
+        set_adapter(model, "emb")  # stored on the CPU, back on the model's device
+        emb = model(ids.to(device)).float().cpu()
+        set_adapter(model, "default")
+        out = model(ids.to(device))
+        out.square().mean().backward()
+        grads = {n: p.grad.cpu() for n, p in model.named_parameters() if p.grad is not None}
+        outs[device] = (emb, out.detach().cpu(), grads)
+    for a, b in zip(outs["cpu"][:2], outs["cuda"][:2]):
+        assert (a - b).abs().max().item() <= 1e-4
+    assert outs["cpu"][2].keys() == outs["cuda"][2].keys() and any("magnitude" in n for n in outs["cpu"][2])
+    for n, g in outs["cpu"][2].items():
+        assert (g - outs["cuda"][2][n]).abs().max().item() <= 1e-4, n
