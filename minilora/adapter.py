@@ -230,8 +230,9 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, adapter_name: str 
     try:
         if not layers or added:
             add_adapter(model, adapter_name or "default", settings)
-        else:  # LoRA is on the model already: the adapter must have been made with the same settings
-            _check_same_settings(model, layers, settings, folder)
+        else:  # into an adapter already on the model (the named one, active or not): same settings only
+            set_adapter(model, adapter_name or previous)
+            _check_same_settings(model, lora_modules(model), settings, folder)
         _load_tensors(model, tensors, settings, where)
     except (ConfigError, CheckpointError) as e:
         if added:  # leave the model as it was
@@ -239,10 +240,12 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, adapter_name: str 
             delete_adapter(model, adapter_name)
         elif not layers and lora_modules(model):
             remove_lora(model, merge=False)
+        elif layers:
+            set_adapter(model, previous)
         if isinstance(e, CheckpointError):
             raise
         raise CheckpointError(f"{Path(folder) / CONFIG_FILE} does not fit this model: {e}") from None
-    if added:
+    if layers:
         set_adapter(model, previous)
     return model
 

@@ -13,6 +13,7 @@ others' updates.
 
 from __future__ import annotations
 
+import math
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -112,22 +113,33 @@ def apply_lora(model: nn.Module, targets: list[str] | str | LoRAConfig, r: int =
 
 def _put_lora(model: nn.Module, config: LoRAConfig) -> None:
     """A fresh adapter of `config` on every layer it targets: plain layers are wrapped, LoRA layers get
-    it as their active adapter (their current one must have been stored first)."""
+    it as their active adapter (their current one must have been stored first). Every target is checked
+    before any is changed."""
+    holders, plan = owners(model), []
     for name in find_targets(model, config.targets):
         module = model.get_submodule(name)
         r, alpha = config.settings_for(name)
+        embedding = isinstance(module, nn.Embedding) or getattr(module, "is_embedding", False)
+        shape = (module.num_embeddings, module.embedding_dim) if embedding else (module.in_features, module.out_features)
+        tied = [t for t in holders.get(id(module.weight), []) if t != name]
         try:
-            if isinstance(module, LoRALayer):
-                module.new_adapter(r, alpha, config.dropout, config.use_rslora, config.use_dora)
-            elif isinstance(module, nn.Embedding):
-                if config.use_dora:
-                    raise ConfigError("DoRA on an embedding layer is not supported: leave it out of the targets")
-                replace_module(model, name, LoRAEmbedding(module, r, alpha, config.use_rslora).train(module.training))
-            else:  # keep the model's train/eval mode: a new module starts in training mode, dropout on
-                replace_module(model, name, LoRALinear(module, r, alpha, config.dropout, config.use_rslora,
-                                                       config.use_dora).train(module.training))
+            check_lora_hyperparameters(r, alpha, config.dropout, min(shape))
+            if embedding and config.use_dora:
+                raise ConfigError("DoRA on an embedding layer is not supported: leave it out of the targets")
+            if tied and config.ensure_weight_tying:  # PEFT then adapts the tied layer too, with the same A and B
+                raise ConfigError(f"LoRA on a layer tied to {', '.join(tied)} with ensure_weight_tying is not "
+                                  "supported here (without it, the update applies to this layer alone)")
         except ConfigError as e:
             raise ConfigError(f"{name}: {e}") from None
+        plan.append((name, module, r, alpha))
+    for name, module, r, alpha in plan:
+        if isinstance(module, LoRALayer):
+            module.new_adapter(r, alpha, config.dropout, config.use_rslora, config.use_dora)
+        elif isinstance(module, nn.Embedding):
+            replace_module(model, name, LoRAEmbedding(module, r, alpha, config.use_rslora).train(module.training))
+        else:  # keep the model's train/eval mode: a new module starts in training mode, dropout on
+            replace_module(model, name, LoRALinear(module, r, alpha, config.dropout, config.use_rslora,
+                                                   config.use_dora).train(module.training))
 
 
 def _train_in_full(model: nn.Module, config: LoRAConfig) -> None:
@@ -238,11 +250,14 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
     """A new adapter whose update is Σ w_i ΔW_i exactly, from LoRA adapters on the model (PEFT's
     combination_type="cat"): A = [A_1; A_2; ...] stacked along the rank, B = [w_1 s_1 B_1, w_2 s_2 B_2, ...]
     side by side, so B A = Σ w_i s_i B_i A_i; its rank is the sum of theirs and alpha equals it (s = 1).
-    The new adapter is added, not made active."""
+    The new adapter is added, not made active. (PEFT's own "cat" copies use_rslora from the first
+    adapter, so that its result is √r times the sum for rsLoRA adapters; here it is the sum.)"""
     known = getattr(model, "lora_adapters", {})
     if len(adapters) != len(weights) or not adapters or any(a not in known for a in adapters):
         raise ConfigError(f"add_weighted_adapter: adapters {adapters!r} (of {', '.join(known) or 'none'}) and weights "
                           f"{weights!r} must be as many, and name adapters on the model")
+    if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
+        raise ConfigError(f"add_weighted_adapter: weights must be finite numbers, got {weights!r}")
     if any(known[a].use_dora or known[a].modules_to_save for a in adapters):
         raise ConfigError("add_weighted_adapter: the adapters must be plain LoRA (no DoRA, no modules_to_save)")
     _check_name(name, known)

@@ -451,3 +451,59 @@ def test_a_folder_of_named_adapters_names_them(saved_tiny, tmp_path):
     with pytest.raises(CheckpointError, match=r"named adapters in a, b: load each with load_adapter\(model, '.*two/a', "
                                               r"adapter_name='a'\)"):
         load_adapter(load_model(folder), tmp_path / "two")
+
+
+def test_load_into_a_named_adapter_that_is_not_active(saved_tiny, tmp_path):
+    """As PEFT: load_adapter(..., adapter_name="b") fills "b", whichever adapter is active."""
+    from minilora.inject import LoRAConfig, add_adapter, set_adapter
+    _, folder = saved_tiny["llama-gqa"]
+    source = apply_lora(load_model(folder), ["k_proj"], r=2)
+    randomize(source, seed=8)
+    save_adapter(source, tmp_path / "k")
+    expected = logits(source)
+    model = add_adapter(apply_lora(load_model(folder), ["q_proj"]), "b", LoRAConfig(["k_proj"], r=2))
+    set_adapter(model, "default")
+    randomize(model, seed=9)
+    default = logits(model)
+    load_adapter(model, tmp_path / "k", adapter_name="b")
+    assert model.active_adapter == "default" and max_error(logits(model), default) == 0
+    set_adapter(model, "b")
+    assert max_error(logits(model), expected) <= 1e-6
+
+
+def test_tied_embedding_lora_with_ensure_weight_tying_is_refused_both_ways(saved_tiny, tmp_path):
+    """PEFT then also adapts the tied head with the same A and B (transposed); that is not built here,
+    so it is refused by name, from the API and from PEFT's file, and the model is left as it was."""
+    from minilora.errors import CheckpointError, ConfigError
+    from minilora.inject import LoRAConfig
+    hf, folder = saved_tiny["llama-tied"]
+    model = load_model(folder)
+    with pytest.raises(ConfigError, match=r"model.embed_tokens: LoRA on a layer tied to lm_head with "
+                                          r"ensure_weight_tying is not supported"):
+        apply_lora(model, LoRAConfig(["q_proj", "embed_tokens"], ensure_weight_tying=True))
+    assert not any("lora" in n for n, _ in model.named_parameters())  # nothing was wrapped
+    theirs = peft_model_of(hf, dict(target_modules=["q_proj", "embed_tokens"], ensure_weight_tying=True), seed=0)
+    theirs.save_pretrained(tmp_path / "peft")
+    with pytest.raises(CheckpointError, match=r"adapter_config.json does not fit this model: model.embed_tokens: "
+                                              r"LoRA on a layer tied to lm_head with ensure_weight_tying"):
+        load_adapter(load_model(folder), tmp_path / "peft")
+
+
+def test_weighted_adapter_weights_are_checked_and_rslora_gives_the_exact_sum(saved_tiny):
+    from minilora.errors import ConfigError
+    from minilora.inject import LoRAConfig, add_adapter, add_weighted_adapter, set_adapter
+    _, folder = saved_tiny["llama-gqa"]
+    model = apply_lora(load_model(folder), LoRAConfig(["q_proj"], r=2, alpha=3, use_rslora=True))
+    add_adapter(model, "b", LoRAConfig(["q_proj", "v_proj"], r=4, alpha=5, use_rslora=True))
+    for bad in (["a", "b"], [0.5, float("nan")], [True, 1.0]):
+        with pytest.raises(ConfigError, match="weights must be finite numbers"):
+            add_weighted_adapter(model, ["default", "b"], bad, "mix")
+    deltas = {}
+    for name in ("default", "b"):
+        set_adapter(model, name)
+        randomize(model, seed=len(name))
+        deltas[name] = model.model.layers[0].self_attn.q_proj.delta_weight().detach()
+    add_weighted_adapter(model, ["default", "b"], [0.6, -0.4], "mix")
+    set_adapter(model, "mix")
+    mixed = model.model.layers[0].self_attn.q_proj.delta_weight()
+    assert torch.allclose(mixed, 0.6 * deltas["default"] - 0.4 * deltas["b"], atol=1e-6)
