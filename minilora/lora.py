@@ -164,9 +164,9 @@ class LoRALinear(nn.Module):
         """Fold the update into W0 so inference costs one matmul. Explicit: never done by .eval().
         LoRA: W0 + ΔW. DoRA: (m / n) ⊙ (W0 + ΔW), n kept to undo it exactly."""
         if self.base_linear is not None:
-            raise ConfigError("cannot merge into an int8 base weight: the update would be rounded away. Load the "
-                              "base model in floating point (without load_in_8bit) and merge there, as "
-                              "`minilora merge` does")
+            raise ConfigError("cannot merge into a quantized (int8 or 4-bit) base weight: the update would be "
+                              "rounded away. Load the base model in floating point (without load_in_8bit/"
+                              "load_in_4bit) and merge there, as `minilora merge` does")
         if self.merged or not self.active:
             return
         wide = torch.promote_types(self.weight.dtype, torch.float32)  # added in fp32 at least, then stored

@@ -41,6 +41,7 @@ class ModelSection:
     device: str | None = None         # cpu, cuda, cuda:1, ...; default: cuda where there is one
     revision: str | None = None
     load_in_8bit: bool = False        # frozen linear weights held in int8 (quant.py)
+    load_in_4bit: bool = False        # ... or in NF4 with double quantization (nf4.py, QLoRA's base)
 
     def __post_init__(self) -> None:
         if not self.name.strip():
@@ -186,7 +187,7 @@ def run_recipe(recipe: Recipe, stop_request: Callable[[], ContextManager[Callabl
     device = distributed.init_from_env(torch.device(m.device or ("cuda" if torch.cuda.is_available() else "cpu")))
     say = print if distributed.is_main() else (lambda *a, **k: None)
     model = load_model(m.name, dtype=torch_dtype(m.dtype, f"{recipe.source} [model].dtype"), device=device,
-                       revision=m.revision, load_in_8bit=m.load_in_8bit,
+                       revision=m.revision, load_in_8bit=m.load_in_8bit, load_in_4bit=m.load_in_4bit,
                        task="classification" if classify else None, id2label=id2label)
     tokenizer = load_tokenizer(m.name, revision=m.revision)
     rows = model.input_embeddings.num_embeddings

@@ -70,7 +70,12 @@ def param_report(model: nn.Module) -> ParamReport:
     for t in getattr(getattr(model, "lora_config", None), "modules_to_save", []):
         for n, mod in find_saved(model, [t]):
             saved[_pattern(n)] = saved.get(_pattern(n), 0) + sum(p.numel() for p in mod.parameters())
-    params = list(model.parameters())
-    total = sum(p.numel() for p in params)
-    trainable = sum(p.numel() for p in params if p.requires_grad)
+    total, trainable, seen = 0, 0, set()
+    for module in model.modules():  # each parameter once, a packed 4-bit weight as its d·k logical elements
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            n = p.numel() * (getattr(module, "packed_elements", 1) if name == "weight" else 1)
+            total, trainable = total + n, trainable + (n if p.requires_grad else 0)
     return ParamReport(list(groups.values()), list(saved.items()), total, trainable)

@@ -24,6 +24,7 @@ from .files import (TOKENIZER_FILES, Tensors, check_replaceable, check_tensor, c
                     release_freed_memory, resolve, write_atomically)
 from .gguf import gguf_config, gguf_tensors, read_gguf
 from .models import PRESETS, PretrainedModel, build_model
+from .nf4 import prepare_nf4
 from .quant import prepare_int8
 
 
@@ -97,8 +98,12 @@ def load_weights(model: PretrainedModel, tensors: Tensors, source: str, dtype: t
         if name not in expected:
             unexpected.append(name)
             continue
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            mismatched.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {tuple(expected[name].shape)}")
+        want = tuple(expected[name].shape)
+        owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        if name.endswith(".weight") and getattr(owner, "packed_elements", 1) > 1:  # a 4-bit layer: its logical shape
+            want = (*want[:-1], want[-1] * owner.packed_elements)
+        if tuple(tensor.shape) != want:
+            mismatched.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {want}")
             continue
         check_tensor(source, name, tensor, expected[name].is_floating_point())
         if transform is not None:  # sees the checkpoint's own tensor (int8 quantizes from full precision)
@@ -154,22 +159,26 @@ def set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 def load_model(source: str | os.PathLike, dtype: torch.dtype | None = torch.float32,
                device: torch.device | str = "cpu", revision: str | None = None, load_in_8bit: bool = False,
                int8_skip: tuple[str, ...] | None = None, int8_threshold: float = 6.0, task: str | None = None,
-               num_labels: int | None = None, id2label: dict[int, str] | None = None) -> PretrainedModel:
+               num_labels: int | None = None, id2label: dict[int, str] | None = None,
+               load_in_4bit: bool = False) -> PretrainedModel:
     """Load a model by Hub repo id, local folder or .gguf file, with its pretrained weights, in eval mode.
 
     dtype: floating tensors are cast to it (None keeps the checkpoint's own dtypes).
     load_in_8bit: every linear layer but the model's output heads (or the names in int8_skip) becomes an
     Int8Linear, each weight quantized as it is read, so the full-precision model never exists in memory.
+    load_in_4bit: the same with NF4 and double quantization (nf4.NF4Linear, QLoRA's 4-bit base).
     task: "causal-lm", or for encoders "classification" (with num_labels / id2label) or "embedding".
     """
     dtype, device = torch_dtype(dtype), check_device(device)
+    if load_in_8bit and load_in_4bit:
+        raise ConfigError("load_in_8bit and load_in_4bit: choose one")
     path = resolve(source, revision)
     hardware.warn_if_slow(dtype, device, str(source))
     if path.suffix == ".gguf":
         file = read_gguf(path)
         config, tensors, where = gguf_config(file), gguf_tensors(file), str(path)
     elif path.is_dir():
-        mapped = dtype if not load_in_8bit and torch.device(device).type == "cpu" else None
+        mapped = dtype if not (load_in_8bit or load_in_4bit) and torch.device(device).type == "cpu" else None
         config, tensors, where = read_json(path / "config.json"), checkpoint_tensors(path, mapped), str(path)
     else:
         raise CheckpointError(f"{path}: expected a folder with config.json and *.safetensors, or a .gguf file")
@@ -181,7 +190,8 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype | None = torch.floa
         config = {**config, "num_labels": num_labels, "id2label": None}
     with torch.device("meta"), _no_random_init():
         model = build_model(config, f"{where}/config.json" if path.is_dir() else where, task)
-    transform = prepare_int8(model, int8_skip, int8_threshold, dtype or torch.float32, device) if load_in_8bit else None
+    transform = prepare_int8(model, int8_skip, int8_threshold, dtype or torch.float32, device) if load_in_8bit else \
+        prepare_nf4(model, int8_skip, device) if load_in_4bit else None
     load_weights(model, tensors, where, dtype, device, transform)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
@@ -223,7 +233,7 @@ def save_model(model: PretrainedModel, folder: str | os.PathLike, tokenizer=None
     quantized = [(n, p.dtype) for n, p in model.named_parameters() if not p.is_floating_point()]
     if quantized:
         raise CheckpointError(f"cannot save a quantized model as a checkpoint ({quantized[0][0]} is {quantized[0][1]}, "
-                              f"{len(quantized)} such weights): load the model without load_in_8bit and save that")
+                              f"{len(quantized)} such weights): load the model without load_in_8bit/load_in_4bit and save that")
     tensors, state = {}, model.state_dict(keep_vars=True)
     # A head untied by training it alone (modules_to_save, as PEFT does) is saved, and no longer tied.
     untied = [alias for alias, source in model.tied_weights.items() if state[alias] is not state[source]]

@@ -110,7 +110,7 @@ def test_lora_on_int8_is_the_equation_and_trains_only_lora():
     assert lora.lora_A.weight.grad is not None and lora.weight.grad is None and x.grad is not None
     report = param_report(model)
     assert report.rows[0].frozen == 512 * 384  # logical elements, not bytes
-    with pytest.raises(ConfigError, match="cannot merge into an int8 base"):
+    with pytest.raises(ConfigError, match="cannot merge into a quantized \\(int8 or 4-bit\\) base"):
         lora.merge()
     assert set(model.state_dict()) == {"proj.weight", "proj.bias", "proj.lora_A.weight", "proj.lora_B.weight"}
 

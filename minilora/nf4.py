@@ -1,0 +1,216 @@
+"""4-bit NormalFloat base weights with double quantization (QLoRA, Dettmers et al. 2023, §2-3).
+
+NF4 stores each weight as one of 16 values, the quantiles of a normal distribution scaled to [-1, 1]
+(with an exact 0): pretrained weights are roughly normal, so every code is about equally used. The
+weight is cut, in row-major order, into blocks of 64; each block keeps its absmax, and stores
+w / absmax rounded to the nearest of the 16 values, two codes a byte (the first in the high nibble):
+
+    w ≈ NF4[code] · absmax_block
+
+Double quantization (§3) then quantizes the absmaxes themselves: their mean is taken out, and the
+rest is stored as 8-bit codes of bitsandbytes' "dynamic" map in blocks of 256, each with an fp32
+absmax. That is 0.5 + 8/64 + 32/(64·256) ≈ 4.127 bits a weight instead of 4.5 with fp32 absmaxes.
+The layout and the rounding are bitsandbytes' (`quantize_4bit(..., "nf4", blocksize=64,
+compress_statistics=True)`), so that the tests can hold its dequantization against ours.
+
+`NF4Linear` is a frozen base with the interface of quant.Int8Linear (`linear`, `dequantize`,
+`carried`): LoRALinear wraps it. Its product dequantizes a block of rows at a time into one buffer
+and multiplies in the activations' dtype (bf16 under autocast), forward and input gradient alike, so
+no full-size float copy of the weight ever exists.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .names import kept_in_float, matches, replace_module
+
+# The 16 NF4 values (QLoRA, appendix E; bitsandbytes' table, to the last bit).
+NF4 = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+                    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+                    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                    0.7229568362236023, 1.0])
+BLOCK, STATS_BLOCK = 64, 256
+# Every byte's two values: BYTE_PAIRS[b] = (NF4[b >> 4], NF4[b & 15]), so that unpacking is one lookup.
+BYTE_PAIRS = torch.stack([NF4[torch.arange(256) >> 4], NF4[torch.arange(256) & 15]], dim=1)
+
+
+def dynamic_map() -> torch.Tensor:
+    """bitsandbytes' signed 8-bit "dynamic" map (Dettmers 2015): for exponents 10^-6 .. 10^0, the means
+    of 2^e + 1 evenly spaced fractions in [0.1, 1], both signs, plus 0 and 1; sorted, 256 values."""
+    values = []
+    for e in range(7):
+        edges = torch.linspace(0.1, 1, 2 ** e + 1, dtype=torch.float32)
+        means = (edges[:-1] + edges[1:]) / 2.0
+        values += (10.0 ** (e - 6) * means).tolist() + (-(10.0 ** (e - 6)) * means).tolist()  # fp32 products
+    values += [0.0, 1.0]
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+DYNAMIC = dynamic_map()
+
+
+def _nearest(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest value of the sorted `code` for each element (bounds at the midpoints)."""
+    return torch.bucketize(scaled, (code[:-1] + code[1:]) / 2, out_int32=True).to(torch.uint8)
+
+
+def _blockwise(flat: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values / their block's absmax, clamped to [-1, 1]; the absmaxes), blocks over a flat fp32 tensor."""
+    n = flat.numel()
+    padded = torch.nn.functional.pad(flat, (0, -n % block)).view(-1, block)
+    absmax = padded.abs().amax(dim=1)
+    scaled = (padded * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp(-1, 1).flatten()[:n]
+    return scaled, absmax
+
+
+def quantize_nf4(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """NF4 with double quantization of a float tensor: packed codes (uint8, two a byte, n/2 bytes), the
+    absmax codes (uint8, one per block of 64), their scales (fp32, one per 256 blocks) and offset."""
+    flat = w.detach().reshape(-1)
+    if flat.numel() % 2:
+        raise ValueError("NF4 packs two codes a byte: the tensor needs an even number of elements")
+    packed = torch.empty(flat.numel() // 2, dtype=torch.uint8, device=flat.device)
+    absmax = torch.empty(-(-flat.numel() // BLOCK), device=flat.device)
+    step = BLOCK << 14  # 1M weights at a time: a few MB of fp32 scratch, never a float copy of the tensor
+    for start in range(0, flat.numel(), step):
+        scaled, absmax[start // BLOCK:(start + step) // BLOCK] = _blockwise(flat[start:start + step].float(), BLOCK)
+        codes = _nearest(scaled, NF4)
+        packed[start // 2:(start + step) // 2] = (codes[0::2] << 4) | codes[1::2]
+    offset = absmax.mean()
+    scaled2, absmax2 = _blockwise(absmax - offset, STATS_BLOCK)
+    return dict(packed=packed, absmax_code=_nearest(scaled2, DYNAMIC), absmax_scale=absmax2, absmax_offset=offset)
+
+
+def block_absmax(absmax_code: torch.Tensor, absmax_scale: torch.Tensor, absmax_offset: torch.Tensor) -> torch.Tensor:
+    """The fp32 absmax of every block of 64, from its 8-bit code (double quantization undone)."""
+    n = absmax_code.numel()
+    scaled = DYNAMIC.to(absmax_scale.device)[absmax_code.long()]
+    scaled = torch.nn.functional.pad(scaled, (0, -n % STATS_BLOCK)).view(-1, STATS_BLOCK)
+    return (scaled * absmax_scale[:, None]).flatten()[:n] + absmax_offset
+
+
+def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The flat float values of packed NF4 codes, given each block's absmax (n/64 of them)."""
+    values = BYTE_PAIRS.to(packed.device)[packed.reshape(-1).int()].view(-1, BLOCK)  # (blocks, 64)
+    return (values * absmax[:, None]).to(dtype).flatten()
+
+
+def _row_chunks(d: int, k: int, budget: int = 1 << 21):
+    """Row ranges of about `budget` weights, each starting on a block boundary of the flat layout."""
+    step = max(1, budget // k)
+    while (step * k) % BLOCK:  # k is a multiple of 64 in every real model; otherwise grow to one
+        step += 1
+    return [(r, min(d, r + step)) for r in range(0, d, step)]
+
+
+class _NF4LinearFn(torch.autograd.Function):
+    """y = x Wᵀ + b and dL/dx = g W, with W dequantized a block of rows at a time."""
+
+    @staticmethod
+    def forward(ctx, x, weight, absmax, bias, shape):
+        d, k = shape
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        x2 = x.reshape(-1, k).to(dtype)
+        out = torch.empty(x2.shape[0], d, dtype=dtype, device=x.device)
+        for r0, r1 in _row_chunks(d, k):
+            w = dequantize_nf4(weight.reshape(-1)[r0 * k // 2:r1 * k // 2], absmax[r0 * k // BLOCK:r1 * k // BLOCK], dtype)
+            out[:, r0:r1] = x2 @ w.view(r1 - r0, k).t()
+        if bias is not None:
+            out += bias.to(dtype)
+        ctx.save_for_backward(weight, absmax)
+        ctx.shape, ctx.in_dtype = shape, x.dtype
+        return out.view(*x.shape[:-1], d)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, absmax = ctx.saved_tensors
+        d, k = ctx.shape
+        g = grad_out.reshape(-1, d)
+        grad_x = torch.zeros(g.shape[0], k, dtype=g.dtype, device=g.device)
+        for r0, r1 in _row_chunks(d, k):
+            w = dequantize_nf4(weight.reshape(-1)[r0 * k // 2:r1 * k // 2], absmax[r0 * k // BLOCK:r1 * k // BLOCK], g.dtype)
+            grad_x.addmm_(g[:, r0:r1], w.view(r1 - r0, k))
+        return grad_x.to(ctx.in_dtype).view(*grad_out.shape[:-1], k), None, None, None, None
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear layer stored in NF4 with double quantization; see the module's docstring.
+
+    `weight` holds the packed codes, (out_features, in_features / 2) uint8: its name stays the float
+    layer's, and the report counts it as d·k logical elements (`packed_elements`). The absmaxes are
+    rebuilt from their 8-bit codes once, at load (4 bytes per 64 weights in memory; the 8-bit codes
+    are what a 4-bit file would store)."""
+
+    is_linear = True
+    packed_elements = 2  # logical weights per stored element of `weight`
+    carried = ("absmax", "absmax_code", "absmax_scale", "absmax_offset")
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        n = in_features * out_features
+        self.weight = nn.Parameter(torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device),
+                                   requires_grad=False)
+        for name, size, kind in (("absmax", -(-n // BLOCK), torch.float32), ("absmax_code", -(-n // BLOCK), torch.uint8),
+                                 ("absmax_scale", -(-n // (BLOCK * STATS_BLOCK)), torch.float32),
+                                 ("absmax_offset", (), torch.float32)):
+            self.register_buffer(name, torch.zeros(size, dtype=kind, device=device), persistent=False)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device),
+                                 requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "NF4Linear":
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
+        layer.set_weight(linear.weight.detach())
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return layer
+
+    def set_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """Quantize a float (d, k) weight into this layer; returns the packed codes."""
+        q = quantize_nf4(w)
+        self.absmax_code, self.absmax_scale, self.absmax_offset = q["absmax_code"], q["absmax_scale"], q["absmax_offset"]
+        self.absmax = block_absmax(self.absmax_code, self.absmax_scale, self.absmax_offset)
+        self.weight = nn.Parameter(q["packed"].view(self.out_features, self.in_features // 2), requires_grad=False)
+        return self.weight
+
+    @staticmethod
+    def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The layer's function, on any module holding weight, absmax and bias (LoRALinear over NF4 too)."""
+        return _NF4LinearFn.apply(x, layer.weight, layer.absmax, layer.bias, (layer.out_features, layer.in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return NF4Linear.linear(self, x)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float (d, k) weight the codes stand for."""
+        return dequantize_nf4(self.weight, self.absmax).view(self.out_features, self.in_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, nf4"
+
+
+def prepare_nf4(model: nn.Module, skip: tuple[str, ...] | None = None, device: torch.device | str = "cpu"):
+    """For loading straight into NF4: swap the (meta) linears but `skip` (by default names.kept_in_float)
+    for empty NF4Linear modules and return a transform(name, tensor) that quantizes each weight as it
+    streams in from disk, so the float model never exists in memory."""
+    skip = kept_in_float(model) if skip is None else skip
+    owners = {}
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear and not matches(name, skip) and module.in_features % 2 == 0:
+            layer = NF4Linear(module.in_features, module.out_features, module.bias is not None, device="meta")
+            replace_module(model, name, layer)
+            owners[name + ".weight"] = layer
+
+    def transform(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        layer = owners.get(name)
+        if layer is None:
+            return tensor
+        packed = layer.set_weight(tensor)
+        for buffer in NF4Linear.carried:
+            setattr(layer, buffer, getattr(layer, buffer).to(device))
+        return packed.data
+    return transform

@@ -1,0 +1,185 @@
+"""NF4 with double quantization (QLoRA) against bitsandbytes' own quantize_4bit/dequantize_4bit on CPU,
+and the 4-bit layer against the float product on its dequantized weight."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+
+from minilora.errors import ConfigError
+from minilora.inject import apply_lora, merge_lora
+from minilora.lora import LoRALinear
+from minilora.nf4 import NF4, NF4Linear, block_absmax, dequantize_nf4, dynamic_map, quantize_nf4
+from minilora.report import param_report
+from minilora.weights import load_model
+
+bnb = pytest.importorskip("bitsandbytes.functional")
+
+
+def weights(shape, seed=0):
+    torch.manual_seed(seed)
+    w = torch.randn(shape) * 0.05
+    w.view(-1)[:3] = torch.tensor([1.5, -2.0, 0.0])  # an outlier block and an exact zero
+    return w
+
+
+def dequantize_4bit(packed, state):
+    """bitsandbytes' dequantization. Its CPU kernel takes blocks of 64 within each row, though its
+    quantizer cuts the flat tensor (a (96, 80) weight comes back off by 0.1 there, bitsandbytes 0.50):
+    rows that are not a multiple of 64 take its generic kernel, which reads the layout it wrote."""
+    if state.shape[-1] % 64 == 0:
+        return bnb.dequantize_4bit(packed, state)
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    absmax = bnb.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    return _dequantize_4bit_compute(packed.reshape(-1), absmax, state.code, 64, state.shape, torch.float32)
+
+
+@pytest.mark.parametrize("shape", [(64, 256), (300, 128), (1024, 1024), (7, 64), (96, 80)])
+def test_nf4_double_quantization_equals_bitsandbytes(shape):
+    w = weights(shape)
+    packed, state = bnb.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    ours = quantize_nf4(w)
+    assert torch.equal(NF4, bnb.get_4bit_type("nf4", device="cpu"))  # the 16 values
+    assert torch.equal(dynamic_map(), state.state2.code)  # the 8-bit map of the absmaxes
+    assert torch.equal(ours["packed"], packed.flatten())  # every 4-bit code, and the nibble order
+    assert torch.equal(ours["absmax_scale"], state.state2.absmax) and ours["absmax_offset"] == state.offset
+    absmax = block_absmax(ours["absmax_code"], ours["absmax_scale"], ours["absmax_offset"])
+    # bitsandbytes dequantizes our state to exactly our values
+    mine = copy.deepcopy(state)
+    mine.absmax = ours["absmax_code"].clone()
+    assert torch.equal(dequantize_4bit(packed, mine).flatten(), dequantize_nf4(ours["packed"], absmax))
+    # The 8-bit absmax codes: bitsandbytes' CPU search is not exactly "nearest" near some midpoints
+    # (about 1 block in 800 here); ours is, so where they differ ours is the closer one, never farther.
+    true = w.reshape(-1, 64).abs().amax(dim=1) if w.numel() % 64 == 0 else None
+    theirs = bnb.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    differ = ours["absmax_code"] != state.absmax
+    assert differ.float().mean() < 0.05
+    if true is not None:
+        assert ((absmax - true).abs() <= (theirs - true).abs() + 1e-9).all()
+        reference = dequantize_4bit(packed, state).flatten()
+        error = (dequantize_nf4(ours["packed"], absmax) - w.flatten()).norm()
+        assert error <= 1.001 * (reference - w.flatten()).norm()  # the weights' error: the same, to 0.1%
+
+
+def test_nf4_linear_forward_and_input_gradient_are_the_dequantized_products():
+    torch.manual_seed(1)
+    linear = nn.Linear(256, 384)
+    layer = NF4Linear.from_linear(linear)
+    w = layer.dequantize()
+    assert w.shape == (384, 256) and layer.weight.dtype == torch.uint8 and layer.weight.numel() == 384 * 128
+    assert (w - linear.weight).abs().max() < 0.2 * linear.weight.abs().max()  # 4 bits: coarse but close
+    x = torch.randn(5, 7, 256, requires_grad=True)
+    y = layer(x)
+    assert torch.allclose(y, x @ w.t() + linear.bias, atol=1e-5)
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert torch.allclose(x.grad, g @ w, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast, in bf16
+        assert layer(x).dtype == torch.bfloat16
+
+
+def test_lora_on_an_nf4_base_trains_and_refuses_to_merge(saved_tiny):
+    _, folder = saved_tiny["llama-gqa"]
+    model = load_model(folder, load_in_4bit=True)
+    q = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, NF4Linear) and isinstance(model.lm_head, nn.Linear)  # the head stays in float
+    apply_lora(model, ["q_proj", "v_proj"], r=4, alpha=8)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, LoRALinear) and layer.weight.dtype == torch.uint8
+    ids = torch.randint(0, 97, (2, 9))
+    loss = model(ids).logsumexp(-1).mean()
+    loss.backward()
+    assert layer.lora_A.weight.grad is not None and layer.weight.grad is None
+    with pytest.raises(ConfigError, match=r"cannot merge into a quantized \(int8 or 4-bit\) base"):
+        merge_lora(model)
+
+
+def test_load_in_4bit_equals_the_float_model_with_dequantized_weights(saved_tiny):
+    """The 4-bit model computes exactly what the float model computes with each weight replaced by its
+    NF4 dequantization; the parameter report counts logical elements, as for the float model."""
+    _, folder = saved_tiny["qwen2"]
+    four = load_model(folder, load_in_4bit=True)
+    float_model = load_model(folder)
+    with torch.no_grad():
+        for name, module in four.named_modules():
+            if isinstance(module, NF4Linear):
+                float_model.get_submodule(name).weight.copy_(module.dequantize())
+    ids = torch.randint(0, 97, (2, 11))
+    with torch.no_grad():
+        assert (four(ids) - float_model(ids)).abs().max().item() <= 1e-5
+    assert param_report(four).total == param_report(load_model(folder)).total
+    with pytest.raises(ConfigError, match="load_in_8bit and load_in_4bit: choose one"):
+        load_model(folder, load_in_4bit=True, load_in_8bit=True)
+
+
+def test_adapter_trained_on_an_nf4_base_saves_and_loads(saved_tiny, tmp_path):
+    from minilora.adapter import load_adapter, save_adapter
+    _, folder = saved_tiny["gptj"]
+    model = apply_lora(load_model(folder, load_in_4bit=True), ["q_proj", "v_proj"], r=4, alpha=8, use_dora=True)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        expected = model(ids)
+    save_adapter(model, tmp_path / "a")
+    again = load_adapter(load_model(folder, load_in_4bit=True), tmp_path / "a")
+    with torch.no_grad():
+        assert torch.equal(again(ids), expected)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmHWM from /proc")
+def test_4bit_load_peaks_near_the_4bit_size(tmp_path):
+    """A 64M-parameter fp32 checkpoint (256 MB): loading it in 4-bit never holds it in fp32 (the
+    weights are quantized one by one, a million at a time, as they stream in). The forward pass then
+    needs a few MB more per layer at most: it dequantizes 2M weights at a time."""
+    from safetensors.torch import save_file
+    from minilora.models import build_model
+
+    def write(folder, **cfg):
+        folder.mkdir()
+        cfg = dict(model_type="gptj", vocab_size=1000, rotary_dim=16, **cfg)
+        with torch.device("meta"):
+            shapes = {k: v.shape for k, v in build_model(cfg).state_dict().items()}
+        save_file({k: torch.randn(s) * 0.02 for k, s in shapes.items()}, str(folder / "model.safetensors"))
+        (folder / "config.json").write_text(json.dumps(cfg))
+        return (folder / "model.safetensors").stat().st_size
+    size = write(tmp_path / "big", n_embd=1024, n_layer=5, n_head=16)
+    write(tmp_path / "warmup", n_embd=64, n_layer=1, n_head=4)
+    code = textwrap.dedent(f"""
+        import torch, minilora.weights as w
+        def hwm(): return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
+        w.load_model({str(tmp_path / "warmup")!r}, load_in_4bit=True)(torch.tensor([[1, 2, 3]]))
+        base = hwm()
+        m = w.load_model({str(tmp_path / "big")!r}, load_in_4bit=True)
+        print(base, hwm())
+    """)
+    base, peak = map(int, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                         check=True).stdout.split())
+    print(f"4-bit load: peak {(peak - base) / 1e6:.0f} MB over baseline for a {size / 1e6:.0f} MB fp32 checkpoint")
+    assert peak - base < 0.4 * size
+
+
+def test_short_lora_run_on_4bit_smollm2_lowers_the_loss_on_real_alpaca(smollm2_path, alpaca_path, tmp_path):
+    """QLoRA on the real model: the 8-bit recipe with load_in_4bit instead."""
+    from pathlib import Path
+    from minilora.recipe import load_recipe, run_recipe
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "scripts" / "alpaca_smollm2_8bit.toml", overrides={
+        "model.name": str(smollm2_path), "model.load_in_8bit": "false", "model.load_in_4bit": "true",
+        "data.train": str(alpaca_path), "data.limit": "48",
+        "data.val_size": "24", "data.cutoff": "128", "train.output_dir": str(tmp_path), "train.batch_size": "8",
+        "train.micro_batch_size": "4", "train.max_steps": "6", "train.warmup_steps": "1", "train.lr": "2e-3",
+        "train.eval_every": "6", "train.eval_at_start": "true", "train.progress": "false"})
+    model, tok, result = run_recipe(recipe)
+    assert not result.stopped_early and result.adapter_dir is not None
+    assert sum(isinstance(m.weight, torch.Tensor) and m.weight.dtype == torch.uint8 for m in model.modules()
+               if hasattr(m, "weight")) == 30 * 7  # every linear of the 30 blocks is 4-bit
+    evals = [h["eval_loss"] for h in result.history if "eval_loss" in h]
+    assert len(evals) == 2 and evals[1] < evals[0] - 0.05, evals
