@@ -137,7 +137,7 @@ def test_adapter_trained_on_an_nf4_base_saves_and_loads(saved_tiny, tmp_path):
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmHWM from /proc")
 def test_4bit_load_peaks_near_the_4bit_size(tmp_path):
-    """A 64M-parameter fp32 checkpoint (256 MB): loading it in 4-bit never holds it in fp32 (the
+    """A 126M-parameter fp32 checkpoint (504 MB): loading it in 4-bit never holds it in fp32 (the
     weights are quantized one by one, a million at a time, as they stream in). The forward pass then
     needs a few MB more per layer at most: it dequantizes 2M weights at a time."""
     from safetensors.torch import save_file
@@ -151,7 +151,7 @@ def test_4bit_load_peaks_near_the_4bit_size(tmp_path):
         save_file({k: torch.randn(s) * 0.02 for k, s in shapes.items()}, str(folder / "model.safetensors"))
         (folder / "config.json").write_text(json.dumps(cfg))
         return (folder / "model.safetensors").stat().st_size
-    size = write(tmp_path / "big", n_embd=1024, n_layer=5, n_head=16)
+    size = write(tmp_path / "big", n_embd=1024, n_layer=10, n_head=16)
     write(tmp_path / "warmup", n_embd=64, n_layer=1, n_head=4)
     code = textwrap.dedent(f"""
         import torch, minilora.weights as w
@@ -164,7 +164,7 @@ def test_4bit_load_peaks_near_the_4bit_size(tmp_path):
     base, peak = map(int, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                          check=True).stdout.split())
     print(f"4-bit load: peak {(peak - base) / 1e6:.0f} MB over baseline for a {size / 1e6:.0f} MB fp32 checkpoint")
-    assert peak - base < 0.4 * size
+    assert peak - base < 0.35 * size  # the 4-bit weights are 0.13 of it; then ~70 MB of scratch and float head
 
 
 def test_short_lora_run_on_4bit_smollm2_lowers_the_loss_on_real_alpaca(smollm2_path, alpaca_path, tmp_path):
