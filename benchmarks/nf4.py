@@ -1,0 +1,98 @@
+"""4-bit benchmarks: NF4Linear against bitsandbytes' Linear4bit (NF4, blocks of 64, double quantization)
+and against fp32/bf16 nn.Linear at GPT-J-6B's shapes, on the same weights and inputs.
+
+    python benchmarks/nf4.py [--tokens 256]
+
+For each shape: forward and forward+backward (input gradient, as under LoRA) median times, and each
+layer's output error relative to the fp32 layer. bitsandbytes runs with compute dtype fp32 and bf16,
+as minilora does (fp32 activations, or bf16 under autocast). Writes benchmarks/results/nf4_layers.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from minilora.hardware import matmul_is_fast
+from minilora.nf4 import NF4Linear
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHAPES = [(4096, 4096), (4096, 16384), (16384, 4096)]  # (in, out): attention, fc_in, fc_out
+
+
+def timed(fn, repeat: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def bnb_linear4bit(fp32: nn.Linear, dtype: torch.dtype):
+    import bitsandbytes as bnb
+    layer = bnb.nn.Linear4bit(fp32.in_features, fp32.out_features, compute_dtype=dtype, quant_type="nf4",
+                              compress_statistics=True)
+    layer.weight = bnb.nn.Params4bit(fp32.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                     compress_statistics=True, blocksize=64)
+    layer.bias = nn.Parameter(fp32.bias.data.clone(), requires_grad=False)
+    return layer.to("cpu")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, default=256)
+    args = parser.parse_args()
+    fast_bf16 = matmul_is_fast(torch.bfloat16, "cpu")
+    dtypes = [torch.float32] + ([torch.bfloat16] if fast_bf16 else [])
+    rows = []
+    for k, d in SHAPES:
+        torch.manual_seed(0)
+        fp32 = nn.Linear(k, d).requires_grad_(False)
+        ours = NF4Linear.from_linear(fp32)
+        x = torch.randn(args.tokens, k)
+        with torch.no_grad():
+            ref = fp32(x)
+        for dtype in dtypes:
+            name = "fp32" if dtype == torch.float32 else "bf16"
+            plain = nn.Linear(k, d).to(dtype).requires_grad_(False)
+            plain.load_state_dict({n: t.to(dtype) for n, t in fp32.state_dict().items()})
+            xd = x.to(dtype)
+            sides = {"nn.Linear": plain, "minilora NF4Linear": ours}
+            try:
+                sides["bitsandbytes Linear4bit"] = bnb_linear4bit(fp32, dtype)
+            except Exception as e:  # bitsandbytes missing or without a CPU 4-bit kernel
+                print(f"bitsandbytes: not run ({type(e).__name__}: {e})")
+            for side, layer in sides.items():
+                def fwd():
+                    with torch.no_grad():
+                        return layer(xd)
+
+                def fwd_bwd():
+                    xi = xd.clone().requires_grad_(True)
+                    layer(xi).float().sum().backward()
+                with torch.no_grad():
+                    err = ((layer(xd).float() - ref).norm() / ref.norm()).item()
+                rows.append(dict(shape=f"{k}x{d}", dtype=name, side=side, tokens=args.tokens,
+                                 fwd_ms=1e3 * timed(fwd), fwd_bwd_ms=1e3 * timed(fwd_bwd), rel_error=err))
+    print(f"4-bit layers, {args.tokens} tokens, {torch.get_num_threads()} threads, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()} (median ms; error relative to the fp32 layer)")
+    print(f"{'shape':>11} {'dtype':>5} {'layer':>24} {'fwd':>8} {'fwd+bwd':>8} {'rel err':>9} {'vs bnb':>7}")
+    for r in rows:
+        peer = next((p for p in rows if p["shape"] == r["shape"] and p["dtype"] == r["dtype"]
+                     and p["side"] == "bitsandbytes Linear4bit"), None)
+        ratio = f"{peer['fwd_bwd_ms'] / r['fwd_bwd_ms']:6.2f}x" if peer and r["side"].startswith("minilora") else ""
+        print(f"{r['shape']:>11} {r['dtype']:>5} {r['side']:>24} {r['fwd_ms']:8.1f} {r['fwd_bwd_ms']:8.1f} "
+              f"{r['rel_error']:9.2e} {ratio:>7}")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "nf4_layers.json").write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
