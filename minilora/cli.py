@@ -24,7 +24,7 @@ from .generate import classify, generate
 from .inject import LoRAConfig, adapter_disabled, apply_lora, remove_lora
 from .models import build_model
 from .recipe import load_recipe, run_recipe
-from .report import param_report
+from .report import memory_report, param_report
 from .tokenizer import load_tokenizer
 from .weights import load_config, load_model, save_model, torch_dtype
 
@@ -44,6 +44,8 @@ def cmd_params(args: argparse.Namespace) -> None:
                    modules_to_save=args.modules_to_save, use_rslora=args.rslora, use_dora=args.dora)
     print(f"{args.model} ({config.get('model_type')}), {'DoRA' if args.dora else 'LoRA'} r={args.r}, alpha={args.alpha}")
     print(param_report(model))
+    print()
+    print(memory_report(model))
 
 
 @contextlib.contextmanager
@@ -174,7 +176,8 @@ def cmd_merge(args: argparse.Namespace) -> None:
     load_adapter(model, args.adapter)
     remove_lora(model, merge=True)
     out = save_model(model, args.out, tokenizer=load_tokenizer(args.model, revision=args.revision), overwrite=args.overwrite)
-    print(f"merged model saved to {out} ({folder_size(out) / 1e6:.1f} MB)")
+    print(f"merged model saved to {out} ({folder_size(out) / 1e6:.1f} MB): the base was loaded in floating point "
+          "and merged there (never into int8 or 4-bit weights, where the update would be rounded away)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from .inject import lora_modules
-from .names import find_saved
+from .lora import is_adapter_tensor
+from .names import find_saved, kept_in_float, matches
 
 
 @dataclass
@@ -79,3 +80,52 @@ def param_report(model: nn.Module) -> ParamReport:
             n = p.numel() * (getattr(module, "packed_elements", 1) if name == "weight" else 1)
             total, trainable = total + n, trainable + (n if p.requires_grad else 0)
     return ParamReport(list(groups.values()), list(saved.items()), total, trainable)
+
+
+# Bytes of a frozen d×k linear weight stored each way, as minilora holds it in memory: int8 adds an fp32
+# scale per row; NF4 holds half a byte per weight, the fp32 absmax of each block of 64 (rebuilt once at
+# load), its 8-bit code, one fp32 scale per 256 blocks and an fp32 offset (double quantization).
+FORMATS = ("fp32", "bf16", "int8", "nf4")
+
+
+def base_bytes(d: int, k: int, fmt: str) -> int:
+    n, blocks = d * k, -(-d * k // 64)
+    return {"fp32": 4 * n, "bf16": 2 * n, "int8": n + 4 * d,
+            "nf4": n // 2 + 5 * blocks + 4 * -(-blocks // 256) + 4}[fmt]
+
+
+def memory_report(model: nn.Module) -> str:
+    """memory_rows as a table, in MB."""
+    rows = memory_rows(model)
+    lines = [f"{'base weights':<46} {'count':>5} " + " ".join(f"{f + ' MB':>10}" for f in FORMATS)]
+    for pattern, (count, *sizes) in rows.items():
+        lines.append(f"{pattern:<46} {count:>5} " + " ".join(f"{b / 1e6:>10.2f}" for b in sizes))
+    totals = [sum(r[1 + i] for r in rows.values()) for i in range(len(FORMATS))]
+    lines.append(f"{'total':<46} {'':>5} " + " ".join(f"{t / 1e6:>10.2f}" for t in totals))
+    return "\n".join(lines)
+
+
+def memory_rows(model: nn.Module) -> dict[str, list]:
+    """{layer pattern: [count, bytes in each of FORMATS]}: the base weights per layer type, from the model's shapes alone
+    (a model built on `meta` from config.json will do). The linear layers that 8-bit/4-bit loading
+    quantizes change with the format; the rest (embeddings, norms, output and task heads) stay fp32 in
+    the int8/nf4 columns, as load_model keeps them. LoRA's own tensors are not base weights."""
+    keep = kept_in_float(model)
+    rows: dict[str, list] = {}
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        weight = module._parameters.get("weight")
+        if weight is None or is_adapter_tensor(name) or id(weight) in seen:  # a tied head is counted once
+            continue
+        seen.add(id(weight))
+        bias = module._parameters.get("bias")
+        extra = bias.numel() if bias is not None else 0
+        d, k = getattr(module, "out_features", None), getattr(module, "in_features", None)
+        if d is not None and k is not None and not matches(name, keep):  # quantized by load_in_8bit/4bit
+            sizes = [base_bytes(d, k, f) + extra * (2 if f == "bf16" else 4) for f in FORMATS]
+        else:
+            sizes = [(weight.numel() + extra) * (2 if f == "bf16" else 4) for f in FORMATS]
+        row = rows.setdefault(_pattern(name), [0, *[0] * len(FORMATS)])
+        row[0] += 1
+        row[1:] = [t + s for t, s in zip(row[1:], sizes)]
+    return rows

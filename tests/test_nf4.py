@@ -183,3 +183,23 @@ def test_short_lora_run_on_4bit_smollm2_lowers_the_loss_on_real_alpaca(smollm2_p
                if hasattr(m, "weight")) == 30 * 7  # every linear of the 30 blocks is 4-bit
     evals = [h["eval_loss"] for h in result.history if "eval_loss" in h]
     assert len(evals) == 2 and evals[1] < evals[0] - 0.05, evals
+
+
+def test_memory_report_equals_the_bytes_each_loaded_model_holds(saved_tiny):
+    """From shapes alone (a meta model, as `minilora params` builds it), the report's fp32, int8 and nf4
+    totals are the bytes of the tensors that load_model then really holds in each format."""
+    from minilora.models import build_model
+    from minilora.report import FORMATS, memory_rows
+    from minilora.weights import load_config
+    _, folder = saved_tiny["llama-tied"]
+    with torch.device("meta"):
+        meta = build_model(load_config(folder))
+    rows = memory_rows(meta)
+    totals = {f: sum(r[1 + i] for r in rows.values()) for i, f in enumerate(FORMATS)}
+    assert rows["model.layers.*.self_attn.q_proj"][0] == 2 and "lm_head" not in rows  # tied: counted once
+
+    def held(model):  # every parameter and buffer, each tensor once
+        tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+    for fmt, kwargs in (("fp32", {}), ("int8", dict(load_in_8bit=True)), ("nf4", dict(load_in_4bit=True))):
+        assert held(load_model(folder, **kwargs)) == totals[fmt], fmt
