@@ -1,8 +1,8 @@
 """GGUF, llama.cpp's file format: a header of typed key/values, a table of tensors, then aligned data.
 
 Read here: a Llama-architecture file's config (from its metadata) and its tensors under the Hub's
-names, quantized blocks (Q4_0, Q4_1, Q8_0) dequantized to fp32 and the q/k rows put back in the Hub's
-RoPE order. The tokenizer in the metadata is rebuilt by tokenizer.py.
+names, quantized blocks (every ggml.py type: Q4_0 ... Q8_0 and the K-quants) dequantized to fp32, or
+kept as raw blocks for a quantized base, and the q/k rows put back in the Hub's RoPE order. The tokenizer in the metadata is rebuilt by tokenizer.py.
 """
 
 from __future__ import annotations
@@ -18,13 +18,10 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError, ConfigError
+from .ggml import BLOCKS, NAMES, QUANTIZED, dequantize
 
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-GGML_F32, GGML_F16, GGML_Q4_0, GGML_Q4_1, GGML_Q8_0, GGML_BF16 = 0, 1, 2, 3, 8, 30
-# (elements per block, bytes per block)
-_BLOCKS = {GGML_F32: (1, 4), GGML_F16: (1, 2), GGML_BF16: (1, 2), GGML_Q4_0: (32, 18), GGML_Q4_1: (32, 20),
-           GGML_Q8_0: (32, 34)}
 
 
 MAX_NESTING = 4  # arrays of arrays: llama.cpp's files use one level at most
@@ -113,30 +110,6 @@ def read_gguf(path: Path) -> GGUFFile:
     return GGUFFile(Path(path), meta, infos, (r.pos + align - 1) // align * align)
 
 
-def dequantize(raw: np.ndarray, kind: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """fp32 values of one tensor's raw bytes. Q8_0: d·q; Q4_0: d·(q - 8); Q4_1: d·q + m; blocks of 32
-    values, each with its fp16 scale d (and minimum m)."""
-    if kind == GGML_F32:
-        out = raw.view(np.float32).copy()
-    elif kind == GGML_F16:
-        out = raw.view(np.float16).astype(np.float32)
-    elif kind == GGML_BF16:
-        return torch.from_numpy(raw.view(np.int16).copy()).view(torch.bfloat16).float().reshape(shape)
-    else:
-        blocks = raw.reshape(-1, _BLOCKS[kind][1])
-        d = blocks[:, :2].copy().view(np.float16).astype(np.float32)  # (n_blocks, 1) scale per 32 values
-        if kind == GGML_Q8_0:
-            out = d * blocks[:, 2:].view(np.int8).astype(np.float32)
-        else:
-            qs = blocks[:, 4:] if kind == GGML_Q4_1 else blocks[:, 2:]
-            q = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.float32)  # low nibbles first
-            if kind == GGML_Q4_0:
-                out = d * (q - 8)
-            else:
-                out = d * q + blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
-    return torch.from_numpy(np.ascontiguousarray(out)).reshape(shape)
-
-
 GGUF_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
               "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
               "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -175,21 +148,23 @@ def gguf_config(file: GGUFFile) -> dict[str, Any]:
                 eos_token_id=meta.get("tokenizer.ggml.eos_token_id"))
 
 
-def gguf_tensors(file: GGUFFile) -> Iterator[tuple[str, torch.Tensor]]:
-    """Tensors under the Hub's names, dequantized to fp32, with q/k rows put back in the Hub's RoPE order."""
+def gguf_tensors(file: GGUFFile, keep: frozenset[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors under the Hub's names, dequantized to fp32, with q/k rows put back in the Hub's RoPE order.
+    Those named in `keep` (Hub names) come as their raw blocks instead, (rows, bytes per row) uint8, rows
+    reordered the same way (see kept_blocks)."""
     meta, path = file.meta, file.path
     heads = meta["llama.attention.head_count"]
     kv_heads = meta.get("llama.attention.head_count_kv", heads)
     data = np.memmap(path, dtype=np.uint8, mode="r")
     for gguf_name, (shape, kind, offset) in file.infos.items():
-        if kind not in _BLOCKS:
+        if kind not in BLOCKS:
             raise CheckpointError(f"{path}: tensor {gguf_name} has GGML type {kind}, which is not supported "
-                                  "(F32, F16, BF16, Q4_0, Q4_1, Q8_0 are)")
-        per_block, block_bytes = _BLOCKS[kind]
+                                  f"({', '.join(NAMES.values())} are)")
+        per_block, block_bytes = BLOCKS[kind]
         numel = math.prod(shape)
-        if numel % per_block:
+        if numel % per_block or shape[-1] % per_block:
             raise CheckpointError(f"{path}: tensor {gguf_name} of shape {shape} is not a whole number of "
-                                  f"{per_block}-value blocks")
+                                  f"{per_block}-value blocks per row")
         start = file.data_start + offset
         raw = data[start:start + numel // per_block * block_bytes]
         if raw.size != numel // per_block * block_bytes:
@@ -198,17 +173,30 @@ def gguf_tensors(file: GGUFFile) -> Iterator[tuple[str, torch.Tensor]]:
         if not re.fullmatch(r"blk\.\d+\.\w+\.(weight|bias)|\w+\.(weight|bias)", gguf_name):
             raise CheckpointError(f"{path}: tensor {gguf_name!r} is not named as llama.cpp names a Llama's tensors "
                                   "(blk.N.attn_q.weight, token_embd.weight, ...)")
-        w = dequantize(raw, kind, shape)
         if parts[0] == "blk":
             name = f"model.layers.{parts[1]}.{GGUF_NAMES.get(parts[2], parts[2])}.{parts[3]}"
-            if parts[2] in ("attn_q", "attn_k") and w.dim() == 2:
-                # llama.cpp interleaves each head's rotary halves; undo it to get the Hub's rotate-half rows.
-                n = heads if parts[2] == "attn_q" else kv_heads
-                rows, cols = w.shape
-                if rows % (2 * n):
-                    raise CheckpointError(f"{path}: tensor {gguf_name} has {rows} rows, not a whole number of "
-                                          f"{n} heads of even size")
-                w = w.reshape(n, rows // n // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
         else:
             name = f"{GGUF_NAMES.get(parts[0], parts[0])}.{parts[1]}"
+        raw = torch.from_numpy(np.array(raw))  # a copy of this tensor's bytes: the file stays unmapped
+        w = raw.view(shape[0], -1) if name in keep else dequantize(raw, kind, shape)
+        if parts[0] == "blk" and parts[2] in ("attn_q", "attn_k") and w.dim() == 2:
+            # llama.cpp interleaves each head's rotary halves; undo it to get the Hub's rotate-half rows
+            # (on whole rows, so raw blocks move the same way).
+            n = heads if parts[2] == "attn_q" else kv_heads
+            rows, cols = w.shape
+            if rows % (2 * n):
+                raise CheckpointError(f"{path}: tensor {gguf_name} has {rows} rows, not a whole number of "
+                                      f"{n} heads of even size")
+            w = w.reshape(n, rows // n // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
         yield name, w
+
+
+def kept_blocks(file: GGUFFile) -> dict[str, tuple[int, tuple[int, int]]]:
+    """{Hub name: (GGML type, (out, in))} of the 2-D block weights that a quantized base can keep as they
+    are: those of the transformer blocks (embeddings and the output head are read in float)."""
+    kept = {}
+    for gguf_name, (shape, kind, _) in file.infos.items():
+        parts = gguf_name.split(".")
+        if kind in QUANTIZED and len(shape) == 2 and parts[0] == "blk" and parts[-1] == "weight" and len(parts) == 4:
+            kept[f"model.layers.{parts[1]}.{GGUF_NAMES.get(parts[2], parts[2])}.weight"] = (kind, shape)
+    return kept

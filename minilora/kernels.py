@@ -161,3 +161,50 @@ class ShortAttention(torch.autograd.Function):
         return ds @ k, ds.transpose(-1, -2) @ q, dv, None, None
 
 
+
+
+class _BlockwiseLinear(torch.autograd.Function):
+    """y = x Wᵀ + b and dL/dx = g W for a frozen W that exists only as `rows(r0, r1, dtype)`, the float
+    rows r0..r1 rebuilt on demand (a quantized weight dequantized): a block of rows at a time, forward
+    and backward, so no float copy of the whole weight is ever made."""
+
+    @staticmethod
+    def forward(ctx, x, rows, d, k, bias, *stored):
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        x2 = x.reshape(-1, k).to(dtype)
+        out = torch.empty(x2.shape[0], d, dtype=dtype, device=x.device)
+        for r0, r1 in row_blocks(d, k):
+            out[:, r0:r1] = x2 @ rows(r0, r1, dtype).t()
+        if bias is not None:
+            out += bias.to(dtype)
+        ctx.rows, ctx.shape, ctx.in_dtype = rows, (d, k), x.dtype
+        return out.view(*x.shape[:-1], d)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        d, k = ctx.shape
+        g = grad_out.reshape(-1, d)
+        grad_x = torch.zeros(g.shape[0], k, dtype=g.dtype, device=g.device)
+        for r0, r1 in row_blocks(d, k):
+            grad_x.addmm_(g[:, r0:r1], ctx.rows(r0, r1, g.dtype))
+        return (grad_x.to(ctx.in_dtype).view(*grad_out.shape[:-1], k), None, None, None, None,
+                *[None] * len(ctx.needs_input_grad[5:]))
+
+
+ROW_BLOCK = 1 << 21  # weights rebuilt at a time: 8 MB in fp32
+
+
+def row_blocks(d: int, k: int, multiple: int = 256) -> list[tuple[int, int]]:
+    """Row ranges of about ROW_BLOCK weights, each a whole number of `multiple`-value blocks of the flat
+    row-major layout (k is a multiple of 256 in every real model; otherwise the range grows to one)."""
+    step = max(1, ROW_BLOCK // k)
+    while (step * k) % multiple:
+        step += 1
+    return [(r, min(d, r + step)) for r in range(0, d, step)]
+
+
+def blockwise_linear(x: torch.Tensor, rows, d: int, k: int, bias: torch.Tensor | None,
+                     *stored: torch.Tensor) -> torch.Tensor:
+    """x Wᵀ + b with W given as rows(r0, r1, dtype) (see _BlockwiseLinear); `stored` are the tensors
+    `rows` reads, passed so that autograd sees them (they get no gradient)."""
+    return _BlockwiseLinear.apply(x, rows, d, k, bias, *stored)

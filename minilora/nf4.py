@@ -14,9 +14,9 @@ The layout and the rounding are bitsandbytes' (`quantize_4bit(..., "nf4", blocks
 compress_statistics=True)`), so that the tests can hold its dequantization against ours.
 
 `NF4Linear` is a frozen base with the interface of quant.Int8Linear (`linear`, `dequantize`,
-`carried`): LoRALinear wraps it. Its product dequantizes a block of rows at a time into one buffer
-and multiplies in the activations' dtype (bf16 under autocast), forward and input gradient alike, so
-no full-size float copy of the weight ever exists.
+`carried`): LoRALinear wraps it. Its product (kernels.blockwise_linear) dequantizes a block of rows at
+a time and multiplies in the activations' dtype (bf16 under autocast), forward and input gradient
+alike, so no full-size float copy of the weight ever exists.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .kernels import blockwise_linear
 from .names import kept_in_float, matches, replace_module
 
 # The 16 NF4 values (QLoRA, appendix E; bitsandbytes' table, to the last bit).
@@ -109,44 +110,6 @@ def _pairs(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return _PAIRS[key]
 
 
-def _row_chunks(d: int, k: int, budget: int = 1 << 21):
-    """Row ranges of about `budget` weights, each starting on a block boundary of the flat layout."""
-    step = max(1, budget // k)
-    while (step * k) % BLOCK:  # k is a multiple of 64 in every real model; otherwise grow to one
-        step += 1
-    return [(r, min(d, r + step)) for r in range(0, d, step)]
-
-
-class _NF4LinearFn(torch.autograd.Function):
-    """y = x Wᵀ + b and dL/dx = g W, with W dequantized a block of rows at a time."""
-
-    @staticmethod
-    def forward(ctx, x, weight, absmax, bias, shape):
-        d, k = shape
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        x2 = x.reshape(-1, k).to(dtype)
-        out = torch.empty(x2.shape[0], d, dtype=dtype, device=x.device)
-        for r0, r1 in _row_chunks(d, k):
-            w = dequantize_nf4(weight.reshape(-1)[r0 * k // 2:r1 * k // 2], absmax[r0 * k // BLOCK:r1 * k // BLOCK], dtype)
-            out[:, r0:r1] = x2 @ w.view(r1 - r0, k).t()
-        if bias is not None:
-            out += bias.to(dtype)
-        ctx.save_for_backward(weight, absmax)
-        ctx.shape, ctx.in_dtype = shape, x.dtype
-        return out.view(*x.shape[:-1], d)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        weight, absmax = ctx.saved_tensors
-        d, k = ctx.shape
-        g = grad_out.reshape(-1, d)
-        grad_x = torch.zeros(g.shape[0], k, dtype=g.dtype, device=g.device)
-        for r0, r1 in _row_chunks(d, k):
-            w = dequantize_nf4(weight.reshape(-1)[r0 * k // 2:r1 * k // 2], absmax[r0 * k // BLOCK:r1 * k // BLOCK], g.dtype)
-            grad_x.addmm_(g[:, r0:r1], w.view(r1 - r0, k))
-        return grad_x.to(ctx.in_dtype).view(*grad_out.shape[:-1], k), None, None, None, None
-
-
 class NF4Linear(nn.Module):
     """A frozen linear layer stored in NF4 with double quantization; see the module's docstring.
 
@@ -157,6 +120,7 @@ class NF4Linear(nn.Module):
 
     is_linear = True
     packed_elements = 2  # logical weights per stored element of `weight`
+    quantized_on_load = True  # load_weights hands it the float (d, k) weight, set_weight packs it
     carried = ("absmax", "absmax_code", "absmax_scale", "absmax_offset")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
@@ -192,7 +156,13 @@ class NF4Linear(nn.Module):
     @staticmethod
     def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The layer's function, on any module holding weight, absmax and bias (LoRALinear over NF4 too)."""
-        return _NF4LinearFn.apply(x, layer.weight, layer.absmax, layer.bias, (layer.out_features, layer.in_features))
+        k = layer.in_features
+        flat = layer.weight.reshape(-1)
+
+        def rows(r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+            return dequantize_nf4(flat[r0 * k // 2:r1 * k // 2], layer.absmax[r0 * k // BLOCK:r1 * k // BLOCK],
+                                  dtype).view(r1 - r0, k)
+        return blockwise_linear(x, rows, layer.out_features, k, layer.bias, layer.weight, layer.absmax)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return NF4Linear.linear(self, x)

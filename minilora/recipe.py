@@ -42,6 +42,7 @@ class ModelSection:
     revision: str | None = None
     load_in_8bit: bool = False        # frozen linear weights held in int8 (quant.py)
     load_in_4bit: bool = False        # ... or in NF4 with double quantization (nf4.py, QLoRA's base)
+    keep_quantized: bool = False      # a .gguf file's linear weights kept in their own blocks (ggml.py)
 
     def __post_init__(self) -> None:
         if not self.name.strip():
@@ -188,6 +189,7 @@ def run_recipe(recipe: Recipe, stop_request: Callable[[], ContextManager[Callabl
     say = print if distributed.is_main() else (lambda *a, **k: None)
     model = load_model(m.name, dtype=torch_dtype(m.dtype, f"{recipe.source} [model].dtype"), device=device,
                        revision=m.revision, load_in_8bit=m.load_in_8bit, load_in_4bit=m.load_in_4bit,
+                       keep_quantized=m.keep_quantized,
                        task="classification" if classify else None, id2label=id2label)
     tokenizer = load_tokenizer(m.name, revision=m.revision)
     rows = model.input_embeddings.num_embeddings

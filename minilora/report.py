@@ -77,7 +77,7 @@ def param_report(model: nn.Module) -> ParamReport:
             if id(p) in seen:
                 continue
             seen.add(id(p))
-            n = p.numel() * (getattr(module, "packed_elements", 1) if name == "weight" else 1)
+            n = round(p.numel() * (getattr(module, "packed_elements", 1) if name == "weight" else 1))
             total, trainable = total + n, trainable + (n if p.requires_grad else 0)
     return ParamReport(list(groups.values()), list(saved.items()), total, trainable)
 

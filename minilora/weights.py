@@ -22,7 +22,8 @@ from . import hardware
 from .errors import CheckpointError, ConfigError
 from .files import (TOKENIZER_FILES, Tensors, check_replaceable, check_tensor, checkpoint_tensors, read_json,
                     release_freed_memory, resolve, write_atomically)
-from .gguf import gguf_config, gguf_tensors, read_gguf
+from .ggml import prepare_ggml
+from .gguf import gguf_config, gguf_tensors, kept_blocks, read_gguf
 from .models import PRESETS, PretrainedModel, build_model
 from .nf4 import prepare_nf4
 from .quant import prepare_int8
@@ -100,7 +101,7 @@ def load_weights(model: PretrainedModel, tensors: Tensors, source: str, dtype: t
             continue
         want = tuple(expected[name].shape)
         owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-        if name.endswith(".weight") and getattr(owner, "packed_elements", 1) > 1:  # a 4-bit layer: its logical shape
+        if name.endswith(".weight") and getattr(owner, "quantized_on_load", False):  # NF4: its logical shape
             want = (*want[:-1], want[-1] * owner.packed_elements)
         if tuple(tensor.shape) != want:
             mismatched.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {want}")
@@ -160,13 +161,15 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype | None = torch.floa
                device: torch.device | str = "cpu", revision: str | None = None, load_in_8bit: bool = False,
                int8_skip: tuple[str, ...] | None = None, int8_threshold: float = 6.0, task: str | None = None,
                num_labels: int | None = None, id2label: dict[int, str] | None = None,
-               load_in_4bit: bool = False) -> PretrainedModel:
+               load_in_4bit: bool = False, keep_quantized: bool = False) -> PretrainedModel:
     """Load a model by Hub repo id, local folder or .gguf file, with its pretrained weights, in eval mode.
 
     dtype: floating tensors are cast to it (None keeps the checkpoint's own dtypes).
     load_in_8bit: every linear layer but the model's output heads (or the names in int8_skip) becomes an
     Int8Linear, each weight quantized as it is read, so the full-precision model never exists in memory.
     load_in_4bit: the same with NF4 and double quantization (nf4.NF4Linear, QLoRA's 4-bit base).
+    keep_quantized: for a .gguf file, its quantized linear weights stay in their own blocks (Q4_K, Q8_0,
+    ...; ggml.GGMLLinear) as the frozen base, instead of being dequantized to float.
     task: "causal-lm", or for encoders "classification" (with num_labels / id2label) or "embedding".
     """
     dtype, device = torch_dtype(dtype), check_device(device)
@@ -174,9 +177,12 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype | None = torch.floa
         raise ConfigError("load_in_8bit and load_in_4bit: choose one")
     path = resolve(source, revision)
     hardware.warn_if_slow(dtype, device, str(source))
+    if keep_quantized and (path.suffix != ".gguf" or load_in_8bit or load_in_4bit):
+        raise ConfigError(f"keep_quantized keeps a .gguf file's own blocks: {path} is not one" if path.suffix != ".gguf"
+                          else "keep_quantized, load_in_8bit and load_in_4bit: choose one")
     if path.suffix == ".gguf":
         file = read_gguf(path)
-        config, tensors, where = gguf_config(file), gguf_tensors(file), str(path)
+        config, tensors, where = gguf_config(file), None, str(path)
     elif path.is_dir():
         mapped = dtype if not (load_in_8bit or load_in_4bit) and torch.device(device).type == "cpu" else None
         config, tensors, where = read_json(path / "config.json"), checkpoint_tensors(path, mapped), str(path)
@@ -192,6 +198,8 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype | None = torch.floa
         model = build_model(config, f"{where}/config.json" if path.is_dir() else where, task)
     transform = prepare_int8(model, int8_skip, int8_threshold, dtype or torch.float32, device) if load_in_8bit else \
         prepare_nf4(model, int8_skip, device) if load_in_4bit else None
+    if path.suffix == ".gguf":  # the raw blocks of the layers a quantized base keeps, the rest in float
+        tensors = gguf_tensors(file, prepare_ggml(model, kept_blocks(file), int8_skip) if keep_quantized else frozenset())
     load_weights(model, tensors, where, dtype, device, transform)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:

@@ -86,6 +86,7 @@ def test_no_import_cycles():
     ("minilora.models", ("minilora.lora", "minilora.quant", "minilora.adapter", "minilora.weights", "minilora.train")),
     ("minilora.lora", ("minilora.models", "minilora.weights", "minilora.quant", "minilora.adapter", "minilora.train")),
     ("minilora.quant", ("minilora.models", "minilora.weights", "minilora.lora", "minilora.adapter", "minilora.train")),
+    ("minilora.ggml", ("minilora.models", "minilora.weights", "minilora.lora", "minilora.adapter", "minilora.train")),
     ("minilora.nf4", ("minilora.models", "minilora.weights", "minilora.lora", "minilora.adapter", "minilora.train")),
     ("minilora.train", ("minilora.files", "minilora.gguf", "minilora.weights", "minilora.tokenizer", "minilora.models")),
     ("minilora.evaluate", ("minilora.files", "minilora.gguf", "minilora.weights", "minilora.tokenizer", "minilora.models",

@@ -1,0 +1,167 @@
+"""ggml's block formats (llama.cpp, GGUF files): their dequantization in torch, and GGMLLinear, a frozen
+base kept in its file's own blocks.
+
+Every format cuts a row into blocks and stores small integers q with a scale per block (and, for the
+"_1" and most K formats, a minimum). The simple ones have blocks of 32 and an fp16 scale d:
+
+    Q8_0: d·q (q int8)   Q4_0: d·(q − 8)   Q4_1: d·q + m   Q5_0: d·(q − 16)   Q5_1: d·q + m  (q 4 or 5 bits)
+
+The K formats ("k-quants") have super-blocks of 256 in 8 or 16 sub-blocks, each sub-block with its own
+6-, 8- or 4-bit scale (and minimum) that the super-block's fp16 d (and dmin) scale in turn:
+
+    Q4_K, Q5_K: (d·sc_j)·q − (dmin·m_j), 8 sub-blocks of 32, 6-bit sc_j and m_j, q of 4 (5) bits
+    Q6_K: d·sc_j·(q − 32), 16 sub-blocks of 16, int8 sc_j, q of 6 bits
+    Q3_K: d·(sc_j − 32)·(q − 4·[high bit clear]), 16 sub-blocks of 16, 6-bit sc_j, q of 2 + 1 bits
+    Q2_K: (d·(sc_j & 15))·q − dmin·(sc_j >> 4), 16 sub-blocks of 16, q of 2 bits
+
+The byte layouts follow ggml's reference `dequantize_row_*` (ggml-quants.c), which the tests hold
+against the `gguf` package's own dequantization.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .kernels import blockwise_linear
+from .names import kept_in_float, matches, replace_module
+
+F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 30
+NAMES = {F32: "F32", F16: "F16", BF16: "BF16", Q4_0: "Q4_0", Q4_1: "Q4_1", Q5_0: "Q5_0", Q5_1: "Q5_1",
+         Q8_0: "Q8_0", Q2_K: "Q2_K", Q3_K: "Q3_K", Q4_K: "Q4_K", Q5_K: "Q5_K", Q6_K: "Q6_K"}
+# (values per block, bytes per block)
+BLOCKS = {F32: (1, 4), F16: (1, 2), BF16: (1, 2), Q4_0: (32, 18), Q4_1: (32, 20), Q5_0: (32, 22), Q5_1: (32, 24),
+          Q8_0: (32, 34), Q2_K: (256, 84), Q3_K: (256, 110), Q4_K: (256, 144), Q5_K: (256, 176), Q6_K: (256, 210)}
+QUANTIZED = frozenset(BLOCKS) - {F32, F16, BF16}
+
+
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    """(n, 2) bytes -> (n, 1) fp32 from little-endian fp16."""
+    return b.contiguous().view(torch.float16).float()
+
+
+def _bits(b: torch.Tensor, shifts: tuple[int, ...], mask: int) -> torch.Tensor:
+    """(n, m) bytes -> (n, len(shifts)·m): the same bit field of every byte, one shift after another."""
+    return torch.cat([(b >> s) & mask for s in shifts], dim=1)
+
+
+def _scale_min_k4(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K's 12 bytes -> eight 6-bit scales and eight 6-bit minimums (get_scale_min_k4)."""
+    s = s.int()
+    sc = torch.cat([s[:, 0:4] & 63, (s[:, 8:12] & 0xF) | ((s[:, 0:4] >> 6) << 4)], dim=1)
+    m = torch.cat([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], dim=1)
+    return sc.float(), m.float()
+
+
+def dequantize_blocks(raw: torch.Tensor, kind: int) -> torch.Tensor:
+    """fp32 values of raw ggml blocks: (n_blocks, bytes per block) uint8 -> (n_blocks, values per block)."""
+    b = raw
+    if kind == Q8_0:
+        return _f16(b[:, :2]) * b[:, 2:].contiguous().view(torch.int8).float()
+    if kind in (Q4_0, Q4_1):
+        qs = b[:, 4:] if kind == Q4_1 else b[:, 2:]
+        q = _bits(qs, (0, 4), 0xF).float()  # the 16 low nibbles are values 0-15, the high ones 16-31
+        return _f16(b[:, :2]) * (q - 8) if kind == Q4_0 else _f16(b[:, :2]) * q + _f16(b[:, 2:4])
+    if kind in (Q5_0, Q5_1):
+        start = 4 if kind == Q5_1 else 2
+        high = b[:, start:start + 4].contiguous().view(torch.int32)  # (n, 1): bit j is value j's fifth bit
+        fifth = (high >> torch.arange(32, dtype=torch.int32)) & 1
+        q = (_bits(b[:, start + 4:], (0, 4), 0xF).int() | (fifth << 4)).float()
+        return _f16(b[:, :2]) * (q - 16) if kind == Q5_0 else _f16(b[:, :2]) * q + _f16(b[:, 2:4])
+    if kind in (Q4_K, Q5_K):
+        d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
+        sc, m = _scale_min_k4(b[:, 4:16])
+        qs = b[:, 48:176] if kind == Q5_K else b[:, 16:144]  # 128 bytes: each 32 hold two sub-blocks
+        low = qs.reshape(-1, 4, 32)
+        q = torch.stack([low & 0xF, low >> 4], dim=2).reshape(-1, 8, 32).int()  # sub-block j = 2i + (high nibble)
+        if kind == Q5_K:
+            qh = b[:, 16:48].int()  # bit j of byte l: the fifth bit of sub-block j's value l
+            q = q | (((qh[:, None, :] >> torch.arange(8)[None, :, None]) & 1) << 4)
+        return ((d * sc)[:, :, None] * q - (dmin * m)[:, :, None]).reshape(-1, 256)
+    if kind == Q6_K:
+        ql, qh, sc, d = b[:, 0:128].int(), b[:, 128:192].int(), b[:, 192:208].contiguous().view(torch.int8).float(), _f16(b[:, 208:210])
+        ql, qh = ql.reshape(-1, 2, 2, 32), qh.reshape(-1, 2, 1, 32)  # two halves of 128 values
+        low = torch.stack([ql & 0xF, ql >> 4], dim=2)  # (n, half, nibble, 32-byte group, 32)
+        high = torch.stack([(qh >> 0) & 3, (qh >> 2) & 3, (qh >> 4) & 3, (qh >> 6) & 3], dim=2).reshape(-1, 2, 2, 2, 32)
+        q = (low | (high << 4)).reshape(-1, 16, 16) - 32  # value order within a half: nibble, group, l
+        return (d[:, :, None] * sc[:, :, None] * q).reshape(-1, 256)
+    if kind == Q3_K:
+        hmask, qs, d = b[:, 0:32].int(), b[:, 32:96].int(), _f16(b[:, 108:110])
+        s = b[:, 96:108].int()
+        low = torch.cat([s[:, 0:4] & 0xF, s[:, 4:8] & 0xF, s[:, 0:4] >> 4, s[:, 4:8] >> 4], dim=1)
+        high = torch.cat([(s[:, 8:12] >> shift) & 3 for shift in (0, 2, 4, 6)], dim=1)
+        sc = ((low | (high << 4)) - 32).float()  # 16 sub-blocks
+        q2 = torch.stack([(qs.reshape(-1, 2, 32) >> shift) & 3 for shift in (0, 2, 4, 6)], dim=2)  # (n, half, shift, 32)
+        hbit = torch.stack([(hmask >> j) & 1 for j in range(8)], dim=1).reshape(-1, 2, 4, 32)
+        q = (q2 - 4 * (1 - hbit)).reshape(-1, 16, 16)
+        return (d[:, :, None] * sc[:, :, None] * q).reshape(-1, 256)
+    if kind == Q2_K:
+        sc, qs, d, dmin = b[:, 0:16].int(), b[:, 16:80].int(), _f16(b[:, 80:82]), _f16(b[:, 82:84])
+        q = torch.stack([(qs.reshape(-1, 2, 32) >> shift) & 3 for shift in (0, 2, 4, 6)], dim=2).reshape(-1, 16, 16)
+        return ((d * (sc & 0xF))[:, :, None] * q - (dmin * (sc >> 4))[:, :, None]).reshape(-1, 256)
+    raise ValueError(f"GGML type {kind} has no block dequantization here")
+
+
+def dequantize(raw: torch.Tensor, kind: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """fp32 values of one tensor's raw bytes (a flat uint8 tensor) in `shape`."""
+    if kind == F32:
+        return raw.view(torch.float32).reshape(shape).clone()
+    if kind in (F16, BF16):
+        return raw.view(torch.float16 if kind == F16 else torch.bfloat16).float().reshape(shape)
+    return dequantize_blocks(raw.reshape(-1, BLOCKS[kind][1]), kind).reshape(shape)
+
+
+class GGMLLinear(nn.Module):
+    """A frozen linear layer kept in a GGUF file's own blocks: `weight` is (out_features, bytes per row)
+    uint8, each row whole blocks of `kind`. Forward and input gradient dequantize a block of rows at a
+    time (kernels.blockwise_linear), as NF4Linear does; `dequantize()` gives the fp32 weight."""
+
+    is_linear = True
+    carried = ("kind",)
+
+    def __init__(self, in_features: int, out_features: int, kind: int, raw: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        per_block, block_bytes = BLOCKS[kind]
+        if in_features % per_block:
+            raise ValueError(f"rows of {in_features} values are not whole {NAMES[kind]} blocks of {per_block}")
+        self.in_features, self.out_features, self.kind = in_features, out_features, kind
+        self.packed_elements = per_block / block_bytes  # logical weights per stored byte (the report's d·k)
+        self.weight = nn.Parameter(raw.reshape(out_features, in_features // per_block * block_bytes), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @staticmethod
+    def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        def rows(r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+            blocks = layer.weight[r0:r1].reshape(-1, BLOCKS[layer.kind][1])
+            return dequantize_blocks(blocks, layer.kind).to(dtype).view(r1 - r0, layer.in_features)
+        return blockwise_linear(x, rows, layer.out_features, layer.in_features, layer.bias, layer.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return GGMLLinear.linear(self, x)
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_blocks(self.weight.reshape(-1, BLOCKS[self.kind][1]), self.kind).view(
+            self.out_features, self.in_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {NAMES[self.kind]}"
+
+
+def prepare_ggml(model: nn.Module, blocks: dict[str, tuple[int, tuple[int, int]]],
+                 skip: tuple[str, ...] | None = None) -> frozenset[str]:
+    """For loading a GGUF file's linear weights as they are: swap each (meta) nn.Linear named in `blocks`
+    ({"model.layers.0.self_attn.q_proj.weight": (type, (out, in))}) but `skip` (by default
+    names.kept_in_float) for an empty GGMLLinear; returns the weight names so swapped, whose raw blocks
+    the loader then puts in place."""
+    skip = kept_in_float(model) if skip is None else skip
+    swapped = []
+    for weight_name, (kind, (d, k)) in blocks.items():
+        name = weight_name.removesuffix(".weight")
+        module = model.get_submodule(name)
+        if type(module) is nn.Linear and not matches(name, skip) and (d, k) == (module.out_features, module.in_features):
+            raw = torch.empty(d, k // BLOCKS[kind][0] * BLOCKS[kind][1], dtype=torch.uint8, device="meta")
+            bias = None if module.bias is None else torch.empty(d, device="meta")
+            replace_module(model, name, GGMLLinear(k, d, kind, raw, bias))
+            swapped.append(weight_name)
+    return frozenset(swapped)

@@ -1,0 +1,121 @@
+"""ggml's block formats against the gguf package's own dequantization (the oracle), on random blocks of
+every type; GGMLLinear against the float product of its dequantized weight."""
+
+import numpy as np
+import pytest
+import torch
+
+from minilora import ggml
+from minilora.ggml import BLOCKS, NAMES, QUANTIZED, GGMLLinear, dequantize_blocks
+
+gguf = pytest.importorskip("gguf")
+
+# where each type keeps its fp16 scales (d, and dmin or m): random bytes there could be NaN or inf
+F16_FIELDS = {ggml.Q4_0: (0,), ggml.Q4_1: (0, 2), ggml.Q5_0: (0,), ggml.Q5_1: (0, 2), ggml.Q8_0: (0,),
+              ggml.Q2_K: (80, 82), ggml.Q3_K: (108,), ggml.Q4_K: (0, 2), ggml.Q5_K: (0, 2), ggml.Q6_K: (208,)}
+
+
+def random_blocks(kind, n=64, seed=0):
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(n, BLOCKS[kind][1]), dtype=np.uint8)
+    for at in F16_FIELDS[kind]:
+        raw[:, at:at + 2] = (rng.standard_normal(n) * 0.01).astype(np.float16).view(np.uint8).reshape(n, 2)
+    return raw
+
+
+@pytest.mark.parametrize("kind", sorted(QUANTIZED), ids=lambda k: NAMES[k])
+def test_dequantization_equals_the_gguf_package(kind):
+    raw = random_blocks(kind)
+    expected = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(kind)).reshape(len(raw), -1)
+    got = dequantize_blocks(torch.from_numpy(raw), kind)
+    assert got.shape == expected.shape == (len(raw), BLOCKS[kind][0])
+    assert np.array_equal(got.numpy(), expected.astype(np.float32)), np.abs(got.numpy() - expected).max()
+
+
+@pytest.mark.parametrize("kind", [ggml.Q4_K, ggml.Q6_K, ggml.Q8_0], ids=lambda k: NAMES[k])
+def test_ggml_linear_is_the_product_of_its_dequantized_weight(kind):
+    d, k = 96, 512
+    raw = torch.from_numpy(random_blocks(kind, n=d * k // BLOCKS[kind][0], seed=1))
+    bias = torch.randn(d)
+    layer = GGMLLinear(k, d, kind, raw, bias)
+    w = layer.dequantize()
+    x = torch.randn(3, 5, k, requires_grad=True)
+    y = layer(x)
+    assert torch.allclose(y, x @ w.t() + bias, atol=1e-4, rtol=1e-5)
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert torch.allclose(x.grad, g @ w, atol=1e-4, rtol=1e-5)
+    assert layer.weight.grad is None
+
+
+def write_kquant_gguf(path, kinds, seed=0):
+    """A tiny Llama GGUF (hidden 256: whole K-quant blocks per row) with random raw blocks of the given
+    type for each block weight, F32 norms and an F16 embedding."""
+    from gguf import GGUFWriter, GGMLQuantizationType as T
+    hidden, ffn, layers, heads, vocab = 256, 512, 2, 4, 97
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_block_count(layers)
+    writer.add_context_length(64)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(2)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(vocab)
+    rng = np.random.default_rng(seed)
+    shapes = {"attn_q": (hidden, hidden), "attn_k": (128, hidden), "attn_v": (128, hidden),
+              "attn_output": (hidden, hidden), "ffn_gate": (ffn, hidden), "ffn_up": (ffn, hidden), "ffn_down": (hidden, ffn)}
+    writer.add_tensor("token_embd.weight", (rng.standard_normal((vocab, hidden)) * 0.05).astype(np.float16))
+    writer.add_tensor("output_norm.weight", np.ones(hidden, dtype=np.float32))
+    for i in range(layers):
+        for norm in ("attn_norm", "ffn_norm"):
+            writer.add_tensor(f"blk.{i}.{norm}.weight", (1 + 0.1 * rng.standard_normal(hidden)).astype(np.float32))
+        for j, (name, (rows, cols)) in enumerate(shapes.items()):
+            kind = kinds[(i * len(shapes) + j) % len(kinds)]
+            raw = random_blocks(kind, n=rows * cols // BLOCKS[kind][0], seed=seed + 10 * i + j)
+            writer.add_tensor(f"blk.{i}.{name}.weight", raw.reshape(rows, -1), raw_dtype=T(kind))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_gguf_base_kept_in_its_blocks_computes_what_the_dequantized_base_computes(tmp_path):
+    from minilora.adapter import load_adapter, save_adapter
+    from minilora.inject import apply_lora
+    from minilora.report import param_report
+    from minilora.weights import load_model
+    kinds = [ggml.Q4_K, ggml.Q5_K, ggml.Q6_K, ggml.Q8_0, ggml.Q4_0, ggml.Q4_1, ggml.Q3_K, ggml.Q2_K, ggml.Q5_0]
+    path = write_kquant_gguf(tmp_path / "k.gguf", kinds)
+    dense, kept = load_model(path), load_model(path, keep_quantized=True)
+    layers = {n: m for n, m in kept.named_modules() if isinstance(m, GGMLLinear)}
+    assert len(layers) == 14 and {m.kind for m in layers.values()} == set(kinds)
+    assert type(kept.model.embed_tokens) is torch.nn.Embedding and kept.lm_head.weight.dtype == torch.float32
+    for name, m in layers.items():  # the q/k row permutation undone on the raw rows, as on the floats
+        assert torch.equal(m.dequantize(), dense.get_submodule(name).weight), name
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        assert (kept(ids) - dense(ids)).abs().max().item() <= 1e-5
+    assert param_report(kept).total == param_report(dense).total  # logical elements
+    stored = sum(m.weight.numel() for m in layers.values())
+    assert stored < 0.3 * sum(m.in_features * m.out_features * 4 for m in layers.values())
+    apply_lora(kept, ["q_proj", "down_proj"], r=4, alpha=8)
+    with torch.no_grad():
+        for n, p in kept.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    kept(ids).square().mean().backward()
+    assert all(p.grad is not None for n, p in kept.named_parameters() if p.requires_grad)
+    save_adapter(kept, tmp_path / "a")
+    with torch.no_grad():
+        assert (load_adapter(dense, tmp_path / "a")(ids) - kept(ids)).abs().max().item() <= 1e-4
+
+
+def test_keep_quantized_needs_a_gguf_file(saved_tiny):
+    from minilora.errors import ConfigError
+    from minilora.weights import load_model
+    _, folder = saved_tiny["llama-gqa"]
+    with pytest.raises(ConfigError, match="keep_quantized keeps a .gguf file's own blocks: .* is not one"):
+        load_model(folder, keep_quantized=True)
