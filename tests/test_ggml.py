@@ -119,3 +119,24 @@ def test_keep_quantized_needs_a_gguf_file(saved_tiny):
     _, folder = saved_tiny["llama-gqa"]
     with pytest.raises(ConfigError, match="keep_quantized keeps a .gguf file's own blocks: .* is not one"):
         load_model(folder, keep_quantized=True)
+
+
+def test_real_smollm2_q4_1_kept_in_its_blocks(smollm2_path):
+    """The real Q4_1 file: every block weight stays Q4_1 (the base 2.6x smaller than in fp32), and the
+    logits are those of the dequantized model; LoRA trains on top."""
+    from minilora.inject import apply_lora
+    from minilora.weights import load_model
+    kept, dense = load_model(smollm2_path, keep_quantized=True), load_model(smollm2_path)
+    layers = [m for m in kept.modules() if isinstance(m, GGMLLinear)]
+    assert len(layers) == 30 * 7 and {m.kind for m in layers} == {ggml.Q4_1}
+
+    def held(model):
+        return sum(t.numel() * t.element_size() for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values())
+    print(f"base weights: {held(kept) / 1e6:.0f} MB kept in blocks, {held(dense) / 1e6:.0f} MB in fp32")
+    assert held(kept) < 0.4 * held(dense)
+    ids = torch.tensor([[1, 9690, 314, 253, 3575, 28, 2], [1, 504, 3575, 282, 4649, 314, 2]])
+    with torch.no_grad():
+        assert (kept(ids) - dense(ids)).abs().max().item() <= 1e-3
+    apply_lora(kept, ["q_proj", "v_proj"], r=4, alpha=8)
+    kept(ids).float().logsumexp(-1).mean().backward()
+    assert all(p.grad is not None for p in kept.parameters() if p.requires_grad)
