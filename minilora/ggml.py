@@ -65,7 +65,7 @@ def dequantize_blocks(raw: torch.Tensor, kind: int) -> torch.Tensor:
     if kind in (Q5_0, Q5_1):
         start = 4 if kind == Q5_1 else 2
         high = b[:, start:start + 4].contiguous().view(torch.int32)  # (n, 1): bit j is value j's fifth bit
-        fifth = (high >> torch.arange(32, dtype=torch.int32)) & 1
+        fifth = (high >> torch.arange(32, dtype=torch.int32, device=b.device)) & 1
         q = (_bits(b[:, start + 4:], (0, 4), 0xF).int() | (fifth << 4)).float()
         return _f16(b[:, :2]) * (q - 16) if kind == Q5_0 else _f16(b[:, :2]) * q + _f16(b[:, 2:4])
     if kind in (Q4_K, Q5_K):
@@ -76,7 +76,7 @@ def dequantize_blocks(raw: torch.Tensor, kind: int) -> torch.Tensor:
         q = torch.stack([low & 0xF, low >> 4], dim=2).reshape(-1, 8, 32).int()  # sub-block j = 2i + (high nibble)
         if kind == Q5_K:
             qh = b[:, 16:48].int()  # bit j of byte l: the fifth bit of sub-block j's value l
-            q = q | (((qh[:, None, :] >> torch.arange(8)[None, :, None]) & 1) << 4)
+            q = q | (((qh[:, None, :] >> torch.arange(8, device=b.device)[None, :, None]) & 1) << 4)
         return ((d * sc)[:, :, None] * q - (dmin * m)[:, :, None]).reshape(-1, 256)
     if kind == Q6_K:
         ql, qh, sc, d = b[:, 0:128].int(), b[:, 128:192].int(), b[:, 192:208].contiguous().view(torch.int8).float(), _f16(b[:, 208:210])

@@ -110,6 +110,20 @@ def kept_in_float(model: nn.Module) -> tuple[str, ...]:
     return output_heads(model) + tuple(getattr(model, "task_head", USUAL_TASK_HEAD))
 
 
+def swap_linears(model: nn.Module, skip: tuple[str, ...] | None, make) -> dict[str, nn.Module]:
+    """Swap every plain nn.Linear but those `skip` names (by default kept_in_float) for make(linear), or
+    leave it where make returns None; returns {"<name>.weight": new layer} (for quantizing on load)."""
+    skip = kept_in_float(model) if skip is None else skip
+    swapped = {}
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear and not matches(name, skip):
+            layer = make(module)
+            if layer is not None:
+                replace_module(model, name, layer)
+                swapped[name + ".weight"] = layer
+    return swapped
+
+
 def find_targets(model: nn.Module, targets: list[str] | str, exclude: type = type(None)) -> list[str]:
     """Names of the linear modules that `targets` selects (module-name suffixes, a regex over full names,
     or "all-linear": all but the output heads; embedding tables too when named), `exclude` left out; a

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from .kernels import blockwise_linear
-from .names import kept_in_float, matches, replace_module
+from .names import swap_linears
 
 # The 16 NF4 values (QLoRA, appendix E; bitsandbytes' table, to the last bit).
 NF4 = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -54,6 +54,7 @@ DYNAMIC = dynamic_map()
 
 def _nearest(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     """Index of the nearest value of the sorted `code` for each element (bounds at the midpoints)."""
+    code = code.to(scaled.device)
     return torch.bucketize(scaled, (code[:-1] + code[1:]) / 2, out_int32=True).to(torch.uint8)
 
 
@@ -179,13 +180,8 @@ def prepare_nf4(model: nn.Module, skip: tuple[str, ...] | None = None, device: t
     """For loading straight into NF4: swap the (meta) linears but `skip` (by default names.kept_in_float)
     for empty NF4Linear modules and return a transform(name, tensor) that quantizes each weight as it
     streams in from disk, so the float model never exists in memory."""
-    skip = kept_in_float(model) if skip is None else skip
-    owners = {}
-    for name, module in list(model.named_modules()):
-        if type(module) is nn.Linear and not matches(name, skip) and module.in_features % 2 == 0:
-            layer = NF4Linear(module.in_features, module.out_features, module.bias is not None, device="meta")
-            replace_module(model, name, layer)
-            owners[name + ".weight"] = layer
+    owners = swap_linears(model, skip, lambda m: NF4Linear(m.in_features, m.out_features, m.bias is not None,
+                                                            device="meta") if m.in_features % 2 == 0 else None)
 
     def transform(name: str, tensor: torch.Tensor) -> torch.Tensor:
         layer = owners.get(name)

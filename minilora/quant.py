@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from . import hardware
-from .names import kept_in_float, matches, replace_module
+from .names import swap_linears
 
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,10 +168,7 @@ class Int8Linear(nn.Module):
 def quantize_model(model: nn.Module, skip: tuple[str, ...] | None = None, threshold: float = 6.0) -> nn.Module:
     """Swap every nn.Linear but `skip` (by default names.kept_in_float: the output and task heads) for
     Int8Linear, in place."""
-    skip = kept_in_float(model) if skip is None else skip
-    for name, module in list(model.named_modules()):
-        if type(module) is nn.Linear and not matches(name, skip):
-            replace_module(model, name, Int8Linear.from_linear(module, threshold))
+    swap_linears(model, skip, lambda m: Int8Linear.from_linear(m, threshold))
     return model
 
 
@@ -180,14 +177,8 @@ def prepare_int8(model: nn.Module, skip: tuple[str, ...] | None = None, threshol
     """For loading straight into int8: swap the (meta) linears but `skip` (by default names.kept_in_float:
     the output and task heads) for empty Int8Linear modules and return a transform(name, tensor) that
     quantizes each weight as it streams in from disk."""
-    skip = kept_in_float(model) if skip is None else skip
-    owners = {}
-    for name, module in list(model.named_modules()):
-        if type(module) is nn.Linear and not matches(name, skip):
-            layer = Int8Linear(module.in_features, module.out_features, module.bias is not None, threshold,
-                               device="meta", dtype=dtype)
-            replace_module(model, name, layer)
-            owners[name + ".weight"] = layer
+    owners = swap_linears(model, skip, lambda m: Int8Linear(m.in_features, m.out_features, m.bias is not None,
+                                                             threshold, device="meta", dtype=dtype))
 
     def transform(name: str, tensor: torch.Tensor) -> torch.Tensor:
         layer = owners.get(name)

@@ -204,3 +204,36 @@ def write_recipe(saved_tiny, tmp_path, **fields):
         text = text.replace(key, value)
     (tmp_path / "r.toml").write_text(text)
     return tmp_path / "r.toml", model
+
+
+def load_peak(tmp_path, n_layer: int, forward: bool, **load_kwargs) -> tuple[int, int, int]:
+    """(fp32 checkpoint size, baseline VmHWM, VmHWM after loading it) in a fresh process: a random
+    GPT-J-shaped checkpoint (hidden 1024, `n_layer` blocks) loaded with `load_kwargs`. The baseline is
+    taken after a small load the same way, which pays the one-time costs (imports, kernels)."""
+    import subprocess
+    import textwrap
+    from safetensors.torch import save_file
+    from minilora.models import build_model
+
+    def write(folder, **cfg):
+        folder.mkdir()
+        cfg = dict(model_type="gptj", vocab_size=1000, rotary_dim=16, **cfg)
+        with torch.device("meta"):
+            shapes = {k: v.shape for k, v in build_model(cfg).state_dict().items()}
+        save_file({k: torch.randn(s) * 0.02 for k, s in shapes.items()}, str(folder / "model.safetensors"))
+        (folder / "config.json").write_text(json.dumps(cfg))
+        return (folder / "model.safetensors").stat().st_size
+    size = write(tmp_path / "big", n_embd=1024, n_layer=n_layer, n_head=16)
+    write(tmp_path / "warmup", n_embd=64, n_layer=1, n_head=4)
+    run = "(torch.tensor([[1, 2, 3]]))" if forward else ""
+    code = textwrap.dedent(f"""
+        import torch, minilora.weights as w
+        def hwm(): return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
+        w.load_model({str(tmp_path / "warmup")!r}, **{load_kwargs!r})(torch.tensor([[1, 2, 3]]))
+        base = hwm()
+        w.load_model({str(tmp_path / "big")!r}, **{load_kwargs!r}){run}
+        print(base, hwm())
+    """)
+    base, peak = map(int, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                         check=True).stdout.split())
+    return size, base, peak

@@ -186,3 +186,28 @@ def test_dora_embeddings_and_named_adapters_on_cuda_equal_cpu(saved_tiny):
     assert outs["cpu"][2].keys() == outs["cuda"][2].keys() and any("magnitude" in n for n in outs["cpu"][2])
     for n, g in outs["cpu"][2].items():
         assert (g - outs["cuda"][2][n]).abs().max().item() <= 1e-4, n
+
+
+def test_nf4_and_ggml_layers_on_cuda_equal_cpu():
+    """The 4-bit layers' dequantization and blockwise products on the GPU: the CPU's numbers."""
+    import numpy as np
+    from minilora import ggml
+    from minilora.nf4 import NF4Linear
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(512, 96)
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, size=(96 * 2, 144), dtype=np.uint8)
+    raw[:, 0:4] = (rng.standard_normal((96 * 2, 2)) * 0.01).astype(np.float16).view(np.uint8)
+    layers = {"nf4": NF4Linear.from_linear(linear),
+              "q4_k": ggml.GGMLLinear(512, 96, ggml.Q4_K, torch.from_numpy(raw), torch.randn(96))}
+    x = torch.randn(3, 7, 512)
+    for name, layer in layers.items():
+        outs = []
+        for device in ("cpu", "cuda"):
+            layer = layer.to(device)
+            xi = x.to(device).requires_grad_(True)
+            y = layer(xi)
+            y.square().sum().backward()
+            outs.append((y.detach().cpu(), xi.grad.cpu(), layer.dequantize().cpu()))
+        for a, b in zip(*outs):
+            assert (a - b).abs().max().item() <= 1e-4 * (1 + a.abs().max().item()), name

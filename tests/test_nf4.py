@@ -2,15 +2,13 @@
 and the 4-bit layer against the float product on its dequantized weight."""
 
 import copy
-import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 import torch.nn as nn
+
+from conftest import load_peak
 
 from minilora.errors import ConfigError
 from minilora.inject import apply_lora, merge_lora
@@ -140,29 +138,7 @@ def test_4bit_load_peaks_near_the_4bit_size(tmp_path):
     """A 126M-parameter fp32 checkpoint (504 MB): loading it in 4-bit never holds it in fp32 (the
     weights are quantized one by one, a million at a time, as they stream in). The forward pass then
     needs a few MB more per layer at most: it dequantizes 2M weights at a time."""
-    from safetensors.torch import save_file
-    from minilora.models import build_model
-
-    def write(folder, **cfg):
-        folder.mkdir()
-        cfg = dict(model_type="gptj", vocab_size=1000, rotary_dim=16, **cfg)
-        with torch.device("meta"):
-            shapes = {k: v.shape for k, v in build_model(cfg).state_dict().items()}
-        save_file({k: torch.randn(s) * 0.02 for k, s in shapes.items()}, str(folder / "model.safetensors"))
-        (folder / "config.json").write_text(json.dumps(cfg))
-        return (folder / "model.safetensors").stat().st_size
-    size = write(tmp_path / "big", n_embd=1024, n_layer=10, n_head=16)
-    write(tmp_path / "warmup", n_embd=64, n_layer=1, n_head=4)
-    code = textwrap.dedent(f"""
-        import torch, minilora.weights as w
-        def hwm(): return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
-        w.load_model({str(tmp_path / "warmup")!r}, load_in_4bit=True)(torch.tensor([[1, 2, 3]]))
-        base = hwm()
-        m = w.load_model({str(tmp_path / "big")!r}, load_in_4bit=True)
-        print(base, hwm())
-    """)
-    base, peak = map(int, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                         check=True).stdout.split())
+    size, base, peak = load_peak(tmp_path, n_layer=10, forward=False, load_in_4bit=True)
     print(f"4-bit load: peak {(peak - base) / 1e6:.0f} MB over baseline for a {size / 1e6:.0f} MB fp32 checkpoint")
     assert peak - base < 0.35 * size  # the 4-bit weights are 0.13 of it; then ~70 MB of scratch and float head
 

@@ -1,15 +1,13 @@
 """Int8Linear against the fp32 layer it replaces, LLM.int8()'s outlier decomposition, quantizing while
 loading, and LoRA trained on an 8-bit base."""
 
-import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 import torch.nn as nn
+
+from conftest import load_peak
 
 from minilora.errors import ConfigError
 from minilora.inject import apply_lora
@@ -163,30 +161,7 @@ def test_save_model_refuses_an_int8_model_and_writes_nothing(saved_tiny, tmp_pat
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmHWM from /proc")
 def test_8bit_load_peaks_well_under_the_fp32_size(tmp_path):
     """A 64M-parameter fp32 checkpoint (256 MB): loading it in 8-bit must never hold it in fp32."""
-    from safetensors.torch import save_file
-    from minilora.models import build_model
-    def write(folder, **cfg):
-        folder.mkdir()
-        cfg = dict(model_type="gptj", vocab_size=1000, rotary_dim=16, **cfg)
-        with torch.device("meta"):
-            shapes = {k: v.shape for k, v in build_model(cfg).state_dict().items()}
-        save_file({k: torch.randn(s) * 0.02 for k, s in shapes.items()}, str(folder / "model.safetensors"))
-        (folder / "config.json").write_text(json.dumps(cfg))
-        return (folder / "model.safetensors").stat().st_size
-    size = write(tmp_path / "big", n_embd=1024, n_layer=5, n_head=16)
-    write(tmp_path / "warmup", n_embd=64, n_layer=1, n_head=4)
-    # The baseline is taken after a small 8-bit load, which pays the one-time costs (imports, kernels).
-    code = textwrap.dedent(f"""
-        import torch, minilora.weights as w
-        def hwm(): return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
-        w.load_model({str(tmp_path / "warmup")!r}, load_in_8bit=True)(torch.tensor([[1, 2, 3]]))
-        base = hwm()
-        m = w.load_model({str(tmp_path / "big")!r}, load_in_8bit=True)
-        m(torch.tensor([[1, 2, 3]]))
-        print(base, hwm())
-    """)
-    base, peak = map(int, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                         check=True).stdout.split())
+    size, base, peak = load_peak(tmp_path, n_layer=5, forward=True, load_in_8bit=True)
     print(f"8-bit load: peak {(peak - base) / 1e6:.0f} MB over baseline for a {size / 1e6:.0f} MB fp32 checkpoint")
     assert peak - base < 0.5 * size
 
