@@ -2,6 +2,7 @@
 and against fp32/bf16 nn.Linear at GPT-J-6B's shapes, on the same weights and inputs.
 
     python benchmarks/nf4.py [--tokens 256]
+    python benchmarks/nf4.py load-6b [--dir D]   # a GPT-J-6B-shaped checkpoint in NF4 and 8-bit: load, one LoRA step
 
 For each shape: forward and forward+backward (input gradient, as under LoRA) median times, and each
 layer's output error relative to the fp32 layer. bitsandbytes runs with compute dtype fp32 and bf16,
@@ -45,10 +46,59 @@ def bnb_linear4bit(fp32: nn.Linear, dtype: torch.dtype):
     return layer.to("cpu")
 
 
+def load_and_step_6b(folder: Path) -> list[dict]:
+    """Write (once) a random GPT-J-6B-shaped fp16 checkpoint, then in a fresh process per format: load it
+    (NF4, 8-bit), then one LoRA optimizer step (q_proj/v_proj, r=8) at micro-batch 1 x 256; load time,
+    peak RSS, step time."""
+    import subprocess
+    import sys
+    import textwrap
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from int8 import GPTJ_6B, write_random_checkpoint
+    if not (folder / "model.safetensors.index.json").exists():
+        print(f"writing a random GPT-J-6B-shaped fp16 checkpoint to {folder} ...", flush=True)
+        write_random_checkpoint(folder, GPTJ_6B)
+    rows = []
+    for kind in ("load_in_4bit", "load_in_8bit"):
+        code = textwrap.dedent(f"""
+            import json, time, torch
+            from minilora.inject import apply_lora
+            from minilora.evaluate import causal_lm_loss
+            from minilora.weights import load_model
+            def status(key): return int(open("/proc/self/status").read().split(key + ":")[1].split()[0]) * 1024
+            start = time.time()
+            model = load_model({str(folder)!r}, {kind}=True)
+            load_seconds, load_peak = time.time() - start, status("VmHWM")
+            apply_lora(model, ["q_proj", "v_proj"], r=8, alpha=16)
+            model.train()
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+            ids = torch.randint(0, 50400, (1, 256), generator=torch.Generator().manual_seed(0))
+            start = time.time()
+            loss, n = causal_lm_loss(model, {{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}})
+            (loss / n).backward()
+            opt.step()
+            print(json.dumps(dict(kind={kind!r}, load_seconds=load_seconds, load_peak_rss=load_peak,
+                                  step_seconds=time.time() - start, peak_rss=status("VmHWM"), loss=float(loss / n))))
+        """)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        row = json.loads(out.strip().splitlines()[-1])
+        print(f"GPT-J-6B-shaped, {kind}: load {row['load_seconds']:.0f} s (peak RSS {row['load_peak_rss'] / 1e9:.2f} GB), "
+              f"one LoRA step at 1 x 256: {row['step_seconds']:.0f} s, peak RSS {row['peak_rss'] / 1e9:.2f} GB, "
+              f"loss {row['loss']:.3f}", flush=True)
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("what", nargs="?", default="layers", choices=["layers", "load-6b"])
     parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--dir", default="/tmp/gptj6b-random")
     args = parser.parse_args()
+    if args.what == "load-6b":
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "nf4_6b.json").write_text(json.dumps(load_and_step_6b(Path(args.dir)), indent=2) + "\n")
+        return
     fast_bf16 = matmul_is_fast(torch.bfloat16, "cpu")
     dtypes = [torch.float32] + ([torch.bfloat16] if fast_bf16 else [])
     rows = []
