@@ -97,8 +97,11 @@ def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtyp
     """The flat float values of packed NF4 codes, given each block's absmax (n/64 of them). In fp32 the
     values are bitsandbytes' exactly; in bf16 or fp16 they are computed in that dtype (the product of
     an NF4 value and the absmax rounded once, the absmax rounded to it first), half the memory traffic."""
-    pairs = _pairs(packed.device, dtype).index_select(0, packed.reshape(-1).int()).view(-1, BLOCK)  # (blocks, 64)
-    return (pairs * absmax.to(dtype)[:, None]).flatten()
+    values = _pairs(packed.device, dtype).index_select(0, packed.reshape(-1).int()).view(-1)
+    n = values.numel()
+    if n % BLOCK:  # a last block shorter than 64 (a tensor of d·k not a multiple of 64)
+        values = torch.nn.functional.pad(values, (0, -n % BLOCK))
+    return (values.view(-1, BLOCK) * absmax.to(dtype)[:, None]).flatten()[:n]
 
 
 _PAIRS: dict[tuple, torch.Tensor] = {}
@@ -161,7 +164,8 @@ class NF4Linear(nn.Module):
         flat = layer.weight.reshape(-1)
 
         def rows(r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
-            return dequantize_nf4(flat[r0 * k // 2:r1 * k // 2], layer.absmax[r0 * k // BLOCK:r1 * k // BLOCK],
+            # r0·k is a multiple of 64 (kernels.row_blocks); the last range may end inside a block
+            return dequantize_nf4(flat[r0 * k // 2:r1 * k // 2], layer.absmax[r0 * k // BLOCK:-(-r1 * k // BLOCK)],
                                   dtype).view(r1 - r0, k)
         return blockwise_linear(x, rows, layer.out_features, k, layer.bias, layer.weight, layer.absmax)
 

@@ -65,14 +65,15 @@ def test_nf4_double_quantization_equals_bitsandbytes(shape):
         assert error <= 1.001 * (reference - w.flatten()).norm()  # the weights' error: the same, to 0.1%
 
 
-def test_nf4_linear_forward_and_input_gradient_are_the_dequantized_products():
+@pytest.mark.parametrize("k, d", [(256, 384), (34, 7)], ids=["whole-blocks", "a-short-last-block"])
+def test_nf4_linear_forward_and_input_gradient_are_the_dequantized_products(k, d):
     torch.manual_seed(1)
-    linear = nn.Linear(256, 384)
+    linear = nn.Linear(k, d)
     layer = NF4Linear.from_linear(linear)
     w = layer.dequantize()
-    assert w.shape == (384, 256) and layer.weight.dtype == torch.uint8 and layer.weight.numel() == 384 * 128
+    assert w.shape == (d, k) and layer.weight.dtype == torch.uint8 and layer.weight.numel() == d * k // 2
     assert (w - linear.weight).abs().max() < 0.2 * linear.weight.abs().max()  # 4 bits: coarse but close
-    x = torch.randn(5, 7, 256, requires_grad=True)
+    x = torch.randn(5, 7, k, requires_grad=True)
     y = layer(x)
     assert torch.allclose(y, x @ w.t() + linear.bias, atol=1e-5)
     g = torch.randn_like(y)
