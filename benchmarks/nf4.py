@@ -48,8 +48,8 @@ def bnb_linear4bit(fp32: nn.Linear, dtype: torch.dtype):
 
 def load_and_step_6b(folder: Path) -> list[dict]:
     """Write (once) a random GPT-J-6B-shaped fp16 checkpoint, then in a fresh process per format: load it
-    (NF4, 8-bit), then one LoRA optimizer step (q_proj/v_proj, r=8) at micro-batch 1 x 256; load time,
-    peak RSS, step time."""
+    (NF4, 8-bit; the embeddings, norms and head in bf16, as int8.py's load-6b), then one LoRA optimizer
+    step (q_proj/v_proj, r=8, the adapter in fp32) at micro-batch 1 x 256; load time, peak RSS, step time."""
     import subprocess
     import sys
     import textwrap
@@ -67,7 +67,7 @@ def load_and_step_6b(folder: Path) -> list[dict]:
             from minilora.weights import load_model
             def status(key): return int(open("/proc/self/status").read().split(key + ":")[1].split()[0]) * 1024
             start = time.time()
-            model = load_model({str(folder)!r}, {kind}=True)
+            model = load_model({str(folder)!r}, dtype=torch.bfloat16, {kind}=True)  # the float rest in bf16
             load_seconds, load_peak = time.time() - start, status("VmHWM")
             apply_lora(model, ["q_proj", "v_proj"], r=8, alpha=16)
             model.train()

@@ -85,12 +85,12 @@ def quantize_nf4(w: torch.Tensor) -> dict[str, torch.Tensor]:
     return dict(packed=packed, absmax_code=_nearest(scaled2, DYNAMIC), absmax_scale=absmax2, absmax_offset=offset)
 
 
-def block_absmax(absmax_code: torch.Tensor, absmax_scale: torch.Tensor, absmax_offset: torch.Tensor) -> torch.Tensor:
-    """The fp32 absmax of every block of 64, from its 8-bit code (double quantization undone)."""
-    n = absmax_code.numel()
-    scaled = DYNAMIC.to(absmax_scale.device)[absmax_code.long()]
-    scaled = torch.nn.functional.pad(scaled, (0, -n % STATS_BLOCK)).view(-1, STATS_BLOCK)
-    return (scaled * absmax_scale[:, None]).flatten()[:n] + absmax_offset
+def block_absmax(absmax_code: torch.Tensor, absmax_scale: torch.Tensor, absmax_offset: torch.Tensor,
+                 first: int = 0) -> torch.Tensor:
+    """The fp32 absmax of blocks of 64 from their 8-bit codes (double quantization undone): `absmax_code`
+    holds those of blocks first, first + 1, ...; `absmax_scale` the scales of all the tensor's blocks."""
+    stats = torch.arange(first, first + absmax_code.numel(), device=absmax_code.device) // STATS_BLOCK
+    return DYNAMIC.to(absmax_scale.device)[absmax_code.long()] * absmax_scale[stats] + absmax_offset
 
 
 def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -118,14 +118,13 @@ class NF4Linear(nn.Module):
     """A frozen linear layer stored in NF4 with double quantization; see the module's docstring.
 
     `weight` holds the packed codes, (out_features, in_features / 2) uint8: its name stays the float
-    layer's, and the report counts it as d·k logical elements (`packed_elements`). The absmaxes are
-    rebuilt from their 8-bit codes once, at load (4 bytes per 64 weights in memory; the 8-bit codes
-    are what a 4-bit file would store)."""
+    layer's, and the report counts it as d·k logical elements (`packed_elements`). The absmaxes stay
+    8-bit codes in memory too (4.13 bits a weight in all) and are rebuilt a block of rows at a time."""
 
     is_linear = True
     packed_elements = 2  # logical weights per stored element of `weight`
     quantized_on_load = True  # load_weights hands it the float (d, k) weight, set_weight packs it
-    carried = ("absmax", "absmax_code", "absmax_scale", "absmax_offset")
+    carried = ("absmax_code", "absmax_scale", "absmax_offset")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
                  dtype: torch.dtype = torch.float32) -> None:
@@ -134,7 +133,7 @@ class NF4Linear(nn.Module):
         n = in_features * out_features
         self.weight = nn.Parameter(torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device),
                                    requires_grad=False)
-        for name, size, kind in (("absmax", -(-n // BLOCK), torch.float32), ("absmax_code", -(-n // BLOCK), torch.uint8),
+        for name, size, kind in (("absmax_code", -(-n // BLOCK), torch.uint8),
                                  ("absmax_scale", -(-n // (BLOCK * STATS_BLOCK)), torch.float32),
                                  ("absmax_offset", (), torch.float32)):
             self.register_buffer(name, torch.zeros(size, dtype=kind, device=device), persistent=False)
@@ -153,28 +152,29 @@ class NF4Linear(nn.Module):
         """Quantize a float (d, k) weight into this layer; returns the packed codes."""
         q = quantize_nf4(w)
         self.absmax_code, self.absmax_scale, self.absmax_offset = q["absmax_code"], q["absmax_scale"], q["absmax_offset"]
-        self.absmax = block_absmax(self.absmax_code, self.absmax_scale, self.absmax_offset)
         self.weight = nn.Parameter(q["packed"].view(self.out_features, self.in_features // 2), requires_grad=False)
         return self.weight
 
     @staticmethod
     def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The layer's function, on any module holding weight, absmax and bias (LoRALinear over NF4 too)."""
+        """The layer's function, on any module holding the weight, its absmax codes and the bias (LoRALinear
+        over NF4 too). Each block of rows rebuilds its own absmaxes from their 8-bit codes, then its weights."""
         k = layer.in_features
         flat = layer.weight.reshape(-1)
 
         def rows(r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
-            # r0·k is a multiple of 64 (kernels.row_blocks); the last range may end inside a block
-            return dequantize_nf4(flat[r0 * k // 2:r1 * k // 2], layer.absmax[r0 * k // BLOCK:-(-r1 * k // BLOCK)],
-                                  dtype).view(r1 - r0, k)
-        return blockwise_linear(x, rows, layer.out_features, k, layer.bias, layer.weight, layer.absmax)
+            b0, b1 = r0 * k // BLOCK, -(-r1 * k // BLOCK)  # r0·k is a multiple of 64 (kernels.row_blocks)
+            absmax = block_absmax(layer.absmax_code[b0:b1], layer.absmax_scale, layer.absmax_offset, first=b0)
+            return dequantize_nf4(flat[r0 * k // 2:r1 * k // 2], absmax, dtype).view(r1 - r0, k)
+        return blockwise_linear(x, rows, layer.out_features, k, layer.bias, layer.weight, layer.absmax_code)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return NF4Linear.linear(self, x)
 
     def dequantize(self) -> torch.Tensor:
         """The float (d, k) weight the codes stand for."""
-        return dequantize_nf4(self.weight, self.absmax).view(self.out_features, self.in_features)
+        absmax = block_absmax(self.absmax_code, self.absmax_scale, self.absmax_offset)
+        return dequantize_nf4(self.weight, absmax).view(self.out_features, self.in_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, nf4"

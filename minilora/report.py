@@ -83,15 +83,15 @@ def param_report(model: nn.Module) -> ParamReport:
 
 
 # Bytes of a frozen d×k linear weight stored each way, as minilora holds it in memory: int8 adds an fp32
-# scale per row; NF4 holds half a byte per weight, the fp32 absmax of each block of 64 (rebuilt once at
-# load), its 8-bit code, one fp32 scale per 256 blocks and an fp32 offset (double quantization).
+# scale per row; NF4 holds half a byte per weight, the 8-bit code of each block of 64's absmax, one fp32
+# scale per 256 blocks and an fp32 offset (double quantization).
 FORMATS = ("fp32", "bf16", "int8", "nf4")
 
 
 def base_bytes(d: int, k: int, fmt: str) -> int:
     n, blocks = d * k, -(-d * k // 64)
     return {"fp32": 4 * n, "bf16": 2 * n, "int8": n + 4 * d,
-            "nf4": n // 2 + 5 * blocks + 4 * -(-blocks // 256) + 4}[fmt]
+            "nf4": n // 2 + blocks + 4 * -(-blocks // 256) + 4}[fmt]
 
 
 def memory_report(model: nn.Module) -> str:
