@@ -127,10 +127,12 @@ def test_quantize_on_load_equals_quantize_after_load(saved_tiny, kind):
     assert rel(a, fp) < 2e-2
 
 
-def test_adapter_trained_on_int8_base_saves_and_loads(saved_tiny, tmp_path):
+@pytest.mark.parametrize("base, dora", [(dict(load_in_8bit=True), False), (dict(load_in_4bit=True), True)],
+                         ids=["int8", "nf4-dora"])
+def test_adapter_trained_on_a_quantized_base_saves_and_loads(saved_tiny, tmp_path, base, dora):
     from minilora.adapter import load_adapter, save_adapter
     _, folder = saved_tiny["gptj"]
-    model = apply_lora(load_model(folder, load_in_8bit=True), ["q_proj", "v_proj"], r=4, alpha=8)
+    model = apply_lora(load_model(folder, **base), ["q_proj", "v_proj"], r=4, alpha=8, use_dora=dora)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -139,7 +141,7 @@ def test_adapter_trained_on_int8_base_saves_and_loads(saved_tiny, tmp_path):
     with torch.no_grad():
         expected = model(ids)
     save_adapter(model, tmp_path / "a")
-    again = load_adapter(load_model(folder, load_in_8bit=True), tmp_path / "a")
+    again = load_adapter(load_model(folder, **base), tmp_path / "a")
     with torch.no_grad():
         assert torch.equal(again(ids), expected)
 
@@ -166,18 +168,22 @@ def test_8bit_load_peaks_well_under_the_fp32_size(tmp_path):
     assert peak - base < 0.5 * size
 
 
-def test_short_lora_run_on_8bit_smollm2_lowers_the_loss_on_real_alpaca(smollm2_path, alpaca_path, tmp_path):
+@pytest.mark.parametrize("bits, dtype", [("8", torch.int8), ("4", torch.uint8)], ids=["int8", "nf4"])
+def test_short_lora_run_on_a_quantized_smollm2_lowers_the_loss_on_real_alpaca(smollm2_path, alpaca_path, tmp_path,
+                                                                                bits, dtype):
+    """LoRA on the real model with an int8 base, and QLoRA (the same recipe with load_in_4bit)."""
     from pathlib import Path
     from minilora.recipe import load_recipe, run_recipe
     recipe = load_recipe(Path(__file__).resolve().parents[1] / "scripts" / "alpaca_smollm2_8bit.toml", overrides={
-        "model.name": str(smollm2_path), "data.train": str(alpaca_path), "data.limit": "48",
+        "model.name": str(smollm2_path), "model.load_in_8bit": str(bits == "8").lower(),
+        "model.load_in_4bit": str(bits == "4").lower(), "data.train": str(alpaca_path), "data.limit": "48",
         "data.val_size": "24", "data.cutoff": "128", "train.output_dir": str(tmp_path), "train.batch_size": "8",
         "train.micro_batch_size": "4", "train.max_steps": "6", "train.warmup_steps": "1", "train.lr": "2e-3",
         "train.eval_every": "6", "train.eval_at_start": "true", "train.progress": "false"})
     model, tok, result = run_recipe(recipe)
     assert not result.stopped_early and result.adapter_dir is not None
-    assert sum(isinstance(m.weight, torch.Tensor) and m.weight.dtype == torch.int8 for m in model.modules()
-               if hasattr(m, "weight")) == 30 * 7  # every linear of the 30 blocks is int8
+    assert sum(isinstance(m.weight, torch.Tensor) and m.weight.dtype == dtype for m in model.modules()
+               if hasattr(m, "weight")) == 30 * 7  # every linear of the 30 blocks is quantized
     evals = [h["eval_loss"] for h in result.history if "eval_loss" in h]
     assert len(evals) == 2 and evals[1] < evals[0] - 0.05, evals
-    assert all(p.dtype == torch.int8 and p.grad is None for n, p in model.named_parameters() if n.endswith("proj.weight"))
+    assert all(p.dtype == dtype and p.grad is None for n, p in model.named_parameters() if n.endswith("proj.weight"))
