@@ -107,7 +107,19 @@ def read_gguf(path: Path) -> GGUFFile:
     align = meta.get("general.alignment", 32)
     if isinstance(align, bool) or not isinstance(align, int) or align <= 0:
         raise CheckpointError(f"{path}: general.alignment is {align!r}, expected a positive integer")
+    # each tensor's bytes must end before the next one's begin (a type or shape changed in a corrupt
+    # header would otherwise read another tensor's bytes as its own)
+    spans = sorted((offset, offset + _nbytes(shape, kind), name) for name, (shape, kind, offset) in infos.items()
+                   if kind in BLOCKS)
+    for (_, end, name), (start, _, other) in zip(spans, spans[1:]):
+        if end > start:
+            raise CheckpointError(f"{path}: tensor {name}'s data overlaps tensor {other}'s (corrupt header?)")
     return GGUFFile(Path(path), meta, infos, (r.pos + align - 1) // align * align)
+
+
+def _nbytes(shape: tuple[int, ...], kind: int) -> int:
+    per_block, block_bytes = BLOCKS[kind]
+    return -(-math.prod(shape) // per_block) * block_bytes
 
 
 GGUF_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
@@ -178,7 +190,11 @@ def gguf_tensors(file: GGUFFile, keep: frozenset[str] = frozenset()) -> Iterator
         else:
             name = f"{GGUF_NAMES.get(parts[0], parts[0])}.{parts[1]}"
         raw = torch.from_numpy(np.array(raw))  # a copy of this tensor's bytes: the file stays unmapped
-        w = raw.view(shape[0], -1) if name in keep else dequantize(raw, kind, shape)
+        if name in keep:
+            w = raw.view(shape[0], -1)
+            _check_finite(w, kind, shape[-1], f"{path}: tensor {gguf_name}")
+        else:
+            w = dequantize(raw, kind, shape)
         if parts[0] == "blk" and parts[2] in ("attn_q", "attn_k") and w.dim() == 2:
             # llama.cpp interleaves each head's rotary halves; undo it to get the Hub's rotate-half rows
             # (on whole rows, so raw blocks move the same way).
@@ -189,6 +205,15 @@ def gguf_tensors(file: GGUFFile, keep: frozenset[str] = frozenset()) -> Iterator
                                       f"{n} heads of even size")
             w = w.reshape(n, rows // n // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
         yield name, w
+
+
+def _check_finite(rows: torch.Tensor, kind: int, width: int, where: str) -> None:
+    """A CheckpointError if kept blocks hold a NaN or infinite value (as the float path refuses them),
+    found by dequantizing about a million values at a time."""
+    step = max(1, (1 << 20) // width)
+    for r in range(0, rows.shape[0], step):
+        if not bool(dequantize(rows[r:r + step].reshape(-1), kind, (-1,)).isfinite().all()):
+            raise CheckpointError(f"{where} holds NaN or infinite values (in rows {r}..{r + step - 1})")
 
 
 def kept_blocks(file: GGUFFile) -> dict[str, tuple[int, tuple[int, int]]]:

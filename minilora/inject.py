@@ -341,7 +341,8 @@ def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
         merge_lora(model)
     for name, m in _all_lora_layers(model):
         if getattr(m, "base_linear", None) is not None and not merge:
-            raise ConfigError(f"{name}: removing LoRA from an int8 base is not supported; reload the base model")
+            raise ConfigError(f"{name}: removing LoRA from a quantized (int8, 4-bit or GGUF-block) base is not "
+                              "supported; reload the base model")
         if not merge:
             m.unmerge()  # the base layer as it was, even after merge_lora
         if isinstance(m, LoRAEmbedding):

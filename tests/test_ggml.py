@@ -140,3 +140,28 @@ def test_real_smollm2_q4_1_kept_in_its_blocks(smollm2_path):
     apply_lora(kept, ["q_proj", "v_proj"], r=4, alpha=8)
     kept(ids).float().logsumexp(-1).mean().backward()
     assert all(p.grad is not None for p in kept.parameters() if p.requires_grad)
+
+
+def test_kept_blocks_with_a_nan_scale_or_overlapping_data_are_refused(tmp_path):
+    """What the float path refuses, the kept-blocks path refuses too: a NaN scale names the tensor; a
+    header whose type makes one tensor's bytes run into the next one's is refused as corrupt."""
+    from minilora.errors import CheckpointError
+    from minilora.gguf import read_gguf
+    from minilora.weights import load_model
+    path = write_kquant_gguf(tmp_path / "k.gguf", [ggml.Q4_0])
+    file = read_gguf(path)
+    _, kind, offset = file.infos["blk.0.attn_q.weight"]
+    data = bytearray(path.read_bytes())
+    data[file.data_start + offset:file.data_start + offset + 2] = np.array([np.nan], np.float16).tobytes()
+    (tmp_path / "nan.gguf").write_bytes(bytes(data))
+    for keep in (False, True):
+        with pytest.raises(CheckpointError, match=r"nan.gguf: tensor blk.0.attn_q.weight holds NaN or infinite "
+                                                  r"values|model.layers.0.self_attn.q_proj.weight holds NaN"):
+            load_model(tmp_path / "nan.gguf", keep_quantized=keep)
+    # the type of blk.0.attn_q.weight changed in the header from Q4_0 (18-byte blocks) to Q8_0 (34)
+    header = bytes(path.read_bytes())
+    at = header.index(b"blk.0.attn_q.weight") + len(b"blk.0.attn_q.weight") + 4 + 8 * 2  # n_dims, two dims
+    assert int.from_bytes(header[at:at + 4], "little") == ggml.Q4_0
+    (tmp_path / "overlap.gguf").write_bytes(header[:at] + ggml.Q8_0.to_bytes(4, "little") + header[at + 4:])
+    with pytest.raises(CheckpointError, match=r"overlap.gguf: tensor blk.0.attn_q.weight's data overlaps tensor "):
+        load_model(tmp_path / "overlap.gguf", keep_quantized=True)

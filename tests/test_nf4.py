@@ -127,18 +127,32 @@ def test_4bit_load_peaks_near_the_4bit_size(tmp_path):
     assert peak - base < 0.35 * size  # the 4-bit weights are 0.13 of it; then ~70 MB of scratch and float head
 
 
-def test_memory_report_equals_the_bytes_each_loaded_model_holds(saved_tiny):
+@pytest.fixture
+def odd_llama(tmp_path):
+    """A Llama whose down_proj has 51 inputs: NF4 (two codes a byte) leaves it in float."""
+    import transformers
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=97, hidden_size=40, intermediate_size=51, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2))
+    model.save_pretrained(tmp_path / "odd")
+    return tmp_path / "odd"
+
+
+@pytest.mark.parametrize("kind", ["llama-tied", "odd"])
+def test_memory_report_equals_the_bytes_each_loaded_model_holds(saved_tiny, odd_llama, kind):
     """From shapes alone (a meta model, as `minilora params` builds it), the report's fp32, int8 and nf4
     totals are the bytes of the tensors that load_model then really holds in each format."""
     from minilora.models import build_model
     from minilora.report import FORMATS, memory_rows
     from minilora.weights import load_config
-    _, folder = saved_tiny["llama-tied"]
+    folder = odd_llama if kind == "odd" else saved_tiny[kind][1]
     with torch.device("meta"):
         meta = build_model(load_config(folder))
     rows = memory_rows(meta)
     totals = {f: sum(r[1 + i] for r in rows.values()) for i, f in enumerate(FORMATS)}
-    assert rows["model.layers.*.self_attn.q_proj"][0] == 2 and "lm_head" not in rows  # tied: counted once
+    if kind == "llama-tied":
+        assert rows["model.layers.*.self_attn.q_proj"][0] == 2 and "lm_head" not in rows  # tied: counted once
 
     def held(model):  # every parameter and buffer, each tensor once
         tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
