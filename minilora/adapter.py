@@ -272,13 +272,14 @@ def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], settings: 
     unmatched, mismatched, matched = [], [], {}
     for key, tensor in tensors.items():
         name = re.sub(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)\.default\b", r".\1",
-                      key.removeprefix(PREFIX)).removesuffix(".lora_magnitude_vector.weight")
-        owner = name.removesuffix(".base_layer.weight")
-        if owner != name and owner in lora_layers:  # PEFT saves a LoRA embedding's table beside it
-            name = owner + ".weight"
-        elif name != key.removeprefix(PREFIX) and key.endswith(".lora_magnitude_vector.weight"):
-            name += ".lora_magnitude_vector"
-        if name not in state or not (is_adapter_tensor(name) or name in saved_tensors or owner in lora_layers):
+                      key.removeprefix(PREFIX))  # PEFT's live names carry the adapter's name
+        if name.endswith(".lora_magnitude_vector.weight"):  # ... and its magnitude module's ".weight"
+            name = name.removesuffix(".weight")
+        layer = name.removesuffix(".base_layer.weight")
+        table = layer != name and layer in lora_layers  # PEFT saves a LoRA embedding's table beside it
+        if table:
+            name = layer + ".weight"
+        if name not in state or not (is_adapter_tensor(name) or name in saved_tensors or table):
             unmatched.append(key)  # nothing but LoRA's tensors and those of modules_to_save
         elif tuple(state[name].shape) != tuple(tensor.shape):
             mismatched.append(f"{key}: adapter {tuple(tensor.shape)} vs model {tuple(state[name].shape)}")

@@ -136,7 +136,9 @@ class LoRALinear(nn.Module):
         out = self.base(x)
         dropped = self.training and isinstance(self.dropout, nn.Dropout)
         x_d = self.dropout(x) if dropped else x
-        with torch.no_grad():  # n is a constant (paper, section 4.3): no d×k gradient, ever
+        # n is a constant (paper, section 4.3): no d×k gradient, ever. It needs W0 itself, so a quantized
+        # base is dequantized whole here once per forward (as PEFT does), unlike its blockwise product.
+        with torch.no_grad():
             n = (self.base_weight() + self.delta_weight().to(torch.float32)).norm(dim=1)
         ratio = self.lora_magnitude_vector / n.to(self.lora_magnitude_vector.dtype)  # m / n, (d,)
         base_d = self.base(x_d, bias=False) if dropped else out if self.bias is None else out - self.bias  # W0 x_d

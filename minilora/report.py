@@ -121,9 +121,10 @@ def memory_rows(model: nn.Module) -> dict[str, list]:
         bias = module._parameters.get("bias")
         extra = bias.numel() if bias is not None else 0
         d, k = getattr(module, "out_features", None), getattr(module, "in_features", None)
-        linear = d is not None and k is not None and not matches(name, keep)  # quantized by load_in_8bit/4bit
-        sizes = [base_bytes(d, k, f) + extra * 4 if linear and f in ("int8", "nf4") and (f == "int8" or k % 2 == 0)
-                 else (weight.numel() + extra) * (2 if f == "bf16" else 4) for f in FORMATS]  # NF4: k even
+        linear = d is not None and k is not None and not matches(name, keep)  # what load_in_8bit/4bit quantize
+        quantized = {"int8": linear, "nf4": linear and k % 2 == 0}  # NF4 packs two codes a byte: k even
+        sizes = [base_bytes(d, k, f) + extra * 4 if quantized.get(f) else (weight.numel() + extra) * (2 if f == "bf16" else 4)
+                 for f in FORMATS]
         row = rows.setdefault(_pattern(name), [0, *[0] * len(FORMATS)])
         row[0] += 1
         row[1:] = [t + s for t, s in zip(row[1:], sizes)]
