@@ -30,11 +30,13 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE)], dim=1)  # token t predicts t+1
     head = getattr(model, "lm_head", None)
-    if type(head) is nn.Linear and not head.weight.requires_grad and hasattr(model, "hidden_states") \
+    quantized = hasattr(head, "rows")  # a head kept in blocks (tied to a GGUF embedding): read a block at a time
+    if (type(head) is nn.Linear or quantized) and not head.weight.requires_grad and hasattr(model, "hidden_states") \
             and (head.bias is None or not head.bias.requires_grad):
         h, targets = model.hidden_states(ids, attention_mask=mask).flatten(0, 1), shifted.flatten()
         keep = targets != IGNORE  # no head work for padding and masked prompt positions
-        loss = LinearCrossEntropy.apply(h[keep], head.weight, head.bias, targets[keep], IGNORE)
+        loss = LinearCrossEntropy.apply(h[keep], head.weight, head.bias, targets[keep], IGNORE,
+                                        head.rows if quantized else None)
     else:
         logits = model(ids, attention_mask=mask)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE, reduction="sum")

@@ -218,10 +218,12 @@ def _check_finite(rows: torch.Tensor, kind: int, width: int, where: str) -> None
 
 def kept_blocks(file: GGUFFile) -> dict[str, tuple[int, tuple[int, int]]]:
     """{Hub name: (GGML type, (out, in))} of the 2-D block weights that a quantized base can keep as they
-    are: those of the transformer blocks (embeddings and the output head are read in float)."""
+    are: those of the transformer blocks and the token embedding (an untied output head is read in float)."""
     kept = {}
     for gguf_name, (shape, kind, _) in file.infos.items():
         parts = gguf_name.split(".")
         if kind in QUANTIZED and len(shape) == 2 and parts[0] == "blk" and parts[-1] == "weight" and len(parts) == 4:
             kept[f"model.layers.{parts[1]}.{GGUF_NAMES.get(parts[2], parts[2])}.weight"] = (kind, shape)
+        elif kind in QUANTIZED and gguf_name == "token_embd.weight":
+            kept[f"{GGUF_NAMES['token_embd']}.weight"] = (kind, shape)
     return kept

@@ -55,16 +55,25 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     Forward computes, per chunk, the logits, their log-softmax, the loss, and at once the gradient
     with respect to h: (softmax - onehot(y)) W. Backward only scales that stored (N, d) gradient.
-    The same arithmetic as F.cross_entropy(F.linear(h, W, b)) in fewer passes over the logits."""
+    The same arithmetic as F.cross_entropy(F.linear(h, W, b)) in fewer passes over the logits.
+
+    A quantized head (a GGUF embedding it is tied to) comes as `rows`, its float rows r0..r1 rebuilt
+    on demand (`weight` is then its raw storage, for autograd only): each chunk's logits and gradient
+    are made a block of vocabulary rows at a time, so no float copy of the head ever exists."""
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-                ignore_index: int = -100):
+                ignore_index: int = -100, rows=None):
         dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
-        chunk = max(512, (1 << 23) // weight.shape[0])  # 8M logits (32 MB in fp32) at a time, or 512 rows:
-        # fewer rows than that make the matmuls slower (256 rows: -10% at 32000 x 768 here)
-        w, b, logits_buffer, low_buffer = prepared_head(weight, bias, dtype, min(chunk, h.shape[0]))
         vocab = weight.shape[0]
+        chunk = max(512, (1 << 23) // vocab)  # 8M logits (32 MB in fp32) at a time, or 512 rows:
+        # fewer rows than that make the matmuls slower (256 rows: -10% at 32000 x 768 here)
+        if rows is None:
+            w, b, logits_buffer, low_buffer = prepared_head(weight, bias, dtype, min(chunk, h.shape[0]))
+        else:
+            w, b, low_buffer = None, None if bias is None else bias.float(), None
+            logits_buffer = torch.empty(min(chunk, h.shape[0]), vocab, dtype=torch.float32, device=h.device)
+            blocks = row_blocks(vocab, h.shape[1], 1)
         grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         with torch.autocast(h.device.type, enabled=False):
@@ -72,13 +81,18 @@ class LinearCrossEntropy(torch.autograd.Function):
                 y = labels[i:i + chunk]
                 logp = logits_buffer[:len(y)]
                 low = logp if low_buffer is None else low_buffer[:len(y)]
-                torch.mm(h[i:i + chunk].to(dtype), w.t(), out=low)  # (c, padded vocab) logits
-                if low is not logp:
-                    logp.copy_(low)
-                if b is None:
-                    logp[:, vocab:] = float("-inf")  # the padding (a bias carries its own -inf)
+                if rows is not None:  # (c, vocab) logits, a block of the head's rows at a time
+                    hc = h[i:i + chunk].to(dtype)
+                    for v0, v1 in blocks:
+                        logp[:, v0:v1] = hc @ rows(v0, v1, dtype).t()
                 else:
+                    torch.mm(h[i:i + chunk].to(dtype), w.t(), out=low)  # (c, padded vocab) logits
+                    if low is not logp:
+                        logp.copy_(low)
+                if b is not None:
                     logp.add_(b)
+                elif rows is None:
+                    logp[:, vocab:] = float("-inf")  # the padding (a bias carries its own -inf)
                 torch._log_softmax(logp, -1, False, out=logp)  # in place: one fused kernel
                 valid = y != ignore_index
                 target = y.clamp(min=0)
@@ -87,7 +101,11 @@ class LinearCrossEntropy(torch.autograd.Function):
                 probs[torch.arange(len(y), device=y.device), target] -= 1.0
                 if not bool(valid.all()):  # causal_lm_loss passes only targets; other callers may not
                     probs *= valid[:, None]
-                if low is logp:
+                if rows is not None:
+                    g = grad_h[i:i + chunk].zero_()
+                    for v0, v1 in blocks:
+                        g += probs[:, v0:v1].to(dtype) @ rows(v0, v1, dtype)
+                elif low is logp:
                     torch.mm(probs, w, out=grad_h[i:i + chunk])
                 else:
                     grad_h[i:i + chunk] = low.copy_(probs) @ w
@@ -98,7 +116,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total: torch.Tensor):
         (grad_h,) = ctx.saved_tensors
-        return (grad_h * grad_total).to(ctx.h_dtype), None, None, None, None
+        return (grad_h * grad_total).to(ctx.h_dtype), None, None, None, None, None
 
 
 @contextlib.contextmanager

@@ -123,7 +123,8 @@ def memory_rows(model: nn.Module) -> dict[str, list]:
         d, k = getattr(module, "out_features", None), getattr(module, "in_features", None)
         linear = d is not None and k is not None and not matches(name, keep)  # what load_in_8bit/4bit quantize
         quantized = {"int8": linear, "nf4": linear and k % 2 == 0}  # NF4 packs two codes a byte: k even
-        sizes = [base_bytes(d, k, f) + extra * 4 if quantized.get(f) else (weight.numel() + extra) * (2 if f == "bf16" else 4)
+        n = round(weight.numel() * getattr(module, "packed_elements", 1))  # logical elements of a packed weight
+        sizes = [base_bytes(d, k, f) + extra * 4 if quantized.get(f) else (n + extra) * (2 if f == "bf16" else 4)
                  for f in FORMATS]
         row = rows.setdefault(_pattern(name), [0, *[0] * len(FORMATS)])
         row[0] += 1

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from minilora import ggml
-from minilora.ggml import BLOCKS, NAMES, QUANTIZED, GGMLLinear, dequantize_blocks
+from minilora.errors import ConfigError
+from minilora.ggml import BLOCKS, NAMES, QUANTIZED, GGMLEmbedding, GGMLLinear, dequantize_blocks
 
 gguf = pytest.importorskip("gguf")
 
@@ -48,9 +49,9 @@ def test_ggml_linear_is_the_product_of_its_dequantized_weight(kind):
     assert layer.weight.grad is None
 
 
-def write_kquant_gguf(path, kinds, seed=0):
+def write_kquant_gguf(path, kinds, seed=0, embedding=None):
     """A tiny Llama GGUF (hidden 256: whole K-quant blocks per row) with random raw blocks of the given
-    type for each block weight, F32 norms and an F16 embedding."""
+    type for each block weight, F32 norms and an F16 embedding (or one of random blocks of `embedding`)."""
     from gguf import GGUFWriter, GGMLQuantizationType as T
     hidden, ffn, layers, heads, vocab = 256, 512, 2, 4, 97
     writer = GGUFWriter(str(path), "llama")
@@ -66,7 +67,11 @@ def write_kquant_gguf(path, kinds, seed=0):
     rng = np.random.default_rng(seed)
     shapes = {"attn_q": (hidden, hidden), "attn_k": (128, hidden), "attn_v": (128, hidden),
               "attn_output": (hidden, hidden), "ffn_gate": (ffn, hidden), "ffn_up": (ffn, hidden), "ffn_down": (hidden, ffn)}
-    writer.add_tensor("token_embd.weight", (rng.standard_normal((vocab, hidden)) * 0.05).astype(np.float16))
+    if embedding is None:
+        writer.add_tensor("token_embd.weight", (rng.standard_normal((vocab, hidden)) * 0.05).astype(np.float16))
+    else:
+        raw = random_blocks(embedding, n=vocab * hidden // BLOCKS[embedding][0], seed=seed + 1)
+        writer.add_tensor("token_embd.weight", raw.reshape(vocab, -1), raw_dtype=T(embedding))
     writer.add_tensor("output_norm.weight", np.ones(hidden, dtype=np.float32))
     for i in range(layers):
         for norm in ("attn_norm", "ffn_norm"):
@@ -113,6 +118,47 @@ def test_gguf_base_kept_in_its_blocks_computes_what_the_dequantized_base_compute
         assert (load_adapter(dense, tmp_path / "a")(ids) - kept(ids)).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("kind", [ggml.Q8_0, ggml.Q4_K])
+def test_quantized_embedding_and_its_tied_head_stay_in_blocks(tmp_path, kind):
+    """A quantized token embedding (SmolLM2's is Q8_0) is kept too, with the head tied to it reading the
+    same blocks: the logits, the fused head loss and the LoRA gradients equal the dequantized model's."""
+    from minilora.evaluate import causal_lm_loss
+    from minilora.inject import apply_lora
+    from minilora.report import memory_rows, param_report
+    from minilora.weights import load_model
+    path = write_kquant_gguf(tmp_path / "e.gguf", [ggml.Q4_K], embedding=kind)
+    dense, kept = load_model(path), load_model(path, keep_quantized=True)
+    emb = kept.model.embed_tokens
+    assert isinstance(emb, GGMLEmbedding) and emb.kind == kind and emb.weight.dtype == torch.uint8
+    assert isinstance(kept.lm_head, GGMLLinear) and kept.lm_head.weight is emb.weight  # tied: one copy
+    assert torch.equal(emb.dequantize(), dense.model.embed_tokens.weight)
+    assert param_report(kept).total == param_report(dense).total
+    assert memory_rows(kept) == memory_rows(dense)  # the report sizes the logical weights either way
+    ids = torch.randint(0, 97, (3, 11))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    with torch.no_grad():
+        assert (kept(ids) - dense(ids)).abs().max().item() <= 1e-5
+    grads = []
+    for model in (kept, dense):
+        torch.manual_seed(0)  # not q/k: this random model's softmax saturates, their gradients are rounding noise
+        apply_lora(model, ["v_proj", "down_proj"], r=4, alpha=8)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1)
+        loss, count = causal_lm_loss(model, batch)
+        loss.backward()
+        grads.append((loss.item(), count, [p.grad for p in model.parameters() if p.requires_grad]))
+    (a, n_a, ga), (b, n_b, gb) = grads
+    assert n_a == n_b == 3 * 7 and abs(a - b) <= 1e-5 * abs(b)
+    ga, gb = torch.cat([x.flatten() for x in ga]), torch.cat([y.flatten() for y in gb])
+    assert ((ga - gb).norm() / gb.norm()).item() <= 1e-4
+    with pytest.raises(ConfigError, match="embed_tokens"):  # a quantized table is not a LoRA target
+        apply_lora(load_model(path, keep_quantized=True), ["embed_tokens"], r=4, alpha=8)
+
+
 def test_keep_quantized_needs_a_gguf_file(saved_tiny):
     from minilora.errors import ConfigError
     from minilora.weights import load_model
@@ -122,18 +168,20 @@ def test_keep_quantized_needs_a_gguf_file(saved_tiny):
 
 
 def test_real_smollm2_q4_1_kept_in_its_blocks(smollm2_path):
-    """The real Q4_1 file: every block weight stays Q4_1 (the base 2.6x smaller than in fp32), and the
+    """The real Q4_1 file: every block weight stays Q4_1 and the embedding Q8_0 (the base 5.6x smaller
+    than in fp32), and the
     logits are those of the dequantized model; LoRA trains on top."""
     from minilora.inject import apply_lora
     from minilora.weights import load_model
     kept, dense = load_model(smollm2_path, keep_quantized=True), load_model(smollm2_path)
     layers = [m for m in kept.modules() if isinstance(m, GGMLLinear)]
-    assert len(layers) == 30 * 7 and {m.kind for m in layers} == {ggml.Q4_1}
+    assert len(layers) == 30 * 7 + 1 and {m.kind for m in layers[:-1]} == {ggml.Q4_1}  # and the tied head
 
     def held(model):
         return sum(t.numel() * t.element_size() for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values())
     print(f"base weights: {held(kept) / 1e6:.0f} MB kept in blocks, {held(dense) / 1e6:.0f} MB in fp32")
-    assert held(kept) < 0.4 * held(dense)
+    assert held(kept) < 0.2 * held(dense)  # 97 MB of 538: the Q8_0 embedding and its tied head kept too
+    assert kept.model.embed_tokens.kind == ggml.Q8_0 and kept.lm_head.weight is kept.model.embed_tokens.weight
     ids = torch.tensor([[1, 9690, 314, 253, 3575, 28, 2], [1, 504, 3575, 282, 4649, 314, 2]])
     with torch.no_grad():
         assert (kept(ids) - dense(ids)).abs().max().item() <= 1e-3

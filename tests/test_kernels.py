@@ -116,3 +116,32 @@ def test_fused_loss_over_chunks_padding_and_a_changed_head():
     check()
     weight.data = torch.randn(vocab, d, generator=g)  # new data, same Parameter-like tensor
     check()
+
+
+def test_fused_loss_over_a_head_given_by_blocks_of_rows():
+    """A quantized head comes as rows(r0, r1, dtype): the loss and its gradient equal float64
+    F.cross_entropy over the whole weight, with several token chunks, ignored targets and a bias; the
+    head is asked for whole blocks of rows only, never all of them at once."""
+    g = torch.Generator().manual_seed(1)
+    vocab, d = 50001, 48
+    weight = torch.randn(vocab, d, generator=g)
+    bias = torch.randn(vocab, generator=g)
+    labels = torch.randint(0, vocab, (1100,), generator=g)
+    labels[::5] = -100
+    asked = []
+
+    def rows(r0, r1, dtype):
+        asked.append(r1 - r0)
+        return weight[r0:r1].to(dtype)
+    for b in (None, bias):
+        h = torch.randn(1100, d, generator=g, dtype=torch.float64)
+        h32 = h.float().requires_grad_()
+        loss = LinearCrossEntropy.apply(h32, weight, b, labels, -100, rows)
+        loss.backward()
+        h64 = h.clone().requires_grad_()
+        expected = F.cross_entropy(F.linear(h64, weight.double(), None if b is None else b.double()), labels,
+                                   reduction="sum")
+        expected.backward()
+        assert abs(loss.item() - expected.item()) <= 1e-6 * abs(expected.item())
+        assert ((h32.grad.double() - h64.grad).norm() / h64.grad.norm()).item() <= 1e-5
+    assert max(asked) < vocab and sum(asked) == 2 * 2 * 3 * vocab  # 2 calls x 3 chunks x (logits, gradient)
