@@ -24,4 +24,15 @@ test-fast: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) scripts/demo.py
 
-.PHONY: install test test-fast demo
+# Opt-in, not in `make test`: against llama.cpp itself. llama-cpp-python reaches this machine only as
+# source, so its own venv compiles llama.cpp (about 5 minutes on 2 cores, once).
+LLAMA_VENV ?= .venv-llamacpp
+$(LLAMA_VENV)/.installed:
+	$(PYTHON) -m venv $(LLAMA_VENV)
+	$(LLAMA_VENV)/bin/python -m pip install -q llama-cpp-python==0.3.36 numpy
+	touch $@
+
+test-llamacpp: $(VENV)/.installed $(LLAMA_VENV)/.installed
+	MINILORA_LLAMACPP_PYTHON=$(LLAMA_VENV)/bin/python $(PY) -m pytest -q -s tests/test_llamacpp.py
+
+.PHONY: install test test-fast demo test-llamacpp

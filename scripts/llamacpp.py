@@ -1,0 +1,52 @@
+"""llama.cpp's side of the opt-in tests (`make test-llamacpp`), run with the Python of a venv that has
+llama-cpp-python (it compiles llama.cpp from source; not a minilora dependency):
+
+    python scripts/llamacpp.py quantize SRC.gguf DST.gguf Q4_K_M [--pure]    # llama.cpp's own quantizer
+    python scripts/llamacpp.py logits MODEL.gguf 1,9690,314 OUT.npy [--lora ADAPTER.gguf]
+
+`logits` writes llama.cpp's next-token logits at every position, (len(ids), vocab) float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import llama_cpp
+import numpy as np
+
+
+def quantize(src: str, dst: str, kind: str, pure: bool) -> None:
+    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind}", None) or getattr(llama_cpp, f"LLAMA_FTYPE_ALL_{kind}", None)
+    if ftype is None:
+        raise SystemExit(f"llama.cpp has no file type {kind}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.allow_requantize, params.pure, params.nthread = ftype, True, pure, 2
+    if llama_cpp.llama_model_quantize(src.encode(), dst.encode(), params) != 0:
+        raise SystemExit(f"llama.cpp could not quantize {src} to {kind}")
+
+
+def logits(model: str, ids: list[int], out: str, lora: str | None) -> None:
+    kwargs = {"lora_path": lora} if lora else {}
+    llm = llama_cpp.Llama(model_path=model, logits_all=True, n_ctx=max(64, len(ids)), verbose=False, **kwargs)
+    llm.eval(ids)
+    np.save(out, np.asarray(llm.scores[:len(ids)], dtype=np.float32))
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("quantize")
+    q.add_argument("src")
+    q.add_argument("dst")
+    q.add_argument("kind")
+    q.add_argument("--pure", action="store_true", help="every tensor in `kind`, without llama.cpp's mixing rules")
+    g = sub.add_parser("logits")
+    g.add_argument("model")
+    g.add_argument("ids")
+    g.add_argument("out")
+    g.add_argument("--lora")
+    a = p.parse_args()
+    if a.command == "quantize":
+        quantize(a.src, a.dst, a.kind, a.pure)
+    else:
+        logits(a.model, [int(x) for x in a.ids.split(",")], a.out, a.lora)
