@@ -110,6 +110,15 @@ def generate_ids(model: nn.Module, prompts: list[list[int]], eos_ids: list[int],
     return out
 
 
+def chat_prompt(tokenizer, text: str, system: str | None = None) -> str:
+    """`text` as a user message in the tokenizer's chat template (after `system`, else the template's
+    default system prompt, if it has one), the assistant's turn opened."""
+    if system is not None and not isinstance(system, str):
+        raise ConfigError(f"system must be text, got {system!r}")
+    head = [] if system is None else [{"role": "system", "content": system}]
+    return tokenizer.apply_chat_template([*head, {"role": "user", "content": text}], add_generation_prompt=True)
+
+
 def generate(model: nn.Module, tokenizer, prompts: str | list[str], max_new_tokens: int = 64,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              stop: list[str] | None = None, seed: int | None = None, use_cache: bool = True,
@@ -127,11 +136,7 @@ def generate(model: nn.Module, tokenizer, prompts: str | list[str], max_new_toke
     if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
         raise ConfigError(f"stop strings must be non-empty text, got {stop!r}")
     if chat:
-        if system is not None and not isinstance(system, str):
-            raise ConfigError(f"system must be text, got {system!r}")
-        head = [] if system is None else [{"role": "system", "content": system}]
-        encoded = [tokenizer.encode(tokenizer.apply_chat_template([*head, {"role": "user", "content": t}]),
-                                    add_special_tokens=False) for t in texts]
+        encoded = [tokenizer.encode(chat_prompt(tokenizer, t, system), add_special_tokens=False) for t in texts]
     else:
         encoded = [tokenizer.encode(t) for t in texts]
 

@@ -23,7 +23,7 @@ import torch
 from . import distributed, hardware
 from .data import build_classification_examples, build_examples, get_template, label_ids, read_records, split
 from .errors import ConfigError, DataError
-from .generate import check_sampling, classify as predict
+from .generate import chat_prompt, check_sampling, classify as predict
 from .inject import LoRAConfig, apply_lora
 from .models.common import resize_token_embeddings
 from .packing import pack
@@ -234,7 +234,8 @@ def run_recipe(recipe: Recipe, stop_request: Callable[[], ContextManager[Callabl
         raise ConfigError(f"{recipe.source} [lora].modules_to_save: the classification head starts untrained "
                           f"({', '.join(untrained)}) and would stay so: list {', '.join(model.task_head)} there")
     if recipe.generate.prompts and not classify:
-        longest = max(len(tokenizer.encode(p)) for p in recipe.generate.prompts)
+        g = recipe.generate  # the prompts as generate() writes them
+        longest = max(len(tokenizer.encode(chat_prompt(tokenizer, p, g.system) if g.chat else p)) for p in g.prompts)
         if longest + recipe.generate.max_new_tokens > model.max_length:
             raise ConfigError(f"{recipe.source} [generate].max_new_tokens: {recipe.generate.max_new_tokens} tokens after "
                               f"a prompt of {longest} run past the model's context of {model.max_length}")
