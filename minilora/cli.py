@@ -1,4 +1,4 @@
-"""The command line: `minilora params | train | generate | classify | merge`. Each subcommand is a small
+"""The command line: `minilora params | train | generate | classify | merge | export`. Each subcommand is a small
 function over the Python API; errors minilora raises on purpose are printed as one line (no traceback)
 with exit status 2. `train` is the one place that handles SIGINT/SIGTERM (stop_on_signals)."""
 
@@ -20,6 +20,7 @@ import torch
 from . import distributed
 from .adapter import adapter_classes, load_adapter
 from .errors import ConfigError, MiniLoraError
+from .export import export_adapter, export_merged
 from .generate import classify, generate
 from .inject import LoRAConfig, adapter_disabled, apply_lora, remove_lora
 from .models import build_model
@@ -182,6 +183,22 @@ def cmd_merge(args: argparse.Namespace) -> None:
           "and merged there (never into int8 or 4-bit weights, where the update would be rounded away)")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise ConfigError(f"{out} exists; give --overwrite to replace it")
+    model = load_model(args.model, revision=args.revision)  # in floating point: a merge is never rounded to 4-bit
+    load_adapter(model, args.adapter)
+    if args.merged:
+        export_merged(model, out, args.type, load_tokenizer(args.model, revision=args.revision))
+        print(f"merged model written to {out} ({out.stat().st_size / 1e6:.1f} MB, {args.type}): llama-cli -m {out}")
+    else:
+        if args.type != "f32":
+            raise ConfigError("--type is for --merged (an adapter file is written in f32)")
+        export_adapter(model, out)
+        print(f"adapter written to {out} ({out.stat().st_size / 1e6:.2f} MB): llama-cli -m BASE.gguf --lora {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minilora", description="LoRA fine-tuning in plain PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -239,6 +256,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
     p.add_argument("--revision")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("export", help="write an adapter (or, with --merged, the merged model) as GGUF for llama.cpp/Ollama")
+    p.add_argument("model", help="the base model: a .gguf file, a folder or a Hub id (Llama architecture)")
+    p.add_argument("--adapter", required=True, help="adapter folder (PEFT format)")
+    p.add_argument("--out", required=True, help="the .gguf file to write")
+    p.add_argument("--merged", action="store_true", help="the whole model with the adapter merged in")
+    p.add_argument("--type", default="f32", choices=["f32", "f16", "q8_0", "q4_0"],
+                   help="the merged model's weights (default f32)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--revision")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

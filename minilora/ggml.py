@@ -102,6 +102,34 @@ def dequantize_blocks(raw: torch.Tensor, kind: int) -> torch.Tensor:
     raise ValueError(f"GGML type {kind} has no block dequantization here")
 
 
+def _round_half_away(v: torch.Tensor) -> torch.Tensor:
+    """C's roundf, exactly: floor(a) + floor(2·(a − floor(a))) on a = |v| (a + 0.5 can round up in fp32)."""
+    a = v.abs()
+    floored = a.floor()
+    return v.sign() * (floored + (2 * (a - floored)).floor())
+
+
+def quantize_blocks(x: torch.Tensor, kind: int) -> torch.Tensor:
+    """The raw blocks (n, bytes per block) uint8 of fp32 values x (n, 32), as ggml's reference
+    quantize_row_q8_0 / q4_0 writes them (the tests hold them to the gguf package's byte for byte):
+      Q8_0: d = max|x| / 127, q = roundf(x / d)
+      Q4_0: d = m / −8 with m the value of largest magnitude (its sign kept), q = min(15, trunc(x / d + 8.5))
+    Each block's d is stored as fp16; the codes are computed with the fp32 d, as ggml does."""
+    x = x.float().reshape(-1, 32)
+    if kind == Q8_0:
+        d = x.abs().amax(1, keepdim=True) / 127
+        inv = torch.where(d == 0, 0.0, 1 / d)
+        q = _round_half_away(x * inv).to(torch.int8).view(torch.uint8)
+    elif kind == Q4_0:
+        d = x.gather(1, x.abs().argmax(1, keepdim=True)) / -8
+        inv = torch.where(d == 0, 0.0, 1 / d)
+        q = (x * inv + 8.5).trunc().clamp(0, 15).to(torch.uint8)
+        q = q[:, :16] | (q[:, 16:] << 4)  # value j in the low nibble of byte j, value 16 + j in its high one
+    else:
+        raise ValueError(f"GGML type {NAMES.get(kind, kind)} has no quantizer here (Q8_0 and Q4_0 have)")
+    return torch.cat([d.half().view(torch.uint8), q], dim=1)
+
+
 def dequantize(raw: torch.Tensor, kind: int, shape: tuple[int, ...]) -> torch.Tensor:
     """fp32 values of one tensor's raw bytes (a flat uint8 tensor) in `shape`."""
     if kind == F32:

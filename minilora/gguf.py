@@ -72,6 +72,7 @@ class GGUFFile:
     meta: dict[str, Any]                                   # the header's key/values
     infos: dict[str, tuple[tuple[int, ...], int, int]]     # name -> (torch shape, ggml type, offset in the data)
     data_start: int                                        # byte where the tensor data starts
+    types: dict[str, tuple[int, int | None]] | None = None  # key -> (value type, array item type), for copying
 
 
 def read_gguf(path: Path) -> GGUFFile:
@@ -87,12 +88,16 @@ def read_gguf(path: Path) -> GGUFFile:
     version, n_tensors, n_kv = r.scalar("<I"), r.scalar("<Q"), r.scalar("<Q")
     if version not in (2, 3):
         raise CheckpointError(f"{path}: GGUF version {version} is not supported (2 and 3 are)")
-    meta = {}
+    meta, types = {}, {}
     for _ in range(n_kv):
         key = r.string()
         if key in meta:
             raise CheckpointError(f"{path}: GGUF metadata key {key!r} appears twice")
-        meta[key] = r.value(r.scalar("<I"))
+        kind = r.scalar("<I")
+        item = r.scalar("<I") if kind == 9 else None
+        if item is not None:
+            r.pos -= 4  # value() reads the item type again
+        meta[key], types[key] = r.value(kind), (kind, item)
     infos = {}
     for _ in range(n_tensors):
         name = r.string()
@@ -114,7 +119,7 @@ def read_gguf(path: Path) -> GGUFFile:
     for (_, end, name), (start, _, other) in zip(spans, spans[1:]):
         if end > start:
             raise CheckpointError(f"{path}: tensor {name}'s data overlaps tensor {other}'s (corrupt header?)")
-    return GGUFFile(Path(path), meta, infos, (r.pos + align - 1) // align * align)
+    return GGUFFile(Path(path), meta, infos, (r.pos + align - 1) // align * align, types)
 
 
 def _nbytes(shape: tuple[int, ...], kind: int) -> int:

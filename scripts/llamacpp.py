@@ -3,6 +3,7 @@ llama-cpp-python (it compiles llama.cpp from source; not a minilora dependency):
 
     python scripts/llamacpp.py quantize SRC.gguf DST.gguf Q4_K_M [--pure]    # llama.cpp's own quantizer
     python scripts/llamacpp.py logits MODEL.gguf 1,9690,314 OUT.npy [--lora ADAPTER.gguf]
+    python scripts/llamacpp.py generate MODEL.gguf "Quote by Mae West:" 60 [--lora ADAPTER.gguf]
 
 `logits` writes llama.cpp's next-token logits at every position, (len(ids), vocab) float32.
 """
@@ -32,6 +33,15 @@ def logits(model: str, ids: list[int], out: str, lora: str | None) -> None:
     np.save(out, np.asarray(llm.scores[:len(ids)], dtype=np.float32))
 
 
+def generate(model: str, prompt: str, max_tokens: int, lora: str | None) -> None:
+    """Greedy completion, printed as JSON: the text and why it stopped ("stop" at EOS, "length")."""
+    import json
+    kwargs = {"lora_path": lora} if lora else {}
+    llm = llama_cpp.Llama(model_path=model, n_ctx=256, verbose=False, **kwargs)
+    out = llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, top_k=1)
+    print(json.dumps({"text": out["choices"][0]["text"], "finish_reason": out["choices"][0]["finish_reason"]}))
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="command", required=True)
@@ -45,8 +55,15 @@ if __name__ == "__main__":
     g.add_argument("ids")
     g.add_argument("out")
     g.add_argument("--lora")
+    c = sub.add_parser("generate")
+    c.add_argument("model")
+    c.add_argument("prompt")
+    c.add_argument("max_tokens", type=int)
+    c.add_argument("--lora")
     a = p.parse_args()
     if a.command == "quantize":
         quantize(a.src, a.dst, a.kind, a.pure)
+    elif a.command == "generate":
+        generate(a.model, a.prompt, a.max_tokens, a.lora)
     else:
         logits(a.model, [int(x) for x in a.ids.split(",")], a.out, a.lora)

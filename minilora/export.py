@@ -1,0 +1,256 @@
+"""GGUF export, for llama.cpp and Ollama: a LoRA adapter as llama.cpp's adapter file, and the merged
+model as a complete GGUF file (F32, F16, Q8_0 or Q4_0), for the Llama architecture (Llama without rope
+scaling, SmolLM2, Mistral without a sliding window).
+
+The file (GGUF version 3): "GGUF", the version, the tensor and key/value counts; the typed key/values;
+one entry per tensor (name, dimensions fastest first, ggml type, offset); then the tensors' bytes, each
+starting at a multiple of 32. It is written to a temporary file beside the target and renamed, so an
+existing file is replaced whole or not at all.
+
+What llama.cpp expects, and where it differs from the Hub's layout:
+  - tensor names: blk.N.attn_q.weight for model.layers.N.self_attn.q_proj.weight (gguf.GGUF_NAMES);
+  - q and k rows in llama.cpp's RoPE order: each head's two rotary halves interleaved (the inverse of
+    what gguf.py undoes on reading); an adapter's B rows move with them, A is untouched;
+  - an adapter: general.type = "adapter", adapter.type = "lora", adapter.lora.alpha, and per target
+    "<base tensor>.lora_a" (r x k) and ".lora_b" (d x r); llama.cpp scales B·A by alpha / r, r read
+    from each lora_a, so a module whose own scale differs (rank_pattern, alpha_pattern, rsLoRA) has it
+    folded into its B.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from .errors import CheckpointError, ConfigError
+from .ggml import BLOCKS, F16, F32, NAMES, Q4_0, Q8_0, quantize_blocks
+from .gguf import GGUF_NAMES, read_gguf
+from .inject import lora_modules, remove_lora
+from .lora import LoRALinear
+
+ALIGN = 32
+UINT32, INT32, FLOAT32, BOOL, STRING, ARRAY = 4, 5, 6, 7, 8, 9
+_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+TYPES = {"f32": F32, "f16": F16, "q8_0": Q8_0, "q4_0": Q4_0}
+FILE_TYPES = {F32: 0, F16: 1, Q4_0: 2, Q8_0: 7}  # llama.cpp's general.file_type (llama_ftype)
+HUB_NAMES = {hub: gguf for gguf, hub in GGUF_NAMES.items()}
+
+Meta = list[tuple[str, int, Any, int | None]]  # (key, value type, value, array item type)
+Tensor = tuple[str, tuple[int, ...], int, Callable[[], torch.Tensor]]  # (name, torch shape, ggml type, its bytes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing a GGUF file
+
+def _value(kind: int, value: Any, item: int | None = None) -> bytes:
+    if kind == STRING:
+        b = value.encode("utf-8")
+        return struct.pack("<Q", len(b)) + b
+    if kind == ARRAY:
+        return struct.pack("<IQ", item, len(value)) + b"".join(_value(item, v) for v in value)
+    return struct.pack(_FORMATS[kind], value)
+
+
+def _nbytes(shape: tuple[int, ...], kind: int) -> int:
+    per_block, block_bytes = BLOCKS[kind]
+    n = 1
+    for s in shape:
+        n *= s
+    return n // per_block * block_bytes
+
+
+def write_gguf(path: str | os.PathLike, meta: Meta, tensors: list[Tensor]) -> Path:
+    """Write a GGUF file: `meta` key/values, then each tensor's bytes (made one tensor at a time by its
+    function, so the file's data never has to fit in memory at once)."""
+    path = Path(path)
+    header = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(meta))
+    header += b"".join(_value(STRING, key) + struct.pack("<I", kind) + _value(kind, value, item)
+                       for key, kind, value, item in meta)
+    offset = 0
+    for name, shape, kind, _ in tensors:
+        header += _value(STRING, name) + struct.pack("<I", len(shape)) + b"".join(
+            struct.pack("<Q", d) for d in reversed(shape)) + struct.pack("<IQ", kind, offset)
+        offset += -(-_nbytes(shape, kind) // ALIGN) * ALIGN
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header + b"\0" * (-len(header) % ALIGN))
+            for name, shape, kind, make in tensors:
+                data = make().contiguous().view(torch.uint8).reshape(-1).numpy().tobytes()
+                if len(data) != _nbytes(shape, kind):
+                    raise AssertionError(f"{name}: {len(data)} bytes for {shape} in {NAMES[kind]}")
+                f.write(data + b"\0" * (-len(data) % ALIGN))
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"{path}: could not be written ({e.strerror or e}); nothing was replaced") from None
+    return path
+
+
+def encode(t: torch.Tensor, kind: int) -> torch.Tensor:
+    """A float tensor as the bytes of a ggml type (quantized 1M values at a time)."""
+    if kind == F32:
+        return t.detach().float().contiguous()
+    if kind == F16:
+        return t.detach().half().contiguous()
+    flat = t.detach().reshape(-1, 32)
+    return torch.cat([quantize_blocks(flat[i:i + 32768], kind) for i in range(0, flat.shape[0], 32768)])
+
+
+# ---------------------------------------------------------------------------------------------
+# The Llama architecture's names and metadata
+
+def _check_llama(model: nn.Module) -> Any:
+    config = getattr(model, "config", None)
+    kind = getattr(config, "model_type", None)
+    if kind not in ("llama", "mistral"):
+        raise ConfigError(f"GGUF export writes the Llama architecture (Llama, SmolLM2, Mistral); this model is "
+                          f"{kind or type(model).__name__}")
+    for field, why in (("rope_scaling", "rope scaling"), ("attention_bias", "attention biases"),
+                       ("mlp_bias", "MLP biases"), ("sliding_window", "a sliding window")):
+        if getattr(config, field, None):
+            raise ConfigError(f"GGUF export: this model has {why} ({field}), which llama.cpp's llama "
+                              "architecture does not carry")
+    return config
+
+
+def gguf_name(hub: str) -> str:
+    """model.layers.3.self_attn.q_proj.weight -> blk.3.attn_q.weight (llama.cpp's name)."""
+    parts = hub.split(".")
+    if hub.startswith("model.layers."):
+        module = ".".join(parts[3:-1])
+        if module not in HUB_NAMES:
+            raise ConfigError(f"{hub}: llama.cpp has no tensor for {module}")
+        return f"blk.{parts[2]}.{HUB_NAMES[module]}.{parts[-1]}"
+    module = ".".join(parts[:-1])
+    if module not in HUB_NAMES:
+        raise ConfigError(f"{hub}: llama.cpp has no tensor for {module}")
+    return f"{HUB_NAMES[module]}.{parts[-1]}"
+
+
+def to_llamacpp_rows(hub: str, rows: torch.Tensor, config: Any) -> torch.Tensor:
+    """q and k rows (or an adapter's B rows for them) in llama.cpp's RoPE order: each head's rotary
+    halves interleaved (gguf.gguf_tensors undoes this on reading)."""
+    n = config.num_attention_heads if ".q_proj." in hub else config.num_key_value_heads if ".k_proj." in hub else None
+    if n is None:
+        return rows
+    d = rows.shape[0]
+    return rows.reshape(n, 2, d // n // 2, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape)
+
+
+def _llama_meta(config: Any, name: str) -> Meta:
+    return [("general.architecture", STRING, "llama", None), ("general.name", STRING, name, None),
+            ("llama.context_length", UINT32, config.max_position_embeddings, None),
+            ("llama.embedding_length", UINT32, config.hidden_size, None),
+            ("llama.block_count", UINT32, config.num_hidden_layers, None),
+            ("llama.feed_forward_length", UINT32, config.intermediate_size, None),
+            ("llama.attention.head_count", UINT32, config.num_attention_heads, None),
+            ("llama.attention.head_count_kv", UINT32, config.num_key_value_heads, None),
+            ("llama.rope.dimension_count", UINT32, config.head_dim, None),
+            ("llama.rope.freq_base", FLOAT32, float(config.rope_theta), None),
+            ("llama.attention.layer_norm_rms_epsilon", FLOAT32, float(config.rms_norm_eps), None),
+            ("llama.vocab_size", UINT32, config.vocab_size, None)]
+
+
+def _tokenizer_meta(tokenizer) -> Meta:
+    """A byte-level BPE tokenizer as llama.cpp's "gpt2" vocabulary: tokens by id, merges, types
+    (3 = control for special tokens, 1 = normal), the special ids and the chat template."""
+    import json
+    spec = json.loads(tokenizer.tk.to_str())
+    model = spec.get("model", {})
+    if model.get("type") != "BPE":
+        raise ConfigError(f"GGUF export: the tokenizer is {model.get('type')}, not byte-level BPE; llama.cpp's "
+                          "vocabulary is written from BPE only")
+    size = tokenizer.vocab_size
+    tokens = [tokenizer.tk.id_to_token(i) or f"[PAD{i}]" for i in range(size)]
+    special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    meta: Meta = [("tokenizer.ggml.model", STRING, "gpt2", None), ("tokenizer.ggml.pre", STRING, "default", None),
+                  ("tokenizer.ggml.tokens", ARRAY, tokens, STRING),
+                  ("tokenizer.ggml.token_type", ARRAY, [3 if i in special else 1 for i in range(size)], INT32),
+                  ("tokenizer.ggml.merges", ARRAY, merges, STRING)]
+    for key, value in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id),
+                       ("padding", tokenizer.pad_token_id if tokenizer.has_pad_token else None)):
+        if value is not None:
+            meta.append((f"tokenizer.ggml.{key}_token_id", UINT32, value, None))
+    if tokenizer.chat_template:
+        meta.append(("tokenizer.chat_template", STRING, tokenizer.chat_template, None))
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# The merged model, and the adapter
+
+def export_merged(model: nn.Module, path: str | os.PathLike, kind: str = "f16", tokenizer=None) -> Path:
+    """The model with its active adapter merged in, as a complete GGUF file of `kind` (f32, f16, q8_0,
+    q4_0: 2-D weights whose rows are whole 32-value blocks in that type, the rest F32/F16). The metadata
+    (tokenizer and chat template included) is the source GGUF file's when the model came from one;
+    otherwise it is written from the config and `tokenizer` (without one, llama.cpp cannot run the file).
+    The model is changed in place: its LoRA layers are merged and removed."""
+    if kind not in TYPES:
+        raise ConfigError(f"GGUF type {kind!r}: expected one of {', '.join(TYPES)}")
+    config = _check_llama(model)
+    want = TYPES[kind]
+    remove_lora(model, merge=True)  # refuses a quantized base, naming the layer
+    tied = {id(model.lm_head.weight)} & {id(model.input_embeddings.weight)}
+    tensors: list[Tensor] = []
+    for hub, t in model.state_dict(keep_vars=True).items():
+        if hub == "lm_head.weight" and tied:
+            continue  # llama.cpp ties a missing output.weight to token_embd
+        if not t.is_floating_point():
+            raise ConfigError(f"{hub} is {t.dtype}: load the base in floating point to export it merged")
+        t_kind = want if t.dim() == 2 and t.shape[-1] % 32 == 0 else F32 if t.dim() == 1 or want == F32 else F16
+        rows = to_llamacpp_rows(hub, t, config)
+        tensors.append((gguf_name(hub), tuple(t.shape), t_kind, lambda r=rows, k=t_kind: encode(r, k)))
+    source = getattr(model, "source_path", None)
+    if source is not None and Path(source).suffix == ".gguf":
+        file = read_gguf(Path(source))
+        skip = ("general.file_type", "general.quantization_version", "general.alignment")
+        meta = [(k, *file.types[k][:1], v, file.types[k][1]) for k, v in file.meta.items() if k not in skip]
+    else:
+        meta = _llama_meta(config, str(getattr(model, "name_or_path", "minilora")))
+        if tokenizer is not None:
+            meta += _tokenizer_meta(tokenizer)
+    meta.append(("general.file_type", UINT32, FILE_TYPES[want], None))
+    if want in (Q8_0, Q4_0):
+        meta.append(("general.quantization_version", UINT32, 2, None))
+    return write_gguf(path, meta, tensors)
+
+
+def export_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
+    """The model's active LoRA adapter as a llama.cpp adapter file (`llama-cli -m base.gguf --lora
+    file.gguf`; Ollama's ADAPTER line). Refused, by name, for what that format cannot carry: DoRA,
+    LoRA on embeddings, and modules trained in full (modules_to_save)."""
+    config = _check_llama(model)
+    saved = list(getattr(getattr(model, "lora_config", None), "modules_to_save", None) or [])
+    if saved:
+        raise ConfigError(f"modules_to_save ({', '.join(saved)}): llama.cpp's adapter format carries only LoRA's "
+                          "A and B; export the merged model instead (--merged)")
+    layers = lora_modules(model)
+    if not layers:
+        raise ConfigError("the model has no LoRA adapter to export")
+    alpha = None
+    tensors: list[Tensor] = []
+    for name, m in layers:
+        if not isinstance(m, LoRALinear):
+            raise ConfigError(f"{name}: LoRA on an embedding is not in llama.cpp's adapter format")
+        if m.use_dora:
+            raise ConfigError(f"{name}: DoRA cannot be expressed in llama.cpp's adapter format (B·A only); "
+                              "export the merged model instead (--merged)")
+        a, b = m.lora_A.weight.detach().float(), m.lora_B.weight.detach().float()
+        r = a.shape[0]
+        alpha = m.scaling * r if alpha is None else alpha  # llama.cpp: scale = alpha / r for every tensor
+        b = b * (m.scaling * r / alpha)  # 1.0 where this module's scale is the first one's
+        base = gguf_name(f"{name}.weight")
+        b = to_llamacpp_rows(f"{name}.weight", b, config)
+        tensors += [(f"{base}.lora_a", tuple(a.shape), F32, lambda t=a: t.contiguous()),
+                    (f"{base}.lora_b", tuple(b.shape), F32, lambda t=b: t.contiguous())]
+    meta: Meta = [("general.architecture", STRING, "llama", None), ("general.type", STRING, "adapter", None),
+                  ("general.name", STRING, str(getattr(model, "name_or_path", "minilora")) + " LoRA", None),
+                  ("adapter.type", STRING, "lora", None), ("adapter.lora.alpha", FLOAT32, float(alpha), None)]
+    return write_gguf(path, meta, tensors)

@@ -1,0 +1,194 @@
+"""GGUF export against the gguf package (the oracle that reads what was written, and quantizes Q8_0 and
+Q4_0 itself) and against minilora's own GGUF reader (the round trip gives the exported model's logits).
+llama.cpp itself runs the files in tests/test_llamacpp.py (opt-in)."""
+
+import numpy as np
+import pytest
+import torch
+
+from minilora import ggml
+from minilora.errors import CheckpointError, ConfigError
+from minilora.export import TYPES, export_adapter, export_merged, to_llamacpp_rows
+from minilora.inject import apply_lora
+from minilora.weights import load_model
+
+gguf = pytest.importorskip("gguf")
+
+
+@pytest.mark.parametrize("kind", [ggml.Q8_0, ggml.Q4_0], ids=["Q8_0", "Q4_0"])
+def test_quantizers_write_the_gguf_packages_bytes(kind):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 256)).astype(np.float32) * rng.uniform(0.01, 10, (64, 1)).astype(np.float32)
+    x[0] = 0
+    x[1, :32] = 0.5  # ties for the largest magnitude
+    x[2, :32] = np.linspace(-1, 1, 32)
+    x[3, :64] = np.arange(64) / 2 - 16  # values at exact halves of the step
+    ours = ggml.quantize_blocks(torch.from_numpy(x), kind).numpy().reshape(64, -1)
+    assert np.array_equal(ours, gguf.quants.quantize(x, gguf.GGMLQuantizationType(kind)))
+
+
+def adapted(saved_tiny, kind="llama-gqa", **lora):
+    torch.manual_seed(0)
+    model = load_model(saved_tiny[kind][1])
+    apply_lora(model, ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"], **{"r": 4, "alpha": 8, **lora})
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    return model
+
+
+def merged_weights(model):
+    from minilora.inject import remove_lora
+    import copy
+    return {n: t.detach().clone() for n, t in remove_lora(copy.deepcopy(model), merge=True).state_dict().items()}
+
+
+@pytest.mark.parametrize("kind", ["llama-gqa", "llama-tied"])
+def test_merged_f32_reads_back_tensor_by_tensor_and_gives_the_same_logits(saved_tiny, tmp_path, kind):
+    model = adapted(saved_tiny, kind)
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        expected = model(ids)
+    weights = merged_weights(model)
+    path = export_merged(model, tmp_path / "m.gguf", "f32")
+    reader = gguf.GGUFReader(str(path))
+    assert reader.fields["general.architecture"].contents() == "llama"
+    written = {t.name: t for t in reader.tensors}
+    from minilora.export import gguf_name
+    for hub, w in weights.items():
+        if hub == "lm_head.weight" and kind == "llama-tied":
+            assert "output.weight" not in written
+            continue
+        t = written.pop(gguf_name(hub))
+        assert t.tensor_type == gguf.GGMLQuantizationType.F32 and tuple(reversed(t.shape.tolist())) == tuple(w.shape)
+        assert np.array_equal(np.asarray(t.data).reshape(w.shape), to_llamacpp_rows(hub, w, model.config).numpy()), hub
+    assert not written
+    with torch.no_grad():
+        assert (load_model(path)(ids) - expected).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["f16", "q8_0", "q4_0"])
+def test_merged_quantized_is_the_merged_model_rounded_as_its_type(saved_tiny, tmp_path, kind):
+    """Reloaded, the file computes what the merged model computes with each 2-D weight rounded through
+    the type (gguf's own dequantization of the written bytes), and the error is that of the type."""
+    model = adapted(saved_tiny)
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        exact = model(ids)
+    weights = merged_weights(model)
+    path = export_merged(model, tmp_path / "m.gguf", kind)
+    reloaded = load_model(path)
+    rounded = load_model(saved_tiny["llama-gqa"][1])
+    with torch.no_grad():
+        for hub, w in weights.items():
+            if w.dim() == 2:  # rows not of whole 32-value blocks (down_proj's 48) are written F16
+                raw = ggml.quantize_blocks(w, TYPES[kind]) if kind != "f16" and w.shape[-1] % 32 == 0 else None
+                w = w.half().float() if raw is None else ggml.dequantize_blocks(raw, TYPES[kind]).view(w.shape)
+            rounded.get_parameter(hub).copy_(w)
+        got = reloaded(ids)
+        assert (got - rounded(ids)).abs().max().item() <= 1e-5
+        error = (got - exact).abs().max().item()
+    assert error <= {"f16": 1e-2, "q8_0": 0.1, "q4_0": 1.5}[kind], error
+    assert gguf.GGUFReader(str(path)).fields["general.file_type"].contents() == {"f16": 1, "q8_0": 7, "q4_0": 2}[kind]
+
+
+@pytest.mark.parametrize("settings", [{}, {"use_rslora": True}, {"rank_pattern": {"o_proj": 2}, "alpha_pattern": {"v_proj": 3}}],
+                         ids=["plain", "rslora", "patterns"])
+def test_adapter_applied_the_llamacpp_way_gives_the_merged_weights(saved_tiny, tmp_path, settings):
+    """llama.cpp applies an adapter as W + alpha / r · B A on its own layout (r from each lora_a): done
+    here in numpy on the exported base, it gives the exported merged model, tensor by tensor; module
+    scales that differ (rsLoRA, rank and alpha patterns) are folded into B."""
+    model = adapted(saved_tiny, **settings)
+    path = export_adapter(model, tmp_path / "a.gguf")
+    base = export_merged(load_model(saved_tiny["llama-gqa"][1]), tmp_path / "base.gguf", "f32")
+    merged = export_merged(model, tmp_path / "merged.gguf", "f32")
+    reader = gguf.GGUFReader(str(path))
+    assert reader.fields["general.type"].contents() == "adapter" and reader.fields["adapter.type"].contents() == "lora"
+    alpha = float(reader.fields["adapter.lora.alpha"].contents())
+    lora = {t.name: np.asarray(t.data).reshape(tuple(reversed(t.shape.tolist()))) for t in reader.tensors}
+    assert len(lora) == 2 * 2 * 5
+    want = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(merged)).tensors}
+    for t in gguf.GGUFReader(str(base)).tensors:
+        w = np.asarray(t.data).copy()
+        if f"{t.name}.lora_a" in lora:
+            a, b = lora.pop(f"{t.name}.lora_a"), lora.pop(f"{t.name}.lora_b")
+            w = w + alpha / a.shape[0] * (b @ a)
+        assert np.allclose(w, want[t.name], atol=1e-6), t.name
+    assert not lora
+
+
+def test_what_llamacpp_cannot_carry_is_refused_by_name(saved_tiny, tmp_path):
+    dora = adapted(saved_tiny, use_dora=True)
+    with pytest.raises(ConfigError, match="q_proj: DoRA cannot be expressed in llama.cpp's adapter format"):
+        export_adapter(dora, tmp_path / "a.gguf")
+    torch.manual_seed(0)
+    saved = load_model(saved_tiny["llama-gqa"][1])
+    apply_lora(saved, ["q_proj"], r=2, alpha=4, modules_to_save=["lm_head"])
+    with pytest.raises(ConfigError, match=r"modules_to_save \(lm_head\): .* export the merged model instead"):
+        export_adapter(saved, tmp_path / "a.gguf")
+    embedding = load_model(saved_tiny["llama-gqa"][1])
+    apply_lora(embedding, ["embed_tokens"], r=2, alpha=4)
+    with pytest.raises(ConfigError, match="embed_tokens: LoRA on an embedding is not in llama.cpp's adapter format"):
+        export_adapter(embedding, tmp_path / "a.gguf")
+    gpt2 = load_model(saved_tiny["gpt2"][1])
+    apply_lora(gpt2, ["c_attn"], r=2, alpha=4)
+    with pytest.raises(ConfigError, match="writes the Llama architecture .* this model is gpt2"):
+        export_adapter(gpt2, tmp_path / "a.gguf")
+    window = load_model(saved_tiny["mistral-window"][1])
+    with pytest.raises(ConfigError, match="a sliding window"):
+        export_merged(window, tmp_path / "m.gguf")
+    int8 = load_model(saved_tiny["llama-gqa"][1], load_in_8bit=True)
+    apply_lora(int8, ["q_proj"], r=2, alpha=4)
+    with pytest.raises(ConfigError, match="load the base in floating point|quantized"):
+        export_merged(int8, tmp_path / "m.gguf")
+    with pytest.raises(ConfigError, match="GGUF type 'q4_k': expected one of f32, f16, q8_0, q4_0"):
+        export_merged(adapted(saved_tiny), tmp_path / "m.gguf", "q4_k")
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_failed_write_leaves_the_old_file_whole(saved_tiny, tmp_path, monkeypatch):
+    target = tmp_path / "a.gguf"
+    target.write_bytes(b"the previous export")
+    import minilora.export as export
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(export, "encode", full_disk)
+    monkeypatch.setattr(export, "quantize_blocks", full_disk)
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda f, mode="r", *a, **k: full_disk() if str(f).endswith(".partial")
+                        else real_open(f, mode, *a, **k))
+    with pytest.raises(CheckpointError, match=r"a.gguf: could not be written \(No space left on device\); nothing was replaced"):
+        export_adapter(adapted(saved_tiny), target)
+    assert target.read_bytes() == b"the previous export" and [p.name for p in tmp_path.iterdir()] == ["a.gguf"]
+
+
+def test_real_smollm2_merged_keeps_its_tokenizer_and_template(smollm2_path, tmp_path):
+    """From the real GGUF: the merged Q8_0 file carries the source's metadata (tokenizer, chat template),
+    its tokenizer loads back equal, and its logits are the merged model's within Q8_0's error."""
+    from minilora.cli import main
+    from minilora.adapter import save_adapter
+    from minilora.tokenizer import load_tokenizer
+    torch.manual_seed(0)
+    model = load_model(smollm2_path)
+    apply_lora(model, ["q_proj", "v_proj"], r=4, alpha=8)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.01)
+    save_adapter(model, tmp_path / "adapter")
+    ids = torch.tensor([[1, 9690, 314, 253, 3575, 28, 2]])
+    assert main(["export", str(smollm2_path), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "m.gguf"),
+                 "--merged", "--type", "q8_0"]) == 0
+    assert main(["export", str(smollm2_path), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "a.gguf")]) == 0
+    assert main(["export", str(smollm2_path), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "a.gguf")]) == 2
+    source, written = load_tokenizer(smollm2_path), load_tokenizer(tmp_path / "m.gguf")
+    assert written.chat_template == source.chat_template and written.tk.to_str() == source.tk.to_str()
+    from minilora.inject import remove_lora
+    remove_lora(model, merge=True)
+    with torch.no_grad():  # the merged model with every 2-D weight rounded through Q8_0, as the file holds it
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(ggml.dequantize_blocks(ggml.quantize_blocks(p, ggml.Q8_0), ggml.Q8_0).view(p.shape))
+        assert (load_model(tmp_path / "m.gguf")(ids) - model(ids)).abs().max().item() <= 1e-4
