@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 def one_pass(model, data, micro_batch_size, bf16) -> tuple[float, int, float, int]:
     """(summed loss, target tokens, seconds, padded positions) of forward + backward over `data` in order."""
-    from minilora.data import collate
+    from minilora.batching import collate
     from minilora.evaluate import causal_lm_loss
     total, count, padded = 0.0, 0, 0
     start = time.perf_counter()
@@ -44,7 +44,7 @@ def main() -> None:
     from minilora.data import build_examples, read_records
     from minilora.inject import apply_lora
     from minilora.kernels import frozen_weights_in
-    from minilora.packing import pack
+    from minilora.batching import pack
     from minilora.tokenizer import load_tokenizer
     from minilora.weights import load_model
     p = argparse.ArgumentParser()

@@ -10,10 +10,9 @@ rendered here the same way: jinja2's sandbox, trim_blocks and lstrip_blocks on, 
 `strftime_now` and a `tojson` that keeps non-ASCII text. A model without one gets ChatML.
 
 Which tokens are learned is decided on token ids, never on character offsets: the whole conversation
-is tokenized once, and assistant turn i spans the ids from where the rendering of the turns before it
-plus the generation prompt ends, to where the rendering that includes it ends (both tokenized, their
-common prefix with the whole taken). Of that span, the content and its end-of-turn token are learned;
-what the template puts after the end-of-turn token (a newline) is not.
+is tokenized once, and each assistant turn's content is where those ids differ from the ids of the same
+conversation with that content replaced by a letter. The content and the end-of-turn token after it are learned;
+what the template puts around them (the role header, a newline after the end) is not.
 """
 
 from __future__ import annotations
@@ -120,17 +119,25 @@ def _warn_chatml(name: str) -> None:
 
 
 def template_of(tokenizer) -> str:
-    """The tokenizer's own chat template, or ChatML (said once per tokenizer source)."""
+    """The tokenizer's own chat template, or ChatML (said once per tokenizer source) where the vocabulary
+    has ChatML's tokens; without them, ChatML's markup would be ordinary text and no turn would end."""
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.chat_template
-    _warn_chatml(str(getattr(tokenizer, "source", "the tokenizer")))
+    name = str(getattr(tokenizer, "source", "the tokenizer"))
+    if tokenizer.token_to_id("<|im_start|>") is None or tokenizer.token_to_id("<|im_end|>") is None:
+        raise DataError(f"{name} has no chat template (chat_template in tokenizer_config.json or the GGUF "
+                        "metadata) and no ChatML tokens (<|im_start|>, <|im_end|>) to fall back on: give it a "
+                        "template, or format the data with a prompt template instead")
+    _warn_chatml(name)
     return CHATML
 
 
-def special_tokens(tokenizer) -> dict[str, str | None]:
-    token = lambda i: tokenizer.tk.id_to_token(i) if i is not None else None
-    return {"bos_token": token(tokenizer.bos_token_id), "eos_token": token(tokenizer.eos_token_id),
-            "pad_token": token(tokenizer.pad_token_id)}
+def special_tokens(tokenizer) -> dict[str, str]:
+    """bos_token, eos_token, pad_token as the template reads them; an absent one stays undefined (renders
+    as nothing), as in transformers."""
+    ids = {"bos_token": tokenizer.bos_token_id, "eos_token": tokenizer.eos_token_id,
+           "pad_token": tokenizer.pad_token_id if getattr(tokenizer, "has_pad_token", True) else None}
+    return {k: tokenizer.tk.id_to_token(i) for k, i in ids.items() if i is not None and tokenizer.tk.id_to_token(i)}
 
 
 def end_of_turn_ids(tokenizer) -> list[int]:
@@ -146,7 +153,18 @@ def end_of_turn_ids(tokenizer) -> list[int]:
 def tokenize_conversation(tokenizer, messages: list[dict[str, str]], train_on_all: bool = False
                           ) -> tuple[list[int], list[bool]]:
     """The conversation's token ids as the template renders it, and for each whether the loss learns it:
-    every token with train_on_all, else the assistant turns' contents and their end-of-turn tokens."""
+    every token with train_on_all, else the assistant turns' contents and their end-of-turn tokens.
+
+    Assistant turn i is found on token ids: the conversation is rendered again with that turn's content
+    replaced by one character (inside the content's own leading and trailing whitespace), and the ids
+    where the two differ (between their common prefix and common suffix) are the content; then its
+    end-of-turn token. A character rather than nothing, so that the text around it tokenizes as it does
+    around the content (BPE joins "\n\n" into one token before a special token, not before a word);
+    and three of them, a letter, a digit and a sign, each of which may split the text before it
+    differently (a digit is its own pre-token in SmolLM2's tokenizer): a common prefix can only be too
+    short, so the longest is the content's start. Nothing else changes between the two renderings, so a template that writes
+    a turn differently by its place (a default system prompt before the first message, a reasoning block
+    on the last answer only) finds every turn all the same."""
     template, specials = template_of(tokenizer), special_tokens(tokenizer)
     encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # as apply_chat_template tokenizes
     ids = encode(render(template, messages, **specials))
@@ -157,11 +175,19 @@ def tokenize_conversation(tokenizer, messages: list[dict[str, str]], train_on_al
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        start = _common_prefix(encode(render(template, messages[:i], True, **specials)), ids)
-        stop = _common_prefix(encode(render(template, messages[:i + 1], **specials)), ids)
-        span = range(start, stop)
-        last_end = max((t for t in span if ids[t] in ends), default=None)  # the template's text after it is not the turn's
-        for t in span if last_end is None else range(start, last_end + 1):
+        content = m["content"]
+        core = content.strip()
+        lead, trail = content[:len(content) - len(content.lstrip())], content[len(content.rstrip()):] if core else ""
+        start, stop = 0, len(ids)
+        for chars in ("xy", "01", "!?"):  # a letter, a digit, a sign: what precedes the content may tokenize
+            c = next(c for c in chars if not core or c not in (core[0], core[-1]))  # by the class of its first
+            other = [*messages[:i], {**m, "content": lead + c + trail}, *messages[i + 1:]]  # character
+            other_ids = encode(render(template, other, **specials))
+            start = max(start, _common_prefix(ids, other_ids))
+            stop = min(stop, len(ids) - _common_prefix(ids[::-1], other_ids[::-1]))
+        stop = start if not content else max(start, stop)  # the content's tokens: ids[start:stop]
+        end = next((t for t in range(stop, len(ids)) if ids[t] in ends), None)
+        for t in range(start, stop if end is None else end + 1):
             learned[t] = True
     return ids, learned
 

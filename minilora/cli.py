@@ -146,6 +146,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     model = load_model(args.model, dtype=torch_dtype(args.dtype), revision=args.revision)
     tokenizer = load_tokenizer(args.model, revision=args.revision)
     prompts = args.prompt
+    if args.system is not None and not args.chat:
+        raise ConfigError("--system is a chat setting: add --chat")
     if args.adapter:
         load_adapter(model, args.adapter)
     elif args.compare:
@@ -154,8 +156,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
         show_comparison(model, tokenizer, prompts, args.max_new_tokens, args.temperature, args.seed, args.chat,
                         args.system)
         return
-    if args.system is not None and not args.chat:
-        raise ConfigError("--system is a chat setting: add --chat")
     outputs = generate(model, tokenizer, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                        stop=args.stop, seed=args.seed, chat=args.chat, system=args.system)
     for prompt, out in zip(args.prompt, outputs):

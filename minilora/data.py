@@ -1,4 +1,4 @@
-"""Datasets: read records, format them with a prompt template, tokenize, truncate, mask, pad.
+"""Datasets: read records, format them with a prompt template, tokenize, truncate, mask (batching.py pads).
 
 A record is a dict of fields (one JSON object, one CSV row). A template turns it into a prompt and a
 response; training text is prompt + response + EOS. Labels are the input ids, with -100 (ignored by
@@ -19,8 +19,6 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from .chat import conversation, is_conversation, tokenize_conversation
 from .errors import CheckpointError, DataError
@@ -222,7 +220,7 @@ def get_template(template: str | Template | dict) -> Template:
 class Example:
     input_ids: list[int]
     labels: list[int] | int  # per-token labels for language modelling, one class id for classification
-    segments: list[int] | None = None  # a packed row's example numbers, 1, 1, 2, ... (packing.py)
+    segments: list[int] | None = None  # a packed row's example numbers, 1, 1, 2, ... (batching.pack)
 
 
 def tokenize(tokenizer, prompt: str, response: str, cutoff: int, add_eos: bool = True,
@@ -267,22 +265,28 @@ def build_examples(records: list[dict[str, Any]], tokenizer, template: str | Tem
         raise DataError(f"truncation must be 'right', 'left' or 'none', got {truncation!r}")
     if isinstance(cutoff, bool) or not isinstance(cutoff, int) or cutoff <= 0:
         raise DataError(f"cutoff must be a positive number of tokens, got {cutoff!r}")
-    chat = template is None and bool(records) and is_conversation(records[0])
-    template = None if chat else get_template("text" if template is None else template)
+    chat = template is None  # conversations, or else the text template, record by record
+    template = get_template("text" if template is None else template)
 
     def make(record: dict[str, Any], where: str) -> Example:
-        if chat:
-            ids, learned = tokenize_conversation(tokenizer, conversation(_fields(record, where), where),
-                                                 train_on_all=bool(train_on_prompt))
+        if chat and is_conversation(record):
+            messages = conversation(_fields(record, where), where)
+            try:
+                ids, learned = tokenize_conversation(tokenizer, messages, train_on_all=bool(train_on_prompt))
+            except DataError as e:
+                raise DataError(f"{where}: {e}") from None
             return truncate(Example(ids, [i if keep else IGNORE for i, keep in zip(ids, learned)]), cutoff,
                             truncation, where)
+        if chat and isinstance(record, dict) and "text" not in record:
+            raise DataError(f"{where}: neither a conversation (messages or conversations) nor a text field "
+                            f"(the record has: {', '.join(map(str, record)) or 'nothing'})")
         prompt, response = template.format(record, where)
         return tokenize(tokenizer, prompt, response, cutoff, add_eos, train_on_prompt is not False, truncation, where)
     examples = _rows(records, make, skip_bad_rows, source)
     examples.without_targets = sum(target_count(e) == 0 for e in examples)
     if examples.without_targets == len(examples):
-        fields = [] if chat else [f for _, f, _, _ in string.Formatter().parse(template.response) if f]
-        what = "the assistant's turns were" if chat else \
+        fields = [f for _, f, _, _ in string.Formatter().parse(template.response) if f]
+        what = "the assistant's turns were" if chat and is_conversation(records[0]) else \
             f"the response ({', '.join(fields) or 'template text'}) was"
         raise DataError(f"{source}: no example has a token to learn after truncation to cutoff={cutoff} tokens"
                         + ("" if train_on_prompt is not False or chat else
@@ -356,45 +360,3 @@ def build_classification_examples(records: list[dict[str, Any]], tokenizer, labe
         ids = tokenizer.encode_truncated(text, cutoff, "left" if truncation == "left" else "right")
         return Example(ids, label2id[str(value)])
     return _rows(records, make, skip_bad_rows, source)
-
-
-# ---------------------------------------------------------------------------------------------
-# Batching
-
-def batches(data: list[Example], indices: list[int], size: int, pad_id: int, device: torch.device,
-            pad_to: int | None = None, shard: tuple[int, int] = (0, 1)) -> list[dict[str, torch.Tensor]]:
-    """Micro-batches of `size` examples in the order of `indices`; with shard=(rank, world), only
-    micro-batches rank, rank + world, ... (this rank's share of a step)."""
-    starts = range(0, len(indices), size)[shard[0]::shard[1]]
-    return [{k: v.to(device) for k, v in collate([data[j] for j in indices[i:i + size]], pad_id, pad_to).items()}
-            for i in starts]
-
-
-def collate(examples: list[Example], pad_id: int, pad_to: int | None = None,
-            side: str = "right") -> dict[str, torch.Tensor]:
-    """Pad to the longest example (or to pad_to): input_ids, attention_mask (1 = real token; a packed
-    row's example numbers), labels (-100 on padding; or one class id per example). Padding is recognised
-    by the mask, so pad_id may equal the EOS id."""
-    if not examples:
-        raise DataError("no examples to collate")
-    if isinstance(pad_id, bool) or not isinstance(pad_id, int):
-        raise DataError(f"the pad token id is {pad_id!r}: the tokenizer has neither a pad nor an end-of-sequence token")
-    for i, e in enumerate(examples):
-        if not isinstance(e.labels, int) and len(e.labels) != len(e.input_ids):
-            raise DataError(f"example {i} has {len(e.input_ids)} input ids but {len(e.labels)} labels")
-    length = max(len(e.input_ids) for e in examples) if pad_to is None else pad_to
-    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
-    classes = isinstance(examples[0].labels, int)
-    labels = torch.tensor([e.labels for e in examples]) if classes else \
-        torch.full((len(examples), length), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(examples), length), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e.input_ids)
-        if n > length:
-            raise DataError(f"example {i} has {n} tokens, more than pad_to={length}")
-        cols = slice(0, n) if side == "right" else slice(length - n, length)
-        ids[i, cols] = torch.tensor(e.input_ids)
-        if not classes:
-            labels[i, cols] = torch.tensor(e.labels)
-        mask[i, cols] = 1 if e.segments is None else torch.tensor(e.segments)  # 0 stays padding
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -14,7 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import distributed
-from .data import IGNORE, Example, batches
+from .batching import batches
+from .data import IGNORE, Example
 from .kernels import LinearCrossEntropy
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int]]

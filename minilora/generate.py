@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 
 from .chat import end_of_turn_ids
-from .data import Example, collate
+from .batching import collate
+from .data import Example
 from .errors import ConfigError
 from .models.common import KVCache
 
@@ -135,6 +136,8 @@ def generate(model: nn.Module, tokenizer, prompts: str | list[str], max_new_toke
         raise ConfigError(f"prompts must be a string or a list of strings, got {prompts!r}")
     if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
         raise ConfigError(f"stop strings must be non-empty text, got {stop!r}")
+    if system is not None and not chat:
+        raise ConfigError("system is a chat setting: give chat=True (or --chat)")
     if chat:
         encoded = [tokenizer.encode(chat_prompt(tokenizer, t, system), add_special_tokens=False) for t in texts]
     else:

@@ -26,7 +26,7 @@ from .errors import ConfigError, DataError
 from .generate import chat_prompt, check_sampling, classify as predict
 from .inject import LoRAConfig, apply_lora
 from .models.common import resize_token_embeddings
-from .packing import pack
+from .batching import pack
 from .report import param_report
 from .tokenizer import load_tokenizer
 from .evaluate import evaluate_classification
@@ -105,6 +105,8 @@ class GenerateSection:
 
     def __post_init__(self) -> None:
         check_sampling(self.max_new_tokens, self.temperature, None, None)
+        if self.system is not None and not self.chat:
+            raise ConfigError("system: a chat setting; set chat = true too")
         if not all(isinstance(p, str) for p in self.prompts):
             raise ConfigError(f"prompts must be a list of strings, got {self.prompts!r}")
 
@@ -235,12 +237,13 @@ def run_recipe(recipe: Recipe, stop_request: Callable[[], ContextManager[Callabl
                           f"({', '.join(untrained)}) and would stay so: list {', '.join(model.task_head)} there")
     if recipe.generate.prompts and not classify:
         g = recipe.generate  # the prompts as generate() writes them
-        longest = max(len(tokenizer.encode(chat_prompt(tokenizer, p, g.system) if g.chat else p)) for p in g.prompts)
+        longest = max(len(tokenizer.encode(chat_prompt(tokenizer, p, g.system), add_special_tokens=False) if g.chat
+                          else tokenizer.encode(p)) for p in g.prompts)
         if longest + recipe.generate.max_new_tokens > model.max_length:
             raise ConfigError(f"{recipe.source} [generate].max_new_tokens: {recipe.generate.max_new_tokens} tokens after "
                               f"a prompt of {longest} run past the model's context of {model.max_length}")
     say(param_report(model))
-    say(f"training on {len(train_data)} examples, evaluating on {len(eval_data or [])}")
+    say(f"training on {len(train_data)} {'packed rows' if d.packing else 'examples'}, evaluating on {len(eval_data or [])}")
     if recipe.train.bf16 == "auto":
         say("bf16 autocast: " + ("on" if hardware.use_bf16("auto", torch.device(device)) else
                                  "off (this machine has no fast bf16 matrix product: training in fp32)"))

@@ -30,7 +30,8 @@ from . import distributed, hardware
 from .adapter import load_adapter, save_adapter
 from .checkpoint import (MetricsLog, checkpoint_folders, load_checkpoint, own_output_dir, resolve_resume, rotate,
                          run_fingerprint, save_checkpoint)
-from .data import Example, batches, target_count
+from .batching import batches
+from .data import Example, target_count
 from .errors import CheckpointError, ConfigError, DataError, TrainingError
 from .evaluate import LossFn, causal_lm_loss, classification_loss, evaluate, evaluate_classification
 from .fields import problem

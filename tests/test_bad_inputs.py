@@ -176,7 +176,8 @@ def test_empty_or_folder_gguf(tmp_path, make, message):
 # Data
 
 def test_data_inputs_that_used_to_crash_or_mislead(saved_tiny, tmp_path):
-    from minilora.data import build_classification_examples, collate, get_template, label_ids, read_records, split
+    from minilora.batching import collate
+    from minilora.data import build_classification_examples, get_template, label_ids, read_records, split
     from minilora.tokenizer import load_tokenizer
     rows = [{"text": "w5", "label": "--1"}, {"text": "w6", "label": "1"}]
     assert label_ids(rows) == {"--1": 0, "1": 1}  # not numbers: sorted as text, no int() crash

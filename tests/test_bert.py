@@ -49,7 +49,8 @@ def test_bare_encoder_checkpoint_gets_a_fresh_head(saved_tiny, tmp_path):
 def test_real_minilm_sentence_similarity(minilm_path):
     """all-MiniLM-L6-v2's mean-pooled embeddings: cosine 0.755 between these two sentences, as
     sentence-transformers publishes."""
-    from minilora.data import collate, Example
+    from minilora.batching import collate
+    from minilora.data import Example
     from minilora.tokenizer import load_tokenizer
     folder = minilm_path
     model, tok = load_model(folder, task="embedding"), load_tokenizer(folder)

@@ -17,7 +17,18 @@ CONVERSATIONS = [
      {"role": "assistant", "content": "Apple."}, {"role": "user", "content": "And a colour?"},
      {"role": "assistant", "content": " Blue\n\n (really)"}],
     [{"role": "user", "content": "Zähl bis 3: 1, 2,"}, {"role": "assistant", "content": "3 — fertig. 🎉"}],
+    [{"role": "assistant", "content": "Hi, I'm here."}, {"role": "user", "content": "ok"},  # the assistant first
+     {"role": "assistant", "content": "Good."}],
 ]
+# Qwen3's rule, reduced: a reasoning block before the answers after the last user message only, so a turn
+# is written differently when it is last (in {% generation %} tags for transformers' assistant mask)
+QWEN3_LIKE = ("{%- set ns = namespace(last=-1) %}{%- for m in messages %}{%- if m.role == 'user' %}"
+              "{%- set ns.last = loop.index0 %}{%- endif %}{%- endfor %}"
+              "{%- for m in messages %}{%- if m.role == 'assistant' %}{{- '<|im_start|>assistant\n' }}"
+              "{%- if loop.index0 > ns.last %}{{- '<think>\n\n</think>\n\n' }}{%- endif %}"
+              "{% generation %}{{- m.content + '<|im_end|>' }}{% endgeneration %}{{- '\n' }}"
+              "{%- else %}{{- '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}{%- endif %}{%- endfor %}"
+              "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}")
 
 
 @pytest.fixture(scope="module")
@@ -62,17 +73,35 @@ def test_exactly_the_assistant_contents_and_their_end_of_turn_tokens_are_learned
         out = theirs.apply_chat_template(messages, chat_template=tagged, tokenize=True, return_dict=True,
                                          return_assistant_tokens_mask=True)
         assert ids == list(out["input_ids"]) and learned == [bool(m) for m in out["assistant_masks"]]
+        ids, learned = tokenize_conversation(ours, messages)
         assert sum(learned) > 0 and all(ids[t - 1] == end for t in range(1, len(ids)) if learned[t - 1] and not learned[t])
         all_ids, everything = tokenize_conversation(ours, messages, train_on_all=True)
         assert all_ids == ids and all(everything)
 
 
-def test_learned_tokens_decode_to_the_answers(tokenizers):
+@pytest.mark.parametrize("template", ["own", "qwen3-like"])
+def test_learned_tokens_are_each_answer_and_its_end_of_turn(tokenizers, template):
+    """Each run of learned tokens decodes to one assistant answer and its <|im_end|>, whatever the turn's
+    place, also where a template writes the last answer differently (transformers' offset-based mask
+    is off by a token on the Qwen3-like template after its reasoning block, so it is not the oracle here)."""
     ours, _ = tokenizers
-    for messages in CONVERSATIONS:
-        ids, learned = tokenize_conversation(ours, messages)
-        text = ours.decode([i for i, k in zip(ids, learned) if k], skip_special_tokens=False)
-        assert text == "".join(m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant")
+    original = ours.chat_template
+    ours.chat_template = original if template == "own" else QWEN3_LIKE
+    try:
+        for messages in CONVERSATIONS:
+            ids, learned = tokenize_conversation(ours, messages)
+            runs, run = [], []
+            for i, keep in zip(ids, learned + [False]):
+                if keep:
+                    run.append(i)
+                elif run:
+                    runs.append(ours.decode(run, skip_special_tokens=False))
+                    run = []
+            if run:
+                runs.append(ours.decode(run, skip_special_tokens=False))
+            assert runs == [m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant"]
+    finally:
+        ours.chat_template = original
 
 
 def test_conversation_records_in_every_form(tmp_path, tokenizers):
@@ -113,7 +142,7 @@ def test_conversation_records_in_every_form(tmp_path, tokenizers):
 def test_a_bad_conversation_is_named_by_its_line(tmp_path, line, message):
     from minilora.tokenizer import Tokenizer
     from tokenizers import Tokenizer as HF, models
-    tok = Tokenizer(HF(models.WordLevel({"[UNK]": 0, "x": 1}, unk_token="[UNK]")), eos_token_id=1)
+    tok = Tokenizer(HF(models.WordLevel({"[UNK]": 0, "x": 1}, unk_token="[UNK]")), eos_token_id=1, chat_template=CHATML)
     good = {"messages": CONVERSATIONS[0]}
     (tmp_path / "a.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(line) + "\n")
     with pytest.raises(DataError, match=message):
@@ -197,3 +226,43 @@ def test_a_recipe_of_conversations_trains_packed_through_the_cli(saved_tiny, tmp
     assert main(["generate", str(model), "--chat", "--prompt", "w5 w9", "--max-new-tokens", "3"]) == 0
     assert main(["generate", str(model), "--system", "w7", "--prompt", "w5"]) == 2
     assert "--system is a chat setting: add --chat" in capsys.readouterr().err
+
+
+def test_records_are_read_one_by_one_and_template_errors_name_the_row(tmp_path):
+    """Without a template each record is a conversation or a text; a record that is neither, and a
+    conversation the template refuses, are named by their line; no ChatML tokens and no template: refused."""
+    from minilora.tokenizer import Tokenizer
+    from tokenizers import Tokenizer as HF, models, pre_tokenizers
+    vocab = {"[UNK]": 0, "<|im_start|>": 1, "<|im_end|>": 2, "user": 3, "assistant": 4, "hi": 5, "yo": 6, "<eos>": 7}
+    hf = HF(models.WordLevel(vocab, unk_token="[UNK]"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf.add_special_tokens(["<|im_start|>", "<|im_end|>", "<eos>"])
+    strict = "{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system messages') }}" \
+             "{% endif %}{{ m.role + ' ' + m.content + ' <|im_end|> ' }}{% endfor %}"
+    tok = Tokenizer(hf, eos_token_id=7, chat_template=strict)
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, {"text": "hi yo"},
+            {"messages": [{"role": "system", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, {"texts": "hi"}]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = read_records(tmp_path / "a.jsonl")
+    chat, text = build_examples(records[:2], tok)
+    assert [tok.tk.id_to_token(i) for i in chat.labels if i != IGNORE] == ["yo", "<|im_end|>"]
+    assert text.labels == text.input_ids == [5, 6, 7]  # the text template, the prompt (none) learned
+    with pytest.raises(DataError, match=r"a.jsonl, line 3: the chat template refused the conversation: no system messages"):
+        build_examples(records, tok)
+    with pytest.raises(DataError, match=r"a.jsonl, line 4: neither a conversation \(messages or conversations\) nor a text field"):
+        build_examples(records[3:], tok)
+    assert len(build_examples(records, tok, skip_bad_rows=True)) == 2
+    bare = Tokenizer(HF(models.WordLevel({"[UNK]": 0, "hi": 1}, unk_token="[UNK]")), eos_token_id=1)
+    bare.source = "tiny-model"
+    with pytest.raises(DataError, match="tiny-model has no chat template .* and no ChatML tokens"):
+        build_examples(records[:1], bare)
+
+
+def test_system_without_chat_is_refused(tmp_path):
+    from minilora.generate import generate
+    from minilora.recipe import GenerateSection
+    from minilora.errors import ConfigError
+    with pytest.raises(ConfigError, match="system is a chat setting"):
+        generate(torch.nn.Linear(1, 1), None, "hi", system="be brief")
+    with pytest.raises(ConfigError, match="system: a chat setting; set chat = true too"):
+        GenerateSection(prompts=["hi"], system="be brief")

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import Tok, examples, lora_model
-from minilora.data import collate
+from minilora.batching import collate
 from minilora.generate import generate_ids
 from minilora.kernels import LinearCrossEntropy
 from minilora.lora import LoRALinear

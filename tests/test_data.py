@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from minilora.data import IGNORE, TEMPLATES, build_examples, collate, read_records, split
+from minilora.batching import collate
+from minilora.data import IGNORE, TEMPLATES, build_examples, read_records, split
 from minilora.errors import DataError
 from minilora.tokenizer import load_tokenizer
 

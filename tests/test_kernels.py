@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import examples, grads, lora_model
-from minilora.data import collate
+from minilora.batching import collate
 from minilora.kernels import LinearCrossEntropy, frozen_weights_in, prepared_head
 from minilora.models.common import attend, attention_mask
 from minilora.evaluate import causal_lm_loss

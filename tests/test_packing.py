@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from conftest import examples, grads, lora_model
-from minilora.data import IGNORE, Example, collate
+from minilora.batching import collate, pack
+from minilora.data import IGNORE, Example
 from minilora.errors import DataError
 from minilora.evaluate import causal_lm_loss
 from minilora.models.common import attention_mask, position_ids
-from minilora.packing import pack
 
 
 def test_packed_rows_hold_every_example_once_first_fit_decreasing():
@@ -64,3 +64,6 @@ def test_packing_refuses_what_it_cannot_pack():
         pack([Example([1, 2], 0)], 10)
     with pytest.raises(DataError, match="packed already"):
         pack(pack([Example([1, 2], [1, 2])], 10), 10)
+    (row,) = pack([Example([], []), Example([5, 6], [5, 6]), Example([], [])], 10)  # an empty example packs as nothing
+    assert (row.input_ids, row.labels, row.segments) == ([5, 6], [IGNORE, 6], [1, 1])
+    assert pack([], 10) == []

@@ -12,7 +12,7 @@ import torch
 import minilora.hardware
 from conftest import Tok, examples, grads, lora_model
 from minilora.checkpoint import checkpoint_folders
-from minilora.data import collate
+from minilora.batching import collate
 from minilora.errors import CheckpointError, ConfigError
 from minilora.files import write_atomically
 from minilora.hardware import use_bf16
