@@ -1,4 +1,4 @@
-"""The command line: `minilora params | train | generate | classify | merge | export`. Each subcommand is a small
+"""The command line: `minilora params | train | generate | classify | merge | export | push`. Each subcommand is a small
 function over the Python API; errors minilora raises on purpose are printed as one line (no traceback)
 with exit status 2. `train` is the one place that handles SIGINT/SIGTERM (stop_on_signals)."""
 
@@ -21,6 +21,7 @@ from . import distributed
 from .adapter import adapter_classes, load_adapter
 from .errors import ConfigError, MiniLoraError
 from .export import export_adapter, export_merged
+from .hub import push_to_hub
 from .generate import classify, generate
 from .inject import LoRAConfig, adapter_disabled, apply_lora, remove_lora
 from .models import build_model
@@ -199,6 +200,11 @@ def cmd_export(args: argparse.Namespace) -> None:
         print(f"adapter written to {out} ({out.stat().st_size / 1e6:.2f} MB): llama-cli -m BASE.gguf --lora {out}")
 
 
+def cmd_push(args: argparse.Namespace) -> None:
+    url = push_to_hub(args.folder, args.repo_id, private=args.private, commit_message=args.message)
+    print(f"pushed {args.folder} to {args.repo_id} with a model card: {url}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minilora", description="LoRA fine-tuning in plain PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -267,6 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--revision")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("push", help="upload an adapter (or merged model) folder to the Hugging Face Hub with a model card")
+    p.add_argument("folder", help="e.g. runs/quotes-smollm2/adapter (its run folder's metrics go into the card)")
+    p.add_argument("repo_id", help="user-or-org/name; created if missing")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--message", help="the commit message")
+    p.set_defaults(func=cmd_push)
     return parser
 
 

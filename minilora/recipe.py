@@ -23,6 +23,7 @@ import torch
 from . import distributed, hardware
 from .data import build_classification_examples, build_examples, get_template, label_ids, read_records, split
 from .errors import ConfigError, DataError
+from .hub import check_can_push, push_to_hub
 from .generate import chat_prompt, check_sampling, classify as predict
 from .inject import LoRAConfig, apply_lora
 from .models.common import resize_token_embeddings
@@ -171,6 +172,8 @@ def run_recipe(recipe: Recipe, stop_request: Callable[[], ContextManager[Callabl
     rank loads the model and data, rank 0 alone prints and writes."""
     m, d = recipe.model, recipe.data
     classify = d.task == "classification"
+    if recipe.train.push_to_hub and distributed.is_main():
+        check_can_push(recipe.train.hub_model_id)  # before hours of training, not after
     torch.manual_seed(recipe.train.seed)  # a fresh classifier head is initialised from the global RNG
     records = read_records(d.train)
     if d.eval:
@@ -262,4 +265,7 @@ def run_recipe(recipe: Recipe, stop_request: Callable[[], ContextManager[Callabl
     with stop_request() if stop_request is not None else contextlib.nullcontext() as should_stop:
         result = train(model, tokenizer, train_data, eval_data, recipe.train, should_stop=should_stop)
     report_test("after")
+    if recipe.train.push_to_hub and distributed.is_main() and not result.stopped_early:
+        say(f"pushed {result.adapter_dir} to the Hub: "
+            + push_to_hub(result.adapter_dir, recipe.train.hub_model_id, recipe.train.hub_private))
     return model, tokenizer, result

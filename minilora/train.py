@@ -67,6 +67,9 @@ class TrainConfig:
     log_every: int = 1
     progress: bool = True
     pad_to: int | None = None             # pad every batch to this length; None pads per batch
+    push_to_hub: bool = False             # after the run, upload the adapter with a model card (hub.py)
+    hub_model_id: str | None = None       # where: "user-or-org/name"
+    hub_private: bool = False
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # types first: from Python, "false" would count as true
@@ -85,6 +88,8 @@ class TrainConfig:
             if not (value is None and name in optional) and (isinstance(value, bool) or not isinstance(value, int)
                                                               or value <= 0):
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ConfigError("push_to_hub needs hub_model_id (\"user-or-org/name\")")
         if self.batch_size % self.micro_batch_size:
             raise ConfigError(f"batch_size={self.batch_size} is not a multiple of micro_batch_size={self.micro_batch_size}")
         if self.lr_schedule not in ("linear", "cosine", "constant"):

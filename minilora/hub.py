@@ -1,0 +1,149 @@
+"""Pushing an adapter (or a merged model folder) to the Hugging Face Hub, with a model card written from
+the run that made it.
+
+Through huggingface-hub's own client: the repo is created if missing (private if asked), then every
+file of the folder goes up in one commit with the card (README.md) and the loss curve (loss.svg). The
+token is the standard one (the HF_TOKEN variable, or the file `huggingface-cli login` writes), read by
+that client; minilora never prints it or writes it anywhere. Offline (HF_HUB_OFFLINE) or without a
+token, push fails before anything is sent, and the local folder is never changed: the card is made in
+memory.
+
+The card: YAML metadata as the Hub reads it (base_model when the base is a Hub id, library_name: peft,
+tags), the LoRA settings (adapter_config.json), and, when the folder sits in a run's output folder, the
+training settings (the last checkpoint's trainer_state.json), the evaluations and the loss curve
+(metrics.jsonl).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError, ConfigError
+from .files import read_json
+
+CARD, CURVE = "README.md", "loss.svg"
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}")
+HUB_MODEL = re.compile(r"[A-Za-z0-9][\w.-]{0,95}(/[\w.-]{1,96})?")  # gpt2, or user/name
+
+
+def check_can_push(repo_id: str) -> None:
+    """Refuse now, before a run or an upload starts, what cannot be pushed: a malformed repo id, the Hub
+    switched off (HF_HUB_OFFLINE), no token."""
+    if not isinstance(repo_id, str) or not REPO_ID.fullmatch(repo_id) or ".." in repo_id:
+        raise ConfigError(f"hub repo id {repo_id!r}: expected 'user-or-org/name'")
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        raise ConfigError("cannot push to the Hub: HF_HUB_OFFLINE is set")
+    from huggingface_hub import get_token
+    if not get_token():
+        raise ConfigError("cannot push to the Hub: no token (set HF_TOKEN, or run `huggingface-cli login`)")
+
+
+def push_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = False,
+                commit_message: str | None = None) -> str:
+    """Upload `folder` (an adapter, or a merged model's folder) to `repo_id` with a model card; returns
+    the commit's URL. The folder's files are sent as they are; nothing is written locally."""
+    folder = Path(folder)
+    if not folder.is_dir() or not any(folder.iterdir()):
+        raise CheckpointError(f"{folder}: not a folder with an adapter or model to push")
+    check_can_push(repo_id)
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.endswith(".partial"))
+    operations = [CommitOperationAdd(str(p.relative_to(folder)), str(p)) for p in files]
+    card, curve = model_card(folder, repo_id)
+    if not (folder / CARD).exists():
+        operations.append(CommitOperationAdd(CARD, card.encode("utf-8")))
+    if curve is not None and not (folder / CURVE).exists():
+        operations.append(CommitOperationAdd(CURVE, curve.encode("utf-8")))
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        info = api.create_commit(repo_id, operations, commit_message=commit_message or f"Upload {folder.name} with minilora")
+    except (HfHubHTTPError, OSError) as e:
+        raise CheckpointError(f"pushing {folder} to {repo_id} failed: {e}") from None
+    return str(info.commit_url)
+
+
+# ---------------------------------------------------------------------------------------------
+# The card
+
+def model_card(folder: Path, repo_id: str) -> tuple[str, str | None]:
+    """(README.md text, loss.svg text or None) for the adapter or model in `folder`."""
+    config = read_json(folder / "adapter_config.json") if (folder / "adapter_config.json").is_file() else {}
+    run = folder.parent
+    history = _metrics(run / "metrics.jsonl")
+    states = sorted(run.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[-1])
+                    if p.parent.name.split("-")[-1].isdigit() else -1)
+    settings = read_json(states[-1]).get("run", {}) if states else {}
+    base = config.get("base_model_name_or_path") or ""
+    hub_base = bool(HUB_MODEL.fullmatch(base)) and not Path(base).expanduser().exists()
+    meta = (["---"] + ([f"base_model: {base}"] if hub_base else []) + ["library_name: peft" if config else "library_name: minilora",
+            "tags:", "- minilora", "- lora"] + ([f"- base_model:adapter:{base}"] if hub_base else [])
+            + [f"- {config.get('task_type', 'CAUSAL_LM').lower().replace('_', '-')}"] + ["---", ""])
+    lines = meta + [f"# {repo_id.split('/')[-1]}", ""]
+    if config:
+        lines += [f"A LoRA adapter for `{base or 'its base model'}`, trained with minilora (LoRA in plain PyTorch). "
+                  "It is in PEFT's format: `PeftModel.from_pretrained(base_model, repo)` loads it, as does "
+                  "minilora's `load_adapter(model, folder)`.", "", "## LoRA", "", "| setting | value |", "|---|---|"]
+        for key in ("r", "lora_alpha", "target_modules", "lora_dropout", "use_rslora", "use_dora", "modules_to_save",
+                    "rank_pattern", "alpha_pattern", "task_type"):
+            if config.get(key) not in (None, {}, []):
+                lines.append(f"| {key} | `{json.dumps(config[key])}` |")
+        lines.append("")
+    if settings:
+        lines += ["## Training", "", "| setting | value |", "|---|---|"]
+        lines += [f"| {k} | `{json.dumps(v)}` |" for k, v in settings.items() if not k.startswith("lora.") and k != "data"]
+        lines.append("")
+    evals = [h for h in history if any(k.startswith("eval_") for k in h)]
+    if evals:
+        keys = [k for k in evals[-1] if k.startswith("eval_")]
+        lines += ["## Evaluation", "", "| step | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+        lines += [f"| {h['step']} | " + " | ".join(f"{h[k]:.4f}" if isinstance(h.get(k), float) else str(h.get(k, ""))
+                                                   for k in keys) + " |" for h in evals]
+        lines.append("")
+    curve = loss_svg(history)
+    if curve is not None:
+        lines += ["## Loss", "", f"![training and evaluation loss]({CURVE})", ""]
+    return "\n".join(lines), curve
+
+
+def _metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a last line cut short by a crash
+    return out
+
+
+def loss_svg(history: list[dict[str, Any]], width: int = 640, height: int = 320) -> str | None:
+    """The training loss (and the evaluation loss, dashed) against the step, as a small SVG drawn here
+    (no plotting library needed)."""
+    series = {key: [(h["step"], h[key]) for h in history if isinstance(h.get(key), (int, float))]
+              for key in ("loss", "eval_loss")}
+    points = [p for s in series.values() for p in s]
+    if len(points) < 2:
+        return None
+    x0, x1 = min(p[0] for p in points), max(p[0] for p in points) or 1
+    y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
+    y1 = y1 if y1 > y0 else y0 + 1
+    pad = 40
+    sx = lambda x: pad + (x - x0) / max(x1 - x0, 1) * (width - 2 * pad)
+    sy = lambda y: height - pad - (y - y0) / (y1 - y0) * (height - 2 * pad)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+           f'font-size="12"><rect width="100%" height="100%" fill="white"/>',
+           f'<text x="{pad}" y="{pad - 12}">loss {y0:.3f} .. {y1:.3f}, steps {x0} .. {x1}</text>']
+    for (key, s), style in zip(series.items(), ('stroke="#1f77b4"', 'stroke="#d62728" stroke-dasharray="6 4"')):
+        if s:
+            path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in s)
+            out.append(f'<polyline fill="none" stroke-width="2" {style} points="{path}"><title>{key}</title></polyline>')
+    out.append(f'<text x="{width - pad - 150}" y="{pad - 12}" fill="#1f77b4">loss</text>'
+               f'<text x="{width - pad - 100}" y="{pad - 12}" fill="#d62728">eval_loss</text></svg>')
+    return "\n".join(out)
