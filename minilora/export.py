@@ -1,6 +1,6 @@
 """GGUF export, for llama.cpp and Ollama: a LoRA adapter as llama.cpp's adapter file, and the merged
-model as a complete GGUF file (F32, F16, Q8_0 or Q4_0), for the Llama architecture (Llama without rope
-scaling, SmolLM2, Mistral without a sliding window).
+model as a complete GGUF file (F32, F16, Q8_0 or Q4_0), for llama.cpp's llama architecture (Llama
+without rope scaling, SmolLM2, Mistral without a sliding window) and its qwen2 architecture.
 
 The file (GGUF version 3): "GGUF", the version, the tensor and key/value counts; the typed key/values;
 one entry per tensor (name, dimensions fastest first, ggml type, offset); then the tensors' bytes, each
@@ -9,8 +9,9 @@ existing file is replaced whole or not at all.
 
 What llama.cpp expects, and where it differs from the Hub's layout:
   - tensor names: blk.N.attn_q.weight for model.layers.N.self_attn.q_proj.weight (gguf.GGUF_NAMES);
-  - q and k rows in llama.cpp's RoPE order: each head's two rotary halves interleaved (the inverse of
-    what gguf.py undoes on reading); an adapter's B rows move with them, A is untouched;
+  - for llama, q and k rows in llama.cpp's RoPE order: each head's two rotary halves interleaved (the
+    inverse of what gguf.py undoes on reading); an adapter's B rows move with them, A is untouched
+    (qwen2 keeps the Hub's order);
   - an adapter: general.type = "adapter", adapter.type = "lora", adapter.lora.alpha, and per target
     "<base tensor>.lora_a" (r x k) and ".lora_b" (d x r); llama.cpp scales B·A by alpha / r, r read
     from each lora_a, so a module whose own scale differs (rank_pattern, alpha_pattern, rsLoRA) has it
@@ -105,18 +106,23 @@ def encode(t: torch.Tensor, kind: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # The Llama architecture's names and metadata
 
-def _check_llama(model: nn.Module) -> Any:
+def architecture(model: nn.Module) -> tuple[str, Any]:
+    """(llama.cpp's architecture name, the config) for a model it can carry, or a ConfigError saying why not."""
     config = getattr(model, "config", None)
     kind = getattr(config, "model_type", None)
-    if kind not in ("llama", "mistral"):
-        raise ConfigError(f"GGUF export writes the Llama architecture (Llama, SmolLM2, Mistral); this model is "
-                          f"{kind or type(model).__name__}")
-    for field, why in (("rope_scaling", "rope scaling"), ("attention_bias", "attention biases"),
-                       ("mlp_bias", "MLP biases"), ("sliding_window", "a sliding window")):
+    if kind not in ("llama", "mistral", "qwen2"):
+        raise ConfigError(f"GGUF export writes the Llama and Qwen2 architectures (Llama, SmolLM2, Mistral, Qwen2); "
+                          f"this model is {kind or type(model).__name__}")
+    limits = [("rope_scaling", "rope scaling"), ("mlp_bias", "MLP biases"), ("sliding_window", "a sliding window")]
+    if kind == "qwen2":  # biases on q/k/v are Qwen2's own; its window counts only when switched on
+        limits = [(f, why) for f, why in limits if f != "sliding_window"] + [("use_sliding_window", "a sliding window")]
+    else:
+        limits.append(("attention_bias", "attention biases"))
+    for field, why in limits:
         if getattr(config, field, None):
-            raise ConfigError(f"GGUF export: this model has {why} ({field}), which llama.cpp's llama "
-                              "architecture does not carry")
-    return config
+            raise ConfigError(f"GGUF export: this model has {why} ({field}), which llama.cpp's "
+                              f"{'qwen2' if kind == 'qwen2' else 'llama'} architecture does not carry")
+    return ("qwen2" if kind == "qwen2" else "llama"), config
 
 
 def gguf_name(hub: str) -> str:
@@ -134,8 +140,11 @@ def gguf_name(hub: str) -> str:
 
 
 def to_llamacpp_rows(hub: str, rows: torch.Tensor, config: Any) -> torch.Tensor:
-    """q and k rows (or an adapter's B rows for them) in llama.cpp's RoPE order: each head's rotary
-    halves interleaved (gguf.gguf_tensors undoes this on reading)."""
+    """q and k rows (or an adapter's B rows for them) in llama.cpp's RoPE order for the llama architecture:
+    each head's rotary halves interleaved (gguf.gguf_tensors undoes this on reading). Qwen2 keeps the
+    Hub's order (llama.cpp runs it with NeoX-style RoPE)."""
+    if config.model_type == "qwen2":
+        return rows
     n = config.num_attention_heads if ".q_proj." in hub else config.num_key_value_heads if ".k_proj." in hub else None
     if n is None:
         return rows
@@ -143,18 +152,18 @@ def to_llamacpp_rows(hub: str, rows: torch.Tensor, config: Any) -> torch.Tensor:
     return rows.reshape(n, 2, d // n // 2, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape)
 
 
-def _llama_meta(config: Any, name: str) -> Meta:
-    return [("general.architecture", STRING, "llama", None), ("general.name", STRING, name, None),
-            ("llama.context_length", UINT32, config.max_position_embeddings, None),
-            ("llama.embedding_length", UINT32, config.hidden_size, None),
-            ("llama.block_count", UINT32, config.num_hidden_layers, None),
-            ("llama.feed_forward_length", UINT32, config.intermediate_size, None),
-            ("llama.attention.head_count", UINT32, config.num_attention_heads, None),
-            ("llama.attention.head_count_kv", UINT32, config.num_key_value_heads, None),
-            ("llama.rope.dimension_count", UINT32, config.head_dim, None),
-            ("llama.rope.freq_base", FLOAT32, float(config.rope_theta), None),
-            ("llama.attention.layer_norm_rms_epsilon", FLOAT32, float(config.rms_norm_eps), None),
-            ("llama.vocab_size", UINT32, config.vocab_size, None)]
+def _model_meta(arch: str, config: Any, name: str) -> Meta:
+    return [("general.architecture", STRING, arch, None), ("general.name", STRING, name, None),
+            (f"{arch}.context_length", UINT32, config.max_position_embeddings, None),
+            (f"{arch}.embedding_length", UINT32, config.hidden_size, None),
+            (f"{arch}.block_count", UINT32, config.num_hidden_layers, None),
+            (f"{arch}.feed_forward_length", UINT32, config.intermediate_size, None),
+            (f"{arch}.attention.head_count", UINT32, config.num_attention_heads, None),
+            (f"{arch}.attention.head_count_kv", UINT32, config.num_key_value_heads, None),
+            (f"{arch}.rope.dimension_count", UINT32, config.head_dim, None),
+            (f"{arch}.rope.freq_base", FLOAT32, float(config.rope_theta), None),
+            (f"{arch}.attention.layer_norm_rms_epsilon", FLOAT32, float(config.rms_norm_eps), None),
+            (f"{arch}.vocab_size", UINT32, config.vocab_size, None)]
 
 
 def _tokenizer_meta(tokenizer) -> Meta:
@@ -194,7 +203,7 @@ def export_merged(model: nn.Module, path: str | os.PathLike, kind: str = "f16", 
     The model is changed in place: its LoRA layers are merged and removed."""
     if kind not in TYPES:
         raise ConfigError(f"GGUF type {kind!r}: expected one of {', '.join(TYPES)}")
-    config = _check_llama(model)
+    arch, config = architecture(model)
     want = TYPES[kind]
     remove_lora(model, merge=True)  # refuses a quantized base, naming the layer
     tied = {id(model.lm_head.weight)} & {id(model.input_embeddings.weight)}
@@ -213,7 +222,7 @@ def export_merged(model: nn.Module, path: str | os.PathLike, kind: str = "f16", 
         skip = ("general.file_type", "general.quantization_version", "general.alignment")
         meta = [(k, *file.types[k][:1], v, file.types[k][1]) for k, v in file.meta.items() if k not in skip]
     else:
-        meta = _llama_meta(config, str(getattr(model, "name_or_path", "minilora")))
+        meta = _model_meta(arch, config, str(getattr(model, "name_or_path", "minilora")))
         if tokenizer is not None:
             meta += _tokenizer_meta(tokenizer)
     meta.append(("general.file_type", UINT32, FILE_TYPES[want], None))
@@ -226,7 +235,7 @@ def export_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     """The model's active LoRA adapter as a llama.cpp adapter file (`llama-cli -m base.gguf --lora
     file.gguf`; Ollama's ADAPTER line). Refused, by name, for what that format cannot carry: DoRA,
     LoRA on embeddings, and modules trained in full (modules_to_save)."""
-    config = _check_llama(model)
+    arch, config = architecture(model)
     saved = list(getattr(getattr(model, "lora_config", None), "modules_to_save", None) or [])
     if saved:
         raise ConfigError(f"modules_to_save ({', '.join(saved)}): llama.cpp's adapter format carries only LoRA's "
@@ -250,7 +259,7 @@ def export_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         b = to_llamacpp_rows(f"{name}.weight", b, config)
         tensors += [(f"{base}.lora_a", tuple(a.shape), F32, lambda t=a: t.contiguous()),
                     (f"{base}.lora_b", tuple(b.shape), F32, lambda t=b: t.contiguous())]
-    meta: Meta = [("general.architecture", STRING, "llama", None), ("general.type", STRING, "adapter", None),
+    meta: Meta = [("general.architecture", STRING, arch, None), ("general.type", STRING, "adapter", None),
                   ("general.name", STRING, str(getattr(model, "name_or_path", "minilora")) + " LoRA", None),
                   ("adapter.type", STRING, "lora", None), ("adapter.lora.alpha", FLOAT32, float(alpha), None)]
     return write_gguf(path, meta, tensors)

@@ -1,6 +1,6 @@
 """GGUF, llama.cpp's file format: a header of typed key/values, a table of tensors, then aligned data.
 
-Read here: a Llama-architecture file's config (from its metadata) and its tensors under the Hub's
+Read here: a Llama- or Qwen2-architecture file's config (from its metadata) and its tensors under the Hub's
 names, quantized blocks (every ggml.py type: Q4_0 ... Q8_0 and the K-quants) dequantized to fp32, or
 kept as raw blocks for a quantized base, and the q/k rows put back in the Hub's RoPE order. The tokenizer in the metadata is rebuilt by tokenizer.py.
 """
@@ -134,26 +134,29 @@ GGUF_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "
               "ffn_down": "mlp.down_proj"}
 
 
+ARCHITECTURES = ("llama", "qwen2")  # the GGUF architectures read here (Qwen2: q/k/v biases, no row permutation)
+
+
 def gguf_config(file: GGUFFile) -> dict[str, Any]:
-    """A Llama config.json dict from GGUF metadata."""
+    """A Llama (or Qwen2) config.json dict from GGUF metadata."""
     meta, path = file.meta, file.path
     arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise ConfigError(f"{path}: GGUF architecture {arch!r} is not supported (llama is)")
+    if arch not in ARCHITECTURES:
+        raise ConfigError(f"{path}: GGUF architecture {arch!r} is not supported ({', '.join(ARCHITECTURES)} are)")
     def get(key: str, default: Any = ConfigError):
-        if f"llama.{key}" in meta:
-            value = meta[f"llama.{key}"]
+        if f"{arch}.{key}" in meta:
+            value = meta[f"{arch}.{key}"]
             kind = float if key.endswith(("epsilon", "freq_base")) else int
             if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or value <= 0:
-                raise ConfigError(f"{path}: GGUF metadata llama.{key} is {value!r}, expected a positive {kind.__name__}")
+                raise ConfigError(f"{path}: GGUF metadata {arch}.{key} is {value!r}, expected a positive {kind.__name__}")
             return value
         if default is ConfigError:
-            raise ConfigError(f"{path}: GGUF metadata has no llama.{key}")
+            raise ConfigError(f"{path}: GGUF metadata has no {arch}.{key}")
         return default
     heads = get("attention.head_count")
     hidden = get("embedding_length")
     tokens = meta.get("tokenizer.ggml.tokens")
-    return dict(model_type="llama", vocab_size=get("vocab_size", len(tokens) if isinstance(tokens, list) else None),
+    return dict(model_type=arch, vocab_size=get("vocab_size", len(tokens) if isinstance(tokens, list) else None),
                 hidden_size=hidden, intermediate_size=get("feed_forward_length"),
                 num_hidden_layers=get("block_count"), num_attention_heads=heads,
                 num_key_value_heads=get("attention.head_count_kv", heads),
@@ -170,8 +173,9 @@ def gguf_tensors(file: GGUFFile, keep: frozenset[str] = frozenset()) -> Iterator
     Those named in `keep` (Hub names) come as their raw blocks instead, (rows, bytes per row) uint8, rows
     reordered the same way (see kept_blocks)."""
     meta, path = file.meta, file.path
-    heads = meta["llama.attention.head_count"]
-    kv_heads = meta.get("llama.attention.head_count_kv", heads)
+    arch = meta.get("general.architecture", "llama")
+    heads = meta[f"{arch}.attention.head_count"]
+    kv_heads = meta.get(f"{arch}.attention.head_count_kv", heads)
     data = np.memmap(path, dtype=np.uint8, mode="r")
     for gguf_name, (shape, kind, offset) in file.infos.items():
         if kind not in BLOCKS:
@@ -200,7 +204,7 @@ def gguf_tensors(file: GGUFFile, keep: frozenset[str] = frozenset()) -> Iterator
             _check_finite(w, kind, shape[-1], f"{path}: tensor {gguf_name}")
         else:
             w = dequantize(raw, kind, shape)
-        if parts[0] == "blk" and parts[2] in ("attn_q", "attn_k") and w.dim() == 2:
+        if arch == "llama" and parts[0] == "blk" and parts[2] in ("attn_q", "attn_k") and w.dim() == 2:
             # llama.cpp interleaves each head's rotary halves; undo it to get the Hub's rotate-half rows
             # (on whole rows, so raw blocks move the same way).
             n = heads if parts[2] == "attn_q" else kv_heads

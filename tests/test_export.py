@@ -44,7 +44,7 @@ def merged_weights(model):
     return {n: t.detach().clone() for n, t in remove_lora(copy.deepcopy(model), merge=True).state_dict().items()}
 
 
-@pytest.mark.parametrize("kind", ["llama-gqa", "llama-tied"])
+@pytest.mark.parametrize("kind", ["llama-gqa", "llama-tied", "qwen2"])
 def test_merged_f32_reads_back_tensor_by_tensor_and_gives_the_same_logits(saved_tiny, tmp_path, kind):
     model = adapted(saved_tiny, kind)
     ids = torch.randint(0, 97, (2, 9))
@@ -53,11 +53,11 @@ def test_merged_f32_reads_back_tensor_by_tensor_and_gives_the_same_logits(saved_
     weights = merged_weights(model)
     path = export_merged(model, tmp_path / "m.gguf", "f32")
     reader = gguf.GGUFReader(str(path))
-    assert reader.fields["general.architecture"].contents() == "llama"
+    assert reader.fields["general.architecture"].contents() == ("qwen2" if kind == "qwen2" else "llama")
     written = {t.name: t for t in reader.tensors}
     from minilora.export import gguf_name
     for hub, w in weights.items():
-        if hub == "lm_head.weight" and kind == "llama-tied":
+        if hub == "lm_head.weight" and kind in ("llama-tied", "qwen2"):
             assert "output.weight" not in written
             continue
         t = written.pop(gguf_name(hub))
@@ -93,15 +93,16 @@ def test_merged_quantized_is_the_merged_model_rounded_as_its_type(saved_tiny, tm
     assert gguf.GGUFReader(str(path)).fields["general.file_type"].contents() == {"f16": 1, "q8_0": 7, "q4_0": 2}[kind]
 
 
-@pytest.mark.parametrize("settings", [{}, {"use_rslora": True}, {"rank_pattern": {"o_proj": 2}, "alpha_pattern": {"v_proj": 3}}],
-                         ids=["plain", "rslora", "patterns"])
-def test_adapter_applied_the_llamacpp_way_gives_the_merged_weights(saved_tiny, tmp_path, settings):
+@pytest.mark.parametrize("kind, settings", [("llama-gqa", {}), ("llama-gqa", {"use_rslora": True}),
+                                            ("llama-gqa", {"rank_pattern": {"o_proj": 2}, "alpha_pattern": {"v_proj": 3}}),
+                                            ("qwen2", {})], ids=["plain", "rslora", "patterns", "qwen2"])
+def test_adapter_applied_the_llamacpp_way_gives_the_merged_weights(saved_tiny, tmp_path, kind, settings):
     """llama.cpp applies an adapter as W + alpha / r · B A on its own layout (r from each lora_a): done
     here in numpy on the exported base, it gives the exported merged model, tensor by tensor; module
     scales that differ (rsLoRA, rank and alpha patterns) are folded into B."""
-    model = adapted(saved_tiny, **settings)
+    model = adapted(saved_tiny, kind, **settings)
     path = export_adapter(model, tmp_path / "a.gguf")
-    base = export_merged(load_model(saved_tiny["llama-gqa"][1]), tmp_path / "base.gguf", "f32")
+    base = export_merged(load_model(saved_tiny[kind][1]), tmp_path / "base.gguf", "f32")
     merged = export_merged(model, tmp_path / "merged.gguf", "f32")
     reader = gguf.GGUFReader(str(path))
     assert reader.fields["general.type"].contents() == "adapter" and reader.fields["adapter.type"].contents() == "lora"
@@ -133,7 +134,7 @@ def test_what_llamacpp_cannot_carry_is_refused_by_name(saved_tiny, tmp_path):
         export_adapter(embedding, tmp_path / "a.gguf")
     gpt2 = load_model(saved_tiny["gpt2"][1])
     apply_lora(gpt2, ["c_attn"], r=2, alpha=4)
-    with pytest.raises(ConfigError, match="writes the Llama architecture .* this model is gpt2"):
+    with pytest.raises(ConfigError, match="writes the Llama and Qwen2 architectures .* this model is gpt2"):
         export_adapter(gpt2, tmp_path / "a.gguf")
     window = load_model(saved_tiny["mistral-window"][1])
     with pytest.raises(ConfigError, match="a sliding window"):
