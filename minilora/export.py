@@ -1,6 +1,7 @@
 """GGUF export, for llama.cpp and Ollama: a LoRA adapter as llama.cpp's adapter file, and the merged
 model as a complete GGUF file (F32, F16, Q8_0 or Q4_0), for llama.cpp's llama architecture (Llama
-without rope scaling, SmolLM2, Mistral without a sliding window) and its qwen2 architecture.
+without rope scaling, SmolLM2, Mistral) and its qwen2 architecture. llama.cpp has no sliding window
+there (its own converter writes Mistral so too): a model with one is exported with a warning.
 
 The file (GGUF version 3): "GGUF", the version, the tensor and key/value counts; the typed key/values;
 one entry per tensor (name, dimensions fastest first, ggml type, offset); then the tensors' bytes, each
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import os
 import struct
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -113,15 +115,18 @@ def architecture(model: nn.Module) -> tuple[str, Any]:
     if kind not in ("llama", "mistral", "qwen2"):
         raise ConfigError(f"GGUF export writes the Llama and Qwen2 architectures (Llama, SmolLM2, Mistral, Qwen2); "
                           f"this model is {kind or type(model).__name__}")
-    limits = [("rope_scaling", "rope scaling"), ("mlp_bias", "MLP biases"), ("sliding_window", "a sliding window")]
-    if kind == "qwen2":  # biases on q/k/v are Qwen2's own; its window counts only when switched on
-        limits = [(f, why) for f, why in limits if f != "sliding_window"] + [("use_sliding_window", "a sliding window")]
-    else:
+    limits = [("rope_scaling", "rope scaling"), ("mlp_bias", "MLP biases")]
+    if kind != "qwen2":  # biases on q/k/v are Qwen2's own
         limits.append(("attention_bias", "attention biases"))
     for field, why in limits:
         if getattr(config, field, None):
             raise ConfigError(f"GGUF export: this model has {why} ({field}), which llama.cpp's "
                               f"{'qwen2' if kind == 'qwen2' else 'llama'} architecture does not carry")
+    window = [w for w in config.windows if w is not None]
+    if window:  # as llama.cpp's own converter writes Mistral: the same model up to the window's length
+        warnings.warn(f"llama.cpp's {'qwen2' if kind == 'qwen2' else 'llama'} architecture has no sliding window: "
+                      f"the GGUF file attends to the whole context, which is the same model for sequences of up "
+                      f"to {min(window)} tokens", stacklevel=3)
     return ("qwen2" if kind == "qwen2" else "llama"), config
 
 

@@ -137,8 +137,9 @@ def test_what_llamacpp_cannot_carry_is_refused_by_name(saved_tiny, tmp_path):
     with pytest.raises(ConfigError, match="writes the Llama and Qwen2 architectures .* this model is gpt2"):
         export_adapter(gpt2, tmp_path / "a.gguf")
     window = load_model(saved_tiny["mistral-window"][1])
-    with pytest.raises(ConfigError, match="a sliding window"):
-        export_merged(window, tmp_path / "m.gguf")
+    with pytest.warns(UserWarning, match="has no sliding window: .* sequences of up to 5 tokens"):
+        export_merged(window, tmp_path / "window.gguf")
+    (tmp_path / "window.gguf").unlink()
     int8 = load_model(saved_tiny["llama-gqa"][1], load_in_8bit=True)
     apply_lora(int8, ["q_proj"], r=2, alpha=4)
     with pytest.raises(ConfigError, match="load the base in floating point|quantized"):
@@ -193,3 +194,19 @@ def test_real_smollm2_merged_keeps_its_tokenizer_and_template(smollm2_path, tmp_
             if p.dim() == 2:
                 p.copy_(ggml.dequantize_blocks(ggml.quantize_blocks(p, ggml.Q8_0), ggml.Q8_0).view(p.shape))
         assert (load_model(tmp_path / "m.gguf")(ids) - model(ids)).abs().max().item() <= 1e-4
+
+
+def test_merged_from_a_folder_writes_the_tokenizer_llamacpp_reads(saved_tiny, smollm2_path, tmp_path):
+    """A model from a Hub-style folder: the vocabulary, merges, token types, special ids and chat template
+    are written from its tokenizer.json, and read back they tokenize as the original does."""
+    from minilora.tokenizer import load_tokenizer
+    source = load_tokenizer(smollm2_path)
+    source.save(tmp_path)  # tokenizer.json + tokenizer_config.json, as a Hub folder holds them
+    folder_tok = load_tokenizer(tmp_path)
+    path = export_merged(adapted(saved_tiny), tmp_path / "m.gguf", "f32", folder_tok)
+    fields = gguf.GGUFReader(str(path)).fields
+    assert fields["tokenizer.ggml.model"].contents() == "gpt2" and len(fields["tokenizer.ggml.tokens"].contents()) == 49152
+    back = load_tokenizer(path)
+    for text in ["Hello world, 2024!", "<|im_start|>user\nZähl bis 3<|im_end|>", "  spaces\tand\nlines 🎉"]:
+        assert back.encode(text) == source.encode(text), text
+    assert (back.eos_token_id, back.chat_template) == (source.eos_token_id, source.chat_template)
