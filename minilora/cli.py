@@ -188,14 +188,14 @@ def cmd_export(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise ConfigError(f"{out} exists; give --overwrite to replace it")
+    if args.type != "f32" and not args.merged:
+        raise ConfigError("--type is for --merged (an adapter file is written in f32)")
     model = load_model(args.model, revision=args.revision)  # in floating point: a merge is never rounded to 4-bit
     load_adapter(model, args.adapter)
     if args.merged:
         export_merged(model, out, args.type, load_tokenizer(args.model, revision=args.revision))
         print(f"merged model written to {out} ({out.stat().st_size / 1e6:.1f} MB, {args.type}): llama-cli -m {out}")
     else:
-        if args.type != "f32":
-            raise ConfigError("--type is for --merged (an adapter file is written in f32)")
         export_adapter(model, out)
         print(f"adapter written to {out} ({out.stat().st_size / 1e6:.2f} MB): llama-cli -m BASE.gguf --lora {out}")
 

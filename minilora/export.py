@@ -33,8 +33,8 @@ import torch.nn as nn
 from .errors import CheckpointError, ConfigError
 from .ggml import BLOCKS, F16, F32, NAMES, Q4_0, Q8_0, quantize_blocks
 from .gguf import GGUF_NAMES, read_gguf
-from .inject import lora_modules, remove_lora
-from .lora import LoRALinear
+from .inject import lora_modules
+from .lora import LoRALinear, is_adapter_tensor
 
 ALIGN = 32
 UINT32, INT32, FLOAT32, BOOL, STRING, ARRAY = 4, 5, 6, 7, 8, 9
@@ -84,7 +84,9 @@ def write_gguf(path: str | os.PathLike, meta: Meta, tensors: list[Tensor]) -> Pa
         with open(tmp, "wb") as f:
             f.write(header + b"\0" * (-len(header) % ALIGN))
             for name, shape, kind, make in tensors:
-                data = make().contiguous().view(torch.uint8).reshape(-1).numpy().tobytes()
+                data = make().detach().cpu().contiguous()
+                _check_finite(name, data, kind)
+                data = data.view(torch.uint8).reshape(-1).numpy().tobytes()
                 if len(data) != _nbytes(shape, kind):
                     raise AssertionError(f"{name}: {len(data)} bytes for {shape} in {NAMES[kind]}")
                 f.write(data + b"\0" * (-len(data) % ALIGN))
@@ -92,7 +94,19 @@ def write_gguf(path: str | os.PathLike, meta: Meta, tensors: list[Tensor]) -> Pa
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise CheckpointError(f"{path}: could not be written ({e.strerror or e}); nothing was replaced") from None
+    except BaseException:  # a refused tensor, Ctrl-C: no half-written file left behind
+        tmp.unlink(missing_ok=True)
+        raise
     return path
+
+
+def _check_finite(name: str, data: torch.Tensor, kind: int) -> None:
+    """A NaN or an infinity (a weight beyond fp16's 65504 in F16, a block scale beyond it in Q8_0/Q4_0)
+    would be written as such and poison llama.cpp's output: refused, naming the tensor."""
+    values = data if kind in (F32, F16) else data[:, :2].contiguous().view(torch.float16)  # the blocks' scales
+    if not bool(torch.isfinite(values).all()):
+        raise ConfigError(f"{name}: NaN or infinite values in {NAMES[kind]}"
+                          + ("" if kind == F32 else f" (beyond {NAMES[kind]}'s range: try --type f32)"))
 
 
 def encode(t: torch.Tensor, kind: int) -> torch.Tensor:
@@ -115,7 +129,12 @@ def architecture(model: nn.Module) -> tuple[str, Any]:
     if kind not in ("llama", "mistral", "qwen2"):
         raise ConfigError(f"GGUF export writes the Llama and Qwen2 architectures (Llama, SmolLM2, Mistral, Qwen2); "
                           f"this model is {kind or type(model).__name__}")
-    limits = [("rope_scaling", "rope scaling"), ("mlp_bias", "MLP biases")]
+    rope = dict(getattr(config, "rope_scaling", None) or {})
+    if rope.get("rope_type", rope.get("type", "default")) == "default" or rope.get("factor") == 1.0:
+        rope = {}  # the default (or a factor of 1) is no scaling
+    if rope:
+        raise ConfigError(f"GGUF export: this model has rope scaling ({rope}), which is not written here")
+    limits = [("mlp_bias", "MLP biases")]
     if kind != "qwen2":  # biases on q/k/v are Qwen2's own
         limits.append(("attention_bias", "attention biases"))
     for field, why in limits:
@@ -166,27 +185,48 @@ def _model_meta(arch: str, config: Any, name: str) -> Meta:
             (f"{arch}.attention.head_count", UINT32, config.num_attention_heads, None),
             (f"{arch}.attention.head_count_kv", UINT32, config.num_key_value_heads, None),
             (f"{arch}.rope.dimension_count", UINT32, config.head_dim, None),
+            (f"{arch}.attention.key_length", UINT32, config.head_dim, None),  # llama.cpp needs these where
+            (f"{arch}.attention.value_length", UINT32, config.head_dim, None),  # head_dim != hidden / heads
             (f"{arch}.rope.freq_base", FLOAT32, float(config.rope_theta), None),
             (f"{arch}.attention.layer_norm_rms_epsilon", FLOAT32, float(config.rms_norm_eps), None),
             (f"{arch}.vocab_size", UINT32, config.vocab_size, None)]
 
 
-def _tokenizer_meta(tokenizer) -> Meta:
-    """A byte-level BPE tokenizer as llama.cpp's "gpt2" vocabulary: tokens by id, merges, types
-    (3 = control for special tokens, 1 = normal), the special ids and the chat template."""
+def _pre_tokenizer(spec: dict) -> str | None:
+    """llama.cpp's name for the tokenizer's pre-tokenization, for the ones known to match it: GPT-2's byte
+    level alone ("gpt-2"), or digits split one by one first (SmolLM2's, "smollm"). Others: None."""
+    pre = spec.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [(p.get("type"), p.get("individual_digits") if p.get("type") == "Digits" else p.get("use_regex", True))
+             for p in parts]
+    return {(("ByteLevel", True),): "gpt-2", (("Digits", True), ("ByteLevel", True)): "smollm"}.get(tuple(kinds))
+
+
+def _tokenizer_meta(tokenizer, rows: int) -> Meta:
+    """A byte-level BPE tokenizer as llama.cpp's "gpt2" vocabulary: tokens by id (padded with unused
+    [PAD<i>] tokens to the embedding's `rows`, as llama.cpp checks), merges, types (3 = control for
+    special tokens, 1 = normal, 5 = unused), the special ids and the chat template."""
     import json
     spec = json.loads(tokenizer.tk.to_str())
     model = spec.get("model", {})
-    if model.get("type") != "BPE":
-        raise ConfigError(f"GGUF export: the tokenizer is {model.get('type')}, not byte-level BPE; llama.cpp's "
-                          "vocabulary is written from BPE only")
+    if model.get("type") != "BPE" or model.get("byte_fallback") or (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        raise ConfigError("GGUF export: the tokenizer is not byte-level BPE (GPT-2's kind); llama.cpp's vocabulary is "
+                          "written from that only here. Export from the model's own .gguf file, or convert with "
+                          "llama.cpp's convert_hf_to_gguf.py")
+    pre = _pre_tokenizer(spec)
+    if pre is None:
+        raise ConfigError("GGUF export: this tokenizer's pre-tokenization (tokenizer.json's pre_tokenizer) is not one "
+                          "written here (GPT-2's, SmolLM2's); llama.cpp would split text differently. Export from the "
+                          "model's own .gguf file, or convert with llama.cpp's convert_hf_to_gguf.py")
     size = tokenizer.vocab_size
-    tokens = [tokenizer.tk.id_to_token(i) or f"[PAD{i}]" for i in range(size)]
+    if size > rows:
+        raise ConfigError(f"GGUF export: the tokenizer has {size} tokens but the embeddings {rows} rows")
+    tokens = [tokenizer.tk.id_to_token(i) or f"[PAD{i}]" for i in range(size)] + [f"[PAD{i}]" for i in range(size, rows)]
     special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+    types = [3 if i in special else 1 if tokenizer.tk.id_to_token(i) else 5 for i in range(size)] + [5] * (rows - size)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    meta: Meta = [("tokenizer.ggml.model", STRING, "gpt2", None), ("tokenizer.ggml.pre", STRING, "default", None),
-                  ("tokenizer.ggml.tokens", ARRAY, tokens, STRING),
-                  ("tokenizer.ggml.token_type", ARRAY, [3 if i in special else 1 for i in range(size)], INT32),
+    meta: Meta = [("tokenizer.ggml.model", STRING, "gpt2", None), ("tokenizer.ggml.pre", STRING, pre, None),
+                  ("tokenizer.ggml.tokens", ARRAY, tokens, STRING), ("tokenizer.ggml.token_type", ARRAY, types, INT32),
                   ("tokenizer.ggml.merges", ARRAY, merges, STRING)]
     for key, value in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id),
                        ("padding", tokenizer.pad_token_id if tokenizer.has_pad_token else None)):
@@ -202,34 +242,40 @@ def _tokenizer_meta(tokenizer) -> Meta:
 
 def export_merged(model: nn.Module, path: str | os.PathLike, kind: str = "f16", tokenizer=None) -> Path:
     """The model with its active adapter merged in, as a complete GGUF file of `kind` (f32, f16, q8_0,
-    q4_0: 2-D weights whose rows are whole 32-value blocks in that type, the rest F32/F16). The metadata
-    (tokenizer and chat template included) is the source GGUF file's when the model came from one;
-    otherwise it is written from the config and `tokenizer` (without one, llama.cpp cannot run the file).
-    The model is changed in place: its LoRA layers are merged and removed."""
+    q4_0: 2-D weights whose rows are whole 32-value blocks in that type, the rest F32/F16). Each merged
+    weight is computed in fp32 as it is written (LoRALinear.merged_weight); the model is not changed.
+    The metadata (tokenizer and chat template included) is the source GGUF file's when the model came
+    from one; otherwise it is written from the config and `tokenizer` (without one, llama.cpp cannot
+    run the file)."""
     if kind not in TYPES:
         raise ConfigError(f"GGUF type {kind!r}: expected one of {', '.join(TYPES)}")
     arch, config = architecture(model)
     want = TYPES[kind]
-    remove_lora(model, merge=True)  # refuses a quantized base, naming the layer
+    owner = {f"{name}.weight": m for name, m in model.named_modules() if hasattr(m, "merged_weight")}
+    for name, m in owner.items():
+        if getattr(m, "base_linear", None) is not None:
+            raise ConfigError(f"{name}: a quantized base (int8, 4-bit or GGUF blocks) is not merged into; load the "
+                              "base in floating point to export it merged (minilora export does)")
     tied = {id(model.lm_head.weight)} & {id(model.input_embeddings.weight)}
     tensors: list[Tensor] = []
     for hub, t in model.state_dict(keep_vars=True).items():
-        if hub == "lm_head.weight" and tied:
-            continue  # llama.cpp ties a missing output.weight to token_embd
+        if is_adapter_tensor(hub) or (hub == "lm_head.weight" and tied):
+            continue  # LoRA's own tensors; a tied head: llama.cpp ties a missing output.weight to token_embd
         if not t.is_floating_point():
             raise ConfigError(f"{hub} is {t.dtype}: load the base in floating point to export it merged")
         t_kind = want if t.dim() == 2 and t.shape[-1] % 32 == 0 else F32 if t.dim() == 1 or want == F32 else F16
-        rows = to_llamacpp_rows(hub, t, config)
-        tensors.append((gguf_name(hub), tuple(t.shape), t_kind, lambda r=rows, k=t_kind: encode(r, k)))
+        weight = (lambda m=owner[hub]: m.merged_weight()) if hub in owner else (lambda t=t: t.detach().float())
+        tensors.append((gguf_name(hub), tuple(t.shape), t_kind,
+                        lambda w=weight, h=hub, k=t_kind: encode(to_llamacpp_rows(h, w(), config), k)))
     source = getattr(model, "source_path", None)
     if source is not None and Path(source).suffix == ".gguf":
         file = read_gguf(Path(source))
         skip = ("general.file_type", "general.quantization_version", "general.alignment")
         meta = [(k, *file.types[k][:1], v, file.types[k][1]) for k, v in file.meta.items() if k not in skip]
     else:
-        meta = _model_meta(arch, config, str(getattr(model, "name_or_path", "minilora")))
+        meta = _model_meta(arch, config, Path(str(getattr(model, "name_or_path", "minilora"))).name)
         if tokenizer is not None:
-            meta += _tokenizer_meta(tokenizer)
+            meta += _tokenizer_meta(tokenizer, config.vocab_size)
     meta.append(("general.file_type", UINT32, FILE_TYPES[want], None))
     if want in (Q8_0, Q4_0):
         meta.append(("general.quantization_version", UINT32, 2, None))
@@ -256,7 +302,10 @@ def export_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         if m.use_dora:
             raise ConfigError(f"{name}: DoRA cannot be expressed in llama.cpp's adapter format (B·A only); "
                               "export the merged model instead (--merged)")
-        a, b = m.lora_A.weight.detach().float(), m.lora_B.weight.detach().float()
+        if name == "lm_head" and model.lm_head.weight is model.input_embeddings.weight:
+            raise ConfigError("lm_head: LoRA on a head tied to the embeddings has no output.weight to apply to in "
+                              "llama.cpp; export the merged model instead (--merged)")
+        a, b = m.lora_A.weight.detach().float().cpu(), m.lora_B.weight.detach().float().cpu()
         r = a.shape[0]
         alpha = m.scaling * r if alpha is None else alpha  # llama.cpp: scale = alpha / r for every tensor
         b = b * (m.scaling * r / alpha)  # 1.0 where this module's scale is the first one's
@@ -265,6 +314,6 @@ def export_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         tensors += [(f"{base}.lora_a", tuple(a.shape), F32, lambda t=a: t.contiguous()),
                     (f"{base}.lora_b", tuple(b.shape), F32, lambda t=b: t.contiguous())]
     meta: Meta = [("general.architecture", STRING, arch, None), ("general.type", STRING, "adapter", None),
-                  ("general.name", STRING, str(getattr(model, "name_or_path", "minilora")) + " LoRA", None),
+                  ("general.name", STRING, Path(str(getattr(model, "name_or_path", "minilora"))).name + " LoRA", None),
                   ("adapter.type", STRING, "lora", None), ("adapter.lora.alpha", FLOAT32, float(alpha), None)]
     return write_gguf(path, meta, tensors)

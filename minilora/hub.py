@@ -26,14 +26,15 @@ from .errors import CheckpointError, ConfigError
 from .files import read_json
 
 CARD, CURVE = "README.md", "loss.svg"
-REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}")
-HUB_MODEL = re.compile(r"[A-Za-z0-9][\w.-]{0,95}(/[\w.-]{1,96})?")  # gpt2, or user/name
+_PART = r"[A-Za-z0-9](?:[A-Za-z0-9_]|[.-](?=[A-Za-z0-9_])){0,95}"  # no leading/trailing or doubled . and -
+REPO_ID = re.compile(f"{_PART}/{_PART}")
+HUB_MODEL = re.compile(f"(?:{_PART}/)?{_PART}")  # gpt2, or user/name
 
 
 def check_can_push(repo_id: str) -> None:
     """Refuse now, before a run or an upload starts, what cannot be pushed: a malformed repo id, the Hub
     switched off (HF_HUB_OFFLINE), no token."""
-    if not isinstance(repo_id, str) or not REPO_ID.fullmatch(repo_id) or ".." in repo_id:
+    if not isinstance(repo_id, str) or not REPO_ID.fullmatch(repo_id):
         raise ConfigError(f"hub repo id {repo_id!r}: expected 'user-or-org/name'")
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         raise ConfigError("cannot push to the Hub: HF_HUB_OFFLINE is set")
@@ -51,20 +52,26 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = False,
         raise CheckpointError(f"{folder}: not a folder with an adapter or model to push")
     check_can_push(repo_id)
     from huggingface_hub import CommitOperationAdd, HfApi
-    from huggingface_hub.errors import HfHubHTTPError
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.endswith(".partial"))
-    operations = [CommitOperationAdd(str(p.relative_to(folder)), str(p)) for p in files]
-    card, curve = model_card(folder, repo_id)
-    if not (folder / CARD).exists():
+    files = [p for p in sorted(folder.rglob("*")) if p.is_file() and not p.is_symlink()
+             and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+             and not p.name.endswith(".partial")]  # no hidden files (.env, .git/), links or half-written files
+    operations = [CommitOperationAdd(p.relative_to(folder).as_posix(), str(p)) for p in files]
+    if not (folder / CARD).exists():  # a card of the folder's own is sent as it is
+        card, curve = model_card(folder, repo_id)
         operations.append(CommitOperationAdd(CARD, card.encode("utf-8")))
-    if curve is not None and not (folder / CURVE).exists():
-        operations.append(CommitOperationAdd(CURVE, curve.encode("utf-8")))
+        if curve is not None and not (folder / CURVE).exists():
+            operations.append(CommitOperationAdd(CURVE, curve.encode("utf-8")))
     api = HfApi()
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
+        if private and not api.repo_info(repo_id).private:
+            raise CheckpointError(f"{repo_id} exists and is public: a push with private=True does not make an existing "
+                                  "repo private (change it on the Hub, or push to a new repo); nothing was uploaded")
         info = api.create_commit(repo_id, operations, commit_message=commit_message or f"Upload {folder.name} with minilora")
-    except (HfHubHTTPError, OSError) as e:
-        raise CheckpointError(f"pushing {folder} to {repo_id} failed: {e}") from None
+    except CheckpointError:
+        raise
+    except Exception as e:  # the client's HTTP and connection errors (httpx, requests): a named error, no traceback
+        raise CheckpointError(f"pushing {folder} to {repo_id} failed: {type(e).__name__}: {e}") from None
     return str(info.commit_url)
 
 
@@ -79,11 +86,14 @@ def model_card(folder: Path, repo_id: str) -> tuple[str, str | None]:
     states = sorted(run.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[-1])
                     if p.parent.name.split("-")[-1].isdigit() else -1)
     settings = read_json(states[-1]).get("run", {}) if states else {}
-    base = config.get("base_model_name_or_path") or ""
-    hub_base = bool(HUB_MODEL.fullmatch(base)) and not Path(base).expanduser().exists()
-    meta = (["---"] + ([f"base_model: {base}"] if hub_base else []) + ["library_name: peft" if config else "library_name: minilora",
-            "tags:", "- minilora", "- lora"] + ([f"- base_model:adapter:{base}"] if hub_base else [])
-            + [f"- {config.get('task_type', 'CAUSAL_LM').lower().replace('_', '-')}"] + ["---", ""])
+    base = str(config.get("base_model_name_or_path") or "")
+    hub_base = bool(HUB_MODEL.fullmatch(base)) and not Path(base).expanduser().exists() \
+        and Path(base).suffix not in (".gguf", ".safetensors", ".bin", ".pt")
+    task = str(config.get("task_type") or "CAUSAL_LM").lower().replace("_", "-")
+    q = json.dumps  # a JSON string is a YAML string: no name is read as true, null or a mapping
+    meta = (["---"] + ([f"base_model: {q(base)}"] if hub_base else [])
+            + [f"library_name: {'peft' if config else 'minilora'}", "tags:", "- minilora", "- lora"]
+            + ([f"- {q('base_model:adapter:' + base)}"] if hub_base else []) + [f"- {q(task)}", "---", ""])
     lines = meta + [f"# {repo_id.split('/')[-1]}", ""]
     if config:
         lines += [f"A LoRA adapter for `{base or 'its base model'}`, trained with minilora (LoRA in plain PyTorch). "
@@ -92,11 +102,11 @@ def model_card(folder: Path, repo_id: str) -> tuple[str, str | None]:
         for key in ("r", "lora_alpha", "target_modules", "lora_dropout", "use_rslora", "use_dora", "modules_to_save",
                     "rank_pattern", "alpha_pattern", "task_type"):
             if config.get(key) not in (None, {}, []):
-                lines.append(f"| {key} | `{json.dumps(config[key])}` |")
+                lines.append(f"| {key} | {_cell(config[key])} |")
         lines.append("")
     if settings:
         lines += ["## Training", "", "| setting | value |", "|---|---|"]
-        lines += [f"| {k} | `{json.dumps(v)}` |" for k, v in settings.items() if not k.startswith("lora.") and k != "data"]
+        lines += [f"| {k} | {_cell(v)} |" for k, v in settings.items() if not k.startswith("lora.") and k != "data"]
         lines.append("")
     evals = [h for h in history if any(k.startswith("eval_") for k in h)]
     if evals:
@@ -109,6 +119,11 @@ def model_card(folder: Path, repo_id: str) -> tuple[str, str | None]:
     if curve is not None:
         lines += ["## Loss", "", f"![training and evaluation loss]({CURVE})", ""]
     return "\n".join(lines), curve
+
+
+def _cell(value: Any) -> str:
+    """A value as code in a markdown table cell (a | would end the cell)."""
+    return "`" + json.dumps(value).replace("|", "\\|") + "`"
 
 
 def _metrics(path: Path) -> list[dict[str, Any]]:

@@ -171,13 +171,28 @@ class LoRALinear(nn.Module):
                               "load_in_4bit) and merge there, as `minilora merge` does")
         if self.merged or not self.active:
             return
-        wide = torch.promote_types(self.weight.dtype, torch.float32)  # added in fp32 at least, then stored
-        merged = self.weight.to(wide) + self.delta_weight().to(wide)
         if self.use_dora:  # the norm of the unmerged weight, kept (and moved with the layer) to unmerge exactly
-            self.register_buffer("merged_norm", merged.norm(dim=1), persistent=False)
-            merged *= (self.lora_magnitude_vector.to(wide) / self.merged_norm)[:, None]
-        self.weight.copy_(merged)
+            wide = torch.promote_types(self.weight.dtype, torch.float32)
+            self.register_buffer("merged_norm", (self.weight.to(wide) + self.delta_weight().to(wide)).norm(dim=1),
+                                 persistent=False)
+        self.weight.copy_(self._folded())
         self.merged = True
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """The weight this layer computes with now, as one matrix, without changing the layer (GGUF
+        export reads it), in fp32 at least: W0 inside adapter_disabled, else what merge() stores."""
+        return self.weight.to(torch.promote_types(self.weight.dtype, torch.float32)) if self.disabled else self._folded()
+
+    def _folded(self) -> torch.Tensor:
+        """LoRA W0 + ΔW; DoRA (m / ‖W0 + ΔW‖) ⊙ (W0 + ΔW); W0 itself where no adapter acts or it is merged."""
+        wide = torch.promote_types(self.weight.dtype, torch.float32)
+        if self.merged or not self.active:
+            return self.weight.to(wide)
+        merged = self.weight.to(wide) + self.delta_weight().to(wide)
+        if self.use_dora:
+            merged *= (self.lora_magnitude_vector.to(wide) / merged.norm(dim=1))[:, None]
+        return merged
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -250,6 +265,14 @@ class LoRAEmbedding(nn.Module):
         if not self.merged and self.active:
             self.weight += self.delta_weight().to(self.weight.dtype)
             self.merged = True
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """W0 + ΔW in fp32 at least, without changing the layer (W0 where no adapter acts now)."""
+        wide = torch.promote_types(self.weight.dtype, torch.float32)
+        if self.merged or not self.active or self.disabled:
+            return self.weight.to(wide)
+        return self.weight.to(wide) + self.delta_weight().to(wide)
 
     @torch.no_grad()
     def unmerge(self) -> None:

@@ -196,17 +196,68 @@ def test_real_smollm2_merged_keeps_its_tokenizer_and_template(smollm2_path, tmp_
         assert (load_model(tmp_path / "m.gguf")(ids) - model(ids)).abs().max().item() <= 1e-4
 
 
-def test_merged_from_a_folder_writes_the_tokenizer_llamacpp_reads(saved_tiny, smollm2_path, tmp_path):
-    """A model from a Hub-style folder: the vocabulary, merges, token types, special ids and chat template
-    are written from its tokenizer.json, and read back they tokenize as the original does."""
+def test_merged_from_a_folder_writes_the_tokenizer_llamacpp_reads(smollm2_path, tmp_path):
+    """A model from a Hub-style folder: the vocabulary (padded with unused tokens to the embedding's rows,
+    as llama.cpp checks), merges, token types, special ids, the pre-tokenizer's name and the chat template
+    are written from its tokenizer.json, and read back they tokenize as the original does. A tokenizer
+    llama.cpp would split differently is refused."""
+    transformers = pytest.importorskip("transformers")
     from minilora.tokenizer import load_tokenizer
     source = load_tokenizer(smollm2_path)
-    source.save(tmp_path)  # tokenizer.json + tokenizer_config.json, as a Hub folder holds them
-    folder_tok = load_tokenizer(tmp_path)
-    path = export_merged(adapted(saved_tiny), tmp_path / "m.gguf", "f32", folder_tok)
+    config = transformers.LlamaConfig(vocab_size=49152 + 64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
+    source.save(tmp_path / "model")  # tokenizer.json + tokenizer_config.json, as a Hub folder holds them
+    model, folder_tok = load_model(tmp_path / "model"), load_tokenizer(tmp_path / "model")
+    path = export_merged(model, tmp_path / "m.gguf", "f32", folder_tok)
     fields = gguf.GGUFReader(str(path)).fields
-    assert fields["tokenizer.ggml.model"].contents() == "gpt2" and len(fields["tokenizer.ggml.tokens"].contents()) == 49152
+    assert fields["tokenizer.ggml.pre"].contents() == "smollm" and len(fields["tokenizer.ggml.tokens"].contents()) == 49216
+    assert fields["tokenizer.ggml.token_type"].contents()[-64:] == [5] * 64  # unused padding rows
     back = load_tokenizer(path)
     for text in ["Hello world, 2024!", "<|im_start|>user\nZähl bis 3<|im_end|>", "  spaces\tand\nlines 🎉"]:
         assert back.encode(text) == source.encode(text), text
     assert (back.eos_token_id, back.chat_template) == (source.eos_token_id, source.chat_template)
+    from tokenizers import pre_tokenizers
+    folder_tok.tk.pre_tokenizer = pre_tokenizers.Metaspace()
+    with pytest.raises(ConfigError, match="not byte-level BPE|pre-tokenization .* is not one written here"):
+        export_merged(model, tmp_path / "other.gguf", "f32", folder_tok)
+
+
+def test_export_leaves_the_model_as_it_was_and_refuses_what_llamacpp_would_misread(saved_tiny, tmp_path):
+    """export_merged computes each merged weight as it writes it (the model keeps its adapter; inside
+    adapter_disabled the base is written); LoRA on a tied head, NaN and fp16 overflow are refused naming
+    the tensor, leaving no file; head_dim other than hidden / heads is written for llama.cpp."""
+    from minilora.inject import adapter_disabled, lora_modules
+    model = adapted(saved_tiny)
+    ids = torch.randint(0, 97, (1, 7))
+    with torch.no_grad():
+        before = model(ids)
+        export_merged(model, tmp_path / "m.gguf", "f32")
+        assert len(lora_modules(model)) == 2 * 5 and torch.equal(model(ids), before)  # 2 layers x 5 targets
+        with adapter_disabled(model):
+            export_merged(model, tmp_path / "base.gguf", "f32")
+            assert (load_model(tmp_path / "base.gguf")(ids) - model(ids)).abs().max().item() <= 1e-5
+    tied = load_model(saved_tiny["llama-tied"][1])
+    apply_lora(tied, ["lm_head"], r=2, alpha=4)
+    with pytest.raises(ConfigError, match="lm_head: LoRA on a head tied to the embeddings"):
+        export_adapter(tied, tmp_path / "tied.gguf")
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = 7e4  # beyond fp16
+    with pytest.raises(ConfigError, match=r"blk.0.ffn_up.weight: NaN or infinite values in F16 .*try --type f32"):
+        export_merged(model, tmp_path / "f16.gguf", "f16")
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(ConfigError, match=r"blk.0.ffn_up.weight: NaN or infinite values in F32"):
+        export_merged(model, tmp_path / "nan.gguf", "f32")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.gguf", "m.gguf"]  # no .partial left
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                      rope_scaling={"rope_type": "default"})
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "wide")
+    wide = load_model(tmp_path / "wide")
+    fields = gguf.GGUFReader(str(export_merged(wide, tmp_path / "wide.gguf", "f32"))).fields
+    assert fields["llama.attention.key_length"].contents() == fields["llama.rope.dimension_count"].contents() == 16
+    with torch.no_grad():
+        assert (load_model(tmp_path / "wide.gguf")(ids) - wide(ids)).abs().max().item() <= 1e-5

@@ -44,6 +44,9 @@ class FakeHub(BaseHTTPRequestHandler):
 
     def do_GET(self):
         self.requests.append(("GET", self.path, self.headers.get("Authorization")))
+        repo = self.path.split("?")[0].removeprefix("/api/models/")
+        if self.path.startswith("/api/models/") and repo in self.repos:  # repo_info
+            return self._reply({"id": repo, "private": self.repos[repo]["private"], "sha": "0" * 40, "siblings": []})
         self._reply({"error": "not here"}, 404)
 
     def do_POST(self):
@@ -53,6 +56,8 @@ class FakeHub(BaseHTTPRequestHandler):
         if self.path == "/api/repos/create":
             spec = json.loads(body)
             repo = f"{spec['organization']}/{spec['name']}"
+            if repo in self.repos:
+                return self._reply({"error": "You already created this model repo", "url": f"{base}/{repo}"}, 409)
             self.repos.setdefault(repo, {"private": spec.get("visibility") == "private" or spec.get("private"), "files": {}})
             return self._reply({"url": f"{base}/{repo}"})
         if self.path == "/api/validate-yaml":  # the client sends a README.md's metadata to be checked
@@ -109,13 +114,18 @@ def trained(saved_tiny, tmp_path, capsys, **fields):
 
 def test_push_sends_exactly_the_adapter_and_a_card_made_from_its_run(saved_tiny, tmp_path, capsys, hub):
     adapter = trained(saved_tiny, tmp_path, capsys)
+    (adapter / ".env").write_text(f"HF_TOKEN={TOKEN}\n")  # hidden files and links never leave the machine
+    (adapter / ".git").mkdir()
+    (adapter / ".git" / "config").write_text("[core]\n")
+    (tmp_path / "secret").write_text(TOKEN)
+    (adapter / "link").symlink_to(tmp_path / "secret")
     before = digest(tmp_path)
     assert main(["push", str(adapter), "someone/quotes-lora", "--private", "--message", "first"]) == 0
     out, err = capsys.readouterr()
     assert "pushed" in out and "someone/quotes-lora" in out
     repo = hub.repos["someone/quotes-lora"]
     assert repo["private"] is True
-    local = {p.name: p.read_bytes() for p in adapter.iterdir()}
+    local = {p.name: p.read_bytes() for p in adapter.iterdir() if not p.name.startswith(".") and not p.is_symlink()}
     assert set(repo["files"]) == set(local) | {"README.md", "loss.svg"}
     assert all(repo["files"][name] == data for name, data in local.items())  # byte for byte
     card = repo["files"]["README.md"].decode()
@@ -126,7 +136,9 @@ def test_push_sends_exactly_the_adapter_and_a_card_made_from_its_run(saved_tiny,
     assert repo["files"]["loss.svg"].startswith(b"<svg") and b"<polyline" in repo["files"]["loss.svg"]
     assert all(auth == f"Bearer {TOKEN}" for method, path, auth in hub.requests if method == "POST")
     assert TOKEN not in out + err and digest(tmp_path) == before  # nothing printed, nothing local changed
-    assert not any(TOKEN.encode() in p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
+    assert not any(TOKEN.encode() in data for data in repo["files"].values())
+    assert not any(TOKEN.encode() in p.read_bytes() for p in tmp_path.rglob("*")
+                   if p.is_file() and p.name not in (".env", "secret", "link"))  # minilora wrote it nowhere
 
 
 def test_a_recipe_pushes_after_training_and_refuses_before_it_without_a_token(saved_tiny, tmp_path, capsys, hub,
@@ -148,6 +160,8 @@ def test_a_recipe_pushes_after_training_and_refuses_before_it_without_a_token(sa
     ("offline", r"cannot push to the Hub: HF_HUB_OFFLINE is set"),
     ("bad id", r"hub repo id 'not a repo': expected 'user-or-org/name'"),
     ("server error", r"pushing .*adapter to someone/x failed: .*500"),
+    ("public repo", r"someone/x exists and is public: a push with private=True does not make an existing repo private"),
+    ("no server", r"pushing .*adapter to someone/x failed: ConnectError"),
 ])
 def test_push_that_cannot_happen_fails_at_once_and_leaves_the_files(saved_tiny, tmp_path, capsys, hub, monkeypatch,
                                                                    case, message):
@@ -161,14 +175,23 @@ def test_push_that_cannot_happen_fails_at_once_and_leaves_the_files(saved_tiny, 
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     elif case == "bad id":
         repo = "not a repo"
+    elif case == "public repo":
+        hub.repos["someone/x"] = {"private": False, "files": {}}
+    elif case == "no server":
+        import huggingface_hub.constants as constants
+        monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
     else:
         hub.fail_commit = True
-    assert main(["push", str(adapter), repo]) == 2
+    (adapter / ".env").write_text(f"HF_TOKEN={TOKEN}\n")  # hidden files are never sent (checked below too)
+    before = digest(tmp_path)
+    assert main(["push", str(adapter), repo, *(["--private"] if case == "public repo" else [])]) == 2
     err = capsys.readouterr().err
     assert re.search(message, err), err
     assert TOKEN not in err and digest(tmp_path) == before
-    if case != "server error":
+    if case not in ("server error", "public repo"):
         assert not [r for r in hub.requests if r[0] == "POST"]  # nothing was sent
+    if case == "public repo":
+        assert hub.repos["someone/x"]["files"] == {} and not [r for r in hub.requests if "/commit/" in r[1]]
 
 
 def test_the_card_names_a_hub_base_model_and_stands_alone(tmp_path):
