@@ -135,18 +135,19 @@ def examples(n=24, seed=0, vocab=97):
     return out
 
 
-def lora_model(saved_tiny, kind="llama-gqa", dropout=0.0):
-    """A tiny model with LoRA on every linear layer, B made non-zero so that A gets gradients too."""
+def lora_model(saved_tiny, kind="llama-gqa", dropout=0.0, targets="all-linear", std=0.05, **settings):
+    """A tiny model with LoRA (by default on every linear layer, r=4, alpha=8), B made non-zero (normal
+    with `std`) so that A gets gradients too and the update is not zero."""
     from minilora.inject import apply_lora
     from minilora.weights import load_model
     _, folder = saved_tiny[kind]
     torch.manual_seed(0)
     model = load_model(folder)
-    apply_lora(model, "all-linear", r=4, alpha=8, dropout=dropout)
+    apply_lora(model, targets, **{"r": 4, "alpha": 8, "dropout": dropout, **settings})
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
-                p.normal_(0, 0.05)
+                p.normal_(0, std)
     return model
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import lora_model
 from minilora import ggml
 from minilora.errors import CheckpointError, ConfigError
 from minilora.export import TYPES, export_adapter, export_merged, to_llamacpp_rows
@@ -28,14 +29,7 @@ def test_quantizers_write_the_gguf_packages_bytes(kind):
 
 
 def adapted(saved_tiny, kind="llama-gqa", **lora):
-    torch.manual_seed(0)
-    model = load_model(saved_tiny[kind][1])
-    apply_lora(model, ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"], **{"r": 4, "alpha": 8, **lora})
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.2)
-    return model
+    return lora_model(saved_tiny, kind, targets=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"], std=0.2, **lora)
 
 
 def merged_weights(model):

@@ -82,6 +82,20 @@ def test_short_attention_against_sdpa_in_float64(padded):
         assert err(mine) <= max(1.5 * err(sdpa_bf16), 4e-3), (err(mine), err(sdpa_bf16))
 
 
+def check_fused_loss(weight, bias, labels, g, rows=None):
+    """LinearCrossEntropy (the head given whole, or as `rows`) against float64 F.cross_entropy(F.linear)."""
+    h = torch.randn(labels.shape[0], weight.shape[1], generator=g, dtype=torch.float64)
+    h32 = h.float().requires_grad_()
+    loss = LinearCrossEntropy.apply(h32, weight, bias, labels, -100, rows)
+    loss.backward()
+    h64 = h.clone().requires_grad_()
+    expected = F.cross_entropy(F.linear(h64, weight.double(), None if bias is None else bias.double()), labels,
+                               reduction="sum")
+    expected.backward()
+    assert abs(loss.item() - expected.item()) <= 1e-6 * abs(expected.item())
+    assert ((h32.grad.double() - h64.grad).norm() / h64.grad.norm()).item() <= 1e-5
+
+
 def test_fused_loss_over_chunks_padding_and_a_changed_head():
     """LinearCrossEntropy against float64 F.cross_entropy(F.linear(...)): several chunks (1100 rows, 512 a
     chunk), a vocabulary padded from 50257 to 50304, a bias, ignored targets; and the head it keeps
@@ -95,16 +109,7 @@ def test_fused_loss_over_chunks_padding_and_a_changed_head():
 
     def check():
         for b in (bias, None):  # the padding's -inf comes with the bias, or is written into the logits
-            h = torch.randn(1100, d, generator=g, dtype=torch.float64)
-            h32 = h.float().requires_grad_()
-            loss = LinearCrossEntropy.apply(h32, weight, b, labels)
-            loss.backward()
-            h64 = h.clone().requires_grad_()
-            expected = F.cross_entropy(F.linear(h64, weight.double(), None if b is None else b.double()), labels,
-                                       reduction="sum")
-            expected.backward()
-            assert abs(loss.item() - expected.item()) <= 1e-6 * abs(expected.item())
-            assert ((h32.grad.double() - h64.grad).norm() / h64.grad.norm()).item() <= 1e-5
+            check_fused_loss(weight, b, labels, g)
 
     check()
     w, b = prepared_head(weight, bias, torch.float32, 512)[:2]
@@ -134,14 +139,5 @@ def test_fused_loss_over_a_head_given_by_blocks_of_rows():
         asked.append(r1 - r0)
         return weight[r0:r1].to(dtype)
     for b in (None, bias):
-        h = torch.randn(1100, d, generator=g, dtype=torch.float64)
-        h32 = h.float().requires_grad_()
-        loss = LinearCrossEntropy.apply(h32, weight, b, labels, -100, rows)
-        loss.backward()
-        h64 = h.clone().requires_grad_()
-        expected = F.cross_entropy(F.linear(h64, weight.double(), None if b is None else b.double()), labels,
-                                   reduction="sum")
-        expected.backward()
-        assert abs(loss.item() - expected.item()) <= 1e-6 * abs(expected.item())
-        assert ((h32.grad.double() - h64.grad).norm() / h64.grad.norm()).item() <= 1e-5
+        check_fused_loss(weight, b, labels, g, rows)
     assert max(asked) < vocab and sum(asked) == 2 * 2 * 3 * vocab  # 2 calls x 3 chunks x (logits, gradient)
