@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from . import distributed
+from . import __version__, distributed
 from .adapter import adapter_classes, load_adapter
 from .errors import ConfigError, MiniLoraError
 from .export import export_adapter, export_merged
@@ -207,15 +207,16 @@ def cmd_push(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minilora", description="LoRA fine-tuning in plain PyTorch.")
+    parser.add_argument("--version", action="version", version=f"minilora {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("params", help="LoRA parameter report from config.json alone (no weights read)")
     p.add_argument("model", help="Hub repo id, local folder or .gguf file")
     defaults = LoRAConfig()
-    p.add_argument("--targets", nargs="+", default=defaults.targets,
+    p.add_argument("--targets", "--target-modules", nargs="+", default=defaults.targets,
                    help=f"module-name suffixes, one regex, or all-linear (default: {' '.join(defaults.targets)})")
     p.add_argument("--r", type=int, default=defaults.r)
-    p.add_argument("--alpha", type=float, default=defaults.alpha)
+    p.add_argument("--alpha", "--lora-alpha", type=float, default=defaults.alpha)
     p.add_argument("--modules-to-save", nargs="*", default=[])
     p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
     p.add_argument("--dora", action="store_true", help="DoRA: a trained magnitude per output row besides A and B")

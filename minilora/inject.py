@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import re
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
 import torch
 import torch.nn as nn
@@ -26,6 +26,10 @@ from .lora import LoRAEmbedding, LoRALinear, check_lora_hyperparameters
 from .names import CLASSIFIER_NAMES, check_regex, find_saved, find_targets, owners, replace_module
 
 LoRALayer = (LoRALinear, LoRAEmbedding)
+
+
+PEFT_ALIASES = {"target_modules": "targets", "lora_alpha": "alpha", "lora_dropout": "dropout"}  # PEFT's -> ours
+PEFT_DEFAULTS = {"targets": ["q_proj", "v_proj"], "alpha": 16, "dropout": 0.0}
 
 
 @dataclass
@@ -42,18 +46,28 @@ class LoRAConfig:
     shared tensor itself is trained, embeddings included.
     rank_pattern / alpha_pattern: {regex: r} / {regex: alpha} for the modules whose name ends with a
     match (PEFT's rule: the name fullmatches "(.*\\.)?(regex)"; the first that matches wins)."""
-    targets: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
+    targets: list[str] | str = field(default_factory=lambda: list(PEFT_DEFAULTS["targets"]))
     r: int = 8
-    alpha: float = 16
-    dropout: float = 0.0
+    alpha: float = PEFT_DEFAULTS["alpha"]
+    dropout: float = PEFT_DEFAULTS["dropout"]
     modules_to_save: list[str] = field(default_factory=list)
     use_rslora: bool = False  # scale by alpha/sqrt(r) (Kalajdzievski 2023) instead of alpha/r
     use_dora: bool = False    # DoRA (Liu et al. 2024): a trained magnitude per output row, see lora.py
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     ensure_weight_tying: bool = False
+    # PEFT's names, exact aliases: LoRAConfig(target_modules=..., lora_alpha=..., lora_dropout=...)
+    target_modules: InitVar[list[str] | str | None] = None
+    lora_alpha: InitVar[float | None] = None
+    lora_dropout: InitVar[float | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, target_modules=None, lora_alpha=None, lora_dropout=None) -> None:
+        for ours, peft, value in (("targets", "target_modules", target_modules), ("alpha", "lora_alpha", lora_alpha),
+                                  ("dropout", "lora_dropout", lora_dropout)):
+            if value is not None:
+                if getattr(self, ours) not in (PEFT_DEFAULTS[ours], value):
+                    raise ConfigError(f"{ours} and {peft} name the same setting (PEFT's name): give one")
+                setattr(self, ours, value)
         check_lora_hyperparameters(self.r, self.alpha, self.dropout)
         targets = list(self.targets) if isinstance(self.targets, tuple) else self.targets
         self.targets = "all-linear" if targets in (["all-linear"], ["all_linear"], "all_linear") else targets  # as PEFT
@@ -87,19 +101,26 @@ class LoRAConfig:
         return lookup(self.rank_pattern, self.r), lookup(self.alpha_pattern, self.alpha)
 
 
-def apply_lora(model: nn.Module, targets: list[str] | str | LoRAConfig, r: int = LoRAConfig.r,
+def apply_lora(model: nn.Module, targets: list[str] | str | LoRAConfig | None = None, r: int = LoRAConfig.r,
                alpha: float = LoRAConfig.alpha, dropout: float = LoRAConfig.dropout,
                modules_to_save: list[str] | None = None, use_rslora: bool = LoRAConfig.use_rslora,
                use_dora: bool = False, rank_pattern: dict[str, int] | None = None,
-               alpha_pattern: dict[str, float] | None = None) -> nn.Module:
+               alpha_pattern: dict[str, float] | None = None, *, target_modules: list[str] | str | None = None,
+               lora_alpha: float | None = None, lora_dropout: float | None = None) -> nn.Module:
     """Freeze `model` and swap the targeted layers for LoRA layers, in place; returns the model.
 
     The settings are LoRAConfig's (see there), given one by one or as a whole LoRAConfig in place of
-    `targets` (a recipe's [lora] section, an adapter's settings). The adapter is named "default"
-    (add_adapter puts more beside it)."""
-    config = targets if isinstance(targets, LoRAConfig) else \
-        LoRAConfig(targets, r, alpha, dropout, modules_to_save or [], use_rslora, use_dora,
-                   rank_pattern or {}, alpha_pattern or {})
+    `targets` (a recipe's [lora] section, an adapter's settings); PEFT's names (target_modules,
+    lora_alpha, lora_dropout) are exact aliases. The adapter is named "default" (add_adapter puts more
+    beside it)."""
+    if isinstance(targets, LoRAConfig):
+        config = targets
+    elif targets is None and target_modules is None:
+        raise ConfigError("apply_lora: name the layers to adapt: targets (or PEFT's target_modules)")
+    else:
+        config = LoRAConfig(list(PEFT_DEFAULTS["targets"]) if targets is None else targets, r, alpha, dropout,
+                            modules_to_save or [], use_rslora, use_dora, rank_pattern or {}, alpha_pattern or {},
+                            target_modules=target_modules, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
     if lora_modules(model):
         raise ConfigError(f"the model already carries LoRA layers ({len(lora_modules(model))}): remove_lora(model) "
                           "first, or add_adapter(model, name, config) for a second adapter")

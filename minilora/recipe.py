@@ -25,7 +25,7 @@ from .data import build_classification_examples, build_examples, get_template, l
 from .errors import ConfigError, DataError
 from .hub import check_can_push, push_to_hub
 from .generate import chat_prompt, check_sampling, classify as predict
-from .inject import LoRAConfig, apply_lora
+from .inject import PEFT_ALIASES, LoRAConfig, apply_lora
 from .models.common import resize_token_embeddings
 from .batching import pack
 from .report import param_report
@@ -157,6 +157,12 @@ def load_recipe(path: str | os.PathLike, overrides: dict[str, str] | None = None
     for required in ("model", "data"):
         if required not in raw:
             raise ConfigError(f"{path}: missing section [{required}]")
+    lora = raw.get("lora", {})
+    for peft, ours in PEFT_ALIASES.items():  # PEFT's names are ours too: target_modules = [...], lora_alpha = 32
+        if isinstance(lora, dict) and peft in lora:
+            if ours in lora:
+                raise ConfigError(f"{path} [lora]: {ours} and {peft} name the same setting (PEFT's name): give one")
+            lora[ours] = lora.pop(peft)
     parts = {name: from_table(cls, raw.get(name, {}), f"{path} [{name}]") for name, cls in SECTIONS.items()}
     return Recipe(**parts, source=str(path))
 

@@ -3,12 +3,15 @@ total. "all params" counts every parameter of the model, LoRA's included, once: 
 print_trainable_parameters counts the same, plus a frozen copy it keeps of each modules_to_save module.
 
 It reads only module shapes, so it works on a model built on the `meta` device from config.json alone.
+And what a training run shows as it goes: a progress bar that moves per micro-batch (tokens/s, loss,
+lr, time left), or, with the bar off, a line per logged step and evaluation.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch.nn as nn
 
@@ -130,3 +133,40 @@ def memory_rows(model: nn.Module) -> dict[str, list]:
         row[0] += 1
         row[1:] = [t + s for t, s in zip(row[1:], sizes)]
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# What a training run shows: its progress bar and its logged lines
+
+def show_record(record: dict[str, Any], progress) -> None:
+    """A step moves the progress bar (its loss and lr beside it); an evaluation is printed as a line."""
+    shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in record.items() if k not in ("epoch", "tokens")}
+    if progress is not None:
+        if "loss" in record:
+            progress.update(record["step"] - progress.n)  # whole again after the micro-batches' fractions
+            progress.last = f", loss={shown['loss']}, lr={shown['lr']}"
+            progress.set_postfix_str(f"{getattr(progress, 'tokens', 0) / max(1e-9, progress.format_dict['elapsed']):.0f}"
+                                     f" tok/s{progress.last}")
+        else:
+            progress.write(" ".join(f"{k}={v}" for k, v in shown.items()))
+    else:  # no bar: every logged step (log_every) and evaluation as a line
+        print(" ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
+
+
+def micro_batch_done(progress, micro_batches: int) -> Callable[[int], None]:
+    """Move the bar a micro-batch's share of a step, with the tokens per second so far beside it."""
+    def done(tokens: int) -> None:
+        progress.tokens = getattr(progress, "tokens", 0) + tokens
+        seconds = max(1e-9, progress.format_dict["elapsed"])
+        progress.update(1 / micro_batches)
+        progress.set_postfix_str(f"{progress.tokens / seconds:.0f} tok/s" + getattr(progress, "last", ""), refresh=False)
+    return done
+
+
+def progress_bar(enabled: bool, total: int, initial: int, mininterval: float = 0.1):
+    if not enabled:
+        return None
+    from tqdm import tqdm  # a dependency of huggingface-hub
+    return tqdm(total=total, initial=initial, desc="training", unit="step", dynamic_ncols=True,
+                mininterval=mininterval, miniters=0,  # redrawn on any fraction of a step, at most every 0.1 s
+                bar_format="{l_bar}{bar}| {n:.1f}/{total} steps [{elapsed}<{remaining}{postfix}]")

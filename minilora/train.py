@@ -35,6 +35,7 @@ from .data import Example, target_count
 from .errors import CheckpointError, ConfigError, DataError, TrainingError
 from .evaluate import LossFn, causal_lm_loss, classification_loss, evaluate, evaluate_classification
 from .fields import problem
+from .report import micro_batch_done, progress_bar, show_record
 from .kernels import frozen_weights_in
 
 
@@ -195,7 +196,7 @@ def train(model: nn.Module, tokenizer, train_data: list[Example], eval_data: lis
             result.history.append(record)
             metrics.write(record)
             if main:
-                _show(record, progress)
+                show_record(record, progress)
 
         if cfg.eval_at_start and evaluate_fn is not None and step == 0:
             log({"step": 0, "epoch": 0.0, **evaluate_fn(model)})
@@ -203,14 +204,15 @@ def train(model: nn.Module, tokenizer, train_data: list[Example], eval_data: lis
         model.train()
         if bf16:  # the frozen linear weights cast to bf16 once, not per micro-batch
             held.enter_context(frozen_weights_in(model, torch.bfloat16))
-        progress = _progress(cfg.progress and main, total_steps, step)
+        progress = progress_bar(cfg.progress and main, total_steps, step)
         if progress is not None:
             held.callback(progress.close)
         while step < total_steps:
             epoch, i = divmod(step, steps_per_epoch)
             order = epoch_order(len(train_data), cfg.seed, epoch)[i * cfg.batch_size:(i + 1) * cfg.batch_size]
             micro = batches(train_data, order, cfg.micro_batch_size, pad_id, device, cfg.pad_to, shard=(rank, world))
-            loss, count = accumulate_gradients(model, micro, loss_fn, bf16)
+            loss, count = accumulate_gradients(model, micro, loss_fn, bf16,
+                                               None if progress is None else micro_batch_done(progress, len(micro)))
             if not math.isfinite(loss):
                 last = checkpoint_folders(out)
                 raise TrainingError(f"step {step + 1}: the loss is {loss}; training stopped. The last good "
@@ -262,7 +264,7 @@ def train(model: nn.Module, tokenizer, train_data: list[Example], eval_data: lis
 # One step: the batch, its micro-batches, the summed gradients, the learning rate
 
 def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]], loss_fn: LossFn | None = None,
-                         bf16: bool = False) -> tuple[float, int]:
+                         bf16: bool = False, done: Callable[[int], None] | None = None) -> tuple[float, int]:
     """Backpropagate every micro-batch's summed loss, then divide the gradients by the total count:
     the gradient of the mean loss over the whole batch. Returns (mean loss, count).
 
@@ -277,6 +279,8 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.T
         loss.backward()
         total += float(loss.detach())
         count += n
+        if done is not None:
+            done(int(batch["attention_mask"].bool().sum()))  # the progress bar moves per micro-batch
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if distributed.rank_and_world()[1] > 1:
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -367,23 +371,3 @@ def _number(value: Any, low: float, high: float, low_open: bool = False, high_op
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
         return False
     return (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-
-
-def _show(record: dict[str, Any], progress) -> None:
-    """A step moves the progress bar (its loss and lr beside it); an evaluation is printed as a line."""
-    shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in record.items() if k not in ("epoch", "tokens")}
-    if progress is not None:
-        if "loss" in record:
-            progress.update(record["step"] - progress.n)
-            progress.set_postfix(loss=shown["loss"], lr=shown["lr"])
-        else:
-            progress.write(" ".join(f"{k}={v}" for k, v in shown.items()))
-    elif "loss" not in record:
-        print(" ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
-
-
-def _progress(enabled: bool, total: int, initial: int):
-    if not enabled:
-        return None
-    from tqdm import tqdm  # a dependency of huggingface-hub
-    return tqdm(total=total, initial=initial, desc="training", unit="step", dynamic_ncols=True)

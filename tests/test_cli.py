@@ -122,3 +122,10 @@ def test_sigint_during_cli_training_saves_a_checkpoint_and_resume_finishes(saved
     lines = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["step"] for r in lines if "loss" in r] == list(range(1, 401))
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_version(capsys):
+    import minilora
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.strip() == f"minilora {minilora.__version__}"

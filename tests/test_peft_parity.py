@@ -507,3 +507,33 @@ def test_weighted_adapter_weights_are_checked_and_rslora_gives_the_exact_sum(sav
     set_adapter(model, "mix")
     mixed = model.model.layers[0].self_attn.q_proj.delta_weight()
     assert torch.allclose(mixed, 0.6 * deltas["default"] - 0.4 * deltas["b"], atol=1e-6)
+
+
+def test_peft_names_are_exact_aliases(saved_tiny, tmp_path):
+    """target_modules, lora_alpha, lora_dropout (PEFT's names) in apply_lora, LoRAConfig, a recipe's [lora]
+    and `minilora params`: the same adapter as minilora's names; both at once, differing, is refused."""
+    import torch
+    from conftest import write_recipe
+    from minilora.cli import main
+    from minilora.errors import ConfigError
+    from minilora.inject import LoRAConfig, apply_lora
+    from minilora.recipe import load_recipe
+    from minilora.weights import load_model
+    folder = saved_tiny["llama-gqa"][1]
+    ours, theirs = load_model(folder), load_model(folder)
+    torch.manual_seed(0)
+    apply_lora(ours, ["q_proj", "o_proj"], r=4, alpha=32, dropout=0.1)
+    torch.manual_seed(0)
+    apply_lora(theirs, target_modules=["q_proj", "o_proj"], r=4, lora_alpha=32, lora_dropout=0.1)
+    assert ours.lora_config == theirs.lora_config
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()))
+    assert LoRAConfig(target_modules="all-linear", lora_alpha=8).targets == "all-linear"
+    with pytest.raises(ConfigError, match="alpha and lora_alpha name the same setting"):
+        LoRAConfig(alpha=4, lora_alpha=8)
+    with pytest.raises(ConfigError, match="name the layers to adapt: targets \\(or PEFT's target_modules\\)"):
+        apply_lora(load_model(folder))
+    recipe, _ = write_recipe(saved_tiny, tmp_path, **{'targets = ["q_proj", "v_proj"]': 'target_modules = ["q_proj"]',
+                                                      "alpha = 8": "lora_alpha = 8"})
+    lora = load_recipe(recipe).lora
+    assert (lora.targets, lora.alpha) == (["q_proj"], 8)
+    assert main(["params", str(folder), "--target-modules", "q_proj", "--lora-alpha", "8", "--r", "2"]) == 0

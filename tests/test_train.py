@@ -273,3 +273,22 @@ def test_train_as_a_library_leaves_the_signal_handlers_alone(saved_tiny, tmp_pat
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)
+
+
+def test_training_shows_each_micro_batch_and_logs_lines_without_the_bar(saved_tiny, tmp_path, capsys, monkeypatch):
+    """The bar moves per micro-batch (a quarter step at a time with 4 micro-batches a step) with tokens/s,
+    loss and lr; with progress off, every log_every-th step is a printed line."""
+    import functools
+    import sys
+    from minilora.report import progress_bar
+    monkeypatch.setattr(sys.modules["minilora.train"], "progress_bar", functools.partial(progress_bar, mininterval=0))
+    model = lora_model(saved_tiny)
+    train(model, Tok, examples(16), None, TrainConfig(output_dir=str(tmp_path / "a"), max_steps=2, micro_batch_size=2,
+                                                     batch_size=8, lr=1e-3))
+    err = capsys.readouterr().err
+    assert "0.2/2 steps" in err and "0.8/2 steps" in err and "tok/s" in err and "loss=" in err and "2.0/2 steps" in err
+    model = lora_model(saved_tiny)
+    train(model, Tok, examples(16), None, TrainConfig(output_dir=str(tmp_path / "b"), max_steps=4, micro_batch_size=2,
+                                                     batch_size=8, lr=1e-3, progress=False, log_every=2))
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("step=")]
+    assert [l.split()[0] for l in lines] == ["step=2", "step=4"] and all("loss=" in l and "lr=" in l for l in lines)
