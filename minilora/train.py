@@ -61,6 +61,7 @@ class TrainConfig:
     resume_from_checkpoint: str | None = None  # a checkpoint folder, or "latest" in output_dir
     overwrite_output_dir: bool = False    # a fresh run into a folder holding another run deletes that run first
     best_metric: str | None = None        # e.g. "eval_loss" or "eval_accuracy"
+    early_stopping_patience: int | None = None  # end the run after this many evaluations without a better best_metric
     load_best_at_end: bool = False
     bf16: bool | str = False              # bf16 autocast: true, false, or "auto" (on where bf16 products are fast)
     gradient_checkpointing: bool = False
@@ -109,6 +110,10 @@ class TrainConfig:
             raise ConfigError(f"bf16 must be true, false or \"auto\", got {self.bf16!r}")
         if self.load_best_at_end and not self.best_metric:
             raise ConfigError("load_best_at_end needs best_metric (e.g. 'eval_loss')")
+        if self.early_stopping_patience is not None and (not self.best_metric or isinstance(self.early_stopping_patience, bool)
+                                                         or self.early_stopping_patience <= 0):
+            raise ConfigError("early_stopping_patience must be a positive number of evaluations, and needs best_metric "
+                              f"(e.g. 'eval_loss'); got {self.early_stopping_patience!r}")
 
 
 @dataclass
@@ -117,7 +122,8 @@ class TrainResult:
     adapter_dir: Path | None = None
     best_metric: float | None = None
     best_step: int | None = None
-    stopped_early: bool = False
+    stopped_early: bool = False           # stopped on request (a signal): resume it
+    early_stopped_at: int | None = None   # ended by early_stopping_patience: a finished run
 
 
 def train(model: nn.Module, tokenizer, train_data: list[Example], eval_data: list[Example] | None = None,
@@ -184,11 +190,12 @@ def train(model: nn.Module, tokenizer, train_data: list[Example], eval_data: lis
                     return evaluate_classification(m, eval_data, pad_id, cfg.micro_batch_size, bf16)
                 return evaluate(m, eval_data, pad_id, cfg.micro_batch_size, loss_fn, bf16)
 
-        result, step = TrainResult(), 0
+        result, step, since_best = TrainResult(), 0, 0  # since_best: evaluations without a better best_metric
         if cfg.resume_from_checkpoint:
             folder = resolve_resume(cfg.resume_from_checkpoint, out)
             state = load_checkpoint(folder, model, optimizer, scheduler, run)
             step, result.best_metric, result.best_step = state["step"], state.get("best_metric"), state.get("best_step")
+            since_best = state.get("since_best", 0)
         metrics = MetricsLog(out, step if cfg.resume_from_checkpoint else None)  # after a resume: its own steps
         progress = None
 
@@ -237,18 +244,25 @@ def train(model: nn.Module, tokenizer, train_data: list[Example], eval_data: lis
                 if cfg.best_metric:
                     if cfg.best_metric not in scores:
                         raise ConfigError(f"best_metric {cfg.best_metric!r} is not among the metrics: {', '.join(scores)}")
+                    since_best += 1
                     if _better(cfg.best_metric, scores[cfg.best_metric], result.best_metric):
-                        result.best_metric, result.best_step = scores[cfg.best_metric], step
+                        result.best_metric, result.best_step, since_best = scores[cfg.best_metric], step, 0
                         if main:
                             save_adapter(model, out / "best", extra={"best_step": step, cfg.best_metric: result.best_metric})
             stop = distributed.any_rank(should_stop is not None and should_stop(), device)  # all ranks agree
             if (cfg.save_every and step % cfg.save_every == 0) or (cfg.save_each_epoch and end_of_epoch) or stop:
                 save_checkpoint(out / f"checkpoint-{step}", model, optimizer, scheduler,
                                 {"step": step, "best_metric": result.best_metric, "best_step": result.best_step,
-                                 "run": run})
+                                 "since_best": since_best, "run": run})
                 rotate(out, cfg.keep_last)
             if stop:
                 result.stopped_early = True
+                break
+            if cfg.early_stopping_patience and since_best >= cfg.early_stopping_patience:
+                if main:  # the run ends as a finished one: its adapter (the best, with load_best_at_end) is saved
+                    print(f"early stopping at step {step}: {since_best} evaluations without a better "
+                          f"{cfg.best_metric} than {result.best_metric:.4g} (step {result.best_step})", flush=True)
+                result.early_stopped_at = step
                 break
         distributed.barrier()  # rank 0's files are complete before any rank reads them or returns
         if not result.stopped_early:

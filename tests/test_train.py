@@ -292,3 +292,21 @@ def test_training_shows_each_micro_batch_and_logs_lines_without_the_bar(saved_ti
                                                      batch_size=8, lr=1e-3, progress=False, log_every=2))
     lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("step=")]
     assert [l.split()[0] for l in lines] == ["step=2", "step=4"] and all("loss=" in l and "lr=" in l for l in lines)
+
+
+def test_early_stopping_ends_the_run_after_patience_evaluations_without_a_better_metric(saved_tiny, tmp_path, capsys):
+    """Scores 0.5, 0.9, 0.7, 0.8, 0.6, ... with patience 3: the best is step 2, steps 3-5 bring nothing
+    better, the run ends at step 5 as a finished one (its adapter saved, the best one with load_best_at_end)."""
+    model = lora_model(saved_tiny)
+    scores = iter([0.5, 0.9, 0.7, 0.8, 0.6, 0.95, 0.99])
+
+    def evaluate_fn(m):
+        return {"eval_accuracy": next(scores)}
+    cfg = TrainConfig(output_dir=str(tmp_path), max_steps=7, micro_batch_size=4, lr=1e-2, eval_every=1,
+                      best_metric="eval_accuracy", load_best_at_end=True, early_stopping_patience=3, progress=False)
+    result = train(model, Tok, examples(8), None, cfg, evaluate_fn=evaluate_fn)
+    assert result.early_stopped_at == 5 and result.best_step == 2 and not result.stopped_early
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    assert "early stopping at step 5: 3 evaluations without a better eval_accuracy than 0.9 (step 2)" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="early_stopping_patience .* needs best_metric"):
+        TrainConfig(output_dir=str(tmp_path), early_stopping_patience=2)
