@@ -40,8 +40,12 @@ def targets_arg(values: list[str]) -> list[str] | str:
 
 def cmd_params(args: argparse.Namespace) -> None:
     config = load_config(args.model, revision=args.revision)
+    if args.num_labels is not None:
+        if args.task != "classification":
+            raise ConfigError("--num-labels is for --task classification")
+        config = {**config, "num_labels": args.num_labels, "id2label": None}
     with torch.device("meta"):  # shapes only: nothing is allocated, no weights are read
-        model = build_model(config, f"{args.model} config")
+        model = build_model(config, f"{args.model} config", "classification" if args.task == "classification" else None)
         apply_lora(model, targets_arg(args.targets), r=args.r, alpha=args.alpha,
                    modules_to_save=args.modules_to_save, use_rslora=args.rslora, use_dora=args.dora)
     print(f"{args.model} ({config.get('model_type')}), {'DoRA' if args.dora else 'LoRA'} r={args.r}, alpha={args.alpha}")
@@ -220,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modules-to-save", nargs="*", default=[])
     p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
     p.add_argument("--dora", action="store_true", help="DoRA: a trained magnitude per output row besides A and B")
+    p.add_argument("--task", choices=["causal-lm", "classification"], default="causal-lm",
+                   help="classification: the model with its classifier head (list it in --modules-to-save to train it)")
+    p.add_argument("--num-labels", type=int, help="with --task classification: the classes")
     p.add_argument("--revision", help="Hub branch, tag or commit")
     p.set_defaults(func=cmd_params)
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -129,3 +130,22 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as stop:
         main(["--version"])
     assert stop.value.code == 0 and capsys.readouterr().out.strip() == f"minilora {minilora.__version__}"
+
+
+def test_a_run_folder_given_as_the_adapter_points_to_its_adapter(saved_tiny, tmp_path, capsys):
+    recipe, model = write_recipe(saved_tiny, tmp_path)
+    assert main(["train", str(recipe)]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(model), "--adapter", str(tmp_path / "run"), "--prompt", "w5 says"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'run'}: a training run's folder, not an adapter: its adapter is {tmp_path / 'run' / 'adapter'}" in err
+    assert "checkpoint-4" in err
+
+
+def test_params_sizes_a_classifier(saved_tiny, capsys):
+    folder = saved_tiny["bert"][1]
+    assert main(["params", str(folder), "--task", "classification", "--num-labels", "5", "--targets", "query",
+                 "--modules-to-save", "classifier"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"classifier \(trained in full\) +165\n", out)  # 32 x 5 + 5: the classes asked for
+    assert main(["params", str(folder), "--num-labels", "5"]) == 2
