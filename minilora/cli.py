@@ -1,4 +1,4 @@
-"""The command line: `minilora params | train | generate | classify | merge | export | push`. Each subcommand is a small
+"""The command line: `minilora params | train | generate | classify | merge | export | push | plot`. Each subcommand is a small
 function over the Python API; errors minilora raises on purpose are printed as one line (no traceback)
 with exit status 2. `train` is the one place that handles SIGINT/SIGTERM (stop_on_signals)."""
 
@@ -26,7 +26,7 @@ from .generate import classify, generate
 from .inject import LoRAConfig, adapter_disabled, apply_lora, remove_lora
 from .models import build_model
 from .recipe import load_recipe, run_recipe
-from .report import memory_report, param_report
+from .report import memory_report, param_report, plot_run
 from .tokenizer import load_tokenizer
 from .weights import load_config, load_model, save_model, torch_dtype
 
@@ -204,6 +204,18 @@ def cmd_export(args: argparse.Namespace) -> None:
         print(f"adapter written to {out} ({out.stat().st_size / 1e6:.2f} MB): llama-cli -m BASE.gguf --lora {out}")
 
 
+def cmd_plot(args: argparse.Namespace) -> None:
+    run = Path(args.run)
+    if not (run / "metrics.jsonl").is_file():
+        raise ConfigError(f"{run}: no metrics.jsonl here; give a training run's output_dir")
+    written = plot_run(run)
+    if not written:
+        raise ConfigError(f"{run / 'metrics.jsonl'}: fewer than two losses to draw")
+    print("written: " + ", ".join(map(str, written)))
+    if len(written) == 1:
+        print("loss.png as well: pip install matplotlib")
+
+
 def cmd_push(args: argparse.Namespace) -> None:
     url = push_to_hub(args.folder, args.repo_id, private=args.private, commit_message=args.message)
     print(f"pushed {args.folder} to {args.repo_id} with a model card: {url}")
@@ -281,6 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--revision")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("plot", help="draw a run's loss, eval loss and learning rate (loss.svg; loss.png with matplotlib)")
+    p.add_argument("run", help="the run's output_dir (where metrics.jsonl is)")
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("push", help="upload an adapter (or merged model) folder to the Hugging Face Hub with a model card")
     p.add_argument("folder", help="e.g. runs/quotes-smollm2/adapter (its run folder's metrics go into the card)")

@@ -24,6 +24,7 @@ from typing import Any
 
 from .errors import CheckpointError, ConfigError
 from .files import read_json
+from .report import loss_svg, read_metrics
 
 CARD, CURVE = "README.md", "loss.svg"
 _PART = r"[A-Za-z0-9](?:[A-Za-z0-9_]|[.-](?=[A-Za-z0-9_])){0,95}"  # no leading/trailing or doubled . and -
@@ -82,7 +83,7 @@ def model_card(folder: Path, repo_id: str) -> tuple[str, str | None]:
     """(README.md text, loss.svg text or None) for the adapter or model in `folder`."""
     config = read_json(folder / "adapter_config.json") if (folder / "adapter_config.json").is_file() else {}
     run = folder.parent
-    history = _metrics(run / "metrics.jsonl")
+    history = read_metrics(run / "metrics.jsonl")
     states = sorted(run.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[-1])
                     if p.parent.name.split("-")[-1].isdigit() else -1)
     settings = read_json(states[-1]).get("run", {}) if states else {}
@@ -124,41 +125,3 @@ def model_card(folder: Path, repo_id: str) -> tuple[str, str | None]:
 def _cell(value: Any) -> str:
     """A value as code in a markdown table cell (a | would end the cell)."""
     return "`" + json.dumps(value).replace("|", "\\|") + "`"
-
-
-def _metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a last line cut short by a crash
-    return out
-
-
-def loss_svg(history: list[dict[str, Any]], width: int = 640, height: int = 320) -> str | None:
-    """The training loss (and the evaluation loss, dashed) against the step, as a small SVG drawn here
-    (no plotting library needed)."""
-    series = {key: [(h["step"], h[key]) for h in history if isinstance(h.get(key), (int, float))]
-              for key in ("loss", "eval_loss")}
-    points = [p for s in series.values() for p in s]
-    if len(points) < 2:
-        return None
-    x0, x1 = min(p[0] for p in points), max(p[0] for p in points) or 1
-    y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
-    y1 = y1 if y1 > y0 else y0 + 1
-    pad = 40
-    sx = lambda x: pad + (x - x0) / max(x1 - x0, 1) * (width - 2 * pad)
-    sy = lambda y: height - pad - (y - y0) / (y1 - y0) * (height - 2 * pad)
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
-           f'font-size="12"><rect width="100%" height="100%" fill="white"/>',
-           f'<text x="{pad}" y="{pad - 12}">loss {y0:.3f} .. {y1:.3f}, steps {x0} .. {x1}</text>']
-    for (key, s), style in zip(series.items(), ('stroke="#1f77b4"', 'stroke="#d62728" stroke-dasharray="6 4"')):
-        if s:
-            path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in s)
-            out.append(f'<polyline fill="none" stroke-width="2" {style} points="{path}"><title>{key}</title></polyline>')
-    out.append(f'<text x="{width - pad - 150}" y="{pad - 12}" fill="#1f77b4">loss</text>'
-               f'<text x="{width - pad - 100}" y="{pad - 12}" fill="#d62728">eval_loss</text></svg>')
-    return "\n".join(out)

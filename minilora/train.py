@@ -35,7 +35,7 @@ from .data import Example, target_count
 from .errors import CheckpointError, ConfigError, DataError, TrainingError
 from .evaluate import LossFn, causal_lm_loss, classification_loss, evaluate, evaluate_classification
 from .fields import problem
-from .report import micro_batch_done, progress_bar, show_record
+from .report import micro_batch_done, plot_run, progress_bar, show_record
 from .kernels import frozen_weights_in
 
 
@@ -269,6 +269,8 @@ def train(model: nn.Module, tokenizer, train_data: list[Example], eval_data: lis
             if cfg.load_best_at_end and result.best_step is not None:
                 load_adapter(model, out / "best")
             result.adapter_dir = save_adapter(model, out / "adapter") if main else out / "adapter"
+            if main:
+                plot_run(out)  # loss.svg (and loss.png with matplotlib) beside metrics.jsonl
             distributed.barrier()
         model.eval()
     return result

@@ -149,3 +149,20 @@ def test_params_sizes_a_classifier(saved_tiny, capsys):
     out = capsys.readouterr().out
     assert re.search(r"classifier \(trained in full\) +165\n", out)  # 32 x 5 + 5: the classes asked for
     assert main(["params", str(folder), "--num-labels", "5"]) == 2
+
+
+def test_a_run_draws_its_loss_and_plot_redraws_it(saved_tiny, tmp_path, capsys):
+    """Each run ends with loss.svg beside metrics.jsonl (loss, eval loss, learning rate; no plotting
+    library needed); `minilora plot RUN` draws it again, and loss.png where matplotlib is installed."""
+    recipe, _ = write_recipe(saved_tiny, tmp_path)
+    assert main(["train", str(recipe)]) == 0
+    svg = (tmp_path / "run" / "loss.svg").read_text()
+    assert svg.startswith("<svg") and {"<title>loss</title>", "<title>eval_loss</title>", "<title>lr</title>"} <= \
+        set(re.findall(r"<title>\w+</title>", svg))
+    (tmp_path / "run" / "loss.svg").unlink()
+    assert main(["plot", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "loss.svg").exists()
+    if pytest.importorskip("matplotlib"):
+        assert (tmp_path / "run" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["plot", str(tmp_path)]) == 2
+    assert "no metrics.jsonl here" in capsys.readouterr().err
