@@ -22,7 +22,7 @@ test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow"
 
 demo: $(VENV)/.installed
-	$(PY) scripts/demo.py
+	$(PY) -m minilora demo
 
 # Opt-in, not in `make test`: against llama.cpp itself. llama-cpp-python reaches this machine only as
 # source, so its own venv compiles llama.cpp (about 5 minutes on 2 cores, once).

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 
 def one_pass(model, data, micro_batch_size, bf16) -> tuple[float, int, float, int]:
@@ -39,7 +38,7 @@ def one_pass(model, data, micro_batch_size, bf16) -> tuple[float, int, float, in
 
 
 def main() -> None:
-    import assets
+    from minilora import assets
     from minilora import hardware
     from minilora.data import build_examples, read_records
     from minilora.inject import apply_lora

@@ -29,8 +29,7 @@ def model_source(name: str, tmp: Path) -> tuple[str, str]:
     import torch
     from minilora.weights import load_model, save_model
     if name == "smollm2":
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-        import assets
+                from minilora import assets
         gguf = str(assets.smollm2())
         folder = tmp / "smollm2-hf"
         if not folder.exists():

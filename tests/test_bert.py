@@ -87,10 +87,10 @@ def test_short_lora_run_on_real_minilm_and_reviews_lifts_held_out_accuracy(minil
     from pathlib import Path
     from minilora.cli import main
     from minilora.report import param_report
-    from minilora.recipe import load_recipe, run_recipe
+    from minilora.recipe import RECIPES, load_recipe, run_recipe
     train_csv, test_csv = reviews
     folder = minilm_path
-    recipe = load_recipe(Path(__file__).resolve().parents[1] / "scripts" / "sentiment_minilm.toml", overrides={
+    recipe = load_recipe(RECIPES / "sentiment_minilm.toml", overrides={
         "model.name": str(folder), "data.train": str(train_csv), "data.test": str(test_csv), "data.limit": "480",
         "data.val_size": "96", "data.cutoff": "64", "train.epochs": "2",
         "train.output_dir": str(tmp_path), "train.progress": "false"})

