@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import torch.nn as nn
 
+from .errors import ConfigError
 from .inject import lora_modules
 from .lora import is_adapter_tensor
 from .names import find_saved, kept_in_float, matches
@@ -248,3 +249,22 @@ def plot_run(run: Path) -> list[Path]:
     fig.savefig(Path(run) / "loss.png", dpi=100)
     plt.close(fig)
     return written + [Path(run) / "loss.png"]
+
+
+def event_writer(folder: Path) -> Callable[[dict[str, Any]], None]:
+    """TensorBoard event files in `folder` (report_to = "tensorboard"; the tensorboard package is an
+    optional extra): every number of a logged record as a scalar at its step, "train/loss", "eval/loss"."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # torch's writer needs the tensorboard package
+        raise ConfigError('report_to = "tensorboard" needs the tensorboard package: pip install minilora[tensorboard]') \
+            from None
+    writer = SummaryWriter(log_dir=str(folder))
+
+    def write(record: dict[str, Any]) -> None:
+        for key, value in record.items():
+            if key not in ("step", "epoch") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                name = f"eval/{key.removeprefix('eval_')}" if key.startswith("eval_") else f"train/{key}"
+                writer.add_scalar(name, value, record["step"])
+        writer.flush()
+    return write

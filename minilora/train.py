@@ -35,7 +35,7 @@ from .data import Example, target_count
 from .errors import CheckpointError, ConfigError, DataError, TrainingError
 from .evaluate import LossFn, causal_lm_loss, classification_loss, evaluate, evaluate_classification
 from .fields import problem
-from .report import micro_batch_done, plot_run, progress_bar, show_record
+from .report import event_writer, micro_batch_done, plot_run, progress_bar, show_record
 from .kernels import frozen_weights_in
 
 
@@ -68,6 +68,7 @@ class TrainConfig:
     seed: int = 42
     log_every: int = 1
     progress: bool = True
+    report_to: str | None = None          # "tensorboard": event files in output_dir/tensorboard as well
     pad_to: int | None = None             # pad every batch to this length; None pads per batch
     push_to_hub: bool = False             # after the run, upload the adapter with a model card (hub.py)
     hub_model_id: str | None = None       # where: "user-or-org/name"
@@ -90,6 +91,8 @@ class TrainConfig:
             if not (value is None and name in optional) and (isinstance(value, bool) or not isinstance(value, int)
                                                               or value <= 0):
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.report_to not in (None, "tensorboard"):
+            raise ConfigError(f"report_to must be \"tensorboard\" or left out, got {self.report_to!r}")
         if self.push_to_hub and not self.hub_model_id:
             raise ConfigError("push_to_hub needs hub_model_id (\"user-or-org/name\")")
         if self.batch_size % self.micro_batch_size:
@@ -198,10 +201,13 @@ def train(model: nn.Module, tokenizer, train_data: list[Example], eval_data: lis
             since_best = state.get("since_best", 0)
         metrics = MetricsLog(out, step if cfg.resume_from_checkpoint else None)  # after a resume: its own steps
         progress = None
+        board = event_writer(out / "tensorboard") if cfg.report_to == "tensorboard" and main else None
 
         def log(record: dict[str, Any]) -> None:
             result.history.append(record)
             metrics.write(record)
+            if board is not None:
+                board(record)
             if main:
                 show_record(record, progress)
 

@@ -310,3 +310,23 @@ def test_early_stopping_ends_the_run_after_patience_evaluations_without_a_better
     assert "early stopping at step 5: 3 evaluations without a better eval_accuracy than 0.9 (step 2)" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="early_stopping_patience .* needs best_metric"):
         TrainConfig(output_dir=str(tmp_path), early_stopping_patience=2)
+
+
+def test_tensorboard_event_files_hold_the_logged_numbers(saved_tiny, tmp_path):
+    """report_to = "tensorboard": each logged loss, lr and evaluation is a scalar at its step, read back
+    with TensorBoard's own reader and equal to metrics.jsonl's."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    model = lora_model(saved_tiny)
+    cfg = TrainConfig(output_dir=str(tmp_path), max_steps=3, micro_batch_size=4, lr=1e-2, eval_every=3,
+                      report_to="tensorboard", progress=False)
+    train(model, Tok, examples(8), examples(4, seed=5), cfg)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    logged = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [(r["step"], r["loss"]) for r in logged if "loss" in r]
+    assert [(e.step, round(e.value, 5)) for e in events.Scalars("train/loss")] == [(s, round(v, 5)) for s, v in losses]
+    evals = [r["step"] for r in logged if "eval_loss" in r]
+    assert [e.step for e in events.Scalars("eval/loss")] == evals and evals and "train/lr" in events.Tags()["scalars"]
+    with pytest.raises(ConfigError, match='report_to must be "tensorboard" or left out'):
+        TrainConfig(output_dir=str(tmp_path), report_to="wandb")
