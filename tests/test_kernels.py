@@ -82,6 +82,15 @@ def test_short_attention_against_sdpa_in_float64(padded):
         assert err(mine) <= max(1.5 * err(sdpa_bf16), 4e-3), (err(mine), err(sdpa_bf16))
 
 
+def head_case(seed, vocab, d, ignore_every):
+    """A random head (vocab, d), its bias, 1100 labels with every ignore_every-th ignored, and the generator."""
+    g = torch.Generator().manual_seed(seed)
+    weight, bias = torch.randn(vocab, d, generator=g), torch.randn(vocab, generator=g)
+    labels = torch.randint(0, vocab, (1100,), generator=g)
+    labels[::ignore_every] = -100
+    return weight, bias, labels, g
+
+
 def check_fused_loss(weight, bias, labels, g, rows=None):
     """LinearCrossEntropy (the head given whole, or as `rows`) against float64 F.cross_entropy(F.linear)."""
     h = torch.randn(labels.shape[0], weight.shape[1], generator=g, dtype=torch.float64)
@@ -100,12 +109,8 @@ def test_fused_loss_over_chunks_padding_and_a_changed_head():
     """LinearCrossEntropy against float64 F.cross_entropy(F.linear(...)): several chunks (1100 rows, 512 a
     chunk), a vocabulary padded from 50257 to 50304, a bias, ignored targets; and the head it keeps
     prepared between calls is remade when the weight changes in place or is given new data."""
-    g = torch.Generator().manual_seed(0)
     vocab, d = 50257, 16
-    weight = torch.randn(vocab, d, generator=g)
-    bias = torch.randn(vocab, generator=g)
-    labels = torch.randint(0, vocab, (1100,), generator=g)
-    labels[::7] = -100
+    weight, bias, labels, g = head_case(0, vocab, d, 7)
 
     def check():
         for b in (bias, None):  # the padding's -inf comes with the bias, or is written into the logits
@@ -127,12 +132,8 @@ def test_fused_loss_over_a_head_given_by_blocks_of_rows():
     """A quantized head comes as rows(r0, r1, dtype): the loss and its gradient equal float64
     F.cross_entropy over the whole weight, with several token chunks, ignored targets and a bias; the
     head is asked for whole blocks of rows only, never all of them at once."""
-    g = torch.Generator().manual_seed(1)
-    vocab, d = 50001, 48
-    weight = torch.randn(vocab, d, generator=g)
-    bias = torch.randn(vocab, generator=g)
-    labels = torch.randint(0, vocab, (1100,), generator=g)
-    labels[::5] = -100
+    vocab = 50001
+    weight, bias, labels, g = head_case(1, vocab, 48, 5)
     asked = []
 
     def rows(r0, r1, dtype):
