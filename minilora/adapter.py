@@ -158,8 +158,10 @@ def read_adapter(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, t
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such adapter folder")
     named = sorted(p.name for p in folder.iterdir() if (p / CONFIG_FILE).is_file())
-    if not (folder / CONFIG_FILE).is_file() and "adapter" in named and (folder / "metrics.jsonl").is_file():
-        raise CheckpointError(f"{folder}: a training run's folder, not an adapter: its adapter is {folder / 'adapter'}"
+    if not (folder / CONFIG_FILE).is_file() and named and (folder / "metrics.jsonl").is_file():
+        raise CheckpointError(f"{folder}: a training run's folder, not an adapter: "
+                              + (f"its adapter is {folder / 'adapter'}" if "adapter" in named else
+                                 "it has no adapter/ yet (the run did not finish)")
                               + (f" (the best one: {folder / 'best'})" if "best" in named else "")
                               + (f"; checkpoints: {', '.join(n for n in named if n.startswith('checkpoint-'))}"
                                  if any(n.startswith("checkpoint-") for n in named) else ""))

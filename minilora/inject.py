@@ -65,7 +65,8 @@ class LoRAConfig:
         for ours, peft, value in (("targets", "target_modules", target_modules), ("alpha", "lora_alpha", lora_alpha),
                                   ("dropout", "lora_dropout", lora_dropout)):
             if value is not None:
-                if getattr(self, ours) not in (PEFT_DEFAULTS[ours], value):
+                same = lambda v: list(v) if isinstance(v, tuple) else "all-linear" if v == "all_linear" else v
+                if same(getattr(self, ours)) not in (PEFT_DEFAULTS[ours], same(value)):
                     raise ConfigError(f"{ours} and {peft} name the same setting (PEFT's name): give one")
                 setattr(self, ours, value)
         check_lora_hyperparameters(self.r, self.alpha, self.dropout)
@@ -114,6 +115,9 @@ def apply_lora(model: nn.Module, targets: list[str] | str | LoRAConfig | None = 
     lora_alpha, lora_dropout) are exact aliases. The adapter is named "default" (add_adapter puts more
     beside it)."""
     if isinstance(targets, LoRAConfig):
+        if any(v is not None for v in (target_modules, lora_alpha, lora_dropout)):
+            raise ConfigError("apply_lora: the settings come from the LoRAConfig given; set target_modules, lora_alpha "
+                              "and lora_dropout there")
         config = targets
     elif targets is None and target_modules is None:
         raise ConfigError("apply_lora: name the layers to adapt: targets (or PEFT's target_modules)")

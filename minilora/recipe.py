@@ -151,8 +151,9 @@ def load_recipe(path: str | os.PathLike, overrides: dict[str, str] | None = None
     except ModuleNotFoundError:  # Python 3.10
         raise ConfigError("TOML recipes need Python >= 3.11 (tomllib)") from None
     path = Path(path)
-    if not path.exists() and str(path) in packaged_recipes():
-        path = packaged_recipes()[str(path)]
+    name = str(path).removesuffix(".toml").replace("_", "-")
+    if not path.is_file() and name in packaged_recipes():  # quotes-smollm2, quotes_smollm2, quotes_smollm2.toml
+        path = packaged_recipes()[name]
     if not path.is_file():
         raise ConfigError(f"{path}: " + ("a folder, not a recipe file" if path.is_dir() else
                                          f"no such recipe file (packaged recipes: {', '.join(packaged_recipes())})"))
@@ -160,10 +161,17 @@ def load_recipe(path: str | os.PathLike, overrides: dict[str, str] | None = None
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid TOML in UTF-8 ({e})") from None
+    paths = (("model", "name"), ("data", "train"), ("data", "eval"), ("data", "test"))
+    for section, key in paths:  # the file's relative paths are read beside it (not those given on the command line)
+        value = raw.get(section, {}).get(key) if isinstance(raw.get(section), dict) else None
+        if isinstance(value, str) and value and not value.startswith("asset:") \
+                and not Path(value).expanduser().is_absolute() and (path.parent / value).exists():
+            raw[section][key] = str(path.parent / value)  # else a Hub id, or a path from here
     for dotted, text in (overrides or {}).items():
         section, _, key = dotted.partition(".")
         if section not in SECTIONS or not key:
             raise ConfigError(f"override --{dotted}: expected --section.key with a section among {', '.join(SECTIONS)}")
+        key = PEFT_ALIASES.get(key, key) if section == "lora" else key  # replaces the file's value by either name
         raw.setdefault(section, {})[key] = parse_value(text)
     unknown = [s for s in raw if s not in SECTIONS]
     if unknown:
@@ -171,16 +179,13 @@ def load_recipe(path: str | os.PathLike, overrides: dict[str, str] | None = None
     for required in ("model", "data"):
         if required not in raw:
             raise ConfigError(f"{path}: missing section [{required}]")
-    for section, key in (("model", "name"), ("data", "train"), ("data", "eval"), ("data", "test")):
+    for section, key in paths:
         value = raw.get(section, {}).get(key) if isinstance(raw.get(section), dict) else None
         if isinstance(value, str) and value.startswith("asset:"):
             try:
                 raw[section][key] = resolve_asset(value)
             except DataError as e:
                 raise ConfigError(f"{path} [{section}].{key}: {e}") from None
-        elif isinstance(value, str) and value and not Path(value).expanduser().is_absolute() \
-                and (path.parent / value).exists():  # beside the recipe (else a Hub id, or relative to here)
-            raw[section][key] = str(path.parent / value)
     lora = raw.get("lora", {})
     for peft, ours in PEFT_ALIASES.items():  # PEFT's names are ours too: target_modules = [...], lora_alpha = 32
         if isinstance(lora, dict) and peft in lora:

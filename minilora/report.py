@@ -10,6 +10,7 @@ lr, time left), or, with the bar off, a line per logged step and evaluation.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,22 +177,26 @@ def progress_bar(enabled: bool, total: int, initial: int, mininterval: float = 0
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl that have a step (a last line cut short by a crash, or anything
+    else, is left out)."""
     if not path.is_file():
         return []
     out = []
     for line in path.read_text().splitlines():
         try:
-            out.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            continue  # a last line cut short by a crash
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            out.append(record)
     return out
 
 
 def loss_svg(history: list[dict[str, Any]], width: int = 640, height: int = 320) -> str | None:
     """The training loss, the evaluation loss (dashed) and the learning rate (dotted, on its own scale
     from 0 to its peak) against the step, as a small SVG drawn here: no plotting library needed."""
-    series = {key: [(h["step"], h[key]) for h in history if isinstance(h.get(key), (int, float))]
-              for key in ("loss", "eval_loss", "lr")}
+    series = {key: [(h["step"], h[key]) for h in history if isinstance(h.get(key), (int, float))
+                    and not isinstance(h.get(key), bool) and math.isfinite(h[key])] for key in ("loss", "eval_loss", "lr")}
     points = series["loss"] + series["eval_loss"]
     if len(points) < 2:
         return None
@@ -251,15 +256,16 @@ def plot_run(run: Path) -> list[Path]:
     return written + [Path(run) / "loss.png"]
 
 
-def event_writer(folder: Path) -> Callable[[dict[str, Any]], None]:
+def event_writer(folder: Path, first_step: int = 1) -> Callable[[dict[str, Any]], None]:
     """TensorBoard event files in `folder` (report_to = "tensorboard"; the tensorboard package is an
-    optional extra): every number of a logged record as a scalar at its step, "train/loss", "eval/loss"."""
+    optional extra): every number of a logged record as a scalar at its step, "train/loss", "eval/loss".
+    Events from `first_step` on that an earlier, interrupted run wrote are dropped (a resume redoes them)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # torch's writer needs the tensorboard package
         raise ConfigError('report_to = "tensorboard" needs the tensorboard package: pip install minilora[tensorboard]') \
             from None
-    writer = SummaryWriter(log_dir=str(folder))
+    writer = SummaryWriter(log_dir=str(folder), purge_step=first_step if first_step > 1 else None)
 
     def write(record: dict[str, Any]) -> None:
         for key, value in record.items():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -93,6 +94,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.report_to not in (None, "tensorboard"):
             raise ConfigError(f"report_to must be \"tensorboard\" or left out, got {self.report_to!r}")
+        if self.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:  # on every rank, now
+            raise ConfigError('report_to = "tensorboard" needs the tensorboard package: pip install minilora[tensorboard]')
         if self.push_to_hub and not self.hub_model_id:
             raise ConfigError("push_to_hub needs hub_model_id (\"user-or-org/name\")")
         if self.batch_size % self.micro_batch_size:
@@ -201,7 +204,7 @@ def train(model: nn.Module, tokenizer, train_data: list[Example], eval_data: lis
             since_best = state.get("since_best", 0)
         metrics = MetricsLog(out, step if cfg.resume_from_checkpoint else None)  # after a resume: its own steps
         progress = None
-        board = event_writer(out / "tensorboard") if cfg.report_to == "tensorboard" and main else None
+        board = event_writer(out / "tensorboard", step + 1) if cfg.report_to == "tensorboard" and main else None
 
         def log(record: dict[str, Any]) -> None:
             result.history.append(record)
@@ -221,6 +224,12 @@ def train(model: nn.Module, tokenizer, train_data: list[Example], eval_data: lis
         if progress is not None:
             held.callback(progress.close)
         while step < total_steps:
+            if cfg.early_stopping_patience and since_best >= cfg.early_stopping_patience:  # (also right after a resume)
+                if main:  # the run ends as a finished one: its adapter (the best, with load_best_at_end) is saved
+                    print(f"early stopping at step {step}: {since_best} evaluations without a better "
+                          f"{cfg.best_metric} than {result.best_metric:.4g} (step {result.best_step})", flush=True)
+                result.early_stopped_at = step
+                break
             epoch, i = divmod(step, steps_per_epoch)
             order = epoch_order(len(train_data), cfg.seed, epoch)[i * cfg.batch_size:(i + 1) * cfg.batch_size]
             micro = batches(train_data, order, cfg.micro_batch_size, pad_id, device, cfg.pad_to, shard=(rank, world))
@@ -264,12 +273,7 @@ def train(model: nn.Module, tokenizer, train_data: list[Example], eval_data: lis
             if stop:
                 result.stopped_early = True
                 break
-            if cfg.early_stopping_patience and since_best >= cfg.early_stopping_patience:
-                if main:  # the run ends as a finished one: its adapter (the best, with load_best_at_end) is saved
-                    print(f"early stopping at step {step}: {since_best} evaluations without a better "
-                          f"{cfg.best_metric} than {result.best_metric:.4g} (step {result.best_step})", flush=True)
-                result.early_stopped_at = step
-                break
+
         distributed.barrier()  # rank 0's files are complete before any rank reads them or returns
         if not result.stopped_early:
             if cfg.load_best_at_end and result.best_step is not None:

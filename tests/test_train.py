@@ -330,3 +330,34 @@ def test_tensorboard_event_files_hold_the_logged_numbers(saved_tiny, tmp_path):
     assert [e.step for e in events.Scalars("eval/loss")] == evals and evals and "train/lr" in events.Tags()["scalars"]
     with pytest.raises(ConfigError, match='report_to must be "tensorboard" or left out'):
         TrainConfig(output_dir=str(tmp_path), report_to="wandb")
+
+
+def test_a_run_ended_by_early_stopping_stays_ended_on_resume_and_tensorboard_keeps_one_history(saved_tiny, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    scores = iter([0.9, 0.5, 0.4] + [0.99] * 10)
+    cfg = dict(output_dir=str(tmp_path), max_steps=8, micro_batch_size=4, lr=1e-2, eval_every=1, save_every=1,
+               best_metric="eval_accuracy", early_stopping_patience=2, progress=False, report_to="tensorboard")
+    first = train(lora_model(saved_tiny), Tok, examples(8), None, TrainConfig(**cfg),
+                  evaluate_fn=lambda m: {"eval_accuracy": next(scores)})
+    assert first.early_stopped_at == 3
+    again = train(lora_model(saved_tiny), Tok, examples(8), None, TrainConfig(**cfg, resume_from_checkpoint="latest"),
+                  evaluate_fn=lambda m: {"eval_accuracy": next(scores)})
+    assert again.early_stopped_at == 3 and next(scores) == 0.99  # no further step, no evaluation
+    cfg.update(early_stopping_patience=None)
+    train(lora_model(saved_tiny), Tok, examples(8), None, TrainConfig(**cfg, resume_from_checkpoint=str(tmp_path / "checkpoint-2")),
+          evaluate_fn=lambda m: {"eval_accuracy": 0.5})
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 9))  # step 3 redone once, not twice
+
+
+def test_the_loss_plot_leaves_out_what_is_not_a_finite_number(tmp_path):
+    from minilora.report import loss_svg, read_metrics
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"step": 1, "loss": 2.0, "lr": 1e-3}, {"step": 2, "loss": float("nan")}, [1, 2], {"loss": 3.0},
+        {"step": 3, "loss": 1.5, "eval_loss": float("inf")}, {"step": 4, "loss": True}]) + "\n{\"step\": 5, \"lo")
+    history = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in history] == [1, 2, 3, 4]
+    svg = loss_svg(history)
+    assert "nan" not in svg and "inf" not in svg and "loss 1.500 .. 2.000" in svg
