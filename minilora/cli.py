@@ -1,5 +1,5 @@
-"""The command line: `minilora params | train | recipes | demo | generate | classify | merge | export | push | plot`. Each subcommand is a small
-function over the Python API; errors minilora raises on purpose are printed as one line (no traceback)
+"""The command line: `minilora params | train | recipes | demo | generate | classify | merge | export | push |
+plot | inspect`. Each subcommand is a small function over the Python API; errors minilora raises on purpose are printed as one line (no traceback)
 with exit status 2. `train` is the one place that handles SIGINT/SIGTERM (stop_on_signals)."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 import torch
 
 from . import __version__, demo, distributed
+from .analysis import adapter_factors, amplification, similarity_grid, spectrum
 from .adapter import adapter_classes, load_adapter
 from .errors import ConfigError, MiniLoraError
 from .export import export_adapter, export_merged
@@ -181,6 +182,40 @@ def cmd_export(args: argparse.Namespace) -> None:
         print(f"adapter written to {out} ({out.stat().st_size / 1e6:.2f} MB): llama-cli -m BASE.gguf --lora {out}")
 
 
+def cmd_inspect(args: argparse.Namespace) -> None:
+    factors = adapter_factors(args.adapter)
+    if not factors:
+        raise ConfigError(f"{args.adapter}: no LoRA A/B pairs to inspect")
+    weights = {}
+    if args.base:
+        model = load_model(args.base)
+        weights = {name: model.get_submodule(name) for name in factors}
+    head = f"{'module':<44} {'r':>3} {'|dW|_F':>9} {'top1':>6} {'top2':>6} {'top4':>6} {'eff.rank':>8}"
+    print(head + (f" {'|UtWV|':>9} {'W top-r':>9} {'random':>9} {'ampl.':>7}" if weights else ""))
+    for name, (a, b, scale) in factors.items():
+        delta = scale * (b @ a)
+        s = spectrum(delta)
+        line = (f"{name:<44} {a.shape[0]:>3} {s['norm']:>9.4f} {s['top1']:>6.3f} {s['top2']:>6.3f} {s['top4']:>6.3f} "
+                f"{s['effective_rank']:>8.2f}")
+        if weights:
+            layer = weights[name]
+            w = layer.dequantize() if hasattr(layer, "dequantize") else layer.weight
+            m = amplification(w, delta, a.shape[0])
+            line += f" {m['w_on_delta']:>9.4f} {m['w_on_own_top']:>9.4f} {m['w_on_random']:>9.4f} {m['amplification']:>7.2f}"
+        print(line)
+    if args.compare:
+        other = adapter_factors(args.compare)
+        common = [n for n in factors if n in other]
+        if not common:
+            raise ConfigError(f"{args.compare}: no module in common with {args.adapter}")
+        print(f"\nsubspace similarity phi(A1, A2, i, j) = |U1_i^T U2_j|_F^2 / min(i, j) (paper eq. 4); rows i, columns j")
+        for name in common:
+            grid = similarity_grid(factors[name][0], other[name][0])
+            print(f"{name}:")
+            for i, row in enumerate(grid, start=1):
+                print(f"  i={i:<3} " + " ".join(f"{v:.2f}" for v in row))
+
+
 def cmd_recipes(args: argparse.Namespace) -> None:
     for name, path in packaged_recipes().items():
         first = next((l.lstrip("# ").strip() for l in path.read_text().splitlines() if l.startswith("#")), "")
@@ -281,6 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--revision")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("inspect", help="what an adapter learned, as the LoRA paper measures it (section 7)")
+    p.add_argument("adapter", help="an adapter folder (minilora's or PEFT's)")
+    p.add_argument("--base", help="the base model: also W's projection on each update's subspace, and the amplification")
+    p.add_argument("--compare", help="another adapter of the same modules: the subspace similarity of their A matrices")
+    p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("recipes", help="list the recipes that ship with minilora (minilora train NAME runs one)")
     p.set_defaults(func=cmd_recipes)
