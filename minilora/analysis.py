@@ -93,16 +93,19 @@ def amplification(weight: torch.Tensor, delta: torch.Tensor, r: int | None = Non
             "amplification": delta_norm / on_delta if on_delta else float("inf")}
 
 
+def measure(a: torch.Tensor, b: torch.Tensor, scale: float, weight: torch.Tensor | None = None) -> dict[str, float]:
+    """One module's row: r, the spectrum of ΔW = scale · B A, and with the base `weight` the projection of W
+    on ΔW's subspace and the amplification."""
+    delta = scale * (b.detach().double() @ a.detach().double())
+    row = {"r": a.shape[0], **spectrum(delta)}
+    if weight is not None:
+        row.update({k: v for k, v in amplification(weight, delta, a.shape[0]).items() if k != "r"})
+    return row
+
+
 def inspect(model: nn.Module, with_base: bool = False) -> dict[str, dict[str, float]]:
-    """Per LoRA layer of `model` (its active adapter): r, the spectrum of ΔW, and with `with_base` the
-    projection of the base weight W (dequantized for an int8/4-bit base) on ΔW's subspace."""
-    out = {}
-    for name, layer in lora_modules(model):
-        if not isinstance(layer, LoRALinear):
-            continue
-        delta = delta_weight(layer)
-        row = {"r": layer.r, **spectrum(delta)}
-        if with_base:
-            row.update({k: v for k, v in amplification(layer.base_weight(), delta, layer.r).items() if k != "r"})
-        out[name] = row
-    return out
+    """Per LoRA layer of `model` (its active adapter): measure(), with `with_base` on the base weight W
+    (dequantized for an int8/4-bit base)."""
+    return {name: measure(layer.lora_A.weight, layer.lora_B.weight, layer.scaling,
+                          layer.base_weight() if with_base else None)
+            for name, layer in lora_modules(model) if isinstance(layer, LoRALinear)}

@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 import torch
 
 from . import __version__, demo, distributed
-from .analysis import adapter_factors, amplification, similarity_grid, spectrum
+from .analysis import adapter_factors, measure, similarity_grid
 from .adapter import adapter_classes, load_adapter
 from .errors import ConfigError, MiniLoraError
 from .export import export_adapter, export_merged
@@ -187,20 +187,16 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     if not factors:
         raise ConfigError(f"{args.adapter}: no LoRA A/B pairs to inspect")
     weights = {}
-    if args.base:
+    if args.base:  # loaded in floating point: its linear weights as they are
         model = load_model(args.base)
-        weights = {name: model.get_submodule(name) for name in factors}
+        weights = {name: model.get_submodule(name).weight for name in factors}
     head = f"{'module':<44} {'r':>3} {'|dW|_F':>9} {'top1':>6} {'top2':>6} {'top4':>6} {'eff.rank':>8}"
     print(head + (f" {'|UtWV|':>9} {'W top-r':>9} {'random':>9} {'ampl.':>7}" if weights else ""))
     for name, (a, b, scale) in factors.items():
-        delta = scale * (b @ a)
-        s = spectrum(delta)
-        line = (f"{name:<44} {a.shape[0]:>3} {s['norm']:>9.4f} {s['top1']:>6.3f} {s['top2']:>6.3f} {s['top4']:>6.3f} "
-                f"{s['effective_rank']:>8.2f}")
+        m = measure(a, b, scale, weights.get(name))
+        line = (f"{name:<44} {m['r']:>3} {m['norm']:>9.4f} {m['top1']:>6.3f} {m['top2']:>6.3f} {m['top4']:>6.3f} "
+                f"{m['effective_rank']:>8.2f}")
         if weights:
-            layer = weights[name]
-            w = layer.dequantize() if hasattr(layer, "dequantize") else layer.weight
-            m = amplification(w, delta, a.shape[0])
             line += f" {m['w_on_delta']:>9.4f} {m['w_on_own_top']:>9.4f} {m['w_on_random']:>9.4f} {m['amplification']:>7.2f}"
         print(line)
     if args.compare:

@@ -149,8 +149,7 @@ def show_record(record: dict[str, Any], progress) -> None:
         if "loss" in record:
             progress.update(record["step"] - progress.n)  # whole again after the micro-batches' fractions
             progress.last = f", loss={shown['loss']}, lr={shown['lr']}"
-            progress.set_postfix_str(f"{getattr(progress, 'tokens', 0) / max(1e-9, progress.format_dict['elapsed']):.0f}"
-                                     f" tok/s{progress.last}")
+            _postfix(progress)
         else:
             progress.write(" ".join(f"{k}={v}" for k, v in shown.items()))
     else:  # no bar: every logged step (log_every) and evaluation as a line
@@ -161,10 +160,15 @@ def micro_batch_done(progress, micro_batches: int) -> Callable[[int], None]:
     """Move the bar a micro-batch's share of a step, with the tokens per second so far beside it."""
     def done(tokens: int) -> None:
         progress.tokens = getattr(progress, "tokens", 0) + tokens
-        seconds = max(1e-9, progress.format_dict["elapsed"])
         progress.update(1 / micro_batches)
-        progress.set_postfix_str(f"{progress.tokens / seconds:.0f} tok/s" + getattr(progress, "last", ""), refresh=False)
+        _postfix(progress, refresh=False)
     return done
+
+
+def _postfix(progress, refresh: bool = True) -> None:
+    """Beside the bar: tokens per second so far, and the last logged step's loss and lr."""
+    rate = getattr(progress, "tokens", 0) / max(1e-9, progress.format_dict["elapsed"])
+    progress.set_postfix_str(f"{rate:.0f} tok/s" + getattr(progress, "last", ""), refresh=refresh)
 
 
 def progress_bar(enabled: bool, total: int, initial: int, mininterval: float = 0.1):
