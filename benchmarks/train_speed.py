@@ -3,11 +3,12 @@
     python benchmarks/train_speed.py --model gpt2-medium --dtype fp32 --steps 6
     python benchmarks/train_speed.py --model gpt2 --dtype bf16
     python benchmarks/train_speed.py --model gpt2 --dora      # DoRA on both sides (run it without, to compare)
+    python benchmarks/train_speed.py --device cuda --model gpt2-medium --dtype bf16 --batch 16 --seq 512
 
 Each side runs in its own subprocess (so its peak memory, VmHWM, is its own): random weights from the
 same seed, LoRA r=8 alpha=16 on the attention projections, micro-batch 8 x 128 tokens, AdamW. It
 reports the loss of step 1 (which must agree), the time to the first step, the median tokens/s of the
-steps after warm-up, the peak resident memory, and the matrix FLOP/s of a step against this machine's
+steps after warm-up, the peak resident memory (on CUDA: the peak of torch's GPU allocator), and the matrix FLOP/s of a step against this machine's
 measured matmul peak in the same dtype. Results go to benchmarks/results/train_speed_*.json.
 """
 
@@ -35,13 +36,15 @@ CONFIGS = {
 
 
 def worker(side: str, name: str, dtype: str, steps: int, batch: int, seq: int, reference: bool = False,
-           dora: bool = False) -> dict:
+           dora: bool = False, device: str = "cpu") -> dict:
     import torch
     torch.manual_seed(0)
+    cuda = device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     cfg = dict(CONFIGS[name])
     kind = cfg["model_type"]
     targets = TARGETS[kind]
-    ids = torch.randint(0, cfg["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, cfg["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(1)).to(device)
     start = time.perf_counter()
     if side == "minilora":
         from minilora.inject import apply_lora
@@ -50,6 +53,7 @@ def worker(side: str, name: str, dtype: str, steps: int, batch: int, seq: int, r
         model = build_model(cfg)
         model.load_state_dict(reference_state(cfg), strict=False)  # the state dict is freed at once, as on peft's side
         model.tie_weights()
+        model.to(device)
         apply_lora(model, targets, r=8, alpha=16, use_dora=dora)
 
         def loss_of(m):
@@ -65,6 +69,7 @@ def worker(side: str, name: str, dtype: str, steps: int, batch: int, seq: int, r
         else:
             hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**c, attn_implementation="sdpa"))
         hf.load_state_dict(hf_state(cfg), strict=False)
+        hf.to(device)
         model = get_peft_model(hf, LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0,
                                               use_dora=dora))
 
@@ -75,7 +80,7 @@ def worker(side: str, name: str, dtype: str, steps: int, batch: int, seq: int, r
     with torch.no_grad():
         for n, p in sorted(model.named_parameters()):
             if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+                p.copy_(torch.randn(p.shape, generator=g).to(device) * 0.02)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     times, losses = [], []
@@ -88,17 +93,22 @@ def worker(side: str, name: str, dtype: str, steps: int, batch: int, seq: int, r
         from minilora.kernels import frozen_weights_in
         held.enter_context(frozen_weights_in(model, torch.bfloat16))
     for step in range(steps):
+        sync()
         t = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bf16"):
             loss = loss_of(model)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss))
+        sync()
         times.append(time.perf_counter() - t)
         if step == 0:
             first = time.perf_counter() - start
-    hwm = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
+    if cuda:
+        hwm = torch.cuda.max_memory_allocated()
+    else:
+        hwm = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
     steady = sorted(times[2:])[len(times[2:]) // 2] if len(times) > 2 else times[-1]
     return dict(side=side, loss_step1=losses[0], losses=losses, first_step_s=first, step_times=times[2:],
                 step_s=steady, tokens_per_s=batch * seq / steady, peak_rss=hwm, fp32_loss=fp32_loss)
@@ -132,7 +142,7 @@ def hf_state(cfg: dict) -> dict:
     return dict(model.model_to_checkpoint(n, t) for n, t in reference_state(cfg).items())
 
 
-def matmul_peak(dtype: str) -> float:
+def matmul_peak(dtype: str, device: str = "cpu") -> float:
     """FLOP/s of the fastest of a few large matmuls (square, and the step's own 1024-token shapes) in the
     given dtype: this machine's ceiling for the step. Best of several rounds: the ceiling, not an average
     disturbed by the neighbours of a shared machine (main() measures before and after and keeps the max)."""
@@ -140,11 +150,15 @@ def matmul_peak(dtype: str) -> float:
     dt = torch.bfloat16 if dtype == "bf16" else torch.float32
     best = 0.0
     for m, k, n in ((2048, 2048, 2048), (1024, 1024, 4096), (1024, 4096, 1024)):
-        a, b = torch.randn(m, k, dtype=dt), torch.randn(k, n, dtype=dt)
+        a, b = torch.randn(m, k, dtype=dt, device=device), torch.randn(k, n, dtype=dt, device=device)
         for _ in range(5):
+            if device == "cuda":
+                torch.cuda.synchronize()
             start = time.perf_counter()
             for _ in range(3):
                 a @ b
+            if device == "cuda":
+                torch.cuda.synchronize()
             best = max(best, 3 * 2 * m * k * n / (time.perf_counter() - start))
     return best
 
@@ -181,23 +195,28 @@ def main() -> None:
     parser.add_argument("--worker", choices=["minilora", "peft"])
     parser.add_argument("--reference", action="store_true")
     parser.add_argument("--dora", action="store_true", help="DoRA instead of plain LoRA, on both sides")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.model, args.dtype, args.steps, args.batch, args.seq, args.reference,
-                                args.dora)))
+                                args.dora, args.device)))
         return
     import torch
     from minilora.hardware import matmul_is_fast
-    if args.dtype == "bf16" and not matmul_is_fast(torch.bfloat16, "cpu"):
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: torch sees no CUDA device here")
+        return
+    if args.device == "cpu" and args.dtype == "bf16" and not matmul_is_fast(torch.bfloat16, "cpu"):
         print(f"bf16: this CPU (torch capability {torch.backends.cpu.get_cpu_capability()}) has no bf16 matrix "
               "kernel; torch's bf16 product is a plain loop ~100x slower than fp32 here: nothing worth measuring")
         return
-    peak = matmul_peak(args.dtype)
+    peak = matmul_peak(args.dtype, args.device)
     runs: dict[str, list[dict]] = {}
     for round_ in range(args.rounds):
         for side in ("minilora", "peft") if round_ % 2 == 0 else ("peft", "minilora"):
             cmd = [sys.executable, __file__, "--worker", side, "--model", args.model, "--dtype", args.dtype,
-                   "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)] + \
+                   "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq),
+                   "--device", args.device] + \
                 (["--dora"] if args.dora else [])
             if round_ == 0 and side == "minilora" and args.dtype == "bf16":
                 cmd.append("--reference")
@@ -212,11 +231,11 @@ def main() -> None:
         rows[side] = dict(results[0], step_s=step, tokens_per_s=args.batch * args.seq / step,
                           first_step_s=min(r["first_step_s"] for r in results),
                           peak_rss=max(r["peak_rss"] for r in results), rounds=results)
-    peak = max(peak, matmul_peak(args.dtype))
+    peak = max(peak, matmul_peak(args.dtype, args.device))
     flops = step_flops(CONFIGS[args.model], args.batch, args.seq)
     print(f"{'DoRA' if args.dora else 'LoRA'} r=8 on {TARGETS[CONFIGS[args.model]['model_type']]}, {args.model}, {args.dtype}, micro-batch "
-          f"{args.batch} x {args.seq}; matmul peak {peak / 1e9:.0f} GFLOP/s; {flops / 1e9:.0f} GFLOP per step")
-    print(f"{'':>10} {'loss@1':>10} {'first step':>11} {'tokens/s':>9} {'of peak':>8} {'peak RSS':>9}")
+          f"{args.batch} x {args.seq} on {args.device}; matmul peak {peak / 1e9:.0f} GFLOP/s; {flops / 1e9:.0f} GFLOP per step")
+    print(f"{'':>10} {'loss@1':>10} {'first step':>11} {'tokens/s':>9} {'of peak':>8} {'peak GPU' if args.device == 'cuda' else 'peak RSS':>9}")
     for side, r in rows.items():
         r["fraction_of_peak"] = flops / r["step_s"] / peak
         print(f"{side:>10} {r['loss_step1']:10.6f} {r['first_step_s']:10.1f}s {r['tokens_per_s']:9.0f} "
@@ -238,9 +257,10 @@ def main() -> None:
             print(f"step-1 loss against the fp32 loss {ref:.6f}: minilora {rows['minilora']['loss_step1'] - ref:+.2e}, "
                   f"peft {rows['peft']['loss_step1'] - ref:+.2e}")
     RESULTS.mkdir(exist_ok=True)
-    out = dict(model=args.model, dtype=args.dtype, dora=args.dora, batch=args.batch, seq=args.seq, matmul_peak=peak,
+    out = dict(model=args.model, dtype=args.dtype, device=args.device, dora=args.dora, batch=args.batch, seq=args.seq, matmul_peak=peak,
                step_flops=flops, rows=rows)
-    (RESULTS / f"train_speed_{args.model}_{args.dtype}{'_dora' if args.dora else ''}.json").write_text(json.dumps(out, indent=2) + "\n")
+    suffix = ("_dora" if args.dora else "") + ("_cuda" if args.device == "cuda" else "")
+    (RESULTS / f"train_speed_{args.model}_{args.dtype}{suffix}.json").write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -84,8 +84,8 @@ def amplification(weight: torch.Tensor, delta: torch.Tensor, r: int | None = Non
     uw, sw, vhw = torch.linalg.svd(w, full_matrices=False)
     proj = lambda left, right: float((left.t() @ w @ right.t()).norm())
     g = generator or torch.Generator().manual_seed(0)
-    ru = torch.linalg.qr(torch.randn(w.shape[0], r, generator=g, dtype=torch.float64)).Q
-    rv = torch.linalg.qr(torch.randn(w.shape[1], r, generator=g, dtype=torch.float64)).Q.t()
+    ru = torch.linalg.qr(torch.randn(w.shape[0], r, generator=g, dtype=torch.float64)).Q.to(w.device)
+    rv = torch.linalg.qr(torch.randn(w.shape[1], r, generator=g, dtype=torch.float64)).Q.t().to(w.device)
     delta_norm = float(d.norm())
     on_delta = proj(u[:, :r], vh[:r])
     return {"r": r, "delta_norm": delta_norm, "w_on_delta": on_delta, "w_on_own_top": proj(uw[:, :r], vhw[:r]),

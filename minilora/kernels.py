@@ -68,6 +68,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         vocab = weight.shape[0]
         chunk = max(512, (1 << 23) // vocab)  # 8M logits (32 MB in fp32) at a time, or 512 rows:
         # fewer rows than that make the matmuls slower (256 rows: -10% at 32000 x 768 here)
+        all_valid = bool((labels != ignore_index).all())  # once: a check per chunk would wait for the GPU each time
         if rows is None:
             w, b, logits_buffer, low_buffer = prepared_head(weight, bias, dtype, min(chunk, h.shape[0]))
         else:
@@ -99,7 +100,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 total -= (logp.gather(1, target[:, None]).squeeze(1) * valid).sum()
                 probs = logp.exp_()  # softmax, in place
                 probs[torch.arange(len(y), device=y.device), target] -= 1.0
-                if not bool(valid.all()):  # causal_lm_loss passes only targets; other callers may not
+                if not all_valid:  # causal_lm_loss passes only targets; other callers may not
                     probs *= valid[:, None]
                 if rows is not None:
                     g = grad_h[i:i + chunk].zero_()

@@ -205,9 +205,77 @@ def test_nf4_and_ggml_layers_on_cuda_equal_cpu():
         outs = []
         for device in ("cpu", "cuda"):
             layer = layer.to(device)
-            xi = x.to(device).requires_grad_(True)
+            xi = x.detach().to(device).requires_grad_(True)  # a leaf on each device
             y = layer(xi)
             y.square().sum().backward()
             outs.append((y.detach().cpu(), xi.grad.cpu(), layer.dequantize().cpu()))
         for a, b in zip(*outs):
             assert (a - b).abs().max().item() <= 1e-4 * (1 + a.abs().max().item()), name
+
+
+def test_packed_rows_on_cuda_give_the_unpacked_loss_and_gradients(saved_tiny):
+    """Packing's per-example attention mask and restarted positions on the GPU: the loss and the LoRA
+    gradients of the same examples one per row (also on the GPU)."""
+    from minilora.batching import pack
+    from minilora.evaluate import causal_lm_loss
+    data = examples(n=12, seed=1)
+    sums = []
+    for batch in (collate(data, pad_id=0), collate(pack(data, 32), pad_id=0)):
+        model = lora_model(saved_tiny).to(CUDA)
+        loss, count = causal_lm_loss(model, {k: v.to(CUDA) for k, v in batch.items()})
+        loss.backward()
+        sums.append((loss.item(), count, {n: p.grad.cpu() for n, p in model.named_parameters() if p.grad is not None}))
+    (a, n_a, g_a), (b, n_b, g_b) = sums
+    assert n_a == n_b and abs(a - b) <= 1e-5 * abs(a)
+    assert g_a.keys() == g_b.keys() and all(torch.allclose(g_a[k], g_b[k], rtol=1e-4, atol=1e-6) for k in g_a)
+
+
+def test_kept_gguf_embedding_and_quantized_head_on_cuda_equal_the_dequantized_model(tmp_path):
+    """A GGUF kept in its blocks (Q4_K layers, a Q8_0 embedding and the head tied to it) on the GPU: the
+    logits of the CPU, and the fused head loss and LoRA gradients of the dequantized model on the GPU.
+    (Not the CPU's gradients: this random model's logits run to the hundreds, and its fp32 gradients differ
+    from float64's by 35% on either device; kept and dequantized do the same arithmetic, so they agree.)"""
+    pytest.importorskip("gguf")
+    from test_ggml import write_kquant_gguf
+    from minilora import ggml
+    from minilora.evaluate import causal_lm_loss
+    from minilora.inject import apply_lora
+    path = write_kquant_gguf(tmp_path / "e.gguf", [ggml.Q4_K], embedding=ggml.Q8_0)
+    ids = torch.randint(0, 97, (3, 11))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    batch = {k: v.to(CUDA) for k, v in
+             {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}.items()}
+    with torch.no_grad():
+        on_cpu = load_model(path, keep_quantized=True)(ids)
+    outs = []
+    for kept in (True, False):
+        model = load_model(path, keep_quantized=kept, device=CUDA)
+        assert isinstance(model.lm_head, ggml.GGMLLinear) == kept and model.lm_head.weight.is_cuda
+        with torch.no_grad():
+            logits = model(ids.to(CUDA)).cpu()
+        assert (logits - on_cpu).abs().max().item() <= 1e-4 * (1 + on_cpu.abs().max().item())
+        torch.manual_seed(0)
+        apply_lora(model, ["v_proj", "down_proj"], r=4, alpha=8)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+        loss, _ = causal_lm_loss(model, batch)
+        loss.backward()
+        outs.append((loss.item(), torch.cat([p.grad.flatten().cpu() for p in model.parameters() if p.requires_grad])))
+    (loss_kept, g_kept), (loss_dense, g_dense) = outs
+    assert abs(loss_kept - loss_dense) <= 1e-5 * abs(loss_dense)
+    assert ((g_kept - g_dense).norm() / g_dense.norm()).item() <= 1e-4
+
+
+def test_inspect_on_cuda_equals_cpu(saved_tiny):
+    """The section-7 measurements of a model on the GPU: the CPU's (both in float64)."""
+    from minilora.analysis import inspect
+    model = lora_model(saved_tiny, targets=["q_proj", "v_proj"])
+    cpu = inspect(model, with_base=True)
+    gpu = inspect(model.to(CUDA), with_base=True)
+    assert cpu.keys() == gpu.keys() and len(cpu) == 4
+    for name, row in cpu.items():
+        for key, value in row.items():
+            assert abs(value - gpu[name][key]) <= 1e-9 * (1 + abs(value)), (name, key)
