@@ -13,16 +13,26 @@
                                GPT-3's W_q)
   inspect(model)               per LoRA module: r, ‖ΔW‖_F, the energy shares, the effective rank, and
                                with the base's weights the projection and amplification
+  inspect_adapter(folder)      the same from an adapter's files (minilora's or PEFT's), with a base model
+                               (float or quantized: W dequantized) and another adapter to compare
+  plot_inspection(result, dir) singular_values.png, similarity.png (the Figure 3 heatmaps) and
+                               inspect.json with every number (matplotlib: the optional extra `plot`)
+
+DoRA adapters are measured on their low-rank part s·B·A (the magnitudes aside); LoRA on embeddings
+(lora_embedding_A/B) is left out and counted.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from .adapter import PREFIX, lora_config_from_peft, read_adapter
+from .errors import ConfigError
 from .inject import lora_modules
 from .lora import LoRALinear
 
@@ -39,13 +49,18 @@ def adapter_factors(folder) -> dict[str, tuple[torch.Tensor, torch.Tensor, float
     config, tensors = read_adapter(folder)
     settings = lora_config_from_peft(config, Path(folder) / "adapter_config.json", list(tensors))
     out = {}
-    for key, a in tensors.items():
+    for key, a in sorted(tensors.items(), key=lambda item: natural(item[0])):
         if key.endswith(".lora_A.weight"):
             module = key.removeprefix(PREFIX).removesuffix(".lora_A.weight")
             b = tensors[key.replace(".lora_A.", ".lora_B.")]
             r, alpha = settings.settings_for(module)
             out[module] = (a.double(), b.double(), alpha / (r ** 0.5 if settings.use_rslora else r))
     return out
+
+
+def natural(name: str) -> list:
+    """Sort key that puts layers.2 before layers.10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 def spectrum(delta: torch.Tensor) -> dict[str, float]:
@@ -62,16 +77,24 @@ def spectrum(delta: torch.Tensor) -> dict[str, float]:
     return out
 
 
+def right_singular(a: torch.Tensor) -> torch.Tensor:
+    """The right-singular vectors of A (r × k) as rows, the largest singular value first: (r, k) float64."""
+    return torch.linalg.svd(a.double(), full_matrices=False).Vh
+
+
 def subspace_similarity(a1: torch.Tensor, a2: torch.Tensor, i: int, j: int) -> float:
     """φ(A1, A2, i, j) = ‖U1ⁱᵀ U2ʲ‖²_F / min(i, j): U the right-singular vectors of A (r × k), top i and j."""
-    u1 = torch.linalg.svd(a1.double(), full_matrices=False).Vh[:i].t()
-    u2 = torch.linalg.svd(a2.double(), full_matrices=False).Vh[:j].t()
+    u1, u2 = right_singular(a1)[:i].t(), right_singular(a2)[:j].t()
     return float((u1.t() @ u2).square().sum()) / min(i, j)
 
 
 def similarity_grid(a1: torch.Tensor, a2: torch.Tensor) -> list[list[float]]:
-    """φ for i = 1 .. rank(A1) and j = 1 .. rank(A2) (rows i, columns j)."""
-    return [[subspace_similarity(a1, a2, i, j) for j in range(1, a2.shape[0] + 1)] for i in range(1, a1.shape[0] + 1)]
+    """φ for i = 1 .. rank(A1) and j = 1 .. rank(A2) (rows i, columns j): one SVD of each A, then every
+    ‖U1ⁱᵀ U2ʲ‖²_F at once as the 2-D running sum of the squared overlaps (U1ᵀU2)²."""
+    overlap = (right_singular(a1) @ right_singular(a2).t()).square().cumsum(0).cumsum(1)
+    i = torch.arange(1, overlap.shape[0] + 1, dtype=torch.float64)[:, None]
+    j = torch.arange(1, overlap.shape[1] + 1, dtype=torch.float64)[None, :]
+    return (overlap / torch.minimum(i, j)).tolist()
 
 
 def amplification(weight: torch.Tensor, delta: torch.Tensor, r: int | None = None,
@@ -109,3 +132,122 @@ def inspect(model: nn.Module, with_base: bool = False) -> dict[str, dict[str, fl
     return {name: measure(layer.lora_A.weight, layer.lora_B.weight, layer.scaling,
                           layer.base_weight() if with_base else None)
             for name, layer in lora_modules(model) if isinstance(layer, LoRALinear)}
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """W of a linear layer in float32: a LoRA layer's base, a quantized (int8, NF4, GGUF) one dequantized."""
+    if isinstance(module, LoRALinear):
+        return module.base_weight()
+    if hasattr(module, "dequantize"):
+        return module.dequantize().float()
+    return module.weight.detach().float()
+
+
+def embedding_modules(folder) -> list[str]:
+    """The modules of an adapter with LoRA on embeddings (lora_embedding_A/B), which are not measured."""
+    _, tensors = read_adapter(folder)
+    return sorted({k.removeprefix(PREFIX).split(".lora_embedding_A")[0] for k in tensors if ".lora_embedding_A" in k})
+
+
+def inspect_adapter(folder, base: nn.Module | None = None, compare=None) -> dict:
+    """The section-7 measurements of an adapter folder: {"modules": {name: measure() row},
+    "singular_values": {name: [σ1, σ2, ...] of ΔW}, "similarity": {name: φ grid} (with `compare`, another
+    adapter's folder), "skipped": embedding modules}. With `base` (the model the adapter was trained on,
+    in float or quantized) each row also has W's projection on ΔW's subspace and the amplification."""
+    factors = adapter_factors(folder)
+    if not factors:
+        raise ConfigError(f"{folder}: no LoRA A/B pairs to inspect")
+    weights = {}
+    for name, (a, b, _) in factors.items() if base is not None else ():
+        try:
+            module = base.get_submodule(name)
+        except AttributeError:
+            raise ConfigError(f"{folder}: module {name} of the adapter is not in the base model") from None
+        weights[name] = w = linear_weight(module)
+        if tuple(w.shape) != (b.shape[0], a.shape[1]):
+            raise ConfigError(f"{folder}: {name} is {b.shape[0]} x {a.shape[1]} in the adapter (B {tuple(b.shape)}, "
+                              f"A {tuple(a.shape)}) but {tuple(w.shape)} in the base model: another model's adapter?")
+    result = {"modules": {}, "singular_values": {}, "similarity": {}, "skipped": embedding_modules(folder)}
+    for name, (a, b, scale) in factors.items():
+        result["modules"][name] = measure(a, b, scale, weights.get(name))
+        result["singular_values"][name] = torch.linalg.svdvals(scale * (b @ a)).tolist()[:a.shape[0]]
+    if compare is not None:
+        other = adapter_factors(compare)
+        common = [n for n in factors if n in other]
+        if not common:
+            raise ConfigError(f"{compare}: no module in common with {folder}")
+        for name in common:
+            a1, a2 = factors[name][0], other[name][0]
+            if a1.shape[1] != a2.shape[1]:
+                raise ConfigError(f"{compare}: {name}'s A has {a2.shape[1]} columns, {a1.shape[1]} in {folder}: "
+                                  "the adapters are of different models")
+            result["similarity"][name] = similarity_grid(a1, a2)
+    return result
+
+
+def module_kind(name: str) -> tuple[str, int | None]:
+    """("q_proj", 15) for model.layers.15.self_attn.q_proj: the layer type and its layer number."""
+    number = re.search(r"\.(\d+)\.", f".{name}.")
+    return name.rsplit(".", 1)[-1], int(number.group(1)) if number else None
+
+
+def plot_inspection(result: dict, folder) -> list[Path]:
+    """Draw inspect_adapter()'s result into `folder`: singular_values.png (each module's σ_i / ‖ΔW‖_F, a
+    panel per layer type, a line per layer), similarity.png with a compared adapter (φ(i, j) heatmaps of
+    the first, middle and last layer of each type, as the paper's Figure 3) and inspect.json (all of it)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
+    except ImportError:
+        raise ConfigError("plots are drawn with matplotlib, which is not installed here: "
+                          "pip install 'minilora[plot]' (or matplotlib)") from None
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    kinds: dict[str, list[tuple[int | None, str]]] = {}
+    for name in result["singular_values"]:
+        kind, layer = module_kind(name)
+        kinds.setdefault(kind, []).append((layer, name))
+    written = []
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4.2 * len(kinds), 3.6), squeeze=False, layout="constrained")
+    for ax, (kind, names) in zip(axes[0], kinds.items()):
+        cmap = plt.get_cmap("viridis")
+        for n, (layer, name) in enumerate(names):
+            s = torch.tensor(result["singular_values"][name])
+            ax.plot(range(1, len(s) + 1), (s / s.norm()).tolist(), color=cmap(n / max(1, len(names) - 1)),
+                    lw=1, marker="." if len(s) <= 16 else None, label=f"layer {layer}" if n in (0, len(names) - 1) else None)
+        ax.set(title=kind, xlabel="singular direction i", ylabel="σ_i / ‖ΔW‖_F", yscale="log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=7)
+    fig.suptitle("singular values of ΔW = s·B·A (first layer purple, last yellow)", fontsize=9)
+    written.append(folder / "singular_values.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+    if result["similarity"]:
+        by_kind: dict[str, list[str]] = {}
+        for name in result["similarity"]:
+            by_kind.setdefault(module_kind(name)[0], []).append(name)
+        picks = {kind: list(dict.fromkeys([names[0], names[len(names) // 2], names[-1]])) for kind, names in by_kind.items()}
+        cols = max(map(len, picks.values()))
+        fig, axes = plt.subplots(len(picks), cols, figsize=(3.8 * cols, 3.4 * len(picks)), squeeze=False,
+                                 layout="constrained")
+        for row, (kind, names) in zip(axes, picks.items()):
+            for ax, name in zip(row, names):
+                grid = result["similarity"][name]
+                image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="upper",
+                                  extent=(0.5, len(grid[0]) + 0.5, len(grid) + 0.5, 0.5))
+                ax.set(title=f"{kind}, layer {module_kind(name)[1]}", xlabel="j (compared adapter)",
+                       ylabel="i (this adapter)")
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+                ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+            for ax in row[len(names):]:
+                ax.axis("off")
+            fig.colorbar(image, ax=row.tolist())
+        fig.suptitle("φ(A1, A2, i, j) = ‖U1ⁱᵀ U2ʲ‖²_F / min(i, j)  (LoRA paper, eq. 4 and Figure 3)", fontsize=9)
+        written.append(folder / "similarity.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    written.append(folder / "inspect.json")
+    written[-1].write_text(json.dumps(result, indent=1) + "\n")
+    return written

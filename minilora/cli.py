@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 import torch
 
 from . import __version__, demo, distributed
-from .analysis import adapter_factors, measure, similarity_grid
+from .analysis import inspect_adapter, module_kind, plot_inspection
 from .adapter import adapter_classes, load_adapter
 from .errors import ConfigError, MiniLoraError
 from .export import export_adapter, export_merged
@@ -183,33 +183,33 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    factors = adapter_factors(args.adapter)
-    if not factors:
-        raise ConfigError(f"{args.adapter}: no LoRA A/B pairs to inspect")
-    weights = {}
-    if args.base:  # loaded in floating point: its linear weights as they are
-        model = load_model(args.base)
-        weights = {name: model.get_submodule(name).weight for name in factors}
+    base = load_model(args.base) if args.base else None  # a GGUF's blocks dequantized on load
+    result = inspect_adapter(args.adapter, base, args.compare)
+    with_base = base is not None
     head = f"{'module':<44} {'r':>3} {'|dW|_F':>9} {'top1':>6} {'top2':>6} {'top4':>6} {'eff.rank':>8}"
-    print(head + (f" {'|UtWV|':>9} {'W top-r':>9} {'random':>9} {'ampl.':>7}" if weights else ""))
-    for name, (a, b, scale) in factors.items():
-        m = measure(a, b, scale, weights.get(name))
-        line = (f"{name:<44} {m['r']:>3} {m['norm']:>9.4f} {m['top1']:>6.3f} {m['top2']:>6.3f} {m['top4']:>6.3f} "
-                f"{m['effective_rank']:>8.2f}")
-        if weights:
-            line += f" {m['w_on_delta']:>9.4f} {m['w_on_own_top']:>9.4f} {m['w_on_random']:>9.4f} {m['amplification']:>7.2f}"
-        print(line)
-    if args.compare:
-        other = adapter_factors(args.compare)
-        common = [n for n in factors if n in other]
-        if not common:
-            raise ConfigError(f"{args.compare}: no module in common with {args.adapter}")
+    print(head + (f" {'|UtWV|':>9} {'W top-r':>9} {'random':>9} {'ampl.':>7}" if with_base else ""))
+    keys = ["norm", "top1", "top2", "top4", "effective_rank"] + \
+        (["w_on_delta", "w_on_own_top", "w_on_random", "amplification"] if with_base else [])
+    widths = {"norm": "9.4f", "top1": "6.3f", "top2": "6.3f", "top4": "6.3f", "effective_rank": "8.2f",
+              "w_on_delta": "9.4f", "w_on_own_top": "9.4f", "w_on_random": "9.4f", "amplification": "7.2f"}
+    line = lambda label, r, m: f"{label:<44} {r:>3} " + " ".join(f"{m[k]:{widths[k]}}" for k in keys)
+    kinds: dict[str, list[dict]] = {}
+    for name, m in result["modules"].items():
+        print(line(name, m["r"], m))
+        kinds.setdefault(module_kind(name)[0], []).append(m)
+    for kind, rows in kinds.items() if len(result["modules"]) > len(kinds) else ():
+        mean = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
+        print(line(f"mean of {len(rows)} {kind}", rows[0]["r"] if len({r["r"] for r in rows}) == 1 else "-", mean))
+    if result["skipped"]:
+        print(f"not measured (LoRA on embeddings): {', '.join(result['skipped'])}")
+    if result["similarity"]:
         print(f"\nsubspace similarity phi(A1, A2, i, j) = |U1_i^T U2_j|_F^2 / min(i, j) (paper eq. 4); rows i, columns j")
-        for name in common:
-            grid = similarity_grid(factors[name][0], other[name][0])
+        for name, grid in result["similarity"].items():
             print(f"{name}:")
             for i, row in enumerate(grid, start=1):
                 print(f"  i={i:<3} " + " ".join(f"{v:.2f}" for v in row))
+    if args.plot:
+        print("written: " + ", ".join(map(str, plot_inspection(result, args.plot))))
 
 
 def cmd_recipes(args: argparse.Namespace) -> None:
@@ -317,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter", help="an adapter folder (minilora's or PEFT's)")
     p.add_argument("--base", help="the base model: also W's projection on each update's subspace, and the amplification")
     p.add_argument("--compare", help="another adapter of the same modules: the subspace similarity of their A matrices")
+    p.add_argument("--plot", metavar="DIR", help="also draw singular_values.png and similarity.png, and write "
+                   "inspect.json, into DIR (matplotlib: pip install 'minilora[plot]')")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("recipes", help="list the recipes that ship with minilora (minilora train NAME runs one)")

@@ -92,3 +92,149 @@ def test_minilora_inspect_prints_the_measurements_from_the_adapter_files(saved_t
     assert len(rows) == 4 and all(len(r.split()) == 11 for r in rows)  # module, r, 5 of ΔW, 4 of W
     diagonal = re.findall(r"i=1 +(\d\.\d\d)", out)
     assert diagonal and all(v == "1.00" for v in diagonal)
+
+
+def test_a_peft_adapter_is_measured_as_peft_computes_its_update_and_embeddings_are_left_out(saved_tiny, tmp_path):
+    """PEFT's own files (rsLoRA, a rank pattern, LoRA on the embedding): ΔW equal to peft's
+    get_delta_weight per module, the scale read from adapter_config.json; the embedding named as skipped."""
+    import copy
+    from peft import LoraConfig, get_peft_model
+    from minilora.analysis import adapter_factors, inspect_adapter
+    hf, _ = saved_tiny["llama-gqa"]
+    peft_model = get_peft_model(copy.deepcopy(hf), LoraConfig(
+        r=4, lora_alpha=8, use_rslora=True, rank_pattern={"v_proj": 2},
+        target_modules=["q_proj", "v_proj", "embed_tokens"]))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n or "lora_embedding_B" in n:
+                p.normal_(0, 0.1)
+    peft_model.save_pretrained(tmp_path / "peft")
+    factors = adapter_factors(tmp_path / "peft")
+    assert set(factors) == {f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")}
+    for name, (a, b, scale) in factors.items():
+        expected = peft_model.base_model.model.get_submodule(name).get_delta_weight("default").double()
+        assert torch.allclose(scale * (b @ a), expected, atol=1e-7), name
+    result = inspect_adapter(tmp_path / "peft")
+    assert result["skipped"] == ["model.embed_tokens"]
+    assert result["modules"]["model.layers.0.self_attn.v_proj"]["r"] == 2
+    assert result["singular_values"]["model.layers.0.self_attn.v_proj"] == pytest.approx(
+        torch.linalg.svdvals(factors["model.layers.0.self_attn.v_proj"][2] * (
+            factors["model.layers.0.self_attn.v_proj"][1] @ factors["model.layers.0.self_attn.v_proj"][0]))[:2].tolist(),
+        abs=1e-12)
+
+
+@pytest.mark.parametrize("how", ["load_in_4bit", "load_in_8bit", "keep_quantized"])
+def test_a_quantized_base_is_dequantized_for_the_projection(saved_tiny, tmp_path, how):
+    """On an NF4, int8 or GGUF-blocks base the projection uses W as the quantized layer computes with it
+    (its dequantize()), and equals amplification() over that matrix in float64."""
+    from minilora.adapter import save_adapter
+    from minilora.analysis import inspect_adapter
+    from minilora.inject import apply_lora
+    from minilora.weights import load_model
+    if how == "keep_quantized":
+        from test_ggml import write_kquant_gguf
+        from minilora import ggml
+        source = write_kquant_gguf(tmp_path / "q.gguf", [ggml.Q4_K])
+    else:
+        source = saved_tiny["llama-gqa"][1]
+    trained = apply_lora(load_model(source, **{how: True}), ["q_proj", "down_proj"], r=4, alpha=8)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in trained.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    save_adapter(trained, tmp_path / "a")
+    base = load_model(source, **{how: True})
+    result = inspect_adapter(tmp_path / "a", base)
+    in_model = inspect(trained, with_base=True)
+    for name, row in result["modules"].items():
+        quantized = base.get_submodule(name)
+        assert hasattr(quantized, "dequantize"), name  # the base really is quantized here
+        w = quantized.dequantize()
+        layer = trained.get_submodule(name)
+        expected = amplification(w, delta_weight(layer), 4)
+        for key in ("w_on_delta", "w_on_own_top", "w_on_random", "amplification", "w_norm"):
+            assert row[key] == pytest.approx(expected[key], rel=1e-9), (name, key)
+            assert in_model[name][key] == pytest.approx(expected[key], rel=1e-9), (name, key)
+
+
+def test_inspect_names_what_does_not_fit(saved_tiny, tmp_path):
+    from minilora.adapter import save_adapter
+    from minilora.analysis import inspect_adapter
+    from minilora.errors import ConfigError
+    from minilora.weights import load_model
+    llama, gpt2 = load_model(saved_tiny["llama-gqa"][1]), load_model(saved_tiny["gpt2"][1])
+    save_adapter(lora_model(saved_tiny, targets=["q_proj"]), tmp_path / "llama")
+    save_adapter(lora_model(saved_tiny, "gpt2", targets=["c_attn"]), tmp_path / "gpt2")
+    with pytest.raises(ConfigError, match=r"llama: module model\.layers\.0\.self_attn\.q_proj of the adapter is not in the base model"):
+        inspect_adapter(tmp_path / "llama", gpt2)
+    with pytest.raises(ConfigError, match=r"no module in common with .*llama"):
+        inspect_adapter(tmp_path / "llama", compare=tmp_path / "gpt2")
+    small = load_model(saved_tiny["llama-gqa"][1])
+    small.model.layers[0].self_attn.q_proj = torch.nn.Linear(7, 5, bias=False)
+    with pytest.raises(ConfigError, match=r"q_proj is \d+ x \d+ in the adapter .* but \(5, 7\) in the base model"):
+        inspect_adapter(tmp_path / "llama", small)
+    from minilora.inject import apply_lora
+    heads_only = apply_lora(llama, ["q_proj"], r=4, alpha=8, modules_to_save=["lm_head"])
+    save_adapter(heads_only, tmp_path / "heads")
+    from safetensors.torch import load_file, save_file
+    file = tmp_path / "heads" / "adapter_model.safetensors"
+    save_file({k: v for k, v in load_file(file).items() if "lora_" not in k}, file)  # a head, no A/B pair
+    with pytest.raises(ConfigError, match=r"heads: no LoRA A/B pairs to inspect"):
+        inspect_adapter(tmp_path / "heads")
+
+
+def test_minilora_inspect_plot_writes_the_figures_and_every_number(saved_tiny, tmp_path, capsys, monkeypatch):
+    """--plot DIR: two PNGs (singular values; the φ heatmaps with --compare) and inspect.json, whose numbers
+    are inspect_adapter()'s; without matplotlib a named error says which extra to install."""
+    import json
+    import sys
+    from minilora.adapter import save_adapter
+    from minilora.analysis import inspect_adapter
+    from minilora.cli import main
+    save_adapter(lora_model(saved_tiny, targets=["q_proj", "v_proj"], r=4), tmp_path / "r4")
+    save_adapter(lora_model(saved_tiny, targets=["q_proj", "v_proj"], r=8, std=0.2), tmp_path / "r8")
+    base = saved_tiny["llama-gqa"][1]
+    assert main(["inspect", str(tmp_path / "r4"), "--base", str(base), "--compare", str(tmp_path / "r8"),
+                 "--plot", str(tmp_path / "plots")]) == 0
+    out = capsys.readouterr().out
+    assert "mean of 2 q_proj" in out and "mean of 2 v_proj" in out
+    for png in ("singular_values.png", "similarity.png"):
+        data = (tmp_path / "plots" / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, png
+    saved = json.loads((tmp_path / "plots" / "inspect.json").read_text())
+    from minilora.weights import load_model
+    expected = inspect_adapter(tmp_path / "r4", load_model(base), tmp_path / "r8")
+    assert saved["modules"].keys() == expected["modules"].keys()
+    for name, row in expected["modules"].items():
+        assert saved["modules"][name] == pytest.approx(row, rel=1e-12)
+        assert len(saved["similarity"][name]) == 4 and len(saved["similarity"][name][0]) == 8
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["inspect", str(tmp_path / "r4"), "--plot", str(tmp_path / "again")]) == 2
+    assert "plots are drawn with matplotlib, which is not installed here: pip install 'minilora[plot]'" in capsys.readouterr().err
+
+
+def test_real_smollm2_kept_in_its_blocks_gives_the_float_models_projection(smollm2_path, tmp_path):
+    """The real Q4_1 GGUF: inspect_adapter over the base kept in its blocks (W dequantized layer by
+    layer) equals it over the model loaded in fp32, and W's norms are the real checkpoint's."""
+    from minilora.adapter import save_adapter
+    from minilora.analysis import inspect_adapter
+    from minilora.inject import apply_lora
+    from minilora.weights import load_model
+    dense = load_model(smollm2_path)
+    torch.manual_seed(0)
+    apply_lora(dense, r"model\.layers\.(0|15|29)\.self_attn\.(q_proj|v_proj)", r=8, alpha=16)
+    with torch.no_grad():
+        for n, p in dense.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.01)
+    save_adapter(dense, tmp_path / "a")
+    kept = load_model(smollm2_path, keep_quantized=True)
+    got, expected = inspect_adapter(tmp_path / "a", kept), inspect(dense, with_base=True)
+    assert len(got["modules"]) == 6
+    for name, row in expected.items():
+        assert got["modules"][name] == pytest.approx(row, rel=1e-9), name
+        w = dense.get_submodule(name).weight.double()
+        assert row["w_norm"] == pytest.approx(float(w.norm()), rel=1e-9) and row["w_norm"] > 10
+        assert row["w_on_own_top"] > row["w_on_delta"] and row["w_on_own_top"] > row["w_on_random"]
