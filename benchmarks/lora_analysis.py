@@ -1,5 +1,5 @@
 """The LoRA paper's section 7 (Hu et al. 2021, "Understanding the low-rank updates"), reproduced offline
-on the real SmolLM2-135M and real quotes, next to the paper's GPT-3 175B figures.
+on the real SmolLM2-135M-Instruct and real quotes, next to the paper's GPT-3 175B figures.
 
     python benchmarks/lora_analysis.py                  # four runs of ~60 steps, then the measurements
     python benchmarks/lora_analysis.py --reuse          # measure (and draw) the runs already trained
@@ -66,11 +66,17 @@ def train_runs(out: Path, limit: int, reuse: bool) -> dict[str, Path]:
     return adapters
 
 
+def kind_of(name: str) -> tuple[str, int]:
+    """("q_proj", 15) for model.layers.15.self_attn.q_proj."""
+    pattern, layer = module_kind(name)
+    return pattern.rsplit(".", 1)[-1], layer
+
+
 def by_kind(result: dict, key: str) -> dict[str, dict[int, object]]:
     """{"q_proj": {layer: value}, "v_proj": {...}} of result[key]."""
     out: dict[str, dict[int, object]] = {}
     for name, value in result[key].items():
-        kind, layer = module_kind(name)
+        kind, layer = kind_of(name)
         out.setdefault(kind, {})[layer] = value
     return out
 
@@ -124,14 +130,16 @@ def main() -> None:
     print("the paper: the top direction (i = j = 1) overlaps with phi > 0.5 for both W_q and W_v; "
           "directions beyond it do not (phi near 0)")
     print("the same phi over the singular vectors of the two ΔW = s·B·A themselves, i = j = 1, 2, 4, 8, mean of all "
-          "layers (right: the input directions; left: the output directions, random max(i, j) / d):")
+          "layers (right: the input directions; left: the output directions), and the random floor i / dimension:")
     dims = [1, 2, 4, 8]
     for kind in grids:
         for side in ("input", "output"):
             per_layer = [delta_similarity(adapters["r8_seed0"], adapters["r64_seed0"], kind, layer, side)
                          for layer in layers]
             values = [mean(grid[i - 1][i - 1] for grid in per_layer) for i in dims]
-            print(f"{kind + ', ΔW ' + side:<22}" + "".join(f"{v:7.3f}" for v in values))
+            size = k if side == "input" else base.get_submodule(f"model.layers.0.self_attn.{kind}").out_features
+            print(f"{kind + ', ΔW ' + side:<22}" + "".join(f"{v:7.3f}" for v in values)
+                  + f"   random {', '.join(f'{i / size:.3f}' for i in dims)}")
             report.setdefault("figure3_delta", {}).setdefault(kind, {})[side] = dict(zip(dims, values))
 
     print(f"\n== 7.2, Figure 4: φ(A seed 0, A seed 1, i, i), two seeds of the same rank; random: i / {k}")
@@ -148,13 +156,13 @@ def main() -> None:
 
     print(f"\n== 7.3, Table 7: W_q of layer {middle} (of {len(layers)}; the paper: layer 48 of 96)")
     rows = {8: ranks["modules"], 64: seeds64["modules"]}
-    name = next(n for n in rows[8] if module_kind(n) == ("q_proj", middle))
+    name = next(n for n in rows[8] if kind_of(n) == ("q_proj", middle))
     print(f"{'':<32}{'|UtWqV| dWq':>13}{'Wq':>9}{'random':>9}{'|dWq|_F':>9}{'|Wq|_F':>9}{'ampl.':>8}")
     for r in (8, 64):
         m = rows[r][name]
         print(f"{'minilora SmolLM2, r=' + str(r):<32}{m['w_on_delta']:13.3f}{m['w_on_own_top']:9.3f}"
               f"{m['w_on_random']:9.3f}{m['delta_norm']:9.3f}{m['w_norm']:9.2f}{m['amplification']:8.2f}")
-        all_q = [v for n, v in rows[r].items() if module_kind(n)[0] == "q_proj"]
+        all_q = [v for n, v in rows[r].items() if kind_of(n)[0] == "q_proj"]
         print(f"{'   mean of ' + str(len(all_q)) + ' layers':<32}{mean(v['w_on_delta'] for v in all_q):13.3f}"
               f"{mean(v['w_on_own_top'] for v in all_q):9.3f}{mean(v['w_on_random'] for v in all_q):9.3f}"
               f"{mean(v['delta_norm'] for v in all_q):9.3f}{mean(v['w_norm'] for v in all_q):9.2f}"

@@ -18,8 +18,9 @@
   plot_inspection(result, dir) singular_values.png, similarity.png (the Figure 3 heatmaps) and
                                inspect.json with every number (matplotlib: the optional extra `plot`)
 
-DoRA adapters are measured on their low-rank part s·B·A (the magnitudes aside); LoRA on embeddings
-(lora_embedding_A/B) is left out and counted.
+DoRA adapters are measured on their low-rank part s·B·A (the magnitudes aside: the result says
+use_dora); LoRA on embeddings (lora_embedding_A/B) is left out and named. A zero ΔW (an adapter not
+trained yet) has no subspace: its projection and amplification are None.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from .adapter import PREFIX, lora_config_from_peft, read_adapter
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .inject import lora_modules
 from .lora import LoRALinear
 
@@ -45,15 +46,25 @@ def delta_weight(layer: LoRALinear) -> torch.Tensor:
 
 
 def adapter_factors(folder) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """{module: (A, B, scale)} of an adapter folder (minilora's or PEFT's), read from its files alone."""
+    """{module: (A, B, scale)} of an adapter folder (minilora's or PEFT's), read from its files alone;
+    each pair checked against adapter_config.json's rank for it (the scale depends on it) and for
+    finite values."""
     config, tensors = read_adapter(folder)
     settings = lora_config_from_peft(config, Path(folder) / "adapter_config.json", list(tensors))
     out = {}
     for key, a in sorted(tensors.items(), key=lambda item: natural(item[0])):
         if key.endswith(".lora_A.weight"):
             module = key.removeprefix(PREFIX).removesuffix(".lora_A.weight")
-            b = tensors[key.replace(".lora_A.", ".lora_B.")]
+            b = tensors.get(key.replace(".lora_A.", ".lora_B."))
             r, alpha = settings.settings_for(module)
+            where = f"{folder}: {key.removesuffix('.lora_A.weight')}"
+            if b is None:
+                raise CheckpointError(f"{where}: lora_A without its lora_B")
+            if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
+                raise CheckpointError(f"{where}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, expected (r, in) "
+                                      f"and (out, r) with r = {r} as adapter_config.json gives for it")
+            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                raise CheckpointError(f"{where}: non-finite values (NaN or inf) in lora_A or lora_B: a diverged run?")
             out[module] = (a.double(), b.double(), alpha / (r ** 0.5 if settings.use_rslora else r))
     return out
 
@@ -101,19 +112,19 @@ def amplification(weight: torch.Tensor, delta: torch.Tensor, r: int | None = Non
                   generator: torch.Generator | None = None) -> dict[str, float]:
     """How W relates to ΔW's r-dimensional subspace: ‖Uᵀ W Vᵀ‖_F for ΔW's top-r singular vectors, W's own
     top-r directions and a random r-dimensional subspace; ‖ΔW‖_F; and the factor ‖ΔW‖_F / ‖Uᵀ W Vᵀ‖_F."""
-    w, d = weight.detach().double(), delta.detach().double()
+    w, d = weight.detach().double(), delta.detach().double().to(weight.device)
     r = r or int(torch.linalg.matrix_rank(d))
     u, _, vh = torch.linalg.svd(d, full_matrices=False)
-    uw, sw, vhw = torch.linalg.svd(w, full_matrices=False)
+    own_top = float(torch.linalg.svdvals(w)[:r].norm())  # ‖U_rᵀ W V_rᵀ‖_F for W's own top r: its top r σ
     proj = lambda left, right: float((left.t() @ w @ right.t()).norm())
     g = generator or torch.Generator().manual_seed(0)
     ru = torch.linalg.qr(torch.randn(w.shape[0], r, generator=g, dtype=torch.float64)).Q.to(w.device)
     rv = torch.linalg.qr(torch.randn(w.shape[1], r, generator=g, dtype=torch.float64)).Q.t().to(w.device)
     delta_norm = float(d.norm())
-    on_delta = proj(u[:, :r], vh[:r])
-    return {"r": r, "delta_norm": delta_norm, "w_on_delta": on_delta, "w_on_own_top": proj(uw[:, :r], vhw[:r]),
+    on_delta = proj(u[:, :r], vh[:r]) if delta_norm else None  # a zero ΔW has no subspace
+    return {"r": r, "delta_norm": delta_norm, "w_on_delta": on_delta, "w_on_own_top": own_top,
             "w_on_random": proj(ru, rv), "w_norm": float(w.norm()),
-            "amplification": delta_norm / on_delta if on_delta else float("inf")}
+            "amplification": delta_norm / on_delta if on_delta else None}
 
 
 def measure(a: torch.Tensor, b: torch.Tensor, scale: float, weight: torch.Tensor | None = None) -> dict[str, float]:
@@ -140,6 +151,8 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
         return module.base_weight()
     if hasattr(module, "dequantize"):
         return module.dequantize().float()
+    if type(module).__name__ == "Conv1D":  # transformers' GPT-2 layers keep W as (in, out)
+        return module.weight.detach().float().t()
     return module.weight.detach().float()
 
 
@@ -157,19 +170,22 @@ def inspect_adapter(folder, base: nn.Module | None = None, compare=None) -> dict
     factors = adapter_factors(folder)
     if not factors:
         raise ConfigError(f"{folder}: no LoRA A/B pairs to inspect")
-    weights = {}
-    for name, (a, b, _) in factors.items() if base is not None else ():
+    for name in factors if base is not None else ():  # all present before any work
         try:
-            module = base.get_submodule(name)
+            base.get_submodule(name)
         except AttributeError:
             raise ConfigError(f"{folder}: module {name} of the adapter is not in the base model") from None
-        weights[name] = w = linear_weight(module)
-        if tuple(w.shape) != (b.shape[0], a.shape[1]):
-            raise ConfigError(f"{folder}: {name} is {b.shape[0]} x {a.shape[1]} in the adapter (B {tuple(b.shape)}, "
-                              f"A {tuple(a.shape)}) but {tuple(w.shape)} in the base model: another model's adapter?")
-    result = {"modules": {}, "singular_values": {}, "similarity": {}, "skipped": embedding_modules(folder)}
+    config, _ = read_adapter(folder)
+    result = {"modules": {}, "singular_values": {}, "similarity": {}, "skipped": embedding_modules(folder),
+              "use_dora": bool(config.get("use_dora"))}
     for name, (a, b, scale) in factors.items():
-        result["modules"][name] = measure(a, b, scale, weights.get(name))
+        w = None
+        if base is not None:  # one float (dequantized) weight at a time: a 4-bit base stays 4-bit
+            w = linear_weight(base.get_submodule(name))
+            if tuple(w.shape) != (b.shape[0], a.shape[1]):
+                raise ConfigError(f"{folder}: {name} is {b.shape[0]} x {a.shape[1]} in the adapter (B {tuple(b.shape)}, "
+                                  f"A {tuple(a.shape)}) but {tuple(w.shape)} in the base model: another model's adapter?")
+        result["modules"][name] = measure(a, b, scale, w)
         result["singular_values"][name] = torch.linalg.svdvals(scale * (b @ a)).tolist()[:a.shape[0]]
     if compare is not None:
         other = adapter_factors(compare)
@@ -186,9 +202,17 @@ def inspect_adapter(folder, base: nn.Module | None = None, compare=None) -> dict
 
 
 def module_kind(name: str) -> tuple[str, int | None]:
-    """("q_proj", 15) for model.layers.15.self_attn.q_proj: the layer type and its layer number."""
-    number = re.search(r"\.(\d+)\.", f".{name}.")
-    return name.rsplit(".", 1)[-1], int(number.group(1)) if number else None
+    """("model.layers.*.self_attn.q_proj", 15) for model.layers.15.self_attn.q_proj: the module's pattern
+    over the layers (so GPT-2's attn.c_proj and mlp.c_proj stay apart) and its layer number."""
+    number = re.search(r"\.(\d+)(?=\.|$)", name)
+    if number is None:
+        return name, None
+    return name[:number.start()] + ".*" + name[number.end():], int(number.group(1))
+
+
+def short_kind(kind: str) -> str:
+    """self_attn.q_proj for model.layers.*.self_attn.q_proj: a pattern's part after the layer number."""
+    return kind.split(".*.", 1)[-1]
 
 
 def plot_inspection(result: dict, folder) -> list[Path]:
@@ -204,6 +228,8 @@ def plot_inspection(result: dict, folder) -> list[Path]:
         raise ConfigError("plots are drawn with matplotlib, which is not installed here: "
                           "pip install 'minilora[plot]' (or matplotlib)") from None
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{folder}: a file, not a folder for the plots")
     folder.mkdir(parents=True, exist_ok=True)
     kinds: dict[str, list[tuple[int | None, str]]] = {}
     for name in result["singular_values"]:
@@ -217,7 +243,7 @@ def plot_inspection(result: dict, folder) -> list[Path]:
             s = torch.tensor(result["singular_values"][name])
             ax.plot(range(1, len(s) + 1), (s / s.norm()).tolist(), color=cmap(n / max(1, len(names) - 1)),
                     lw=1, marker="." if len(s) <= 16 else None, label=f"layer {layer}" if n in (0, len(names) - 1) else None)
-        ax.set(title=kind, xlabel="singular direction i", ylabel="σ_i / ‖ΔW‖_F", yscale="log")
+        ax.set(title=short_kind(kind), xlabel="singular direction i", ylabel="σ_i / ‖ΔW‖_F", yscale="log")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=7)
     fig.suptitle("singular values of ΔW = s·B·A (first layer purple, last yellow)", fontsize=9)
@@ -237,7 +263,7 @@ def plot_inspection(result: dict, folder) -> list[Path]:
                 grid = result["similarity"][name]
                 image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="upper",
                                   extent=(0.5, len(grid[0]) + 0.5, len(grid) + 0.5, 0.5))
-                ax.set(title=f"{kind}, layer {module_kind(name)[1]}", xlabel="j (compared adapter)",
+                ax.set(title=f"{short_kind(kind)}, layer {module_kind(name)[1]}", xlabel="j (compared adapter)",
                        ylabel="i (this adapter)")
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True))
                 ax.yaxis.set_major_locator(MaxNLocator(integer=True))

@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 import torch
 
 from . import __version__, demo, distributed
-from .analysis import inspect_adapter, module_kind, plot_inspection
+from .analysis import inspect_adapter, module_kind, plot_inspection, short_kind
 from .adapter import adapter_classes, load_adapter
 from .errors import ConfigError, MiniLoraError
 from .export import export_adapter, export_merged
@@ -192,14 +192,18 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         (["w_on_delta", "w_on_own_top", "w_on_random", "amplification"] if with_base else [])
     widths = {"norm": "9.4f", "top1": "6.3f", "top2": "6.3f", "top4": "6.3f", "effective_rank": "8.2f",
               "w_on_delta": "9.4f", "w_on_own_top": "9.4f", "w_on_random": "9.4f", "amplification": "7.2f"}
-    line = lambda label, r, m: f"{label:<44} {r:>3} " + " ".join(f"{m[k]:{widths[k]}}" for k in keys)
+    cell = lambda k, v: f"{'n/a':>{widths[k].split('.')[0]}}" if v is None else f"{v:{widths[k]}}"
+    line = lambda label, r, m: f"{label:<44} {r:>3} " + " ".join(cell(k, m[k]) for k in keys)
     kinds: dict[str, list[dict]] = {}
     for name, m in result["modules"].items():
         print(line(name, m["r"], m))
         kinds.setdefault(module_kind(name)[0], []).append(m)
     for kind, rows in kinds.items() if len(result["modules"]) > len(kinds) else ():
-        mean = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
-        print(line(f"mean of {len(rows)} {kind}", rows[0]["r"] if len({r["r"] for r in rows}) == 1 else "-", mean))
+        known = lambda k: [r[k] for r in rows if r[k] is not None]
+        mean = {k: sum(known(k)) / len(known(k)) if known(k) else None for k in keys}
+        print(line(f"mean of {len(rows)} {short_kind(kind)}", rows[0]["r"] if len({r["r"] for r in rows}) == 1 else "-", mean))
+    if result["use_dora"]:
+        print("a DoRA adapter: the figures are of its low-rank part s·B·A; the magnitudes rescale W0 + s·B·A's rows")
     if result["skipped"]:
         print(f"not measured (LoRA on embeddings): {', '.join(result['skipped'])}")
     if result["similarity"]:

@@ -151,12 +151,15 @@ def test_a_quantized_base_is_dequantized_for_the_projection(saved_tiny, tmp_path
     for name, row in result["modules"].items():
         quantized = base.get_submodule(name)
         assert hasattr(quantized, "dequantize"), name  # the base really is quantized here
-        w = quantized.dequantize()
-        layer = trained.get_submodule(name)
-        expected = amplification(w, delta_weight(layer), 4)
-        for key in ("w_on_delta", "w_on_own_top", "w_on_random", "amplification", "w_norm"):
-            assert row[key] == pytest.approx(expected[key], rel=1e-9), (name, key)
-            assert in_model[name][key] == pytest.approx(expected[key], rel=1e-9), (name, key)
+        w = quantized.dequantize().double().numpy()
+        delta = delta_weight(trained.get_submodule(name)).numpy()
+        u, _, vh = np.linalg.svd(delta)  # numpy float64 over the dequantized W as the oracle
+        on_delta = np.linalg.norm(u[:, :4].T @ w @ vh[:4].T)
+        expected = {"w_on_delta": on_delta, "w_on_own_top": np.linalg.norm(np.linalg.svd(w, compute_uv=False)[:4]),
+                    "amplification": np.linalg.norm(delta) / on_delta, "w_norm": np.linalg.norm(w)}
+        for key, value in expected.items():
+            assert row[key] == pytest.approx(value, rel=1e-6), (name, key)
+            assert in_model[name][key] == pytest.approx(value, rel=1e-6), (name, key)
 
 
 def test_inspect_names_what_does_not_fit(saved_tiny, tmp_path):
@@ -199,7 +202,7 @@ def test_minilora_inspect_plot_writes_the_figures_and_every_number(saved_tiny, t
     assert main(["inspect", str(tmp_path / "r4"), "--base", str(base), "--compare", str(tmp_path / "r8"),
                  "--plot", str(tmp_path / "plots")]) == 0
     out = capsys.readouterr().out
-    assert "mean of 2 q_proj" in out and "mean of 2 v_proj" in out
+    assert "mean of 2 self_attn.q_proj" in out and "mean of 2 self_attn.v_proj" in out
     for png in ("singular_values.png", "similarity.png"):
         data = (tmp_path / "plots" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, png
@@ -237,4 +240,84 @@ def test_real_smollm2_kept_in_its_blocks_gives_the_float_models_projection(smoll
         assert got["modules"][name] == pytest.approx(row, rel=1e-9), name
         w = dense.get_submodule(name).weight.double()
         assert row["w_norm"] == pytest.approx(float(w.norm()), rel=1e-9) and row["w_norm"] > 10
-        assert row["w_on_own_top"] > row["w_on_delta"] and row["w_on_own_top"] > row["w_on_random"]
+        s = np.linalg.svd(w.numpy(), compute_uv=False)
+        assert row["w_on_own_top"] == pytest.approx(float(np.sqrt((s[:8] ** 2).sum())), rel=1e-6)
+
+
+def test_gpt2_layer_types_stay_apart_and_a_transformers_base_is_read_in_its_own_layout(saved_tiny, tmp_path, capsys):
+    """attn.c_proj and mlp.c_proj are two layer types (one pattern each), and transformers' GPT-2 (Conv1D,
+    W stored as (in, out)) as the base gives the numbers of minilora's own model of it."""
+    from minilora.adapter import save_adapter
+    from minilora.analysis import inspect_adapter, module_kind
+    from minilora.cli import main
+    from minilora.weights import load_model
+    hf, folder = saved_tiny["gpt2"]
+    save_adapter(lora_model(saved_tiny, "gpt2", targets=["c_attn", "c_proj"]), tmp_path / "a")
+    ours, theirs = inspect_adapter(tmp_path / "a", load_model(folder)), inspect_adapter(tmp_path / "a", hf)
+    kinds = {module_kind(n)[0] for n in ours["modules"]}
+    assert kinds == {"transformer.h.*.attn.c_attn", "transformer.h.*.attn.c_proj", "transformer.h.*.mlp.c_proj"}
+    for name, row in ours["modules"].items():
+        assert theirs["modules"][name] == pytest.approx(row, rel=1e-9), name
+    assert main(["inspect", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "mean of 2 attn.c_proj" in out and "mean of 2 mlp.c_proj" in out
+
+
+def test_a_broken_adapter_is_named_not_measured(saved_tiny, tmp_path, capsys):
+    """A missing lora_B, a rank other than adapter_config.json's (it sets the scale), NaN, a --plot
+    folder that is a file: named errors, never a traceback or silently wrong figures."""
+    import json
+    import shutil
+    from safetensors.torch import load_file, save_file
+    from minilora.adapter import save_adapter
+    from minilora.analysis import inspect_adapter
+    from minilora.cli import main
+    from minilora.errors import CheckpointError
+    save_adapter(lora_model(saved_tiny, targets=["q_proj"]), tmp_path / "good")
+    key = "base_model.model.model.layers.0.self_attn.q_proj"
+
+    def broken(name, change=None, config=None):
+        shutil.copytree(tmp_path / "good", tmp_path / name)
+        file = tmp_path / name / "adapter_model.safetensors"
+        tensors = load_file(file)
+        if change:
+            change(tensors)
+            save_file(tensors, file)
+        if config:
+            cfg = json.loads((tmp_path / name / "adapter_config.json").read_text())
+            (tmp_path / name / "adapter_config.json").write_text(json.dumps({**cfg, **config}))
+        return tmp_path / name
+    cases = {
+        broken("no_b", lambda t: t.pop(f"{key}.lora_B.weight")): r"q_proj: lora_A without its lora_B",
+        broken("rank", config={"r": 16}): r"q_proj: lora_A \(4, \d+\) and lora_B \(\d+, 4\), expected .* r = 16",
+        broken("nan", lambda t: t[f"{key}.lora_B.weight"].view(-1)[0].fill_(float("nan"))):
+            r"q_proj: non-finite values \(NaN or inf\) in lora_A or lora_B",
+    }
+    for folder, message in cases.items():
+        with pytest.raises(CheckpointError, match=message):
+            inspect_adapter(folder)
+        assert main(["inspect", str(folder)]) == 2 and folder.name in capsys.readouterr().err
+    (tmp_path / "file.png").write_text("x")
+    assert main(["inspect", str(tmp_path / "good"), "--plot", str(tmp_path / "file.png")]) == 2
+    assert "file.png: a file, not a folder for the plots" in capsys.readouterr().err
+
+
+def test_an_untrained_adapter_has_no_subspace_and_dora_is_named(saved_tiny, tmp_path, capsys):
+    """B = 0 (as apply_lora starts): ‖ΔW‖ = 0, no projection, amplification n/a; a DoRA adapter is
+    measured on s·B·A and says so."""
+    from minilora.adapter import save_adapter
+    from minilora.analysis import inspect_adapter
+    from minilora.cli import main
+    from minilora.inject import apply_lora
+    from minilora.weights import load_model
+    folder = saved_tiny["llama-gqa"][1]
+    save_adapter(apply_lora(load_model(folder), ["q_proj"], r=4, alpha=8), tmp_path / "zero")
+    result = inspect_adapter(tmp_path / "zero", load_model(folder))
+    row = result["modules"]["model.layers.0.self_attn.q_proj"]
+    assert row["norm"] == 0 and row["w_on_delta"] is None and row["amplification"] is None and row["w_norm"] > 0
+    assert main(["inspect", str(tmp_path / "zero"), "--base", str(folder)]) == 0
+    assert "n/a" in capsys.readouterr().out
+    save_adapter(lora_model(saved_tiny, targets=["q_proj"], use_dora=True), tmp_path / "dora")
+    assert inspect_adapter(tmp_path / "dora")["use_dora"] is True
+    assert main(["inspect", str(tmp_path / "dora")]) == 0
+    assert "a DoRA adapter: the figures are of its low-rank part s·B·A" in capsys.readouterr().out

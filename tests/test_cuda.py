@@ -279,3 +279,15 @@ def test_inspect_on_cuda_equals_cpu(saved_tiny):
     for name, row in cpu.items():
         for key, value in row.items():
             assert abs(value - gpu[name][key]) <= 1e-9 * (1 + abs(value)), (name, key)
+
+
+def test_inspect_adapter_over_a_base_on_cuda_equals_cpu(saved_tiny, tmp_path):
+    """The adapter's files on the CPU, the base model on the GPU: the CPU base's figures."""
+    from minilora.adapter import save_adapter
+    from minilora.analysis import inspect_adapter
+    save_adapter(lora_model(saved_tiny, targets=["q_proj", "v_proj"]), tmp_path / "a")
+    folder = saved_tiny["llama-gqa"][1]
+    cpu = inspect_adapter(tmp_path / "a", load_model(folder))
+    gpu = inspect_adapter(tmp_path / "a", load_model(folder, device="cuda"))
+    for name, row in cpu["modules"].items():
+        assert gpu["modules"][name] == pytest.approx(row, rel=1e-9, abs=1e-12), name
