@@ -49,7 +49,11 @@ def adapter_factors(folder) -> dict[str, tuple[torch.Tensor, torch.Tensor, float
     """{module: (A, B, scale)} of an adapter folder (minilora's or PEFT's), read from its files alone;
     each pair checked against adapter_config.json's rank for it (the scale depends on it) and for
     finite values."""
-    config, tensors = read_adapter(folder)
+    return factors_of(folder, *read_adapter(folder))
+
+
+def factors_of(folder, config: dict, tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """adapter_factors() of an adapter already read (read_adapter's config and tensors)."""
     settings = lora_config_from_peft(config, Path(folder) / "adapter_config.json", list(tensors))
     out = {}
     for key, a in sorted(tensors.items(), key=lambda item: natural(item[0])):
@@ -156,9 +160,8 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
     return module.weight.detach().float()
 
 
-def embedding_modules(folder) -> list[str]:
+def embedding_modules(tensors: dict[str, torch.Tensor]) -> list[str]:
     """The modules of an adapter with LoRA on embeddings (lora_embedding_A/B), which are not measured."""
-    _, tensors = read_adapter(folder)
     return sorted({k.removeprefix(PREFIX).split(".lora_embedding_A")[0] for k in tensors if ".lora_embedding_A" in k})
 
 
@@ -167,7 +170,8 @@ def inspect_adapter(folder, base: nn.Module | None = None, compare=None) -> dict
     "singular_values": {name: [σ1, σ2, ...] of ΔW}, "similarity": {name: φ grid} (with `compare`, another
     adapter's folder), "skipped": embedding modules}. With `base` (the model the adapter was trained on,
     in float or quantized) each row also has W's projection on ΔW's subspace and the amplification."""
-    factors = adapter_factors(folder)
+    config, tensors = read_adapter(folder)
+    factors = factors_of(folder, config, tensors)
     if not factors:
         raise ConfigError(f"{folder}: no LoRA A/B pairs to inspect")
     for name in factors if base is not None else ():  # all present before any work
@@ -175,8 +179,7 @@ def inspect_adapter(folder, base: nn.Module | None = None, compare=None) -> dict
             base.get_submodule(name)
         except AttributeError:
             raise ConfigError(f"{folder}: module {name} of the adapter is not in the base model") from None
-    config, _ = read_adapter(folder)
-    result = {"modules": {}, "singular_values": {}, "similarity": {}, "skipped": embedding_modules(folder),
+    result = {"modules": {}, "singular_values": {}, "similarity": {}, "skipped": embedding_modules(tensors),
               "use_dora": bool(config.get("use_dora"))}
     for name, (a, b, scale) in factors.items():
         w = None
@@ -241,11 +244,14 @@ def plot_inspection(result: dict, folder) -> list[Path]:
         cmap = plt.get_cmap("viridis")
         for n, (layer, name) in enumerate(names):
             s = torch.tensor(result["singular_values"][name])
+            if not s.norm():  # an untrained module: nothing to draw
+                continue
             ax.plot(range(1, len(s) + 1), (s / s.norm()).tolist(), color=cmap(n / max(1, len(names) - 1)),
                     lw=1, marker="." if len(s) <= 16 else None, label=f"layer {layer}" if n in (0, len(names) - 1) else None)
         ax.set(title=short_kind(kind), xlabel="singular direction i", ylabel="σ_i / ‖ΔW‖_F", yscale="log")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.suptitle("singular values of ΔW = s·B·A (first layer purple, last yellow)", fontsize=9)
     written.append(folder / "singular_values.png")
     fig.savefig(written[-1], dpi=120)
