@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from minilora.hardware import matmul_is_fast
-from minilora.quant import Int8Linear
+from minilora.quant.int8 import Int8Linear
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = [(4096, 4096), (4096, 16384), (16384, 4096)]  # (in, out): attention, fc_in, fc_out
@@ -98,6 +98,7 @@ GPTJ_6B = dict(model_type="gptj", vocab_size=50400, n_embd=4096, n_layer=28, n_h
 def write_random_checkpoint(folder: Path, config: dict, shard_bytes: int = 2 << 30) -> int:
     """A random fp16 checkpoint with the Hub's names and index, written one shard at a time."""
     from safetensors.torch import save_file
+
     from minilora.models import build_model
     folder.mkdir(parents=True, exist_ok=True)
     with torch.device("meta"):
@@ -137,7 +138,7 @@ def load_6b(folder: Path) -> dict:
     size = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     code = textwrap.dedent(f"""
         import json, time, torch
-        from minilora.weights import load_model
+        from minilora.loading.weights import load_model
         def status(key): return int(open("/proc/self/status").read().split(key + ":")[1].split()[0]) * 1024
         start = time.time()
         model = load_model({str(folder)!r}, dtype=torch.bfloat16, load_in_8bit=True)

@@ -60,7 +60,7 @@ def worker(side: str, folder: str, dtype: str) -> dict:
     import torch
     dt = torch.bfloat16 if dtype == "bf16" else torch.float32
     if side == "minilora":
-        from minilora.weights import load_model
+        from minilora.loading.weights import load_model
     else:
         import transformers  # noqa: F401  (imported before the clock starts, like minilora)
         cfg = json.loads((Path(folder) / "config.json").read_text())

@@ -31,10 +31,16 @@ from pathlib import Path
 
 import torch
 
-from minilora import assets
-from minilora.analysis import adapter_factors, inspect_adapter, module_kind, plot_inspection, similarity_grid
+from minilora.data import assets
+from minilora.loading.weights import load_model
+from minilora.lora.analysis import (
+    adapter_factors,
+    inspect_adapter,
+    module_kind,
+    plot_inspection,
+    similarity_grid,
+)
 from minilora.recipe import load_recipe, run_recipe
-from minilora.weights import load_model
 
 OUT = Path(__file__).resolve().parent / "results" / "lora_analysis"
 RUNS = {"r8_seed0": (8, 0), "r8_seed1": (8, 1), "r64_seed0": (64, 0), "r64_seed1": (64, 1)}

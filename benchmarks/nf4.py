@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from minilora.hardware import matmul_is_fast
-from minilora.nf4 import NF4Linear
+from minilora.quant.nf4 import NF4Linear
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = [(4096, 4096), (4096, 16384), (16384, 4096)]  # (in, out): attention, fc_in, fc_out
@@ -62,9 +62,9 @@ def load_and_step_6b(folder: Path) -> list[dict]:
     for kind in ("load_in_4bit", "load_in_8bit"):
         code = textwrap.dedent(f"""
             import json, time, torch
-            from minilora.inject import apply_lora
-            from minilora.evaluate import causal_lm_loss
-            from minilora.weights import load_model
+            from minilora.lora.inject import apply_lora
+            from minilora.training.objectives.causal_lm import causal_lm_loss
+            from minilora.loading.weights import load_model
             def status(key): return int(open("/proc/self/status").read().split(key + ":")[1].split()[0]) * 1024
             start = time.time()
             model = load_model({str(folder)!r}, dtype=torch.bfloat16, {kind}=True)  # the float rest in bf16

@@ -20,11 +20,10 @@ from pathlib import Path
 import torch
 
 
-
 def one_pass(model, data, micro_batch_size, bf16) -> tuple[float, int, float, int]:
     """(summed loss, target tokens, seconds, padded positions) of forward + backward over `data` in order."""
-    from minilora.batching import collate
-    from minilora.evaluate import causal_lm_loss
+    from minilora.data.batching import collate
+    from minilora.training.objectives.causal_lm import causal_lm_loss
     total, count, padded = 0.0, 0, 0
     start = time.perf_counter()
     for i in range(0, len(data), micro_batch_size):
@@ -38,14 +37,14 @@ def one_pass(model, data, micro_batch_size, bf16) -> tuple[float, int, float, in
 
 
 def main() -> None:
-    from minilora import assets
     from minilora import hardware
-    from minilora.data import build_examples, read_records
-    from minilora.inject import apply_lora
+    from minilora.data import assets
+    from minilora.data.batching import pack
+    from minilora.data.records import build_examples, read_records
     from minilora.kernels import frozen_weights_in
-    from minilora.batching import pack
-    from minilora.tokenizer import load_tokenizer
-    from minilora.weights import load_model
+    from minilora.loading.tokenizer import load_tokenizer
+    from minilora.loading.weights import load_model
+    from minilora.lora.inject import apply_lora
     p = argparse.ArgumentParser()
     p.add_argument("--data", choices=["quotes", "chat"], default="quotes")
     p.add_argument("--examples", type=int, default=320)

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from minilora.inject import apply_lora
+from minilora.lora.inject import apply_lora
+from minilora.lora.report import param_report
 from minilora.models import PRESETS, build_model
-from minilora.report import param_report
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

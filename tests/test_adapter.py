@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from minilora.adapter import load_adapter, save_adapter
 from minilora.errors import CheckpointError
-from minilora.inject import apply_lora, remove_lora
-from minilora.weights import load_model, save_model
+from minilora.loading.weights import load_model, save_model
+from minilora.lora.inject import apply_lora, remove_lora
+from minilora.lora.peft_files import load_adapter, save_adapter
 
 IDS = torch.tensor([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16, 0, 0]])
 MASK = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
@@ -153,8 +153,9 @@ def test_merge_cli_on_real_smollm2_gguf(smollm2_path, tmp_path, saved_tiny):
     """minilora merge on the GGUF model: the merged folder (config, safetensors, tokenizer) loads in
     transformers and gives the adapted logits."""
     import transformers
+
     from minilora.cli import main
-    from minilora.tokenizer import load_tokenizer
+    from minilora.loading.tokenizer import load_tokenizer
     model = apply_lora(load_model(smollm2_path), ["q_proj", "v_proj"], r=2, alpha=4)
     randomize_lora(model)
     save_adapter(model, tmp_path / "adapter")

@@ -4,9 +4,16 @@ against a numpy float64 computation (1e-6)."""
 import numpy as np
 import pytest
 import torch
-
 from conftest import lora_model
-from minilora.analysis import amplification, delta_weight, inspect, similarity_grid, spectrum, subspace_similarity
+
+from minilora.lora.analysis import (
+    amplification,
+    delta_weight,
+    inspect,
+    similarity_grid,
+    spectrum,
+    subspace_similarity,
+)
 
 g = torch.Generator().manual_seed(0)
 
@@ -74,15 +81,17 @@ def test_minilora_inspect_prints_the_measurements_from_the_adapter_files(saved_t
     """From the files alone (A, B and the scale of adapter_config.json), equal to the loaded model's ΔW;
     with --base the amplification; with --compare (itself) φ = 1 on the diagonal."""
     import re
+
     from conftest import write_recipe
-    from minilora.analysis import adapter_factors
+
     from minilora.cli import main
+    from minilora.lora.analysis import adapter_factors
     recipe, model_folder = write_recipe(saved_tiny, tmp_path)
     assert main(["train", str(recipe)]) == 0
     adapter = tmp_path / "run" / "adapter"
     capsys.readouterr()
-    from minilora.adapter import load_adapter
-    from minilora.weights import load_model
+    from minilora.loading.weights import load_model
+    from minilora.lora.peft_files import load_adapter
     loaded = load_adapter(load_model(model_folder), adapter)
     for name, (a, b, scale) in adapter_factors(adapter).items():
         assert torch.allclose(scale * (b @ a), delta_weight(loaded.get_submodule(name)), atol=1e-12), name
@@ -98,8 +107,10 @@ def test_a_peft_adapter_is_measured_as_peft_computes_its_update_and_embeddings_a
     """PEFT's own files (rsLoRA, a rank pattern, LoRA on the embedding): ΔW equal to peft's
     get_delta_weight per module, the scale read from adapter_config.json; the embedding named as skipped."""
     import copy
+
     from peft import LoraConfig, get_peft_model
-    from minilora.analysis import adapter_factors, inspect_adapter
+
+    from minilora.lora.analysis import adapter_factors, inspect_adapter
     hf, _ = saved_tiny["llama-gqa"]
     peft_model = get_peft_model(copy.deepcopy(hf), LoraConfig(
         r=4, lora_alpha=8, use_rslora=True, rank_pattern={"v_proj": 2},
@@ -128,13 +139,14 @@ def test_a_peft_adapter_is_measured_as_peft_computes_its_update_and_embeddings_a
 def test_a_quantized_base_is_dequantized_for_the_projection(saved_tiny, tmp_path, how):
     """On an NF4, int8 or GGUF-blocks base the projection uses W as the quantized layer computes with it
     (its dequantize()), and equals amplification() over that matrix in float64."""
-    from minilora.adapter import save_adapter
-    from minilora.analysis import inspect_adapter
-    from minilora.inject import apply_lora
-    from minilora.weights import load_model
+    from minilora.loading.weights import load_model
+    from minilora.lora.analysis import inspect_adapter
+    from minilora.lora.inject import apply_lora
+    from minilora.lora.peft_files import save_adapter
     if how == "keep_quantized":
         from test_ggml import write_kquant_gguf
-        from minilora import ggml
+
+        from minilora.formats import ggml_blocks as ggml
         source = write_kquant_gguf(tmp_path / "q.gguf", [ggml.Q4_K])
     else:
         source = saved_tiny["llama-gqa"][1]
@@ -163,10 +175,10 @@ def test_a_quantized_base_is_dequantized_for_the_projection(saved_tiny, tmp_path
 
 
 def test_inspect_names_what_does_not_fit(saved_tiny, tmp_path):
-    from minilora.adapter import save_adapter
-    from minilora.analysis import inspect_adapter
     from minilora.errors import ConfigError
-    from minilora.weights import load_model
+    from minilora.loading.weights import load_model
+    from minilora.lora.analysis import inspect_adapter
+    from minilora.lora.peft_files import save_adapter
     llama, gpt2 = load_model(saved_tiny["llama-gqa"][1]), load_model(saved_tiny["gpt2"][1])
     save_adapter(lora_model(saved_tiny, targets=["q_proj"]), tmp_path / "llama")
     save_adapter(lora_model(saved_tiny, "gpt2", targets=["c_attn"]), tmp_path / "gpt2")
@@ -178,7 +190,7 @@ def test_inspect_names_what_does_not_fit(saved_tiny, tmp_path):
     small.model.layers[0].self_attn.q_proj = torch.nn.Linear(7, 5, bias=False)
     with pytest.raises(ConfigError, match=r"q_proj is \d+ x \d+ in the adapter .* but \(5, 7\) in the base model"):
         inspect_adapter(tmp_path / "llama", small)
-    from minilora.inject import apply_lora
+    from minilora.lora.inject import apply_lora
     heads_only = apply_lora(llama, ["q_proj"], r=4, alpha=8, modules_to_save=["lm_head"])
     save_adapter(heads_only, tmp_path / "heads")
     from safetensors.torch import load_file, save_file
@@ -193,9 +205,10 @@ def test_minilora_inspect_plot_writes_the_figures_and_every_number(saved_tiny, t
     are inspect_adapter()'s; without matplotlib a named error says which extra to install."""
     import json
     import sys
-    from minilora.adapter import save_adapter
-    from minilora.analysis import inspect_adapter
+
     from minilora.cli import main
+    from minilora.lora.analysis import inspect_adapter
+    from minilora.lora.peft_files import save_adapter
     save_adapter(lora_model(saved_tiny, targets=["q_proj", "v_proj"], r=4), tmp_path / "r4")
     save_adapter(lora_model(saved_tiny, targets=["q_proj", "v_proj"], r=8, std=0.2), tmp_path / "r8")
     base = saved_tiny["llama-gqa"][1]
@@ -207,7 +220,7 @@ def test_minilora_inspect_plot_writes_the_figures_and_every_number(saved_tiny, t
         data = (tmp_path / "plots" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, png
     saved = json.loads((tmp_path / "plots" / "inspect.json").read_text())
-    from minilora.weights import load_model
+    from minilora.loading.weights import load_model
     expected = inspect_adapter(tmp_path / "r4", load_model(base), tmp_path / "r8")
     assert saved["modules"].keys() == expected["modules"].keys()
     for name, row in expected["modules"].items():
@@ -221,10 +234,10 @@ def test_minilora_inspect_plot_writes_the_figures_and_every_number(saved_tiny, t
 def test_real_smollm2_kept_in_its_blocks_gives_the_float_models_projection(smollm2_path, tmp_path):
     """The real Q4_1 GGUF: inspect_adapter over the base kept in its blocks (W dequantized layer by
     layer) equals it over the model loaded in fp32, and W's norms are the real checkpoint's."""
-    from minilora.adapter import save_adapter
-    from minilora.analysis import inspect_adapter
-    from minilora.inject import apply_lora
-    from minilora.weights import load_model
+    from minilora.loading.weights import load_model
+    from minilora.lora.analysis import inspect_adapter
+    from minilora.lora.inject import apply_lora
+    from minilora.lora.peft_files import save_adapter
     dense = load_model(smollm2_path)
     torch.manual_seed(0)
     apply_lora(dense, r"model\.layers\.(0|15|29)\.self_attn\.(q_proj|v_proj)", r=8, alpha=16)
@@ -247,10 +260,10 @@ def test_real_smollm2_kept_in_its_blocks_gives_the_float_models_projection(smoll
 def test_gpt2_layer_types_stay_apart_and_a_transformers_base_is_read_in_its_own_layout(saved_tiny, tmp_path, capsys):
     """attn.c_proj and mlp.c_proj are two layer types (one pattern each), and transformers' GPT-2 (Conv1D,
     W stored as (in, out)) as the base gives the numbers of minilora's own model of it."""
-    from minilora.adapter import save_adapter
-    from minilora.analysis import inspect_adapter, module_kind
     from minilora.cli import main
-    from minilora.weights import load_model
+    from minilora.loading.weights import load_model
+    from minilora.lora.analysis import inspect_adapter, module_kind
+    from minilora.lora.peft_files import save_adapter
     hf, folder = saved_tiny["gpt2"]
     save_adapter(lora_model(saved_tiny, "gpt2", targets=["c_attn", "c_proj"]), tmp_path / "a")
     ours, theirs = inspect_adapter(tmp_path / "a", load_model(folder)), inspect_adapter(tmp_path / "a", hf)
@@ -268,11 +281,13 @@ def test_a_broken_adapter_is_named_not_measured(saved_tiny, tmp_path, capsys):
     folder that is a file: named errors, never a traceback or silently wrong figures."""
     import json
     import shutil
+
     from safetensors.torch import load_file, save_file
-    from minilora.adapter import save_adapter
-    from minilora.analysis import inspect_adapter
+
     from minilora.cli import main
     from minilora.errors import CheckpointError
+    from minilora.lora.analysis import inspect_adapter
+    from minilora.lora.peft_files import save_adapter
     save_adapter(lora_model(saved_tiny, targets=["q_proj"]), tmp_path / "good")
     key = "base_model.model.model.layers.0.self_attn.q_proj"
 
@@ -305,11 +320,11 @@ def test_a_broken_adapter_is_named_not_measured(saved_tiny, tmp_path, capsys):
 def test_an_untrained_adapter_has_no_subspace_and_dora_is_named(saved_tiny, tmp_path, capsys):
     """B = 0 (as apply_lora starts): ‖ΔW‖ = 0, no projection, amplification n/a; a DoRA adapter is
     measured on s·B·A and says so."""
-    from minilora.adapter import save_adapter
-    from minilora.analysis import inspect_adapter
     from minilora.cli import main
-    from minilora.inject import apply_lora
-    from minilora.weights import load_model
+    from minilora.loading.weights import load_model
+    from minilora.lora.analysis import inspect_adapter
+    from minilora.lora.inject import apply_lora
+    from minilora.lora.peft_files import save_adapter
     folder = saved_tiny["llama-gqa"][1]
     save_adapter(apply_lora(load_model(folder), ["q_proj"], r=4, alpha=8), tmp_path / "zero")
     result = inspect_adapter(tmp_path / "zero", load_model(folder))

@@ -10,11 +10,11 @@ import sys
 
 import pytest
 import torch
-
 from conftest import Tok, examples, lora_model, tiny_model_with_tokenizer
+
 from minilora.errors import CheckpointError, ConfigError, DataError, MiniLoraError
-from minilora.inject import apply_lora
-from minilora.weights import load_model
+from minilora.loading.weights import load_model
+from minilora.lora.inject import apply_lora
 
 
 def copy_model(saved_tiny, tmp_path, kind="llama-gqa", **config_changes):
@@ -30,8 +30,8 @@ def copy_model(saved_tiny, tmp_path, kind="llama-gqa", **config_changes):
 # Finished work is never lost
 
 def test_merge_and_save_never_replace_a_folder_holding_other_work(saved_tiny, tmp_path, capsys):
-    from minilora.adapter import save_adapter
     from minilora.cli import main
+    from minilora.lora.peft_files import save_adapter
     model_dir = tiny_model_with_tokenizer(saved_tiny, tmp_path)
     (model_dir / "notes.txt").write_text("mine")
     save_adapter(apply_lora(load_model(model_dir), ["q_proj"], r=2), tmp_path / "adapter")
@@ -48,7 +48,7 @@ def test_merge_and_save_never_replace_a_folder_holding_other_work(saved_tiny, tm
 
 
 def test_resuming_another_runs_checkpoint_never_writes_over_a_finished_run(saved_tiny, tmp_path):
-    from minilora.train import TrainConfig, train
+    from minilora.training.loop import TrainConfig, train
     cfg = dict(max_steps=4, micro_batch_size=2, batch_size=4, save_every=2, progress=False)
     train(lora_model(saved_tiny), Tok, examples(8), None, TrainConfig(output_dir=str(tmp_path / "a"), **cfg))
     train(lora_model(saved_tiny), Tok, examples(8), None, TrainConfig(output_dir=str(tmp_path / "b"), **cfg))
@@ -136,7 +136,8 @@ def test_odd_checkpoint_files(saved_tiny, tmp_path, damage, message):
 ])
 def test_odd_adapter_folders(saved_tiny, tmp_path, damage, message):
     from safetensors.torch import load_file, save_file
-    from minilora.adapter import load_adapter, save_adapter
+
+    from minilora.lora.peft_files import load_adapter, save_adapter
     folder = saved_tiny["llama-gqa"][1]
     adapter = save_adapter(apply_lora(load_model(folder), ["q_proj"], r=2), tmp_path / "a")
     config = json.loads((adapter / "adapter_config.json").read_text())
@@ -166,7 +167,7 @@ def test_odd_adapter_folders(saved_tiny, tmp_path, damage, message):
     (lambda p: p.mkdir(), r"x\.gguf: not a GGUF file \(a folder\)"),
 ])
 def test_empty_or_folder_gguf(tmp_path, make, message):
-    from minilora.gguf import read_gguf
+    from minilora.formats.gguf import read_gguf
     make(tmp_path / "x.gguf")
     with pytest.raises(CheckpointError, match=message):
         read_gguf(tmp_path / "x.gguf")
@@ -176,9 +177,15 @@ def test_empty_or_folder_gguf(tmp_path, make, message):
 # Data
 
 def test_data_inputs_that_used_to_crash_or_mislead(saved_tiny, tmp_path):
-    from minilora.batching import collate
-    from minilora.data import build_classification_examples, get_template, label_ids, read_records, split
-    from minilora.tokenizer import load_tokenizer
+    from minilora.data.batching import collate
+    from minilora.data.records import (
+        build_classification_examples,
+        get_template,
+        label_ids,
+        read_records,
+        split,
+    )
+    from minilora.loading.tokenizer import load_tokenizer
     rows = [{"text": "w5", "label": "--1"}, {"text": "w6", "label": "1"}]
     assert label_ids(rows) == {"--1": 0, "1": 1}  # not numbers: sorted as text, no int() crash
     with pytest.raises(DataError, match=r"val_size must be a fraction in \[0, 1\) or a count >= 0, got -3"):
@@ -196,7 +203,7 @@ def test_data_inputs_that_used_to_crash_or_mislead(saved_tiny, tmp_path):
         read_records(tmp_path / "o.json")
     with pytest.raises(DataError, match="no examples to collate"):
         collate([], 0)
-    from minilora.data import Example
+    from minilora.data.records import Example
     with pytest.raises(DataError, match="example 0 has 3 input ids but 2 labels"):
         collate([Example([1, 2, 3], [1, 2])], 0)
     folder = tiny_model_with_tokenizer(saved_tiny, tmp_path)
@@ -205,7 +212,7 @@ def test_data_inputs_that_used_to_crash_or_mislead(saved_tiny, tmp_path):
                                                     if k not in ("eos_token_id", "bos_token_id")}))
     tok = load_tokenizer(folder)
     if tok.eos_token_id is None:
-        from minilora.data import build_examples
+        from minilora.data.records import build_examples
         with pytest.raises(DataError, match="the tokenizer has no end-of-sequence token"):
             build_examples([{"text": "w5 w6"}], tok, "text", cutoff=8)
     with pytest.raises(DataError, match=r"label 'x' is not one of 0, 1"):
@@ -213,8 +220,8 @@ def test_data_inputs_that_used_to_crash_or_mislead(saved_tiny, tmp_path):
 
 
 def test_training_with_token_ids_beyond_the_embeddings_is_named(saved_tiny, tmp_path):
-    from minilora.data import Example
-    from minilora.train import TrainConfig, train
+    from minilora.data.records import Example
+    from minilora.training.loop import TrainConfig, train
     with pytest.raises(DataError, match=r"example 0 holds token id 500, beyond the model's 97 embeddings"):
         train(lora_model(saved_tiny), Tok, [Example([5, 500, 7], [5, 500, 7])], None,
               TrainConfig(output_dir=str(tmp_path), max_steps=1, progress=False))
@@ -231,7 +238,7 @@ def test_training_with_token_ids_beyond_the_embeddings_is_named(saved_tiny, tmp_
 def test_api_arguments_that_used_to_crash_or_mislead(saved_tiny, tmp_path):
     from minilora.generate import classify, generate, generate_ids
     folder = tiny_model_with_tokenizer(saved_tiny, tmp_path)
-    from minilora.tokenizer import load_tokenizer
+    from minilora.loading.tokenizer import load_tokenizer
     model, tok = load_model(folder), load_tokenizer(folder)
     assert generate(model, tok, "w5 w6", max_new_tokens=3, stop="w") == ""  # a string is one stop string
     with pytest.raises(ConfigError, match=r"stop strings must be non-empty text, got \[''\]"):
@@ -278,9 +285,9 @@ def test_every_error_here_is_a_minilora_error():
 # A second round of the probe
 
 def test_training_mistakes_refused_before_any_step(saved_tiny, tmp_path):
-    from minilora.data import Example
-    from minilora.inject import merge_lora
-    from minilora.train import TrainConfig, train
+    from minilora.data.records import Example
+    from minilora.lora.inject import merge_lora
+    from minilora.training.loop import TrainConfig, train
     cfg = lambda **kw: TrainConfig(**{**dict(output_dir=str(tmp_path / "run"), max_steps=2, progress=False), **kw})
     with pytest.raises(ConfigError, match=r"best_metric 'eval_bleu' is not among the metrics evaluation gives: "
                                           r"eval_loss, eval_perplexity"):
@@ -305,7 +312,7 @@ def test_training_mistakes_refused_before_any_step(saved_tiny, tmp_path):
     ("base_lrs", r"scheduler\.pt: base learning rates \[5\.0, 5\.0\], the run's lr is 0\.01"),
 ])
 def test_a_checkpoint_whose_optimizer_was_tampered_with_is_refused(saved_tiny, tmp_path, damage, message):
-    from minilora.train import TrainConfig, train
+    from minilora.training.loop import TrainConfig, train
     cfg = dict(output_dir=str(tmp_path), max_steps=4, micro_batch_size=2, batch_size=4, lr=1e-2, save_every=4,
                progress=False)
     train(lora_model(saved_tiny), Tok, examples(8), None, TrainConfig(**cfg))
@@ -326,8 +333,9 @@ def test_a_checkpoint_whose_optimizer_was_tampered_with_is_refused(saved_tiny, t
 
 def test_crafted_files_that_used_to_load_silently(saved_tiny, tmp_path):
     from safetensors.torch import load_file, save_file
-    from minilora.files import safetensors_tensors
-    from minilora.gguf import read_gguf
+
+    from minilora.formats.gguf import read_gguf
+    from minilora.formats.safetensors import safetensors_tensors
     header = json.dumps({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
                          "b": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
     (tmp_path / "x.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
@@ -347,8 +355,8 @@ def test_crafted_files_that_used_to_load_silently(saved_tiny, tmp_path):
 
 def test_api_mistakes_of_the_second_round(saved_tiny, tmp_path):
     from minilora.generate import classify, generate
-    from minilora.inject import merge_lora, remove_lora
-    from minilora.tokenizer import load_tokenizer
+    from minilora.loading.tokenizer import load_tokenizer
+    from minilora.lora.inject import merge_lora, remove_lora
     folder = tiny_model_with_tokenizer(saved_tiny, tmp_path)
     model, tok = load_model(folder), load_tokenizer(folder)
     with pytest.raises(ConfigError, match=r"LoRA alpha must be a positive finite number, got alpha=inf"):
@@ -385,8 +393,9 @@ def test_api_mistakes_of_the_second_round(saved_tiny, tmp_path):
 
 def test_data_and_recipe_mistakes_of_the_second_round(saved_tiny, tmp_path, capsys):
     from conftest import write_recipe
+
     from minilora.cli import main
-    from minilora.data import build_examples, label_ids, read_records
+    from minilora.data.records import build_examples, label_ids, read_records
     with pytest.raises(DataError, match=r"labels \['pos', 'neg', 'pos'\] name a class twice"):
         label_ids([], labels=["pos", "neg", "pos"])
     with pytest.raises(DataError, match=r"cutoff must be a positive number of tokens, got 1\.5"):
@@ -410,8 +419,9 @@ def test_data_and_recipe_mistakes_of_the_second_round(saved_tiny, tmp_path, caps
 
 
 def test_a_classifier_whose_fresh_head_would_stay_untrained_is_refused(saved_tiny, tmp_path, capsys):
-    from minilora.cli import main
     from safetensors.torch import load_file, save_file
+
+    from minilora.cli import main
     folder = copy_model(saved_tiny, tmp_path, "distilbert")
     state = {k: v for k, v in load_file(str(folder / "model.safetensors")).items() if "classifier" not in k}
     save_file(state, str(folder / "model.safetensors"))  # a bare encoder: the head starts fresh
@@ -430,9 +440,9 @@ def test_a_classifier_whose_fresh_head_would_stay_untrained_is_refused(saved_tin
 # A third round
 
 def test_third_round_models_and_adapters(saved_tiny, tmp_path, capsys):
-    from minilora.adapter import save_adapter
     from minilora.cli import main
-    from minilora.inject import merge_lora
+    from minilora.lora.inject import merge_lora
+    from minilora.lora.peft_files import save_adapter
     gpt2 = apply_lora(load_model(saved_tiny["gpt2"][1]), ["lm_head"], r=2)  # GPT-2's head is the token embedding
     with pytest.raises(ConfigError, match=r"a LoRA layer's weight is tied \(transformer\.wte, lm_head\): merging it"):
         merge_lora(gpt2)
@@ -458,8 +468,8 @@ def test_third_round_models_and_adapters(saved_tiny, tmp_path, capsys):
 
 
 def test_third_round_training_and_data(saved_tiny, tmp_path, capsys):
-    from minilora.data import Example, read_records
-    from minilora.train import TrainConfig, train
+    from minilora.data.records import Example, read_records
+    from minilora.training.loop import TrainConfig, train
     cfg = lambda **kw: TrainConfig(**{**dict(output_dir=str(tmp_path / "run"), max_steps=2, progress=False), **kw})
     with pytest.raises(DataError, match=r"the examples mix class ids \(classification\) and token labels"):
         train(lora_model(saved_tiny), Tok, [*examples(4), Example([5, 6], 0)], None, cfg())
@@ -493,6 +503,7 @@ def test_third_round_training_and_data(saved_tiny, tmp_path, capsys):
 
 def test_third_round_command_line(saved_tiny, tmp_path):
     import os
+
     from conftest import write_recipe
     recipe, _ = write_recipe(saved_tiny, tmp_path)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}

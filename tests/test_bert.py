@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from minilora.weights import load_model
+from minilora.loading.weights import load_model
 
 IDS = torch.tensor([[2, 5, 6, 7, 8, 9, 3], [2, 11, 12, 3, 0, 0, 0], [2, 40, 41, 42, 43, 3, 0]])
 MASK = (torch.arange(7)[None] < torch.tensor([[7], [4], [6]])).long()
@@ -49,9 +49,9 @@ def test_bare_encoder_checkpoint_gets_a_fresh_head(saved_tiny, tmp_path):
 def test_real_minilm_sentence_similarity(minilm_path):
     """all-MiniLM-L6-v2's mean-pooled embeddings: cosine 0.755 between these two sentences, as
     sentence-transformers publishes."""
-    from minilora.batching import collate
-    from minilora.data import Example
-    from minilora.tokenizer import load_tokenizer
+    from minilora.data.batching import collate
+    from minilora.data.records import Example
+    from minilora.loading.tokenizer import load_tokenizer
     folder = minilm_path
     model, tok = load_model(folder, task="embedding"), load_tokenizer(folder)
     sentences = ["A man is eating food.", "A man is eating a piece of bread."]
@@ -85,8 +85,9 @@ def test_short_lora_run_on_real_minilm_and_reviews_lifts_held_out_accuracy(minil
     """LoRA (r=4, alpha=32) on `query` plus the classifier head, on real Pang & Lee sentences: held-out
     accuracy (a test split training never sees) rises clearly above the untrained head's."""
     from pathlib import Path
+
     from minilora.cli import main
-    from minilora.report import param_report
+    from minilora.lora.report import param_report
     from minilora.recipe import RECIPES, load_recipe, run_recipe
     train_csv, test_csv = reviews
     folder = minilm_path

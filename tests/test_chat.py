@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from minilora.chat import CHATML, conversation, render, tokenize_conversation
-from minilora.data import IGNORE, build_examples, read_records
+from minilora.data.chat import CHATML, conversation, render, tokenize_conversation
+from minilora.data.records import IGNORE, build_examples, read_records
 from minilora.errors import DataError
 
 CONVERSATIONS = [
@@ -35,7 +35,7 @@ QWEN3_LIKE = ("{%- set ns = namespace(last=-1) %}{%- for m in messages %}{%- if 
 def tokenizers(smollm2_path):
     """minilora's and transformers' tokenizers of the real SmolLM2 GGUF."""
     transformers = pytest.importorskip("transformers")
-    from minilora.tokenizer import load_tokenizer
+    from minilora.loading.tokenizer import load_tokenizer
     theirs = transformers.AutoTokenizer.from_pretrained(str(smollm2_path.parent), gguf_file=smollm2_path.name)
     return load_tokenizer(smollm2_path), theirs
 
@@ -140,8 +140,10 @@ def test_conversation_records_in_every_form(tmp_path, tokenizers):
     ({"messages": "hello"}, r"line 2: 'messages' is str; expected a list of messages"),
 ])
 def test_a_bad_conversation_is_named_by_its_line(tmp_path, line, message):
-    from minilora.tokenizer import Tokenizer
-    from tokenizers import Tokenizer as HF, models
+    from tokenizers import Tokenizer as HF
+    from tokenizers import models
+
+    from minilora.loading.tokenizer import Tokenizer
     tok = Tokenizer(HF(models.WordLevel({"[UNK]": 0, "x": 1}, unk_token="[UNK]")), eos_token_id=1, chat_template=CHATML)
     good = {"messages": CONVERSATIONS[0]}
     (tmp_path / "a.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(line) + "\n")
@@ -150,8 +152,10 @@ def test_a_bad_conversation_is_named_by_its_line(tmp_path, line, message):
 
 
 def test_no_template_falls_back_to_chatml_and_says_so():
-    from minilora.tokenizer import Tokenizer
-    from tokenizers import Tokenizer as HF, models, pre_tokenizers
+    from tokenizers import Tokenizer as HF
+    from tokenizers import models, pre_tokenizers
+
+    from minilora.loading.tokenizer import Tokenizer
     vocab = {"[UNK]": 0, "<|im_start|>": 1, "<|im_end|>": 2, "user": 3, "assistant": 4, "hi": 5, "yo": 6}
     hf = HF(models.WordLevel(vocab, unk_token="[UNK]"))
     hf.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -201,7 +205,9 @@ def test_a_recipe_of_conversations_trains_packed_through_the_cli(saved_tiny, tmp
     packing on: the rows are packed, the assistant's words alone are learned, and `[generate] chat`
     and `generate --chat` write the prompt with the same template and stop at the end-of-turn token."""
     import re
+
     from conftest import write_recipe
+
     from minilora.cli import main
     recipe, model = write_recipe(saved_tiny, tmp_path, **{
         'template = { prompt = "{author} says", response = " {quote}" }\n': "packing = true\n",
@@ -214,7 +220,7 @@ def test_a_recipe_of_conversations_trains_packed_through_the_cli(saved_tiny, tmp
                           {"role": "assistant", "content": " ".join(f"w{(i * 3 + j) % 80 + 10}" for j in range(4))}]}
             for i in range(24)]
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    from minilora.tokenizer import load_tokenizer
+    from minilora.loading.tokenizer import load_tokenizer
     tok = load_tokenizer(model)
     (e,) = build_examples(rows[:1], tok)
     assert tok.decode(e.input_ids) == "w2 w3 w5 w9 w2 w4 w10 w11 w12 w13"
@@ -231,8 +237,10 @@ def test_a_recipe_of_conversations_trains_packed_through_the_cli(saved_tiny, tmp
 def test_records_are_read_one_by_one_and_template_errors_name_the_row(tmp_path):
     """Without a template each record is a conversation or a text; a record that is neither, and a
     conversation the template refuses, are named by their line; no ChatML tokens and no template: refused."""
-    from minilora.tokenizer import Tokenizer
-    from tokenizers import Tokenizer as HF, models, pre_tokenizers
+    from tokenizers import Tokenizer as HF
+    from tokenizers import models, pre_tokenizers
+
+    from minilora.loading.tokenizer import Tokenizer
     vocab = {"[UNK]": 0, "<|im_start|>": 1, "<|im_end|>": 2, "user": 3, "assistant": 4, "hi": 5, "yo": 6, "<eos>": 7}
     hf = HF(models.WordLevel(vocab, unk_token="[UNK]"))
     hf.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -259,9 +267,9 @@ def test_records_are_read_one_by_one_and_template_errors_name_the_row(tmp_path):
 
 
 def test_system_without_chat_is_refused(tmp_path):
+    from minilora.errors import ConfigError
     from minilora.generate import generate
     from minilora.recipe import GenerateSection
-    from minilora.errors import ConfigError
     with pytest.raises(ConfigError, match="system is a chat setting"):
         generate(torch.nn.Linear(1, 1), None, "hi", system="be brief")
     with pytest.raises(ConfigError, match="system: a chat setting; set chat = true too"):

@@ -9,10 +9,10 @@ import sys
 import time
 
 import pytest
-
 from conftest import write_recipe
-from minilora.checkpoint import checkpoint_folders
+
 from minilora.cli import main, stop_on_signals
+from minilora.training.checkpoint import checkpoint_folders
 
 LLAMA2_7B = dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
@@ -79,6 +79,7 @@ def test_bad_recipes_name_the_key(saved_tiny, tmp_path, capsys, change, message)
 
 def test_tokenizer_of_another_model_and_cutoff_beyond_the_context(saved_tiny, tmp_path, capsys):
     import re
+
     from tokenizers import Tokenizer
     recipe, model = write_recipe(saved_tiny, tmp_path, **{"cutoff = 16": "cutoff = 5000"})
     assert main(["train", str(recipe)]) == 2

@@ -4,15 +4,15 @@ products, the fused head loss and a training run give on the GPU what the CPU (o
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import Tok, examples, lora_model
-from minilora.batching import collate
+
+from minilora.data.batching import collate
 from minilora.generate import generate_ids
 from minilora.kernels import LinearCrossEntropy
-from minilora.lora import LoRALinear
-from minilora.quant import Int8Linear, int8_matmul, quantize_rows
-from minilora.train import TrainConfig, accumulate_gradients, train
-from minilora.weights import load_model
+from minilora.loading.weights import load_model
+from minilora.lora.layers import LoRALinear
+from minilora.quant.int8 import Int8Linear, int8_matmul, quantize_rows
+from minilora.training.loop import TrainConfig, accumulate_gradients, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 CUDA = torch.device("cuda")
@@ -120,7 +120,7 @@ def test_training_on_cuda_lowers_the_loss_and_the_adapter_loads_on_cpu(saved_tin
     result = train(model, Tok, data, None, cfg)
     losses = [h["loss"] for h in result.history if "loss" in h]
     assert not result.stopped_early and losses[-1] < losses[0]
-    from minilora.adapter import load_adapter
+    from minilora.lora.peft_files import load_adapter
     cpu = load_adapter(load_model(saved_tiny["llama-gqa"][1]), result.adapter_dir)
     batch = collate(data[:4], 0)
     with torch.no_grad():
@@ -134,8 +134,8 @@ def test_training_on_cuda_lowers_the_loss_and_the_adapter_loads_on_cpu(saved_tin
 
 def test_more_processes_than_gpus_is_a_named_error(monkeypatch):
     """torchrun with more processes than GPUs: each rank wants GPU LOCAL_RANK; refused before any work."""
-    from minilora import distributed
     from minilora.errors import ConfigError
+    from minilora.training import distributed
     n = torch.cuda.device_count()
     monkeypatch.setenv("WORLD_SIZE", str(n + 1))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(n + 1))
@@ -159,7 +159,9 @@ def test_the_same_seed_gives_the_same_lora_init_on_cuda_and_cpu():
 def test_dora_embeddings_and_named_adapters_on_cuda_equal_cpu(saved_tiny):
     """DoRA, LoRA on embeddings and a switch between named adapters: the same numbers on the GPU, and the
     gradients too; an adapter stored while the model moved comes back on the model's device."""
-    from minilora.inject import LoRAConfig, add_adapter, apply_lora, set_adapter
+    from minilora.lora.adapters import add_adapter, set_adapter
+    from minilora.lora.config import LoRAConfig
+    from minilora.lora.inject import apply_lora
     _, folder = saved_tiny["llama-gqa"]
     ids = torch.randint(0, 97, (2, 9))
     outs = {}
@@ -191,15 +193,17 @@ def test_dora_embeddings_and_named_adapters_on_cuda_equal_cpu(saved_tiny):
 def test_nf4_and_ggml_layers_on_cuda_equal_cpu():
     """The 4-bit layers' dequantization and blockwise products on the GPU: the CPU's numbers."""
     import numpy as np
-    from minilora import ggml
-    from minilora.nf4 import NF4Linear
+
+    from minilora.formats import ggml_blocks as ggml
+    from minilora.quant.ggml import GGMLLinear
+    from minilora.quant.nf4 import NF4Linear
     torch.manual_seed(0)
     linear = torch.nn.Linear(512, 96)
     rng = np.random.default_rng(0)
     raw = rng.integers(0, 256, size=(96 * 2, 144), dtype=np.uint8)
     raw[:, 0:4] = (rng.standard_normal((96 * 2, 2)) * 0.01).astype(np.float16).view(np.uint8)
     layers = {"nf4": NF4Linear.from_linear(linear),
-              "q4_k": ggml.GGMLLinear(512, 96, ggml.Q4_K, torch.from_numpy(raw), torch.randn(96))}
+              "q4_k": GGMLLinear(512, 96, ggml.Q4_K, torch.from_numpy(raw), torch.randn(96))}
     x = torch.randn(3, 7, 512)
     for name, layer in layers.items():
         outs = []
@@ -216,8 +220,8 @@ def test_nf4_and_ggml_layers_on_cuda_equal_cpu():
 def test_packed_rows_on_cuda_give_the_unpacked_loss_and_gradients(saved_tiny):
     """Packing's per-example attention mask and restarted positions on the GPU: the loss and the LoRA
     gradients of the same examples one per row (also on the GPU)."""
-    from minilora.batching import pack
-    from minilora.evaluate import causal_lm_loss
+    from minilora.data.batching import pack
+    from minilora.training.objectives.causal_lm import causal_lm_loss
     data = examples(n=12, seed=1)
     sums = []
     for batch in (collate(data, pad_id=0), collate(pack(data, 32), pad_id=0)):
@@ -237,9 +241,11 @@ def test_kept_gguf_embedding_and_quantized_head_on_cuda_equal_the_dequantized_mo
     from float64's by 35% on either device; kept and dequantized do the same arithmetic, so they agree.)"""
     pytest.importorskip("gguf")
     from test_ggml import write_kquant_gguf
-    from minilora import ggml
-    from minilora.evaluate import causal_lm_loss
-    from minilora.inject import apply_lora
+
+    from minilora.formats import ggml_blocks as ggml
+    from minilora.lora.inject import apply_lora
+    from minilora.quant.ggml import GGMLLinear
+    from minilora.training.objectives.causal_lm import causal_lm_loss
     path = write_kquant_gguf(tmp_path / "e.gguf", [ggml.Q4_K], embedding=ggml.Q8_0)
     ids = torch.randint(0, 97, (3, 11))
     labels = ids.clone()
@@ -251,7 +257,7 @@ def test_kept_gguf_embedding_and_quantized_head_on_cuda_equal_the_dequantized_mo
     outs = []
     for kept in (True, False):
         model = load_model(path, keep_quantized=kept, device=CUDA)
-        assert isinstance(model.lm_head, ggml.GGMLLinear) == kept and model.lm_head.weight.is_cuda
+        assert isinstance(model.lm_head, GGMLLinear) == kept and model.lm_head.weight.is_cuda
         with torch.no_grad():
             logits = model(ids.to(CUDA)).cpu()
         assert (logits - on_cpu).abs().max().item() <= 1e-4 * (1 + on_cpu.abs().max().item())
@@ -271,7 +277,7 @@ def test_kept_gguf_embedding_and_quantized_head_on_cuda_equal_the_dequantized_mo
 
 def test_inspect_on_cuda_equals_cpu(saved_tiny):
     """The section-7 measurements of a model on the GPU: the CPU's (both in float64)."""
-    from minilora.analysis import inspect
+    from minilora.lora.analysis import inspect
     model = lora_model(saved_tiny, targets=["q_proj", "v_proj"])
     cpu = inspect(model, with_base=True)
     gpu = inspect(model.to(CUDA), with_base=True)
@@ -283,8 +289,8 @@ def test_inspect_on_cuda_equals_cpu(saved_tiny):
 
 def test_inspect_adapter_over_a_base_on_cuda_equals_cpu(saved_tiny, tmp_path):
     """The adapter's files on the CPU, the base model on the GPU: the CPU base's figures."""
-    from minilora.adapter import save_adapter
-    from minilora.analysis import inspect_adapter
+    from minilora.lora.analysis import inspect_adapter
+    from minilora.lora.peft_files import save_adapter
     save_adapter(lora_model(saved_tiny, targets=["q_proj", "v_proj"]), tmp_path / "a")
     folder = saved_tiny["llama-gqa"][1]
     cpu = inspect_adapter(tmp_path / "a", load_model(folder))

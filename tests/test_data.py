@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from minilora.batching import collate
-from minilora.data import IGNORE, TEMPLATES, build_examples, read_records, split
+from minilora.data.batching import collate
+from minilora.data.records import IGNORE, TEMPLATES, build_examples, read_records, split
 from minilora.errors import DataError
-from minilora.tokenizer import load_tokenizer
+from minilora.loading.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 import torch
+from conftest import write_recipe
 from safetensors.torch import load_file
 
-from conftest import write_recipe
 from minilora.cli import main
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")

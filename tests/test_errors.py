@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from minilora.errors import CheckpointError, ConfigError
-from minilora.weights import load_config, load_model
+from minilora.loading.weights import load_config, load_model
 
 
 def copy_of(saved_tiny, kind, tmp_path):

@@ -5,13 +5,18 @@ llama.cpp itself runs the files in tests/test_llamacpp.py (opt-in)."""
 import numpy as np
 import pytest
 import torch
-
 from conftest import lora_model
-from minilora import ggml
+
 from minilora.errors import CheckpointError, ConfigError
-from minilora.export import TYPES, export_adapter, export_merged, to_llamacpp_rows
-from minilora.inject import apply_lora
-from minilora.weights import load_model
+from minilora.formats import ggml_blocks as ggml
+from minilora.loading.weights import load_model
+from minilora.lora.inject import apply_lora
+from minilora.ship.gguf_export import (
+    TYPES,
+    export_adapter,
+    export_merged,
+    to_llamacpp_rows,
+)
 
 gguf = pytest.importorskip("gguf")
 
@@ -33,8 +38,9 @@ def adapted(saved_tiny, kind="llama-gqa", **lora):
 
 
 def merged_weights(model):
-    from minilora.inject import remove_lora
     import copy
+
+    from minilora.lora.inject import remove_lora
     return {n: t.detach().clone() for n, t in remove_lora(copy.deepcopy(model), merge=True).state_dict().items()}
 
 
@@ -49,7 +55,7 @@ def test_merged_f32_reads_back_tensor_by_tensor_and_gives_the_same_logits(saved_
     reader = gguf.GGUFReader(str(path))
     assert reader.fields["general.architecture"].contents() == ("qwen2" if kind == "qwen2" else "llama")
     written = {t.name: t for t in reader.tensors}
-    from minilora.export import gguf_name
+    from minilora.ship.gguf_export import gguf_name
     for hub, w in weights.items():
         if hub == "lm_head.weight" and kind in ("llama-tied", "qwen2"):
             assert "output.weight" not in written
@@ -146,7 +152,7 @@ def test_what_llamacpp_cannot_carry_is_refused_by_name(saved_tiny, tmp_path):
 def test_a_failed_write_leaves_the_old_file_whole(saved_tiny, tmp_path, monkeypatch):
     target = tmp_path / "a.gguf"
     target.write_bytes(b"the previous export")
-    import minilora.export as export
+    import minilora.ship.gguf_export as export
 
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
@@ -164,8 +170,8 @@ def test_real_smollm2_merged_keeps_its_tokenizer_and_template(smollm2_path, tmp_
     """From the real GGUF: the merged Q8_0 file carries the source's metadata (tokenizer, chat template),
     its tokenizer loads back equal, and its logits are the merged model's within Q8_0's error."""
     from minilora.cli import main
-    from minilora.adapter import save_adapter
-    from minilora.tokenizer import load_tokenizer
+    from minilora.loading.tokenizer import load_tokenizer
+    from minilora.lora.peft_files import save_adapter
     torch.manual_seed(0)
     model = load_model(smollm2_path)
     apply_lora(model, ["q_proj", "v_proj"], r=4, alpha=8)
@@ -181,7 +187,7 @@ def test_real_smollm2_merged_keeps_its_tokenizer_and_template(smollm2_path, tmp_
     assert main(["export", str(smollm2_path), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "a.gguf")]) == 2
     source, written = load_tokenizer(smollm2_path), load_tokenizer(tmp_path / "m.gguf")
     assert written.chat_template == source.chat_template and written.tk.to_str() == source.tk.to_str()
-    from minilora.inject import remove_lora
+    from minilora.lora.inject import remove_lora
     remove_lora(model, merge=True)
     with torch.no_grad():  # the merged model with every 2-D weight rounded through Q8_0, as the file holds it
         for p in model.parameters():
@@ -196,7 +202,7 @@ def test_merged_from_a_folder_writes_the_tokenizer_llamacpp_reads(smollm2_path, 
     are written from its tokenizer.json, and read back they tokenize as the original does. A tokenizer
     llama.cpp would split differently is refused."""
     transformers = pytest.importorskip("transformers")
-    from minilora.tokenizer import load_tokenizer
+    from minilora.loading.tokenizer import load_tokenizer
     source = load_tokenizer(smollm2_path)
     config = transformers.LlamaConfig(vocab_size=49152 + 64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
@@ -222,7 +228,7 @@ def test_export_leaves_the_model_as_it_was_and_refuses_what_llamacpp_would_misre
     """export_merged computes each merged weight as it writes it (the model keeps its adapter; inside
     adapter_disabled the base is written); LoRA on a tied head, NaN and fp16 overflow are refused naming
     the tensor, leaving no file; head_dim other than hidden / heads is written for llama.cpp."""
-    from minilora.inject import adapter_disabled, lora_modules
+    from minilora.lora.inject import adapter_disabled, lora_modules
     model = adapted(saved_tiny)
     ids = torch.randint(0, 97, (1, 7))
     with torch.no_grad():

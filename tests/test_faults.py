@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minilora.checkpoint import checkpoint_folders
+from minilora.training.checkpoint import checkpoint_folders
 
 pytestmark = pytest.mark.slow  # 20 trials of training processes killed and resumed
 
@@ -23,10 +23,10 @@ TRAIN = textwrap.dedent("""
     import sys, torch
     sys.path.insert(0, {tests!r})
     from conftest import Tok, examples
-    from minilora.checkpoint import checkpoint_folders
-    from minilora.inject import apply_lora
-    from minilora.train import TrainConfig, train
-    from minilora.weights import load_model
+    from minilora.training.checkpoint import checkpoint_folders
+    from minilora.lora.inject import apply_lora
+    from minilora.training.loop import TrainConfig, train
+    from minilora.loading.weights import load_model
     torch.manual_seed(0)
     model = apply_lora(load_model({model!r}), "all-linear", r=4, alpha=8, dropout=0.1)
     out = {out!r}

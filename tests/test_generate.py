@@ -3,7 +3,7 @@
 import torch
 
 from minilora.generate import generate_ids, sample_next
-from minilora.weights import load_model
+from minilora.loading.weights import load_model
 
 
 def test_sampling_matches_softmax_frequencies():

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from minilora import ggml
 from minilora.errors import ConfigError
-from minilora.ggml import BLOCKS, NAMES, QUANTIZED, GGMLEmbedding, GGMLLinear, dequantize_blocks
+from minilora.formats import ggml_blocks as ggml
+from minilora.formats.ggml_blocks import BLOCKS, NAMES, QUANTIZED, dequantize_blocks
+from minilora.quant.ggml import GGMLEmbedding, GGMLLinear
 
 gguf = pytest.importorskip("gguf")
 
@@ -52,7 +53,8 @@ def test_ggml_linear_is_the_product_of_its_dequantized_weight(kind):
 def write_kquant_gguf(path, kinds, seed=0, embedding=None):
     """A tiny Llama GGUF (hidden 256: whole K-quant blocks per row) with random raw blocks of the given
     type for each block weight, F32 norms and an F16 embedding (or one of random blocks of `embedding`)."""
-    from gguf import GGUFWriter, GGMLQuantizationType as T
+    from gguf import GGMLQuantizationType as T
+    from gguf import GGUFWriter
     hidden, ffn, layers, heads, vocab = 256, 512, 2, 4, 97
     writer = GGUFWriter(str(path), "llama")
     writer.add_block_count(layers)
@@ -88,10 +90,10 @@ def write_kquant_gguf(path, kinds, seed=0, embedding=None):
 
 
 def test_gguf_base_kept_in_its_blocks_computes_what_the_dequantized_base_computes(tmp_path):
-    from minilora.adapter import load_adapter, save_adapter
-    from minilora.inject import apply_lora
-    from minilora.report import param_report
-    from minilora.weights import load_model
+    from minilora.loading.weights import load_model
+    from minilora.lora.inject import apply_lora
+    from minilora.lora.peft_files import load_adapter, save_adapter
+    from minilora.lora.report import param_report
     kinds = [ggml.Q4_K, ggml.Q5_K, ggml.Q6_K, ggml.Q8_0, ggml.Q4_0, ggml.Q4_1, ggml.Q3_K, ggml.Q2_K, ggml.Q5_0]
     path = write_kquant_gguf(tmp_path / "k.gguf", kinds)
     dense, kept = load_model(path), load_model(path, keep_quantized=True)
@@ -122,10 +124,10 @@ def test_gguf_base_kept_in_its_blocks_computes_what_the_dequantized_base_compute
 def test_quantized_embedding_and_its_tied_head_stay_in_blocks(tmp_path, kind):
     """A quantized token embedding (SmolLM2's is Q8_0) is kept too, with the head tied to it reading the
     same blocks: the logits, the fused head loss and the LoRA gradients equal the dequantized model's."""
-    from minilora.evaluate import causal_lm_loss
-    from minilora.inject import apply_lora
-    from minilora.report import memory_rows, param_report
-    from minilora.weights import load_model
+    from minilora.loading.weights import load_model
+    from minilora.lora.inject import apply_lora
+    from minilora.lora.report import memory_rows, param_report
+    from minilora.training.objectives.causal_lm import causal_lm_loss
     path = write_kquant_gguf(tmp_path / "e.gguf", [ggml.Q4_K], embedding=kind)
     dense, kept = load_model(path), load_model(path, keep_quantized=True)
     emb = kept.model.embed_tokens
@@ -161,7 +163,7 @@ def test_quantized_embedding_and_its_tied_head_stay_in_blocks(tmp_path, kind):
 
 def test_keep_quantized_needs_a_gguf_file(saved_tiny):
     from minilora.errors import ConfigError
-    from minilora.weights import load_model
+    from minilora.loading.weights import load_model
     _, folder = saved_tiny["llama-gqa"]
     with pytest.raises(ConfigError, match="keep_quantized keeps a .gguf file's own blocks: .* is not one"):
         load_model(folder, keep_quantized=True)
@@ -171,8 +173,8 @@ def test_real_smollm2_q4_1_kept_in_its_blocks(smollm2_path):
     """The real Q4_1 file: every block weight stays Q4_1 and the embedding Q8_0 (the base 5.6x smaller
     than in fp32), and the
     logits are those of the dequantized model; LoRA trains on top."""
-    from minilora.inject import apply_lora
-    from minilora.weights import load_model
+    from minilora.loading.weights import load_model
+    from minilora.lora.inject import apply_lora
     kept, dense = load_model(smollm2_path, keep_quantized=True), load_model(smollm2_path)
     layers = [m for m in kept.modules() if isinstance(m, GGMLLinear)]
     assert len(layers) == 30 * 7 + 1 and {m.kind for m in layers[:-1]} == {ggml.Q4_1}  # and the tied head
@@ -194,8 +196,8 @@ def test_kept_blocks_with_a_nan_scale_or_overlapping_data_are_refused(tmp_path):
     """What the float path refuses, the kept-blocks path refuses too: a NaN scale names the tensor; a
     header whose type makes one tensor's bytes run into the next one's is refused as corrupt."""
     from minilora.errors import CheckpointError
-    from minilora.gguf import read_gguf
-    from minilora.weights import load_model
+    from minilora.formats.gguf import read_gguf
+    from minilora.loading.weights import load_model
     path = write_kquant_gguf(tmp_path / "k.gguf", [ggml.Q4_0])
     file = read_gguf(path)
     _, kind, offset = file.infos["blk.0.attn_q.weight"]

@@ -8,7 +8,7 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from minilora.weights import load_model  # noqa: E402
+from minilora.loading.weights import load_model  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 KINDS = {"attn_q": Q.Q4_0, "attn_k": Q.Q4_1, "attn_v": Q.Q8_0, "attn_output": Q.Q4_0, "ffn_gate": Q.F16,

@@ -5,13 +5,13 @@ ShortAttention against float64 attention."""
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import examples, grads, lora_model
-from minilora.batching import collate
+
+from minilora.data.batching import collate
 from minilora.kernels import LinearCrossEntropy, frozen_weights_in, prepared_head
 from minilora.models.common import attend, attention_mask
-from minilora.evaluate import causal_lm_loss
-from minilora.train import accumulate_gradients
+from minilora.training.loop import accumulate_gradients
+from minilora.training.objectives.causal_lm import causal_lm_loss
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "gptj", "llama-tied"])

@@ -47,7 +47,7 @@ def llamacpp_logits(path, tmp_path, lora=None):
 
 
 def test_llamacpp_computes_miniloras_logits_on_an_f32_copy(made, smollm2_path, tmp_path):
-    from minilora.weights import load_model
+    from minilora.loading.weights import load_model
     f32 = made("F32")
     ours = load_model(f32)
     with torch.no_grad():
@@ -61,10 +61,10 @@ def test_llamacpp_computes_miniloras_logits_on_an_f32_copy(made, smollm2_path, t
 @pytest.mark.parametrize("kind", KINDS)
 def test_real_kquant_files_dequantize_and_train_as_llamacpp_wrote_them(made, tmp_path, kind):
     gguf = pytest.importorskip("gguf")
-    from minilora import ggml
-    from minilora.ggml import GGMLLinear
-    from minilora.inject import apply_lora
-    from minilora.weights import load_model
+    from minilora.formats import ggml_blocks as ggml
+    from minilora.loading.weights import load_model
+    from minilora.lora.inject import apply_lora
+    from minilora.quant.ggml import GGMLLinear
     path = made(kind)
     seen = set()
     for t in gguf.GGUFReader(path).tensors:
@@ -105,9 +105,9 @@ def quotes_adapter(smollm2_path, quotes_path, tmp_path_factory):
 def test_llamacpp_runs_the_exported_adapter_and_merged_model_with_miniloras_logits(made, quotes_adapter, tmp_path):
     """On the F32 base (llama.cpp's products then round only as fp32's do): base + adapter file, and the
     merged F32 file, against minilora's model with the adapter, position by position."""
-    from minilora.adapter import load_adapter
-    from minilora.export import export_adapter, export_merged
-    from minilora.weights import load_model
+    from minilora.loading.weights import load_model
+    from minilora.lora.peft_files import load_adapter
+    from minilora.ship.gguf_export import export_adapter, export_merged
     f32 = made("F32")
     model = load_adapter(load_model(f32), quotes_adapter[2])
     with torch.no_grad():
@@ -126,9 +126,10 @@ def test_the_fine_tuned_format_comes_out_of_llamacpp(smollm2_path, quotes_adapte
     model's are not."""
     import json
     import re
-    from minilora.adapter import load_adapter
-    from minilora.export import export_adapter, export_merged
-    from minilora.weights import load_model
+
+    from minilora.loading.weights import load_model
+    from minilora.lora.peft_files import load_adapter
+    from minilora.ship.gguf_export import export_adapter, export_merged
     model = load_adapter(load_model(smollm2_path), quotes_adapter[2])
     export_adapter(model, tmp_path / "adapter.gguf")
     export_merged(model, tmp_path / "merged.gguf", "q8_0")

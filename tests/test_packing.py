@@ -3,13 +3,13 @@ batch's loss and gradients equal the unpacked ones' (the oracle: the same exampl
 
 import pytest
 import torch
-
 from conftest import examples, grads, lora_model
-from minilora.batching import collate, pack
-from minilora.data import IGNORE, Example
+
+from minilora.data.batching import collate, pack
+from minilora.data.records import IGNORE, Example
 from minilora.errors import DataError
-from minilora.evaluate import causal_lm_loss
 from minilora.models.common import attention_mask, position_ids
+from minilora.training.objectives.causal_lm import causal_lm_loss
 
 
 def test_packed_rows_hold_every_example_once_first_fit_decreasing():

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from minilora.adapter import adapter_classes, load_adapter, save_adapter
-from minilora.inject import apply_lora
-from minilora.weights import load_model
+from minilora.loading.weights import load_model
+from minilora.lora.inject import apply_lora
+from minilora.lora.peft_files import adapter_classes, load_adapter, save_adapter
 
 IDS = torch.tensor([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16, 0, 0]])
 MASK = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
@@ -127,7 +127,8 @@ def test_peft_adapter_loads_here_with_peft_logits(saved_tiny, tmp_path, kind):
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_adapter_saved_here_loads_in_peft_with_our_logits(saved_tiny, tmp_path, kind):
     from peft import PeftModel
-    from minilora.inject import LoRAConfig
+
+    from minilora.lora.config import LoRAConfig
     model_kind, _, ours_args = KINDS[kind]
     hf, folder = saved_tiny[model_kind]
     ours = apply_lora(load_model(folder), LoRAConfig(r=4, alpha=8, **ours_args))
@@ -140,9 +141,10 @@ def test_adapter_saved_here_loads_in_peft_with_our_logits(saved_tiny, tmp_path, 
 # --- 2. tied heads ------------------------------------------------------------------------------------
 
 def test_tied_head_in_modules_to_save_gets_its_own_copy(saved_tiny, tmp_path):
-    from minilora.inject import remove_lora
-    from minilora.weights import save_model
     import transformers
+
+    from minilora.loading.weights import save_model
+    from minilora.lora.inject import remove_lora
     _, folder = saved_tiny["llama-tied"]
     model = apply_lora(load_model(folder), ["q_proj"], modules_to_save=["lm_head"])
     embeddings = model.model.embed_tokens.weight
@@ -164,7 +166,7 @@ def test_tied_head_in_modules_to_save_gets_its_own_copy(saved_tiny, tmp_path):
 
 
 def test_ensure_weight_tying_trains_the_shared_tensor(saved_tiny, tmp_path):
-    from minilora.inject import LoRAConfig
+    from minilora.lora.config import LoRAConfig
     _, folder = saved_tiny["llama-tied"]
     model = apply_lora(load_model(folder), LoRAConfig(["q_proj"], modules_to_save=["lm_head"], ensure_weight_tying=True))
     assert model.lm_head.weight is model.model.embed_tokens.weight and model.lm_head.weight.requires_grad
@@ -202,7 +204,7 @@ def test_dora_gradients_equal_peft(saved_tiny):
 
 
 def test_dora_merge_unmerge_and_its_equation(saved_tiny):
-    from minilora.inject import merge_lora, unmerge_lora
+    from minilora.lora.inject import merge_lora, unmerge_lora
     _, folder = saved_tiny["qwen2"]
     model = apply_lora(load_model(folder), ["q_proj"], r=4, alpha=8, use_dora=True)
     randomize(model, seed=4)
@@ -221,8 +223,8 @@ def test_dora_merge_unmerge_and_its_equation(saved_tiny):
 
 
 def test_dora_starts_as_the_base_model_and_runs_on_an_int8_base(saved_tiny):
-    from minilora.lora import LoRALinear
-    from minilora.quant import Int8Linear
+    from minilora.lora.layers import LoRALinear
+    from minilora.quant.int8 import Int8Linear
     _, folder = saved_tiny["llama-gqa"]
     base = logits(load_model(folder))
     model = apply_lora(load_model(folder), ["q_proj", "v_proj"], use_dora=True)
@@ -249,8 +251,8 @@ def test_dora_starts_as_the_base_model_and_runs_on_an_int8_base(saved_tiny):
 # --- 4. LoRA on embeddings ----------------------------------------------------------------------------
 
 def test_embedding_lora_merge_unmerge_and_all_linear_leaves_it(saved_tiny):
-    from minilora.inject import merge_lora, unmerge_lora
-    from minilora.lora import LoRAEmbedding
+    from minilora.lora.inject import merge_lora, unmerge_lora
+    from minilora.lora.layers import LoRAEmbedding
     _, folder = saved_tiny["llama-gqa"]
     assert not any(isinstance(m, LoRAEmbedding) for m in apply_lora(load_model(folder), "all-linear").modules())
     model = apply_lora(load_model(folder), ["embed_tokens"], r=4, alpha=8)
@@ -271,7 +273,7 @@ def test_embedding_lora_merge_unmerge_and_all_linear_leaves_it(saved_tiny):
 # --- 5. per-module ranks and alphas -------------------------------------------------------------------
 
 def test_rank_and_alpha_patterns_follow_peft_rule(saved_tiny, tmp_path):
-    from minilora.inject import LoRAConfig
+    from minilora.lora.config import LoRAConfig
     _, folder = saved_tiny["llama-gqa"]
     config = LoRAConfig(["q_proj", "v_proj"], r=4, alpha=8, rank_pattern={"v_proj": 2, r"layers\.1\..*q_proj": 6},
                         alpha_pattern={"q_proj": 3})
@@ -285,9 +287,9 @@ def test_rank_and_alpha_patterns_follow_peft_rule(saved_tiny, tmp_path):
 
 
 def test_patterns_in_a_recipe(tmp_path):
-    from minilora.fields import from_table
-    from minilora.inject import LoRAConfig
     from minilora.errors import ConfigError
+    from minilora.fields import from_table
+    from minilora.lora.config import LoRAConfig
     config = from_table(LoRAConfig, {"targets": ["q_proj"], "rank_pattern": {"q_proj": 16}}, "recipe.toml [lora]")
     assert config.settings_for("a.q_proj") == (16, 16)
     with pytest.raises(ConfigError, match=r"\[lora\]: LoRA rank r must be a positive integer, got r=0"):
@@ -300,7 +302,9 @@ def test_patterns_in_a_recipe(tmp_path):
 
 def test_several_named_adapters_switch_disable_combine_as_peft(saved_tiny, tmp_path):
     from peft import LoraConfig, PeftModel
-    from minilora.inject import add_weighted_adapter, adapter_disabled, set_adapter
+
+    from minilora.lora.adapters import add_weighted_adapter, set_adapter
+    from minilora.lora.inject import adapter_disabled
     hf, folder = saved_tiny["llama-gqa"]
     theirs = peft_model_of(hf, dict(target_modules=["q_proj", "v_proj"]), seed=6)
     theirs.add_adapter("other", LoraConfig(r=2, lora_alpha=5, target_modules=["q_proj", "k_proj"]))
@@ -343,7 +347,9 @@ def test_several_named_adapters_switch_disable_combine_as_peft(saved_tiny, tmp_p
 
 def test_named_adapter_errors(saved_tiny, tmp_path):
     from minilora.errors import CheckpointError, ConfigError
-    from minilora.inject import LoRAConfig, add_adapter, delete_adapter, merge_lora, set_adapter
+    from minilora.lora.adapters import add_adapter, delete_adapter, set_adapter
+    from minilora.lora.config import LoRAConfig
+    from minilora.lora.inject import merge_lora
     _, folder = saved_tiny["llama-gqa"]
     model = apply_lora(load_model(folder), ["q_proj"])
     with pytest.raises(ConfigError, match="no adapter named 'x' on the model \\(it has default\\)"):
@@ -368,8 +374,8 @@ def test_named_adapter_errors(saved_tiny, tmp_path):
 
 
 def test_report_counts_dora_magnitudes_and_embedding_updates_as_peft(saved_tiny):
-    from minilora.inject import LoRAConfig
-    from minilora.report import param_report
+    from minilora.lora.config import LoRAConfig
+    from minilora.lora.report import param_report
     hf, folder = saved_tiny["llama-gqa"]
     theirs = peft_model_of(hf, dict(target_modules=["q_proj", "v_proj", "embed_tokens"], use_dora=False), seed=0)
     ours = apply_lora(load_model(folder), LoRAConfig(["q_proj", "v_proj", "embed_tokens"], r=4, alpha=8))
@@ -390,8 +396,9 @@ def test_dora_and_embedding_adapters_train_and_resume_exactly(saved_tiny, tmp_pa
     """train() trains the magnitudes and the embedding's A/B; a stop and resume continues the same curve,
     and the saved adapter gives the trained model's logits."""
     from conftest import Tok, examples
-    from minilora.inject import LoRAConfig
-    from minilora.train import TrainConfig, train
+
+    from minilora.lora.config import LoRAConfig
+    from minilora.training.loop import TrainConfig, train
     _, folder = saved_tiny["llama-gqa"]
 
     def model():
@@ -443,7 +450,8 @@ def test_peft_options_without_counterpart_are_refused_by_name(saved_tiny, tmp_pa
 
 def test_a_folder_of_named_adapters_names_them(saved_tiny, tmp_path):
     from minilora.errors import CheckpointError
-    from minilora.inject import LoRAConfig, add_adapter
+    from minilora.lora.adapters import add_adapter
+    from minilora.lora.config import LoRAConfig
     _, folder = saved_tiny["llama-gqa"]
     model = add_adapter(add_adapter(load_model(folder), "a", LoRAConfig(["q_proj"])), "b", LoRAConfig(["k_proj"]))
     save_adapter(model, tmp_path / "two")
@@ -455,7 +463,8 @@ def test_a_folder_of_named_adapters_names_them(saved_tiny, tmp_path):
 
 def test_load_into_a_named_adapter_that_is_not_active(saved_tiny, tmp_path):
     """As PEFT: load_adapter(..., adapter_name="b") fills "b", whichever adapter is active."""
-    from minilora.inject import LoRAConfig, add_adapter, set_adapter
+    from minilora.lora.adapters import add_adapter, set_adapter
+    from minilora.lora.config import LoRAConfig
     _, folder = saved_tiny["llama-gqa"]
     source = apply_lora(load_model(folder), ["k_proj"], r=2)
     randomize(source, seed=8)
@@ -475,7 +484,7 @@ def test_tied_embedding_lora_with_ensure_weight_tying_is_refused_both_ways(saved
     """PEFT then also adapts the tied head with the same A and B (transposed); that is not built here,
     so it is refused by name, from the API and from PEFT's file, and the model is left as it was."""
     from minilora.errors import CheckpointError, ConfigError
-    from minilora.inject import LoRAConfig
+    from minilora.lora.config import LoRAConfig
     hf, folder = saved_tiny["llama-tied"]
     model = load_model(folder)
     with pytest.raises(ConfigError, match=r"model.embed_tokens: LoRA on a layer tied to lm_head with "
@@ -491,7 +500,8 @@ def test_tied_embedding_lora_with_ensure_weight_tying_is_refused_both_ways(saved
 
 def test_weighted_adapter_weights_are_checked_and_rslora_gives_the_exact_sum(saved_tiny):
     from minilora.errors import ConfigError
-    from minilora.inject import LoRAConfig, add_adapter, add_weighted_adapter, set_adapter
+    from minilora.lora.adapters import add_adapter, add_weighted_adapter, set_adapter
+    from minilora.lora.config import LoRAConfig
     _, folder = saved_tiny["llama-gqa"]
     model = apply_lora(load_model(folder), LoRAConfig(["q_proj"], r=2, alpha=3, use_rslora=True))
     add_adapter(model, "b", LoRAConfig(["q_proj", "v_proj"], r=4, alpha=5, use_rslora=True))
@@ -514,11 +524,13 @@ def test_peft_names_are_exact_aliases(saved_tiny, tmp_path):
     and `minilora params`: the same adapter as minilora's names; both at once, differing, is refused."""
     import torch
     from conftest import write_recipe
+
     from minilora.cli import main
     from minilora.errors import ConfigError
-    from minilora.inject import LoRAConfig, apply_lora
+    from minilora.loading.weights import load_model
+    from minilora.lora.config import LoRAConfig
+    from minilora.lora.inject import apply_lora
     from minilora.recipe import load_recipe
-    from minilora.weights import load_model
     folder = saved_tiny["llama-gqa"][1]
     ours, theirs = load_model(folder), load_model(folder)
     torch.manual_seed(0)

@@ -9,12 +9,13 @@ import torch
 import torch.nn as nn
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import given, settings, strategies as st  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st
 
-from minilora.adapter import load_adapter, save_adapter  # noqa: E402
-from minilora.inject import apply_lora  # noqa: E402
-from minilora.lora import LoRALinear  # noqa: E402
-from minilora.quant import Int8Linear  # noqa: E402
+from minilora.lora.inject import apply_lora  # noqa: E402
+from minilora.lora.layers import LoRALinear  # noqa: E402
+from minilora.lora.peft_files import load_adapter, save_adapter  # noqa: E402
+from minilora.quant.int8 import Int8Linear  # noqa: E402
 
 dims = st.integers(min_value=1, max_value=96)
 FAST = settings(max_examples=40, deadline=None)

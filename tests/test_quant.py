@@ -6,15 +6,20 @@ import os
 import pytest
 import torch
 import torch.nn as nn
-
 from conftest import load_peak
 
 from minilora.errors import ConfigError
-from minilora.inject import apply_lora
-from minilora.lora import LoRALinear
-from minilora.report import param_report
-from minilora.quant import Int8Linear, int8_matmul, int8_matmul_in_float, quantize_model, quantize_rows
-from minilora.weights import load_model
+from minilora.loading.weights import load_model
+from minilora.lora.inject import apply_lora
+from minilora.lora.layers import LoRALinear
+from minilora.lora.report import param_report
+from minilora.quant.int8 import (
+    Int8Linear,
+    int8_matmul,
+    int8_matmul_in_float,
+    quantize_model,
+    quantize_rows,
+)
 
 
 def rel(a, b):
@@ -130,7 +135,7 @@ def test_quantize_on_load_equals_quantize_after_load(saved_tiny, kind):
 @pytest.mark.parametrize("base, dora", [(dict(load_in_8bit=True), False), (dict(load_in_4bit=True), True)],
                          ids=["int8", "nf4-dora"])
 def test_adapter_trained_on_a_quantized_base_saves_and_loads(saved_tiny, tmp_path, base, dora):
-    from minilora.adapter import load_adapter, save_adapter
+    from minilora.lora.peft_files import load_adapter, save_adapter
     _, folder = saved_tiny["gptj"]
     model = apply_lora(load_model(folder, **base), ["q_proj", "v_proj"], r=4, alpha=8, use_dora=dora)
     with torch.no_grad():
@@ -150,7 +155,7 @@ def test_save_model_refuses_an_int8_model_and_writes_nothing(saved_tiny, tmp_pat
     """An int8-loaded model's weights are not the checkpoint's any more (and transformers could not read
     them back): saving it as a checkpoint is refused by name, and the folder is not created."""
     from minilora.errors import CheckpointError
-    from minilora.weights import save_model
+    from minilora.loading.weights import save_model
     _, folder = saved_tiny["llama-gqa"]
     with pytest.raises(CheckpointError, match=r"cannot save a quantized model as a checkpoint "
                                               r"\(model\.layers\.0\.self_attn\.q_proj\.weight is torch\.int8, 14 such weights\)"):
@@ -173,6 +178,7 @@ def test_short_lora_run_on_a_quantized_smollm2_lowers_the_loss_on_real_alpaca(sm
                                                                                 bits, dtype):
     """LoRA on the real model with an int8 base, and QLoRA (the same recipe with load_in_4bit)."""
     from pathlib import Path
+
     from minilora.recipe import RECIPES, load_recipe, run_recipe
     recipe = load_recipe(RECIPES / "alpaca_smollm2_8bit.toml", overrides={
         "model.name": str(smollm2_path), "model.load_in_8bit": str(bits == "8").lower(),

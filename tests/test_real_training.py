@@ -2,11 +2,11 @@
 and the fine-tuned model keeps the `Quote by X: "..."` format and stops, where the base model does not."""
 
 import re
+from pathlib import Path
 
 from minilora.generate import generate_ids
-from minilora.inject import adapter_disabled
+from minilora.lora.inject import adapter_disabled
 from minilora.recipe import RECIPES, load_recipe, run_recipe
-from pathlib import Path
 
 RECIPE = RECIPES / "quotes_smollm2.toml"
 QUOTE = re.compile(r'^ "[^"]+"$')

@@ -14,8 +14,8 @@ import transformers
 
 from minilora.errors import ConfigError
 from minilora.generate import generate_ids
+from minilora.loading.weights import load_model
 from minilora.models import KVCache
-from minilora.weights import load_model
 
 TOL = 1e-5
 SMALL = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,

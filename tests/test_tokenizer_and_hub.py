@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from minilora.tokenizer import load_tokenizer
+from minilora.loading.tokenizer import load_tokenizer
 
 
 def test_gpt2_vocab_and_merges(gpt2_tokenizer_path):
@@ -54,7 +54,7 @@ def test_hub_repo_id_from_the_cache_in_offline_mode(saved_tiny, tmp_path):
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
     code = textwrap.dedent("""
         import torch
-        from minilora.weights import load_model
+        from minilora.loading.weights import load_model
         m = load_model("tiny-org/tiny-llama")
         print(m(torch.tensor([[1, 2, 3]]))[0, -1, :4].tolist())
     """)
@@ -79,7 +79,7 @@ def test_peak_memory_while_loading_is_about_one_model(tmp_path):
     # VmHWM, the peak resident size of this process image: ru_maxrss would carry over the parent's
     # peak across fork+exec.
     code = textwrap.dedent(f"""
-        import torch, minilora.weights as w
+        import torch, minilora.loading.weights as w
         def hwm(): return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
         base = hwm()
         m = w.load_model({str(tmp_path)!r})

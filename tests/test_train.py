@@ -8,16 +8,16 @@ import warnings
 
 import pytest
 import torch
+from conftest import Tok, examples, grads, lora_model
 
 import minilora.hardware
-from conftest import Tok, examples, grads, lora_model
-from minilora.checkpoint import checkpoint_folders
-from minilora.batching import collate
+from minilora.data.batching import collate
 from minilora.errors import CheckpointError, ConfigError
-from minilora.files import write_atomically
+from minilora.formats.atomic import write_atomically
 from minilora.hardware import use_bf16
-from minilora.evaluate import causal_lm_loss
-from minilora.train import TrainConfig, accumulate_gradients, lr_factor, train
+from minilora.training.checkpoint import checkpoint_folders
+from minilora.training.loop import TrainConfig, accumulate_gradients, lr_factor, train
+from minilora.training.objectives.causal_lm import causal_lm_loss
 
 
 @pytest.mark.parametrize("kind", ["llama-gqa", "gpt2"])
@@ -191,7 +191,7 @@ def test_non_finite_loss_stops_with_the_step(saved_tiny, tmp_path):
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(saved_tiny):
-    from minilora.train import set_gradient_checkpointing
+    from minilora.training.loop import set_gradient_checkpointing
     model = lora_model(saved_tiny)
     batch = collate(examples(4), 0)
     accumulate_gradients(model, [batch])
@@ -280,8 +280,9 @@ def test_training_shows_each_micro_batch_and_logs_lines_without_the_bar(saved_ti
     loss and lr; with progress off, every log_every-th step is a printed line."""
     import functools
     import sys
-    from minilora.report import progress_bar
-    monkeypatch.setattr(sys.modules["minilora.train"], "progress_bar", functools.partial(progress_bar, mininterval=0))
+
+    from minilora.training.progress import progress_bar
+    monkeypatch.setattr(sys.modules["minilora.training.loop"], "progress_bar", functools.partial(progress_bar, mininterval=0))
     model = lora_model(saved_tiny)
     train(model, Tok, examples(16), None, TrainConfig(output_dir=str(tmp_path / "a"), max_steps=2, micro_batch_size=2,
                                                      batch_size=8, lr=1e-3))
@@ -353,7 +354,7 @@ def test_a_run_ended_by_early_stopping_stays_ended_on_resume_and_tensorboard_kee
 
 
 def test_the_loss_plot_leaves_out_what_is_not_a_finite_number(tmp_path):
-    from minilora.report import loss_svg, read_metrics
+    from minilora.training.plots import loss_svg, read_metrics
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
         {"step": 1, "loss": 2.0, "lr": 1e-3}, {"step": 2, "loss": float("nan")}, [1, 2], {"loss": 3.0},
         {"step": 3, "loss": 1.5, "eval_loss": float("inf")}, {"step": 4, "loss": True}]) + "\n{\"step\": 5, \"lo")

@@ -3,9 +3,9 @@ fresh run over another run's files), resume refuses a changed run, values and da
 to a wrong result are refused up front, and bad input gets the project's own error naming the culprit."""
 
 import hashlib
-import re
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -13,13 +13,13 @@ import time
 
 import pytest
 import torch
-
 from conftest import Tok, examples, lora_model, write_recipe
-from minilora.checkpoint import checkpoint_folders, own_output_dir
+
 from minilora.cli import main
 from minilora.errors import CheckpointError
-from minilora.files import write_atomically
-from minilora.train import TrainConfig, train
+from minilora.formats.atomic import write_atomically
+from minilora.training.checkpoint import checkpoint_folders, own_output_dir
+from minilora.training.loop import TrainConfig, train
 
 
 def digests(folder):
@@ -58,7 +58,7 @@ def test_a_fresh_run_refuses_a_folder_holding_another_run_and_keeps_it_byte_iden
 HOLDER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from minilora.checkpoint import own_output_dir
+    from minilora.training.checkpoint import own_output_dir
     with own_output_dir(Path(sys.argv[1]), resuming=False, overwrite=False):
         print("held", flush=True)
         time.sleep(60)
@@ -150,8 +150,8 @@ def test_the_command_line_refuses_a_second_fresh_run_and_overwrites_when_asked(s
     (dict(config=dict(seed=1)), "seed: checkpoint 42 vs now 1"),
 ])
 def test_resume_refuses_every_change_that_alters_the_run(saved_tiny, tmp_path, change, named):
-    from minilora.inject import apply_lora
-    from minilora.weights import load_model
+    from minilora.loading.weights import load_model
+    from minilora.lora.inject import apply_lora
     train(lora_model(saved_tiny), Tok, examples(8), None, quick(tmp_path))
     model = load_model(saved_tiny["llama-gqa"][1])
     apply_lora(model, **{"targets": "all-linear", "r": 4, "alpha": 8, **change.get("lora", {})})
@@ -164,9 +164,9 @@ def test_resume_refuses_every_change_that_alters_the_run(saved_tiny, tmp_path, c
 
 def test_load_adapter_never_mixes_scalings(saved_tiny, tmp_path):
     """Same shapes, other alpha: loading it onto LoRA layers of alpha 8 would scale its B·A wrongly."""
-    from minilora.adapter import load_adapter, save_adapter
-    from minilora.inject import apply_lora
-    from minilora.weights import load_model
+    from minilora.loading.weights import load_model
+    from minilora.lora.inject import apply_lora
+    from minilora.lora.peft_files import load_adapter, save_adapter
     folder = saved_tiny["llama-gqa"][1]
     save_adapter(apply_lora(load_model(folder), ["q_proj"], r=4, alpha=32), tmp_path / "a")
     model = apply_lora(load_model(folder), ["q_proj"], r=4, alpha=8)
@@ -183,18 +183,18 @@ def test_load_adapter_never_mixes_scalings(saved_tiny, tmp_path):
 def test_a_regex_in_an_adapter_file_is_never_run(saved_tiny, tmp_path):
     """PEFT writes target_modules as a regex when given one; a crafted one backtracks for ages on module
     names. The adapter's tensor keys name every adapted module: LoRA goes exactly there, the regex unrun."""
-    from minilora.adapter import save_adapter
-    from minilora.inject import apply_lora
-    from minilora.weights import load_model
+    from minilora.loading.weights import load_model
+    from minilora.lora.inject import apply_lora
+    from minilora.lora.peft_files import save_adapter
     folder = saved_tiny["llama-gqa"][1]
     save_adapter(apply_lora(load_model(folder), ["q_proj"], r=2), tmp_path / "a")
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     config["target_modules"] = "(.*)*Z"  # exponential backtracking on a 30-character module name
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config))
     code = textwrap.dedent(f"""
-        from minilora.adapter import load_adapter
-        from minilora.inject import lora_modules
-        from minilora.weights import load_model
+        from minilora.lora.peft_files import load_adapter
+        from minilora.lora.inject import lora_modules
+        from minilora.loading.weights import load_model
         model = load_adapter(load_model({str(folder)!r}), {str(tmp_path / "a")!r})
         print(sorted(n for n, _ in lora_modules(model)))
     """)
@@ -250,7 +250,7 @@ def test_warmup_longer_than_the_run_is_a_warning(saved_tiny, tmp_path):
 def test_generation_settings_and_prompts_are_checked(saved_tiny, kwargs, message):
     from minilora.errors import ConfigError
     from minilora.generate import generate_ids
-    from minilora.weights import load_model
+    from minilora.loading.weights import load_model
     model = load_model(saved_tiny["llama-gqa"][1])
     prompts = kwargs.pop("prompts", [[5, 6, 7]])
     with pytest.raises(ConfigError, match=message):
@@ -259,9 +259,10 @@ def test_generation_settings_and_prompts_are_checked(saved_tiny, kwargs, message
 
 def test_a_dataset_with_no_token_to_learn_is_an_error_naming_the_cutoff_and_the_field(saved_tiny, tmp_path):
     from conftest import tiny_model_with_tokenizer
-    from minilora.data import Example, build_examples
+
+    from minilora.data.records import Example, build_examples
     from minilora.errors import DataError
-    from minilora.tokenizer import load_tokenizer
+    from minilora.loading.tokenizer import load_tokenizer
     tok = load_tokenizer(tiny_model_with_tokenizer(saved_tiny, tmp_path))
     rows = [{"author": "w5 w6 w7 w8 w9 w10", "quote": "w11 w12"}, {"author": "w2 w3 w4 w5 w6 w7 w8", "quote": "w9"}]
     template = {"prompt": "{author} says", "response": " {quote}"}
@@ -280,7 +281,7 @@ def test_a_dataset_with_no_token_to_learn_is_an_error_naming_the_cutoff_and_the_
 # 4. Data errors name the line of the file
 
 def test_data_errors_name_the_line_whatever_the_split_did(tmp_path):
-    from minilora.data import build_examples, read_records, split
+    from minilora.data.records import build_examples, read_records, split
     from minilora.errors import DataError
     lines = [json.dumps({"author": f"a{i}", "quote": f"q{i}"}) for i in range(20)]
     lines[12] = json.dumps({"author": "a12"})  # line 13 of the file lacks its quote
@@ -297,7 +298,7 @@ def test_data_errors_name_the_line_whatever_the_split_did(tmp_path):
 
 
 def test_jsonl_lines_end_at_newline_only_and_csv_keeps_multi_line_fields(tmp_path):
-    from minilora.data import read_records
+    from minilora.data.records import read_records
     from minilora.errors import DataError
     (tmp_path / "a.jsonl").write_text('{"text": "one\u2028two"}\n{"text": "three"}\n', encoding="utf-8")
     assert [r["text"] for r in read_records(tmp_path / "a.jsonl")] == ["one\u2028two", "three"]
@@ -318,10 +319,12 @@ def test_jsonl_lines_end_at_newline_only_and_csv_keeps_multi_line_fields(tmp_pat
 
 def test_weights_that_are_not_float_or_not_finite_are_refused_by_name(saved_tiny, tmp_path):
     import shutil
+
     from safetensors.torch import load_file, save_file
-    from minilora.adapter import load_adapter, save_adapter
-    from minilora.inject import apply_lora
-    from minilora.weights import load_model
+
+    from minilora.loading.weights import load_model
+    from minilora.lora.inject import apply_lora
+    from minilora.lora.peft_files import load_adapter, save_adapter
     folder = tmp_path / "m"
     shutil.copytree(saved_tiny["llama-gqa"][1], folder)
     state = load_file(str(folder / "model.safetensors"))
@@ -351,7 +354,7 @@ def test_weights_that_are_not_float_or_not_finite_are_refused_by_name(saved_tiny
     (b'{"w": {"dtype": "Q9", "shape": [2], "data_offsets": [0, 8]}}', r"tensor w has dtype Q9, which is not supported"),
 ])
 def test_crafted_safetensors_headers_are_named_errors(tmp_path, header, message):
-    from minilora.files import safetensors_tensors
+    from minilora.formats.safetensors import safetensors_tensors
     file = tmp_path / "x.safetensors"
     file.write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
     with pytest.raises(CheckpointError, match=message):
@@ -378,7 +381,7 @@ def kv(key: str, kind: int, payload: bytes) -> bytes:
     ([kv("name", 8, (1 << 50).to_bytes(8, "little"))], r"truncated or corrupt at byte \d+ \(a string of"),
 ])
 def test_crafted_gguf_metadata_is_a_named_error(tmp_path, kvs, message):
-    from minilora.gguf import read_gguf
+    from minilora.formats.gguf import read_gguf
     (tmp_path / "x.gguf").write_bytes(gguf_bytes(kvs))
     with pytest.raises(CheckpointError, match=message):
         read_gguf(tmp_path / "x.gguf")
@@ -386,9 +389,10 @@ def test_crafted_gguf_metadata_is_a_named_error(tmp_path, kvs, message):
 
 def test_gguf_with_zero_heads_or_no_merges_is_a_named_error(tmp_path):
     import struct
+
     from minilora.errors import ConfigError
-    from minilora.tokenizer import load_tokenizer
-    from minilora.weights import load_config
+    from minilora.loading.tokenizer import load_tokenizer
+    from minilora.loading.weights import load_config
     u32 = lambda v: struct.pack("<I", v)
     text = lambda s: struct.pack("<Q", len(s)) + s.encode()
     header = [kv("general.architecture", 8, text("llama")), kv("llama.attention.head_count", 4, u32(0)),
@@ -469,7 +473,7 @@ def test_bad_recipe_values_are_named_before_anything_loads(saved_tiny, tmp_path,
 
 def test_a_device_this_machine_lacks_and_odd_dtypes_are_named(saved_tiny):
     from minilora.errors import ConfigError
-    from minilora.weights import load_model
+    from minilora.loading.weights import load_model
     folder = saved_tiny["llama-gqa"][1]
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match=r"device: 'cuda', but this machine has 0 CUDA device\(s\)"):
@@ -485,7 +489,7 @@ def test_a_device_this_machine_lacks_and_odd_dtypes_are_named(saved_tiny):
 # 6. A full disk or a folder that cannot be written: the path, and nothing saved is lost
 
 def test_an_output_folder_that_cannot_be_created_is_named(saved_tiny, tmp_path):
-    from minilora.adapter import save_adapter
+    from minilora.lora.peft_files import save_adapter
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(CheckpointError, match=r"file/run: cannot create this folder \(Not a directory\)"):
         train(lora_model(saved_tiny), Tok, examples(8), None, quick(tmp_path / "file" / "run"))

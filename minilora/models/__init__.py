@@ -11,9 +11,13 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ConfigError
+from .bert import (
+    BertForEmbedding,
+    BertForSequenceClassification,
+    DistilBertForEmbedding,
+    DistilBertForSequenceClassification,
+)
 from .common import KVCache, PretrainedModel, config_from_dict
-from .bert import (BertForEmbedding, BertForSequenceClassification, DistilBertForEmbedding,
-                   DistilBertForSequenceClassification)
 from .gpt2 import GPT2LMHeadModel
 from .gptj import GPTJForCausalLM
 from .llama import LlamaForCausalLM

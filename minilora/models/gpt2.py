@@ -16,7 +16,15 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError, DataError
-from .common import CausalLM, KVCache, activation, attend, attention_mask, position_ids, run_blocks
+from .common import (
+    CausalLM,
+    KVCache,
+    activation,
+    attend,
+    attention_mask,
+    position_ids,
+    run_blocks,
+)
 
 
 @dataclass

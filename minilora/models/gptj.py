@@ -14,7 +14,14 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
-from .common import CausalLM, activation, attend, attention_mask, position_ids, run_blocks
+from .common import (
+    CausalLM,
+    activation,
+    attend,
+    attention_mask,
+    position_ids,
+    run_blocks,
+)
 
 
 @dataclass

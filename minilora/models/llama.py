@@ -16,8 +16,14 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
-from .common import CausalLM, activation, attend, attention_mask, position_ids, run_blocks
-
+from .common import (
+    CausalLM,
+    activation,
+    attend,
+    attention_mask,
+    position_ids,
+    run_blocks,
+)
 
 # rope scaling types and the numbers each needs
 ROPE_SCALING = {"default": (), "linear": ("factor",),

@@ -1,0 +1,179 @@
+"""LoRA on a model, by name: LoRAConfig, apply_lora, merge/unmerge/remove, and several named adapters.
+
+This file knows nothing of model files: `apply_lora` swaps the targeted `nn.Linear` (and named
+`nn.Embedding`) modules for the layers of lora.py, which keep the same `weight` and `bias`, so every
+existing state-dict name stays; of a model it reads only the output heads it declares ("all-linear"
+leaves those alone).
+
+Several adapters live on one model as PEFT has them: one is active (its tensors are the layers' own,
+under PEFT's names), the others wait inside each layer; `set_adapter` swaps them, `adapter_disabled`
+runs the base alone, `add_weighted_adapter` makes a new adapter whose update is the weighted sum of
+others' updates.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch.nn as nn
+
+from ..errors import ConfigError
+from ..names import CLASSIFIER_NAMES, find_saved, find_targets, owners, replace_module
+from .config import PEFT_DEFAULTS, LoRAConfig
+from .layers import LoRAEmbedding, LoRALinear, check_lora_hyperparameters
+
+LoRALayer = (LoRALinear, LoRAEmbedding)
+
+
+def apply_lora(model: nn.Module, targets: list[str] | str | LoRAConfig | None = None, r: int = LoRAConfig.r,
+               alpha: float = LoRAConfig.alpha, dropout: float = LoRAConfig.dropout,
+               modules_to_save: list[str] | None = None, use_rslora: bool = LoRAConfig.use_rslora,
+               use_dora: bool = False, rank_pattern: dict[str, int] | None = None,
+               alpha_pattern: dict[str, float] | None = None, *, target_modules: list[str] | str | None = None,
+               lora_alpha: float | None = None, lora_dropout: float | None = None) -> nn.Module:
+    """Freeze `model` and swap the targeted layers for LoRA layers, in place; returns the model.
+
+    The settings are LoRAConfig's (see there), given one by one or as a whole LoRAConfig in place of
+    `targets` (a recipe's [lora] section, an adapter's settings); PEFT's names (target_modules,
+    lora_alpha, lora_dropout) are exact aliases. The adapter is named "default" (add_adapter puts more
+    beside it)."""
+    if isinstance(targets, LoRAConfig):
+        if any(v is not None for v in (target_modules, lora_alpha, lora_dropout)):
+            raise ConfigError("apply_lora: the settings come from the LoRAConfig given; set target_modules, lora_alpha "
+                              "and lora_dropout there")
+        config = targets
+    elif targets is None and target_modules is None:
+        raise ConfigError("apply_lora: name the layers to adapt: targets (or PEFT's target_modules)")
+    else:
+        config = LoRAConfig(list(PEFT_DEFAULTS["targets"]) if targets is None else targets, r, alpha, dropout,
+                            modules_to_save or [], use_rslora, use_dora, rank_pattern or {}, alpha_pattern or {},
+                            target_modules=target_modules, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
+    if lora_modules(model):
+        raise ConfigError(f"the model already carries LoRA layers ({len(lora_modules(model))}): remove_lora(model) "
+                          "first, or add_adapter(model, name, config) for a second adapter")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    _put_lora(model, config)
+    _train_in_full(model, config)
+    model.lora_adapters, model.active_adapter, model.lora_config = {"default": config}, "default", config
+    return model
+
+
+def _put_lora(model: nn.Module, config: LoRAConfig) -> None:
+    """A fresh adapter of `config` on every layer it targets: plain layers are wrapped, LoRA layers get
+    it as their active adapter (their current one must have been stored first). Every target is checked
+    before any is changed."""
+    holders, plan = owners(model), []
+    for name in find_targets(model, config.targets):
+        module = model.get_submodule(name)
+        r, alpha = config.settings_for(name)
+        embedding = isinstance(module, nn.Embedding) or getattr(module, "is_embedding", False)
+        shape = (module.num_embeddings, module.embedding_dim) if embedding else (module.in_features, module.out_features)
+        tied = [t for t in holders.get(id(module.weight), []) if t != name]
+        try:
+            check_lora_hyperparameters(r, alpha, config.dropout, min(shape))
+            if embedding and config.use_dora:
+                raise ConfigError("DoRA on an embedding layer is not supported: leave it out of the targets")
+            if tied and config.ensure_weight_tying:  # PEFT then adapts the tied layer too, with the same A and B
+                raise ConfigError(f"LoRA on a layer tied to {', '.join(tied)} with ensure_weight_tying is not "
+                                  "supported here (without it, the update applies to this layer alone)")
+        except ConfigError as e:
+            raise ConfigError(f"{name}: {e}") from None
+        plan.append((name, module, r, alpha))
+    for name, module, r, alpha in plan:
+        if isinstance(module, LoRALayer):
+            module.new_adapter(r, alpha, config.dropout, config.use_rslora, config.use_dora)
+        elif isinstance(module, nn.Embedding):
+            replace_module(model, name, LoRAEmbedding(module, r, alpha, config.use_rslora).train(module.training))
+        else:  # keep the model's train/eval mode: a new module starts in training mode, dropout on
+            replace_module(model, name, LoRALinear(module, r, alpha, config.dropout, config.use_rslora,
+                                                   config.use_dora).train(module.training))
+
+
+def _train_in_full(model: nn.Module, config: LoRAConfig) -> None:
+    """modules_to_save become trainable. A tied one gets its own copy, unless ensure_weight_tying."""
+    holders = owners(model)
+    for t in config.modules_to_save:
+        found = find_saved(model, [t])
+        if not found and t in CLASSIFIER_NAMES and getattr(model, "task_type", None) == "SEQ_CLS":
+            continue  # another family's name for the classifier (PEFT lists both)
+        if not found:
+            raise ConfigError(f"modules_to_save entry {t!r} matches no module of {type(model).__name__}")
+        for n, m in found:
+            if isinstance(m, LoRALayer) or not all(p.is_floating_point() for p in m.parameters()):
+                raise ConfigError(f"modules_to_save entry {t!r}: {n} is adapted by LoRA or quantized, not trainable")
+            for key, p in list(m.named_parameters(recurse=False)):
+                if len(holders[id(p)]) > 1 and not config.ensure_weight_tying:
+                    m.untied = {**getattr(m, "untied", {}), key: p}  # the shared original, for remove_lora
+                    setattr(m, key, nn.Parameter(p.detach().clone()))
+            for p in m.parameters():
+                p.requires_grad_(True)
+
+
+def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear | LoRAEmbedding]]:
+    """The LoRA layers of the model that carry the active adapter."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALayer) and m.active]
+
+
+def _all_lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear | LoRAEmbedding]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALayer)]
+
+
+@contextmanager
+def adapter_disabled(model: nn.Module):
+    """Run the base model alone inside the block (to compare with the adapted one)."""
+    layers = [m for _, m in lora_modules(model)]
+    if any(m.merged for m in layers):
+        raise ConfigError("cannot disable a merged adapter: unmerge_lora(model) first")
+    for m in layers:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.disabled = False
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Fold every LoRA layer's update into its W0; refused where W0 is shared (a head tied to the embeddings)."""
+    holders = owners(model)
+    tied = [", ".join(holders[id(m.weight)]) for _, m in lora_modules(model) if len(holders[id(m.weight)]) > 1]
+    if tied:
+        raise ConfigError(f"a LoRA layer's weight is tied ({tied[0]}): merging it would change both")
+    for _, m in lora_modules(model):
+        m.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    for _, m in lora_modules(model):
+        m.unmerge()
+
+
+def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Swap every LoRA layer back for a plain nn.Linear / nn.Embedding, in place: merged first (the active
+    adapter), or with merge=False the base model as it was (tied heads tied again)."""
+    if merge:
+        merge_lora(model)
+    for name, m in _all_lora_layers(model):
+        if getattr(m, "base_linear", None) is not None and not merge:
+            raise ConfigError(f"{name}: removing LoRA from a quantized (int8, 4-bit or GGUF-block) base is not "
+                              "supported; reload the base model")
+        if not merge:
+            m.unmerge()  # the base layer as it was, even after merge_lora
+        if isinstance(m, LoRAEmbedding):
+            plain = nn.Embedding(m.num_embeddings, m.embedding_dim, m.padding_idx, device="meta")
+        else:
+            plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+            plain.bias = m.bias
+        plain.weight = m.weight
+        replace_module(model, name, plain)
+    if not merge:
+        for _, m in model.named_modules():
+            for key, original in getattr(m, "untied", {}).items():
+                setattr(m, key, original)
+            if hasattr(m, "untied"):
+                del m.untied
+    for attribute in ("lora_config", "lora_adapters", "active_adapter"):
+        if hasattr(model, attribute):
+            delattr(model, attribute)
+    return model

@@ -1,0 +1,312 @@
+"""Adapters in the PEFT file format: a folder with adapter_config.json and adapter_model.safetensors.
+
+Keys are PEFT's: `base_model.model.<module>.lora_A.weight` / `.lora_B.weight`, and the full tensors of
+`modules_to_save` under their own names (`base_model.model.classifier.weight`). Because minilora's
+module names are the Hub's, these are our state-dict names with a prefix: no table, no renaming.
+So an adapter saved here loads with `PeftModel.from_pretrained`, and one saved by PEFT loads here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors.torch import save
+
+from ..errors import CheckpointError, ConfigError
+from ..formats.atomic import check_replaceable, write_atomically
+from ..formats.paths import read_json
+from ..formats.safetensors import check_tensor, pickle_tensors, safetensors_tensors
+from ..names import find_saved
+from .adapters import add_adapter, delete_adapter, set_adapter
+from .config import LoRAConfig
+from .inject import lora_modules, remove_lora
+from .layers import is_adapter_tensor
+
+PREFIX = "base_model.model."
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+META_FILE = "minilora.json"  # what PEFT has no field for: the base model's shape, labels, the best step
+ADAPTER_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE, META_FILE, "adapter_model.bin", "README.md"})
+
+# LoRAConfig's fields under the names PEFT's adapter_config.json gives them.
+PEFT_NAMES = {"targets": "target_modules", "r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout",
+              "modules_to_save": "modules_to_save", "use_rslora": "use_rslora", "use_dora": "use_dora",
+              "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern",
+              "ensure_weight_tying": "ensure_weight_tying"}
+
+
+# PEFT options with no counterpart here: an adapter using one is refused, never loaded half-understood.
+UNSUPPORTED = {"lora_bias": "a trained bias on lora_B", "trainable_token_indices": "trainable rows of the embeddings",
+               "layers_to_transform": "LoRA on some layers only", "layer_replication": "replicated layers",
+               "use_qalora": "QALoRA", "alora_invocation_tokens": "activated LoRA"}
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's names: every LoRA A/B (DoRA's magnitudes, an embedding's
+    A/B), and modules_to_save in full, under every name they have (a tied tensor under both, as PEFT)."""
+    config = _lora_config(model)
+    state = model.state_dict(keep_vars=True)
+    keep = [n for n in state if is_adapter_tensor(n)]
+    if not keep:
+        raise CheckpointError("the model has no LoRA tensors to save (was apply_lora called?)")
+    for target in config.modules_to_save:
+        owners = [n for n, _ in find_saved(model, [target])]
+        keep += [n for n in state if any(n.startswith(o + ".") for o in owners) and n not in keep]
+    shared = {id(state[n]) for n in keep}
+    aliases = [n for n in state if id(state[n]) in shared and n not in keep]
+    out = {PREFIX + n: state[n].detach().to("cpu").contiguous() for n in keep}
+    return {**out, **{PREFIX + n: state[n].detach().to("cpu").clone() for n in aliases}}  # a file holds no alias
+
+
+def _lora_config(model: nn.Module) -> LoRAConfig:
+    config = getattr(model, "lora_config", None)
+    if config is None or not lora_modules(model):
+        raise CheckpointError("the model has no LoRA layers: call apply_lora (or load_adapter) first")
+    return config
+
+
+def adapter_config(model: nn.Module) -> dict[str, Any]:
+    """adapter_config.json, with the fields PEFT reads."""
+    settings = {peft: getattr(_lora_config(model), ours) for ours, peft in PEFT_NAMES.items()}
+    return {
+        "peft_type": "LORA",
+        "task_type": getattr(model, "task_type", "CAUSAL_LM"),
+        "base_model_name_or_path": getattr(model, "name_or_path", None),
+        **settings,
+        "modules_to_save": settings["modules_to_save"] or None,
+        "fan_in_fan_out": bool(getattr(model, "conv1d_layout", False)),  # GPT-2's Conv1D, as PEFT records it
+        "bias": "none",
+        "inference_mode": True,
+        "init_lora_weights": True,
+    }
+
+
+def lora_config_from_peft(config: dict[str, Any], file: Path, keys: list[str] = ()) -> LoRAConfig:
+    """The LoRA settings of a PEFT adapter_config.json. A target regex in the file is neither checked nor
+    run (one can be made to backtrack for minutes): the adapter's tensor `keys` name every adapted
+    module, and those names become the targets."""
+    for required in ("target_modules", "r", "lora_alpha"):
+        if config.get(required) is None:
+            raise CheckpointError(f"{file}: missing field {required!r}"
+                                  + (" (it is null)" if required in config else ""))
+    settings = {ours: config[peft] for ours, peft in PEFT_NAMES.items() if config.get(peft) is not None}
+    if isinstance(settings["targets"], str) and settings["targets"] not in ("all-linear", "all_linear"):
+        names = sorted({re.split(r"\.lora_(?:embedding_)?A\b", k.removeprefix(PREFIX))[0] for k in keys
+                        if ".lora_A." in k or k.endswith(".lora_embedding_A")})
+        settings["targets"] = names or ["(none: the adapter has no lora_A tensors)"]
+    try:
+        return LoRAConfig(**settings)
+    except ConfigError as e:
+        raise CheckpointError(f"{file}: {e}") from None
+
+
+def _base_fingerprint(model: nn.Module) -> dict[str, Any]:
+    """Enough of the base model to refuse an adapter meant for another one, beyond shape checks (the
+    model's own fingerprint; {} for a model outside the registry)."""
+    return model.fingerprint() if hasattr(model, "fingerprint") else {}
+
+
+def write_adapter_files(folder: Path, model: nn.Module, extra: dict[str, Any] | None = None) -> None:
+    """The adapter's three files into an existing folder (checkpoints add theirs beside them)."""
+    (folder / WEIGHTS_FILE).write_bytes(save(adapter_state_dict(model), metadata={"format": "pt"}))  # OSError names it
+    (folder / CONFIG_FILE).write_text(json.dumps(adapter_config(model), indent=2) + "\n")
+    meta = {"base_model": _base_fingerprint(model), **(extra or {})}
+    id2label = getattr(getattr(model, "config", None), "id2label", None)
+    if getattr(model, "task_type", None) == "SEQ_CLS":  # the label names travel with a classifier's adapter
+        names = {int(i): str(v) for i, v in (id2label or {}).items()} or {i: str(i) for i in range(model.config.num_labels)}
+        meta["id2label"] = {str(i): v for i, v in sorted(names.items())}
+        meta["label2id"] = {v: int(i) for i, v in meta["id2label"].items()}
+    (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def save_adapter(model: nn.Module, folder: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+    """Write the adapter folder atomically; returns its path. `extra` goes into minilora.json. A folder
+    that holds an earlier adapter is replaced; one that holds anything else is refused.
+
+    Several named adapters are saved in PEFT's layout: "default" in the folder itself, every other one
+    in a subfolder of its name (which load_adapter(model, folder / name, adapter_name=name) reads)."""
+    _lora_config(model)  # refuse before touching the disk
+    reserved = sorted(set(extra or {}) & {"base_model", "id2label", "label2id"})
+    if reserved:
+        raise ConfigError(f"extra: {reserved[0]!r} is minilora.json's own key")
+    try:
+        json.dumps(extra or {})
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"extra: not JSON data ({e})") from None
+    names = list(getattr(model, "lora_adapters", None) or {"default": None})
+    check_replaceable(Path(folder), ADAPTER_FILES | set(names), "an adapter")
+    if len(names) == 1:
+        return write_atomically(folder, lambda tmp: write_adapter_files(tmp, model, extra))
+    active = model.active_adapter
+
+    def write_each(tmp: Path) -> None:
+        try:
+            for name in names:
+                set_adapter(model, name)
+                where = tmp if name == "default" else tmp / name
+                where.mkdir(exist_ok=True)
+                write_adapter_files(where, model, extra)
+        finally:
+            set_adapter(model, active)
+    return write_atomically(folder, write_each)
+
+
+def read_adapter(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """adapter_config.json and the adapter's tensors (safetensors, or PEFT's older adapter_model.bin)."""
+    folder = Path(os.path.expanduser(str(folder)))
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such adapter folder")
+    named = sorted(p.name for p in folder.iterdir() if (p / CONFIG_FILE).is_file())
+    if not (folder / CONFIG_FILE).is_file() and named and (folder / "metrics.jsonl").is_file():
+        raise CheckpointError(f"{folder}: a training run's folder, not an adapter: "
+                              + (f"its adapter is {folder / 'adapter'}" if "adapter" in named else
+                                 "it has no adapter/ yet (the run did not finish)")
+                              + (f" (the best one: {folder / 'best'})" if "best" in named else "")
+                              + (f"; checkpoints: {', '.join(n for n in named if n.startswith('checkpoint-'))}"
+                                 if any(n.startswith("checkpoint-") for n in named) else ""))
+    if not (folder / CONFIG_FILE).is_file() and named:  # PEFT's layout with no "default" adapter
+        raise CheckpointError(f"{folder}: no {CONFIG_FILE} here, but named adapters in {', '.join(named)}: load "
+                              f"each with load_adapter(model, {str(folder / named[0])!r}, adapter_name={named[0]!r})")
+    config = read_json(folder / CONFIG_FILE)
+    if config.get("peft_type", "LORA") != "LORA":
+        raise CheckpointError(f"{folder / CONFIG_FILE}: peft_type {config.get('peft_type')!r} is not LORA")
+    for key, what in UNSUPPORTED.items():
+        if config.get(key):
+            raise CheckpointError(f"{folder / CONFIG_FILE}: {key} = {config[key]!r} ({what}) is not supported here")
+    if (folder / WEIGHTS_FILE).is_file():
+        tensors = dict(safetensors_tensors(folder / WEIGHTS_FILE))
+    elif (folder / "adapter_model.bin").is_file():
+        tensors = dict(pickle_tensors(folder / "adapter_model.bin"))
+    else:
+        raise CheckpointError(f"{folder}: no {WEIGHTS_FILE}")
+    return config, tensors
+
+
+def read_adapter_meta(folder: str | os.PathLike) -> dict[str, Any]:
+    """minilora.json of an adapter folder, or {} for one saved by PEFT. Its base_model is an object of
+    config values, its id2label (a classifier's) maps class ids to names."""
+    file = Path(os.path.expanduser(str(folder))) / META_FILE
+    meta = read_json(file) if file.is_file() else {}
+    if not isinstance(meta.get("base_model", {}), dict):
+        raise CheckpointError(f"{file}: base_model is {meta['base_model']!r}, expected an object of config values")
+    labels = meta.get("id2label")
+    if labels is not None and not (isinstance(labels, dict) and all(str(k).isdecimal() and isinstance(v, str)
+                                                                     for k, v in labels.items())):
+        raise CheckpointError(f"{file}: id2label is {labels!r}, expected an object of class id -> name")
+    return meta
+
+
+def adapter_classes(folder: str | os.PathLike) -> dict[str, Any]:
+    """What a classifier adapter says of its classes, as load_model's arguments (`load_model(base,
+    task="classification", **adapter_classes(folder))`): the label names of minilora.json, else of a
+    config.json saved beside the adapter (as a transformers Trainer may), else only the number of rows
+    of the saved classifier (PEFT writes no names; the base model's are kept if as many). {} for an
+    adapter without a classifier."""
+    meta = read_adapter_meta(folder)
+    if meta.get("id2label"):
+        return {"id2label": {int(i): name for i, name in meta["id2label"].items()}}
+    _, tensors = read_adapter(folder)
+    rows = [t.shape[0] for k, t in tensors.items() if k.removeprefix(PREFIX) in ("classifier.weight", "score.weight")]
+    beside = Path(os.path.expanduser(str(folder))) / "config.json"
+    labels = read_json(beside).get("id2label") if beside.is_file() else None
+    if isinstance(labels, dict) and labels and rows and len(labels) == rows[0]:
+        if sorted(str(k) for k in labels) != sorted(str(i) for i in range(len(labels))):
+            raise CheckpointError(f"{beside}: id2label is {labels!r}, expected the class ids 0, 1, ... -> names")
+        return {"id2label": {int(i): str(name) for i, name in labels.items()}}
+    return {"num_labels": rows[0]} if rows else {}
+
+
+def load_adapter(model: nn.Module, folder: str | os.PathLike, adapter_name: str | None = None) -> nn.Module:
+    """Put an adapter on `model` (applying LoRA as its config says, if the model has none yet) and load
+    its tensors. Every adapter key must match a tensor of the model with the same shape.
+
+    adapter_name: a name for it beside the adapters already on the model (PEFT's
+    load_adapter(folder, adapter_name)); the active adapter stays the active one (set_adapter switches)."""
+    config, tensors = read_adapter(folder)
+    where = Path(folder) / (WEIGHTS_FILE if (Path(folder) / WEIGHTS_FILE).is_file() else "adapter_model.bin")
+    meta = read_adapter_meta(folder)
+    expected = meta.get("base_model") or {}
+    actual = _base_fingerprint(model)
+    wrong = [f"{k}: adapter {v!r} vs model {actual[k]!r}" for k, v in expected.items() if k in actual and actual[k] != v]
+    if wrong:
+        raise CheckpointError(f"{folder}: adapter was trained on another base model ({'; '.join(wrong)})")
+    settings = lora_config_from_peft(config, Path(folder) / CONFIG_FILE, list(tensors))
+    layers, previous = lora_modules(model), getattr(model, "active_adapter", None)
+    added = bool(layers) and adapter_name is not None and adapter_name not in model.lora_adapters
+    try:
+        if not layers or added:
+            add_adapter(model, adapter_name or "default", settings)
+        else:  # into an adapter already on the model (the named one, active or not): same settings only
+            set_adapter(model, adapter_name or previous)
+            _check_same_settings(model, lora_modules(model), settings, folder)
+        _load_tensors(model, tensors, settings, where)
+    except (ConfigError, CheckpointError) as e:
+        if added:  # leave the model as it was
+            set_adapter(model, previous)
+            delete_adapter(model, adapter_name)
+        elif not layers and lora_modules(model):
+            remove_lora(model, merge=False)
+        elif layers:
+            set_adapter(model, previous)
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{Path(folder) / CONFIG_FILE} does not fit this model: {e}") from None
+    if layers:
+        set_adapter(model, previous)
+    return model
+
+
+def _check_same_settings(model: nn.Module, layers: list, settings: LoRAConfig, folder) -> None:
+    names = ("r", "alpha", "use_rslora", "dropout", "use_dora")
+    for n, m in layers:
+        have = (m.r, m.alpha, m.use_rslora, getattr(getattr(m, "dropout", None), "p", 0.0), m.use_dora)
+        want = (*settings.settings_for(n), settings.use_rslora, settings.dropout if hasattr(m, "dropout") else 0.0,
+                settings.use_dora)
+        if have != want:
+            raise CheckpointError(f"{folder}: the adapter's LoRA settings for {n} ({', '.join(f'{k}={v!r}' for k, v in zip(names, want))}) "
+                                  f"differ from those of the LoRA layer already there ({', '.join(f'{k}={v!r}' for k, v in zip(names, have))}); "
+                                  "load it onto the base model without LoRA (remove_lora(model, merge=False), or a fresh "
+                                  "load_model), or beside it with load_adapter(model, folder, adapter_name=...)")
+
+
+def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], settings: LoRAConfig, where: Path) -> None:
+    state = model.state_dict(keep_vars=True)
+    lora_layers = {n for n, _ in lora_modules(model)}
+    saved = {id(p) for _, m in find_saved(model, getattr(model, "lora_config", settings).modules_to_save)
+             for p in m.parameters()}
+    saved_tensors = {n for n, t in state.items() if id(t) in saved}  # a tied tensor under each of its names
+    unmatched, mismatched, matched = [], [], {}
+    for key, tensor in tensors.items():
+        name = re.sub(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)\.default\b", r".\1",
+                      key.removeprefix(PREFIX))  # PEFT's live names carry the adapter's name
+        if name.endswith(".lora_magnitude_vector.weight"):  # ... and its magnitude module's ".weight"
+            name = name.removesuffix(".weight")
+        layer = name.removesuffix(".base_layer.weight")
+        table = layer != name and layer in lora_layers  # PEFT saves a LoRA embedding's table beside it
+        if table:
+            name = layer + ".weight"
+        if name not in state or not (is_adapter_tensor(name) or name in saved_tensors or table):
+            unmatched.append(key)  # nothing but LoRA's tensors and those of modules_to_save
+        elif tuple(state[name].shape) != tuple(tensor.shape):
+            mismatched.append(f"{key}: adapter {tuple(tensor.shape)} vs model {tuple(state[name].shape)}")
+        else:
+            check_tensor(str(where), key, tensor, state[name].is_floating_point())
+            matched[name] = tensor
+    missing = [n for n in state if is_adapter_tensor(n) and n not in matched]
+    if unmatched or mismatched or missing:
+        parts = [f"{where} does not fit this model:"]
+        if unmatched:
+            parts.append(f"keys that match no module: {', '.join(unmatched[:4])}" + (" ..." if len(unmatched) > 4 else ""))
+        if mismatched:
+            parts.append(f"wrong shapes (another base model or rank?): {', '.join(mismatched[:4])}")
+        if missing:
+            parts.append(f"LoRA tensors the adapter lacks: {', '.join(missing[:4])}")
+        raise CheckpointError(" ".join(parts))
+    with torch.no_grad():  # only once everything fits: a bad adapter leaves the model as it was
+        for name, tensor in matched.items():
+            state[name].copy_(tensor)

@@ -1,0 +1,319 @@
+"""GGUF export, for llama.cpp and Ollama: a LoRA adapter as llama.cpp's adapter file, and the merged
+model as a complete GGUF file (F32, F16, Q8_0 or Q4_0), for llama.cpp's llama architecture (Llama
+without rope scaling, SmolLM2, Mistral) and its qwen2 architecture. llama.cpp has no sliding window
+there (its own converter writes Mistral so too): a model with one is exported with a warning.
+
+The file (GGUF version 3): "GGUF", the version, the tensor and key/value counts; the typed key/values;
+one entry per tensor (name, dimensions fastest first, ggml type, offset); then the tensors' bytes, each
+starting at a multiple of 32. It is written to a temporary file beside the target and renamed, so an
+existing file is replaced whole or not at all.
+
+What llama.cpp expects, and where it differs from the Hub's layout:
+  - tensor names: blk.N.attn_q.weight for model.layers.N.self_attn.q_proj.weight (gguf.GGUF_NAMES);
+  - for llama, q and k rows in llama.cpp's RoPE order: each head's two rotary halves interleaved (the
+    inverse of what gguf.py undoes on reading); an adapter's B rows move with them, A is untouched
+    (qwen2 keeps the Hub's order);
+  - an adapter: general.type = "adapter", adapter.type = "lora", adapter.lora.alpha, and per target
+    "<base tensor>.lora_a" (r x k) and ".lora_b" (d x r); llama.cpp scales B·A by alpha / r, r read
+    from each lora_a, so a module whose own scale differs (rank_pattern, alpha_pattern, rsLoRA) has it
+    folded into its B.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from ..errors import CheckpointError, ConfigError
+from ..formats.ggml_blocks import BLOCKS, F16, F32, NAMES, Q4_0, Q8_0, quantize_blocks
+from ..formats.gguf import GGUF_NAMES, read_gguf
+from ..lora.inject import lora_modules
+from ..lora.layers import LoRALinear, is_adapter_tensor
+
+ALIGN = 32
+UINT32, INT32, FLOAT32, BOOL, STRING, ARRAY = 4, 5, 6, 7, 8, 9
+_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+TYPES = {"f32": F32, "f16": F16, "q8_0": Q8_0, "q4_0": Q4_0}
+FILE_TYPES = {F32: 0, F16: 1, Q4_0: 2, Q8_0: 7}  # llama.cpp's general.file_type (llama_ftype)
+HUB_NAMES = {hub: gguf for gguf, hub in GGUF_NAMES.items()}
+
+Meta = list[tuple[str, int, Any, int | None]]  # (key, value type, value, array item type)
+Tensor = tuple[str, tuple[int, ...], int, Callable[[], torch.Tensor]]  # (name, torch shape, ggml type, its bytes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing a GGUF file
+
+def _value(kind: int, value: Any, item: int | None = None) -> bytes:
+    if kind == STRING:
+        b = value.encode("utf-8")
+        return struct.pack("<Q", len(b)) + b
+    if kind == ARRAY:
+        return struct.pack("<IQ", item, len(value)) + b"".join(_value(item, v) for v in value)
+    return struct.pack(_FORMATS[kind], value)
+
+
+def _nbytes(shape: tuple[int, ...], kind: int) -> int:
+    per_block, block_bytes = BLOCKS[kind]
+    n = 1
+    for s in shape:
+        n *= s
+    return n // per_block * block_bytes
+
+
+def write_gguf(path: str | os.PathLike, meta: Meta, tensors: list[Tensor]) -> Path:
+    """Write a GGUF file: `meta` key/values, then each tensor's bytes (made one tensor at a time by its
+    function, so the file's data never has to fit in memory at once)."""
+    path = Path(path)
+    header = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(meta))
+    header += b"".join(_value(STRING, key) + struct.pack("<I", kind) + _value(kind, value, item)
+                       for key, kind, value, item in meta)
+    offset = 0
+    for name, shape, kind, _ in tensors:
+        header += _value(STRING, name) + struct.pack("<I", len(shape)) + b"".join(
+            struct.pack("<Q", d) for d in reversed(shape)) + struct.pack("<IQ", kind, offset)
+        offset += -(-_nbytes(shape, kind) // ALIGN) * ALIGN
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header + b"\0" * (-len(header) % ALIGN))
+            for name, shape, kind, make in tensors:
+                data = make().detach().cpu().contiguous()
+                _check_finite(name, data, kind)
+                data = data.view(torch.uint8).reshape(-1).numpy().tobytes()
+                if len(data) != _nbytes(shape, kind):
+                    raise AssertionError(f"{name}: {len(data)} bytes for {shape} in {NAMES[kind]}")
+                f.write(data + b"\0" * (-len(data) % ALIGN))
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"{path}: could not be written ({e.strerror or e}); nothing was replaced") from None
+    except BaseException:  # a refused tensor, Ctrl-C: no half-written file left behind
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _check_finite(name: str, data: torch.Tensor, kind: int) -> None:
+    """A NaN or an infinity (a weight beyond fp16's 65504 in F16, a block scale beyond it in Q8_0/Q4_0)
+    would be written as such and poison llama.cpp's output: refused, naming the tensor."""
+    values = data if kind in (F32, F16) else data[:, :2].contiguous().view(torch.float16)  # the blocks' scales
+    if not bool(torch.isfinite(values).all()):
+        raise ConfigError(f"{name}: NaN or infinite values in {NAMES[kind]}"
+                          + ("" if kind == F32 else f" (beyond {NAMES[kind]}'s range: try --type f32)"))
+
+
+def encode(t: torch.Tensor, kind: int) -> torch.Tensor:
+    """A float tensor as the bytes of a ggml type (quantized 1M values at a time)."""
+    if kind == F32:
+        return t.detach().float().contiguous()
+    if kind == F16:
+        return t.detach().half().contiguous()
+    flat = t.detach().reshape(-1, 32)
+    return torch.cat([quantize_blocks(flat[i:i + 32768], kind) for i in range(0, flat.shape[0], 32768)])
+
+
+# ---------------------------------------------------------------------------------------------
+# The Llama architecture's names and metadata
+
+def architecture(model: nn.Module) -> tuple[str, Any]:
+    """(llama.cpp's architecture name, the config) for a model it can carry, or a ConfigError saying why not."""
+    config = getattr(model, "config", None)
+    kind = getattr(config, "model_type", None)
+    if kind not in ("llama", "mistral", "qwen2"):
+        raise ConfigError(f"GGUF export writes the Llama and Qwen2 architectures (Llama, SmolLM2, Mistral, Qwen2); "
+                          f"this model is {kind or type(model).__name__}")
+    rope = dict(getattr(config, "rope_scaling", None) or {})
+    if rope.get("rope_type", rope.get("type", "default")) == "default" or rope.get("factor") == 1.0:
+        rope = {}  # the default (or a factor of 1) is no scaling
+    if rope:
+        raise ConfigError(f"GGUF export: this model has rope scaling ({rope}), which is not written here")
+    limits = [("mlp_bias", "MLP biases")]
+    if kind != "qwen2":  # biases on q/k/v are Qwen2's own
+        limits.append(("attention_bias", "attention biases"))
+    for field, why in limits:
+        if getattr(config, field, None):
+            raise ConfigError(f"GGUF export: this model has {why} ({field}), which llama.cpp's "
+                              f"{'qwen2' if kind == 'qwen2' else 'llama'} architecture does not carry")
+    window = [w for w in config.windows if w is not None]
+    if window:  # as llama.cpp's own converter writes Mistral: the same model up to the window's length
+        warnings.warn(f"llama.cpp's {'qwen2' if kind == 'qwen2' else 'llama'} architecture has no sliding window: "
+                      f"the GGUF file attends to the whole context, which is the same model for sequences of up "
+                      f"to {min(window)} tokens", stacklevel=3)
+    return ("qwen2" if kind == "qwen2" else "llama"), config
+
+
+def gguf_name(hub: str) -> str:
+    """model.layers.3.self_attn.q_proj.weight -> blk.3.attn_q.weight (llama.cpp's name)."""
+    parts = hub.split(".")
+    if hub.startswith("model.layers."):
+        module = ".".join(parts[3:-1])
+        if module not in HUB_NAMES:
+            raise ConfigError(f"{hub}: llama.cpp has no tensor for {module}")
+        return f"blk.{parts[2]}.{HUB_NAMES[module]}.{parts[-1]}"
+    module = ".".join(parts[:-1])
+    if module not in HUB_NAMES:
+        raise ConfigError(f"{hub}: llama.cpp has no tensor for {module}")
+    return f"{HUB_NAMES[module]}.{parts[-1]}"
+
+
+def to_llamacpp_rows(hub: str, rows: torch.Tensor, config: Any) -> torch.Tensor:
+    """q and k rows (or an adapter's B rows for them) in llama.cpp's RoPE order for the llama architecture:
+    each head's rotary halves interleaved (gguf.gguf_tensors undoes this on reading). Qwen2 keeps the
+    Hub's order (llama.cpp runs it with NeoX-style RoPE)."""
+    if config.model_type == "qwen2":
+        return rows
+    n = config.num_attention_heads if ".q_proj." in hub else config.num_key_value_heads if ".k_proj." in hub else None
+    if n is None:
+        return rows
+    d = rows.shape[0]
+    return rows.reshape(n, 2, d // n // 2, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape)
+
+
+def _model_meta(arch: str, config: Any, name: str) -> Meta:
+    return [("general.architecture", STRING, arch, None), ("general.name", STRING, name, None),
+            (f"{arch}.context_length", UINT32, config.max_position_embeddings, None),
+            (f"{arch}.embedding_length", UINT32, config.hidden_size, None),
+            (f"{arch}.block_count", UINT32, config.num_hidden_layers, None),
+            (f"{arch}.feed_forward_length", UINT32, config.intermediate_size, None),
+            (f"{arch}.attention.head_count", UINT32, config.num_attention_heads, None),
+            (f"{arch}.attention.head_count_kv", UINT32, config.num_key_value_heads, None),
+            (f"{arch}.rope.dimension_count", UINT32, config.head_dim, None),
+            (f"{arch}.attention.key_length", UINT32, config.head_dim, None),  # llama.cpp needs these where
+            (f"{arch}.attention.value_length", UINT32, config.head_dim, None),  # head_dim != hidden / heads
+            (f"{arch}.rope.freq_base", FLOAT32, float(config.rope_theta), None),
+            (f"{arch}.attention.layer_norm_rms_epsilon", FLOAT32, float(config.rms_norm_eps), None),
+            (f"{arch}.vocab_size", UINT32, config.vocab_size, None)]
+
+
+def _pre_tokenizer(spec: dict) -> str | None:
+    """llama.cpp's name for the tokenizer's pre-tokenization, for the ones known to match it: GPT-2's byte
+    level alone ("gpt-2"), or digits split one by one first (SmolLM2's, "smollm"). Others: None."""
+    pre = spec.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [(p.get("type"), p.get("individual_digits") if p.get("type") == "Digits" else p.get("use_regex", True))
+             for p in parts]
+    return {(("ByteLevel", True),): "gpt-2", (("Digits", True), ("ByteLevel", True)): "smollm"}.get(tuple(kinds))
+
+
+def _tokenizer_meta(tokenizer, rows: int) -> Meta:
+    """A byte-level BPE tokenizer as llama.cpp's "gpt2" vocabulary: tokens by id (padded with unused
+    [PAD<i>] tokens to the embedding's `rows`, as llama.cpp checks), merges, types (3 = control for
+    special tokens, 1 = normal, 5 = unused), the special ids and the chat template."""
+    import json
+    spec = json.loads(tokenizer.tk.to_str())
+    model = spec.get("model", {})
+    if model.get("type") != "BPE" or model.get("byte_fallback") or (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        raise ConfigError("GGUF export: the tokenizer is not byte-level BPE (GPT-2's kind); llama.cpp's vocabulary is "
+                          "written from that only here. Export from the model's own .gguf file, or convert with "
+                          "llama.cpp's convert_hf_to_gguf.py")
+    pre = _pre_tokenizer(spec)
+    if pre is None:
+        raise ConfigError("GGUF export: this tokenizer's pre-tokenization (tokenizer.json's pre_tokenizer) is not one "
+                          "written here (GPT-2's, SmolLM2's); llama.cpp would split text differently. Export from the "
+                          "model's own .gguf file, or convert with llama.cpp's convert_hf_to_gguf.py")
+    size = tokenizer.vocab_size
+    if size > rows:
+        raise ConfigError(f"GGUF export: the tokenizer has {size} tokens but the embeddings {rows} rows")
+    tokens = [tokenizer.tk.id_to_token(i) or f"[PAD{i}]" for i in range(size)] + [f"[PAD{i}]" for i in range(size, rows)]
+    special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+    types = [3 if i in special else 1 if tokenizer.tk.id_to_token(i) else 5 for i in range(size)] + [5] * (rows - size)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    meta: Meta = [("tokenizer.ggml.model", STRING, "gpt2", None), ("tokenizer.ggml.pre", STRING, pre, None),
+                  ("tokenizer.ggml.tokens", ARRAY, tokens, STRING), ("tokenizer.ggml.token_type", ARRAY, types, INT32),
+                  ("tokenizer.ggml.merges", ARRAY, merges, STRING)]
+    for key, value in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id),
+                       ("padding", tokenizer.pad_token_id if tokenizer.has_pad_token else None)):
+        if value is not None:
+            meta.append((f"tokenizer.ggml.{key}_token_id", UINT32, value, None))
+    if tokenizer.chat_template:
+        meta.append(("tokenizer.chat_template", STRING, tokenizer.chat_template, None))
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# The merged model, and the adapter
+
+def export_merged(model: nn.Module, path: str | os.PathLike, kind: str = "f16", tokenizer=None) -> Path:
+    """The model with its active adapter merged in, as a complete GGUF file of `kind` (f32, f16, q8_0,
+    q4_0: 2-D weights whose rows are whole 32-value blocks in that type, the rest F32/F16). Each merged
+    weight is computed in fp32 as it is written (LoRALinear.merged_weight); the model is not changed.
+    The metadata (tokenizer and chat template included) is the source GGUF file's when the model came
+    from one; otherwise it is written from the config and `tokenizer` (without one, llama.cpp cannot
+    run the file)."""
+    if kind not in TYPES:
+        raise ConfigError(f"GGUF type {kind!r}: expected one of {', '.join(TYPES)}")
+    arch, config = architecture(model)
+    want = TYPES[kind]
+    owner = {f"{name}.weight": m for name, m in model.named_modules() if hasattr(m, "merged_weight")}
+    for name, m in owner.items():
+        if getattr(m, "base_linear", None) is not None:
+            raise ConfigError(f"{name}: a quantized base (int8, 4-bit or GGUF blocks) is not merged into; load the "
+                              "base in floating point to export it merged (minilora export does)")
+    tied = {id(model.lm_head.weight)} & {id(model.input_embeddings.weight)}
+    tensors: list[Tensor] = []
+    for hub, t in model.state_dict(keep_vars=True).items():
+        if is_adapter_tensor(hub) or (hub == "lm_head.weight" and tied):
+            continue  # LoRA's own tensors; a tied head: llama.cpp ties a missing output.weight to token_embd
+        if not t.is_floating_point():
+            raise ConfigError(f"{hub} is {t.dtype}: load the base in floating point to export it merged")
+        t_kind = want if t.dim() == 2 and t.shape[-1] % 32 == 0 else F32 if t.dim() == 1 or want == F32 else F16
+        weight = (lambda m=owner[hub]: m.merged_weight()) if hub in owner else (lambda t=t: t.detach().float())
+        tensors.append((gguf_name(hub), tuple(t.shape), t_kind,
+                        lambda w=weight, h=hub, k=t_kind: encode(to_llamacpp_rows(h, w(), config), k)))
+    source = getattr(model, "source_path", None)
+    if source is not None and Path(source).suffix == ".gguf":
+        file = read_gguf(Path(source))
+        skip = ("general.file_type", "general.quantization_version", "general.alignment")
+        meta = [(k, *file.types[k][:1], v, file.types[k][1]) for k, v in file.meta.items() if k not in skip]
+    else:
+        meta = _model_meta(arch, config, Path(str(getattr(model, "name_or_path", "minilora"))).name)
+        if tokenizer is not None:
+            meta += _tokenizer_meta(tokenizer, config.vocab_size)
+    meta.append(("general.file_type", UINT32, FILE_TYPES[want], None))
+    if want in (Q8_0, Q4_0):
+        meta.append(("general.quantization_version", UINT32, 2, None))
+    return write_gguf(path, meta, tensors)
+
+
+def export_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
+    """The model's active LoRA adapter as a llama.cpp adapter file (`llama-cli -m base.gguf --lora
+    file.gguf`; Ollama's ADAPTER line). Refused, by name, for what that format cannot carry: DoRA,
+    LoRA on embeddings, and modules trained in full (modules_to_save)."""
+    arch, config = architecture(model)
+    saved = list(getattr(getattr(model, "lora_config", None), "modules_to_save", None) or [])
+    if saved:
+        raise ConfigError(f"modules_to_save ({', '.join(saved)}): llama.cpp's adapter format carries only LoRA's "
+                          "A and B; export the merged model instead (--merged)")
+    layers = lora_modules(model)
+    if not layers:
+        raise ConfigError("the model has no LoRA adapter to export")
+    alpha = None
+    tensors: list[Tensor] = []
+    for name, m in layers:
+        if not isinstance(m, LoRALinear):
+            raise ConfigError(f"{name}: LoRA on an embedding is not in llama.cpp's adapter format")
+        if m.use_dora:
+            raise ConfigError(f"{name}: DoRA cannot be expressed in llama.cpp's adapter format (B·A only); "
+                              "export the merged model instead (--merged)")
+        if name == "lm_head" and model.lm_head.weight is model.input_embeddings.weight:
+            raise ConfigError("lm_head: LoRA on a head tied to the embeddings has no output.weight to apply to in "
+                              "llama.cpp; export the merged model instead (--merged)")
+        a, b = m.lora_A.weight.detach().float().cpu(), m.lora_B.weight.detach().float().cpu()
+        r = a.shape[0]
+        alpha = m.scaling * r if alpha is None else alpha  # llama.cpp: scale = alpha / r for every tensor
+        b = b * (m.scaling * r / alpha)  # 1.0 where this module's scale is the first one's
+        base = gguf_name(f"{name}.weight")
+        b = to_llamacpp_rows(f"{name}.weight", b, config)
+        tensors += [(f"{base}.lora_a", tuple(a.shape), F32, lambda t=a: t.contiguous()),
+                    (f"{base}.lora_b", tuple(b.shape), F32, lambda t=b: t.contiguous())]
+    meta: Meta = [("general.architecture", STRING, arch, None), ("general.type", STRING, "adapter", None),
+                  ("general.name", STRING, Path(str(getattr(model, "name_or_path", "minilora"))).name + " LoRA", None),
+                  ("adapter.type", STRING, "lora", None), ("adapter.lora.alpha", FLOAT32, float(alpha), None)]
+    return write_gguf(path, meta, tensors)

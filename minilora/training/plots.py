@@ -1,0 +1,95 @@
+"""The parameter report: the LoRA paper's arithmetic, d·k frozen vs r·(d+k) trained, per module and in
+total. "all params" counts every parameter of the model, LoRA's included, once: PEFT's
+print_trainable_parameters counts the same, plus a frozen copy it keeps of each modules_to_save module.
+
+It reads only module shapes, so it works on a model built on the `meta` device from config.json alone.
+And what a training run shows as it goes: a progress bar that moves per micro-batch (tokens/s, loss,
+lr, time left), or, with the bar off, a line per logged step and evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl that have a step (a last line cut short by a crash, or anything
+    else, is left out)."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            out.append(record)
+    return out
+
+
+def loss_svg(history: list[dict[str, Any]], width: int = 640, height: int = 320) -> str | None:
+    """The training loss, the evaluation loss (dashed) and the learning rate (dotted, on its own scale
+    from 0 to its peak) against the step, as a small SVG drawn here: no plotting library needed."""
+    series = {key: [(h["step"], h[key]) for h in history if isinstance(h.get(key), (int, float))
+                    and not isinstance(h.get(key), bool) and math.isfinite(h[key])] for key in ("loss", "eval_loss", "lr")}
+    points = series["loss"] + series["eval_loss"]
+    if len(points) < 2:
+        return None
+    x0, x1 = min(p[0] for p in points), max(p[0] for p in points) or 1
+    y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
+    y1 = y1 if y1 > y0 else y0 + 1
+    peak = max((lr for _, lr in series["lr"]), default=0) or 1
+    pad = 40
+    sx = lambda x: pad + (x - x0) / max(x1 - x0, 1) * (width - 2 * pad)
+    sy = lambda y, low, high: height - pad - (y - low) / (high - low) * (height - 2 * pad)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+           f'font-size="12"><rect width="100%" height="100%" fill="white"/>',
+           f'<text x="{pad}" y="{pad - 12}">loss {y0:.3f} .. {y1:.3f}, steps {x0} .. {x1}, lr up to {peak:.3g}</text>']
+    styles = {"loss": ('stroke="#1f77b4"', y0, y1), "eval_loss": ('stroke="#d62728" stroke-dasharray="6 4"', y0, y1),
+              "lr": ('stroke="#7f7f7f" stroke-dasharray="2 3"', 0, peak)}
+    for key, s in series.items():
+        style, low, high = styles[key]
+        if s:
+            path = " ".join(f"{sx(x):.1f},{sy(y, low, high):.1f}" for x, y in s)
+            out.append(f'<polyline fill="none" stroke-width="2" {style} points="{path}"><title>{key}</title></polyline>')
+    out.append(f'<text x="{width - pad - 190}" y="{height - 12}" fill="#1f77b4">loss</text>'
+               f'<text x="{width - pad - 150}" y="{height - 12}" fill="#d62728">eval_loss</text>'
+               f'<text x="{width - pad - 80}" y="{height - 12}" fill="#7f7f7f">lr</text></svg>')
+    return "\n".join(out)
+
+
+def plot_run(run: Path) -> list[Path]:
+    """loss.svg beside a run's metrics.jsonl (and loss.png where matplotlib is installed); the files written."""
+    history = read_metrics(Path(run) / "metrics.jsonl")
+    svg = loss_svg(history)
+    if svg is None:
+        return []
+    (Path(run) / "loss.svg").write_text(svg)
+    written = [Path(run) / "loss.svg"]
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ModuleNotFoundError:
+        return written
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for key, style in (("loss", "-"), ("eval_loss", "--")):
+        pts = [(h["step"], h[key]) for h in history if isinstance(h.get(key), (int, float))]
+        if pts:
+            ax.plot(*zip(*pts), style, label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    lr = [(h["step"], h["lr"]) for h in history if isinstance(h.get("lr"), (int, float))]
+    if lr:
+        twin = ax.twinx()
+        twin.plot(*zip(*lr), ":", color="gray", label="lr")
+        twin.set_ylabel("learning rate")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(Path(run) / "loss.png", dpi=100)
+    plt.close(fig)
+    return written + [Path(run) / "loss.png"]
