@@ -19,7 +19,7 @@ import torch.nn as nn
 from .data.batching import collate
 from .data.chat import end_of_turn_ids
 from .data.records import Example
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .lora.inject import adapter_disabled
 from .models.common import KVCache
 
@@ -34,6 +34,20 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, t
         raise ConfigError(f"top_k must be a positive integer, got {top_k!r}")
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
         raise ConfigError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
+def check_vocabulary(model: nn.Module, tokenizer, where: str | None = None) -> None:
+    """Refuse a tokenizer with more tokens than the model has embedding rows: it belongs to another
+    model, even where the ids of a given text happen to fit. Fewer tokens than rows is common
+    (vocabularies padded to a multiple of 64). `where` names the model (its source, by default)."""
+    rows = getattr(getattr(model, "input_embeddings", None), "num_embeddings", None)
+    size = getattr(tokenizer, "vocab_size", None)
+    if isinstance(rows, int) and isinstance(size, int) and size > rows:
+        if where is None:
+            provenance = getattr(model, "provenance", None)
+            where = provenance.source if provenance is not None else type(model).__name__
+        raise ConfigError(f"{where}: the tokenizer has {size} tokens but the model's embeddings only {rows} rows: "
+                          "they do not belong together")
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
@@ -143,8 +157,14 @@ def generate(model: nn.Module, tokenizer, prompts: str | list[str], max_new_toke
         raise ConfigError(f"stop strings must be non-empty text, got {stop!r}")
     if system is not None and not chat:
         raise ConfigError("system is a chat setting: give chat=True (or --chat)")
+    check_vocabulary(model, tokenizer)
     if chat:
-        encoded = [tokenizer.encode(chat_prompt(tokenizer, t, system), add_special_tokens=False) for t in texts]
+        encoded = []
+        for n, text in enumerate(texts):
+            try:
+                encoded.append(tokenizer.encode(chat_prompt(tokenizer, text, system), add_special_tokens=False))
+            except DataError as e:  # the template's failure, named with the prompt it failed on
+                raise DataError(f"prompt {n} ({text[:40]!r}): {e}") from None
     else:
         encoded = [tokenizer.encode(t) for t in texts]
 
@@ -177,6 +197,7 @@ def classify(model: nn.Module, tokenizer, texts: list[str], max_length: int = 51
         raise ConfigError(f"truncation must be 'right' or 'left', got {truncation!r}")
     if getattr(model, "task_type", None) != "SEQ_CLS":
         raise ConfigError(f"{type(model).__name__} is not a classifier: load it with task='classification'")
+    check_vocabulary(model, tokenizer)
     encoded = [tokenizer.encode_truncated(t, max_length, truncation) for t in texts]
     empty = next((i for i, ids in enumerate(encoded) if not ids), None)
     if empty is not None:

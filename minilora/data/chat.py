@@ -4,10 +4,13 @@ A conversation is a list of messages {"role": "system" | "user" | "assistant", "
 record holds one under `messages` (OpenAI's form) or under `conversations` as ShareGPT writes it
 ({"from": "human" | "gpt" | "system", "value": text}).
 
-The chat template is the Jinja program a model ships (`chat_template` in tokenizer_config.json, or
-`tokenizer.chat_template` in a GGUF file), the one transformers' `apply_chat_template` runs; it is
-rendered here the same way: jinja2's sandbox, trim_blocks and lstrip_blocks on, `raise_exception`,
-`strftime_now` and a `tojson` that keeps non-ASCII text. A model without one gets ChatML.
+The chat template is the Jinja program a model ships (chat_template.jinja beside tokenizer_config.json,
+`chat_template` in tokenizer_config.json, or `tokenizer.chat_template` in a GGUF file), the one
+transformers' `apply_chat_template` runs; it is rendered here the same way: jinja2's sandbox,
+trim_blocks and lstrip_blocks on, `raise_exception`, `strftime_now` and a `tojson` that keeps non-ASCII
+text. A model without one gets ChatML. A template is a program from the model's repository, so it runs
+within a budget (time, loop iterations, the size of what it writes and builds), and whatever goes wrong
+in it is a DataError naming the template's file and what failed.
 
 Which tokens are learned is decided on token ids, never on character offsets: the whole conversation
 is tokenized once, and each assistant turn's content is where those ids differ from the ids of the same
@@ -17,11 +20,16 @@ what the template puts around them (the role header, a newline after the end) is
 
 from __future__ import annotations
 
+import contextvars
 import datetime
 import functools
 import json
+import time
+import traceback
 import warnings
-from typing import Any
+from bisect import bisect_left, bisect_right
+from itertools import chain
+from typing import Any, Callable, Iterable, Iterator
 
 import jinja2
 from jinja2.ext import Extension, loopcontrols
@@ -72,7 +80,7 @@ def conversation(record: dict[str, Any], where: str) -> list[dict[str, str]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Rendering
+# Rendering, within a budget
 
 class _Generation(Extension):
     """{% generation %} ... {% endgeneration %} (transformers' assistant-mask tags): rendered as is."""
@@ -84,38 +92,195 @@ class _Generation(Extension):
         return jinja2.nodes.Scope(body, lineno=lineno)
 
 
+# What one rendering may do. jinja2's sandbox limits one range() to 100,000 items and nothing else, so
+# two loops over such ranges, one inside the other, or a text doubled in a loop, run for hours or fill
+# the memory.
+RENDER_SECONDS = 10.0        # wall-clock time
+LOOP_ITERATIONS = 2_000_000  # iterations of all its {% for %} loops together
+MAX_RANGE = 100_000          # items of one range(), as in jinja2's sandbox
+OUTPUT_CHARS = 1_000_000     # text written, or one value built: this plus 10 characters per character of content
+INT_BITS = 100_000           # the size of a number computed
+
+
+class _TooMuchWork(Exception):
+    """A rendering over its budget; the message says which part of it."""
+
+
+class _Budget:
+    def __init__(self, messages: Any) -> None:
+        self.deadline = time.monotonic() + RENDER_SECONDS
+        self.loops_left = LOOP_ITERATIONS
+        contents = [m.get("content") for m in messages if isinstance(m, dict)] if isinstance(messages, list) else []
+        self.chars = OUTPUT_CHARS + 10 * sum(len(c) for c in contents if isinstance(c, str))
+        self.written = self.shown = 0
+
+    def tick(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise _TooMuchWork(f"it ran for more than {RENDER_SECONDS:g} seconds")
+
+
+_budget: contextvars.ContextVar[_Budget | None] = contextvars.ContextVar("chat_template_budget", default=None)
+
+
+def _tick() -> None:
+    budget = _budget.get()
+    if budget is not None:
+        budget.tick()
+
+
+def _chars() -> int:
+    """The size a value may have: the rendering's budget, or an empty conversation's while jinja2
+    compiles (it computes constant expressions then)."""
+    budget = _budget.get()
+    return budget.chars if budget is not None else OUTPUT_CHARS
+
+
+def _sized(value: Any) -> Any:
+    if isinstance(value, (str, list, tuple, dict)) and len(value) > _chars():
+        raise _TooMuchWork(f"it built a value of {len(value):,} characters or items (at most {_chars():,})")
+    return value
+
+
+def _before_binop(operator: str, left: Any, right: Any) -> None:
+    """Refuse a +, * or ** whose result would be too large, before computing it: a number of billions
+    of digits takes hours, a text of billions of characters fills the memory."""
+    _tick()
+    ints = isinstance(left, int) and isinstance(right, int)
+    if ints and (operator == "**" and right > 0 and abs(left) > 1 and right * abs(left).bit_length() > INT_BITS
+                 or operator == "*" and left.bit_length() + right.bit_length() > INT_BITS):
+        raise _TooMuchWork(f"{operator} of numbers of {left.bit_length():,} and {right.bit_length():,} bits would be "
+                           f"a number of more than {INT_BITS:,} bits")
+    size = 0
+    if operator == "*":
+        size = max((len(s) * n for s, n in ((left, right), (right, left))
+                    if isinstance(s, (str, list, tuple)) and isinstance(n, int)), default=0)
+    elif operator == "+" and isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
+        size = len(left) + len(right)
+    if size > _chars():
+        raise _TooMuchWork(f"it would build a value of {size:,} characters or items (at most {_chars():,})")
+
+
+def _shown(value: Any) -> Any:
+    """jinja2's finalize, of every {{ ... }}: counted also inside macros and {% set %} blocks, whose text
+    is not output yet."""
+    budget = _budget.get()
+    if budget is not None:
+        budget.tick()
+        if isinstance(value, str):
+            budget.shown += len(value)
+            if budget.shown > budget.chars:
+                raise _TooMuchWork(f"it wrote more than {budget.chars:,} characters")
+    return value
+
+
+def _loop(iterable: Iterable) -> Iterator:
+    """What each {% for %} of a template iterates: its own iterable, each item counted against the budget."""
+    budget = _budget.get()
+    for item in iterable:
+        if budget is not None:
+            budget.loops_left -= 1
+            if budget.loops_left < 0:
+                raise _TooMuchWork(f"its {{% for %}} loops ran more than {LOOP_ITERATIONS:,} iterations")
+            budget.tick()
+        yield item
+
+
+def _range(*args: int) -> range:
+    items = range(*args)
+    if len(items) > MAX_RANGE:
+        raise _TooMuchWork(f"range() of {len(items):,} items (at most {MAX_RANGE:,})")
+    return items
+
+
+def _bounded(f: Callable) -> Callable:
+    """A filter whose result is size-checked (functools.wraps keeps jinja2's pass_context marks)."""
+    @functools.wraps(f)
+    def bounded(*args, **kwargs):
+        _tick()
+        return _sized(f(*args, **kwargs))
+    return bounded
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """transformers' environment, the immutable sandbox, with every call, +, * and ** checked against the budget."""
+    intercepted_binops = frozenset({"+", "*", "**"})
+
+    def call(self, context, obj, /, *args, **kwargs):
+        _tick()
+        return _sized(super().call(context, obj, *args, **kwargs))
+
+    def call_binop(self, context, operator, left, right):
+        _before_binop(operator, left, right)
+        return _sized(super().call_binop(context, operator, left, right))
+
+
 @functools.lru_cache(maxsize=8)
-def _compiled(template: str):
+def _compiled(template: str) -> jinja2.Template:
     def raise_exception(message: str):
         raise jinja2.exceptions.TemplateError(message)
 
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, loopcontrols])
+    def lipsum(n=5, *args, **kwargs):  # jinja2's own global, which has no bound
+        if n > 100:
+            raise _TooMuchWork(f"lipsum() of {n:,} paragraphs (at most 100)")
+        return jinja2.utils.generate_lorem_ipsum(n, *args, **kwargs)
+
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, loopcontrols], finalize=_shown)
     env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    env.filters = {name: _bounded(f) for name, f in env.filters.items()}
+    env.globals.update(raise_exception=raise_exception, range=_range, lipsum=lipsum, _minilora_loop=_loop,
+                       strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
+    tree = env.parse(template)
+    for loop in list(tree.find_all(jinja2.nodes.For)):  # {% for x in xs %} iterates _minilora_loop(xs)
+        loop.iter = jinja2.nodes.Call(jinja2.nodes.Name("_minilora_loop", "load"), [loop.iter], [], None, None)
+        loop.iter.set_lineno(loop.lineno).set_environment(env)
+    return env.from_string(tree)
+
+
+def render(template: str, messages: list[dict[str, str]], add_generation_prompt: bool = False, *,
+           source: str | None = None, **special_tokens: str | None) -> str:
+    """The template's text for `messages`; special_tokens are bos_token, eos_token, ... as the template uses them.
+
+    Whatever goes wrong is a DataError that says what, naming the template by `source` (its file): a
+    template that is not Jinja, one that refuses the conversation (raise_exception), one that fails on
+    it (any exception: a division by zero, text plus a number, a recursion without end), one that does
+    more work than the budget above."""
+    named = f"; template: {source}" if source else ""
+    budget = _Budget(messages)
+    outer = _budget.set(budget)
     try:
-        return env.from_string(template)
+        parts = []
+        for part in _compiled(template).generate(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                 **special_tokens):
+            budget.written += len(part)
+            if budget.written > budget.chars:
+                raise _TooMuchWork(f"it wrote more than {budget.chars:,} characters")
+            budget.tick()
+            parts.append(part)
+        return "".join(parts)
     except jinja2.exceptions.TemplateSyntaxError as e:
-        raise DataError(f"the chat template is not valid Jinja (line {e.lineno}: {e.message})") from None
-
-
-def render(template: str, messages: list[dict[str, str]], add_generation_prompt: bool = False,
-           **special_tokens: str | None) -> str:
-    """The template's text for `messages`; special_tokens are bos_token, eos_token, ... as the template uses them."""
-    try:
-        return _compiled(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                          **special_tokens)
+        raise DataError(f"the chat template is not valid Jinja (line {e.lineno}: {e.message}){named}") from None
+    except _TooMuchWork as e:
+        raise DataError(f"the chat template did too much work on the conversation: {e}{named}") from None
     except jinja2.exceptions.TemplateError as e:
-        raise DataError(f"the chat template refused the conversation: {e}") from None
+        raise DataError(f"the chat template refused the conversation: {e}{named}") from None
+    except Exception as e:  # the template's own failure, of any type: never a traceback from inside jinja2
+        lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == "<template>"]
+        at = f", at line {lines[-1]} of the template" if lines else ""
+        raise DataError(f"the chat template failed on the conversation: {type(e).__name__}: {e}{at}{named}") from None
+    finally:
+        _budget.reset(outer)
+
+
+_PLACES = "chat_template.jinja, chat_template in tokenizer_config.json, chat_template.json or the GGUF metadata"
 
 
 @functools.lru_cache(maxsize=None)
 def _warn_chatml(name: str) -> None:
-    warnings.warn(f"{name} has no chat template (chat_template in tokenizer_config.json or the GGUF metadata): "
-                  "using ChatML (<|im_start|>role ... <|im_end|>)", stacklevel=4)
+    warnings.warn(f"{name} has no chat template ({_PLACES}): using ChatML (<|im_start|>role ... <|im_end|>)",
+                  stacklevel=4)
 
 
 def template_of(tokenizer) -> str:
@@ -125,11 +290,18 @@ def template_of(tokenizer) -> str:
         return tokenizer.chat_template
     name = str(getattr(tokenizer, "source", "the tokenizer"))
     if tokenizer.token_to_id("<|im_start|>") is None or tokenizer.token_to_id("<|im_end|>") is None:
-        raise DataError(f"{name} has no chat template (chat_template in tokenizer_config.json or the GGUF "
-                        "metadata) and no ChatML tokens (<|im_start|>, <|im_end|>) to fall back on: give it a "
-                        "template, or format the data with a prompt template instead")
+        raise DataError(f"{name} has no chat template ({_PLACES}) and no ChatML tokens (<|im_start|>, <|im_end|>) "
+                        "to fall back on: give it a template, or format the data with a prompt template instead")
     _warn_chatml(name)
     return CHATML
+
+
+def template_source(tokenizer) -> str:
+    """Where template_of's template comes from, for messages: its file (and key), as the loader recorded
+    it in `chat_template_source`; a template set in code; or ChatML, the fallback."""
+    if getattr(tokenizer, "chat_template", None):
+        return getattr(tokenizer, "chat_template_source", None) or "the tokenizer's chat_template (set in code)"
+    return f"ChatML, minilora's fallback: {getattr(tokenizer, 'source', 'the tokenizer')} has no chat template"
 
 
 def special_tokens(tokenizer) -> dict[str, str]:
@@ -145,6 +317,15 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     vocabulary has (generation stops at any of them)."""
     ids = [tokenizer.eos_token_id] + [tokenizer.token_to_id(t) for t in END_OF_TURN]
     return sorted({i for i in ids if i is not None})
+
+
+def writes_assistant_content(tokenizer, messages: list[dict[str, str]]) -> bool:
+    """Whether the template's text depends on what the assistant says: not for a template that writes
+    only the other turns, with which there is nothing to learn."""
+    template, specials, source = template_of(tokenizer), special_tokens(tokenizer), template_source(tokenizer)
+    text = render(template, messages, source=source, **specials)
+    return any(render(template, [{**m, "content": _variants(m["content"])[k]} if m["role"] == "assistant" else m
+                                 for m in messages], source=source, **specials) != text for k in range(3))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,35 +345,185 @@ def tokenize_conversation(tokenizer, messages: list[dict[str, str]], train_on_al
     differently (a digit is its own pre-token in SmolLM2's tokenizer): a common prefix can only be too
     short, so the longest is the content's start. Nothing else changes between the two renderings, so a template that writes
     a turn differently by its place (a default system prompt before the first message, a reasoning block
-    on the last answer only) finds every turn all the same."""
-    template, specials = template_of(tokenizer), special_tokens(tokenizer)
+    on the last answer only) finds every turn all the same.
+
+    That is the definition (_learned_by_rendering); done so, it renders and tokenizes the whole
+    conversation three times per turn, work that grows with the square of its length. Here the
+    conversation is rendered four times in all: as it is, and with every assistant content replaced by
+    its variant of each kind. Where those texts differ from the first exactly at the contents, in
+    order, the template writes each content as it is, where it stands, and the text with one content
+    replaced is the rendering of that turn's variant, with no rendering (otherwise each turn is rendered
+    as defined). Its ids are the text's ids with only a window around the content tokenized again
+    (_Splice: where that is known to give the ids of the whole; otherwise the whole is tokenized)."""
+    return _tokenize(tokenizer, messages, train_on_all, quick=True)
+
+
+def _learned_by_rendering(tokenizer, messages: list[dict[str, str]]) -> tuple[list[int], list[bool]]:
+    """tokenize_conversation by its definition alone: each turn's variants rendered and tokenized whole."""
+    return _tokenize(tokenizer, messages, False, quick=False)
+
+
+def _variants(content: str) -> list[str]:
+    """content with its text (inside its leading and trailing whitespace) replaced by a letter, a digit
+    and a sign, each other than the text's first and last characters."""
+    core = content.strip()
+    lead = content[:len(content) - len(content.lstrip())]
+    trail = content[len(content.rstrip()):] if core else ""
+    return [lead + next(c for c in chars if not core or c not in (core[0], core[-1])) + trail
+            for chars in ("xyz", "012", "!?#")]  # three each: the first and last characters leave one
+
+
+def _tokenize(tokenizer, messages: list[dict[str, str]], train_on_all: bool, quick: bool
+              ) -> tuple[list[int], list[bool]]:
+    template, specials, source = template_of(tokenizer), special_tokens(tokenizer), template_source(tokenizer)
     encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # as apply_chat_template tokenizes
-    ids = encode(render(template, messages, **specials))
+    text = render(template, messages, source=source, **specials)
+    ids = encode(text)
     if train_on_all:
         return ids, [True] * len(ids)
+    starts = _content_starts(template, messages, specials, source, text) if quick else None
+    if starts == "unwritten":  # the template writes none of the assistant's words: nothing to learn
+        return ids, [False] * len(ids)
+    splice = _Splice.of(tokenizer, text, ids) if starts is not None else None
+
+    def differ(i: int, variant: str) -> tuple[int, int]:
+        """The lengths of the common prefix and suffix of ids and the ids with turn i's content replaced."""
+        if starts is None:
+            other = encode(render(template, [*messages[:i], {**messages[i], "content": variant}, *messages[i + 1:]],
+                                  source=source, **specials))
+        else:
+            p, q = starts[i], starts[i] + len(messages[i]["content"])
+            found = splice(p, q, variant) if splice is not None else None
+            if found is not None:
+                return found
+            other = encode(text[:p] + variant + text[q:])
+        return _common_prefix(ids, other), _common_prefix(ids[::-1], other[::-1])
+
     learned = [False] * len(ids)
     ends = set(end_of_turn_ids(tokenizer))
+    next_end: list[int | None] = [None] * (len(ids) + 1)  # where the first end-of-turn token at or after t is
+    for t in range(len(ids) - 1, -1, -1):
+        next_end[t] = t if ids[t] in ends else next_end[t + 1]
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        content = m["content"]
-        core = content.strip()
-        lead, trail = content[:len(content) - len(content.lstrip())], content[len(content.rstrip()):] if core else ""
         start, stop = 0, len(ids)
-        for chars in ("xy", "01", "!?"):  # a letter, a digit, a sign: what precedes the content may tokenize
-            c = next(c for c in chars if not core or c not in (core[0], core[-1]))  # by the class of its first
-            other = [*messages[:i], {**m, "content": lead + c + trail}, *messages[i + 1:]]  # character
-            other_ids = encode(render(template, other, **specials))
-            start = max(start, _common_prefix(ids, other_ids))
-            stop = min(stop, len(ids) - _common_prefix(ids[::-1], other_ids[::-1]))
-        stop = start if not content else max(start, stop)  # the content's tokens: ids[start:stop]
-        end = next((t for t in range(stop, len(ids)) if ids[t] in ends), None)
+        for variant in _variants(m["content"]):
+            prefix, suffix = differ(i, variant)
+            start, stop = max(start, prefix), min(stop, len(ids) - suffix)
+        stop = start if not m["content"] else max(start, stop)  # the content's tokens: ids[start:stop]
+        end = next_end[stop]
         for t in range(start, stop if end is None else end + 1):
             learned[t] = True
     return ids, learned
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def _content_starts(template: str, messages: list[dict[str, str]], specials: dict[str, str], source: str,
+                    text: str) -> dict[int, int] | str | None:
+    """{turn: where its content starts in text}, if the template writes each assistant content as it is,
+    where it stands: the conversation rendered with every content replaced by its variant (of each kind)
+    is `text` with exactly those spans replaced, in order. "unwritten" where those renderings are `text`
+    itself (no assistant content is written); None otherwise (the template changes contents, or writes
+    them elsewhere too)."""
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    found, unchanged = None, 0
+    for k in range(3):
+        variants = {i: _variants(messages[i]["content"])[k] for i in turns}
+        replaced = [{**m, "content": variants[i]} if i in variants else m for i, m in enumerate(messages)]
+        other = render(template, replaced, source=source, **specials)
+        if other == text:
+            unchanged += 1
+            continue
+        starts, t, o = {}, 0, 0  # positions in text and in other
+        for i in turns:
+            content, variant = messages[i]["content"], variants[i]
+            shared = _same(content, 0, variant, 0)  # the whitespace before the replaced text
+            n = _same(text, t, other, o)  # equal up to where the content and its variant differ
+            if n < shared or not text.startswith(content, t + n - shared) \
+                    or not other.startswith(variant, o + n - shared):
+                return None
+            starts[i], t, o = t + n - shared, t + n - shared + len(content), o + n - shared + len(variant)
+        if text[t:] != other[o:] or found not in (None, starts):  # a variant of one kind matched by chance
+            return None
+        found = starts
+    return "unwritten" if unchanged == 3 else None if unchanged else found
+
+
+def _same(a: str, i: int, b: str, j: int) -> int:
+    """The length of the common prefix of a[i:] and b[j:], compared a slice at a time (growing, then halving)."""
+    n, k, limit = 0, 16, min(len(a) - i, len(b) - j)
+    while True:
+        k = min(k, limit - n)
+        if k == 0 or a[i + n:i + n + k] != b[j + n:j + n + k]:
+            break
+        n, k = n + k, 2 * k
+    while k > 1:  # the first difference is in [n, n + k)
+        h = k // 2
+        if a[i + n:i + n + h] == b[j + n:j + n + h]:
+            n, k = n + h, k - h
+        else:
+            k = h
+    return n
+
+
+class _Splice:
+    """The common prefix and suffix of a text's ids and the ids of that text with one span replaced,
+    from the tokenization of a window around the span.
+
+    `tokenizers` first splits a text at its added tokens matched on the raw text (those not
+    `normalized`: the special tokens), leftmost-longest, and tokenizes each piece between them on its
+    own. So a window [x, y) of the new text tokenizes as it does within the whole when x is the start of
+    such a match at least the longest added token's length before the span (no match before x can reach
+    into the change), and y is the end of a match that starts after the span and ends at least that
+    length after it, with no match across the span's end in either text: from there on the two texts
+    are equal and split alike. Tokens with lstrip, rstrip or single_word depend on their neighbours;
+    with those, no window is used."""
+
+    def __init__(self, tk, text: str, ids: list[int], raw: set[int], longest: int,
+                 matches: list[tuple[int, int, int]]) -> None:
+        self.tk, self.text, self.ids, self.raw, self.longest = tk, text, ids, raw, longest
+        self.index, self.starts, self.ends = (list(column) for column in zip(*matches))
+
+    @classmethod
+    def of(cls, tokenizer, text: str, ids: list[int]) -> _Splice | None:
+        tk = getattr(tokenizer, "tk", None)  # the `tokenizers` Tokenizer that tokenizer.encode runs
+        if tk is None or not hasattr(tk, "get_added_tokens_decoder"):
+            return None
+        raw = {i: t for i, t in tk.get_added_tokens_decoder().items() if not t.normalized}
+        if not raw or any(t.lstrip or t.rstrip or t.single_word for t in raw.values()):
+            return None
+        encoding = tk.encode(text, add_special_tokens=False)
+        if encoding.ids != ids:
+            return None
+        matches = [(t, s, e) for t, (i, (s, e)) in enumerate(zip(encoding.ids, encoding.offsets)) if i in raw]
+        if not matches or any(text[s:e] != raw[ids[t]].content for t, s, e in matches):
+            return None
+        return cls(tk, text, ids, set(raw), max(len(t.content) for t in raw.values()), matches)
+
+    def __call__(self, p: int, q: int, variant: str) -> tuple[int, int] | None:
+        """For text[p:q] replaced by variant; None where no window is known to tokenize as the whole does."""
+        ids, n, longest = self.ids, len(self.ids), self.longest
+        j = bisect_right(self.starts, p - longest) - 1
+        a, x = (self.index[j], self.starts[j]) if j >= 0 else (0, 0)
+        j = bisect_left(self.starts, q)
+        if j > 0 and self.ends[j - 1] > q:  # a match across the span's end
+            return None
+        while j < len(self.starts) and self.ends[j] < q + longest:
+            j += 1
+        b, y = (self.index[j] + 1, self.ends[j]) if j < len(self.starts) else (n, len(self.text))
+        encoding = self.tk.encode(self.text[x:p] + variant + self.text[q:y], add_special_tokens=False)
+        window, cut = encoding.ids, p - x + len(variant)
+        if a > 0 and window[:1] != [ids[a]] or b < n and window[-1:] != [ids[b - 1]] or b < n and any(
+                i in self.raw and s < cut < e for i, (s, e) in zip(window, encoding.offsets)):
+            return None
+        # the other text's ids are ids[:a] + window + ids[b:]
+        prefix = a + _common_prefix((ids[t] for t in range(a, n)), chain(window, (ids[t] for t in range(b, n))))
+        suffix = n - b + _common_prefix((ids[t] for t in range(b - 1, -1, -1)),
+                                        chain(reversed(window), (ids[t] for t in range(a - 1, -1, -1))))
+        return prefix, suffix
+
+
+def _common_prefix(a: Iterable[int], b: Iterable[int]) -> int:
     n = 0
     for x, y in zip(a, b):
         if x != y:

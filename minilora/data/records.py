@@ -22,7 +22,7 @@ from typing import Any
 
 from ..errors import CheckpointError, DataError
 from ..formats.paths import resolve
-from .chat import conversation, is_conversation, tokenize_conversation
+from .chat import conversation, is_conversation, template_source, tokenize_conversation, writes_assistant_content
 
 IGNORE = -100  # label value the loss skips
 
@@ -285,6 +285,12 @@ def build_examples(records: list[dict[str, Any]], tokenizer, template: str | Tem
     examples = _rows(records, make, skip_bad_rows, source)
     examples.without_targets = sum(target_count(e) == 0 for e in examples)
     if examples.without_targets == len(examples):
+        unwritten = chat and _assistant_unwritten(records, tokenizer)
+        if unwritten:
+            raise DataError(f"{source}: the chat template ({template_source(tokenizer)}) does not write the "
+                            f"assistant's content: its text for {unwritten} is the same whatever the assistant says, "
+                            "so there is nothing to learn, whatever the cutoff. Give the tokenizer a chat template that "
+                            "writes the assistant's turns")
         fields = [f for _, f, _, _ in string.Formatter().parse(template.response) if f]
         what = "the assistant's turns were" if chat and is_conversation(records[0]) else \
             f"the response ({', '.join(fields) or 'template text'}) was"
@@ -293,6 +299,19 @@ def build_examples(records: list[dict[str, Any]], tokenizer, template: str | Tem
                            " and masking of the prompt (train_on_prompt = false)")
                         + f": {what} cut off in every record. Raise the cutoff, shorten the prompt, or truncate from the left")
     return examples
+
+
+def _assistant_unwritten(records: list[dict[str, Any]], tokenizer) -> str | None:
+    """Where the first good conversation among the records is, if the chat template writes none of its
+    assistant's words (then no record has any to learn); None if it does, or there is no such record."""
+    for n, record in enumerate(records, start=1):
+        where = getattr(record, "where", None) or f"row {n}"
+        if is_conversation(record) and not getattr(record, "kind", None):
+            try:
+                return None if writes_assistant_content(tokenizer, conversation(record, where)) else where
+            except DataError:
+                continue
+    return None
 
 
 def _fields(record: Any, where: str) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """Tokenizers through the `tokenizers` library: tokenizer.json, GPT-2's vocab.json + merges.txt, or a
-GGUF file's metadata. The wrapper resolves the ids training and generation need: eos, bos and pad.
+GGUF file's metadata. The wrapper resolves the ids training and generation need: eos, bos and pad;
+and the chat template, from the file transformers would read it from (recorded, for messages).
 
 When a tokenizer has no pad token we pad with eos, as is usual for causal LMs; everything downstream
 uses the attention mask (not "is this the pad id") to tell padding from text, so an eos that is
@@ -16,7 +17,7 @@ from typing import Any
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
-from ..data.chat import render, special_tokens, template_of
+from ..data.chat import render, special_tokens, template_of, template_source
 from ..errors import CheckpointError
 from ..formats.gguf import read_gguf
 from ..formats.paths import read_json, resolve
@@ -24,7 +25,8 @@ from ..formats.paths import read_json, resolve
 
 class Tokenizer:
     def __init__(self, tk: HFTokenizer, eos_token_id: int | None, bos_token_id: int | None = None,
-                 pad_token_id: int | None = None, chat_template: str | None = None) -> None:
+                 pad_token_id: int | None = None, chat_template: str | None = None,
+                 chat_template_source: str | None = None) -> None:
         tk.no_padding()     # padding and truncation are the data pipeline's job,
         tk.no_truncation()  # whatever the saved tokenizer.json had switched on
         self.tk = tk
@@ -32,6 +34,16 @@ class Tokenizer:
         self.has_pad_token = pad_token_id is not None
         self.pad_token_id = pad_token_id if pad_token_id is not None else eos_token_id
         self.chat_template = chat_template
+        self.chat_template_source = chat_template_source  # its file, for messages (after the template is set)
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._chat_template
+
+    @chat_template.setter
+    def chat_template(self, template: str | None) -> None:
+        """A template set in code comes from no file: the source the loader recorded goes with the old one."""
+        self._chat_template, self.chat_template_source = template, None
 
     @property
     def vocab_size(self) -> int:
@@ -71,7 +83,8 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """The conversation as the model's own chat template writes it (chat.py; ChatML if it has none),
         ending with the assistant's turn opened when add_generation_prompt."""
-        return render(template_of(self), messages, add_generation_prompt, **special_tokens(self))
+        return render(template_of(self), messages, add_generation_prompt, source=template_source(self),
+                      **special_tokens(self))
 
 
 def _token_id(tk: HFTokenizer, value: Any) -> int | None:
@@ -111,13 +124,32 @@ def load_tokenizer(source: str | os.PathLike, revision: str | None = None) -> To
     if ids["eos"] is None:
         eos = settings.get("eos_token_id")
         ids["eos"] = eos[0] if isinstance(eos, list) and eos else tk.token_to_id("<|endoftext|>")
-    tokenizer = Tokenizer(tk, ids["eos"], ids["bos"], ids["pad"], _chat_template(settings.get("chat_template"), path))
+    tokenizer = Tokenizer(tk, ids["eos"], ids["bos"], ids["pad"], *_folder_chat_template(path))
     tokenizer.source = str(path)
     return tokenizer
 
 
+def _folder_chat_template(path: Path) -> tuple[str | None, str | None]:
+    """A tokenizer folder's chat template and the file it is in, in the order transformers' tokenizer
+    loading reads them: chat_template.jinja (where transformers 5 writes it), else tokenizer_config.json's
+    chat_template; then chat_template.json ({"chat_template": ...}, processors' older file, which
+    transformers reads for a processor only), rather than no template at all."""
+    jinja = path / "chat_template.jinja"
+    if jinja.is_file():
+        try:
+            return jinja.read_text(encoding="utf-8"), str(jinja)
+        except UnicodeDecodeError as e:
+            raise CheckpointError(f"{jinja}: not UTF-8 text ({e})") from None
+    for name in ("tokenizer_config.json", "chat_template.json"):
+        if (path / name).is_file():
+            template = _chat_template(read_json(path / name).get("chat_template"), path / name)
+            if template is not None:
+                return template, f"{path / name}, chat_template"
+    return None, None
+
+
 def _chat_template(template: Any, path: Path) -> str | None:
-    """tokenizer_config.json's chat_template: one Jinja text, or a list of named ones ("default" is used)."""
+    """A chat_template value: one Jinja text, or a list of named ones ("default" is used)."""
     if isinstance(template, list):
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")
@@ -170,6 +202,8 @@ def gguf_tokenizer(meta: dict[str, Any], path: Path) -> Tokenizer:
             raise CheckpointError(f"{path}: GGUF metadata tokenizer.ggml.{kind}_token_id is {value!r}, not one of the "
                                   f"{len(tokens)} token ids")
         ids[kind] = value
-    tokenizer = Tokenizer(tk, ids["eos"], ids["bos"], ids["padding"], _chat_template(meta.get("tokenizer.chat_template"), path))
+    template = _chat_template(meta.get("tokenizer.chat_template"), path)
+    tokenizer = Tokenizer(tk, ids["eos"], ids["bos"], ids["padding"], template,
+                          f"{path}, metadata tokenizer.chat_template" if template is not None else None)
     tokenizer.source = str(path)
     return tokenizer
