@@ -45,7 +45,8 @@ def model_source(name: str, tmp: Path) -> tuple[str, str]:
         with torch.no_grad():
             for p in model.parameters():
                 p.normal_(0, 0.02)
-        model.config_dict = {**cfg, "architectures": ["GPT2LMHeadModel"]}
+        from minilora.models.common import Provenance
+        model.provenance = Provenance("random", folder, "safetensors", None, {**cfg, "architectures": ["GPT2LMHeadModel"]})
         save_model(model, folder)
     return str(folder), str(folder)
 

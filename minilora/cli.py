@@ -210,7 +210,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     if result["skipped"]:
         print(f"not measured (LoRA on embeddings): {', '.join(result['skipped'])}")
     if result["similarity"]:
-        print(f"\nsubspace similarity phi(A1, A2, i, j) = |U1_i^T U2_j|_F^2 / min(i, j) (paper eq. 4); rows i, columns j")
+        print("\nsubspace similarity phi(A1, A2, i, j) = |U1_i^T U2_j|_F^2 / min(i, j) (paper eq. 4); rows i, columns j")
         for name, grid in result["similarity"].items():
             print(f"{name}:")
             for i, row in enumerate(grid, start=1):
@@ -247,11 +247,20 @@ def cmd_push(args: argparse.Namespace) -> None:
     print(f"pushed {args.folder} to {args.repo_id} with a model card: {url}")
 
 
+# ---------------------------------------------------------------------------------------------
+# The parser: one function per subcommand, each adding its arguments and its cmd_ function
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minilora", description="LoRA fine-tuning in plain PyTorch.")
     parser.add_argument("--version", action="version", version=f"minilora {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (add_params, add_train, add_generate, add_classify, add_merge, add_export, add_inspect, add_recipes,
+                add_demo, add_plot, add_push):
+        add(sub)
+    return parser
 
+
+def add_params(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("params", help="LoRA parameter report from config.json alone (no weights read)")
     p.add_argument("model", help="Hub repo id, local folder or .gguf file")
     defaults = LoRAConfig()
@@ -268,11 +277,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", help="Hub branch, tag or commit")
     p.set_defaults(func=cmd_params)
 
+
+def add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="fine-tune with LoRA as a TOML recipe says")
     p.add_argument("recipe", help="a recipe .toml file, or the name of a packaged one (minilora recipes lists them)")
     p.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value, e.g. --train.lr 1e-4")
     p.set_defaults(func=cmd_train)
 
+
+def add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="complete prompts with a model, optionally with an adapter")
     p.add_argument("model")
     p.add_argument("--adapter", help="adapter folder (PEFT format)")
@@ -291,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision")
     p.set_defaults(func=cmd_generate)
 
+
+def add_classify(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("classify", help="label texts with a classifier (and its adapter)")
     p.add_argument("model")
     p.add_argument("texts", nargs="+")
@@ -300,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision")
     p.set_defaults(func=cmd_classify)
 
+
+def add_merge(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("merge", help="fold an adapter into the base weights and save a full model folder")
     p.add_argument("model")
     p.add_argument("adapter")
@@ -309,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision")
     p.set_defaults(func=cmd_merge)
 
+
+def add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write an adapter (or, with --merged, the merged model) as GGUF for llama.cpp/Ollama")
     p.add_argument("model", help="the base model: a .gguf file, a folder or a Hub id (Llama architecture)")
     p.add_argument("--adapter", required=True, help="adapter folder (PEFT format)")
@@ -320,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision")
     p.set_defaults(func=cmd_export)
 
+
+def add_inspect(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="what an adapter learned, as the LoRA paper measures it (section 7)")
     p.add_argument("adapter", help="an adapter folder (minilora's or PEFT's)")
     p.add_argument("--base", help="the base model: also W's projection on each update's subspace, and the amplification")
@@ -328,23 +349,30 @@ def build_parser() -> argparse.ArgumentParser:
                    "inspect.json, into DIR (matplotlib: pip install 'minilora[plot]')")
     p.set_defaults(func=cmd_inspect)
 
+
+def add_recipes(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("recipes", help="list the recipes that ship with minilora (minilora train NAME runs one)")
     p.set_defaults(func=cmd_recipes)
 
+
+def add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the offline demo: LoRA on the real SmolLM2 and real quotes, before and after")
     p.set_defaults(func=cmd_demo)
 
+
+def add_plot(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plot", help="draw a run's loss, eval loss and learning rate (loss.svg; loss.png with matplotlib)")
     p.add_argument("run", help="the run's output_dir (where metrics.jsonl is)")
     p.set_defaults(func=cmd_plot)
 
+
+def add_push(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("push", help="upload an adapter (or merged model) folder to the Hugging Face Hub with a model card")
     p.add_argument("folder", help="e.g. runs/quotes-smollm2/adapter (its run folder's metrics go into the card)")
     p.add_argument("repo_id", help="user-or-org/name; created if missing")
     p.add_argument("--private", action="store_true", help="create the repo private")
     p.add_argument("--message", help="the commit message")
     p.set_defaults(func=cmd_push)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

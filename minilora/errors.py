@@ -23,3 +23,9 @@ class DataError(MiniLoraError, ValueError):
 
 class TrainingError(MiniLoraError):
     """Training cannot go on: a non-finite loss, for instance. The message names the step."""
+
+
+class WriteError(CheckpointError):
+    """An output that cannot be written now: the disk is full, the folder read-only or not permitted, or
+    another process is writing the same file. The message names the file and the cause; a version
+    already there is kept as it was."""

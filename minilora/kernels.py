@@ -1,9 +1,11 @@
 """Speed without new math: each kernel here computes what a plain torch expression computes, in fewer
 passes or copies, and is tested against that expression.
 
+  LoRAFunction         a LoRA layer's W0 x + b + s·B A x with its backward written out (LoRALinear's fast path)
   LinearCrossEntropy   sum of cross-entropies of a frozen LM head's logits, a chunk of rows at a time
   frozen_weights_in    frozen linear weights cast to bf16 once per run, not once per micro-batch
   ShortAttention       attention for bf16 training on CPU with short sequences
+  row_blocks           the row ranges a blockwise-stored weight is rebuilt in (quant/blockwise.py)
 """
 
 from __future__ import annotations

@@ -124,15 +124,16 @@ def swap_linears(model: nn.Module, skip: tuple[str, ...] | None, make) -> dict[s
     return swapped
 
 
-def find_targets(model: nn.Module, targets: list[str] | str, exclude: type = type(None)) -> list[str]:
-    """Names of the linear modules that `targets` selects (module-name suffixes, a regex over full names,
-    or "all-linear": all but the output heads; embedding tables too when named), `exclude` left out; a
-    ConfigError if a target selects none, naming what the model's linear modules are called. Linear means nn.Linear, or a module that
-    says it is linear-shaped (is_linear, as quant.Int8Linear does)."""
-    linear = [n for n, m in model.named_modules()
-              if (isinstance(m, nn.Linear) or getattr(m, "is_linear", False)) and not isinstance(m, exclude)]
+def find_targets(model: nn.Module, targets: list[str] | str, linear: tuple[type, ...] = (nn.Linear,),
+                 embedding: tuple[type, ...] = (nn.Embedding,)) -> list[str]:
+    """Names of the `linear` modules that `targets` selects (module-name suffixes, a regex over full
+    names, or "all-linear": all but the output heads; `embedding` tables too when named); a ConfigError
+    if a target selects none, naming what the model's linear modules are called. (LoRA passes its
+    own classes here too, and the quantized bases': names.py knows neither.)"""
+    found = [n for n, m in model.named_modules() if isinstance(m, linear)]
     if targets != "all-linear":  # an embedding table is a target when named (as in PEFT), never in "all-linear"
-        linear += [n for n, m in model.named_modules() if isinstance(m, nn.Embedding) or getattr(m, "is_embedding", False)]
+        found += [n for n, m in model.named_modules() if isinstance(m, embedding)]
+    linear = found
     if targets == "all-linear":
         heads = output_heads(model)
         chosen = [n for n in linear if not matches(n, heads)]

@@ -33,7 +33,7 @@ from .data.records import (
 )
 from .errors import ConfigError, DataError
 from .fields import from_table
-from .generate import chat_prompt, check_sampling
+from .generate import chat_prompt, check_sampling, check_vocabulary
 from .generate import classify as predict
 from .loading.tokenizer import load_tokenizer
 from .loading.weights import check_device, load_model, torch_dtype
@@ -44,7 +44,7 @@ from .models.common import resize_token_embeddings
 from .ship.hub import check_can_push, push_to_hub
 from .training import distributed
 from .training.evaluate import evaluate_classification
-from .training.loop import TrainConfig, train
+from .training.loop import TrainConfig, refuse_an_untrained_head, train
 
 
 @dataclass
@@ -220,6 +220,33 @@ def run_recipe(recipe: Recipe, stop_request: Callable[[], ContextManager[Callabl
     if recipe.train.push_to_hub and distributed.is_main():
         check_can_push(recipe.train.hub_model_id)  # before hours of training, not after
     torch.manual_seed(recipe.train.seed)  # a fresh classifier head is initialised from the global RNG
+    records = _read_records(d)
+    label2id, id2label = _class_ids(recipe, records[0]) if classify else (None, None)
+    device = distributed.init_from_env(torch.device(m.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    say = print if distributed.is_main() else (lambda *a, **k: None)
+    model, tokenizer = _load_model_and_tokenizer(recipe, device, id2label)
+    train_data, eval_data, test_data = _examples(recipe, tokenizer, label2id, records, say)
+    apply_lora(model, recipe.lora)
+    refuse_an_untrained_head(model, f"{recipe.source} [lora].modules_to_save")  # train() asks too, without the key
+    if recipe.generate.prompts and not classify:
+        _refuse_prompts_past_the_context(recipe, model, tokenizer)
+    say(param_report(model))
+    say(f"training on {len(train_data)} {'packed rows' if d.packing else 'examples'}, evaluating on {len(eval_data or [])}")
+    if recipe.train.bf16 == "auto":
+        say("bf16 autocast: " + ("on" if hardware.use_bf16("auto", torch.device(device)) else
+                                 "off (this machine has no fast bf16 matrix product: training in fp32)"))
+    _report_test(recipe, model, tokenizer, test_data, "before", say)
+    with stop_request() if stop_request is not None else contextlib.nullcontext() as should_stop:
+        result = train(model, tokenizer, train_data, eval_data, recipe.train, should_stop=should_stop)
+    _report_test(recipe, model, tokenizer, test_data, "after", say)
+    if recipe.train.push_to_hub and distributed.is_main() and not result.stopped_early:
+        say(f"pushed {result.adapter_dir} to the Hub: "
+            + push_to_hub(result.adapter_dir, recipe.train.hub_model_id, recipe.train.hub_private))
+    return model, tokenizer, result
+
+
+def _read_records(d: DataSection) -> tuple[list, list, list]:
+    """(train, eval, test) records: eval from its own file, or else val_size of train held out."""
     records = read_records(d.train)
     if d.eval:
         train_records, eval_records = records, read_records(d.eval)
@@ -229,47 +256,59 @@ def run_recipe(recipe: Recipe, stop_request: Callable[[], ContextManager[Callabl
         train_records, eval_records = records, []
     if d.limit:
         train_records = train_records[:d.limit]
-    test_records = read_records(d.test) if d.test else []
-    id2label = None
-    if classify:
-        label2id = label_ids(train_records, d.label_field, d.labels)
-        if len(label2id) < 2:
-            raise ConfigError(f"{recipe.source} [data]: {len(label2id)} class(es) in field {d.label_field!r} of "
-                              f"{d.train} (or in labels): a classifier needs at least 2")
-        names = d.label_names or list(label2id)
-        if len(names) != len(label2id) or len(set(names)) != len(names):
-            raise ConfigError(f"{recipe.source} [data].label_names: {len(names)} names ({len(set(names))} different) "
-                              f"for {len(label2id)} labels")
-        id2label = dict(enumerate(names))
-    device = distributed.init_from_env(torch.device(m.device or ("cuda" if torch.cuda.is_available() else "cpu")))
-    say = print if distributed.is_main() else (lambda *a, **k: None)
+    return train_records, eval_records, read_records(d.test) if d.test else []
+
+
+def _class_ids(recipe: Recipe, train_records: list) -> tuple[dict[str, int], dict[int, str]]:
+    """A classifier's label -> class id (labels, or the sorted values found), and class id -> name."""
+    d = recipe.data
+    label2id = label_ids(train_records, d.label_field, d.labels)
+    if len(label2id) < 2:
+        raise ConfigError(f"{recipe.source} [data]: {len(label2id)} class(es) in field {d.label_field!r} of "
+                          f"{d.train} (or in labels): a classifier needs at least 2")
+    names = d.label_names or list(label2id)
+    if len(names) != len(label2id) or len(set(names)) != len(names):
+        raise ConfigError(f"{recipe.source} [data].label_names: {len(names)} names ({len(set(names))} different) "
+                          f"for {len(label2id)} labels")
+    return label2id, dict(enumerate(names))
+
+
+def _load_model_and_tokenizer(recipe: Recipe, device: torch.device, id2label: dict[int, str] | None):
+    """The [model] section's model (a classifier with id2label) and its tokenizer, refused if they do not
+    belong together or the context is shorter than the cutoff; a classifier gets a pad token if it lacks one."""
+    m, d = recipe.model, recipe.data
+    classify = d.task == "classification"
     model = load_model(m.name, dtype=torch_dtype(m.dtype, f"{recipe.source} [model].dtype"), device=device,
                        revision=m.revision, load_in_8bit=m.load_in_8bit, load_in_4bit=m.load_in_4bit,
                        keep_quantized=m.keep_quantized,
                        task="classification" if classify else None, id2label=id2label)
     tokenizer = load_tokenizer(m.name, revision=m.revision)
-    rows = model.input_embeddings.num_embeddings
-    if tokenizer.vocab_size > rows:  # fewer tokens than rows is common (vocabularies padded to a multiple)
-        raise ConfigError(f"{m.name}: the tokenizer has {tokenizer.vocab_size} tokens but the model's embeddings only "
-                          f"{rows} rows: they do not belong together")
+    check_vocabulary(model, tokenizer, m.name)
     if d.cutoff > model.max_length:
         raise ConfigError(f"{recipe.source} [data].cutoff: {d.cutoff} tokens is longer than the model's context of "
                           f"{model.max_length}")
     if classify and not tokenizer.has_pad_token:  # batches need padding: add [PAD], grow the embeddings
         tokenizer.add_pad_token()
         resize_token_embeddings(model, tokenizer.vocab_size)
+    return model, tokenizer
+
+
+def _examples(recipe: Recipe, tokenizer, label2id: dict[str, int] | None, records: tuple[list, list, list],
+              say: Callable[..., None]):
+    """(train, eval, test) records -> examples (None where there are no records), training's packed if asked."""
+    d = recipe.data
 
     def examples(rows: list, source: str):
         if not rows:
             return None
-        if classify:
+        if d.task == "classification":
             return build_classification_examples(rows, tokenizer, label2id, d.text_field, d.label_field, d.cutoff,
                                                  d.truncation, d.skip_bad_rows, source)
         return build_examples(rows, tokenizer, d.template, d.cutoff, d.add_eos, d.train_on_prompt, d.truncation,
                               d.skip_bad_rows, source)
-    train_data = examples(train_records, d.train)
-    eval_data = examples(eval_records, d.eval or f"{d.train} (held out)")
-    test_data = examples(test_records, d.test)
+    train_data = examples(records[0], d.train)
+    eval_data = examples(records[1], d.eval or f"{d.train} (held out)")
+    test_data = examples(records[2], d.test)
     if train_data.skipped:
         say(f"skipped {train_data.skipped} malformed training rows")
     if getattr(train_data, "without_targets", 0):
@@ -278,39 +317,28 @@ def run_recipe(recipe: Recipe, stop_request: Callable[[], ContextManager[Callabl
     if d.packing:
         unpacked, train_data = len(train_data), pack(train_data, d.cutoff)
         say(f"packed {unpacked} training examples into {len(train_data)} rows of up to {d.cutoff} tokens")
-    apply_lora(model, recipe.lora)
-    untrained = [n for n, p in model.named_parameters() if n in getattr(model, "fresh_tensors", []) and not p.requires_grad]
-    if untrained:  # train() refuses it too; here the recipe's key is named
-        raise ConfigError(f"{recipe.source} [lora].modules_to_save: the classification head starts untrained "
-                          f"({', '.join(untrained)}) and would stay so: list {', '.join(model.task_head)} there")
-    if recipe.generate.prompts and not classify:
-        g = recipe.generate  # the prompts as generate() writes them
-        longest = max(len(tokenizer.encode(chat_prompt(tokenizer, p, g.system), add_special_tokens=False) if g.chat
-                          else tokenizer.encode(p)) for p in g.prompts)
-        if longest + recipe.generate.max_new_tokens > model.max_length:
-            raise ConfigError(f"{recipe.source} [generate].max_new_tokens: {recipe.generate.max_new_tokens} tokens after "
-                              f"a prompt of {longest} run past the model's context of {model.max_length}")
-    say(param_report(model))
-    say(f"training on {len(train_data)} {'packed rows' if d.packing else 'examples'}, evaluating on {len(eval_data or [])}")
-    if recipe.train.bf16 == "auto":
-        say("bf16 autocast: " + ("on" if hardware.use_bf16("auto", torch.device(device)) else
-                                 "off (this machine has no fast bf16 matrix product: training in fp32)"))
+    return train_data, eval_data, test_data
 
-    def report_test(when: str) -> None:
-        if test_data and classify:
-            metrics = evaluate_classification(model, test_data, tokenizer.pad_token_id, recipe.train.micro_batch_size)
-            say(f"held-out test set ({len(test_data)} examples), {when}: accuracy {metrics['eval_accuracy']:.3f}, "
-                  f"F1 {metrics['eval_f1']:.3f}")
-            model.test_metrics = {**getattr(model, "test_metrics", {}), when: metrics}
-        if classify and recipe.generate.prompts and distributed.is_main():
-            for text, (label, p) in zip(recipe.generate.prompts, predict(model, tokenizer, recipe.generate.prompts,
-                                                                        d.cutoff, d.truncation)):
-                print(f"  {when:>6}: {label:<10} {p:.2f}  {text}")
-    report_test("before")
-    with stop_request() if stop_request is not None else contextlib.nullcontext() as should_stop:
-        result = train(model, tokenizer, train_data, eval_data, recipe.train, should_stop=should_stop)
-    report_test("after")
-    if recipe.train.push_to_hub and distributed.is_main() and not result.stopped_early:
-        say(f"pushed {result.adapter_dir} to the Hub: "
-            + push_to_hub(result.adapter_dir, recipe.train.hub_model_id, recipe.train.hub_private))
-    return model, tokenizer, result
+
+def _refuse_prompts_past_the_context(recipe: Recipe, model, tokenizer) -> None:
+    """[generate]'s prompts, as generate() writes them, plus max_new_tokens must fit the model's context."""
+    g = recipe.generate
+    longest = max(len(tokenizer.encode(chat_prompt(tokenizer, p, g.system), add_special_tokens=False) if g.chat
+                      else tokenizer.encode(p)) for p in g.prompts)
+    if longest + g.max_new_tokens > model.max_length:
+        raise ConfigError(f"{recipe.source} [generate].max_new_tokens: {g.max_new_tokens} tokens after "
+                          f"a prompt of {longest} run past the model's context of {model.max_length}")
+
+
+def _report_test(recipe: Recipe, model, tokenizer, test_data, when: str, say: Callable[..., None]) -> None:
+    """A classifier's held-out test scores and its [generate] prompts' labels, before or after training."""
+    classify = recipe.data.task == "classification"
+    if test_data and classify:
+        metrics = evaluate_classification(model, test_data, tokenizer.pad_token_id, recipe.train.micro_batch_size)
+        say(f"held-out test set ({len(test_data)} examples), {when}: accuracy {metrics['eval_accuracy']:.3f}, "
+            f"F1 {metrics['eval_f1']:.3f}")
+        model.test_metrics = {**getattr(model, "test_metrics", {}), when: metrics}
+    if classify and recipe.generate.prompts and distributed.is_main():
+        for text, (label, p) in zip(recipe.generate.prompts, predict(model, tokenizer, recipe.generate.prompts,
+                                                                    recipe.data.cutoff, recipe.data.truncation)):
+            print(f"  {when:>6}: {label:<10} {p:.2f}  {text}")

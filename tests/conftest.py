@@ -8,7 +8,6 @@ those out, and with them every download."""
 import json
 import shutil
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -212,9 +211,8 @@ def load_peak(tmp_path, n_layer: int, forward: bool, **load_kwargs) -> tuple[int
     import subprocess
     import textwrap
 
-    from safetensors.torch import save_file
-
     from minilora.models import build_model
+    from safetensors.torch import save_file
 
     def write(folder, **cfg):
         folder.mkdir()
@@ -238,3 +236,23 @@ def load_peak(tmp_path, n_layer: int, forward: bool, **load_kwargs) -> tuple[int
     base, peak = map(int, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                          check=True).stdout.split())
     return size, base, peak
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers of the bad-input tests (tests/test_errors_*.py)
+
+def copy_model(saved_tiny, tmp_path, kind="llama-gqa", **config_changes):
+    """A copy of a tiny model's folder, its config.json changed by `config_changes`."""
+    folder = tmp_path / kind
+    shutil.copytree(saved_tiny[kind][1], folder)
+    if config_changes:
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, **config_changes}))
+    return folder
+
+
+def digests(folder):
+    """{relative path: sha256} of every file under `folder` but the hidden ones (the run's lock)."""
+    import hashlib
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith(".")}

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-
 from minilora.errors import CheckpointError
 from minilora.loading.weights import load_model, save_model
 from minilora.lora.inject import apply_lora, remove_lora
@@ -153,7 +152,6 @@ def test_merge_cli_on_real_smollm2_gguf(smollm2_path, tmp_path, saved_tiny):
     """minilora merge on the GGUF model: the merged folder (config, safetensors, tokenizer) loads in
     transformers and gives the adapted logits."""
     import transformers
-
     from minilora.cli import main
     from minilora.loading.tokenizer import load_tokenizer
     model = apply_lora(load_model(smollm2_path), ["q_proj", "v_proj"], r=2, alpha=4)

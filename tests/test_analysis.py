@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import lora_model
-
 from minilora.lora.analysis import (
     amplification,
     delta_weight,
@@ -83,7 +82,6 @@ def test_minilora_inspect_prints_the_measurements_from_the_adapter_files(saved_t
     import re
 
     from conftest import write_recipe
-
     from minilora.cli import main
     from minilora.lora.analysis import adapter_factors
     recipe, model_folder = write_recipe(saved_tiny, tmp_path)
@@ -108,9 +106,8 @@ def test_a_peft_adapter_is_measured_as_peft_computes_its_update_and_embeddings_a
     get_delta_weight per module, the scale read from adapter_config.json; the embedding named as skipped."""
     import copy
 
-    from peft import LoraConfig, get_peft_model
-
     from minilora.lora.analysis import adapter_factors, inspect_adapter
+    from peft import LoraConfig, get_peft_model
     hf, _ = saved_tiny["llama-gqa"]
     peft_model = get_peft_model(copy.deepcopy(hf), LoraConfig(
         r=4, lora_alpha=8, use_rslora=True, rank_pattern={"v_proj": 2},
@@ -144,9 +141,8 @@ def test_a_quantized_base_is_dequantized_for_the_projection(saved_tiny, tmp_path
     from minilora.lora.inject import apply_lora
     from minilora.lora.peft_files import save_adapter
     if how == "keep_quantized":
-        from test_ggml import write_kquant_gguf
-
         from minilora.formats import ggml_blocks as ggml
+        from test_ggml import write_kquant_gguf
         source = write_kquant_gguf(tmp_path / "q.gguf", [ggml.Q4_K])
     else:
         source = saved_tiny["llama-gqa"][1]
@@ -282,12 +278,11 @@ def test_a_broken_adapter_is_named_not_measured(saved_tiny, tmp_path, capsys):
     import json
     import shutil
 
-    from safetensors.torch import load_file, save_file
-
     from minilora.cli import main
     from minilora.errors import CheckpointError
     from minilora.lora.analysis import inspect_adapter
     from minilora.lora.peft_files import save_adapter
+    from safetensors.torch import load_file, save_file
     save_adapter(lora_model(saved_tiny, targets=["q_proj"]), tmp_path / "good")
     key = "base_model.model.model.layers.0.self_attn.q_proj"
 

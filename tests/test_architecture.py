@@ -1,7 +1,9 @@
 """The package's structure as its own imports state it (imports inside functions counted too):
-dependencies flow down the README's layout list, never back up, so there is no cycle; model files
-import nothing of LoRA or quantization, LoRA and quantization nothing of model files, the training loop
-no file-format module; and only the command line touches signal handlers."""
+dependencies flow down the README's layout list, package by package, never back up, so there is no
+cycle; each subpackage imports only what its docstring says it may; model files import nothing of
+LoRA or quantization, LoRA and quantization nothing of model files, the training loop no file format
+but its own checkpoints; only the command line touches signal handlers; and no function of the
+package runs past ~80 lines."""
 
 import ast
 import re
@@ -11,6 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "minilora"
+GROUND = ("minilora.errors", "minilora.hardware", "minilora.fields", "minilora.names", "minilora.kernels")
 
 
 def module_of(path: Path) -> str:
@@ -47,22 +50,31 @@ def ours(module: str) -> set[str]:
 
 
 def readme_layout() -> list[str]:
-    """The modules of the README's layout list, top to bottom ("models/" stands for the whole folder)."""
+    """The README's layout list, top to bottom: "minilora/lora/" stands for the package, "minilora/cli.py"
+    for the module."""
     section = ROOT.joinpath("README.md").read_text().split("## Layout", 1)[1].split("```", 2)[1]
     return [m.group(1).replace("/", ".").rstrip(".").removesuffix(".py")
             for m in re.finditer(r"^(minilora/\S+)", section, re.M)]
 
 
+def place(module: str, position: dict[str, int]) -> int | None:
+    """The position in the layout of a module or of the package it belongs to (minilora.lora.inject -> minilora.lora)."""
+    while module and module not in position:
+        module = module.rpartition(".")[0]
+    return position.get(module)
+
+
 def test_imports_flow_down_the_readme_layout():
     order = readme_layout()
     position = {m: i for i, m in enumerate(order)}
-    place = lambda m: position.get(m, position.get(m.rpartition(".")[0]))  # minilora.models.x -> minilora.models
-    assert {place(m) for m in OURS if m != "minilora"} >= set(range(len(order))) and None not in \
-        {place(m) for m in OURS if m not in ("minilora", "minilora.__main__")}, "the README lists every module"
-    for m in OURS - {"minilora", "minilora.__main__"}:
+    modules = OURS - {"minilora", "minilora.__main__"}
+    assert None not in {place(m, position) for m in modules}, \
+        f"the README lists every module: {sorted(m for m in modules if place(m, position) is None)}"
+    assert {place(m, position) for m in modules} == set(range(len(order))), "the README lists only what exists"
+    for m in modules:
         for n in ours(m):
-            if place(n) != place(m):
-                assert place(n) > place(m), f"{m} imports {n}, listed above it in the README"
+            if place(n, position) != place(m, position):
+                assert place(n, position) > place(m, position), f"{m} imports {n}, listed above it in the README"
 
 
 def test_no_import_cycles():
@@ -82,16 +94,35 @@ def test_no_import_cycles():
             visit(m, [m])
 
 
+SUBPACKAGES = sorted(p.parent for p in PACKAGE.glob("*/__init__.py"))
+
+
+@pytest.mark.parametrize("folder", SUBPACKAGES, ids=lambda p: p.name)
+def test_each_subpackage_imports_only_what_its_docstring_allows(folder):
+    """Each subpackage's __init__ docstring says what it is for and, on a "May import:" line, which
+    packages it may import ("the ground floor": errors, hardware, fields, names, kernels)."""
+    doc = ast.get_docstring(ast.parse((folder / "__init__.py").read_text())) or ""
+    assert "May import:" in doc, f"{folder}/__init__.py: no 'May import:' in its docstring"
+    allowed_text = doc.split("May import:", 1)[1].split(".\n", 1)[0].split(". ", 1)[0]
+    allowed = set(re.findall(r"minilora\.[a-z_.]*[a-z_]", allowed_text))
+    if "ground floor" in allowed_text:
+        allowed |= set(GROUND)
+    package = module_of(folder / "__init__.py")
+    for m in (m for m in OURS if m.startswith(package + ".") or m == package):
+        outside = {n for n in ours(m) if not n.startswith(package + ".") and n != package}
+        wrong = {n for n in outside if not any(n == a or n.startswith(a + ".") for a in allowed)}
+        assert not wrong, f"{m} imports {sorted(wrong)}, which {package}'s docstring does not allow"
+
+
 @pytest.mark.parametrize("module, forbidden", [
-    ("minilora.models", ("minilora.lora", "minilora.quant", "minilora.adapter", "minilora.weights", "minilora.train")),
-    ("minilora.lora", ("minilora.models", "minilora.weights", "minilora.quant", "minilora.adapter", "minilora.train")),
-    ("minilora.quant", ("minilora.models", "minilora.weights", "minilora.lora", "minilora.adapter", "minilora.train")),
-    ("minilora.ggml", ("minilora.models", "minilora.weights", "minilora.lora", "minilora.adapter", "minilora.train")),
-    ("minilora.nf4", ("minilora.models", "minilora.weights", "minilora.lora", "minilora.adapter", "minilora.train")),
-    ("minilora.train", ("minilora.files", "minilora.gguf", "minilora.weights", "minilora.tokenizer", "minilora.models")),
-    ("minilora.evaluate", ("minilora.files", "minilora.gguf", "minilora.weights", "minilora.tokenizer", "minilora.models",
-                           "minilora.train")),
-    ("minilora.kernels", ("minilora.models", "minilora.lora", "minilora.train")),
+    ("minilora.models", ("minilora.lora", "minilora.quant", "minilora.loading", "minilora.training", "minilora.data")),
+    ("minilora.lora", ("minilora.models", "minilora.loading", "minilora.training", "minilora.data", "minilora.ship")),
+    ("minilora.quant", ("minilora.models", "minilora.loading", "minilora.lora", "minilora.training")),
+    ("minilora.training", ("minilora.formats.gguf", "minilora.formats.ggml_blocks", "minilora.formats.safetensors",
+                           "minilora.loading", "minilora.models", "minilora.ship")),
+    ("minilora.formats", ("minilora.models", "minilora.lora", "minilora.quant", "minilora.training", "minilora.data")),
+    ("minilora.data", ("minilora.models", "minilora.lora", "minilora.quant", "minilora.training", "minilora.loading")),
+    ("minilora.kernels", ("minilora.models", "minilora.lora", "minilora.quant", "minilora.training")),
 ])
 def test_dependencies_flow_one_way(module, forbidden):
     for m in (m for m in OURS if m == module or m.startswith(module + ".")):
@@ -103,9 +134,18 @@ def test_only_the_command_line_handles_signals():
     assert sorted(m for m in OURS if "signal" in GRAPH[m]) == ["minilora.cli"]
 
 
-def test_the_check_itself_sees_imports_inside_functions(tmp_path):
+def test_no_function_of_the_package_is_longer_than_80_lines():
+    long = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 80:
+                long.append(f"{path.relative_to(ROOT)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, long
+
+
+def test_the_check_itself_sees_imports_inside_functions():
     """A guard for the guard: an import hidden in a function counts, relative levels resolve."""
     file = PACKAGE / "models" / "common.py"
     assert "minilora.kernels" in imports(file) and "minilora.errors" in imports(file)
-    assert "minilora.distributed" in GRAPH["minilora.train"]  # `from . import distributed, hardware`
-    assert "huggingface_hub" in GRAPH["minilora.files"]       # imported inside resolve()
+    assert "minilora.training.distributed" in GRAPH["minilora.training.loop"]  # `from . import distributed`
+    assert "huggingface_hub" in GRAPH["minilora.formats.paths"]                 # imported inside resolve()

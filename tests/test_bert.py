@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-
 from minilora.loading.weights import load_model
 
 IDS = torch.tensor([[2, 5, 6, 7, 8, 9, 3], [2, 11, 12, 3, 0, 0, 0], [2, 40, 41, 42, 43, 3, 0]])
@@ -84,7 +83,6 @@ def test_adding_a_pad_token_resizes_embeddings_and_keeps_old_rows(saved_tiny):
 def test_short_lora_run_on_real_minilm_and_reviews_lifts_held_out_accuracy(minilm_path, reviews, tmp_path, capsys):
     """LoRA (r=4, alpha=32) on `query` plus the classifier head, on real Pang & Lee sentences: held-out
     accuracy (a test split training never sees) rises clearly above the untrained head's."""
-    from pathlib import Path
 
     from minilora.cli import main
     from minilora.lora.report import param_report

@@ -6,8 +6,7 @@ import json
 
 import pytest
 import torch
-
-from minilora.data.chat import CHATML, conversation, render, tokenize_conversation
+from minilora.data.chat import CHATML, render, tokenize_conversation
 from minilora.data.records import IGNORE, build_examples, read_records
 from minilora.errors import DataError
 
@@ -140,10 +139,9 @@ def test_conversation_records_in_every_form(tmp_path, tokenizers):
     ({"messages": "hello"}, r"line 2: 'messages' is str; expected a list of messages"),
 ])
 def test_a_bad_conversation_is_named_by_its_line(tmp_path, line, message):
+    from minilora.loading.tokenizer import Tokenizer
     from tokenizers import Tokenizer as HF
     from tokenizers import models
-
-    from minilora.loading.tokenizer import Tokenizer
     tok = Tokenizer(HF(models.WordLevel({"[UNK]": 0, "x": 1}, unk_token="[UNK]")), eos_token_id=1, chat_template=CHATML)
     good = {"messages": CONVERSATIONS[0]}
     (tmp_path / "a.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(line) + "\n")
@@ -152,10 +150,9 @@ def test_a_bad_conversation_is_named_by_its_line(tmp_path, line, message):
 
 
 def test_no_template_falls_back_to_chatml_and_says_so():
+    from minilora.loading.tokenizer import Tokenizer
     from tokenizers import Tokenizer as HF
     from tokenizers import models, pre_tokenizers
-
-    from minilora.loading.tokenizer import Tokenizer
     vocab = {"[UNK]": 0, "<|im_start|>": 1, "<|im_end|>": 2, "user": 3, "assistant": 4, "hi": 5, "yo": 6}
     hf = HF(models.WordLevel(vocab, unk_token="[UNK]"))
     hf.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -207,7 +204,6 @@ def test_a_recipe_of_conversations_trains_packed_through_the_cli(saved_tiny, tmp
     import re
 
     from conftest import write_recipe
-
     from minilora.cli import main
     recipe, model = write_recipe(saved_tiny, tmp_path, **{
         'template = { prompt = "{author} says", response = " {quote}" }\n': "packing = true\n",
@@ -237,10 +233,9 @@ def test_a_recipe_of_conversations_trains_packed_through_the_cli(saved_tiny, tmp
 def test_records_are_read_one_by_one_and_template_errors_name_the_row(tmp_path):
     """Without a template each record is a conversation or a text; a record that is neither, and a
     conversation the template refuses, are named by their line; no ChatML tokens and no template: refused."""
+    from minilora.loading.tokenizer import Tokenizer
     from tokenizers import Tokenizer as HF
     from tokenizers import models, pre_tokenizers
-
-    from minilora.loading.tokenizer import Tokenizer
     vocab = {"[UNK]": 0, "<|im_start|>": 1, "<|im_end|>": 2, "user": 3, "assistant": 4, "hi": 5, "yo": 6, "<eos>": 7}
     hf = HF(models.WordLevel(vocab, unk_token="[UNK]"))
     hf.pre_tokenizer = pre_tokenizers.Whitespace()

@@ -10,7 +10,6 @@ import time
 
 import pytest
 from conftest import write_recipe
-
 from minilora.cli import main, stop_on_signals
 from minilora.training.checkpoint import checkpoint_folders
 

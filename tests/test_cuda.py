@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import Tok, examples, lora_model
-
 from minilora.data.batching import collate
 from minilora.generate import generate_ids
 from minilora.kernels import LinearCrossEntropy
@@ -193,7 +192,6 @@ def test_dora_embeddings_and_named_adapters_on_cuda_equal_cpu(saved_tiny):
 def test_nf4_and_ggml_layers_on_cuda_equal_cpu():
     """The 4-bit layers' dequantization and blockwise products on the GPU: the CPU's numbers."""
     import numpy as np
-
     from minilora.formats import ggml_blocks as ggml
     from minilora.quant.ggml import GGMLLinear
     from minilora.quant.nf4 import NF4Linear
@@ -240,12 +238,11 @@ def test_kept_gguf_embedding_and_quantized_head_on_cuda_equal_the_dequantized_mo
     (Not the CPU's gradients: this random model's logits run to the hundreds, and its fp32 gradients differ
     from float64's by 35% on either device; kept and dequantized do the same arithmetic, so they agree.)"""
     pytest.importorskip("gguf")
-    from test_ggml import write_kquant_gguf
-
     from minilora.formats import ggml_blocks as ggml
     from minilora.lora.inject import apply_lora
     from minilora.quant.ggml import GGMLLinear
     from minilora.training.objectives.causal_lm import causal_lm_loss
+    from test_ggml import write_kquant_gguf
     path = write_kquant_gguf(tmp_path / "e.gguf", [ggml.Q4_K], embedding=ggml.Q8_0)
     ids = torch.randint(0, 97, (3, 11))
     labels = ids.clone()

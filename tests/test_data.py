@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from minilora.data.batching import collate
 from minilora.data.records import IGNORE, TEMPLATES, build_examples, read_records, split
 from minilora.errors import DataError

@@ -8,9 +8,8 @@ import sys
 import pytest
 import torch
 from conftest import write_recipe
-from safetensors.torch import load_file
-
 from minilora.cli import main
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
 

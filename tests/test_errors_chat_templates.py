@@ -14,14 +14,13 @@ import warnings
 import jinja2
 import pytest
 import torch
-from tokenizers import Tokenizer as HF
-from tokenizers import decoders, models, pre_tokenizers, trainers
-
 from minilora.data import chat
 from minilora.data.chat import render, tokenize_conversation
 from minilora.data.records import build_examples, read_records
 from minilora.errors import CheckpointError, ConfigError, DataError
 from minilora.loading.tokenizer import Tokenizer, load_tokenizer
+from tokenizers import Tokenizer as HF
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 CORPUS = ["Hello! How can I help you today?", "Name a fruit. Apple. And a colour? Blue, really.",
           "Zähl bis 3: 1, 2, 3 — fertig. 🎉", "The capital of France is Paris; of Italy, Rome.",

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import lora_model
-
 from minilora.errors import CheckpointError, ConfigError
 from minilora.formats import ggml_blocks as ggml
 from minilora.loading.weights import load_model
@@ -150,17 +149,37 @@ def test_what_llamacpp_cannot_carry_is_refused_by_name(saved_tiny, tmp_path):
 
 
 def test_a_failed_write_leaves_the_old_file_whole(saved_tiny, tmp_path, monkeypatch):
+    """The disk fills part-way through the new file: the old file stays whole and no partial file is left."""
     target = tmp_path / "a.gguf"
     target.write_bytes(b"the previous export")
-    import minilora.ship.gguf_export as export
-
-    def full_disk(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-    monkeypatch.setattr(export, "encode", full_disk)
-    monkeypatch.setattr(export, "quantize_blocks", full_disk)
     real_open = open
-    monkeypatch.setattr("builtins.open", lambda f, mode="r", *a, **k: full_disk() if str(f).endswith(".partial")
-                        else real_open(f, mode, *a, **k))
+
+    class FullDisk:
+        """A file on a disk with room for 100 more bytes: what does not fit raises ENOSPC, as write(2) does."""
+        def __init__(self, file):
+            self.file, self.room = file, 100
+
+        def write(self, data):
+            fits = bytes(data[:self.room])
+            self.file.write(fits)
+            self.room -= len(fits)
+            if len(fits) < len(data):
+                raise OSError(28, "No space left on device")
+            return len(data)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+    def opener(file, mode="r", *a, **k):
+        f = real_open(file, mode, *a, **k)
+        return FullDisk(f) if str(file).endswith(".partial") else f  # the new file, written beside the old
+    monkeypatch.setattr("builtins.open", opener)
     with pytest.raises(CheckpointError, match=r"a.gguf: could not be written \(No space left on device\); nothing was replaced"):
         export_adapter(adapted(saved_tiny), target)
     assert target.read_bytes() == b"the previous export" and [p.name for p in tmp_path.iterdir()] == ["a.gguf"]

@@ -13,9 +13,8 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from minilora.training.checkpoint import checkpoint_folders
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow  # 20 trials of training processes killed and resumed
 

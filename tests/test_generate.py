@@ -1,7 +1,6 @@
 """Sampling follows its definitions; generation stops on EOS even when EOS is also the pad token."""
 
 import torch
-
 from minilora.generate import generate_ids, sample_next
 from minilora.loading.weights import load_model
 

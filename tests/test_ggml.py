@@ -4,7 +4,6 @@ every type; GGMLLinear against the float product of its dequantized weight."""
 import numpy as np
 import pytest
 import torch
-
 from minilora.errors import ConfigError
 from minilora.formats import ggml_blocks as ggml
 from minilora.formats.ggml_blocks import BLOCKS, NAMES, QUANTIZED, dequantize_blocks

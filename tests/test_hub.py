@@ -11,7 +11,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from conftest import write_recipe
-
 from minilora.cli import main
 
 TOKEN = "hf_minilora_test_token_0123456789"
@@ -198,7 +197,6 @@ def test_the_card_names_a_hub_base_model_and_stands_alone(tmp_path):
     """A base given as a Hub id becomes base_model (the Hub links the two); a folder alone (no run
     around it) still gets a card with the LoRA settings and no curve."""
     import yaml
-
     from minilora.ship.hub import model_card
     (tmp_path / "adapter_config.json").write_text(json.dumps({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct",

@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import examples, grads, lora_model
-
 from minilora.data.batching import collate
 from minilora.kernels import LinearCrossEntropy, frozen_weights_in, prepared_head
 from minilora.models.common import attend, attention_mask

@@ -4,7 +4,6 @@ import pytest
 import torch
 import torch.nn as nn
 from conftest import ENCODERS, TINY
-
 from minilora.generate import generate_ids
 from minilora.loading.weights import load_model
 
@@ -179,7 +178,7 @@ def test_every_family_keeps_the_model_contract(kind, task):
     classifier's task head may start fresh."""
     from minilora.models import MODEL_TYPES, PretrainedModel, build_model
     from minilora.names import find_targets, kept_in_float, matches
-    from minilora.quant.int8 import Int8Linear, prepare_int8
+    from minilora.quant.int8 import Int8Linear, Int8Quantizer
     config = dict(TINY.get(kind) or ENCODERS[kind])
     with torch.device("meta"):
         model = build_model(config, task=task)
@@ -191,7 +190,7 @@ def test_every_family_keeps_the_model_contract(kind, task):
     assert sorted(find_targets(model, "all-linear")) == sorted(set(linear) - set(heads))
     floats = [n for n in linear if matches(n, kept_in_float(model))]
     assert len(floats) == len(set(model.output_heads) | set(model.task_head))
-    prepare_int8(model)
+    Int8Quantizer().prepare(model, None, "cpu")
     assert {n for n, m in model.named_modules() if type(m) is nn.Linear} == set(floats)
     assert sum(isinstance(m, Int8Linear) for m in model.modules()) == len(linear) - len(floats)
     fingerprint = model.fingerprint()

@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn as nn
 from conftest import load_peak
-
 from minilora.errors import ConfigError
 from minilora.loading.weights import load_model
 from minilora.lora.inject import apply_lora, merge_lora

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from minilora.cli import main
 from minilora.data import assets
 from minilora.errors import ConfigError

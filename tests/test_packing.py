@@ -4,7 +4,6 @@ batch's loss and gradients equal the unpacked ones' (the oracle: the same exampl
 import pytest
 import torch
 from conftest import examples, grads, lora_model
-
 from minilora.data.batching import collate, pack
 from minilora.data.records import IGNORE, Example
 from minilora.errors import DataError

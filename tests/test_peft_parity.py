@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from minilora.loading.weights import load_model
+from minilora.lora.config import lora_state
 from minilora.lora.inject import apply_lora
 from minilora.lora.peft_files import adapter_classes, load_adapter, save_adapter
 
@@ -126,9 +126,8 @@ def test_peft_adapter_loads_here_with_peft_logits(saved_tiny, tmp_path, kind):
 
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_adapter_saved_here_loads_in_peft_with_our_logits(saved_tiny, tmp_path, kind):
-    from peft import PeftModel
-
     from minilora.lora.config import LoRAConfig
+    from peft import PeftModel
     model_kind, _, ours_args = KINDS[kind]
     hf, folder = saved_tiny[model_kind]
     ours = apply_lora(load_model(folder), LoRAConfig(r=4, alpha=8, **ours_args))
@@ -142,7 +141,6 @@ def test_adapter_saved_here_loads_in_peft_with_our_logits(saved_tiny, tmp_path, 
 
 def test_tied_head_in_modules_to_save_gets_its_own_copy(saved_tiny, tmp_path):
     import transformers
-
     from minilora.loading.weights import save_model
     from minilora.lora.inject import remove_lora
     _, folder = saved_tiny["llama-tied"]
@@ -301,10 +299,9 @@ def test_patterns_in_a_recipe(tmp_path):
 # --- 7. several named adapters ------------------------------------------------------------------------
 
 def test_several_named_adapters_switch_disable_combine_as_peft(saved_tiny, tmp_path):
-    from peft import LoraConfig, PeftModel
-
     from minilora.lora.adapters import add_weighted_adapter, set_adapter
     from minilora.lora.inject import adapter_disabled
+    from peft import LoraConfig, PeftModel
     hf, folder = saved_tiny["llama-gqa"]
     theirs = peft_model_of(hf, dict(target_modules=["q_proj", "v_proj"]), seed=6)
     theirs.add_adapter("other", LoraConfig(r=2, lora_alpha=5, target_modules=["q_proj", "k_proj"]))
@@ -315,7 +312,7 @@ def test_several_named_adapters_switch_disable_combine_as_peft(saved_tiny, tmp_p
 
     ours = load_adapter(load_model(folder), tmp_path / "peft")
     load_adapter(ours, tmp_path / "peft" / "other", adapter_name="other")
-    assert ours.active_adapter == "default" and list(ours.lora_adapters) == ["default", "other"]
+    assert lora_state(ours).active_adapter == "default" and list(lora_state(ours).adapters) == ["default", "other"]
     theirs.set_adapter("default")
     assert max_error(logits(ours), logits(theirs, peft=True)) <= 1e-5
     set_adapter(ours, "other")
@@ -329,7 +326,7 @@ def test_several_named_adapters_switch_disable_combine_as_peft(saved_tiny, tmp_p
     theirs.add_weighted_adapter(["default", "other"], [0.7, -0.3], "mix", combination_type="cat")
     theirs.set_adapter("mix")
     add_weighted_adapter(ours, ["default", "other"], [0.7, -0.3], "mix")
-    assert ours.active_adapter == "other"
+    assert lora_state(ours).active_adapter == "other"
     set_adapter(ours, "mix")
     assert max_error(logits(ours), logits(theirs, peft=True)) <= 1e-5
     layer = ours.model.layers[0].self_attn
@@ -342,7 +339,7 @@ def test_several_named_adapters_switch_disable_combine_as_peft(saved_tiny, tmp_p
     back.load_adapter(tmp_path / "ours" / "mix", adapter_name="mix")
     back.set_adapter("mix")
     assert max_error(logits(back.eval(), peft=True), logits(ours)) <= 1e-5
-    assert ours.active_adapter == "mix"  # saving switched through them all and back
+    assert lora_state(ours).active_adapter == "mix"  # saving switched through them all and back
 
 
 def test_named_adapter_errors(saved_tiny, tmp_path):
@@ -358,7 +355,7 @@ def test_named_adapter_errors(saved_tiny, tmp_path):
         add_adapter(model, "default", LoRAConfig(["k_proj"]))
     with pytest.raises(ConfigError, match="'nothing' matches no"):
         add_adapter(model, "b", LoRAConfig(["nothing"]))
-    assert list(model.lora_adapters) == ["default"] and model.model.layers[0].self_attn.q_proj.active
+    assert list(lora_state(model).adapters) == ["default"] and model.model.layers[0].self_attn.q_proj.active
     add_adapter(model, "b", LoRAConfig(["k_proj"]))
     with pytest.raises(ConfigError, match="'b' is the active one"):
         delete_adapter(model, "b")
@@ -370,7 +367,7 @@ def test_named_adapter_errors(saved_tiny, tmp_path):
     with pytest.raises(CheckpointError, match="differ from those of the LoRA layer already there"):
         load_adapter(fresh, tmp_path / "r2")
     load_adapter(fresh, tmp_path / "r2", adapter_name="small")  # beside it, under its own name
-    assert fresh.active_adapter == "default" and fresh.lora_adapters["small"].r == 2
+    assert lora_state(fresh).active_adapter == "default" and lora_state(fresh).adapters["small"].r == 2
 
 
 def test_report_counts_dora_magnitudes_and_embedding_updates_as_peft(saved_tiny):
@@ -396,7 +393,6 @@ def test_dora_and_embedding_adapters_train_and_resume_exactly(saved_tiny, tmp_pa
     """train() trains the magnitudes and the embedding's A/B; a stop and resume continues the same curve,
     and the saved adapter gives the trained model's logits."""
     from conftest import Tok, examples
-
     from minilora.lora.config import LoRAConfig
     from minilora.training.loop import TrainConfig, train
     _, folder = saved_tiny["llama-gqa"]
@@ -475,7 +471,7 @@ def test_load_into_a_named_adapter_that_is_not_active(saved_tiny, tmp_path):
     randomize(model, seed=9)
     default = logits(model)
     load_adapter(model, tmp_path / "k", adapter_name="b")
-    assert model.active_adapter == "default" and max_error(logits(model), default) == 0
+    assert lora_state(model).active_adapter == "default" and max_error(logits(model), default) == 0
     set_adapter(model, "b")
     assert max_error(logits(model), expected) <= 1e-6
 
@@ -524,7 +520,6 @@ def test_peft_names_are_exact_aliases(saved_tiny, tmp_path):
     and `minilora params`: the same adapter as minilora's names; both at once, differing, is refused."""
     import torch
     from conftest import write_recipe
-
     from minilora.cli import main
     from minilora.errors import ConfigError
     from minilora.loading.weights import load_model
@@ -537,7 +532,7 @@ def test_peft_names_are_exact_aliases(saved_tiny, tmp_path):
     apply_lora(ours, ["q_proj", "o_proj"], r=4, alpha=32, dropout=0.1)
     torch.manual_seed(0)
     apply_lora(theirs, target_modules=["q_proj", "o_proj"], r=4, lora_alpha=32, lora_dropout=0.1)
-    assert ours.lora_config == theirs.lora_config
+    assert lora_state(ours).config == lora_state(theirs).config
     assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()))
     assert LoRAConfig(target_modules="all-linear", lora_alpha=8).targets == "all-linear"
     with pytest.raises(ConfigError, match="alpha and lora_alpha name the same setting"):

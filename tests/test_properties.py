@@ -11,7 +11,6 @@ import torch.nn as nn
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st
-
 from minilora.lora.inject import apply_lora  # noqa: E402
 from minilora.lora.layers import LoRALinear  # noqa: E402
 from minilora.lora.peft_files import load_adapter, save_adapter  # noqa: E402
@@ -25,6 +24,8 @@ FAST = settings(max_examples=40, deadline=None)
 @given(k=dims, d=dims, r=st.integers(1, 16), alpha=st.floats(0.5, 64), rslora=st.booleans(),
        dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**16))
 def test_merge_unmerge_round_trip(k, d, r, alpha, rslora, dtype, seed):
+    """The forward is eq. 3; merge() makes W = W0 + scale·B·A with the same outputs, survives mode
+    switches (never a side effect of .eval()/.train()), and unmerge() gives back W0 and the outputs."""
     torch.manual_seed(seed)
     r = min(r, k, d)  # a rank above min(d, k) is refused (B·A cannot have it)
     layer = LoRALinear(nn.Linear(k, d, dtype=dtype), r=r, alpha=alpha, use_rslora=rslora)
@@ -35,11 +36,20 @@ def test_merge_unmerge_round_trip(k, d, r, alpha, rslora, dtype, seed):
     scale = alpha / math.sqrt(r) if rslora else alpha / r
     assert torch.allclose(before, x @ w0.T + layer.bias + scale * (x @ layer.lora_A.weight.T @ layer.lora_B.weight.T),
                           atol=1e-4 * (1 + before.abs().max().item()))
+    delta = scale * layer.lora_B.weight.detach() @ layer.lora_A.weight.detach()
     layer.merge()
     tol = (1e-4 if dtype == torch.float32 else 1e-10) * (1 + before.abs().max().item())
-    assert torch.allclose(layer(x), before, atol=tol)
+    assert layer.merged and torch.allclose(layer(x), before, atol=tol)
+    eps = 1e-7 if dtype == torch.float32 else 1e-15  # rounding, relative to the largest weight or output
+    w_scale, out_scale = 1 + (w0 + delta).abs().max().item(), 1 + before.abs().max().item()
+    assert torch.allclose(layer.weight, w0 + delta, atol=20 * eps * w_scale)
+    layer.eval()
+    layer.train()
+    assert layer.merged
     layer.unmerge()
-    assert torch.allclose(layer.weight, w0, atol=tol)
+    assert not layer.merged
+    assert torch.allclose(layer.weight, w0, atol=min(tol, 3 * eps * w_scale))
+    assert torch.allclose(layer(x), before, atol=min(tol, 5 * eps * out_scale))
 
 
 @FAST

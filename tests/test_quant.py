@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn as nn
 from conftest import load_peak
-
 from minilora.errors import ConfigError
 from minilora.loading.weights import load_model
 from minilora.lora.inject import apply_lora
@@ -177,7 +176,6 @@ def test_8bit_load_peaks_well_under_the_fp32_size(tmp_path):
 def test_short_lora_run_on_a_quantized_smollm2_lowers_the_loss_on_real_alpaca(smollm2_path, alpaca_path, tmp_path,
                                                                                 bits, dtype):
     """LoRA on the real model with an int8 base, and QLoRA (the same recipe with load_in_4bit)."""
-    from pathlib import Path
 
     from minilora.recipe import RECIPES, load_recipe, run_recipe
     recipe = load_recipe(RECIPES / "alpaca_smollm2_8bit.toml", overrides={

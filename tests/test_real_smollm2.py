@@ -5,7 +5,6 @@ import random
 
 import torch
 import torch.nn.functional as F
-
 from minilora.generate import generate
 
 FLUENT = "The quick brown fox jumps over the lazy dog because it was a sunny day and he felt happy."

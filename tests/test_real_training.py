@@ -2,7 +2,6 @@
 and the fine-tuned model keeps the `Quote by X: "..."` format and stops, where the base model does not."""
 
 import re
-from pathlib import Path
 
 from minilora.generate import generate_ids
 from minilora.lora.inject import adapter_disabled

@@ -11,7 +11,6 @@ import json
 import pytest
 import torch
 import transformers
-
 from minilora.errors import ConfigError
 from minilora.generate import generate_ids
 from minilora.loading.weights import load_model
@@ -86,7 +85,7 @@ def test_the_window_changes_the_logits(tmp_path):
 
 
 @pytest.mark.parametrize("kind", list(CONFIGS))
-def test_left_padding_gives_the_unpadded_logits(tmp_path, kind):
+def test_left_padding_under_a_sliding_window_gives_the_unpadded_logits(tmp_path, kind):
     hf, folder = saved(tmp_path, **CONFIGS[kind])
     ours = load_model(folder)
     x = ids(seed=1)

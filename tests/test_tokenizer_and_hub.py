@@ -9,7 +9,6 @@ import textwrap
 
 import pytest
 import torch
-
 from minilora.loading.tokenizer import load_tokenizer
 
 

@@ -22,7 +22,13 @@ from typing import Any
 
 from ..errors import CheckpointError, DataError
 from ..formats.paths import resolve
-from .chat import conversation, is_conversation, template_source, tokenize_conversation, writes_assistant_content
+from .chat import (
+    conversation,
+    is_conversation,
+    template_source,
+    tokenize_conversation,
+    writes_assistant_content,
+)
 
 IGNORE = -100  # label value the loss skips
 

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
+from .atomic import recover
 
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                   "vocab.txt", "generation_config.json"]
+                   "vocab.txt", "generation_config.json", "chat_template.jinja", "chat_template.json"]
 
 
 # What a model needs from a Hub repo: never the .bin/.h5/.msgpack duplicates of the same weights.
@@ -37,9 +38,10 @@ def resolve(source: str | os.PathLike, revision: str | None = None, files: list[
     """A local folder or file as is; a Hub repo id (a model, or with repo_type="dataset" a dataset)
     downloaded, or found in the cache, with huggingface-hub: only the `files` patterns (HUB_FILES or
     DATA_FILES by default). `revision` pins a Hub branch, tag or commit. HF_HUB_OFFLINE=1 makes
-    huggingface-hub use its cache only."""
+    huggingface-hub use its cache only. A local folder that a process killed while replacing it left
+    aside (formats.atomic.recover) is put back first."""
     path = Path(os.path.expanduser(str(source)))
-    if path.exists():
+    if path.exists() or recover(path) is not None:
         return path
     source = str(source)
     if _looks_local(source):

@@ -26,9 +26,11 @@ from ..formats.paths import TOKENIZER_FILES, read_json, resolve
 from ..formats.safetensors import Tensors, check_tensor, checkpoint_tensors
 from ..hardware import release_freed_memory
 from ..models import PRESETS, PretrainedModel, build_model
-from ..quant.ggml import prepare_ggml
-from ..quant.int8 import prepare_int8
-from ..quant.nf4 import prepare_nf4
+from ..models.common import Provenance
+from ..quant.base import LoadPlan, QuantizedLinear, Quantizer
+from ..quant.ggml import GGMLKeeper
+from ..quant.int8 import Int8Quantizer
+from ..quant.nf4 import NF4Quantizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -78,10 +80,12 @@ def load_config(source: str | os.PathLike, revision: str | None = None) -> dict[
 
 def load_weights(model: PretrainedModel, tensors: Tensors, source: str, dtype: torch.dtype | None = None,
                  device: torch.device | str = "cpu",
-                 transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> PretrainedModel:
+                 transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> list[str]:
     """Stream (name, tensor) pairs into a model built on `meta`, key for key. Floating tensors are cast
-    to `dtype` (None keeps the checkpoint's: the dtype of its first floating tensor). Raises CheckpointError naming missing, unexpected and
-    mis-shaped keys. `transform` may replace a tensor (int8 quantization hooks in here)."""
+    to `dtype` (None keeps the checkpoint's: the dtype of its first floating tensor). Raises
+    CheckpointError naming missing, unexpected and mis-shaped keys. `transform` may replace a tensor (a
+    quantizer's, quant/base.LoadPlan). Returns the names of the task-head tensors made fresh because the
+    checkpoint lacked them."""
     expected = dict(model.state_dict(keep_vars=True))
     tied = model.tied_weights
     for alias in tied:
@@ -102,7 +106,7 @@ def load_weights(model: PretrainedModel, tensors: Tensors, source: str, dtype: t
             continue
         want = tuple(expected[name].shape)
         owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-        if name.endswith(".weight") and getattr(owner, "quantized_on_load", False):  # NF4: its logical shape
+        if name.endswith(".weight") and isinstance(owner, QuantizedLinear) and owner.quantized_on_load:  # NF4
             want = (*want[:-1], want[-1] * owner.packed_elements)
         if tuple(tensor.shape) != want:
             mismatched.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {want}")
@@ -117,18 +121,18 @@ def load_weights(model: PretrainedModel, tensors: Tensors, source: str, dtype: t
             del tensor
             release_freed_memory()
         seen.add(name)
-    missing = []
+    missing, fresh = [], []
     for name in (n for n in expected if n not in seen):
         head = model.init_head(name, expected[name].shape, device)  # a head a bare encoder has not got
         if head is None:
             missing.append(name)
         else:
             set_tensor(model, name, head.to(dtype) if dtype is not None else head)
-            model.fresh_tensors = [*getattr(model, "fresh_tensors", []), name]  # for run_recipe's check
+            fresh.append(name)
     if missing or unexpected or mismatched:
         raise CheckpointError(mismatch_message(source, type(model).__name__, missing, unexpected, mismatched))
     model.tie_weights()
-    return model
+    return fresh
 
 
 def mismatch_message(source: str, model_name: str, missing: list[str], unexpected: list[str],
@@ -197,18 +201,30 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype | None = torch.floa
         config = {**config, "num_labels": num_labels, "id2label": None}
     with torch.device("meta"), _no_random_init():
         model = build_model(config, f"{where}/config.json" if path.is_dir() else where, task)
-    transform = prepare_int8(model, int8_skip, int8_threshold, dtype or torch.float32, device) if load_in_8bit else \
-        prepare_nf4(model, int8_skip, device) if load_in_4bit else None
+    quantizer, quantization = _quantizer(load_in_8bit, load_in_4bit, keep_quantized, file if path.suffix == ".gguf"
+                                         else None, int8_threshold, dtype)
+    plan = quantizer.prepare(model, int8_skip, device) if quantizer is not None else LoadPlan()
     if path.suffix == ".gguf":  # the raw blocks of the layers a quantized base keeps, the rest in float
-        tensors = gguf_tensors(file, prepare_ggml(model, kept_blocks(file), int8_skip) if keep_quantized else frozenset())
-    load_weights(model, tensors, where, dtype, device, transform)
+        tensors = gguf_tensors(file, plan.raw)
+    fresh = load_weights(model, tensors, where, dtype, device, plan.transform)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise CheckpointError(f"{where}: these tensors were never filled: {', '.join(left[:5])}")
-    model.name_or_path = str(source)
-    model.config_dict = config  # config.json as read, for saving a merged copy
-    model.source_path = path
+    model.provenance = Provenance(str(source), path, "gguf" if path.suffix == ".gguf" else "safetensors",
+                                  quantization, config, tuple(fresh))
     return model.eval()
+
+
+def _quantizer(load_in_8bit: bool, load_in_4bit: bool, keep_quantized: bool, gguf, threshold: float,
+               dtype: torch.dtype | None) -> tuple[Quantizer | None, str | None]:
+    """The quantizer load_model's flags ask for (they were checked to name one at most), and its name."""
+    if load_in_8bit:
+        return Int8Quantizer(threshold, dtype or torch.float32), "int8"
+    if load_in_4bit:
+        return NF4Quantizer(), "nf4"
+    if keep_quantized:
+        return GGMLKeeper(kept_blocks(gguf)), "gguf-blocks"
+    return None, None
 
 
 @contextlib.contextmanager
@@ -250,11 +266,11 @@ def save_model(model: PretrainedModel, folder: str | os.PathLike, tokenizer=None
         if name not in model.tied_weights or name in untied:
             name, tensor = model.model_to_checkpoint(name, tensor)
             tensors[name] = tensor.detach().to("cpu").contiguous()
-    config = dict(getattr(model, "config_dict", None) or {})
+    config = dict(model.provenance.config if model.provenance is not None else {})
     if untied:
         config["tie_word_embeddings"] = False
     config.setdefault("architectures", [type(model).__name__])
-    source = getattr(model, "source_path", None)
+    source = model.provenance.path if model.provenance is not None else None
 
     def write(tmp: Path) -> None:
         try:

@@ -1,14 +1,8 @@
-"""LoRA on a model, by name: LoRAConfig, apply_lora, merge/unmerge/remove, and several named adapters.
-
-This file knows nothing of model files: `apply_lora` swaps the targeted `nn.Linear` (and named
-`nn.Embedding`) modules for the layers of lora.py, which keep the same `weight` and `bias`, so every
-existing state-dict name stays; of a model it reads only the output heads it declares ("all-linear"
-leaves those alone).
-
-Several adapters live on one model as PEFT has them: one is active (its tensors are the layers' own,
-under PEFT's names), the others wait inside each layer; `set_adapter` swaps them, `adapter_disabled`
-runs the base alone, `add_weighted_adapter` makes a new adapter whose update is the weighted sum of
-others' updates.
+"""Several named adapters on one model, side by side, as PEFT has them: each LoRA layer holds every
+adapter that targets it (layers.py), the model's LoRAState names them and says which are active.
+`set_adapter` activates one (or several, whose updates add), `delete_adapter` drops one,
+`add_weighted_adapter` makes a new adapter whose update is the weighted sum of others' updates, and
+inject.adapter_disabled runs the base alone. Only the active adapters' tensors are trainable.
 """
 
 from __future__ import annotations
@@ -20,82 +14,70 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
-from .config import LoRAConfig
-from .inject import _all_lora_layers, _put_lora, apply_lora, lora_modules
-from .layers import LoRALinear
+from .config import LoRAConfig, lora_state
+from .inject import all_lora_layers, put_first_adapter, put_lora
 
 
 def add_adapter(model: nn.Module, name: str, config: LoRAConfig) -> nn.Module:
     """A second (third, ...) adapter beside those on the model, freshly initialised, made active. LoRA
     tensors only: modules_to_save belong to one adapter at most here."""
-    adapters = getattr(model, "lora_adapters", None) or {}
-    _check_name(name, adapters)
-    if not adapters:
-        apply_lora(model, config)
-        model.lora_adapters, model.active_adapter = {name: config}, name
-        return model
-    if config.modules_to_save or any(c.modules_to_save for c in adapters.values()):
+    state = lora_state(model)
+    _check_name(name, state.adapters if state else {})
+    if state is None:
+        return put_first_adapter(model, config, name)
+    if config.modules_to_save or any(c.modules_to_save for c in state.adapters.values()):
         raise ConfigError("several adapters with modules_to_save are not supported: only LoRA tensors can be swapped")
     _check_unmerged(model)
-    _stash(model)
     try:
-        _put_lora(model, config)
+        put_lora(model, config, name)
     except ConfigError:
-        _stash(model, keep=False)  # whatever the failed attempt put on, then the active adapter back
-        _unstash(model, model.active_adapter)
+        _drop(model, name)  # whatever the failed attempt put on
+        _activate(model, state.active)
         raise
-    for _, m in lora_modules(model):
-        for p in m.parameters(recurse=True):
-            p.requires_grad_(p is not m.weight and p is not getattr(m, "bias", None))
-    adapters[name] = config
-    model.active_adapter, model.lora_config = name, config
+    state.adapters[name] = config
+    _activate(model, [name])
     return model
 
 
-def set_adapter(model: nn.Module, name: str) -> nn.Module:
-    """Make the named adapter the active one (its tensors the layers' own, trainable)."""
-    adapters = getattr(model, "lora_adapters", {})
-    if name not in adapters:
-        raise ConfigError(f"no adapter named {name!r} on the model (it has {', '.join(adapters) or 'none'})")
-    if name != model.active_adapter:
+def set_adapter(model: nn.Module, name: str | list[str]) -> nn.Module:
+    """Make the named adapter (or adapters: their updates add) the active one, and the only trainable one."""
+    state = lora_state(model)
+    names = [name] if isinstance(name, str) else list(name)
+    known = state.adapters if state else {}
+    wrong = [n for n in names if n not in known] or ([] if names else ["(none)"])
+    if wrong:
+        raise ConfigError(f"no adapter named {wrong[0]!r} on the model (it has {', '.join(known) or 'none'})")
+    if names != state.active:
         _check_unmerged(model)
-        _stash(model)
-        _unstash(model, name)
-        model.active_adapter, model.lora_config = name, adapters[name]
+        _activate(model, names)
     return model
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
-    """Drop a named adapter that is not the active one."""
-    if name == getattr(model, "active_adapter", None):
+    """Drop a named adapter that is not an active one."""
+    state = lora_state(model)
+    if state is not None and name in state.active:
         raise ConfigError(f"adapter {name!r} is the active one: set_adapter another first")
-    if name not in getattr(model, "lora_adapters", {}):
+    if state is None or name not in state.adapters:
         raise ConfigError(f"no adapter named {name!r} on the model")
-    for _, m in _all_lora_layers(model):
-        m.stored.pop(name, None)
-    del model.lora_adapters[name]
+    _drop(model, name)
+    del state.adapters[name]
 
 
-def _stash(model: nn.Module, keep: bool = True) -> None:
-    """Every layer's active adapter into its store, under the active name (or dropped, without `keep`);
-    the layers left empty."""
-    for _, m in _all_lora_layers(model):
-        if m.active and keep:
-            m.stored[model.active_adapter] = {a: getattr(m, a) for a in m.slot}
-        for a in m.slot:
-            if isinstance(getattr(m, a), (nn.Module, nn.Parameter)):
-                setattr(m, a, None)
+def _activate(model: nn.Module, names: list[str]) -> None:
+    """The named adapters compute, in every layer that has them, and only their tensors train."""
+    lora_state(model).active = list(names)
+    for _, m in all_lora_layers(model):
+        m.active_adapters = [n for n in names if n in m.adapters]
+        for n, adapter in m.adapters.items():
+            adapter.requires_grad_(n in names)
 
 
-def _unstash(model: nn.Module, name: str) -> None:
-    """The named adapter's tensors back into the layers that have it, moved to the layer's device."""
-    for _, m in _all_lora_layers(model):
-        for a, value in m.stored.pop(name, {}).items():
-            if isinstance(value, nn.Parameter) and value.device != m.weight.device:
-                value = nn.Parameter(value.to(m.weight.device), requires_grad=value.requires_grad)
-            elif isinstance(value, nn.Module):
-                value = value.to(m.weight.device)
-            setattr(m, a, value)
+def _drop(model: nn.Module, name: str) -> None:
+    for _, m in all_lora_layers(model):
+        if name in m.adapters:
+            del m.adapters[name]
+            m.active_adapters = [n for n in m.active_adapters if n != name]
 
 
 def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[float], name: str) -> nn.Module:
@@ -104,7 +86,8 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
     side by side, so B A = Σ w_i s_i B_i A_i; its rank is the sum of theirs and alpha equals it (s = 1).
     The new adapter is added, not made active. (PEFT's own "cat" copies use_rslora from the first
     adapter, so that its result is √r times the sum for rsLoRA adapters; here it is the sum.)"""
-    known = getattr(model, "lora_adapters", {})
+    state = lora_state(model)
+    known = state.adapters if state else {}
     if len(adapters) != len(weights) or not adapters or any(a not in known for a in adapters):
         raise ConfigError(f"add_weighted_adapter: adapters {adapters!r} (of {', '.join(known) or 'none'}) and weights "
                           f"{weights!r} must be as many, and name adapters on the model")
@@ -114,32 +97,32 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
         raise ConfigError("add_weighted_adapter: the adapters must be plain LoRA (no DoRA, no modules_to_save)")
     _check_name(name, known)
     _check_unmerged(model)
-    active = model.active_adapter
-    _stash(model)
     parts: dict[str, list] = {}  # layer name -> [(A, w·s·B)] over the adapters that adapt it
-    for n, m in _all_lora_layers(model):
+    for n, m in all_lora_layers(model):
         for a, w in zip(adapters, weights):
-            if a in m.stored:
-                slot = m.stored[a]
-                A, B = (slot["lora_A"].weight, slot["lora_B"].weight) if "lora_A" in slot else \
-                    (slot["lora_embedding_A"], slot["lora_embedding_B"])
-                parts.setdefault(n, []).append((A.detach(), B.detach() * (w * slot["scaling"])))
+            if a in m.adapters:
+                A, B = _factors(m.adapters[a])
+                parts.setdefault(n, []).append((A.detach(), B.detach() * (w * m.adapters[a].scaling)))
     ranks = {n: sum(A.shape[0] for A, _ in p) for n, p in parts.items()}
     r = max(ranks.values())
     config = LoRAConfig(sorted(parts), r=r, alpha=r, rank_pattern={re.escape(n): k for n, k in ranks.items() if k != r},
                         alpha_pattern={re.escape(n): k for n, k in ranks.items() if k != r})
-    _put_lora(model, config)
+    put_lora(model, config, name)
     with torch.no_grad():
         for n, p in parts.items():
-            m = model.get_submodule(n)
-            A, B = torch.cat([a for a, _ in p]), torch.cat([b for _, b in p], dim=1)
-            (m.lora_A.weight if isinstance(m, LoRALinear) else m.lora_embedding_A).copy_(A)
-            (m.lora_B.weight if isinstance(m, LoRALinear) else m.lora_embedding_B).copy_(B)
-    model.lora_adapters[name], model.active_adapter = config, name
-    _stash(model)
-    _unstash(model, active)
-    model.active_adapter = active
+            A, B = _factors(model.get_submodule(n).adapters[name])
+            A.copy_(torch.cat([a for a, _ in p]))
+            B.copy_(torch.cat([b for _, b in p], dim=1))
+    state.adapters[name] = config
+    _activate(model, state.active)  # the new adapter is added, not made active
     return model
+
+
+def _factors(adapter: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) of a linear layer's or an embedding's adapter."""
+    if hasattr(adapter, "lora_A"):
+        return adapter.lora_A.weight, adapter.lora_B.weight
+    return adapter.lora_embedding_A, adapter.lora_embedding_B
 
 
 def _check_name(name: object, adapters: dict) -> None:
@@ -150,5 +133,5 @@ def _check_name(name: object, adapters: dict) -> None:
 
 
 def _check_unmerged(model: nn.Module) -> None:
-    if any(m.merged for _, m in _all_lora_layers(model)):
+    if any(m.merged for _, m in all_lora_layers(model)):
         raise ConfigError("the active adapter is merged into the base weights: unmerge_lora(model) first")

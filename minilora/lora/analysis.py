@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import CheckpointError, ConfigError
+from ..quant.base import QuantizedLinear
 from .inject import lora_modules
 from .layers import LoRALinear
 from .peft_files import PREFIX, lora_config_from_peft, read_adapter
@@ -153,7 +154,7 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
     """W of a linear layer in float32: a LoRA layer's base, a quantized (int8, NF4, GGUF) one dequantized."""
     if isinstance(module, LoRALinear):
         return module.base_weight()
-    if hasattr(module, "dequantize"):
+    if isinstance(module, QuantizedLinear):
         return module.dequantize().float()
     if type(module).__name__ == "Conv1D":  # transformers' GPT-2 layers keep W as (in, out)
         return module.weight.detach().float().t()

@@ -1,14 +1,5 @@
-"""LoRA on a model, by name: LoRAConfig, apply_lora, merge/unmerge/remove, and several named adapters.
-
-This file knows nothing of model files: `apply_lora` swaps the targeted `nn.Linear` (and named
-`nn.Embedding`) modules for the layers of lora.py, which keep the same `weight` and `bias`, so every
-existing state-dict name stays; of a model it reads only the output heads it declares ("all-linear"
-leaves those alone).
-
-Several adapters live on one model as PEFT has them: one is active (its tensors are the layers' own,
-under PEFT's names), the others wait inside each layer; `set_adapter` swaps them, `adapter_disabled`
-runs the base alone, `add_weighted_adapter` makes a new adapter whose update is the weighted sum of
-others' updates.
+"""LoRA's settings (LoRAConfig, one per named adapter), PEFT's names for them (one table), and LoRA's
+state on a model (LoRAState: each named adapter's settings, and which are active), in one object.
 """
 
 from __future__ import annotations
@@ -16,20 +7,27 @@ from __future__ import annotations
 import re
 from dataclasses import InitVar, dataclass, field
 
+import torch.nn as nn
+
 from ..errors import ConfigError
 from ..names import check_regex
 from .layers import check_lora_hyperparameters
 
-PEFT_ALIASES = {"target_modules": "targets", "lora_alpha": "alpha", "lora_dropout": "dropout"}  # PEFT's -> ours
-
-
+# LoRAConfig's fields under the names PEFT gives them (adapter_config.json, LoraConfig). Where the two
+# differ, PEFT's name is an exact alias of ours everywhere: apply_lora, LoRAConfig, a recipe's [lora],
+# `minilora params`.
+PEFT_NAMES = {"targets": "target_modules", "r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout",
+              "modules_to_save": "modules_to_save", "use_rslora": "use_rslora", "use_dora": "use_dora",
+              "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern",
+              "ensure_weight_tying": "ensure_weight_tying"}
+PEFT_ALIASES = {peft: ours for ours, peft in PEFT_NAMES.items() if peft != ours}  # PEFT's -> ours
 PEFT_DEFAULTS = {"targets": ["q_proj", "v_proj"], "alpha": 16, "dropout": 0.0}
 
 
 @dataclass
 class LoRAConfig:
     """LoRA's settings, in one place: what apply_lora takes, a recipe's [lora] section, and what an
-    adapter file records (adapter.py maps these names to PEFT's). Kept on the model as `lora_config`.
+    adapter file records (under PEFT_NAMES). One per named adapter, in the model's LoRAState.
 
     targets: module-name suffixes (["q_proj", "v_proj"], ["c_attn"]), one regex string over full
     names (r".*\\.h\\.[0-5]\\.attn\\.c_attn"), or "all-linear" (every linear layer but the output heads).
@@ -56,8 +54,8 @@ class LoRAConfig:
     lora_dropout: InitVar[float | None] = None
 
     def __post_init__(self, target_modules=None, lora_alpha=None, lora_dropout=None) -> None:
-        for ours, peft, value in (("targets", "target_modules", target_modules), ("alpha", "lora_alpha", lora_alpha),
-                                  ("dropout", "lora_dropout", lora_dropout)):
+        for ours, peft, value in ((PEFT_ALIASES[k], k, v) for k, v in (("target_modules", target_modules),
+                                                                     ("lora_alpha", lora_alpha), ("lora_dropout", lora_dropout))):
             if value is not None:
                 same = lambda v: list(v) if isinstance(v, tuple) else "all-linear" if v == "all_linear" else v
                 if same(getattr(self, ours)) not in (PEFT_DEFAULTS[ours], same(value)):
@@ -94,3 +92,27 @@ class LoRAConfig:
         def lookup(pattern: dict, default):
             return next((v for k, v in pattern.items() if re.fullmatch(rf"(.*\.)?({k})", name)), default)
         return lookup(self.rank_pattern, self.r), lookup(self.alpha_pattern, self.alpha)
+
+
+@dataclass
+class LoRAState:
+    """LoRA's state on a model (`model.lora_state`, set by apply_lora): the settings of each named
+    adapter, in the order they were added, and the names of the active ones (those that compute)."""
+    adapters: dict[str, LoRAConfig]
+    active: list[str]
+
+    @property
+    def active_adapter(self) -> str:
+        """The first active adapter's name (the one a single-adapter API means)."""
+        return self.active[0]
+
+    @property
+    def config(self) -> LoRAConfig:
+        """The first active adapter's settings."""
+        return self.adapters[self.active[0]]
+
+
+def lora_state(model: nn.Module) -> LoRAState | None:
+    """The model's LoRAState, or None for a model without LoRA."""
+    state = model.__dict__.get("lora_state")
+    return state if isinstance(state, LoRAState) else None

@@ -1,14 +1,10 @@
-"""LoRA on a model, by name: LoRAConfig, apply_lora, merge/unmerge/remove, and several named adapters.
+"""LoRA on a model, by name: apply_lora, merge/unmerge/remove, and the base model alone.
 
-This file knows nothing of model files: `apply_lora` swaps the targeted `nn.Linear` (and named
-`nn.Embedding`) modules for the layers of lora.py, which keep the same `weight` and `bias`, so every
-existing state-dict name stays; of a model it reads only the output heads it declares ("all-linear"
-leaves those alone).
-
-Several adapters live on one model as PEFT has them: one is active (its tensors are the layers' own,
-under PEFT's names), the others wait inside each layer; `set_adapter` swaps them, `adapter_disabled`
-runs the base alone, `add_weighted_adapter` makes a new adapter whose update is the weighted sum of
-others' updates.
+This file knows nothing of model files: `apply_lora` swaps the targeted `nn.Linear` (a quantized base,
+and named `nn.Embedding`) modules for the layers of layers.py, which keep the same `weight` and `bias`,
+so every existing state-dict name stays; of a model it reads only the output heads it declares
+("all-linear" leaves those alone). LoRA's state on the model is one LoRAState (config.py); several
+named adapters (adapters.py) live side by side in each layer.
 """
 
 from __future__ import annotations
@@ -19,10 +15,12 @@ import torch.nn as nn
 
 from ..errors import ConfigError
 from ..names import CLASSIFIER_NAMES, find_saved, find_targets, owners, replace_module
-from .config import PEFT_DEFAULTS, LoRAConfig
-from .layers import LoRAEmbedding, LoRALinear, check_lora_hyperparameters
+from ..quant.base import QuantizedLinear
+from .config import PEFT_DEFAULTS, LoRAConfig, LoRAState
+from .layers import LoRAEmbedding, LoRALayer, LoRALinear, check_lora_hyperparameters
 
-LoRALayer = (LoRALinear, LoRAEmbedding)
+LINEAR = (nn.Linear, QuantizedLinear, LoRALinear)  # what a target may be (a LoRA layer: for a second adapter)
+EMBEDDING = (nn.Embedding, LoRAEmbedding)
 
 
 def apply_lora(model: nn.Module, targets: list[str] | str | LoRAConfig | None = None, r: int = LoRAConfig.r,
@@ -48,26 +46,31 @@ def apply_lora(model: nn.Module, targets: list[str] | str | LoRAConfig | None = 
         config = LoRAConfig(list(PEFT_DEFAULTS["targets"]) if targets is None else targets, r, alpha, dropout,
                             modules_to_save or [], use_rslora, use_dora, rank_pattern or {}, alpha_pattern or {},
                             target_modules=target_modules, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
+    return put_first_adapter(model, config, "default")
+
+
+def put_first_adapter(model: nn.Module, config: LoRAConfig, name: str) -> nn.Module:
+    """apply_lora's work, for an adapter of any name: freeze the model, put the adapter on, record it."""
     if lora_modules(model):
         raise ConfigError(f"the model already carries LoRA layers ({len(lora_modules(model))}): remove_lora(model) "
                           "first, or add_adapter(model, name, config) for a second adapter")
     for p in model.parameters():
         p.requires_grad_(False)
-    _put_lora(model, config)
+    put_lora(model, config, name)
     _train_in_full(model, config)
-    model.lora_adapters, model.active_adapter, model.lora_config = {"default": config}, "default", config
+    model.lora_state = LoRAState({name: config}, [name])
     return model
 
 
-def _put_lora(model: nn.Module, config: LoRAConfig) -> None:
-    """A fresh adapter of `config` on every layer it targets: plain layers are wrapped, LoRA layers get
-    it as their active adapter (their current one must have been stored first). Every target is checked
+def put_lora(model: nn.Module, config: LoRAConfig, adapter: str) -> None:
+    """A fresh adapter of `config`, named `adapter`, on every layer it targets, made the layer's active
+    one: plain layers are wrapped, LoRA layers get it beside their others. Every target is checked
     before any is changed."""
     holders, plan = owners(model), []
-    for name in find_targets(model, config.targets):
+    for name in find_targets(model, config.targets, LINEAR, EMBEDDING):
         module = model.get_submodule(name)
         r, alpha = config.settings_for(name)
-        embedding = isinstance(module, nn.Embedding) or getattr(module, "is_embedding", False)
+        embedding = isinstance(module, EMBEDDING)
         shape = (module.num_embeddings, module.embedding_dim) if embedding else (module.in_features, module.out_features)
         tied = [t for t in holders.get(id(module.weight), []) if t != name]
         try:
@@ -82,12 +85,13 @@ def _put_lora(model: nn.Module, config: LoRAConfig) -> None:
         plan.append((name, module, r, alpha))
     for name, module, r, alpha in plan:
         if isinstance(module, LoRALayer):
-            module.new_adapter(r, alpha, config.dropout, config.use_rslora, config.use_dora)
+            module.add_adapter(adapter, r, alpha, config.dropout, config.use_rslora, config.use_dora)
+            module.adapters[adapter].train(module.training)
         elif isinstance(module, nn.Embedding):
-            replace_module(model, name, LoRAEmbedding(module, r, alpha, config.use_rslora).train(module.training))
+            replace_module(model, name, LoRAEmbedding(module, r, alpha, config.use_rslora, adapter).train(module.training))
         else:  # keep the model's train/eval mode: a new module starts in training mode, dropout on
             replace_module(model, name, LoRALinear(module, r, alpha, config.dropout, config.use_rslora,
-                                                   config.use_dora).train(module.training))
+                                                   config.use_dora, adapter_name=adapter).train(module.training))
 
 
 def _train_in_full(model: nn.Module, config: LoRAConfig) -> None:
@@ -111,11 +115,12 @@ def _train_in_full(model: nn.Module, config: LoRAConfig) -> None:
 
 
 def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear | LoRAEmbedding]]:
-    """The LoRA layers of the model that carry the active adapter."""
+    """The LoRA layers of the model that carry an active adapter."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALayer) and m.active]
 
 
-def _all_lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear | LoRAEmbedding]]:
+def all_lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear | LoRAEmbedding]]:
+    """Every LoRA layer of the model, whichever of its adapters are active."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALayer)]
 
 
@@ -154,8 +159,8 @@ def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
     adapter), or with merge=False the base model as it was (tied heads tied again)."""
     if merge:
         merge_lora(model)
-    for name, m in _all_lora_layers(model):
-        if getattr(m, "base_linear", None) is not None and not merge:
+    for name, m in all_lora_layers(model):
+        if isinstance(m, LoRALinear) and m.quantized is not None and not merge:
             raise ConfigError(f"{name}: removing LoRA from a quantized (int8, 4-bit or GGUF-block) base is not "
                               "supported; reload the base model")
         if not merge:
@@ -173,7 +178,5 @@ def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
                 setattr(m, key, original)
             if hasattr(m, "untied"):
                 del m.untied
-    for attribute in ("lora_config", "lora_adapters", "active_adapter"):
-        if hasattr(model, attribute):
-            delattr(model, attribute)
+    model.__dict__.pop("lora_state", None)
     return model

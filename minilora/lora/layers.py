@@ -1,4 +1,4 @@
-"""LoRA: Low-Rank Adaptation of Large Language Models (Hu et al. 2021, arXiv:2106.09685), and DoRA.
+"""LoRA: Low-Rank Adaptation of Large Language Models (Hu et al. 2021, arXiv:2106.09685).
 
 A pretrained linear layer h = W0 x + b, with W0 of shape d×k (out×in), is frozen. Next to it we train
 a low-rank update ΔW = B A, with A: r×k and B: d×r and r much smaller than d and k (paper, eq. 3):
@@ -8,6 +8,11 @@ a low-rank update ΔW = B A, with A: r×k and B: d×r and r much smaller than d 
 Only r·(d + k) numbers are trained instead of d·k. A starts random and B starts at zero, so B A = 0
 and the model at step 0 is exactly the pretrained one (paper, section 4.1).
 
+A layer holds its named adapters side by side (`adapters`: name -> LoRAAdapter, each with its own A,
+B, scale and dropout); those named in `active_adapters` add their term to the frozen output, so the
+base model alone is "no adapter active", not a copy. Variants live beside the plain adapter, each its
+own class with its own term and merge:
+
 DoRA (Weight-Decomposed Low-Rank Adaptation, Liu et al. 2024, arXiv:2402.09353, eq. 5) splits the
 adapted weight into a magnitude per output row and a direction, and trains both:
 
@@ -16,9 +21,8 @@ adapted weight into a magnitude per output row and a direction, and trains both:
 m (d numbers) starts as the row norms of W0, so W' = W0 at step 0; the norm is taken as a constant in
 the backward pass (paper, section 4.3), so no d×k gradient is ever formed.
 
-This file holds the layers only: `LoRALinear` (with DoRA as an option) and `LoRAEmbedding`; each keeps
-the base layer's `weight` and `bias` as its own, so every existing state-dict name stays. inject.py
-puts them on a model by name.
+The layers keep the base layer's `weight` and `bias` as their own, so every existing state-dict name
+stays; inject.py puts them on a model by name.
 """
 
 from __future__ import annotations
@@ -31,35 +35,129 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..kernels import LoRAFunction
+from ..quant.base import QuantizedLinear
 
 # The names of an adapter's own tensors in a LoRA layer (as PEFT names them): anything else is the base's.
 ADAPTER_PARTS = ("lora_A", "lora_B", "lora_magnitude_vector", "lora_embedding_A", "lora_embedding_B")
 
 
 def is_adapter_tensor(name: str) -> bool:
-    """Is this state-dict name one of a LoRA layer's own tensors (model.layers.0.q_proj.lora_A.weight)?"""
+    """Is this state-dict name one of a LoRA layer's own tensors (model.layers.0.q_proj.adapters.default.lora_A.weight)?"""
     return any(part in ADAPTER_PARTS for part in name.split("."))
 
 
-class LoRALinear(nn.Module):
-    """A frozen linear layer plus a trainable low-rank path: h = W0 x + b + s · B(A(dropout(x))), with
-    s = alpha/r (or alpha/sqrt(r) with `use_rslora`, Kalajdzievski 2023); with `use_dora`, DoRA's
-    magnitude and direction (see the module's docstring and dora()).
+def scale(r: int, alpha: float, use_rslora: bool) -> float:
+    """s = alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023), which keeps the update's size
+    steady as r grows."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
 
-    Shapes: weight W0 is (d, k) = (out_features, in_features); lora_A.weight is (r, k); lora_B.weight
-    is (d, r); lora_magnitude_vector is (d,). A is initialised Kaiming-uniform (as `nn.Linear` is), B
-    with zeros, so the layer starts equal to the base layer.
+
+def adapter_dtype(base: torch.Tensor, lora_dtype: torch.dtype | None) -> torch.dtype:
+    """Adapters train in fp32 unless asked otherwise or the base is already fp32/fp64."""
+    return lora_dtype or (base.dtype if base.dtype in (torch.float32, torch.float64) else torch.float32)
+
+
+class LoRAAdapter(nn.Module):
+    """One adapter on one linear layer: ΔW = s · B A, with A (r×k) Kaiming-uniform (as nn.Linear is) and
+    B (d×r) zero, so the layer starts equal to its base. Initialised on the CPU, from its RNG, then moved:
+    the same seed gives the same adapter on any device."""
+
+    use_dora = False
+
+    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float,
+                 use_rslora: bool, dtype: torch.dtype, device: torch.device, base: LoRALinear | None = None) -> None:
+        super().__init__()
+        check_lora_hyperparameters(r, alpha, dropout, min(in_features, out_features))
+        self.r, self.alpha, self.use_rslora, self.scaling = r, alpha, use_rslora, scale(r, alpha, use_rslora)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        factory = dict(device="meta" if device.type == "meta" else "cpu", dtype=dtype)
+        self.lora_A = nn.Linear(in_features, r, bias=False, **factory)
+        self.lora_B = nn.Linear(r, out_features, bias=False, **factory)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.lora_A.to(device)
+        self.lora_B.to(device)
+
+    def forward(self, layer: LoRALinear, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """The term this adapter adds to the frozen output `base` = W0 x + b: s · B(A(dropout(x)))."""
+        if not torch.is_autocast_enabled(x.device.type):  # bf16 activations into an fp32 adapter
+            x = x.to(self.lora_A.weight.dtype)
+        return self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = s · B A, shape (d, k), in the adapter's dtype."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    def fold(self, layer: LoRALinear, w: torch.Tensor, remember: bool = False) -> torch.Tensor:
+        """The weight with this update merged in: W + ΔW (`remember`: for an exact unfold later)."""
+        return w + self.delta_weight().to(w.dtype)
+
+    def unfold(self, layer: LoRALinear, w: torch.Tensor) -> torch.Tensor:
+        return w - self.delta_weight().to(w.dtype)
+
+    def settings(self) -> tuple:
+        """(r, alpha, use_rslora, dropout, use_dora): what an adapter file must agree with to load here."""
+        return self.r, self.alpha, self.use_rslora, getattr(self.dropout, "p", 0.0), self.use_dora
+
+
+class DoRAAdapter(LoRAAdapter):
+    """DoRA's adapter (see the module's docstring): the plain A and B, plus the magnitude m (d,), which
+    starts as the row norms of W0 (read from the layer it is made for, `base`)."""
+
+    use_dora = True
+
+    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float,
+                 use_rslora: bool, dtype: torch.dtype, device: torch.device, base: LoRALinear | None = None) -> None:
+        super().__init__(in_features, out_features, r, alpha, dropout, use_rslora, dtype, device)
+        norm = torch.empty(out_features, device=device) if device.type == "meta" else base.base_weight().norm(dim=1)
+        self.lora_magnitude_vector = nn.Parameter(norm.to(dtype))
+
+    def forward(self, layer: LoRALinear, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """DoRA's h = (m / n) ⊙ (W0 x + s·B A x) + b, n = ||W0 + s·B A|| per output row, held constant,
+        written as the term it adds to base = W0 x + b, as PEFT computes it: with LoRA's dropout active
+        in training, (m/n - 1) ⊙ W0 x_d + (m/n) ⊙ s·B A x_d uses the dropped-out x_d."""
+        dropped = self.training and isinstance(self.dropout, nn.Dropout)
+        x_d = self.dropout(x) if dropped else x
+        # n is a constant (paper, section 4.3): no d×k gradient, ever. It needs W0 itself, so a quantized
+        # base is dequantized whole here once per forward (as PEFT does), unlike its blockwise product.
+        with torch.no_grad():
+            n = (layer.base_weight() + self.delta_weight().to(torch.float32)).norm(dim=1)
+        ratio = self.lora_magnitude_vector / n.to(self.lora_magnitude_vector.dtype)  # m / n, (d,)
+        base_d = layer.base(x_d, bias=False) if dropped else base if layer.bias is None else base - layer.bias  # W0 x_d
+        autocast = torch.is_autocast_enabled(x.device.type)
+        lora = self.lora_B(self.lora_A(x_d if autocast else x_d.to(self.lora_A.weight.dtype))) * self.scaling
+        # (m/n - 1) W0 x_d + (m/n) s B A x_d, grouped so that autograd keeps one (N, d) tensor for m's gradient
+        return ratio * (base_d + lora) - base_d
+
+    def fold(self, layer: LoRALinear, w: torch.Tensor, remember: bool = False) -> torch.Tensor:
+        """(m / ||W + ΔW||) ⊙ (W + ΔW); with `remember`, the norm is kept (and moves with the layer) to
+        unfold exactly."""
+        merged = w + self.delta_weight().to(w.dtype)
+        norm = merged.norm(dim=1)
+        if remember:
+            self.register_buffer("merged_norm", norm, persistent=False)
+        return merged * (self.lora_magnitude_vector.to(w.dtype) / norm)[:, None]
+
+    def unfold(self, layer: LoRALinear, w: torch.Tensor) -> torch.Tensor:
+        w = w / (self.lora_magnitude_vector.to(w.dtype) / self.merged_norm)[:, None]
+        return w - self.delta_weight().to(w.dtype)
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus trainable low-rank paths: h = W0 x + b + Σ s · B(A(dropout(x))) over the
+    active adapters (one, usually). Shapes: weight W0 is (d, k) = (out_features, in_features); each
+    adapter's lora_A.weight is (r, k) and lora_B.weight (d, r). `lora_A`, `lora_B`, `r`, `scaling`, ...
+    read the first active adapter's (PEFT's single-adapter view).
 
     The LoRA path is computed as x -> A -> B, never as a d×k product B·A added to W0: autograd then
     needs no d×k weight gradient, which is the work LoRA exists to avoid. W0 gets no gradient at all,
-    only the input gets one through it.
+    only the input gets one through it. The base may be quantized (quant/base.QuantizedLinear): the
+    layer then takes over its stored weight and state and computes W0 x with the base's own product.
     """
-    is_linear = True  # a target for a second named adapter (inject.add_adapter)
-    # what one adapter is, on this layer: several named adapters swap these (inject.set_adapter)
-    slot = ("lora_A", "lora_B", "lora_magnitude_vector", "r", "alpha", "scaling", "use_rslora", "use_dora", "dropout")
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
-                 use_dora: bool = False, lora_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, base: nn.Linear | QuantizedLinear, r: int, alpha: float, dropout: float = 0.0,
+                 use_rslora: bool = False, use_dora: bool = False, lora_dtype: torch.dtype | None = None,
+                 adapter_name: str = "default") -> None:
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         # The base layer's own parameters under their own names: the model's state-dict names stay those
@@ -68,221 +166,244 @@ class LoRALinear(nn.Module):
         for p in (self.weight, self.bias):
             if p is not None:
                 p.requires_grad_(False)
-        # A quantized base (quant.Int8Linear) brings its own function and state, e.g. the weight scales.
-        self.base_linear = getattr(type(base), "linear", None)
-        self.base_dequantize = getattr(type(base), "dequantize", None)
-        for name in getattr(base, "carried", ()):
-            value = getattr(base, name)
-            if isinstance(value, torch.Tensor):
-                self.register_buffer(name, value, persistent=False)
-            else:
-                setattr(self, name, value)
-        self.merged = False
-        self.disabled = False  # see adapter_disabled(): the base layer alone
-        self.stored: dict[str, dict] = {}  # named adapters other than the active one
-        self.new_adapter(r, alpha, dropout, use_rslora, use_dora, lora_dtype)
+        self.quantized: type[QuantizedLinear] | None = type(base) if isinstance(base, QuantizedLinear) else None
+        if self.quantized is not None:  # its scales or codes, which its product reads
+            self.packed_elements = base.packed_elements
+            for name in base.state:
+                value = getattr(base, name)
+                if isinstance(value, torch.Tensor):
+                    self.register_buffer(name, value, persistent=False)
+                else:
+                    setattr(self, name, value)
+        self.adapters = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []   # folded into W0 now (merge), in merge order
+        self.disabled = False                  # see inject.adapter_disabled(): the base layer alone
+        self.add_adapter(adapter_name, r, alpha, dropout, use_rslora, use_dora, lora_dtype)
 
-    def new_adapter(self, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
                     use_dora: bool = False, lora_dtype: torch.dtype | None = None) -> None:
-        """Fresh A (random), B (zero) and, for DoRA, m = the row norms of W0: the active adapter."""
-        check_lora_hyperparameters(r, alpha, dropout, min(self.in_features, self.out_features))
-        self.r, self.alpha, self.use_rslora, self.use_dora = r, alpha, use_rslora, use_dora
-        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        if lora_dtype is None:  # train the adapter in fp32 unless the base is already fp32/fp64
-            lora_dtype = self.weight.dtype if self.weight.dtype in (torch.float32, torch.float64) else torch.float32
-        # Initialised on the CPU, from its RNG, then moved: the same seed gives the same adapter on any device.
-        device = self.weight.device
-        factory = dict(device="meta" if device.type == "meta" else "cpu", dtype=lora_dtype)
-        self.lora_A = nn.Linear(self.in_features, r, bias=False, **factory)
-        self.lora_B = nn.Linear(r, self.out_features, bias=False, **factory)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
-        self.lora_A.to(device)
-        self.lora_B.to(device)
-        self.lora_magnitude_vector = None
-        if use_dora:
-            norm = torch.empty(self.out_features, device=device) if device.type == "meta" else \
-                self.base_weight().norm(dim=1)
-            self.lora_magnitude_vector = nn.Parameter(norm.to(lora_dtype))
+        """A fresh adapter beside the others, made the active one."""
+        kind = DoRAAdapter if use_dora else LoRAAdapter
+        self.adapters[name] = kind(self.in_features, self.out_features, r, alpha, dropout, use_rslora,
+                                   adapter_dtype(self.weight, lora_dtype), self.weight.device, base=self)
+        self.active_adapters = [name]
+
+    @property
+    def adapter(self) -> LoRAAdapter | None:
+        """The first active adapter (None where none of this layer's adapters is active)."""
+        return self.adapters[self.active_adapters[0]] if self.active_adapters else None
 
     @property
     def active(self) -> bool:
-        """Does the layer carry an adapter now? (Not when the active named adapter skips this layer.)"""
-        return self.lora_A is not None
+        return bool(self.active_adapters)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        autocast = torch.is_autocast_enabled(x.device.type)
-        if autocast:  # cast once here, not once in each path below
+        if torch.is_autocast_enabled(x.device.type):  # cast once here, not once in each path below
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        if self.merged or self.disabled or not self.active:
-            return self.base(x)
-        if self.use_dora:
-            return self.dora(x, autocast)
-        if self.base_linear is None and (autocast or x.dtype == self.weight.dtype == self.lora_A.weight.dtype):
-            return LoRAFunction.apply(x, self.dropout(x), self.weight, self.bias, self.lora_A.weight,
-                                      self.lora_B.weight, self.scaling)
-        # The same sum through autograd's own modules: an int8 base, or activations of another dtype
-        # than the adapter's (bf16 activations into an fp32 adapter, without autocast).
-        out = self.base(x)
-        if not autocast:
-            x = x.to(self.lora_A.weight.dtype)
-        lora = self.lora_B(self.lora_A(self.dropout(x)))
-        return out + (lora * self.scaling).to(out.dtype)
+        adapters = [] if self.disabled else [self.adapters[n] for n in self.active_adapters
+                                             if n not in self.merged_adapters]
+        if len(adapters) == 1 and self._fast(adapters[0], x):
+            a = adapters[0]  # the same sum as below, its backward written out (kernels.LoRAFunction)
+            return LoRAFunction.apply(x, a.dropout(x), self.weight, self.bias, a.lora_A.weight, a.lora_B.weight,
+                                      a.scaling)
+        base = self.base(x)  # W0 x + b
+        h = base
+        for adapter in adapters:
+            h = h + adapter(self, x, base).to(h.dtype)  # + s · B A dropout(x)  (DoRA: its own term)
+        return h
 
-    def dora(self, x: torch.Tensor, autocast: bool) -> torch.Tensor:
-        """DoRA's h = (m / n) ⊙ (W0 x + s·B A x) + b, n = ||W0 + s·B A|| per output row, held constant.
-        Written as the base output plus a correction, as PEFT computes it: with LoRA's dropout active
-        in training, the correction (m/n - 1) ⊙ W0 x_d + (m/n) ⊙ s·B A x_d uses the dropped-out x_d."""
-        out = self.base(x)
-        dropped = self.training and isinstance(self.dropout, nn.Dropout)
-        x_d = self.dropout(x) if dropped else x
-        # n is a constant (paper, section 4.3): no d×k gradient, ever. It needs W0 itself, so a quantized
-        # base is dequantized whole here once per forward (as PEFT does), unlike its blockwise product.
-        with torch.no_grad():
-            n = (self.base_weight() + self.delta_weight().to(torch.float32)).norm(dim=1)
-        ratio = self.lora_magnitude_vector / n.to(self.lora_magnitude_vector.dtype)  # m / n, (d,)
-        base_d = self.base(x_d, bias=False) if dropped else out if self.bias is None else out - self.bias  # W0 x_d
-        lora = self.lora_B(self.lora_A(x_d if autocast else x_d.to(self.lora_A.weight.dtype))) * self.scaling
-        # out + (m/n - 1) W0 x_d + (m/n) s B A x_d, grouped so that autograd keeps one (N, d) tensor for m's gradient
-        return out + (ratio * (base_d + lora) - base_d).to(out.dtype)
+    def _fast(self, adapter: LoRAAdapter, x: torch.Tensor) -> bool:
+        """LoRAFunction computes a float base with one plain adapter, in one dtype (autocast's, or all alike)."""
+        return self.quantized is None and not adapter.use_dora and (
+            torch.is_autocast_enabled(x.device.type) or x.dtype == self.weight.dtype == adapter.lora_A.weight.dtype)
 
     def base(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
         """The frozen layer alone: W0 x + b (or the quantized base's own product)."""
-        if self.base_linear is not None:
-            out = self.base_linear(self, x)
+        if self.quantized is not None:
+            out = self.quantized.product(self, x)
             return out if bias or self.bias is None else out - self.bias
         return F.linear(x, self.weight, self.bias if bias else None)
 
     def base_weight(self) -> torch.Tensor:
-        """W0 in fp32 (an int8 base dequantized)."""
-        return (self.weight if self.base_dequantize is None else self.base_dequantize(self)).to(torch.float32)
+        """W0 in fp32 (a quantized base dequantized)."""
+        return (self.weight if self.quantized is None else self.quantized.dequantize(self)).to(torch.float32)
 
     def delta_weight(self) -> torch.Tensor:
-        """ΔW = s · B A, shape (d, k), in the adapter's dtype."""
-        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+        """ΔW = s · B A of the first active adapter, shape (d, k), in the adapter's dtype."""
+        return self.adapter.delta_weight()
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the update into W0 so inference costs one matmul. Explicit: never done by .eval().
-        LoRA: W0 + ΔW. DoRA: (m / n) ⊙ (W0 + ΔW), n kept to undo it exactly."""
-        if self.base_linear is not None:
+        """Fold the active adapters into W0 so inference costs one matmul. Explicit: never done by .eval()."""
+        if self.quantized is not None:
             raise ConfigError("cannot merge into a quantized (int8 or 4-bit) base weight: the update would be "
                               "rounded away. Load the base model in floating point (without load_in_8bit/"
                               "load_in_4bit) and merge there, as `minilora merge` does")
-        if self.merged or not self.active:
-            return
-        if self.use_dora:  # the norm of the unmerged weight, kept (and moved with the layer) to unmerge exactly
-            wide = torch.promote_types(self.weight.dtype, torch.float32)
-            self.register_buffer("merged_norm", (self.weight.to(wide) + self.delta_weight().to(wide)).norm(dim=1),
-                                 persistent=False)
-        self.weight.copy_(self._folded())
-        self.merged = True
+        wide = torch.promote_types(self.weight.dtype, torch.float32)
+        weight, todo = self.weight.to(wide), [n for n in self.active_adapters if n not in self.merged_adapters]
+        for name in todo:
+            weight = self.adapters[name].fold(self, weight, remember=True)
+        if todo:
+            self.weight.copy_(weight)
+            self.merged_adapters += todo
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         """The weight this layer computes with now, as one matrix, without changing the layer (GGUF
         export reads it), in fp32 at least: W0 inside adapter_disabled, else what merge() stores."""
-        return self.weight.to(torch.promote_types(self.weight.dtype, torch.float32)) if self.disabled else self._folded()
-
-    def _folded(self) -> torch.Tensor:
-        """LoRA W0 + ΔW; DoRA (m / ‖W0 + ΔW‖) ⊙ (W0 + ΔW); W0 itself where no adapter acts or it is merged."""
-        wide = torch.promote_types(self.weight.dtype, torch.float32)
-        if self.merged or not self.active:
-            return self.weight.to(wide)
-        merged = self.weight.to(wide) + self.delta_weight().to(wide)
-        if self.use_dora:
-            merged *= (self.lora_magnitude_vector.to(wide) / merged.norm(dim=1))[:, None]
-        return merged
+        weight = self.weight.to(torch.promote_types(self.weight.dtype, torch.float32))
+        if self.disabled:
+            return weight
+        for name in self.active_adapters:
+            if name not in self.merged_adapters:
+                weight = self.adapters[name].fold(self, weight)
+        return weight
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Take the update back out of W0 (exact up to floating-point rounding)."""
-        if not self.merged:
+        """Take the merged updates back out of W0 (exact up to floating-point rounding)."""
+        if not self.merged_adapters:
             return
-        wide = torch.promote_types(self.weight.dtype, torch.float32)
-        weight = self.weight.to(wide)
-        if self.use_dora:
-            weight /= (self.lora_magnitude_vector.to(wide) / self.merged_norm)[:, None]
-        self.weight.copy_(weight - self.delta_weight().to(wide))
-        self.merged = False
+        weight = self.weight.to(torch.promote_types(self.weight.dtype, torch.float32))
+        for name in reversed(self.merged_adapters):
+            weight = self.adapters[name].unfold(self, weight)
+        self.weight.copy_(weight)
+        self.merged_adapters = []
 
     def extra_repr(self) -> str:
-        lora = f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}" + (", dora" if self.use_dora else "") \
-            if self.active else "no active adapter"
+        a = self.adapter
+        lora = f"r={a.r}, alpha={a.alpha}, scaling={a.scaling:g}" + (", dora" if a.use_dora else "") \
+            if a is not None else "no active adapter"
         return f"in_features={self.in_features}, out_features={self.out_features}, {lora}, merged={self.merged}"
 
+    # The first active adapter's parts under the layer's own names (PEFT's single-adapter view).
+    lora_A = property(lambda self: None if self.adapter is None else self.adapter.lora_A)
+    lora_B = property(lambda self: None if self.adapter is None else self.adapter.lora_B)
+    lora_magnitude_vector = property(lambda self: getattr(self.adapter, "lora_magnitude_vector", None))
+    r = property(lambda self: self.adapter.r)
+    alpha = property(lambda self: self.adapter.alpha)
+    scaling = property(lambda self: self.adapter.scaling)
+    use_rslora = property(lambda self: self.adapter.use_rslora)
+    use_dora = property(lambda self: self.adapter.use_dora)
+    dropout = property(lambda self: self.adapter.dropout)
 
-class LoRAEmbedding(nn.Module):
-    """A frozen embedding table plus a low-rank update, as PEFT has it: the row of token i is
-    W0[i] + s · (B A)ᵀ[i] = W0[i] + s · B · A[:, i]. So the lookup goes into A (r×V) first, then through
-    B (d×r): r·(V + d) numbers trained instead of V·d. A starts at zero and B random (PEFT's choice for
-    embeddings, the reverse of linear layers), so the table starts unchanged. LoRA's dropout is not
-    used (a dropped token id means nothing); neither is DoRA (refused)."""
-    slot = ("lora_embedding_A", "lora_embedding_B", "r", "alpha", "scaling", "use_rslora")
-    use_dora, is_embedding = False, True
 
-    def __init__(self, base: nn.Embedding, r: int, alpha: float, use_rslora: bool = False) -> None:
+class EmbeddingAdapter(nn.Module):
+    """One adapter on an embedding table (PEFT's layout): A is r×V and starts at zero, B is d×r and starts
+    random (the reverse of linear layers), so the table starts unchanged. No dropout (a dropped token id
+    means nothing), no DoRA."""
+
+    use_dora = False
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, r: int, alpha: float, use_rslora: bool,
+                 dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
-        self.num_embeddings, self.embedding_dim = base.num_embeddings, base.embedding_dim
-        self.padding_idx = base.padding_idx
-        self.weight = base.weight
-        self.weight.requires_grad_(False)
-        self.merged, self.disabled, self.stored = False, False, {}
-        self.new_adapter(r, alpha, use_rslora=use_rslora)
-
-    def new_adapter(self, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
-                    use_dora: bool = False, lora_dtype: torch.dtype | None = None) -> None:
-        check_lora_hyperparameters(r, alpha, 0.0, min(self.num_embeddings, self.embedding_dim))
-        if use_dora:
-            raise ConfigError("DoRA on an embedding layer is not supported: leave the embeddings out of the targets")
-        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
-        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-        dtype = lora_dtype or (self.weight.dtype if self.weight.dtype in (torch.float32, torch.float64) else torch.float32)
-        device = self.weight.device
-        where = "meta" if device.type == "meta" else "cpu"  # CPU's RNG, then moved (as LoRALinear)
-        self.lora_embedding_A = nn.Parameter(torch.zeros(r, self.num_embeddings, dtype=dtype, device=where).to(device))
-        self.lora_embedding_B = nn.Parameter(torch.empty(self.embedding_dim, r, dtype=dtype, device=where))
+        check_lora_hyperparameters(r, alpha, 0.0, min(num_embeddings, embedding_dim))
+        self.r, self.alpha, self.use_rslora, self.scaling = r, alpha, use_rslora, scale(r, alpha, use_rslora)
+        where = "meta" if device.type == "meta" else "cpu"  # the CPU's RNG, then moved (as LoRAAdapter)
+        self.lora_embedding_A = nn.Parameter(torch.zeros(r, num_embeddings, dtype=dtype, device=where).to(device))
+        self.lora_embedding_B = nn.Parameter(torch.empty(embedding_dim, r, dtype=dtype, device=where))
         nn.init.normal_(self.lora_embedding_B)
         self.lora_embedding_B.data = self.lora_embedding_B.data.to(device)
 
-    @property
-    def active(self) -> bool:
-        return self.lora_embedding_A is not None
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        out = F.embedding(ids, self.weight, self.padding_idx)
-        if self.merged or self.disabled or not self.active:
-            return out
-        after_a = F.embedding(ids, self.lora_embedding_A.t(), self.padding_idx)  # (..., r): a lookup into A
-        return out + (after_a @ self.lora_embedding_B.t() * self.scaling).to(out.dtype)
+    def forward(self, ids: torch.Tensor, padding_idx: int | None) -> torch.Tensor:
+        after_a = F.embedding(ids, self.lora_embedding_A.t(), padding_idx)  # (..., r): a lookup into A
+        return after_a @ self.lora_embedding_B.t() * self.scaling
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = s · (B A)ᵀ, shape (V, d), the update of every row of the table."""
         return (self.lora_embedding_B @ self.lora_embedding_A).t() * self.scaling
 
+    def settings(self) -> tuple:
+        return self.r, self.alpha, self.use_rslora, 0.0, False
+
+
+class LoRAEmbedding(nn.Module):
+    """A frozen embedding table plus low-rank updates, as PEFT has it: the row of token i is
+    W0[i] + s · (B A)ᵀ[i] = W0[i] + s · B · A[:, i]. So the lookup goes into A (r×V) first, then through
+    B (d×r): r·(V + d) numbers trained instead of V·d. Named adapters side by side, as LoRALinear."""
+
+    def __init__(self, base: nn.Embedding, r: int, alpha: float, use_rslora: bool = False,
+                 adapter_name: str = "default") -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = base.num_embeddings, base.embedding_dim
+        self.padding_idx = base.padding_idx
+        self.weight = base.weight
+        self.weight.requires_grad_(False)
+        self.adapters = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        self.add_adapter(adapter_name, r, alpha, use_rslora=use_rslora)
+
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                    use_dora: bool = False, lora_dtype: torch.dtype | None = None) -> None:
+        if use_dora:
+            raise ConfigError("DoRA on an embedding layer is not supported: leave the embeddings out of the targets")
+        self.adapters[name] = EmbeddingAdapter(self.num_embeddings, self.embedding_dim, r, alpha, use_rslora,
+                                               adapter_dtype(self.weight, lora_dtype), self.weight.device)
+        self.active_adapters = [name]
+
+    adapter = LoRALinear.adapter
+    active = LoRALinear.active
+    merged = LoRALinear.merged
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = F.embedding(ids, self.weight, self.padding_idx)
+        if self.disabled:
+            return out
+        for name in self.active_adapters:
+            if name not in self.merged_adapters:
+                out = out + self.adapters[name](ids, self.padding_idx).to(out.dtype)
+        return out
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.adapter.delta_weight()
+
     @torch.no_grad()
     def merge(self) -> None:
-        if not self.merged and self.active:
-            self.weight += self.delta_weight().to(self.weight.dtype)
-            self.merged = True
+        for name in self.active_adapters:
+            if name not in self.merged_adapters:
+                self.weight += self.adapters[name].delta_weight().to(self.weight.dtype)
+                self.merged_adapters.append(name)
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         """W0 + ΔW in fp32 at least, without changing the layer (W0 where no adapter acts now)."""
-        wide = torch.promote_types(self.weight.dtype, torch.float32)
-        if self.merged or not self.active or self.disabled:
-            return self.weight.to(wide)
-        return self.weight.to(wide) + self.delta_weight().to(wide)
+        weight = self.weight.to(torch.promote_types(self.weight.dtype, torch.float32))
+        if self.disabled:
+            return weight
+        for name in self.active_adapters:
+            if name not in self.merged_adapters:
+                weight = weight + self.adapters[name].delta_weight().to(weight.dtype)
+        return weight
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        if self.merged:
-            self.weight -= self.delta_weight().to(self.weight.dtype)
-            self.merged = False
+        for name in reversed(self.merged_adapters):
+            self.weight -= self.adapters[name].delta_weight().to(self.weight.dtype)
+        self.merged_adapters = []
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, r={self.r}, alpha={self.alpha}, merged={self.merged}"
+        a = self.adapter
+        lora = f"r={a.r}, alpha={a.alpha}" if a is not None else "no active adapter"
+        return f"{self.num_embeddings}, {self.embedding_dim}, {lora}, merged={self.merged}"
+
+    lora_embedding_A = property(lambda self: None if self.adapter is None else self.adapter.lora_embedding_A)
+    lora_embedding_B = property(lambda self: None if self.adapter is None else self.adapter.lora_embedding_B)
+    r = LoRALinear.r
+    alpha = LoRALinear.alpha
+    scaling = LoRALinear.scaling
+    use_rslora = LoRALinear.use_rslora
+    use_dora = property(lambda self: False)
+
+
+LoRALayer = (LoRALinear, LoRAEmbedding)
 
 
 def check_lora_hyperparameters(r: object, alpha: object, dropout: object, most: int | None = None) -> None:

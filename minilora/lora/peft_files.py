@@ -2,8 +2,10 @@
 
 Keys are PEFT's: `base_model.model.<module>.lora_A.weight` / `.lora_B.weight`, and the full tensors of
 `modules_to_save` under their own names (`base_model.model.classifier.weight`). Because minilora's
-module names are the Hub's, these are our state-dict names with a prefix: no table, no renaming.
-So an adapter saved here loads with `PeftModel.from_pretrained`, and one saved by PEFT loads here.
+module names are the Hub's, these are our state-dict names with a prefix, less the adapter's name
+(`<module>.adapters.<name>.lora_A.weight` in the model, as PEFT's own `<module>.lora_A.<name>.weight`
+is in its): no table, no renaming. So an adapter saved here loads with `PeftModel.from_pretrained`,
+and one saved by PEFT loads here.
 """
 
 from __future__ import annotations
@@ -19,26 +21,19 @@ import torch.nn as nn
 from safetensors.torch import save
 
 from ..errors import CheckpointError, ConfigError
-from ..formats.atomic import check_replaceable, write_atomically
+from ..formats.atomic import check_replaceable, recover, write_atomically
 from ..formats.paths import read_json
 from ..formats.safetensors import check_tensor, pickle_tensors, safetensors_tensors
 from ..names import find_saved
 from .adapters import add_adapter, delete_adapter, set_adapter
-from .config import LoRAConfig
-from .inject import lora_modules, remove_lora
-from .layers import is_adapter_tensor
+from .config import PEFT_NAMES, LoRAConfig, lora_state
+from .inject import all_lora_layers, lora_modules, remove_lora
+from .layers import LoRALinear
 
 PREFIX = "base_model.model."
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 META_FILE = "minilora.json"  # what PEFT has no field for: the base model's shape, labels, the best step
 ADAPTER_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE, META_FILE, "adapter_model.bin", "README.md"})
-
-# LoRAConfig's fields under the names PEFT's adapter_config.json gives them.
-PEFT_NAMES = {"targets": "target_modules", "r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout",
-              "modules_to_save": "modules_to_save", "use_rslora": "use_rslora", "use_dora": "use_dora",
-              "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern",
-              "ensure_weight_tying": "ensure_weight_tying"}
-
 
 # PEFT options with no counterpart here: an adapter using one is refused, never loaded half-understood.
 UNSUPPORTED = {"lora_bias": "a trained bias on lora_B", "trainable_token_indices": "trainable rows of the embeddings",
@@ -46,37 +41,61 @@ UNSUPPORTED = {"lora_bias": "a trained bias on lora_B", "trainable_token_indices
                "use_qalora": "QALoRA", "alora_invocation_tokens": "activated LoRA"}
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under PEFT's names: every LoRA A/B (DoRA's magnitudes, an embedding's
-    A/B), and modules_to_save in full, under every name they have (a tied tensor under both, as PEFT)."""
-    config = _lora_config(model)
+def adapter_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of one adapter (the active one by default) under PEFT's names: every LoRA A/B (DoRA's
+    magnitudes, an embedding's A/B), and modules_to_save in full, under every name they have (a tied
+    tensor under both, as PEFT)."""
+    adapter, config = _adapter(model, adapter)
     state = model.state_dict(keep_vars=True)
-    keep = [n for n in state if is_adapter_tensor(n)]
-    if not keep:
+    keys = {n: peft for n in state if (peft := _peft_name(n, adapter)) is not None}
+    if not keys:
         raise CheckpointError("the model has no LoRA tensors to save (was apply_lora called?)")
+    keep = []
     for target in config.modules_to_save:
         owners = [n for n, _ in find_saved(model, [target])]
         keep += [n for n in state if any(n.startswith(o + ".") for o in owners) and n not in keep]
     shared = {id(state[n]) for n in keep}
     aliases = [n for n in state if id(state[n]) in shared and n not in keep]
-    out = {PREFIX + n: state[n].detach().to("cpu").contiguous() for n in keep}
+    out = {PREFIX + peft: state[n].detach().to("cpu").contiguous() for n, peft in keys.items()}
+    out.update({PREFIX + n: state[n].detach().to("cpu").contiguous() for n in keep})
     return {**out, **{PREFIX + n: state[n].detach().to("cpu").clone() for n in aliases}}  # a file holds no alias
 
 
-def _lora_config(model: nn.Module) -> LoRAConfig:
-    config = getattr(model, "lora_config", None)
-    if config is None or not lora_modules(model):
+_PARTS = r"(lora_A|lora_B|lora_magnitude_vector|lora_embedding_A|lora_embedding_B)"
+
+
+def _peft_name(name: str, adapter: str) -> str | None:
+    """A model state-dict name of `adapter`'s own tensors -> PEFT's saved name (None for anything else):
+    model.layers.0.self_attn.q_proj.adapters.default.lora_A.weight -> model.layers.0.self_attn.q_proj.lora_A.weight"""
+    match = re.fullmatch(rf"(.+)\.adapters\.{re.escape(adapter)}\.{_PARTS}(\.weight)?", name)
+    return None if match is None else f"{match[1]}.{match[2]}{match[3] or ''}"
+
+
+def _model_name(peft: str, adapter: str) -> str:
+    """PEFT's saved (or live) name of a LoRA tensor -> this model's name of it in `adapter`."""
+    name = re.sub(rf"\.{_PARTS}\.default\b", r".\1", peft)  # PEFT's live names carry the adapter's name
+    if name.endswith(".lora_magnitude_vector.weight"):  # ... and its magnitude module's ".weight"
+        name = name.removesuffix(".weight")
+    return re.sub(rf"\.{_PARTS}\b", rf".adapters.{adapter}.\1", name, count=1)
+
+
+def _adapter(model: nn.Module, adapter: str | None = None) -> tuple[str, LoRAConfig]:
+    """(name, settings) of the named adapter, or of the active one."""
+    state = lora_state(model)
+    if state is None or not lora_modules(model):
         raise CheckpointError("the model has no LoRA layers: call apply_lora (or load_adapter) first")
-    return config
+    name = adapter or state.active_adapter
+    return name, state.adapters[name]
 
 
-def adapter_config(model: nn.Module) -> dict[str, Any]:
-    """adapter_config.json, with the fields PEFT reads."""
-    settings = {peft: getattr(_lora_config(model), ours) for ours, peft in PEFT_NAMES.items()}
+def adapter_config(model: nn.Module, adapter: str | None = None) -> dict[str, Any]:
+    """adapter_config.json of one adapter (the active one by default), with the fields PEFT reads."""
+    settings = {peft: getattr(_adapter(model, adapter)[1], ours) for ours, peft in PEFT_NAMES.items()}
+    provenance = getattr(model, "provenance", None)
     return {
         "peft_type": "LORA",
         "task_type": getattr(model, "task_type", "CAUSAL_LM"),
-        "base_model_name_or_path": getattr(model, "name_or_path", None),
+        "base_model_name_or_path": provenance.source if provenance is not None else None,
         **settings,
         "modules_to_save": settings["modules_to_save"] or None,
         "fan_in_fan_out": bool(getattr(model, "conv1d_layout", False)),  # GPT-2's Conv1D, as PEFT records it
@@ -111,10 +130,13 @@ def _base_fingerprint(model: nn.Module) -> dict[str, Any]:
     return model.fingerprint() if hasattr(model, "fingerprint") else {}
 
 
-def write_adapter_files(folder: Path, model: nn.Module, extra: dict[str, Any] | None = None) -> None:
-    """The adapter's three files into an existing folder (checkpoints add theirs beside them)."""
-    (folder / WEIGHTS_FILE).write_bytes(save(adapter_state_dict(model), metadata={"format": "pt"}))  # OSError names it
-    (folder / CONFIG_FILE).write_text(json.dumps(adapter_config(model), indent=2) + "\n")
+def write_adapter_files(folder: Path, model: nn.Module, extra: dict[str, Any] | None = None,
+                        adapter: str | None = None) -> None:
+    """One adapter's three files (the active one's by default) into an existing folder (checkpoints add
+    theirs beside them)."""
+    weights = save(adapter_state_dict(model, adapter), metadata={"format": "pt"})
+    (folder / WEIGHTS_FILE).write_bytes(weights)  # OSError names it
+    (folder / CONFIG_FILE).write_text(json.dumps(adapter_config(model, adapter), indent=2) + "\n")
     meta = {"base_model": _base_fingerprint(model), **(extra or {})}
     id2label = getattr(getattr(model, "config", None), "id2label", None)
     if getattr(model, "task_type", None) == "SEQ_CLS":  # the label names travel with a classifier's adapter
@@ -130,7 +152,7 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, extra: dict[str, A
 
     Several named adapters are saved in PEFT's layout: "default" in the folder itself, every other one
     in a subfolder of its name (which load_adapter(model, folder / name, adapter_name=name) reads)."""
-    _lora_config(model)  # refuse before touching the disk
+    _adapter(model)  # refuse before touching the disk
     reserved = sorted(set(extra or {}) & {"base_model", "id2label", "label2id"})
     if reserved:
         raise ConfigError(f"extra: {reserved[0]!r} is minilora.json's own key")
@@ -138,27 +160,23 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, extra: dict[str, A
         json.dumps(extra or {})
     except (TypeError, ValueError) as e:
         raise ConfigError(f"extra: not JSON data ({e})") from None
-    names = list(getattr(model, "lora_adapters", None) or {"default": None})
+    names = list(lora_state(model).adapters)
     check_replaceable(Path(folder), ADAPTER_FILES | set(names), "an adapter")
     if len(names) == 1:
         return write_atomically(folder, lambda tmp: write_adapter_files(tmp, model, extra))
-    active = model.active_adapter
 
     def write_each(tmp: Path) -> None:
-        try:
-            for name in names:
-                set_adapter(model, name)
-                where = tmp if name == "default" else tmp / name
-                where.mkdir(exist_ok=True)
-                write_adapter_files(where, model, extra)
-        finally:
-            set_adapter(model, active)
+        for name in names:
+            where = tmp if name == "default" else tmp / name
+            where.mkdir(exist_ok=True)
+            write_adapter_files(where, model, extra, name)
     return write_atomically(folder, write_each)
 
 
 def read_adapter(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """adapter_config.json and the adapter's tensors (safetensors, or PEFT's older adapter_model.bin)."""
     folder = Path(os.path.expanduser(str(folder)))
+    recover(folder)  # a writer killed between its two renames left the previous version aside
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such adapter folder")
     named = sorted(p.name for p in folder.iterdir() if (p / CONFIG_FILE).is_file())
@@ -236,36 +254,38 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, adapter_name: str 
     if wrong:
         raise CheckpointError(f"{folder}: adapter was trained on another base model ({'; '.join(wrong)})")
     settings = lora_config_from_peft(config, Path(folder) / CONFIG_FILE, list(tensors))
-    layers, previous = lora_modules(model), getattr(model, "active_adapter", None)
-    added = bool(layers) and adapter_name is not None and adapter_name not in model.lora_adapters
+    state = lora_state(model)
+    previous = list(state.active) if state is not None else None
+    added = state is None or adapter_name is not None and adapter_name not in state.adapters
+    target = adapter_name or ("default" if state is None else state.active_adapter)
     try:
-        if not layers or added:
-            add_adapter(model, adapter_name or "default", settings)
+        if added:
+            add_adapter(model, target, settings)
         else:  # into an adapter already on the model (the named one, active or not): same settings only
-            set_adapter(model, adapter_name or previous)
-            _check_same_settings(model, lora_modules(model), settings, folder)
-        _load_tensors(model, tensors, settings, where)
+            _check_same_settings(model, target, settings, folder)
+        _load_tensors(model, tensors, settings, where, target)
     except (ConfigError, CheckpointError) as e:
-        if added:  # leave the model as it was
+        if added and previous is None:  # leave the model as it was
+            if lora_modules(model):
+                remove_lora(model, merge=False)
+        elif added:
             set_adapter(model, previous)
-            delete_adapter(model, adapter_name)
-        elif not layers and lora_modules(model):
-            remove_lora(model, merge=False)
-        elif layers:
-            set_adapter(model, previous)
+            delete_adapter(model, target)
         if isinstance(e, CheckpointError):
             raise
         raise CheckpointError(f"{Path(folder) / CONFIG_FILE} does not fit this model: {e}") from None
-    if layers:
+    if previous is not None:
         set_adapter(model, previous)
     return model
 
 
-def _check_same_settings(model: nn.Module, layers: list, settings: LoRAConfig, folder) -> None:
+def _check_same_settings(model: nn.Module, adapter: str, settings: LoRAConfig, folder) -> None:
     names = ("r", "alpha", "use_rslora", "dropout", "use_dora")
-    for n, m in layers:
-        have = (m.r, m.alpha, m.use_rslora, getattr(getattr(m, "dropout", None), "p", 0.0), m.use_dora)
-        want = (*settings.settings_for(n), settings.use_rslora, settings.dropout if hasattr(m, "dropout") else 0.0,
+    for n, m in all_lora_layers(model):
+        if adapter not in m.adapters:
+            continue
+        have = m.adapters[adapter].settings()
+        want = (*settings.settings_for(n), settings.use_rslora, settings.dropout if isinstance(m, LoRALinear) else 0.0,
                 settings.use_dora)
         if have != want:
             raise CheckpointError(f"{folder}: the adapter's LoRA settings for {n} ({', '.join(f'{k}={v!r}' for k, v in zip(names, want))}) "
@@ -274,30 +294,30 @@ def _check_same_settings(model: nn.Module, layers: list, settings: LoRAConfig, f
                                   "load_model), or beside it with load_adapter(model, folder, adapter_name=...)")
 
 
-def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], settings: LoRAConfig, where: Path) -> None:
+def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], settings: LoRAConfig, where: Path,
+                  adapter: str) -> None:
+    """Copy an adapter file's tensors into `adapter` on the model, once every key has matched a tensor of
+    the same shape (and every tensor of the adapter has a key)."""
     state = model.state_dict(keep_vars=True)
-    lora_layers = {n for n, _ in lora_modules(model)}
-    saved = {id(p) for _, m in find_saved(model, getattr(model, "lora_config", settings).modules_to_save)
+    lora_layers = {n for n, m in all_lora_layers(model) if adapter in m.adapters}
+    saved = {id(p) for _, m in find_saved(model, lora_state(model).adapters[adapter].modules_to_save)
              for p in m.parameters()}
     saved_tensors = {n for n, t in state.items() if id(t) in saved}  # a tied tensor under each of its names
     unmatched, mismatched, matched = [], [], {}
     for key, tensor in tensors.items():
-        name = re.sub(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)\.default\b", r".\1",
-                      key.removeprefix(PREFIX))  # PEFT's live names carry the adapter's name
-        if name.endswith(".lora_magnitude_vector.weight"):  # ... and its magnitude module's ".weight"
-            name = name.removesuffix(".weight")
+        name = _model_name(key.removeprefix(PREFIX), adapter)
         layer = name.removesuffix(".base_layer.weight")
         table = layer != name and layer in lora_layers  # PEFT saves a LoRA embedding's table beside it
         if table:
             name = layer + ".weight"
-        if name not in state or not (is_adapter_tensor(name) or name in saved_tensors or table):
-            unmatched.append(key)  # nothing but LoRA's tensors and those of modules_to_save
+        if name not in state or not (_peft_name(name, adapter) or name in saved_tensors or table):
+            unmatched.append(key)  # nothing but the adapter's LoRA tensors and those of modules_to_save
         elif tuple(state[name].shape) != tuple(tensor.shape):
             mismatched.append(f"{key}: adapter {tuple(tensor.shape)} vs model {tuple(state[name].shape)}")
         else:
             check_tensor(str(where), key, tensor, state[name].is_floating_point())
             matched[name] = tensor
-    missing = [n for n in state if is_adapter_tensor(n) and n not in matched]
+    missing = [_peft_name(n, adapter) for n in state if _peft_name(n, adapter) and n not in matched]
     if unmatched or mismatched or missing:
         parts = [f"{where} does not fit this model:"]
         if unmatched:

@@ -15,8 +15,11 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from ..names import find_saved, kept_in_float, matches
+from ..quant.base import QuantizedLinear
+from ..quant.ggml import GGMLEmbedding
+from .config import lora_state
 from .inject import lora_modules
-from .layers import is_adapter_tensor
+from .layers import LoRALinear, is_adapter_tensor
 
 
 @dataclass
@@ -56,6 +59,14 @@ class ParamReport:
         return "\n".join(lines)
 
 
+def packed_elements(module: nn.Module) -> float:
+    """Logical weights per stored element of the module's `weight`: 1 for a float layer, 2 for NF4's
+    two codes a byte, a ggml type's values per byte (a quantized base, or a LoRA layer over one)."""
+    if isinstance(module, (QuantizedLinear, GGMLEmbedding)) or isinstance(module, LoRALinear) and module.quantized:
+        return module.packed_elements
+    return 1
+
+
 def _pattern(name: str) -> str:
     return re.sub(r"\.\d+\.", ".*.", name)
 
@@ -70,7 +81,8 @@ def param_report(model: nn.Module) -> ParamReport:
         row = groups.setdefault(key, ReportRow(key[0], 0, d, k, m.r, d * k, m.r * (d + k) + (d if m.use_dora else 0)))
         row.count += 1
     saved: dict[str, int] = {}
-    for t in getattr(getattr(model, "lora_config", None), "modules_to_save", []):
+    state = lora_state(model)
+    for t in state.config.modules_to_save if state is not None else []:
         for n, mod in find_saved(model, [t]):
             saved[_pattern(n)] = saved.get(_pattern(n), 0) + sum(p.numel() for p in mod.parameters())
     total, trainable, seen = 0, 0, set()
@@ -79,7 +91,7 @@ def param_report(model: nn.Module) -> ParamReport:
             if id(p) in seen:
                 continue
             seen.add(id(p))
-            n = round(p.numel() * (getattr(module, "packed_elements", 1) if name == "weight" else 1))
+            n = round(p.numel() * (packed_elements(module) if name == "weight" else 1))
             total, trainable = total + n, trainable + (n if p.requires_grad else 0)
     return ParamReport(list(groups.values()), list(saved.items()), total, trainable)
 
@@ -125,7 +137,7 @@ def memory_rows(model: nn.Module) -> dict[str, list]:
         d, k = getattr(module, "out_features", None), getattr(module, "in_features", None)
         linear = d is not None and k is not None and not matches(name, keep)  # what load_in_8bit/4bit quantize
         quantized = {"int8": linear, "nf4": linear and k % 2 == 0}  # NF4 packs two codes a byte: k even
-        n = round(weight.numel() * getattr(module, "packed_elements", 1))  # logical elements of a packed weight
+        n = round(weight.numel() * packed_elements(module))  # logical elements of a packed weight
         sizes = [base_bytes(d, k, f) + extra * 4 if quantized.get(f) else (n + extra) * (2 if f == "bf16" else 4)
                  for f in FORMATS]
         row = rows.setdefault(_pattern(name), [0, *[0] * len(FORMATS)])

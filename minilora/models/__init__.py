@@ -4,6 +4,9 @@ A new family is one file in this folder plus one line here. Every class keeps th
 down in common.PretrainedModel (config class, checkpoint name mapping, output heads, tied weights,
 the fingerprint that decides whether an adapter fits) and takes (input_ids, attention_mask) to logits,
 or to hidden states for the embedding models.
+
+May import: the ground floor only (minilora.errors, minilora.fields, minilora.kernels). Models know
+nothing of LoRA, quantization or file formats: the loader puts tensors in place by their names.
 """
 
 from __future__ import annotations

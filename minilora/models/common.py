@@ -6,6 +6,8 @@ Each is a few lines; they live here so the family files hold only what makes a f
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -164,6 +166,18 @@ def resize_token_embeddings(model: nn.Module, size: int) -> None:
     model.config.vocab_size = size
 
 
+@dataclass
+class Provenance:
+    """Where a model's weights came from, recorded once by the loader (loading/weights.load_model) and
+    read by whatever writes the model out again: a merged checkpoint, a GGUF file, an adapter's config."""
+    source: str                       # what was asked for: a Hub id, a folder or a .gguf file
+    path: Path                        # the folder or file it resolved to
+    format: str                       # "safetensors" (a folder) or "gguf"
+    quantization: str | None          # None (floating point), "int8", "nf4" or "gguf-blocks"
+    config: dict[str, Any]            # config.json as read (or made from GGUF metadata)
+    fresh_tensors: tuple[str, ...] = ()  # task-head tensors the checkpoint lacked, initialised fresh
+
+
 class PretrainedModel(nn.Module):
     """The contract between a model family and the rest of minilora: what the loader, LoRA, quantization
     and adapters rely on besides `config` (whose fields are config.json's keys). A new family subclasses
@@ -180,8 +194,8 @@ class PretrainedModel(nn.Module):
     fingerprint_fields   config fields an adapter's base model must share with this one to fit it
     conv1d_layout        the checkpoint stores its linear weights as (in, out): PEFT's fan_in_fan_out
 
-    An instance has `config` (a config_class), `input_embeddings` and `max_length`; the loader adds
-    `name_or_path`, `config_dict` (config.json as read) and `source_path`.
+    An instance has `config` (a config_class), `input_embeddings` and `max_length`; the loader records
+    where its weights came from in `provenance` (a Provenance; None for a model built from a config).
     """
 
     config_class: type
@@ -191,6 +205,7 @@ class PretrainedModel(nn.Module):
     task_head: tuple[str, ...] = ()
     fingerprint_fields: tuple[str, ...] = ("model_type", "vocab_size")
     conv1d_layout = False
+    provenance: Provenance | None = None
 
     @classmethod
     def checkpoint_to_model(cls, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:

@@ -1,10 +1,6 @@
-"""Speed without new math: each kernel here computes what a plain torch expression computes, in fewer
-passes or copies, and is tested against that expression.
-
-  LinearCrossEntropy   sum of cross-entropies of a frozen LM head's logits, a chunk of rows at a time
-  frozen_weights_in    frozen linear weights cast to bf16 once per run, not once per micro-batch
-  ShortAttention       attention for bf16 training on CPU with short sequences
-"""
+"""The product every blockwise-stored base shares (NF4, ggml's blocks): y = x Wᵀ + b and dL/dx = g W
+for a frozen W that exists only as `rows(r0, r1, dtype)`, its float rows rebuilt a block at a time
+(forward and backward alike), so no float copy of the whole weight is ever made."""
 
 from __future__ import annotations
 

@@ -1,21 +1,7 @@
-"""ggml's block formats (llama.cpp, GGUF files): their dequantization in torch, and GGMLLinear and
-GGMLEmbedding, a frozen base kept in its file's own blocks.
-
-Every format cuts a row into blocks and stores small integers q with a scale per block (and, for the
-"_1" and most K formats, a minimum). The simple ones have blocks of 32 and an fp16 scale d:
-
-    Q8_0: d·q (q int8)   Q4_0: d·(q − 8)   Q4_1: d·q + m   Q5_0: d·(q − 16)   Q5_1: d·q + m  (q 4 or 5 bits)
-
-The K formats ("k-quants") have super-blocks of 256 in 8 or 16 sub-blocks, each sub-block with its own
-6-, 8- or 4-bit scale (and minimum) that the super-block's fp16 d (and dmin) scale in turn:
-
-    Q4_K, Q5_K: (d·sc_j)·q − (dmin·m_j), 8 sub-blocks of 32, 6-bit sc_j and m_j, q of 4 (5) bits
-    Q6_K: d·sc_j·(q − 32), 16 sub-blocks of 16, int8 sc_j, q of 6 bits
-    Q3_K: d·(sc_j − 32)·(q − 4·[high bit clear]), 16 sub-blocks of 16, 6-bit sc_j, q of 2 + 1 bits
-    Q2_K: (d·(sc_j & 15))·q − dmin·(sc_j >> 4), 16 sub-blocks of 16, q of 2 bits
-
-The byte layouts follow ggml's reference `dequantize_row_*` (ggml-quants.c), which the tests hold
-against the `gguf` package's own dequantization.
+"""A frozen base kept in a GGUF file's own blocks (Q4_0 ... Q8_0, Q2_K ... Q6_K; their layouts and
+dequantization are in formats/ggml_blocks.py): GGMLLinear for the linear layers, GGMLEmbedding for the
+token embedding (and a head tied to it), and GGMLKeeper, which puts them in a model as it loads.
+Every product dequantizes a block of rows at a time, so no float copy of a whole weight ever exists.
 """
 
 from __future__ import annotations
@@ -25,6 +11,7 @@ import torch.nn as nn
 
 from ..formats.ggml_blocks import BLOCKS, NAMES, dequantize_blocks
 from ..names import kept_in_float, matches, replace_module
+from .base import LoadPlan, QuantizedLinear
 from .blockwise import blockwise_linear
 
 
@@ -34,13 +21,12 @@ def block_rows(layer: nn.Module, r0: int, r1: int, dtype: torch.dtype) -> torch.
     return dequantize_blocks(blocks, layer.kind).to(dtype).view(r1 - r0, -1)
 
 
-class GGMLLinear(nn.Module):
+class GGMLLinear(QuantizedLinear):
     """A frozen linear layer kept in a GGUF file's own blocks: `weight` is (out_features, bytes per row)
     uint8, each row whole blocks of `kind`. Forward and input gradient dequantize a block of rows at a
-    time (kernels.blockwise_linear), as NF4Linear does; `dequantize()` gives the fp32 weight."""
+    time (blockwise.py), as NF4Linear does; `dequantize()` gives the fp32 weight."""
 
-    is_linear = True
-    carried = ("kind",)
+    state = ("kind",)
 
     def __init__(self, in_features: int, out_features: int, kind: int, raw: torch.Tensor,
                  bias: torch.Tensor | None = None) -> None:
@@ -53,15 +39,9 @@ class GGMLLinear(nn.Module):
         self.weight = nn.Parameter(raw.reshape(out_features, in_features // per_block * block_bytes), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
-    @staticmethod
-    def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The layer's function, on any module holding the raw weight, its kind and the bias (LoRALinear
-        over GGML blocks too)."""
-        return blockwise_linear(x, lambda r0, r1, dtype: block_rows(layer, r0, r1, dtype), layer.out_features,
-                                layer.in_features, layer.bias, layer.weight)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return GGMLLinear.linear(self, x)
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        return blockwise_linear(x, lambda r0, r1, dtype: block_rows(self, r0, r1, dtype), self.out_features,
+                                self.in_features, self.bias, self.weight)
 
     def rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
         """Rows r0..r1 of the float weight (what the fused head loss reads of a quantized head)."""
@@ -98,28 +78,32 @@ class GGMLEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, {NAMES[self.kind]}"
 
 
-def prepare_ggml(model: nn.Module, blocks: dict[str, tuple[int, tuple[int, int]]],
-                 skip: tuple[str, ...] | None = None) -> frozenset[str]:
-    """For loading a GGUF file's weights as they are: swap each (meta) nn.Linear named in `blocks`
+class GGMLKeeper:
+    """Loading a GGUF file's weights as they are: each (meta) nn.Linear named in `blocks`
     ({"model.layers.0.self_attn.q_proj.weight": (type, (out, in))}) but `skip` (by default
-    names.kept_in_float) for an empty GGMLLinear, and the token embedding for a GGMLEmbedding (with the
-    head tied to it, if any, a GGMLLinear the loader ties to the same blocks); returns the weight names
-    so swapped, whose raw blocks the loader then puts in place."""
-    skip = kept_in_float(model) if skip is None else skip
-    swapped = []
-    tied = {source: alias for alias, source in getattr(model, "tied_weights", {}).items()}
-    for weight_name, (kind, (d, k)) in blocks.items():
-        name = weight_name.removesuffix(".weight")
-        module = model.get_submodule(name)
-        if type(module) is nn.Embedding and (d, k) == (module.num_embeddings, module.embedding_dim):
+    names.kept_in_float) becomes an empty GGMLLinear, and the token embedding a GGMLEmbedding (with the
+    head tied to it, if any, a GGMLLinear the loader ties to the same blocks). The plan's `raw` names
+    the weights so swapped, whose blocks the loader then puts in place as the file stores them."""
+
+    def __init__(self, blocks: dict[str, tuple[int, tuple[int, int]]]) -> None:
+        self.blocks = blocks
+
+    def prepare(self, model: nn.Module, skip: tuple[str, ...] | None, device: torch.device | str) -> LoadPlan:
+        skip = kept_in_float(model) if skip is None else skip
+        swapped = []
+        tied = {source: alias for alias, source in model.tied_weights.items()}
+        for weight_name, (kind, (d, k)) in self.blocks.items():
+            name = weight_name.removesuffix(".weight")
+            module = model.get_submodule(name)
             raw = torch.empty(d, k // BLOCKS[kind][0] * BLOCKS[kind][1], dtype=torch.uint8, device="meta")
-            replace_module(model, name, GGMLEmbedding(d, k, kind, raw))
-            if weight_name in tied:  # the tied head reads the same blocks (weights.load_weights ties them)
-                replace_module(model, tied[weight_name].removesuffix(".weight"), GGMLLinear(k, d, kind, raw))
-            swapped.append(weight_name)
-        elif type(module) is nn.Linear and not matches(name, skip) and (d, k) == (module.out_features, module.in_features):
-            raw = torch.empty(d, k // BLOCKS[kind][0] * BLOCKS[kind][1], dtype=torch.uint8, device="meta")
-            bias = None if module.bias is None else torch.empty(d, device="meta")
-            replace_module(model, name, GGMLLinear(k, d, kind, raw, bias))
-            swapped.append(weight_name)
-    return frozenset(swapped)
+            if type(module) is nn.Embedding and (d, k) == (module.num_embeddings, module.embedding_dim):
+                replace_module(model, name, GGMLEmbedding(d, k, kind, raw))
+                if weight_name in tied:  # the tied head reads the same blocks (loading/weights.py ties them)
+                    replace_module(model, tied[weight_name].removesuffix(".weight"), GGMLLinear(k, d, kind, raw))
+                swapped.append(weight_name)
+            elif type(module) is nn.Linear and not matches(name, skip) and (d, k) == (module.out_features,
+                                                                                     module.in_features):
+                bias = None if module.bias is None else torch.empty(d, device="meta")
+                replace_module(model, name, GGMLLinear(k, d, kind, raw, bias))
+                swapped.append(weight_name)
+        return LoadPlan(raw=frozenset(swapped))

@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from .. import hardware
 from ..names import swap_linears
+from .base import LoadPlan, QuantizedLinear
 
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,15 +117,14 @@ class _Int8LinearFn(torch.autograd.Function):
         return grad_x, None, None, None, None
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(QuantizedLinear):
     """A frozen linear layer with int8 weights (out_features, in_features) and per-row fp32 scales.
 
     `weight` keeps its name and shape, so state-dict names and parameter counts (d·k elements) are
     those of the float layer. `apply_lora` wraps it like an nn.Linear.
     """
 
-    is_linear = True                       # apply_lora may target it
-    carried = ("weight_scale", "threshold")  # what LoRALinear takes over besides weight and bias
+    state = ("weight_scale", "threshold")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, threshold: float = 6.0,
                  device=None, dtype: torch.dtype = torch.float32) -> None:
@@ -149,13 +149,8 @@ class Int8Linear(nn.Module):
         self.weight = nn.Parameter(q, requires_grad=False)
         self.weight_scale = s
 
-    @staticmethod
-    def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The layer's function, on any module holding weight, weight_scale, bias and threshold."""
-        return _Int8LinearFn.apply(x, layer.weight, layer.weight_scale, layer.bias, layer.threshold)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return Int8Linear.linear(self, x)
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        return _Int8LinearFn.apply(x, self.weight, self.weight_scale, self.bias, self.threshold)
 
     def dequantize(self) -> torch.Tensor:
         return self.weight.float() * self.weight_scale[:, None]
@@ -172,19 +167,22 @@ def quantize_model(model: nn.Module, skip: tuple[str, ...] | None = None, thresh
     return model
 
 
-def prepare_int8(model: nn.Module, skip: tuple[str, ...] | None = None, threshold: float = 6.0,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-    """For loading straight into int8: swap the (meta) linears but `skip` (by default names.kept_in_float:
-    the output and task heads) for empty Int8Linear modules and return a transform(name, tensor) that
-    quantizes each weight as it streams in from disk."""
-    owners = swap_linears(model, skip, lambda m: Int8Linear(m.in_features, m.out_features, m.bias is not None,
-                                                             threshold, device="meta", dtype=dtype))
+class Int8Quantizer:
+    """Loading straight into int8: each linear weight but the heads' is quantized as it streams in from
+    disk, so the full-precision model never exists in memory."""
 
-    def transform(name: str, tensor: torch.Tensor) -> torch.Tensor:
-        layer = owners.get(name)
-        if layer is None:
-            return tensor
-        q, scale = quantize_rows(tensor)
-        layer.weight_scale = scale.to(device)
-        return q
-    return transform
+    def __init__(self, threshold: float = 6.0, dtype: torch.dtype = torch.float32) -> None:
+        self.threshold, self.dtype = threshold, dtype
+
+    def prepare(self, model: nn.Module, skip: tuple[str, ...] | None, device: torch.device | str) -> LoadPlan:
+        owners = swap_linears(model, skip, lambda m: Int8Linear(m.in_features, m.out_features, m.bias is not None,
+                                                                 self.threshold, device="meta", dtype=self.dtype))
+
+        def transform(name: str, tensor: torch.Tensor) -> torch.Tensor:
+            layer = owners.get(name)
+            if layer is None:
+                return tensor
+            q, scale = quantize_rows(tensor)
+            layer.weight_scale = scale.to(device)
+            return q
+        return LoadPlan(transform)

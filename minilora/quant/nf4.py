@@ -13,9 +13,8 @@ absmax. That is 0.5 + 8/64 + 32/(64·256) ≈ 4.127 bits a weight instead of 4.5
 The layout and the rounding are bitsandbytes' (`quantize_4bit(..., "nf4", blocksize=64,
 compress_statistics=True)`), so that the tests can hold its dequantization against ours.
 
-`NF4Linear` is a frozen base with the interface of quant.Int8Linear (`linear`, `dequantize`,
-`carried`): LoRALinear wraps it. Its product (kernels.blockwise_linear) dequantizes a block of rows at
-a time and multiplies in the activations' dtype (bf16 under autocast), forward and input gradient
+`NF4Linear` is a frozen base under the QuantizedLinear contract (base.py): LoRALinear wraps it. Its
+product (blockwise.py) dequantizes a block of rows at a time and multiplies in the activations' dtype (bf16 under autocast), forward and input gradient
 alike, so no full-size float copy of the weight ever exists.
 """
 
@@ -25,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from ..names import swap_linears
+from .base import LoadPlan, QuantizedLinear
 from .blockwise import blockwise_linear
 
 # The 16 NF4 values (QLoRA, appendix E; bitsandbytes' table, to the last bit).
@@ -114,17 +114,16 @@ def _pairs(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return _PAIRS[key]
 
 
-class NF4Linear(nn.Module):
+class NF4Linear(QuantizedLinear):
     """A frozen linear layer stored in NF4 with double quantization; see the module's docstring.
 
     `weight` holds the packed codes, (out_features, in_features / 2) uint8: its name stays the float
     layer's, and the report counts it as d·k logical elements (`packed_elements`). The absmaxes stay
     8-bit codes in memory too (4.13 bits a weight in all) and are rebuilt a block of rows at a time."""
 
-    is_linear = True
-    packed_elements = 2  # logical weights per stored element of `weight`
-    quantized_on_load = True  # load_weights hands it the float (d, k) weight, set_weight packs it
-    carried = ("absmax_code", "absmax_scale", "absmax_offset")
+    state = ("absmax_code", "absmax_scale", "absmax_offset")
+    packed_elements = 2  # two codes a byte
+    quantized_on_load = True  # the loader hands it the float (d, k) weight, set_weight packs it
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
                  dtype: torch.dtype = torch.float32) -> None:
@@ -155,21 +154,17 @@ class NF4Linear(nn.Module):
         self.weight = nn.Parameter(q["packed"].view(self.out_features, self.in_features // 2), requires_grad=False)
         return self.weight
 
-    @staticmethod
-    def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The layer's function, on any module holding the weight, its absmax codes and the bias (LoRALinear
-        over NF4 too). Each block of rows rebuilds its own absmaxes from their 8-bit codes, then its weights."""
-        k = layer.in_features
-        flat = layer.weight.reshape(-1)
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        rows = lambda r0, r1, dtype: NF4Linear.rows(self, r0, r1, dtype)  # self may be a LoRALinear over NF4
+        return blockwise_linear(x, rows, self.out_features, self.in_features, self.bias, self.weight, self.absmax_code)
 
-        def rows(r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
-            b0, b1 = r0 * k // BLOCK, -(-r1 * k // BLOCK)  # r0·k is a multiple of 64 (kernels.row_blocks)
-            absmax = block_absmax(layer.absmax_code[b0:b1], layer.absmax_scale, layer.absmax_offset, first=b0)
-            return dequantize_nf4(flat[r0 * k // 2:r1 * k // 2], absmax, dtype).view(r1 - r0, k)
-        return blockwise_linear(x, rows, layer.out_features, k, layer.bias, layer.weight, layer.absmax_code)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return NF4Linear.linear(self, x)
+    def rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+        """Rows r0..r1 of the float weight: the rows' absmaxes rebuilt from their 8-bit codes, then their
+        weights (r0·k is a multiple of 64: blockwise.row_blocks sees to it)."""
+        k = self.in_features
+        b0, b1 = r0 * k // BLOCK, -(-r1 * k // BLOCK)
+        absmax = block_absmax(self.absmax_code[b0:b1], self.absmax_scale, self.absmax_offset, first=b0)
+        return dequantize_nf4(self.weight.reshape(-1)[r0 * k // 2:r1 * k // 2], absmax, dtype).view(r1 - r0, k)
 
     def dequantize(self) -> torch.Tensor:
         """The float (d, k) weight the codes stand for."""
@@ -180,19 +175,20 @@ class NF4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, nf4"
 
 
-def prepare_nf4(model: nn.Module, skip: tuple[str, ...] | None = None, device: torch.device | str = "cpu"):
-    """For loading straight into NF4: swap the (meta) linears but `skip` (by default names.kept_in_float)
-    for empty NF4Linear modules and return a transform(name, tensor) that quantizes each weight as it
-    streams in from disk, so the float model never exists in memory."""
-    owners = swap_linears(model, skip, lambda m: NF4Linear(m.in_features, m.out_features, m.bias is not None,
-                                                            device="meta") if m.in_features % 2 == 0 else None)
+class NF4Quantizer:
+    """Loading straight into NF4: the linear layers but the heads' (and any with an odd in_features:
+    two codes a byte) are quantized as their weights stream in, so the float model never exists."""
 
-    def transform(name: str, tensor: torch.Tensor) -> torch.Tensor:
-        layer = owners.get(name)
-        if layer is None:
-            return tensor
-        packed = layer.set_weight(tensor)
-        for buffer in NF4Linear.carried:
-            setattr(layer, buffer, getattr(layer, buffer).to(device))
-        return packed.data
-    return transform
+    def prepare(self, model: nn.Module, skip: tuple[str, ...] | None, device: torch.device | str) -> LoadPlan:
+        owners = swap_linears(model, skip, lambda m: NF4Linear(m.in_features, m.out_features, m.bias is not None,
+                                                                device="meta") if m.in_features % 2 == 0 else None)
+
+        def transform(name: str, tensor: torch.Tensor) -> torch.Tensor:
+            layer = owners.get(name)
+            if layer is None:
+                return tensor
+            packed = layer.set_weight(tensor)
+            for buffer in NF4Linear.state:
+                setattr(layer, buffer, getattr(layer, buffer).to(device))
+            return packed.data
+        return LoadPlan(transform)

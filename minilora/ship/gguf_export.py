@@ -5,8 +5,9 @@ there (its own converter writes Mistral so too): a model with one is exported wi
 
 The file (GGUF version 3): "GGUF", the version, the tensor and key/value counts; the typed key/values;
 one entry per tensor (name, dimensions fastest first, ggml type, offset); then the tensors' bytes, each
-starting at a multiple of 32. It is written to a temporary file beside the target and renamed, so an
-existing file is replaced whole or not at all.
+starting at a multiple of 32. It is written to a temporary file of its own beside the target and
+renamed, while the writer holds a lock on the target's name (formats.atomic.write_file): an existing
+file is replaced whole or not at all, and a second export to the same name fails at once, by name.
 
 What llama.cpp expects, and where it differs from the Hub's layout:
   - tensor names: blk.N.attn_q.weight for model.layers.N.self_attn.q_proj.weight (gguf.GGUF_NAMES);
@@ -30,9 +31,11 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import ConfigError
+from ..formats.atomic import write_file
 from ..formats.ggml_blocks import BLOCKS, F16, F32, NAMES, Q4_0, Q8_0, quantize_blocks
 from ..formats.gguf import GGUF_NAMES, read_gguf
+from ..lora.config import lora_state
 from ..lora.inject import lora_modules
 from ..lora.layers import LoRALinear, is_adapter_tensor
 
@@ -79,25 +82,17 @@ def write_gguf(path: str | os.PathLike, meta: Meta, tensors: list[Tensor]) -> Pa
         header += _value(STRING, name) + struct.pack("<I", len(shape)) + b"".join(
             struct.pack("<Q", d) for d in reversed(shape)) + struct.pack("<IQ", kind, offset)
         offset += -(-_nbytes(shape, kind) // ALIGN) * ALIGN
-    tmp = path.with_name(path.name + ".partial")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(header + b"\0" * (-len(header) % ALIGN))
-            for name, shape, kind, make in tensors:
-                data = make().detach().cpu().contiguous()
-                _check_finite(name, data, kind)
-                data = data.view(torch.uint8).reshape(-1).numpy().tobytes()
-                if len(data) != _nbytes(shape, kind):
-                    raise AssertionError(f"{name}: {len(data)} bytes for {shape} in {NAMES[kind]}")
-                f.write(data + b"\0" * (-len(data) % ALIGN))
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"{path}: could not be written ({e.strerror or e}); nothing was replaced") from None
-    except BaseException:  # a refused tensor, Ctrl-C: no half-written file left behind
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+
+    def write(f) -> None:  # a refused tensor, a full disk, Ctrl-C: write_file leaves no half file behind
+        f.write(header + b"\0" * (-len(header) % ALIGN))
+        for name, shape, kind, make in tensors:
+            data = make().detach().cpu().contiguous()
+            _check_finite(name, data, kind)
+            data = data.view(torch.uint8).reshape(-1).numpy().tobytes()
+            if len(data) != _nbytes(shape, kind):
+                raise AssertionError(f"{name}: {len(data)} bytes for {shape} in {NAMES[kind]}")
+            f.write(data + b"\0" * (-len(data) % ALIGN))
+    return write_file(path, write)
 
 
 def _check_finite(name: str, data: torch.Tensor, kind: int) -> None:
@@ -253,7 +248,7 @@ def export_merged(model: nn.Module, path: str | os.PathLike, kind: str = "f16", 
     want = TYPES[kind]
     owner = {f"{name}.weight": m for name, m in model.named_modules() if hasattr(m, "merged_weight")}
     for name, m in owner.items():
-        if getattr(m, "base_linear", None) is not None:
+        if isinstance(m, LoRALinear) and m.quantized is not None:
             raise ConfigError(f"{name}: a quantized base (int8, 4-bit or GGUF blocks) is not merged into; load the "
                               "base in floating point to export it merged (minilora export does)")
     tied = {id(model.lm_head.weight)} & {id(model.input_embeddings.weight)}
@@ -267,13 +262,13 @@ def export_merged(model: nn.Module, path: str | os.PathLike, kind: str = "f16", 
         weight = (lambda m=owner[hub]: m.merged_weight()) if hub in owner else (lambda t=t: t.detach().float())
         tensors.append((gguf_name(hub), tuple(t.shape), t_kind,
                         lambda w=weight, h=hub, k=t_kind: encode(to_llamacpp_rows(h, w(), config), k)))
-    source = getattr(model, "source_path", None)
+    source = model.provenance.path if model.provenance is not None else None
     if source is not None and Path(source).suffix == ".gguf":
         file = read_gguf(Path(source))
         skip = ("general.file_type", "general.quantization_version", "general.alignment")
         meta = [(k, *file.types[k][:1], v, file.types[k][1]) for k, v in file.meta.items() if k not in skip]
     else:
-        meta = _model_meta(arch, config, Path(str(getattr(model, "name_or_path", "minilora"))).name)
+        meta = _model_meta(arch, config, _model_name(model))
         if tokenizer is not None:
             meta += _tokenizer_meta(tokenizer, config.vocab_size)
     meta.append(("general.file_type", UINT32, FILE_TYPES[want], None))
@@ -282,12 +277,18 @@ def export_merged(model: nn.Module, path: str | os.PathLike, kind: str = "f16", 
     return write_gguf(path, meta, tensors)
 
 
+def _model_name(model: nn.Module) -> str:
+    """What general.name says: the source's file or folder name."""
+    return Path(model.provenance.source).name if model.provenance is not None else "minilora"
+
+
 def export_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     """The model's active LoRA adapter as a llama.cpp adapter file (`llama-cli -m base.gguf --lora
     file.gguf`; Ollama's ADAPTER line). Refused, by name, for what that format cannot carry: DoRA,
     LoRA on embeddings, and modules trained in full (modules_to_save)."""
     arch, config = architecture(model)
-    saved = list(getattr(getattr(model, "lora_config", None), "modules_to_save", None) or [])
+    state = lora_state(model)
+    saved = list(state.config.modules_to_save) if state is not None else []
     if saved:
         raise ConfigError(f"modules_to_save ({', '.join(saved)}): llama.cpp's adapter format carries only LoRA's "
                           "A and B; export the merged model instead (--merged)")
@@ -314,6 +315,6 @@ def export_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         tensors += [(f"{base}.lora_a", tuple(a.shape), F32, lambda t=a: t.contiguous()),
                     (f"{base}.lora_b", tuple(b.shape), F32, lambda t=b: t.contiguous())]
     meta: Meta = [("general.architecture", STRING, arch, None), ("general.type", STRING, "adapter", None),
-                  ("general.name", STRING, Path(str(getattr(model, "name_or_path", "minilora"))).name + " LoRA", None),
+                  ("general.name", STRING, _model_name(model) + " LoRA", None),
                   ("adapter.type", STRING, "lora", None), ("adapter.lora.alpha", FLOAT32, float(alpha), None)]
     return write_gguf(path, meta, tensors)

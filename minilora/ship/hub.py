@@ -6,7 +6,9 @@ file of the folder goes up in one commit with the card (README.md) and the loss 
 token is the standard one (the HF_TOKEN variable, or the file `huggingface-cli login` writes), read by
 that client; minilora never prints it or writes it anywhere. Offline (HF_HUB_OFFLINE) or without a
 token, push fails before anything is sent, and the local folder is never changed: the card is made in
-memory.
+memory. While its files are read and sent, push holds the folder's lock shared (formats.atomic), so
+that a save into the same folder fails at once, by name, instead of mixing two versions in one commit
+(and a push while a save is writing fails so too).
 
 The card: YAML metadata as the Hub reads it (base_model when the base is a Hub id, library_name: peft,
 tags), the LoRA settings (adapter_config.json), and, when the folder sits in a run's output folder, the
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, ConfigError
+from ..formats.atomic import owning, recover
 from ..formats.paths import read_json
 from ..training.plots import loss_svg, read_metrics
 
@@ -47,11 +50,19 @@ def check_can_push(repo_id: str) -> None:
 def push_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = False,
                 commit_message: str | None = None) -> str:
     """Upload `folder` (an adapter, or a merged model's folder) to `repo_id` with a model card; returns
-    the commit's URL. The folder's files are sent as they are; nothing is written locally."""
+    the commit's URL. The folder's files are sent as they are; nothing is written locally but the
+    lock file beside the folder, for the length of the push."""
     folder = Path(folder)
+    recover(folder)  # a save killed between its two renames: the previous version back at its name
     if not folder.is_dir() or not any(folder.iterdir()):
         raise CheckpointError(f"{folder}: not a folder with an adapter or model to push")
     check_can_push(repo_id)
+    # optional: a folder whose lock cannot be made (read-only) is one no one can be saving into
+    with owning(folder, "pushing it to the Hub", shared=True, optional=True, instead="nothing was pushed"):
+        return _push(folder, repo_id, private, commit_message)
+
+
+def _push(folder: Path, repo_id: str, private: bool, commit_message: str | None) -> str:
     from huggingface_hub import CommitOperationAdd, HfApi
     files = [p for p in sorted(folder.rglob("*")) if p.is_file() and not p.is_symlink()
              and not any(part.startswith(".") for part in p.relative_to(folder).parts)

@@ -36,9 +36,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..errors import CheckpointError
-from ..formats.atomic import make_folder, write_atomically
+from ..errors import CheckpointError, WriteError
+from ..formats.atomic import make_folder, recover, write_atomically
 from ..formats.paths import read_json
+from ..lora.config import lora_state
 from ..lora.peft_files import load_adapter, write_adapter_files
 from . import distributed
 
@@ -63,7 +64,7 @@ def own_output_dir(output_dir: Path, resuming: bool, overwrite: bool) -> Iterato
     try:
         lock = open(output_dir / LOCK_FILE, "a+")
     except OSError as e:
-        raise CheckpointError(f"{output_dir / LOCK_FILE}: cannot create the run's lock file ({e.strerror or e})") from None
+        raise WriteError(f"{output_dir / LOCK_FILE}: cannot create the run's lock file ({e.strerror or e})") from None
     with lock:
         if fcntl is not None:
             try:
@@ -73,10 +74,12 @@ def own_output_dir(output_dir: Path, resuming: bool, overwrite: bool) -> Iterato
                 holder = lock.read().strip() or "unknown"
                 raise CheckpointError(f"{output_dir}: another run is training into this folder (process {holder}); "
                                       "wait for it to end, or choose another output_dir") from None
-        lock.seek(0)
-        lock.truncate()
-        lock.write(f"{os.getpid()}\n")
-        lock.flush()
+        try:  # unbuffered: a disk too full for the pid fails here, by name, and not again on close
+            os.ftruncate(lock.fileno(), 0)
+            os.write(lock.fileno(), f"{os.getpid()}\n".encode())
+        except OSError as e:
+            raise WriteError(f"{output_dir / LOCK_FILE}: cannot write the run's lock file ({e.strerror or e}); the "
+                             "run did not start") from None
         found = previous_run(output_dir)
         if found and not resuming:
             if not overwrite:
@@ -101,8 +104,14 @@ def own_output_dir(output_dir: Path, resuming: bool, overwrite: bool) -> Iterato
 
 
 def checkpoint_folders(output_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints, oldest first (a folder is complete once its final name exists)."""
+    """Complete checkpoints, oldest first (a folder is complete once its final name exists; one that a
+    process killed while replacing it left aside is put back first)."""
     out = Path(output_dir)
+    for aside in out.glob(".checkpoint-*.old-*") if out.is_dir() else ():
+        try:
+            recover(aside.with_name(aside.name[1:].rpartition(".old-")[0]))
+        except CheckpointError:
+            pass  # it cannot be put back (a read-only folder): not a checkpoint at its name, so not listed
     found = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()
              and (p / STATE_FILE).is_file()] if out.is_dir() else []
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
@@ -116,7 +125,8 @@ def run_fingerprint(config: Any, model: nn.Module, train_data: list, total_steps
     for example in train_data:
         data.update(np.asarray(example.input_ids, dtype=np.int64).tobytes() + b"|")
         data.update(np.asarray(example.labels, dtype=np.int64).tobytes() + b";")
-    lora = getattr(model, "lora_config", None)
+    state = lora_state(model)
+    lora = state.config if state is not None else None
     run = dict(batch_size=config.batch_size, micro_batch_size=config.micro_batch_size, seed=config.seed,
                lr=config.lr, lr_schedule=config.lr_schedule, warmup_steps=config.warmup_steps, total_steps=total_steps,
                weight_decay=config.weight_decay, adam_betas=config.adam_betas, max_grad_norm=config.max_grad_norm,

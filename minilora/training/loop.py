@@ -1,9 +1,13 @@
-"""The training loop: one function, `train`, configured by one dataclass, `TrainConfig`.
+"""The training loop: one function, `train`, configured by one dataclass, `TrainConfig`, minimising
+an objective (objectives/: next-token prediction, classification, ...) that it is handed or that the
+examples call for. train() reads as its setup, then the loop; each part is a function below it, in
+the order it runs.
 
 Per optimizer step: `batch_size` examples, split into micro-batches of `micro_batch_size`; each
-micro-batch's summed loss is backpropagated, and the gradients are divided once by the number of
-target tokens in the whole step. That makes accumulation exactly one big batch's gradient, however
-the tokens fall among micro-batches (averaging each micro-batch's loss first would not).
+micro-batch's summed loss is backpropagated, and the gradients are divided once by the count of
+targets (tokens, or examples for a classifier) in the whole step. That makes accumulation exactly one
+big batch's gradient, however the targets fall among micro-batches (averaging each micro-batch's loss
+first would not).
 
 The data order of epoch e is a permutation seeded by (seed, e), so a position (step) is all it
 takes to find the next batch again. A checkpoint holds the adapter, the optimizer, the scheduler,
@@ -45,10 +49,8 @@ from .checkpoint import (
     run_fingerprint,
     save_checkpoint,
 )
-from .evaluate import evaluate, evaluate_classification
-from .objectives.causal_lm import LossFn, causal_lm_loss
-from .objectives.classify import classification_loss
-from .plots import plot_run
+from .objectives import LossFn, Objective, as_objective, objective_for
+from .plots import plot_at_end
 from .progress import event_writer, micro_batch_done, progress_bar, show_record
 
 
@@ -147,14 +149,15 @@ class TrainResult:
 def train(model: nn.Module, tokenizer, train_data: list[Example], eval_data: list[Example] | None = None,
           config: TrainConfig | None = None, loss_fn: LossFn | None = None,
           evaluate_fn: Callable[[nn.Module], dict[str, float]] | None = None,
-          should_stop: Callable[[], bool] | None = None) -> TrainResult:
+          should_stop: Callable[[], bool] | None = None, objective: Objective | None = None) -> TrainResult:
     """Train the parameters of `model` that require grad (the LoRA ones after apply_lora).
 
-    The examples decide the task: per-token labels train a language model (causal_lm_loss; evaluation
-    gives loss and perplexity), one class id per example a classifier (classification_loss; loss,
-    accuracy and F1). loss_fn and evaluate_fn(model) -> metrics replace those defaults. Writes
-    output_dir/metrics.jsonl, checkpoint-<step>/ folders, best/ (with best_metric), and the final
-    adapter in output_dir/adapter/.
+    `objective` (objectives/) says what is minimised and how evaluation scores it. Left out, the
+    examples decide: per-token labels train a language model (CausalLM: causal_lm_loss; loss and
+    perplexity), one class id per example a classifier (Classification: classification_loss; loss,
+    accuracy and F1); a loss_fn then takes the place of that objective's loss. evaluate_fn(model) ->
+    metrics replaces the objective's evaluation. Writes output_dir/metrics.jsonl, checkpoint-<step>/
+    folders, best/ (with best_metric), and the final adapter in output_dir/adapter/.
 
     should_stop() is asked after every step; when it says yes, the step's checkpoint is saved and
     training stops (result.stopped_early; resume with resume_from_checkpoint="latest"). The command
@@ -166,157 +169,269 @@ def train(model: nn.Module, tokenizer, train_data: list[Example], eval_data: lis
     """
     cfg = config or TrainConfig()
     pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
-    _refuse_what_would_go_wrong(model, train_data, eval_data, cfg, pad_id, evaluate_fn is not None)
-    rank, world = distributed.rank_and_world()
-    main = rank == 0
-    out = Path(cfg.output_dir)
-    device = next(model.parameters()).device
+    if objective is not None and loss_fn is not None:
+        raise ConfigError("train() takes an objective or a loss_fn (the loss of the examples' objective), not both")
+    if objective is None:
+        objective = objective_for(train_data, loss_fn)
+    _refuse_what_would_go_wrong(model, train_data, eval_data, cfg, pad_id, objective, evaluate_fn is not None)
     with contextlib.ExitStack() as held:  # the output folder and what the loop changes, until train returns
-        claim_error = None
-        if main:  # rank 0 writes, so rank 0 owns the folder; all ranks agree on whether it could
-            try:
-                resuming = cfg.resume_from_checkpoint == "latest" or cfg.resume_from_checkpoint is not None and \
-                    Path(cfg.resume_from_checkpoint).expanduser().resolve().parent == out.resolve()  # this run's own
-                held.enter_context(own_output_dir(out, resuming, cfg.overwrite_output_dir))
-            except CheckpointError as e:
-                claim_error = e
-        if distributed.any_rank(claim_error is not None, device):
-            raise claim_error or CheckpointError(f"{out}: rank 0 could not take the output folder")
-        bf16 = hardware.use_bf16(cfg.bf16, device)
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
-            raise ConfigError("the model has no trainable parameters: call apply_lora first")
-        torch.manual_seed(cfg.seed + rank)  # dropout masks differ between ranks
-        distributed.broadcast_from_main(params)  # every rank starts from rank 0's LoRA initialisation
-        optimizer = torch.optim.AdamW(
-            [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],  # no decay on biases and norms
-            lr=cfg.lr, betas=cfg.adam_betas)
-        steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
-        total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
-        if cfg.warmup_steps >= total_steps:
-            warnings.warn(f"warmup_steps={cfg.warmup_steps} is not shorter than the run ({total_steps} steps): the "
-                          "learning rate never reaches its peak", stacklevel=3)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.lr_schedule))
-        run = run_fingerprint(cfg, model, train_data, total_steps, bf16)
-        classifier = isinstance(train_data[0].labels, int)
-        loss_fn = loss_fn or (classification_loss if classifier else causal_lm_loss)
+        run = _setup(model, train_data, cfg, held)
         if evaluate_fn is None and eval_data:
             def evaluate_fn(m: nn.Module) -> dict[str, float]:
-                if classifier:
-                    return evaluate_classification(m, eval_data, pad_id, cfg.micro_batch_size, bf16)
-                return evaluate(m, eval_data, pad_id, cfg.micro_batch_size, loss_fn, bf16)
+                return objective.evaluate(m, eval_data, pad_id, cfg.micro_batch_size, run.bf16)
+        _resume(run)
+        _open_logs(run)
+        if cfg.eval_at_start and evaluate_fn is not None and run.step == 0:
+            run.log({"step": 0, "epoch": 0.0, **evaluate_fn(model)})
+        _start_training(run, held)
 
-        result, step, since_best = TrainResult(), 0, 0  # since_best: evaluations without a better best_metric
-        if cfg.resume_from_checkpoint:
-            folder = resolve_resume(cfg.resume_from_checkpoint, out)
-            state = load_checkpoint(folder, model, optimizer, scheduler, run)
-            step, result.best_metric, result.best_step = state["step"], state.get("best_metric"), state.get("best_step")
-            since_best = state.get("since_best", 0)
-        metrics = MetricsLog(out, step if cfg.resume_from_checkpoint else None)  # after a resume: its own steps
-        progress = None
-        board = event_writer(out / "tensorboard", step + 1) if cfg.report_to == "tensorboard" and main else None
-
-        def log(record: dict[str, Any]) -> None:
-            result.history.append(record)
-            metrics.write(record)
-            if board is not None:
-                board(record)
-            if main:
-                show_record(record, progress)
-
-        if cfg.eval_at_start and evaluate_fn is not None and step == 0:
-            log({"step": 0, "epoch": 0.0, **evaluate_fn(model)})
-        set_gradient_checkpointing(model, cfg.gradient_checkpointing)
-        model.train()
-        if bf16:  # the frozen linear weights cast to bf16 once, not per micro-batch
-            held.enter_context(frozen_weights_in(model, torch.bfloat16))
-        progress = progress_bar(cfg.progress and main, total_steps, step)
-        if progress is not None:
-            held.callback(progress.close)
-        while step < total_steps:
-            if cfg.early_stopping_patience and since_best >= cfg.early_stopping_patience:  # (also right after a resume)
-                if main:  # the run ends as a finished one: its adapter (the best, with load_best_at_end) is saved
-                    print(f"early stopping at step {step}: {since_best} evaluations without a better "
-                          f"{cfg.best_metric} than {result.best_metric:.4g} (step {result.best_step})", flush=True)
-                result.early_stopped_at = step
+        while run.step < run.total_steps:
+            if _patience_spent(run):
                 break
-            epoch, i = divmod(step, steps_per_epoch)
-            order = epoch_order(len(train_data), cfg.seed, epoch)[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            micro = batches(train_data, order, cfg.micro_batch_size, pad_id, device, cfg.pad_to, shard=(rank, world))
-            loss, count = accumulate_gradients(model, micro, loss_fn, bf16,
-                                               None if progress is None else micro_batch_done(progress, len(micro)))
-            if not math.isfinite(loss):
-                last = checkpoint_folders(out)
-                raise TrainingError(f"step {step + 1}: the loss is {loss}; training stopped. The last good "
-                                    f"checkpoint is {last[-1] if last else 'none (nothing was saved yet)'}")
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss, "lr": lr,
-                      "grad_norm": float(grad_norm), "tokens": count}
-            if step % cfg.log_every == 0 or step == total_steps:
-                log(record)
-            end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
-            if evaluate_fn is not None and ((cfg.eval_every and step % cfg.eval_every == 0)
+            record = _one_step(run, train_data, objective, pad_id)
+            if run.step % cfg.log_every == 0 or run.step == run.total_steps:
+                run.log(record)
+            end_of_epoch = run.step % run.steps_per_epoch == 0 or run.step == run.total_steps
+            if evaluate_fn is not None and ((cfg.eval_every and run.step % cfg.eval_every == 0)
                                             or (cfg.eval_each_epoch and end_of_epoch)):
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):  # as the weights are
-                    scores = evaluate_fn(model)
-                model.train()
-                log({"step": step, "epoch": round(step / steps_per_epoch, 4), **scores})
-                if cfg.best_metric:
-                    if cfg.best_metric not in scores:
-                        raise ConfigError(f"best_metric {cfg.best_metric!r} is not among the metrics: {', '.join(scores)}")
-                    since_best += 1
-                    if _better(cfg.best_metric, scores[cfg.best_metric], result.best_metric):
-                        result.best_metric, result.best_step, since_best = scores[cfg.best_metric], step, 0
-                        if main:
-                            save_adapter(model, out / "best", extra={"best_step": step, cfg.best_metric: result.best_metric})
-            stop = distributed.any_rank(should_stop is not None and should_stop(), device)  # all ranks agree
-            if (cfg.save_every and step % cfg.save_every == 0) or (cfg.save_each_epoch and end_of_epoch) or stop:
-                save_checkpoint(out / f"checkpoint-{step}", model, optimizer, scheduler,
-                                {"step": step, "best_metric": result.best_metric, "best_step": result.best_step,
-                                 "since_best": since_best, "run": run})
-                rotate(out, cfg.keep_last)
+                _evaluate_and_keep_the_best(run, evaluate_fn)
+            stop = distributed.any_rank(should_stop is not None and should_stop(), run.device)  # all ranks agree
+            if (cfg.save_every and run.step % cfg.save_every == 0) or (cfg.save_each_epoch and end_of_epoch) or stop:
+                _save_checkpoint(run)
             if stop:
-                result.stopped_early = True
+                run.result.stopped_early = True
                 break
 
-        distributed.barrier()  # rank 0's files are complete before any rank reads them or returns
-        if not result.stopped_early:
-            if cfg.load_best_at_end and result.best_step is not None:
-                load_adapter(model, out / "best")
-            result.adapter_dir = save_adapter(model, out / "adapter") if main else out / "adapter"
-            if main:
-                plot_run(out)  # loss.svg (and loss.png with matplotlib) beside metrics.jsonl
-            distributed.barrier()
-        model.eval()
-    return result
+        _end_of_run(run)
+    return run.result
 
 
 # ---------------------------------------------------------------------------------------------
-# One step: the batch, its micro-batches, the summed gradients, the learning rate
+# The run's setup, in the order train() calls it
 
-def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]], loss_fn: LossFn | None = None,
-                         bf16: bool = False, done: Callable[[int], None] | None = None) -> tuple[float, int]:
+@dataclass
+class _Run:
+    """What train() sets up once and its steps share; step, since_best and result change as it goes."""
+    cfg: TrainConfig
+    model: nn.Module
+    out: Path
+    device: torch.device
+    rank: int
+    world: int
+    bf16: bool
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    steps_per_epoch: int
+    total_steps: int
+    fingerprint: dict[str, Any]           # what a checkpoint must match to be resumed (run_fingerprint)
+    result: TrainResult = field(default_factory=TrainResult)
+    step: int = 0
+    since_best: int = 0                   # evaluations without a better best_metric
+    metrics: MetricsLog | None = None
+    board: Callable[[dict[str, Any]], None] | None = None  # TensorBoard scalars, on rank 0
+    progress: Any = None                  # the progress bar, on rank 0
+
+    @property
+    def main(self) -> bool:  # rank 0: the one that writes and prints
+        return self.rank == 0
+
+    @property
+    def epoch(self) -> float:
+        return round(self.step / self.steps_per_epoch, 4)
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.result.history.append(record)
+        self.metrics.write(record)
+        if self.board is not None:
+            self.board(record)
+        if self.main:
+            show_record(record, self.progress)
+
+
+def _setup(model: nn.Module, train_data: list[Example], cfg: TrainConfig, held: contextlib.ExitStack) -> _Run:
+    """Claim the output folder, start every rank from the same LoRA weights, build the optimizer and schedule."""
+    rank, world = distributed.rank_and_world()
+    out, device = Path(cfg.output_dir), next(model.parameters()).device
+    _claim_output_folder(out, cfg, rank == 0, device, held)
+    bf16 = hardware.use_bf16(cfg.bf16, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("the model has no trainable parameters: call apply_lora first")
+    torch.manual_seed(cfg.seed + rank)  # dropout masks differ between ranks
+    distributed.broadcast_from_main(params)  # every rank starts from rank 0's LoRA initialisation
+    steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
+    total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
+    optimizer, scheduler = _optimizer_and_schedule(params, cfg, total_steps)
+    return _Run(cfg, model, out, device, rank, world, bf16, params, optimizer, scheduler, steps_per_epoch, total_steps,
+                run_fingerprint(cfg, model, train_data, total_steps, bf16))
+
+
+def _claim_output_folder(out: Path, cfg: TrainConfig, main: bool, device: torch.device,
+                         held: contextlib.ExitStack) -> None:
+    """Rank 0 writes, so rank 0 owns the folder (until train returns); all ranks agree on whether it could."""
+    claim_error = None
+    if main:
+        try:
+            resuming = cfg.resume_from_checkpoint == "latest" or cfg.resume_from_checkpoint is not None and \
+                Path(cfg.resume_from_checkpoint).expanduser().resolve().parent == out.resolve()  # this run's own
+            held.enter_context(own_output_dir(out, resuming, cfg.overwrite_output_dir))
+        except CheckpointError as e:
+            claim_error = e
+    if distributed.any_rank(claim_error is not None, device):
+        raise claim_error or CheckpointError(f"{out}: rank 0 could not take the output folder")
+
+
+def _optimizer_and_schedule(params: list[nn.Parameter], cfg: TrainConfig, total_steps: int) \
+        -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW (no decay on biases and norms), and the warmup-then-decay schedule of lr_factor."""
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+        lr=cfg.lr, betas=cfg.adam_betas)
+    if cfg.warmup_steps >= total_steps:
+        warnings.warn(f"warmup_steps={cfg.warmup_steps} is not shorter than the run ({total_steps} steps): the "
+                      "learning rate never reaches its peak", stacklevel=5)  # the caller of train()'s caller
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.lr_schedule))
+    return optimizer, scheduler
+
+
+def _resume(run: _Run) -> None:
+    """From resume_from_checkpoint: the adapter, optimizer, schedule and RNG, the step and the best so far."""
+    if run.cfg.resume_from_checkpoint:
+        folder = resolve_resume(run.cfg.resume_from_checkpoint, run.out)
+        state = load_checkpoint(folder, run.model, run.optimizer, run.scheduler, run.fingerprint)
+        run.step, run.result.best_metric, run.result.best_step = state["step"], state.get("best_metric"), \
+            state.get("best_step")
+        run.since_best = state.get("since_best", 0)
+
+
+def _open_logs(run: _Run) -> None:
+    """metrics.jsonl (after a resume, cut back to the checkpoint's step) and, if asked, TensorBoard's events."""
+    run.metrics = MetricsLog(run.out, run.step if run.cfg.resume_from_checkpoint else None)
+    if run.cfg.report_to == "tensorboard" and run.main:
+        run.board = event_writer(run.out / "tensorboard", run.step + 1)
+
+
+def _start_training(run: _Run, held: contextlib.ExitStack) -> None:
+    """Training mode, gradient checkpointing, bf16 frozen weights and the progress bar, until train returns."""
+    set_gradient_checkpointing(run.model, run.cfg.gradient_checkpointing)
+    run.model.train()
+    if run.bf16:  # the frozen linear weights cast to bf16 once, not per micro-batch
+        held.enter_context(frozen_weights_in(run.model, torch.bfloat16))
+    run.progress = progress_bar(run.cfg.progress and run.main, run.total_steps, run.step)
+    if run.progress is not None:
+        held.callback(run.progress.close)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop's parts, in the order of one step
+
+def _patience_spent(run: _Run) -> bool:
+    """early_stopping_patience evaluations without a better best_metric (also right after a resume)."""
+    if not (run.cfg.early_stopping_patience and run.since_best >= run.cfg.early_stopping_patience):
+        return False
+    if run.main:  # the run ends as a finished one: its adapter (the best, with load_best_at_end) is saved
+        print(f"early stopping at step {run.step}: {run.since_best} evaluations without a better "
+              f"{run.cfg.best_metric} than {run.result.best_metric:.4g} (step {run.result.best_step})", flush=True)
+    run.result.early_stopped_at = run.step
+    return True
+
+
+def _one_step(run: _Run, train_data: list[Example], objective: Objective, pad_id: int) -> dict[str, Any]:
+    """The step's batch (its place in the epoch's seeded order), its gradient, one optimizer step; its record."""
+    cfg = run.cfg
+    epoch, i = divmod(run.step, run.steps_per_epoch)
+    order = epoch_order(len(train_data), cfg.seed, epoch)[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+    micro = batches(train_data, order, cfg.micro_batch_size, pad_id, run.device, cfg.pad_to,
+                    shard=(run.rank, run.world))
+    loss, count, metrics = accumulate(run.model, micro, objective, run.bf16,
+                                      None if run.progress is None else micro_batch_done(run.progress, len(micro)))
+    if not math.isfinite(loss):
+        last = checkpoint_folders(run.out)
+        raise TrainingError(f"step {run.step + 1}: the loss is {loss}; training stopped. The last good "
+                            f"checkpoint is {last[-1] if last else 'none (nothing was saved yet)'}")
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm or float("inf"))
+    lr = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    return {"step": run.step, "epoch": run.epoch, "loss": loss, **metrics, "lr": lr, "grad_norm": float(grad_norm),
+            "tokens": count}
+
+
+def _evaluate_and_keep_the_best(run: _Run, evaluate_fn: Callable[[nn.Module], dict[str, float]]) -> None:
+    """Evaluate and log; with best_metric, a better score saves the adapter to best/ and resets the patience."""
+    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.bf16):  # as the weights are
+        scores = evaluate_fn(run.model)
+    run.model.train()
+    run.log({"step": run.step, "epoch": run.epoch, **scores})
+    metric, result = run.cfg.best_metric, run.result
+    if metric:
+        if metric not in scores:
+            raise ConfigError(f"best_metric {metric!r} is not among the metrics: {', '.join(scores)}")
+        run.since_best += 1
+        if _better(metric, scores[metric], result.best_metric):
+            result.best_metric, result.best_step, run.since_best = scores[metric], run.step, 0
+            if run.main:
+                save_adapter(run.model, run.out / "best", extra={"best_step": run.step, metric: result.best_metric})
+
+
+def _save_checkpoint(run: _Run) -> None:
+    """checkpoint-<step>/: what an exact resume needs; the oldest beyond keep_last are removed."""
+    save_checkpoint(run.out / f"checkpoint-{run.step}", run.model, run.optimizer, run.scheduler,
+                    {"step": run.step, "best_metric": run.result.best_metric, "best_step": run.result.best_step,
+                     "since_best": run.since_best, "run": run.fingerprint})
+    rotate(run.out, run.cfg.keep_last)
+
+
+def _end_of_run(run: _Run) -> None:
+    """A finished run (not one stopped on request) saves its adapter (the best, with load_best_at_end) and plots."""
+    distributed.barrier()  # rank 0's files are complete before any rank reads them or returns
+    if not run.result.stopped_early:
+        if run.cfg.load_best_at_end and run.result.best_step is not None:
+            load_adapter(run.model, run.out / "best")
+        run.result.adapter_dir = save_adapter(run.model, run.out / "adapter") if run.main else run.out / "adapter"
+        if run.main:
+            plot_at_end(run.out, run.result.adapter_dir)  # loss.svg (and .png): a plot never fails the run
+        distributed.barrier()
+    run.model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# One step's gradient: the micro-batches, the summed gradients, the learning rate
+
+def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]],
+                         loss_fn: Objective | LossFn | None = None, bf16: bool = False,
+                         done: Callable[[int], None] | None = None) -> tuple[float, int]:
     """Backpropagate every micro-batch's summed loss, then divide the gradients by the total count:
-    the gradient of the mean loss over the whole batch. Returns (mean loss, count).
+    the gradient of the mean loss over the whole batch. Returns (mean loss, count). loss_fn is an
+    objective or a bare loss function (model, batch) -> (summed loss, count); causal_lm_loss unless given."""
+    loss, count, _ = accumulate(model, micro_batches, as_objective(loss_fn), bf16, done)
+    return loss, count
 
-    Running distributed, the micro-batches are this rank's share; gradients, loss and count are summed
-    over the ranks before the division, so the result is the whole batch's on every rank."""
-    loss_fn = loss_fn or causal_lm_loss
+
+def accumulate(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]], objective: Objective,
+               bf16: bool = False, done: Callable[[int], None] | None = None) -> tuple[float, int, dict[str, float]]:
+    """accumulate_gradients, with the objective's metrics as well: (mean loss, count, {name: mean}).
+
+    Running distributed, the micro-batches are this rank's share; gradients, loss, count and metrics
+    are summed over the ranks before the division, so the result is the whole batch's on every rank."""
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    total, count, sums = 0.0, 0, dict.fromkeys(objective.metrics, 0.0)
     for batch in micro_batches:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss, n = loss_fn(model, batch)
+            loss, n, metrics = objective.loss(model, batch)
+        if metrics.keys() != sums.keys():
+            raise ConfigError(f"{type(objective).__name__}.loss returned the metrics {sorted(metrics)}, but its "
+                              f"metrics attribute names {sorted(sums)}")
         loss.backward()
         total += float(loss.detach())
         count += n
+        for name, value in metrics.items():
+            sums[name] += float(value)
         if done is not None:
             done(int(batch["attention_mask"].bool().sum()))  # the progress bar moves per micro-batch
     grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -325,12 +440,13 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.T
         for p in trainable:  # a rank with no micro-batch this step still takes part in the sum
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        sums = torch.tensor([total, count], dtype=torch.float64, device=device)
-        distributed.sum_across_ranks([p.grad for p in trainable] + [sums])
-        grads, total, count = [p.grad for p in trainable], float(sums[0]), int(round(float(sums[1])))
+        summed = torch.tensor([total, count, *sums.values()], dtype=torch.float64, device=device)
+        distributed.sum_across_ranks([p.grad for p in trainable] + [summed])
+        grads, total, count = [p.grad for p in trainable], float(summed[0]), int(round(float(summed[1])))
+        sums = dict(zip(sums, summed[2:].tolist()))
     for g in grads:
         g.div_(max(count, 1))
-    return total / max(count, 1), count
+    return total / max(count, 1), count, {name: value / max(count, 1) for name, value in sums.items()}
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -358,8 +474,22 @@ def set_gradient_checkpointing(model: nn.Module, on: bool) -> None:
 # ---------------------------------------------------------------------------------------------
 # Helpers
 
+def refuse_an_untrained_head(model: nn.Module, key: str | None = None) -> None:
+    """A classification head the loader initialised fresh (the checkpoint had none) must be trained,
+    or the classifier guesses. run_recipe asks right after apply_lora, naming its recipe key; train()
+    asks again for callers of the library, who name its modules in apply_lora's modules_to_save."""
+    provenance = getattr(model, "provenance", None)  # None for a model built from a config (or any nn.Module)
+    fresh = provenance.fresh_tensors if provenance is not None else ()
+    untrained = [n for n, p in model.named_parameters() if n in fresh and not p.requires_grad]
+    if untrained:
+        where, fix = (f"{key}: ", f"list {', '.join(model.task_head)} there") if key else \
+            ("", "give its modules to apply_lora's modules_to_save")
+        raise ConfigError(f"{where}the classification head starts untrained ({', '.join(untrained)}) and would "
+                          f"stay so: {fix}")
+
+
 def _refuse_what_would_go_wrong(model: nn.Module, train_data: list[Example], eval_data: list[Example] | None,
-                                cfg: TrainConfig, pad_id: int, custom_eval: bool) -> None:
+                                cfg: TrainConfig, pad_id: int, objective: Objective, custom_eval: bool) -> None:
     """What would fail late (after hours) or train wrongly, refused before anything is written."""
     if not train_data:
         raise ConfigError("train_data is empty")
@@ -371,10 +501,7 @@ def _refuse_what_would_go_wrong(model: nn.Module, train_data: list[Example], eva
         raise DataError("the examples mix class ids (classification) and token labels (language modelling)")
     if eval_data and not any(target_count(e) for e in eval_data):
         raise DataError("eval_data has no token to evaluate: every label is -100 once shifted")
-    untrained = [n for n, p in model.named_parameters() if n in getattr(model, "fresh_tensors", []) and not p.requires_grad]
-    if untrained:
-        raise ConfigError(f"the classification head starts untrained ({', '.join(untrained)}) and would stay so: "
-                          "give its modules to apply_lora's modules_to_save")
+    refuse_an_untrained_head(model)
     if any(getattr(m, "merged", False) for m in model.modules()):
         raise ConfigError("the model's LoRA layers are merged into the base weights: unmerge_lora(model) first")
     rows = getattr(getattr(model, "input_embeddings", None), "num_embeddings", None)
@@ -392,9 +519,9 @@ def _refuse_what_would_go_wrong(model: nn.Module, train_data: list[Example], eva
         raise ConfigError(f"the pad token id {pad_id} is beyond the model's {rows} embeddings")
     if cfg.best_metric and not eval_data and not custom_eval:
         raise ConfigError(f"best_metric={cfg.best_metric!r} needs evaluation data")
-    known = ("eval_loss", "eval_accuracy", "eval_f1") if classes is not None else ("eval_loss", "eval_perplexity")
-    if cfg.best_metric and not custom_eval and cfg.best_metric not in known:
-        raise ConfigError(f"best_metric {cfg.best_metric!r} is not among the metrics evaluation gives: {', '.join(known)}")
+    if cfg.best_metric and not custom_eval and cfg.best_metric not in objective.eval_metrics:
+        raise ConfigError(f"best_metric {cfg.best_metric!r} is not among the metrics evaluation gives: "
+                          f"{', '.join(objective.eval_metrics)}")
     if cfg.resume_from_checkpoint not in (None, "latest"):
         resolve_resume(cfg.resume_from_checkpoint, Path(cfg.output_dir))  # a checkpoint folder, or a named error
 

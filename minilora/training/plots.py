@@ -1,18 +1,19 @@
-"""The parameter report: the LoRA paper's arithmetic, d·k frozen vs r·(d+k) trained, per module and in
-total. "all params" counts every parameter of the model, LoRA's included, once: PEFT's
-print_trainable_parameters counts the same, plus a frozen copy it keeps of each modules_to_save module.
-
-It reads only module shapes, so it works on a model built on the `meta` device from config.json alone.
-And what a training run shows as it goes: a progress bar that moves per micro-batch (tokens/s, loss,
-lr, time left), or, with the bar off, a line per logged step and evaluation.
+"""What a run leaves to look at: its metrics.jsonl read back, and loss.svg (the training loss, the
+evaluation loss and the learning rate against the step, drawn here without a plotting library), plus
+loss.png where matplotlib is installed. Each file is written whole or not at all.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import warnings
 from pathlib import Path
 from typing import Any
+
+from ..errors import MiniLoraError
+from ..formats.atomic import write_file
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -62,14 +63,16 @@ def loss_svg(history: list[dict[str, Any]], width: int = 640, height: int = 320)
     return "\n".join(out)
 
 
-def plot_run(run: Path) -> list[Path]:
-    """loss.svg beside a run's metrics.jsonl (and loss.png where matplotlib is installed); the files written."""
-    history = read_metrics(Path(run) / "metrics.jsonl")
+def plot_run(run: str | os.PathLike) -> list[Path]:
+    """loss.svg beside a run's metrics.jsonl (and loss.png where matplotlib is installed); the files
+    written. Each is written whole or not at all (a full disk or a read-only folder is a WriteError
+    naming the file, and a plot already there is kept as it was)."""
+    run = Path(run)
+    history = read_metrics(run / "metrics.jsonl")
     svg = loss_svg(history)
     if svg is None:
         return []
-    (Path(run) / "loss.svg").write_text(svg)
-    written = [Path(run) / "loss.svg"]
+    written = [write_file(run / "loss.svg", lambda f: f.write(svg.encode("utf-8")))]
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -90,6 +93,21 @@ def plot_run(run: Path) -> list[Path]:
         twin.set_ylabel("learning rate")
     ax.legend(loc="upper right")
     fig.tight_layout()
-    fig.savefig(Path(run) / "loss.png", dpi=100)
-    plt.close(fig)
-    return written + [Path(run) / "loss.png"]
+    try:
+        written.append(write_file(run / "loss.png", lambda f: fig.savefig(f, format="png", dpi=100)))
+    finally:
+        plt.close(fig)
+    return written
+
+
+def plot_at_end(run: str | os.PathLike, adapter: str | os.PathLike | None = None) -> list[Path]:
+    """plot_run at the end of a training run, which a plot never fails: the adapter is saved by then,
+    so a plot that cannot be drawn (a full disk, a read-only folder, a broken matplotlib) is a warning
+    naming the file and where the adapter is, and `minilora plot RUN` can draw it later."""
+    try:
+        return plot_run(run)
+    except Exception as e:  # noqa: BLE001 - whatever went wrong, the run's results are safe
+        why = str(e) if isinstance(e, MiniLoraError) else f"{Path(run) / 'loss.svg'}: not drawn ({type(e).__name__}: {e})"
+        saved = f"; the adapter was saved at {adapter}" if adapter is not None else ""
+        warnings.warn(f"{why}. The loss plot was left out{saved} (`minilora plot {run}` draws it later)", stacklevel=2)
+        return []

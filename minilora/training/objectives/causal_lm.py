@@ -1,21 +1,23 @@
-"""What training minimises and evaluation reports: the summed loss of a batch with its count of targets
-(next-token cross-entropy for a language model, through the fused head kernel where the head is
-frozen; cross-entropy of the class logits for a classifier), and evaluation over a dataset (loss and
-perplexity; loss, accuracy and F1). Under torchrun each rank evaluates its share and the sums meet.
-"""
+"""Next-token prediction: the summed cross-entropy of each target token given the tokens before it,
+through the fused head kernel where the head is frozen; evaluated as the mean loss per target token
+and its perplexity."""
 
 from __future__ import annotations
 
-from typing import Callable
+import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...data.records import IGNORE
+from ...data.batching import batches
+from ...data.records import IGNORE, Example
 from ...kernels import LinearCrossEntropy
-
-LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int]]
+from ...quant.base import QuantizedLinear
+from .. import distributed
+from .base import LossFn, Objective
 
 
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -28,7 +30,7 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE)], dim=1)  # token t predicts t+1
     head = getattr(model, "lm_head", None)
-    quantized = hasattr(head, "rows")  # a head kept in blocks (tied to a GGUF embedding): read a block at a time
+    quantized = isinstance(head, QuantizedLinear)  # a head kept in blocks (tied to a GGUF embedding): read by rows
     if (type(head) is nn.Linear or quantized) and not head.weight.requires_grad and hasattr(model, "hidden_states") \
             and (head.bias is None or not head.bias.requires_grad):
         h, targets = model.hidden_states(ids, attention_mask=mask).flatten(0, 1), shifted.flatten()
@@ -39,3 +41,34 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
         logits = model(ids, attention_mask=mask)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE, reduction="sum")
     return loss, int((shifted != IGNORE).sum())
+
+
+@dataclass
+class CausalLM(Objective):
+    """Language modelling: `loss_fn` (causal_lm_loss unless given) over the per-token labels, counted
+    in target tokens; evaluated as the mean of that same loss per target token, and its perplexity."""
+
+    loss_fn: LossFn = causal_lm_loss
+    metrics: ClassVar[tuple[str, ...]] = ()
+    eval_metrics: ClassVar[tuple[str, ...]] = ("eval_loss", "eval_perplexity")
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, dict[str, float]]:
+        loss, count = self.loss_fn(model, batch)
+        return loss, count, {}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, data: list[Example], pad_id: int, micro_batch_size: int = 8,
+                 bf16: bool = False) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        rank, world = distributed.rank_and_world()  # each rank evaluates every world-th example
+        sums = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, target tokens
+        for batch in batches(data, list(range(rank, len(data), world)), micro_batch_size, pad_id, device):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss, n = self.loss_fn(model, batch)
+            sums += torch.stack([loss.detach().double(), torch.tensor(float(n), dtype=torch.float64, device=device)])
+        distributed.sum_across_ranks([sums])
+        model.train(was_training)
+        loss = float(sums[0]) / max(float(sums[1]), 1.0)
+        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}

@@ -1,0 +1,46 @@
+"""The contract between the training loop and what it minimises: the `Objective` protocol.
+
+The loop never asks which task it trains. It hands an objective each micro-batch and adds up what
+comes back; it hands it the evaluation data and logs the scores. So a new objective (DPO, GRPO, ...)
+is one new file with a class of this shape, and one line in OBJECTIVES (objectives/__init__.py).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, ClassVar, Protocol, runtime_checkable
+
+import torch
+import torch.nn as nn
+
+from ...data.records import Example
+
+# A bare loss function: (model, batch) -> (summed loss, count), what train(loss_fn=...) takes
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int]]
+
+
+@runtime_checkable
+class Objective(Protocol):
+    """What training minimises and evaluation reports.
+
+    `loss` returns sums, not means: the loss summed over what it covers (target tokens, examples,
+    pairs) and how many that was. The loop backpropagates each micro-batch's sum and divides the
+    gradients once by the count of the whole step, over every micro-batch and every rank, so that
+    accumulation gives exactly the gradient of one big batch. Its metrics are further sums over the
+    same count (a reward margin, say), which the loop logs as their means beside the loss; their names
+    are declared in `metrics`, so that every rank sums the same ones even when it had no micro-batch.
+
+    `evaluate` scores a whole dataset (each rank its share under torchrun) and returns the metrics
+    named in `eval_metrics`, which train() checks best_metric against before the first step.
+    """
+
+    metrics: ClassVar[tuple[str, ...]]       # the keys of loss()'s metrics
+    eval_metrics: ClassVar[tuple[str, ...]]  # the keys of evaluate()'s result
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, dict[str, float]]:
+        """(summed loss, count, {name: summed value}) of one micro-batch; the loss keeps its graph."""
+        ...
+
+    def evaluate(self, model: nn.Module, data: list[Example], pad_id: int, micro_batch_size: int = 8,
+                 bf16: bool = False) -> dict[str, float]:
+        """The scores of `model` over `data`, as {name: value} with the names of eval_metrics."""
+        ...
