@@ -2,6 +2,7 @@
 DoRA, LoRA on embeddings, per-module ranks, several named adapters. Logits equal to 1e-5 in fp32."""
 
 import copy
+import re
 import json
 
 import pytest
@@ -189,12 +190,12 @@ def test_dora_gradients_equal_peft(saved_tiny):
     with torch.no_grad():
         for n, p in theirs.named_parameters():
             if p.requires_grad:
-                name = n.removeprefix("base_model.model.").replace(".default", "")
+                name = re.sub(r"\.(lora_\w+?)\.default", r".adapters.default.\1", n.removeprefix("base_model.model."))
                 ours_params[name.removesuffix(".weight") if "magnitude" in name else name].copy_(p)
     theirs.train()(input_ids=IDS, attention_mask=MASK).logits[MASK.bool()].pow(2).mean().backward()
     ours.train()(IDS, attention_mask=MASK)[MASK.bool()].pow(2).mean().backward()
-    grads = {n.removeprefix("base_model.model.").replace(".default", "").removesuffix(".weight")
-             if "magnitude" in n else n.removeprefix("base_model.model.").replace(".default", ""): p.grad
+    ours_name = lambda n: re.sub(r"\.(lora_\w+?)\.default", r".adapters.default.\1", n.removeprefix("base_model.model."))
+    grads = {ours_name(n).removesuffix(".weight") if "magnitude" in n else ours_name(n): p.grad
              for n, p in theirs.named_parameters() if p.requires_grad}
     assert len(grads) == 3 * 2 * 2
     for n, g in grads.items():
