@@ -114,7 +114,8 @@ def test_lora_on_int8_is_the_equation_and_trains_only_lora():
     assert report.rows[0].frozen == 512 * 384  # logical elements, not bytes
     with pytest.raises(ConfigError, match="cannot merge into a quantized \\(int8 or 4-bit\\) base"):
         lora.merge()
-    assert set(model.state_dict()) == {"proj.weight", "proj.bias", "proj.lora_A.weight", "proj.lora_B.weight"}
+    assert set(model.state_dict()) == {"proj.weight", "proj.bias", "proj.adapters.default.lora_A.weight",
+                                       "proj.adapters.default.lora_B.weight"}
 
 
 @pytest.mark.parametrize("kind", ["gptj", "llama-gqa"])
