@@ -43,8 +43,9 @@ from .lora.report import param_report
 from .models.common import resize_token_embeddings
 from .ship.hub import check_can_push, push_to_hub
 from .training import distributed
+from .training.checks import refuse_an_untrained_head
 from .training.evaluate import evaluate_classification
-from .training.loop import TrainConfig, refuse_an_untrained_head, train
+from .training.loop import TrainConfig, train
 
 
 @dataclass

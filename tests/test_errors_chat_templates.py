@@ -14,7 +14,7 @@ import warnings
 import jinja2
 import pytest
 import torch
-from minilora.data import chat
+from minilora.data import chat, templates
 from minilora.data.chat import render, tokenize_conversation
 from minilora.data.records import build_examples, read_records
 from minilora.errors import CheckpointError, ConfigError, DataError
@@ -243,7 +243,7 @@ def test_a_template_that_does_too_much_work_is_stopped_with_a_named_error(templa
 
 
 def test_a_template_that_runs_past_its_time_is_stopped(monkeypatch):
-    monkeypatch.setattr(chat, "RENDER_SECONDS", 0.2)
+    monkeypatch.setattr(templates, "RENDER_SECONDS", 0.2)
     busy = "{% for i in range(100000) %}{% for m in messages %}{{ m['role'] | length }}{% endfor %}{% endfor %}"
     with seconds(20), pytest.raises(DataError, match=r"did too much work on the conversation: it ran for more than "
                                                      r"0.2 seconds"):

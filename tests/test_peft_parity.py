@@ -251,7 +251,7 @@ def test_dora_starts_as_the_base_model_and_runs_on_an_int8_base(saved_tiny):
 
 def test_embedding_lora_merge_unmerge_and_all_linear_leaves_it(saved_tiny):
     from minilora.lora.inject import merge_lora, unmerge_lora
-    from minilora.lora.layers import LoRAEmbedding
+    from minilora.lora.embedding import LoRAEmbedding
     _, folder = saved_tiny["llama-gqa"]
     assert not any(isinstance(m, LoRAEmbedding) for m in apply_lora(load_model(folder), "all-linear").modules())
     model = apply_lora(load_model(folder), ["embed_tokens"], r=4, alpha=8)

@@ -17,7 +17,8 @@ from ..errors import ConfigError
 from ..names import CLASSIFIER_NAMES, find_saved, find_targets, owners, replace_module
 from ..quant.base import QuantizedLinear
 from .config import PEFT_DEFAULTS, LoRAConfig, LoRAState
-from .layers import LoRAEmbedding, LoRALayer, LoRALinear, check_lora_hyperparameters
+from .embedding import LoRAEmbedding, LoRALayer
+from .layers import LoRALinear, check_lora_hyperparameters
 
 LINEAR = (nn.Linear, QuantizedLinear, LoRALinear)  # what a target may be (a LoRA layer: for a second adapter)
 EMBEDDING = (nn.Embedding, LoRAEmbedding)

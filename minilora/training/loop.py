@@ -20,8 +20,6 @@ of every step's micro-batches, the gradient sums meet in one all-reduce, rank 0 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import importlib.util
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -33,9 +31,8 @@ import torch.nn as nn
 
 from .. import hardware
 from ..data.batching import batches
-from ..data.records import Example, target_count
-from ..errors import CheckpointError, ConfigError, DataError, TrainingError
-from ..fields import problem
+from ..data.records import Example
+from ..errors import CheckpointError, ConfigError, TrainingError
 from ..kernels import frozen_weights_in
 from ..lora.peft_files import load_adapter, save_adapter
 from . import distributed
@@ -49,91 +46,11 @@ from .checkpoint import (
     run_fingerprint,
     save_checkpoint,
 )
+from .checks import refuse_what_would_go_wrong
+from .config import TrainConfig
 from .objectives import LossFn, Objective, as_objective, objective_for
 from .plots import plot_at_end
 from .progress import event_writer, micro_batch_done, progress_bar, show_record
-
-
-@dataclass
-class TrainConfig:
-    output_dir: str = "runs/minilora"
-    epochs: int = 1
-    max_steps: int | None = None          # when set, overrides epochs
-    micro_batch_size: int = 4             # examples per forward/backward pass
-    batch_size: int | None = None         # examples per optimizer step (a multiple of micro_batch_size)
-    lr: float = 3e-4
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = 0
-    lr_schedule: str = "linear"           # linear | cosine | constant (after warmup)
-    max_grad_norm: float | None = 1.0
-    eval_every: int | None = None         # steps; None = only per epoch (if eval_each_epoch)
-    eval_each_epoch: bool = True
-    eval_at_start: bool = False           # evaluate the untrained model first, as a baseline
-    save_every: int | None = None         # steps
-    save_each_epoch: bool = False
-    keep_last: int | None = 3             # checkpoints kept; None keeps all
-    resume_from_checkpoint: str | None = None  # a checkpoint folder, or "latest" in output_dir
-    overwrite_output_dir: bool = False    # a fresh run into a folder holding another run deletes that run first
-    best_metric: str | None = None        # e.g. "eval_loss" or "eval_accuracy"
-    early_stopping_patience: int | None = None  # end the run after this many evaluations without a better best_metric
-    load_best_at_end: bool = False
-    bf16: bool | str = False              # bf16 autocast: true, false, or "auto" (on where bf16 products are fast)
-    gradient_checkpointing: bool = False
-    seed: int = 42
-    log_every: int = 1
-    progress: bool = True
-    report_to: str | None = None          # "tensorboard": event files in output_dir/tensorboard as well
-    pad_to: int | None = None             # pad every batch to this length; None pads per batch
-    push_to_hub: bool = False             # after the run, upload the adapter with a model card (hub.py)
-    hub_model_id: str | None = None       # where: "user-or-org/name"
-    hub_private: bool = False
-
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):  # types first: from Python, "false" would count as true
-            expected = problem(f.name, str(f.type), getattr(self, f.name))
-            if expected and f.name != "bf16":  # bf16 says it better below
-                raise ConfigError(f"{f.name} must be {expected}, got {getattr(self, f.name)!r}")
-        if not self.output_dir or self.resume_from_checkpoint == "":
-            raise ConfigError("output_dir and resume_from_checkpoint must not be empty")
-        self.adam_betas = tuple(self.adam_betas)
-        self.batch_size = self.batch_size or self.micro_batch_size
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 32:
-            raise ConfigError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
-        optional = ("max_steps", "eval_every", "save_every", "keep_last", "pad_to")
-        for name in ("epochs", "micro_batch_size", "batch_size", "log_every", *optional):
-            value = getattr(self, name)
-            if not (value is None and name in optional) and (isinstance(value, bool) or not isinstance(value, int)
-                                                              or value <= 0):
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.report_to not in (None, "tensorboard"):
-            raise ConfigError(f"report_to must be \"tensorboard\" or left out, got {self.report_to!r}")
-        if self.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:  # on every rank, now
-            raise ConfigError('report_to = "tensorboard" needs the tensorboard package: pip install minilora[tensorboard]')
-        if self.push_to_hub and not self.hub_model_id:
-            raise ConfigError("push_to_hub needs hub_model_id (\"user-or-org/name\")")
-        if self.batch_size % self.micro_batch_size:
-            raise ConfigError(f"batch_size={self.batch_size} is not a multiple of micro_batch_size={self.micro_batch_size}")
-        if self.lr_schedule not in ("linear", "cosine", "constant"):
-            raise ConfigError(f"lr_schedule must be linear, cosine or constant, got {self.lr_schedule!r}")
-        for name in ("lr", "max_grad_norm"):  # None: no clipping
-            value = getattr(self, name)
-            if not (value is None and name == "max_grad_norm") and not _number(value, 0, math.inf, True, True):
-                raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
-        if not _number(self.weight_decay, 0, math.inf, high_open=True):
-            raise ConfigError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
-        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ConfigError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
-        if len(self.adam_betas) != 2 or not all(_number(b, 0, 1, high_open=True) for b in self.adam_betas):
-            raise ConfigError(f"adam_betas must be two numbers in [0, 1), got {list(self.adam_betas)!r}")
-        if not (isinstance(self.bf16, bool) or self.bf16 == "auto"):  # resolved by hardware.use_bf16
-            raise ConfigError(f"bf16 must be true, false or \"auto\", got {self.bf16!r}")
-        if self.load_best_at_end and not self.best_metric:
-            raise ConfigError("load_best_at_end needs best_metric (e.g. 'eval_loss')")
-        if self.early_stopping_patience is not None and (not self.best_metric or isinstance(self.early_stopping_patience, bool)
-                                                         or self.early_stopping_patience <= 0):
-            raise ConfigError("early_stopping_patience must be a positive number of evaluations, and needs best_metric "
-                              f"(e.g. 'eval_loss'); got {self.early_stopping_patience!r}")
 
 
 @dataclass
@@ -173,7 +90,7 @@ def train(model: nn.Module, tokenizer, train_data: list[Example], eval_data: lis
         raise ConfigError("train() takes an objective or a loss_fn (the loss of the examples' objective), not both")
     if objective is None:
         objective = objective_for(train_data, loss_fn)
-    _refuse_what_would_go_wrong(model, train_data, eval_data, cfg, pad_id, objective, evaluate_fn is not None)
+    refuse_what_would_go_wrong(model, train_data, eval_data, cfg, pad_id, objective, evaluate_fn is not None)
     with contextlib.ExitStack() as held:  # the output folder and what the loop changes, until train returns
         run = _setup(model, train_data, cfg, held)
         if evaluate_fn is None and eval_data:
@@ -474,65 +391,6 @@ def set_gradient_checkpointing(model: nn.Module, on: bool) -> None:
 # ---------------------------------------------------------------------------------------------
 # Helpers
 
-def refuse_an_untrained_head(model: nn.Module, key: str | None = None) -> None:
-    """A classification head the loader initialised fresh (the checkpoint had none) must be trained,
-    or the classifier guesses. run_recipe asks right after apply_lora, naming its recipe key; train()
-    asks again for callers of the library, who name its modules in apply_lora's modules_to_save."""
-    provenance = getattr(model, "provenance", None)  # None for a model built from a config (or any nn.Module)
-    fresh = provenance.fresh_tensors if provenance is not None else ()
-    untrained = [n for n, p in model.named_parameters() if n in fresh and not p.requires_grad]
-    if untrained:
-        where, fix = (f"{key}: ", f"list {', '.join(model.task_head)} there") if key else \
-            ("", "give its modules to apply_lora's modules_to_save")
-        raise ConfigError(f"{where}the classification head starts untrained ({', '.join(untrained)}) and would "
-                          f"stay so: {fix}")
-
-
-def _refuse_what_would_go_wrong(model: nn.Module, train_data: list[Example], eval_data: list[Example] | None,
-                                cfg: TrainConfig, pad_id: int, objective: Objective, custom_eval: bool) -> None:
-    """What would fail late (after hours) or train wrongly, refused before anything is written."""
-    if not train_data:
-        raise ConfigError("train_data is empty")
-    if not any(target_count(e) for e in train_data):
-        raise DataError("train_data has no token to learn: every label is -100 (ignored) once token t is set to "
-                        "predict token t+1; check the cutoff and the prompt masking")
-    kinds = {isinstance(e.labels, int) for e in [*train_data, *(eval_data or [])]}
-    if len(kinds) > 1:
-        raise DataError("the examples mix class ids (classification) and token labels (language modelling)")
-    if eval_data and not any(target_count(e) for e in eval_data):
-        raise DataError("eval_data has no token to evaluate: every label is -100 once shifted")
-    refuse_an_untrained_head(model)
-    if any(getattr(m, "merged", False) for m in model.modules()):
-        raise ConfigError("the model's LoRA layers are merged into the base weights: unmerge_lora(model) first")
-    rows = getattr(getattr(model, "input_embeddings", None), "num_embeddings", None)
-    classes = getattr(getattr(model, "config", None), "num_labels", None) if isinstance(train_data[0].labels, int) else None
-    for i, e in enumerate(e for data in (train_data, eval_data or []) for e in data):
-        if rows is not None and not all(0 <= t < rows for t in e.input_ids):
-            raise DataError(f"example {i} holds token id {max(e.input_ids)}, beyond the model's {rows} embeddings: "
-                            "the tokenizer does not belong to this model")
-        if classes is not None and not (isinstance(e.labels, int) and 0 <= e.labels < classes):
-            raise DataError(f"example {i} has class {e.labels!r}, but the model has {classes} classes (0 to {classes - 1})")
-        if cfg.pad_to is not None and len(e.input_ids) > cfg.pad_to:
-            raise ConfigError(f"pad_to={cfg.pad_to} is shorter than example {i} ({len(e.input_ids)} tokens): raise "
-                              "pad_to or lower the cutoff")
-    if rows is not None and not 0 <= pad_id < rows:
-        raise ConfigError(f"the pad token id {pad_id} is beyond the model's {rows} embeddings")
-    if cfg.best_metric and not eval_data and not custom_eval:
-        raise ConfigError(f"best_metric={cfg.best_metric!r} needs evaluation data")
-    if cfg.best_metric and not custom_eval and cfg.best_metric not in objective.eval_metrics:
-        raise ConfigError(f"best_metric {cfg.best_metric!r} is not among the metrics evaluation gives: "
-                          f"{', '.join(objective.eval_metrics)}")
-    if cfg.resume_from_checkpoint not in (None, "latest"):
-        resolve_resume(cfg.resume_from_checkpoint, Path(cfg.output_dir))  # a checkpoint folder, or a named error
-
-
 def _better(metric: str, new: float, old: float | None) -> bool:
     lower_is_better = "loss" in metric or "perplexity" in metric
     return old is None or (new < old if lower_is_better else new > old)
-
-
-def _number(value: Any, low: float, high: float, low_open: bool = False, high_open: bool = False) -> bool:
-    """Is value a real number (not a bool, not NaN) within [low, high], with open ends where asked?"""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        return False
-    return (value > low if low_open else value >= low) and (value < high if high_open else value <= high)

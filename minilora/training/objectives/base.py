@@ -7,12 +7,14 @@ is one new file with a class of this shape, and one line in OBJECTIVES (objectiv
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar, Protocol, runtime_checkable
+from typing import Callable, ClassVar, Iterator, Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
 
+from ...data.batching import batches
 from ...data.records import Example
+from .. import distributed
 
 # A bare loss function: (model, batch) -> (summed loss, count), what train(loss_fn=...) takes
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int]]
@@ -44,3 +46,20 @@ class Objective(Protocol):
                  bf16: bool = False) -> dict[str, float]:
         """The scores of `model` over `data`, as {name: value} with the names of eval_metrics."""
         ...
+
+
+def rank_batches(model: nn.Module, data: list[Example], pad_id: int, micro_batch_size: int,
+                 bf16: bool) -> Iterator[dict[str, torch.Tensor]]:
+    """This rank's share of `data` (every world-th example under torchrun) in batches on the model's
+    device, each run under bf16 autocast where asked, the model in eval mode meanwhile (its mode restored
+    after): what every objective's evaluate() loops over before summing across the ranks."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    rank, world = distributed.rank_and_world()
+    try:
+        for batch in batches(data, list(range(rank, len(data), world)), micro_batch_size, pad_id, device):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                yield batch
+    finally:
+        model.train(was_training)

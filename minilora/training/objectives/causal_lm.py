@@ -12,12 +12,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...data.batching import batches
 from ...data.records import IGNORE, Example
 from ...kernels import LinearCrossEntropy
 from ...quant.base import QuantizedLinear
 from .. import distributed
-from .base import LossFn, Objective
+from .base import LossFn, Objective, rank_batches
 
 
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -59,16 +58,11 @@ class CausalLM(Objective):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, data: list[Example], pad_id: int, micro_batch_size: int = 8,
                  bf16: bool = False) -> dict[str, float]:
-        was_training = model.training
-        model.eval()
         device = next(model.parameters()).device
-        rank, world = distributed.rank_and_world()  # each rank evaluates every world-th example
         sums = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, target tokens
-        for batch in batches(data, list(range(rank, len(data), world)), micro_batch_size, pad_id, device):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss, n = self.loss_fn(model, batch)
+        for batch in rank_batches(model, data, pad_id, micro_batch_size, bf16):
+            loss, n = self.loss_fn(model, batch)
             sums += torch.stack([loss.detach().double(), torch.tensor(float(n), dtype=torch.float64, device=device)])
         distributed.sum_across_ranks([sums])
-        model.train(was_training)
         loss = float(sums[0]) / max(float(sums[1]), 1.0)
         return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}

@@ -10,10 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...data.batching import batches
 from ...data.records import Example
 from .. import distributed
-from .base import LossFn, Objective
+from .base import LossFn, Objective, rank_batches
 
 
 def classification_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -39,21 +38,16 @@ class Classification(Objective):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, data: list[Example], pad_id: int, micro_batch_size: int = 8,
                  bf16: bool = False) -> dict[str, float]:
-        was_training = model.training
-        model.eval()
         device = next(model.parameters()).device
-        rank, world = distributed.rank_and_world()  # each rank evaluates every world-th example
         n_classes = model.config.num_labels
         total = torch.zeros(1, dtype=torch.float64, device=device)
         confusion = torch.zeros(n_classes, n_classes, dtype=torch.float64, device=device)  # [gold, predicted]
-        for batch in batches(data, list(range(rank, len(data), world)), micro_batch_size, pad_id, device):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).float()
+        for batch in rank_batches(model, data, pad_id, micro_batch_size, bf16):
+            logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).float()
             total += F.cross_entropy(logits, batch["labels"], reduction="sum")
             confusion.index_put_((batch["labels"], logits.argmax(-1)),
                                  torch.ones_like(logits[:, 0], dtype=torch.float64), accumulate=True)
         distributed.sum_across_ranks([total, confusion])
-        model.train(was_training)
         tp = confusion.diagonal()
         fp, fn = confusion.sum(0) - tp, confusion.sum(1) - tp
         seen = (tp + fp + fn) > 0  # macro F1 over the classes that occur in the labels or predictions

@@ -1,0 +1,66 @@
+"""What would fail late (after hours) or train wrongly, refused before a run writes anything: the
+data, the model's heads and vocabulary, and the settings that depend on both."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch.nn as nn
+
+from ..data.records import Example, target_count
+from ..errors import ConfigError, DataError
+from .checkpoint import resolve_resume
+from .config import TrainConfig
+from .objectives import Objective
+
+
+def refuse_an_untrained_head(model: nn.Module, key: str | None = None) -> None:
+    """A classification head the loader initialised fresh (the checkpoint had none) must be trained,
+    or the classifier guesses. run_recipe asks right after apply_lora, naming its recipe key; train()
+    asks again for callers of the library, who name its modules in apply_lora's modules_to_save."""
+    provenance = getattr(model, "provenance", None)  # None for a model built from a config (or any nn.Module)
+    fresh = provenance.fresh_tensors if provenance is not None else ()
+    untrained = [n for n, p in model.named_parameters() if n in fresh and not p.requires_grad]
+    if untrained:
+        where, fix = (f"{key}: ", f"list {', '.join(model.task_head)} there") if key else \
+            ("", "give its modules to apply_lora's modules_to_save")
+        raise ConfigError(f"{where}the classification head starts untrained ({', '.join(untrained)}) and would "
+                          f"stay so: {fix}")
+
+
+def refuse_what_would_go_wrong(model: nn.Module, train_data: list[Example], eval_data: list[Example] | None,
+                                cfg: TrainConfig, pad_id: int, objective: Objective, custom_eval: bool) -> None:
+    """What would fail late (after hours) or train wrongly, refused before anything is written."""
+    if not train_data:
+        raise ConfigError("train_data is empty")
+    if not any(target_count(e) for e in train_data):
+        raise DataError("train_data has no token to learn: every label is -100 (ignored) once token t is set to "
+                        "predict token t+1; check the cutoff and the prompt masking")
+    kinds = {isinstance(e.labels, int) for e in [*train_data, *(eval_data or [])]}
+    if len(kinds) > 1:
+        raise DataError("the examples mix class ids (classification) and token labels (language modelling)")
+    if eval_data and not any(target_count(e) for e in eval_data):
+        raise DataError("eval_data has no token to evaluate: every label is -100 once shifted")
+    refuse_an_untrained_head(model)
+    if any(getattr(m, "merged", False) for m in model.modules()):
+        raise ConfigError("the model's LoRA layers are merged into the base weights: unmerge_lora(model) first")
+    rows = getattr(getattr(model, "input_embeddings", None), "num_embeddings", None)
+    classes = getattr(getattr(model, "config", None), "num_labels", None) if isinstance(train_data[0].labels, int) else None
+    for i, e in enumerate(e for data in (train_data, eval_data or []) for e in data):
+        if rows is not None and not all(0 <= t < rows for t in e.input_ids):
+            raise DataError(f"example {i} holds token id {max(e.input_ids)}, beyond the model's {rows} embeddings: "
+                            "the tokenizer does not belong to this model")
+        if classes is not None and not (isinstance(e.labels, int) and 0 <= e.labels < classes):
+            raise DataError(f"example {i} has class {e.labels!r}, but the model has {classes} classes (0 to {classes - 1})")
+        if cfg.pad_to is not None and len(e.input_ids) > cfg.pad_to:
+            raise ConfigError(f"pad_to={cfg.pad_to} is shorter than example {i} ({len(e.input_ids)} tokens): raise "
+                              "pad_to or lower the cutoff")
+    if rows is not None and not 0 <= pad_id < rows:
+        raise ConfigError(f"the pad token id {pad_id} is beyond the model's {rows} embeddings")
+    if cfg.best_metric and not eval_data and not custom_eval:
+        raise ConfigError(f"best_metric={cfg.best_metric!r} needs evaluation data")
+    if cfg.best_metric and not custom_eval and cfg.best_metric not in objective.eval_metrics:
+        raise ConfigError(f"best_metric {cfg.best_metric!r} is not among the metrics evaluation gives: "
+                          f"{', '.join(objective.eval_metrics)}")
+    if cfg.resume_from_checkpoint not in (None, "latest"):
+        resolve_resume(cfg.resume_from_checkpoint, Path(cfg.output_dir))  # a checkpoint folder, or a named error

@@ -1,0 +1,103 @@
+"""TrainConfig: every setting of a training run in one dataclass (a recipe's [train] section), each
+value checked by its type and range when the config is made, so that a bad value fails before
+anything loads."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ConfigError
+from ..fields import problem
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/minilora"
+    epochs: int = 1
+    max_steps: int | None = None          # when set, overrides epochs
+    micro_batch_size: int = 4             # examples per forward/backward pass
+    batch_size: int | None = None         # examples per optimizer step (a multiple of micro_batch_size)
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    lr_schedule: str = "linear"           # linear | cosine | constant (after warmup)
+    max_grad_norm: float | None = 1.0
+    eval_every: int | None = None         # steps; None = only per epoch (if eval_each_epoch)
+    eval_each_epoch: bool = True
+    eval_at_start: bool = False           # evaluate the untrained model first, as a baseline
+    save_every: int | None = None         # steps
+    save_each_epoch: bool = False
+    keep_last: int | None = 3             # checkpoints kept; None keeps all
+    resume_from_checkpoint: str | None = None  # a checkpoint folder, or "latest" in output_dir
+    overwrite_output_dir: bool = False    # a fresh run into a folder holding another run deletes that run first
+    best_metric: str | None = None        # e.g. "eval_loss" or "eval_accuracy"
+    early_stopping_patience: int | None = None  # end the run after this many evaluations without a better best_metric
+    load_best_at_end: bool = False
+    bf16: bool | str = False              # bf16 autocast: true, false, or "auto" (on where bf16 products are fast)
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    log_every: int = 1
+    progress: bool = True
+    report_to: str | None = None          # "tensorboard": event files in output_dir/tensorboard as well
+    pad_to: int | None = None             # pad every batch to this length; None pads per batch
+    push_to_hub: bool = False             # after the run, upload the adapter with a model card (hub.py)
+    hub_model_id: str | None = None       # where: "user-or-org/name"
+    hub_private: bool = False
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # types first: from Python, "false" would count as true
+            expected = problem(f.name, str(f.type), getattr(self, f.name))
+            if expected and f.name != "bf16":  # bf16 says it better below
+                raise ConfigError(f"{f.name} must be {expected}, got {getattr(self, f.name)!r}")
+        if not self.output_dir or self.resume_from_checkpoint == "":
+            raise ConfigError("output_dir and resume_from_checkpoint must not be empty")
+        self.adam_betas = tuple(self.adam_betas)
+        self.batch_size = self.batch_size or self.micro_batch_size
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 32:
+            raise ConfigError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
+        optional = ("max_steps", "eval_every", "save_every", "keep_last", "pad_to")
+        for name in ("epochs", "micro_batch_size", "batch_size", "log_every", *optional):
+            value = getattr(self, name)
+            if not (value is None and name in optional) and (isinstance(value, bool) or not isinstance(value, int)
+                                                              or value <= 0):
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.report_to not in (None, "tensorboard"):
+            raise ConfigError(f"report_to must be \"tensorboard\" or left out, got {self.report_to!r}")
+        if self.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:  # on every rank, now
+            raise ConfigError('report_to = "tensorboard" needs the tensorboard package: pip install minilora[tensorboard]')
+        if self.push_to_hub and not self.hub_model_id:
+            raise ConfigError("push_to_hub needs hub_model_id (\"user-or-org/name\")")
+        if self.batch_size % self.micro_batch_size:
+            raise ConfigError(f"batch_size={self.batch_size} is not a multiple of micro_batch_size={self.micro_batch_size}")
+        if self.lr_schedule not in ("linear", "cosine", "constant"):
+            raise ConfigError(f"lr_schedule must be linear, cosine or constant, got {self.lr_schedule!r}")
+        for name in ("lr", "max_grad_norm"):  # None: no clipping
+            value = getattr(self, name)
+            if not (value is None and name == "max_grad_norm") and not _number(value, 0, math.inf, True, True):
+                raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
+        if not _number(self.weight_decay, 0, math.inf, high_open=True):
+            raise ConfigError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        if len(self.adam_betas) != 2 or not all(_number(b, 0, 1, high_open=True) for b in self.adam_betas):
+            raise ConfigError(f"adam_betas must be two numbers in [0, 1), got {list(self.adam_betas)!r}")
+        if not (isinstance(self.bf16, bool) or self.bf16 == "auto"):  # resolved by hardware.use_bf16
+            raise ConfigError(f"bf16 must be true, false or \"auto\", got {self.bf16!r}")
+        if self.load_best_at_end and not self.best_metric:
+            raise ConfigError("load_best_at_end needs best_metric (e.g. 'eval_loss')")
+        if self.early_stopping_patience is not None and (not self.best_metric or isinstance(self.early_stopping_patience, bool)
+                                                         or self.early_stopping_patience <= 0):
+            raise ConfigError("early_stopping_patience must be a positive number of evaluations, and needs best_metric "
+                              f"(e.g. 'eval_loss'); got {self.early_stopping_patience!r}")
+
+
+def _number(value: Any, low: float, high: float, low_open: bool = False, high_open: bool = False) -> bool:
+    """Is value a real number (not a bool, not NaN) within [low, high], with open ends where asked?"""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        return False
+    return (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
