@@ -54,7 +54,8 @@ def use_bf16(setting: bool | str, device: torch.device) -> bool:
         return fast
     if setting and not fast:
         warnings.warn(f"bf16 = true on a {device.type} whose bf16 matrix products are much slower than fp32 "
-                      "(torch has no bf16 kernel for it: no AVX-512/AMX); training will be slow. "
+                      f"(torch has no fast bf16 kernel for it: {_what_it_has(torch.bfloat16, device.type)}); "
+                      "training will be slow. "
                       "Use bf16 = \"auto\" or false", stacklevel=3)
     return bool(setting)
 
@@ -64,7 +65,29 @@ def warn_if_slow(dtype: torch.dtype | None, device: torch.device | str, source: 
     device_type = torch.device(device).type
     if dtype in (torch.bfloat16, torch.float16) and not matmul_is_fast(dtype, device_type):
         warnings.warn(f"{source}: loading in {dtype} on a {device_type} whose {dtype} matrix products are much "
-                      "slower than fp32 (no kernel for them: no AVX-512/AMX); use float32", stacklevel=3)
+                      f"slower than fp32 ({_what_it_has(dtype, device_type)}); use float32", stacklevel=3)
+
+
+# What a fast product of each dtype needs on a CPU; the flags (as /proc/cpuinfo names them) worth naming
+_FAST_ON_CPU = {torch.bfloat16: "AVX-512 BF16 or AMX", torch.float16: "AVX-512 FP16 or AMX-FP16"}
+_FEATURES = (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_vnni", "AVX-512 VNNI"), ("avx512_bf16", "AVX-512 BF16"),
+             ("avx512_fp16", "AVX-512 FP16"), ("amx_tile", "AMX"))
+
+
+def _what_it_has(dtype: torch.dtype, device_type: str) -> str:
+    """What the slow device has, said as it is: "this CPU has AVX2, AVX-512; fast float16 products need
+    AVX-512 FP16 or AMX-FP16" (the measurement in matmul_is_fast decided; this only explains it)."""
+    if device_type != "cpu":
+        return f"no fast {dtype} kernel on this {device_type}"
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    has = ", ".join(name for flag, name in _FEATURES if flag in flags) or "none of AVX2, AVX-512, AMX"
+    need = _FAST_ON_CPU.get(dtype, "a kernel torch does not have here")
+    return (f"this CPU has {has}" if flags else "this CPU's features are unknown") + \
+        f"; fast {str(dtype).removeprefix('torch.')} products need {need}"
 
 
 

@@ -173,17 +173,21 @@ def load_recipe(path: str | os.PathLike, overrides: dict[str, str] | None = None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid TOML in UTF-8 ({e})") from None
     paths = (("model", "name"), ("data", "train"), ("data", "eval"), ("data", "test"))
-    for section, key in paths:  # the file's relative paths are read beside it (not those given on the command line)
-        value = raw.get(section, {}).get(key) if isinstance(raw.get(section), dict) else None
-        if isinstance(value, str) and value and not value.startswith("asset:") \
-                and not Path(value).expanduser().is_absolute() and (path.parent / value).exists():
-            raw[section][key] = str(path.parent / value)  # else a Hub id, or a path from here
+    _read_beside(raw, path, paths, packaged=path.resolve().parent == RECIPES)
+    lora = raw.get("lora", {})
+    for peft, ours in PEFT_ALIASES.items():  # PEFT's names are ours too: target_modules = [...], lora_alpha = 32
+        if isinstance(lora, dict) and peft in lora:
+            if ours in lora:
+                raise ConfigError(f"{path} [lora]: {ours} and {peft} name the same setting (PEFT's name): give one")
+            lora[ours] = lora.pop(peft)
     for dotted, text in (overrides or {}).items():
         section, _, key = dotted.partition(".")
         if section not in SECTIONS or not key:
             raise ConfigError(f"override --{dotted}: expected --section.key with a section among {', '.join(SECTIONS)}")
         key = PEFT_ALIASES.get(key, key) if section == "lora" else key  # replaces the file's value by either name
-        raw.setdefault(section, {})[key] = parse_value(text)
+        if not isinstance(raw.setdefault(section, {}), dict):
+            raise ConfigError(f"{path}: [{section}] is not a table, so --{dotted} has nothing to go into")
+        raw[section][key] = parse_value(text)
     unknown = [s for s in raw if s not in SECTIONS]
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)}; sections are {', '.join(SECTIONS)}")
@@ -197,14 +201,22 @@ def load_recipe(path: str | os.PathLike, overrides: dict[str, str] | None = None
                 raw[section][key] = resolve_asset(value)
             except DataError as e:
                 raise ConfigError(f"{path} [{section}].{key}: {e}") from None
-    lora = raw.get("lora", {})
-    for peft, ours in PEFT_ALIASES.items():  # PEFT's names are ours too: target_modules = [...], lora_alpha = 32
-        if isinstance(lora, dict) and peft in lora:
-            if ours in lora:
-                raise ConfigError(f"{path} [lora]: {ours} and {peft} name the same setting (PEFT's name): give one")
-            lora[ours] = lora.pop(peft)
     parts = {name: from_table(cls, raw.get(name, {}), f"{path} [{name}]") for name, cls in SECTIONS.items()}
     return Recipe(**parts, source=str(path))
+
+
+def _read_beside(raw: dict[str, Any], path: Path, inputs: tuple[tuple[str, str], ...], packaged: bool) -> None:
+    """A recipe file's relative paths are read beside it (those given on the command line from here): an
+    input (model, data) that exists there; and where a run writes (output_dir, a resume_from_checkpoint
+    folder), always. A packaged recipe's runs/ goes into the current folder, not into the package."""
+    outputs = () if packaged else (("train", "output_dir"), ("train", "resume_from_checkpoint"))
+    for section, key in (*inputs, *outputs):
+        value = raw.get(section, {}).get(key) if isinstance(raw.get(section), dict) else None
+        if not isinstance(value, str) or not value or value.startswith("asset:") or value == "latest" \
+                or Path(value).expanduser().is_absolute():
+            continue
+        if (section, key) in outputs or (path.parent / value).exists():  # else a Hub id, or a path from here
+            raw[section][key] = str(path.parent / value)
 
 
 def run_recipe(recipe: Recipe, stop_request: Callable[[], ContextManager[Callable[[], bool]]] | None = None):

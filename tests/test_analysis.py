@@ -178,6 +178,11 @@ def test_inspect_names_what_does_not_fit(saved_tiny, tmp_path):
     llama, gpt2 = load_model(saved_tiny["llama-gqa"][1]), load_model(saved_tiny["gpt2"][1])
     save_adapter(lora_model(saved_tiny, targets=["q_proj"]), tmp_path / "llama")
     save_adapter(lora_model(saved_tiny, "gpt2", targets=["c_attn"]), tmp_path / "gpt2")
+    from minilora.errors import CheckpointError
+    with pytest.raises(CheckpointError, match=r"llama: adapter was trained on another base model \(model_type: "
+                       r"adapter 'llama' vs model 'gpt2'"):
+        inspect_adapter(tmp_path / "llama", gpt2)  # as load_adapter refuses it
+    (tmp_path / "llama" / "minilora.json").unlink()  # as from PEFT: no record of the base, the modules still tell
     with pytest.raises(ConfigError, match=r"llama: module model\.layers\.0\.self_attn\.q_proj of the adapter is not in the base model"):
         inspect_adapter(tmp_path / "llama", gpt2)
     with pytest.raises(ConfigError, match=r"no module in common with .*llama"):
@@ -301,7 +306,7 @@ def test_a_broken_adapter_is_named_not_measured(saved_tiny, tmp_path, capsys):
         broken("no_b", lambda t: t.pop(f"{key}.lora_B.weight")): r"q_proj: lora_A without its lora_B",
         broken("rank", config={"r": 16}): r"q_proj: lora_A \(4, \d+\) and lora_B \(\d+, 4\), expected .* r = 16",
         broken("nan", lambda t: t[f"{key}.lora_B.weight"].view(-1)[0].fill_(float("nan"))):
-            r"q_proj: non-finite values \(NaN or inf\) in lora_A or lora_B",
+            r"nan: tensor base_model\.model\.model\.layers\.0\.self_attn\.q_proj\.lora_B\.weight holds NaN or infinite values",
     }
     for folder, message in cases.items():
         with pytest.raises(CheckpointError, match=message):
@@ -331,3 +336,27 @@ def test_an_untrained_adapter_has_no_subspace_and_dora_is_named(saved_tiny, tmp_
     assert inspect_adapter(tmp_path / "dora")["use_dora"] is True
     assert main(["inspect", str(tmp_path / "dora")]) == 0
     assert "a DoRA adapter: the figures are of its low-rank part s·B·A" in capsys.readouterr().out
+
+
+def test_inspect_makes_the_checks_load_adapter_makes(saved_tiny, tmp_path):
+    """A Qwen2 adapter measured against a same-shaped Llama base, and int32 LoRA factors: inspect refuses
+    both with load_adapter's own messages (it used to measure them)."""
+    from minilora.errors import CheckpointError
+    from minilora.loading.weights import load_model
+    from minilora.lora.analysis import inspect_adapter
+    from minilora.lora.peft_files import load_adapter, save_adapter
+    from safetensors.torch import load_file, save_file
+    save_adapter(lora_model(saved_tiny, "qwen2", targets=["q_proj"]), tmp_path / "qwen")
+    llama = load_model(saved_tiny["llama-gqa"][1])
+    for read in (lambda: load_adapter(llama, tmp_path / "qwen"), lambda: inspect_adapter(tmp_path / "qwen", llama)):
+        with pytest.raises(CheckpointError, match=r"qwen: adapter was trained on another base model \(model_type: "
+                           r"adapter 'qwen2' vs model 'llama'"):
+            read()
+    save_adapter(lora_model(saved_tiny, targets=["q_proj"]), tmp_path / "ints")
+    file = tmp_path / "ints" / "adapter_model.safetensors"
+    save_file({k: (v * 100).to(torch.int32) for k, v in load_file(file).items()}, file)
+    for read in (lambda: load_adapter(load_model(saved_tiny["llama-gqa"][1]), tmp_path / "ints"),
+                 lambda: inspect_adapter(tmp_path / "ints"), lambda: inspect_adapter(tmp_path / "ints", llama)):
+        with pytest.raises(CheckpointError, match=r"ints.*: tensor base_model\.model\.model\.layers\.0\.self_attn\."
+                           r"q_proj\.lora_A\.weight is torch\.int32, where a floating-point weight belongs"):
+            read()

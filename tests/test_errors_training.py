@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import Tok, copy_model, digests, examples, lora_model
 from minilora.data.records import Example
-from minilora.errors import CheckpointError, ConfigError, DataError
+from minilora.errors import CheckpointError, ConfigError, DataError, TrainingError
 from minilora.loading.weights import load_model
 from minilora.lora.inject import apply_lora
 from minilora.training.checkpoint import checkpoint_folders, own_output_dir
@@ -34,14 +34,19 @@ def short(tmp_path, **kw):
 # ---------------------------------------------------------------------------------------------
 # TrainConfig: values that would train wrongly
 
+LR_RANGE = r"lr must be a positive number at most 1 \(AdamW moves every weight by about lr each step; LoRA runs take 1e-5 to 1e-3\), got "
+
+
 @pytest.mark.parametrize("bad, message", [
     pytest.param(dict(micro_batch_size=0), "micro_batch_size must be a positive integer", id="zero-micro-batch"),
     pytest.param(dict(micro_batch_size=3, batch_size=8), "batch_size=8 is not a multiple of micro_batch_size=3",
                  id="batch-not-a-multiple-of-micro-batch"),
     pytest.param(dict(lr_schedule="exp"), "lr_schedule must be", id="unknown-schedule"),
-    pytest.param(dict(lr=-1.0), "lr must be a positive finite number, got -1.0", id="negative-lr"),
-    pytest.param(dict(lr=float("inf")), "lr must be a positive finite number, got inf", id="infinite-lr"),
-    pytest.param(dict(lr=float("nan")), "lr must be a positive finite number, got nan", id="nan-lr"),
+    pytest.param(dict(lr=-1.0), LR_RANGE + "-1.0", id="negative-lr"),
+    pytest.param(dict(lr=float("inf")), LR_RANGE + "inf", id="infinite-lr"),
+    pytest.param(dict(lr=float("nan")), LR_RANGE + "nan", id="nan-lr"),
+    pytest.param(dict(lr=1e30), LR_RANGE + "1e\\+30", id="lr-1e30-would-diverge"),
+    pytest.param(dict(lr=1e39), LR_RANGE + "1e\\+39", id="lr-beyond-float32"),
     pytest.param(dict(load_best_at_end=True), "load_best_at_end needs best_metric", id="load-best-without-metric"),
     pytest.param(dict(bf16="yes"), 'bf16 must be true, false or "auto"', id="bf16-text"),
     pytest.param(dict(bf16=1), 'bf16 must be true, false or "auto"', id="bf16-integer"),
@@ -415,3 +420,126 @@ def test_a_full_disk_while_logging_metrics_names_the_file(saved_tiny, tmp_path, 
     monkeypatch.setattr(builtins, "open", full)
     with pytest.raises(CheckpointError, match=r"metrics\.jsonl: No space left on device while writing the metrics log"):
         train(lora_model(saved_tiny), Tok, examples(8), None, quick(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------
+# A bad update: never saved, the step named
+
+def test_float16_lora_weights_whose_first_update_is_nan_stop_the_run_naming_the_step_and_save_nothing(
+        saved_tiny, tmp_path):
+    """model.half() after apply_lora: AdamW's eps is 0 in float16, so lora_A (whose gradient is 0 while
+    lora_B is 0) becomes 0/0 = NaN at step 1. The run stops there, naming the step and the cause; no
+    adapter/ is written (it used to hold NaN, found only by a later load_adapter)."""
+    model = lora_model(saved_tiny).half()
+    with pytest.raises(TrainingError, match=r"step 1: its update made LoRA weights NaN or infinite \(lr=0\.01\); "
+                       r"training stopped, nothing of this step saved\. The trainable weights are float16.*"
+                       r"The last good checkpoint is none \(nothing was saved yet\)"):
+        train(model, Tok, examples(8), None, quick(tmp_path, max_steps=1))
+    assert not (tmp_path / "adapter").exists() and not checkpoint_folders(tmp_path)
+
+
+def test_a_nan_update_after_a_checkpoint_names_that_checkpoint_and_leaves_it_unchanged(saved_tiny, tmp_path,
+                                                                                       monkeypatch):
+    real_step, calls, kept = torch.optim.AdamW.step, [], {}
+
+    def poisoned(self, *a, **k):  # the third step's update turns one weight into NaN
+        out = real_step(self, *a, **k)
+        calls.append(1)
+        if len(calls) == 3:
+            kept.update(digests(tmp_path / "checkpoint-2"))
+            self.param_groups[0]["params"][0].data[0, 0] = float("nan")
+        return out
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoned)
+    with pytest.raises(TrainingError, match=r"step 3: its update made LoRA weights NaN or infinite.*The last "
+                       r"good checkpoint is .*checkpoint-2"):
+        train(lora_model(saved_tiny), Tok, examples(8), None, quick(tmp_path, max_steps=4, save_every=2))
+    assert kept and digests(tmp_path / "checkpoint-2") == kept and not (tmp_path / "checkpoint-4").exists()
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_save_adapter_refuses_nan_weights_by_name_and_keeps_the_saved_adapter(saved_tiny, tmp_path):
+    from minilora.lora.peft_files import save_adapter
+    model = lora_model(saved_tiny)
+    save_adapter(model, tmp_path / "adapter")
+    kept = digests(tmp_path / "adapter")
+    layer = next(m for m in model.modules() if hasattr(m, "adapters"))
+    with torch.no_grad():
+        layer.adapters["default"].lora_B.weight[0, 0] = float("inf")
+    with pytest.raises(CheckpointError, match=r"\.lora_B\.weight holds NaN or infinite values: the adapter is not saved"):
+        save_adapter(model, tmp_path / "adapter")
+    assert digests(tmp_path / "adapter") == kept
+
+
+def test_a_diverging_loss_is_a_warning_naming_the_step_and_the_lr(saved_tiny, tmp_path):
+    """A loss that climbs step after step (here a loss_fn that scales the language-model loss up by 50%
+    a step) is said once, when its ten-step average passes twice the first step's loss and one nat."""
+    from minilora.training.objectives.causal_lm import causal_lm_loss
+    calls = []
+
+    def climbing(model, batch):
+        calls.append(1)
+        loss, n = causal_lm_loss(model, batch)
+        return loss * 1.5 ** (len(calls) // 2), n  # two micro-batches a step
+    with pytest.warns(UserWarning, match=r"step \d+: the loss \(.*\) is more than twice the first step's .*: the run "
+                      r"is diverging; lower lr \(now 0.01\) or set max_grad_norm") as seen:
+        result = train(lora_model(saved_tiny), Tok, examples(8), None, quick(tmp_path, max_steps=12, save_every=None),
+                       loss_fn=climbing)
+    assert len([w for w in seen if "diverging" in str(w.message)]) == 1
+    step = int(str(next(w for w in seen if "diverging" in str(w.message)).message).split(":")[0].split()[1])
+    losses, smoothed = [r["loss"] for r in result.history], None
+    for i, loss in enumerate(losses, 1):  # the warning's step, recomputed from the logged losses
+        smoothed = loss if smoothed is None else 0.9 * smoothed + 0.1 * loss
+        if i > 1 and smoothed > 2 * losses[0] + 1:
+            assert step == i
+            break
+    else:
+        pytest.fail("the logged losses never crossed the threshold")
+
+
+def test_a_steady_run_gives_no_divergence_warning(saved_tiny, tmp_path):
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(lora_model(saved_tiny), Tok, examples(8), None, quick(tmp_path, max_steps=8, save_every=None))
+
+
+# ---------------------------------------------------------------------------------------------
+# train() on what it cannot train
+
+class NoMask(torch.nn.Module):
+    """A user's own language model whose forward takes the ids alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.proj = torch.nn.Embedding(100, 16), torch.nn.Linear(16, 16)
+        self.lm_head = torch.nn.Linear(16, 100)
+
+    def forward(self, input_ids):
+        return self.lm_head(torch.tanh(self.proj(self.embed(input_ids))))
+
+
+def test_a_user_module_whose_forward_takes_no_mask_is_named_before_any_step(tmp_path):
+    model = apply_lora(NoMask(), ["proj"], r=2)
+    with pytest.raises(ConfigError, match=r"NoMask\.forward\(input_ids\) takes no attention_mask, which training "
+                       r"passes \(model\(input_ids, attention_mask=mask\)"):
+        train(model, Tok, examples(8), None, quick(tmp_path))
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+    def own_loss(m, batch):  # a loss_fn of one's own calls the model as it likes: then it trains
+        from torch.nn.functional import cross_entropy
+        logits = m(batch["input_ids"])[:, :-1]
+        labels = batch["labels"][:, 1:]
+        return cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"), \
+            int((labels != -100).sum())
+    result = train(model, Tok, examples(8), None, quick(tmp_path, save_every=None), loss_fn=own_loss)
+    assert len(result.history) == 4 and (tmp_path / "adapter").is_dir()
+
+
+def test_train_inside_adapter_disabled_is_named_before_any_step(saved_tiny, tmp_path):
+    from minilora.lora.inject import adapter_disabled
+    model = lora_model(saved_tiny)
+    with adapter_disabled(model):
+        with pytest.raises(ConfigError, match=r"train\(\) inside adapter_disabled\(model\): the LoRA layers are "
+                           r"switched off, so nothing would train"):
+            train(model, Tok, examples(8), None, quick(tmp_path))
+    assert not (tmp_path / "metrics.jsonl").exists()

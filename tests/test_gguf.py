@@ -33,10 +33,10 @@ def gguf_name(hf_name: str) -> str:
     return f"{NAMES[base]}.{kind}"
 
 
-def test_gguf_quant_types_and_permutation(saved_tiny, tmp_path):
-    hf, _ = saved_tiny["llama-gqa"]
+def write_gguf(hf, path, extra: dict[str, np.ndarray] | None = None) -> dict[str, torch.Tensor]:
+    """hf's tensors as llama.cpp's converter writes them (KINDS' types, q/k rows permuted), plus `extra`
+    {gguf name: float array} in Q8_0; returns the oracle: every Hub tensor dequantized, unpermuted."""
     cfg = hf.config
-    path = tmp_path / "tiny.gguf"
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_block_count(cfg.num_hidden_layers)
     writer.add_context_length(64)
@@ -59,10 +59,20 @@ def test_gguf_quant_types_and_permutation(saved_tiny, tmp_path):
         elif ".k_proj." in name:
             w = llama_cpp_permute(w, cfg.num_key_value_heads)
         writer.add_tensor(gguf_name(name), gguf.quants.quantize(w, kind), raw_dtype=kind)
+    for name, w in (extra or {}).items():
+        writer.add_tensor(name, gguf.quants.quantize(w, Q.Q8_0), raw_dtype=Q.Q8_0)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return dequantized
+
+
+def test_gguf_quant_types_and_permutation(saved_tiny, tmp_path):
+    hf, _ = saved_tiny["llama-gqa"]
+    cfg = hf.config
+    path = tmp_path / "tiny.gguf"
+    dequantized = write_gguf(hf, path)
     ours = load_model(path)
     assert not ours.config.tie_word_embeddings
     oracle = type(hf)(cfg).eval()
@@ -72,3 +82,27 @@ def test_gguf_quant_types_and_permutation(saved_tiny, tmp_path):
         assert (ours(ids) - oracle(input_ids=ids).logits).abs().max().item() <= 1e-5
     for name, t in ours.state_dict().items():  # tensor for tensor, the permutation undone
         assert torch.equal(t, dequantized[name]), name
+
+
+@pytest.mark.parametrize("extra, named", [
+    pytest.param("blk.{layers}.attn_q.weight", r"model\.layers\.{layers}\.self_attn\.q_proj\.weight",
+                 id="a-block-beyond-the-block-count"),
+    pytest.param("blk.0.attn_qkv.weight", r"model\.layers\.0\.attn_qkv\.weight", id="fused-attn-qkv"),
+])
+def test_a_gguf_tensor_the_model_has_no_place_for_is_named_kept_quantized_or_not(saved_tiny, tmp_path, extra, named):
+    """keep_quantized=True used to fail with a raw AttributeError where the float load names the tensor;
+    both now make the same check and say the same thing."""
+    from minilora.errors import CheckpointError
+    hf, _ = saved_tiny["llama-gqa"]
+    cfg = hf.config
+    extra = extra.format(layers=cfg.num_hidden_layers)
+    path = tmp_path / "extra.gguf"
+    write_gguf(hf, path, {extra: np.random.default_rng(0).standard_normal((64, cfg.hidden_size)).astype(np.float32)})
+    messages = []
+    for keep in (False, True):
+        with pytest.raises(CheckpointError) as caught:
+            load_model(path, keep_quantized=keep)
+        messages.append(str(caught.value))
+    assert messages[0] == messages[1]
+    import re
+    assert re.search(named.format(layers=cfg.num_hidden_layers), messages[0]) and "extra.gguf" in messages[0], messages[0]

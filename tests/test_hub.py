@@ -193,6 +193,20 @@ def test_push_that_cannot_happen_fails_at_once_and_leaves_the_files(saved_tiny, 
         assert hub.repos["someone/x"]["files"] == {} and not [r for r in hub.requests if "/commit/" in r[1]]
 
 
+def test_pushing_a_run_folder_is_refused_naming_its_adapter_and_sends_nothing(saved_tiny, tmp_path, capsys, hub):
+    """A run's folder holds checkpoints (optimizer, RNG, scheduler files): push, like load and inspect,
+    names the adapter inside it rather than uploading the lot with a card that has no LoRA section."""
+    adapter = trained(saved_tiny, tmp_path, capsys)  # save_every = 2: checkpoints beside the adapter
+    run = adapter.parent
+    before = digest(tmp_path)
+    assert main(["push", str(run), "someone/x"]) == 2
+    err = capsys.readouterr().err
+    assert f"{run}: a training run's folder, not an adapter: its adapter is {adapter}" in err
+    assert "checkpoints: checkpoint-" in err
+    assert not [r for r in hub.requests if r[0] == "POST"] and digest(tmp_path) == before
+    assert main(["push", str(adapter), "someone/x"]) == 0  # the adapter it names pushes
+
+
 def test_the_card_names_a_hub_base_model_and_stands_alone(tmp_path):
     """A base given as a Hub id becomes base_model (the Hub links the two); a folder alone (no run
     around it) still gets a card with the LoRA settings and no curve."""

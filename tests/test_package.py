@@ -96,6 +96,37 @@ def test_a_command_line_path_is_read_from_here_and_peft_names_override_the_files
         load_recipe(folder / "r.toml", {"data.eval": "asset:reviews/../../etc/passwd"})
 
 
+def test_a_recipe_files_output_dir_is_read_beside_it_and_a_packaged_recipes_from_here(tmp_path, monkeypatch):
+    """The README: "your own: its relative paths are read beside it", where the run writes too (it used
+    to land in the current folder); a packaged recipe's runs/ stays in the current folder."""
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "r.toml").write_text('[model]\nname = "gpt2"\n[data]\ntrain = "data.jsonl"\n[train]\n'
+                                   'output_dir = "runs/mine"\nresume_from_checkpoint = "runs/mine/checkpoint-2"\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    recipe = load_recipe(folder / "r.toml")
+    assert recipe.train.output_dir == str(folder / "runs" / "mine")
+    assert recipe.train.resume_from_checkpoint == str(folder / "runs" / "mine" / "checkpoint-2")
+    given = load_recipe(folder / "r.toml", {"train.output_dir": "here", "train.resume_from_checkpoint": "latest"})
+    assert (given.train.output_dir, given.train.resume_from_checkpoint) == ("here", "latest")  # from the command line
+    assert load_recipe("quotes-smollm2").train.output_dir == "runs/quotes-smollm2"
+
+
+def test_a_peft_name_in_the_file_is_replaced_by_our_name_on_the_command_line(tmp_path):
+    """lora_alpha = 16 in the file and --lora.alpha 32 given: the override replaces it (either name),
+    as the code promises; both names in the file itself stay refused."""
+    (tmp_path / "r.toml").write_text('[model]\nname = "gpt2"\n[lora]\ntarget_modules = ["c_attn"]\nlora_alpha = 16\n'
+                                     '[data]\ntrain = "data.jsonl"\n')
+    recipe = load_recipe(tmp_path / "r.toml", {"lora.alpha": "32", "lora.targets": '["c_proj"]'})
+    assert (recipe.lora.alpha, recipe.lora.targets) == (32, ["c_proj"])
+    (tmp_path / "both.toml").write_text('[model]\nname = "gpt2"\n[lora]\nalpha = 8\nlora_alpha = 16\n'
+                                        '[data]\ntrain = "data.jsonl"\n')
+    with pytest.raises(ConfigError, match=r"both\.toml \[lora\]: alpha and lora_alpha name the same setting"):
+        load_recipe(tmp_path / "both.toml", {"lora.alpha": "32"})
+
+
 @pytest.mark.slow
 def test_processes_started_together_fetch_an_asset_once(tmp_path, smollm2_path):
     """Every torchrun rank loads the recipe: two processes resolving asset:smollm2 into an empty cache

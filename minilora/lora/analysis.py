@@ -33,10 +33,11 @@ import torch
 import torch.nn as nn
 
 from ..errors import CheckpointError, ConfigError
+from ..formats.safetensors import check_tensor
 from ..quant.base import QuantizedLinear
 from .inject import lora_modules
 from .layers import LoRALinear
-from .peft_files import PREFIX, lora_config_from_peft, read_adapter
+from .peft_files import PREFIX, lora_config_from_peft, read_adapter, refuse_another_base
 
 SHARES = (1, 2, 4)
 
@@ -68,8 +69,8 @@ def factors_of(folder, config: dict, tensors: dict[str, torch.Tensor]) -> dict[s
             if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
                 raise CheckpointError(f"{where}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, expected (r, in) "
                                       f"and (out, r) with r = {r} as adapter_config.json gives for it")
-            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-                raise CheckpointError(f"{where}: non-finite values (NaN or inf) in lora_A or lora_B: a diverged run?")
+            for part, tensor in (("lora_A", a), ("lora_B", b)):  # as load_adapter checks them
+                check_tensor(f"{folder}", key.replace(".lora_A.", f".{part}."), tensor, floating=True)
             out[module] = (a.double(), b.double(), alpha / (r ** 0.5 if settings.use_rslora else r))
     return out
 
@@ -172,6 +173,8 @@ def inspect_adapter(folder, base: nn.Module | None = None, compare=None) -> dict
     adapter's folder), "skipped": embedding modules}. With `base` (the model the adapter was trained on,
     in float or quantized) each row also has W's projection on ΔW's subspace and the amplification."""
     config, tensors = read_adapter(folder)
+    if base is not None:
+        refuse_another_base(base, folder)
     factors = factors_of(folder, config, tensors)
     if not factors:
         raise ConfigError(f"{folder}: no LoRA A/B pairs to inspect")

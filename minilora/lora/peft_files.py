@@ -130,11 +130,22 @@ def _base_fingerprint(model: nn.Module) -> dict[str, Any]:
     return model.fingerprint() if hasattr(model, "fingerprint") else {}
 
 
+def refuse_non_finite(tensors: dict[str, torch.Tensor]) -> None:
+    """A CheckpointError naming the first tensor that holds NaN or inf: such an adapter is never saved
+    (load_adapter would refuse it; an earlier good save stays as it was)."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{name.removeprefix(PREFIX)} holds NaN or infinite values: the adapter is not "
+                                  "saved (a diverged run, or float16 LoRA weights whose update overflowed)")
+
+
 def write_adapter_files(folder: Path, model: nn.Module, extra: dict[str, Any] | None = None,
                         adapter: str | None = None) -> None:
     """One adapter's three files (the active one's by default) into an existing folder (checkpoints add
     theirs beside them)."""
-    weights = save(adapter_state_dict(model, adapter), metadata={"format": "pt"})
+    tensors = adapter_state_dict(model, adapter)
+    refuse_non_finite(tensors)
+    weights = save(tensors, metadata={"format": "pt"})
     (folder / WEIGHTS_FILE).write_bytes(weights)  # OSError names it
     (folder / CONFIG_FILE).write_text(json.dumps(adapter_config(model, adapter), indent=2) + "\n")
     meta = {"base_model": _base_fingerprint(model), **(extra or {})}
@@ -173,20 +184,28 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, extra: dict[str, A
     return write_atomically(folder, write_each)
 
 
+def refuse_a_run_folder(folder: Path) -> None:
+    """A training run's folder (metrics.jsonl, adapter/, checkpoints) where an adapter is asked for: a
+    CheckpointError that names its adapter, its best one and its checkpoints (every reader and push say so)."""
+    if (folder / CONFIG_FILE).is_file() or not (folder / "metrics.jsonl").is_file():
+        return
+    named = sorted(p.name for p in folder.iterdir() if (p / CONFIG_FILE).is_file())
+    checkpoints = [n for n in named if n.startswith("checkpoint-")]
+    raise CheckpointError(f"{folder}: a training run's folder, not an adapter: "
+                          + (f"its adapter is {folder / 'adapter'}" if "adapter" in named else
+                             "it has no adapter/ yet (the run did not finish)")
+                          + (f" (the best one: {folder / 'best'})" if "best" in named else "")
+                          + (f"; checkpoints: {', '.join(checkpoints)}" if checkpoints else ""))
+
+
 def read_adapter(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """adapter_config.json and the adapter's tensors (safetensors, or PEFT's older adapter_model.bin)."""
     folder = Path(os.path.expanduser(str(folder)))
     recover(folder)  # a writer killed between its two renames left the previous version aside
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such adapter folder")
+    refuse_a_run_folder(folder)
     named = sorted(p.name for p in folder.iterdir() if (p / CONFIG_FILE).is_file())
-    if not (folder / CONFIG_FILE).is_file() and named and (folder / "metrics.jsonl").is_file():
-        raise CheckpointError(f"{folder}: a training run's folder, not an adapter: "
-                              + (f"its adapter is {folder / 'adapter'}" if "adapter" in named else
-                                 "it has no adapter/ yet (the run did not finish)")
-                              + (f" (the best one: {folder / 'best'})" if "best" in named else "")
-                              + (f"; checkpoints: {', '.join(n for n in named if n.startswith('checkpoint-'))}"
-                                 if any(n.startswith("checkpoint-") for n in named) else ""))
     if not (folder / CONFIG_FILE).is_file() and named:  # PEFT's layout with no "default" adapter
         raise CheckpointError(f"{folder}: no {CONFIG_FILE} here, but named adapters in {', '.join(named)}: load "
                               f"each with load_adapter(model, {str(folder / named[0])!r}, adapter_name={named[0]!r})")
@@ -247,12 +266,7 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, adapter_name: str 
     load_adapter(folder, adapter_name)); the active adapter stays the active one (set_adapter switches)."""
     config, tensors = read_adapter(folder)
     where = Path(folder) / (WEIGHTS_FILE if (Path(folder) / WEIGHTS_FILE).is_file() else "adapter_model.bin")
-    meta = read_adapter_meta(folder)
-    expected = meta.get("base_model") or {}
-    actual = _base_fingerprint(model)
-    wrong = [f"{k}: adapter {v!r} vs model {actual[k]!r}" for k, v in expected.items() if k in actual and actual[k] != v]
-    if wrong:
-        raise CheckpointError(f"{folder}: adapter was trained on another base model ({'; '.join(wrong)})")
+    refuse_another_base(model, folder)
     settings = lora_config_from_peft(config, Path(folder) / CONFIG_FILE, list(tensors))
     state = lora_state(model)
     previous = list(state.active) if state is not None else None
@@ -277,6 +291,16 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, adapter_name: str 
     if previous is not None:
         set_adapter(model, previous)
     return model
+
+
+def refuse_another_base(model: nn.Module, folder: str | os.PathLike) -> None:
+    """A CheckpointError when minilora.json says the adapter was trained on another kind of model than
+    `model` (its model type, sizes): what every reader of an adapter with a base asks first."""
+    expected = read_adapter_meta(folder).get("base_model") or {}
+    actual = _base_fingerprint(model)
+    wrong = [f"{k}: adapter {v!r} vs model {actual[k]!r}" for k, v in expected.items() if k in actual and actual[k] != v]
+    if wrong:
+        raise CheckpointError(f"{folder}: adapter was trained on another base model ({'; '.join(wrong)})")
 
 
 def _check_same_settings(model: nn.Module, adapter: str, settings: LoRAConfig, folder) -> None:

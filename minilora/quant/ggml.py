@@ -94,7 +94,10 @@ class GGMLKeeper:
         tied = {source: alias for alias, source in model.tied_weights.items()}
         for weight_name, (kind, (d, k)) in self.blocks.items():
             name = weight_name.removesuffix(".weight")
-            module = model.get_submodule(name)
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:  # a tensor the model has no place for: the loader's key check names it
+                continue
             raw = torch.empty(d, k // BLOCKS[kind][0] * BLOCKS[kind][1], dtype=torch.uint8, device="meta")
             if type(module) is nn.Embedding and (d, k) == (module.num_embeddings, module.embedding_dim):
                 replace_module(model, name, GGMLEmbedding(d, k, kind, raw))

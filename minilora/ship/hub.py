@@ -27,6 +27,7 @@ from typing import Any
 from ..errors import CheckpointError, ConfigError
 from ..formats.atomic import owning, recover
 from ..formats.paths import read_json
+from ..lora.peft_files import refuse_a_run_folder
 from ..training.plots import loss_svg, read_metrics
 
 CARD, CURVE = "README.md", "loss.svg"
@@ -56,6 +57,7 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = False,
     recover(folder)  # a save killed between its two renames: the previous version back at its name
     if not folder.is_dir() or not any(folder.iterdir()):
         raise CheckpointError(f"{folder}: not a folder with an adapter or model to push")
+    refuse_a_run_folder(folder)  # its checkpoints' optimizer and RNG files are no model to publish
     check_can_push(repo_id)
     # optional: a folder whose lock cannot be made (read-only) is one no one can be saving into
     with owning(folder, "pushing it to the Hub", shared=True, optional=True, instead="nothing was pushed"):

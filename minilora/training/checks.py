@@ -3,6 +3,7 @@ data, the model's heads and vocabulary, and the settings that depend on both."""
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch.nn as nn
@@ -11,7 +12,7 @@ from ..data.records import Example, target_count
 from ..errors import ConfigError, DataError
 from .checkpoint import resolve_resume
 from .config import TrainConfig
-from .objectives import Objective
+from .objectives import Classification, CausalLM, Objective, causal_lm_loss, classification_loss
 
 
 def refuse_an_untrained_head(model: nn.Module, key: str | None = None) -> None:
@@ -44,6 +45,10 @@ def refuse_what_would_go_wrong(model: nn.Module, train_data: list[Example], eval
     refuse_an_untrained_head(model)
     if any(getattr(m, "merged", False) for m in model.modules()):
         raise ConfigError("the model's LoRA layers are merged into the base weights: unmerge_lora(model) first")
+    if any(getattr(m, "disabled", False) for m in model.modules()):
+        raise ConfigError("train() inside adapter_disabled(model): the LoRA layers are switched off, so nothing would "
+                          "train; call train() outside that block")
+    refuse_a_forward_without_a_mask(model, objective, custom_eval or not eval_data)
     rows = getattr(getattr(model, "input_embeddings", None), "num_embeddings", None)
     classes = getattr(getattr(model, "config", None), "num_labels", None) if isinstance(train_data[0].labels, int) else None
     for i, e in enumerate(e for data in (train_data, eval_data or []) for e in data):
@@ -64,3 +69,23 @@ def refuse_what_would_go_wrong(model: nn.Module, train_data: list[Example], eval
                           f"{', '.join(objective.eval_metrics)}")
     if cfg.resume_from_checkpoint not in (None, "latest"):
         resolve_resume(cfg.resume_from_checkpoint, Path(cfg.output_dir))  # a checkpoint folder, or a named error
+
+
+def refuse_a_forward_without_a_mask(model: nn.Module, objective: Objective, own_evaluation: bool) -> None:
+    """The shipped objectives call model(input_ids, attention_mask=mask) (a padded batch needs its mask);
+    a user's nn.Module whose forward cannot take that is named now, not by a TypeError at step 1. A
+    loss_fn of the caller's own calls the model as it likes (and, with evaluate_fn, so does evaluation)."""
+    calls = isinstance(objective, (CausalLM, Classification)) and (
+        objective.loss_fn in (causal_lm_loss, classification_loss) or
+        isinstance(objective, Classification) and not own_evaluation)
+    if not calls or hasattr(model, "hidden_states"):  # minilora's own models take the mask
+        return
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (a C extension): let the call decide
+        return
+    if not any(p.name == "attention_mask" or p.kind is p.VAR_KEYWORD for p in params):
+        raise ConfigError(f"{type(model).__name__}.forward{inspect.signature(model.forward)} takes no attention_mask, "
+                          "which training passes (model(input_ids, attention_mask=mask), the mask 0 on padding): "
+                          "give forward an attention_mask=None parameter, or train() a loss_fn that calls the model "
+                          "as it needs")

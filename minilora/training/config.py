@@ -76,10 +76,11 @@ class TrainConfig:
             raise ConfigError(f"batch_size={self.batch_size} is not a multiple of micro_batch_size={self.micro_batch_size}")
         if self.lr_schedule not in ("linear", "cosine", "constant"):
             raise ConfigError(f"lr_schedule must be linear, cosine or constant, got {self.lr_schedule!r}")
-        for name in ("lr", "max_grad_norm"):  # None: no clipping
-            value = getattr(self, name)
-            if not (value is None and name == "max_grad_norm") and not _number(value, 0, math.inf, True, True):
-                raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
+        if not _number(self.lr, 0, 1, low_open=True):  # AdamW moves each weight by about lr a step
+            raise ConfigError(f"lr must be a positive number at most 1 (AdamW moves every weight by about lr each "
+                              f"step; LoRA runs take 1e-5 to 1e-3), got {self.lr!r}")
+        if self.max_grad_norm is not None and not _number(self.max_grad_norm, 0, math.inf, True, True):  # None: none
+            raise ConfigError(f"max_grad_norm must be a positive finite number, got {self.max_grad_norm!r}")
         if not _number(self.weight_decay, 0, math.inf, high_open=True):
             raise ConfigError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:

@@ -148,6 +148,9 @@ class _Run:
     metrics: MetricsLog | None = None
     board: Callable[[dict[str, Any]], None] | None = None  # TensorBoard scalars, on rank 0
     progress: Any = None                  # the progress bar, on rank 0
+    first_loss: float | None = None       # this process's first step's loss, against which divergence is told
+    smoothed_loss: float = 0.0
+    warned_divergence: bool = False
 
     @property
     def main(self) -> bool:  # rank 0: the one that writes and prints
@@ -266,17 +269,56 @@ def _one_step(run: _Run, train_data: list[Example], objective: Objective, pad_id
     loss, count, metrics = accumulate(run.model, micro, objective, run.bf16,
                                       None if run.progress is None else micro_batch_done(run.progress, len(micro)))
     if not math.isfinite(loss):
-        last = checkpoint_folders(run.out)
-        raise TrainingError(f"step {run.step + 1}: the loss is {loss}; training stopped. The last good "
-                            f"checkpoint is {last[-1] if last else 'none (nothing was saved yet)'}")
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm or float("inf"))
+        raise TrainingError(f"step {run.step + 1}: the loss is {loss}; training stopped. {_last_good(run)}")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm or float("inf")))
+    if not math.isfinite(grad_norm):  # the weights are left as the last step made them
+        raise TrainingError(f"step {run.step + 1}: the gradient's norm is {grad_norm} (the loss, {loss:.4g}, is "
+                            f"finite); training stopped before the update.{_half_hint(run)} {_last_good(run)}")
     lr = run.scheduler.get_last_lr()[0]
     run.optimizer.step()
+    if not _all_finite(run.params):
+        raise TrainingError(f"step {run.step + 1}: its update made LoRA weights NaN or infinite (lr={lr:.3g}); "
+                            f"training stopped, nothing of this step saved.{_half_hint(run)} {_last_good(run)}")
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
-    return {"step": run.step, "epoch": run.epoch, "loss": loss, **metrics, "lr": lr, "grad_norm": float(grad_norm),
+    _warn_if_diverging(run, loss)
+    return {"step": run.step, "epoch": run.epoch, "loss": loss, **metrics, "lr": lr, "grad_norm": grad_norm,
             "tokens": count}
+
+
+def _all_finite(params: list[nn.Parameter]) -> bool:
+    """No NaN or inf in any of them, in one fused pass and one sync (x * 0 is 0 unless x is NaN or inf,
+    so no finite value can overflow the test)."""
+    return bool(torch.stack(torch._foreach_norm(torch._foreach_mul(params, 0.0))).sum() == 0)
+
+
+def _half_hint(run: _Run) -> str:
+    """Why float16 LoRA weights go wrong, where they are float16 (model.half() after apply_lora)."""
+    if any(p.dtype == torch.float16 for p in run.params):
+        return (" The trainable weights are float16, whose range AdamW's update overflows (its eps, 1e-8, is 0 "
+                "there): keep the LoRA weights in float32 and use bf16 = true (autocast) for speed.")
+    return ""
+
+
+def _last_good(run: _Run) -> str:
+    last = checkpoint_folders(run.out)
+    return f"The last good checkpoint is {last[-1] if last else 'none (nothing was saved yet)'}"
+
+
+def _warn_if_diverging(run: _Run, loss: float) -> None:
+    """Once a run, a warning when the loss, smoothed over about ten steps (one batch's noise is no
+    divergence), climbs past twice that of this process's first step and one nat more: the learning
+    rate is too high for this model and data, most often."""
+    if run.first_loss is None:
+        run.first_loss = run.smoothed_loss = loss
+        return
+    run.smoothed_loss = 0.9 * run.smoothed_loss + 0.1 * loss
+    if not run.warned_divergence and run.smoothed_loss > 2 * run.first_loss + 1:
+        run.warned_divergence = True
+        warnings.warn(f"step {run.step}: the loss ({loss:.4g}, {run.smoothed_loss:.4g} over the last steps) is more "
+                      f"than twice the first step's ({run.first_loss:.4g}): the run is diverging; lower lr (now "
+                      f"{run.cfg.lr:g}) or set max_grad_norm", stacklevel=4)
 
 
 def _evaluate_and_keep_the_best(run: _Run, evaluate_fn: Callable[[nn.Module], dict[str, float]]) -> None:

@@ -48,6 +48,17 @@ class Objective(Protocol):
         ...
 
 
+class LossFnObjective:
+    """The shared half of an objective built on a bare loss function: `loss` is `self.loss_fn`'s
+    (sum, count) with no further metrics. CausalLM and Classification are this plus their evaluate()."""
+
+    loss_fn: LossFn
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, dict[str, float]]:
+        loss, count = self.loss_fn(model, batch)
+        return loss, count, {}
+
+
 def rank_batches(model: nn.Module, data: list[Example], pad_id: int, micro_batch_size: int,
                  bf16: bool) -> Iterator[dict[str, torch.Tensor]]:
     """This rank's share of `data` (every world-th example under torchrun) in batches on the model's

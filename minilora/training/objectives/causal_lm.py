@@ -16,7 +16,7 @@ from ...data.records import IGNORE, Example
 from ...kernels import LinearCrossEntropy
 from ...quant.base import QuantizedLinear
 from .. import distributed
-from .base import LossFn, Objective, rank_batches
+from .base import LossFn, LossFnObjective, Objective, rank_batches
 
 
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -43,17 +43,13 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
 
 
 @dataclass
-class CausalLM(Objective):
+class CausalLM(LossFnObjective, Objective):
     """Language modelling: `loss_fn` (causal_lm_loss unless given) over the per-token labels, counted
     in target tokens; evaluated as the mean of that same loss per target token, and its perplexity."""
 
     loss_fn: LossFn = causal_lm_loss
     metrics: ClassVar[tuple[str, ...]] = ()
     eval_metrics: ClassVar[tuple[str, ...]] = ("eval_loss", "eval_perplexity")
-
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, dict[str, float]]:
-        loss, count = self.loss_fn(model, batch)
-        return loss, count, {}
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, data: list[Example], pad_id: int, micro_batch_size: int = 8,

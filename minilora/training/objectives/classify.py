@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ...data.records import Example
 from .. import distributed
-from .base import LossFn, Objective, rank_batches
+from .base import LossFn, LossFnObjective, Objective, rank_batches
 
 
 def classification_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -22,7 +22,7 @@ def classification_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tup
 
 
 @dataclass
-class Classification(Objective):
+class Classification(LossFnObjective, Objective):
     """A classifier: `loss_fn` (classification_loss unless given), counted in examples; evaluated from
     the class logits whatever loss_fn is: mean cross-entropy, accuracy, and F1 (of class 1 with two
     classes, macro-averaged over the classes that occur with more)."""
@@ -30,10 +30,6 @@ class Classification(Objective):
     loss_fn: LossFn = classification_loss
     metrics: ClassVar[tuple[str, ...]] = ()
     eval_metrics: ClassVar[tuple[str, ...]] = ("eval_loss", "eval_accuracy", "eval_f1")
-
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, dict[str, float]]:
-        loss, count = self.loss_fn(model, batch)
-        return loss, count, {}
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, data: list[Example], pad_id: int, micro_batch_size: int = 8,
