@@ -543,3 +543,23 @@ def test_train_inside_adapter_disabled_is_named_before_any_step(saved_tiny, tmp_
                            r"switched off, so nothing would train"):
             train(model, Tok, examples(8), None, quick(tmp_path))
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("returns, message", [
+    pytest.param(lambda loss, n: (float(loss), n), r"loss_fn 'bad' returned a float as its loss; expected the summed "
+                 r"loss as a one-element tensor that keeps its graph \(do not call \.item\(\) or detach it\)",
+                 id="a-float-loss"),
+    pytest.param(lambda loss, n: (loss.detach(), n), r"loss_fn 'bad' returned a tensor with no graph", id="detached"),
+    pytest.param(lambda loss, n: (loss.expand(3), n), r"loss_fn 'bad' returned a tensor of shape \(3,\)",
+                 id="not-a-scalar"),
+    pytest.param(lambda loss, n: (loss, float(n)), r"loss_fn 'bad' returned the count \d+\.0; expected a "
+                 r"non-negative int", id="a-float-count"),
+])
+def test_a_loss_fn_returning_the_wrong_things_is_named_at_the_first_step(saved_tiny, tmp_path, returns, message):
+    from minilora.training.objectives.causal_lm import causal_lm_loss
+
+    def bad(model, batch):
+        return returns(*causal_lm_loss(model, batch))
+    with pytest.raises(ConfigError, match=message):
+        train(lora_model(saved_tiny), Tok, examples(8), None, quick(tmp_path), loss_fn=bad)
+    assert not (tmp_path / "adapter").exists()

@@ -49,6 +49,7 @@ from .checkpoint import (
 from .checks import refuse_what_would_go_wrong
 from .config import TrainConfig
 from .objectives import LossFn, Objective, as_objective, objective_for
+from .objectives.base import LossFnObjective
 from .plots import plot_at_end
 from .progress import event_writer, micro_batch_done, progress_bar, show_record
 
@@ -383,9 +384,7 @@ def accumulate(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]], o
     for batch in micro_batches:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss, n, metrics = objective.loss(model, batch)
-        if metrics.keys() != sums.keys():
-            raise ConfigError(f"{type(objective).__name__}.loss returned the metrics {sorted(metrics)}, but its "
-                              f"metrics attribute names {sorted(sums)}")
+        _check_what_loss_returned(objective, loss, n, metrics, sums)
         loss.backward()
         total += float(loss.detach())
         count += n
@@ -406,6 +405,25 @@ def accumulate(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]], o
     for g in grads:
         g.div_(max(count, 1))
     return total / max(count, 1), count, {name: value / max(count, 1) for name, value in sums.items()}
+
+
+def _check_what_loss_returned(objective: Objective, loss: Any, n: Any, metrics: Any, sums: dict[str, float]) -> None:
+    """An objective's (or a loss_fn's) result named where it is not (summed loss with its graph, count,
+    metrics): not by a raw `backward` error deep in torch."""
+    bare = isinstance(objective, LossFnObjective) and type(objective).loss is LossFnObjective.loss
+    name = f"loss_fn {getattr(objective.loss_fn, '__name__', objective.loss_fn)!r}" if bare else \
+        f"{type(objective).__name__}.loss"
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
+        got = f"a {type(loss).__name__}" if not isinstance(loss, torch.Tensor) else \
+            (f"a tensor of shape {tuple(loss.shape)}" if loss.numel() != 1 else "a tensor with no graph (no grad)")
+        raise ConfigError(f"{name} returned {got} as its loss; expected the summed loss as a one-element tensor that "
+                          "keeps its graph (do not call .item() or detach it), then the count")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ConfigError(f"{name} returned the count {n!r}; expected a non-negative int (how many targets the summed "
+                          "loss covers)")
+    if not isinstance(metrics, dict) or metrics.keys() != sums.keys():
+        raise ConfigError(f"{name} returned the metrics {sorted(metrics) if isinstance(metrics, dict) else metrics!r}, "
+                          f"but its metrics attribute names {sorted(sums)}")
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
