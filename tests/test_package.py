@@ -111,6 +111,8 @@ def test_a_recipe_files_output_dir_is_read_beside_it_and_a_packaged_recipes_from
     assert recipe.train.resume_from_checkpoint == str(folder / "runs" / "mine" / "checkpoint-2")
     given = load_recipe(folder / "r.toml", {"train.output_dir": "here", "train.resume_from_checkpoint": "latest"})
     assert (given.train.output_dir, given.train.resume_from_checkpoint) == ("here", "latest")  # from the command line
+    monkeypatch.setattr(assets, "smollm2", lambda: tmp_path / "model.gguf")  # nothing fetched
+    monkeypatch.setattr(assets, "quotes_jsonl", lambda: tmp_path / "quotes.jsonl")
     assert load_recipe("quotes-smollm2").train.output_dir == "runs/quotes-smollm2"
 
 
