@@ -1,5 +1,10 @@
 """The model registry: config.json's `model_type` -> the class that implements it.
 
+Supported: GPT-2 (gpt2), GPT-J (gptj), Llama 2/3 and SmolLM (llama), Mistral (mistral), Qwen2 (qwen2),
+Qwen3 dense (qwen3), Gemma 2 (gemma2), Gemma 3's text model (gemma3_text, and gemma3 without a vision
+tower), BERT (bert) and DistilBERT (distilbert). Refused by name: the mixture-of-experts variants
+(UNSUPPORTED).
+
 A new family is one file in this folder plus one line here. Every class keeps the contract written
 down in common.PretrainedModel (config class, checkpoint name mapping, output heads, tied weights,
 the fingerprint that decides whether an adapter fits) and takes (input_ids, attention_mask) to logits,
@@ -20,7 +25,8 @@ from .bert import (
     DistilBertForEmbedding,
     DistilBertForSequenceClassification,
 )
-from .common import KVCache, PretrainedModel, config_from_dict
+from .common import KVCache, PretrainedModel
+from .gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
 from .gpt2 import GPT2LMHeadModel
 from .gptj import GPTJForCausalLM
 from .llama import LlamaForCausalLM
@@ -32,9 +38,17 @@ MODEL_TYPES: dict[str, type[PretrainedModel] | dict[str, type[PretrainedModel]]]
     "llama": LlamaForCausalLM,
     "mistral": LlamaForCausalLM,
     "qwen2": LlamaForCausalLM,
+    "qwen3": LlamaForCausalLM,
+    "gemma2": Gemma2ForCausalLM,
+    "gemma3_text": Gemma3ForCausalLM,
+    "gemma3": Gemma3ForCausalLM,
     "bert": {"classification": BertForSequenceClassification, "embedding": BertForEmbedding},
     "distilbert": {"classification": DistilBertForSequenceClassification, "embedding": DistilBertForEmbedding},
 }
+
+# model_types near a supported one that are not it, and why
+UNSUPPORTED = {"qwen3_moe": "Qwen3's mixture-of-experts model; only the dense qwen3 is supported",
+               "qwen2_moe": "Qwen2's mixture-of-experts model; only the dense qwen2 is supported"}
 
 # Published configs built into the families (GPT-2's four sizes, GPT-J-6B): reports work offline.
 PRESETS: dict[str, dict[str, Any]] = {name: config for entry in MODEL_TYPES.values()
@@ -48,6 +62,8 @@ def model_class(config: dict[str, Any], source: str = "config.json", task: str |
     kind = config.get("model_type")
     if kind is None:
         raise ConfigError(f"{source}: no model_type field, so the architecture is unknown")
+    if isinstance(kind, str) and kind in UNSUPPORTED:
+        raise ConfigError(f"{source}: model_type {kind!r} is not supported: {UNSUPPORTED[kind]}")
     if not isinstance(kind, str) or kind not in MODEL_TYPES:
         raise ConfigError(f"{source}: model_type {kind!r} is not supported; supported: {', '.join(MODEL_TYPES)}")
     entry = MODEL_TYPES[kind]
@@ -66,7 +82,7 @@ def model_class(config: dict[str, Any], source: str = "config.json", task: str |
 def build_model(config: dict[str, Any], source: str = "config.json", task: str | None = None) -> PretrainedModel:
     """Construct the model for a config.json dict (on the current default device, e.g. `meta`)."""
     cls = model_class(config, source, task)
-    return cls(config_from_dict(cls.config_class, config, source))
+    return cls(cls.read_config(config, source))
 
 
 __all__ = ["MODEL_TYPES", "PRESETS", "KVCache", "PretrainedModel", "build_model", "model_class"]

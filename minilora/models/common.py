@@ -184,7 +184,7 @@ class PretrainedModel(nn.Module):
     this (usually through CausalLM), sets the class attributes, and takes one line in the registry
     (models/__init__.py); tests/test_models.py checks every registered class against it.
 
-    config_class         a dataclass whose fields are config.json's keys (config_from_dict builds it)
+    config_class         a dataclass whose fields are config.json's keys (read_config builds it)
     presets              {name: config.json dict} of published sizes, for reports with no download
     task_type            PEFT's task_type for an adapter of this model: CAUSAL_LM, SEQ_CLS, ...
     output_heads         names of the layers that produce the output: "all-linear" LoRA leaves them
@@ -206,6 +206,12 @@ class PretrainedModel(nn.Module):
     fingerprint_fields: tuple[str, ...] = ("model_type", "vocab_size")
     conv1d_layout = False
     provenance: Provenance | None = None
+
+    @classmethod
+    def read_config(cls, config: dict[str, Any], source: str = "config.json") -> Any:
+        """config.json's dict -> a config_class; a family whose file nests the config it reads (a
+        multimodal checkpoint's text_config) takes that part here."""
+        return config_from_dict(cls.config_class, config, source)
 
     @classmethod
     def checkpoint_to_model(cls, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
@@ -253,6 +259,9 @@ class CausalLM(PretrainedModel):
     embeddings: str
     context: str
     output_heads = ("lm_head",)
+    # c in logits = c * tanh(head(h) / c) (Gemma 2), None where the logits are the head's output: the
+    # fused head loss of training (objectives/causal_lm.py) applies the bare head, so it asks first
+    final_logit_softcap: float | None = None
 
     @property
     def tied_weights(self) -> dict[str, str]:

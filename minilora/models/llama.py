@@ -1,10 +1,12 @@
-"""The Llama family: Llama 2/3, SmolLM/SmolLM2, Qwen2 and Mistral, with the Hub's tensor names.
+"""The Llama family: Llama 2/3, SmolLM/SmolLM2, Qwen2, Qwen3 (dense) and Mistral, with the Hub's tensor names.
 
 What the family shares: pre-norm blocks with RMSNorm, rotary position embeddings (RoPE, Su et al. 2021)
 in the "rotate half" layout of the Hub's checkpoints, grouped-query attention (n_kv_heads <= n_heads),
 and a SwiGLU MLP down(silu(gate(x)) * up(x)). What differs is read from config.json:
-Qwen2 puts a bias on q/k/v, Mistral and Qwen2 may limit attention to a sliding window (Qwen2 in some
-layers only), Llama 3 rescales RoPE frequencies, SmolLM2 ties the output head to the embeddings.
+Qwen2 puts a bias on q/k/v, Qwen3 instead RMS-normalises each head of q and k (q_norm, k_norm over
+head_dim, before RoPE) and sets head_dim apart from hidden_size / heads, Mistral and the Qwens may limit
+attention to a sliding window (the Qwens in some layers only), Llama 3 rescales RoPE frequencies,
+SmolLM2 and the small Qwen3s tie the output head to the embeddings.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from .common import (
 ROPE_SCALING = {"default": (), "linear": ("factor",),
                 "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 LAYER_TYPES = ("full_attention", "sliding_attention")
+QWENS = ("qwen2", "qwen3")  # the families whose windows follow use_sliding_window and max_window_layers
 
 
 @dataclass
@@ -50,17 +53,19 @@ class LlamaConfig:
     hidden_act: str = "silu"
     tie_word_embeddings: bool = False
     sliding_window: int | None = None  # a query sees itself and the sliding_window - 1 keys before it
-    use_sliding_window: bool = False  # Qwen2 only: its sliding_window is ignored unless this is set
-    max_window_layers: int = 28  # Qwen2: layers from this index on are windowed (transformers' default)
-    layer_types: list[str] | None = None  # "full_attention" / "sliding_attention" per layer (Qwen2)
+    use_sliding_window: bool = False  # the Qwens only: their sliding_window is ignored unless this is set
+    max_window_layers: int = 28  # the Qwens: layers from this index on are windowed (transformers' default)
+    layer_types: list[str] | None = None  # "full_attention" / "sliding_attention" per layer (the Qwens)
     model_type: str = "llama"
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
 
     def __post_init__(self) -> None:
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
-        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
-        rope = dict(self.rope_parameters or {})
+        # Qwen3's head_dim is its own setting, 128 where config.json leaves it out (as in transformers)
+        self.head_dim = self.head_dim or (128 if self.model_type == "qwen3" else
+                                          self.hidden_size // self.num_attention_heads)
+        rope, field = dict(self.rope_parameters or {}), "rope_scaling" if self.rope_scaling else "rope_parameters"
         if self.rope_theta is None:
             self.rope_theta = rope.get("rope_theta", 10000.0)
         if self.rope_scaling is None and rope.get("rope_type", "default") != "default":
@@ -68,16 +73,7 @@ class LlamaConfig:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                               f"num_key_value_heads={self.num_key_value_heads}")
-        scaling = self.rope_scaling if isinstance(self.rope_scaling, dict) else {}
-        kind = scaling.get("rope_type", scaling.get("type", "default"))
-        if kind not in ROPE_SCALING:
-            raise ConfigError(f"rope scaling type {kind!r} is not supported (default, linear, llama3 are)")
-        bad = [k for k in ROPE_SCALING[kind] if isinstance(scaling.get(k), bool)
-               or not isinstance(scaling.get(k), (int, float)) or not scaling[k] > 0]
-        if bad or not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0) or self.head_dim % 2:
-            raise ConfigError(f"rope_scaling {kind!r} needs {', '.join(bad)} as positive numbers" if bad else
-                              f"rope needs a positive rope_theta and an even head_dim, got {self.rope_theta!r} "
-                              f"and {self.head_dim}")
+        check_rope(self.rope_theta, self.rope_scaling, self.head_dim, field)
         if self.max_window_layers < 0:
             raise ConfigError(f"max_window_layers must be an integer >= 0, got {self.max_window_layers}")
         kinds = self.layer_types
@@ -85,7 +81,7 @@ class LlamaConfig:
             raise ConfigError(f"layer_types must list one of {', '.join(LAYER_TYPES)} for each of the "
                               f"{self.num_hidden_layers} layers, got {kinds!r}")
         no_window = not (self.use_sliding_window and self.sliding_window)
-        if self.model_type == "qwen2" and no_window and "sliding_attention" in (kinds or []):  # transformers crashes
+        if self.model_type in QWENS and no_window and "sliding_attention" in (kinds or []):  # transformers crashes
             raise ConfigError("layer_types has sliding_attention layers, but use_sliding_window is false or "
                               "sliding_window is null, so there is no window to apply")
 
@@ -94,15 +90,19 @@ class LlamaConfig:
         return self.attention_bias or self.model_type == "qwen2"
 
     @property
+    def qk_norm(self) -> bool:
+        return self.model_type == "qwen3"
+
+    @property
     def windows(self) -> list[int | None]:
         """Each layer's attention window (None: the full causal context), as transformers 5 decides it:
-        Mistral windows every layer and ignores layer_types; Qwen2 windows only with use_sliding_window,
+        Mistral windows every layer and ignores layer_types; a Qwen windows only with use_sliding_window,
         and then the layers layer_types calls sliding_attention, by default those from max_window_layers
         on; Llama has no window."""
         n = self.num_hidden_layers
         if self.model_type == "mistral":
             return [self.sliding_window] * n
-        if self.model_type != "qwen2":
+        if self.model_type not in QWENS:
             return [None] * n
         window = self.sliding_window if self.use_sliding_window else None
         kinds = self.layer_types or ["sliding_attention" if i >= self.max_window_layers else "full_attention"
@@ -110,11 +110,26 @@ class LlamaConfig:
         return [window if kind == "sliding_attention" else None for kind in kinds]
 
 
-def rope_frequencies(cfg: LlamaConfig) -> torch.Tensor:
-    """inv_freq_i = theta^(-2i/d) for i < d/2, with Llama 3's long-context rescaling when configured."""
-    d = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-    scaling = cfg.rope_scaling or {}
+def check_rope(theta: float | None, scaling: dict | None, head_dim: int, field: str = "rope_scaling") -> None:
+    """A ConfigError naming `field` unless RoPE can be computed: a known scaling type with its numbers,
+    a positive theta and an even head_dim."""
+    scaling = scaling if isinstance(scaling, dict) else {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ROPE_SCALING:
+        raise ConfigError(f"rope scaling type {kind!r} is not supported in {field} ({', '.join(ROPE_SCALING)} are)")
+    bad = [k for k in ROPE_SCALING[kind] if isinstance(scaling.get(k), bool)
+           or not isinstance(scaling.get(k), (int, float)) or not scaling[k] > 0]
+    if bad or not (isinstance(theta, (int, float)) and theta > 0) or head_dim % 2:
+        raise ConfigError(f"{field} {kind!r} needs {', '.join(bad)} as positive numbers" if bad else
+                          f"rope needs a positive rope_theta and an even head_dim, got {theta!r} and {head_dim}")
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    """inv_freq_i = theta^(-2i/d) for i < d/2, with linear or Llama 3's long-context rescaling when
+    configured (check_rope has seen the numbers)."""
+    d = head_dim
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    scaling = scaling or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "linear":
         inv_freq = inv_freq / scaling["factor"]
@@ -128,9 +143,15 @@ def rope_frequencies(cfg: LlamaConfig) -> torch.Tensor:
         blended = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
         inv_freq = torch.where(medium, blended, scaled)
-    elif kind != "default":
-        raise ConfigError(f"config.json: rope scaling type {kind!r} is not supported (default, linear, llama3 are)")
     return inv_freq.float()
+
+
+def rope_angles(pos: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (B, 1, T, head_dim) of positions (B, T): computed in fp32, then cast, as the
+    reference implementation does."""
+    freqs = pos[..., None].float() * inv_freq.to(pos.device)
+    angles = torch.cat((freqs, freqs), dim=-1)[:, None]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -160,6 +181,10 @@ class LlamaAttention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=cfg.attention_bias)
+        self.qk_norm = cfg.qk_norm
+        if self.qk_norm:  # Qwen3: each head's q and k RMS-normalised over head_dim
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.layer_idx = layer_idx
 
     def forward(self, x, cos, sin, mask, cache, past):
@@ -167,6 +192,8 @@ class LlamaAttention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)    # (B, n_kv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
@@ -219,10 +246,8 @@ class LlamaModel(nn.Module):
         windows = {layer.window for layer in self.layers}
         masks = {w: attention_mask(attn_mask, T, past, input_ids.device, w) for w in windows}
         x = self.embed_tokens(input_ids)
-        # RoPE angles in fp32, then cast, as the reference implementation does. (B, 1, T, hd)
-        freqs = pos[..., None].float() * rope_frequencies(self.cfg).to(input_ids.device)
-        angles = torch.cat((freqs, freqs), dim=-1)[:, None]
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        cos, sin = rope_angles(pos, rope_frequencies(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling),
+                               x.dtype)
         x = run_blocks(self.layers, x, cos, sin, masks, cache, past, checkpoint=self.gradient_checkpointing and self.training and cache is None)
         return self.norm(x)
 

@@ -25,13 +25,14 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     With a frozen plain output head (the usual LoRA case), the head and the loss are fused
     (`LinearCrossEntropy`): the (B, T, vocab) logits never exist at once, their gradient is computed
     while they do, instead of a second pass through a log-softmax backward, and positions without a
-    target (padding, a prompt not trained on) cost no head matmul at all."""
+    target (padding, a prompt not trained on) cost no head matmul at all. A model whose logits are
+    soft-capped (Gemma 2's final_logit_softcap) takes them from its forward instead."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE)], dim=1)  # token t predicts t+1
     head = getattr(model, "lm_head", None)
     quantized = isinstance(head, QuantizedLinear)  # a head kept in blocks (tied to a GGUF embedding): read by rows
     if (type(head) is nn.Linear or quantized) and not head.weight.requires_grad and hasattr(model, "hidden_states") \
-            and (head.bias is None or not head.bias.requires_grad):
+            and (head.bias is None or not head.bias.requires_grad) and getattr(model, "final_logit_softcap", None) is None:
         h, targets = model.hidden_states(ids, attention_mask=mask).flatten(0, 1), shifted.flatten()
         keep = targets != IGNORE  # no head work for padding and masked prompt positions
         loss = LinearCrossEntropy.apply(h[keep], head.weight, head.bias, targets[keep], IGNORE,
