@@ -21,6 +21,7 @@ from ..data.chat import render, special_tokens, template_of, template_source
 from ..errors import CheckpointError
 from ..formats.gguf import read_gguf
 from ..formats.paths import read_json, resolve
+from .gguf_vocab import gguf_vocabulary
 
 
 class Tokenizer:
@@ -172,29 +173,10 @@ def gpt2_tokenizer(vocab: Path, merges: Path) -> HFTokenizer:
 
 
 def gguf_tokenizer(meta: dict[str, Any], path: Path) -> Tokenizer:
-    """Rebuild a byte-level BPE tokenizer (tokenizer.ggml.model == "gpt2") from GGUF metadata."""
-    if meta.get("tokenizer.ggml.model") != "gpt2":
-        raise CheckpointError(f"{path}: GGUF tokenizer {meta.get('tokenizer.ggml.model')!r} is not supported "
-                              "(byte-level BPE, 'gpt2', is)")
-    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
-        if not isinstance(meta.get(key), list) or not all(isinstance(t, str) for t in meta[key]):
-            raise CheckpointError(f"{path}: GGUF metadata has no {key} list of strings: the tokenizer cannot be rebuilt")
-    tokens, merges = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.merges"]
-    bad = next((m for m in merges if len(m.split(" ")) != 2), None)
-    if bad is not None:
-        raise CheckpointError(f"{path}: GGUF merge {bad!r} is not two tokens separated by a space")
-    try:
-        tk = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)},
-                                    merges=[tuple(m.split(" ", 1)) for m in merges]))
-    except Exception as e:  # a merge of tokens the vocabulary lacks
-        raise CheckpointError(f"{path}: the GGUF tokenizer's vocabulary and merges do not fit together ({e})") from None
-    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    tk.decoder = decoders.ByteLevel()
-    kinds = meta.get("tokenizer.ggml.token_type", [])
-    if not isinstance(kinds, list) or not all(isinstance(k, int) for k in kinds):
-        raise CheckpointError(f"{path}: GGUF metadata tokenizer.ggml.token_type is not a list of integers")
-    tk.add_special_tokens([t for t, kind in zip(tokens, kinds) if kind == 3])  # 3 = control token
+    """The tokenizer of a GGUF file's metadata: byte-level BPE ("gpt2") split as its tokenizer.ggml.pre
+    names, or SentencePiece ("llama"), rebuilt as gguf_vocab.py says."""
+    tk = gguf_vocabulary(meta, path)
+    tokens = meta["tokenizer.ggml.tokens"]
     ids = {}
     for kind in ("eos", "bos", "padding"):
         value = meta.get(f"tokenizer.ggml.{kind}_token_id")
