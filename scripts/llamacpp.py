@@ -4,6 +4,7 @@ llama-cpp-python (it compiles llama.cpp from source; not a minilora dependency):
     python scripts/llamacpp.py quantize SRC.gguf DST.gguf Q4_K_M [--pure]    # llama.cpp's own quantizer
     python scripts/llamacpp.py logits MODEL.gguf 1,9690,314 OUT.npy [--lora ADAPTER.gguf]
     python scripts/llamacpp.py generate MODEL.gguf "Quote by Mae West:" 60 [--lora ADAPTER.gguf]
+    python scripts/llamacpp.py greedy MODEL.gguf 2,818,5279 16 [--lora ADAPTER.gguf]   # ids in, ids out
 
 `logits` writes llama.cpp's next-token logits at every position, (len(ids), vocab) float32.
 """
@@ -42,6 +43,20 @@ def generate(model: str, prompt: str, max_tokens: int, lora: str | None) -> None
     print(json.dumps({"text": out["choices"][0]["text"], "finish_reason": out["choices"][0]["finish_reason"]}))
 
 
+def greedy(model: str, ids: list[int], max_tokens: int, lora: str | None) -> None:
+    """Greedy continuation of token ids (llama.cpp's own sampler at top-k 1), printed as JSON ids, up to
+    and without the end-of-generation token: what minilora's generate_ids returns for the same ids."""
+    import json
+    kwargs = {"lora_path": lora} if lora else {}
+    llm = llama_cpp.Llama(model_path=model, n_ctx=max(256, len(ids) + max_tokens), verbose=False, **kwargs)
+    out = []
+    for token in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0):
+        if llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(llm.model), token) or len(out) == max_tokens:
+            break
+        out.append(int(token))
+    print(json.dumps(out))
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="command", required=True)
@@ -60,10 +75,17 @@ if __name__ == "__main__":
     c.add_argument("prompt")
     c.add_argument("max_tokens", type=int)
     c.add_argument("--lora")
+    r = sub.add_parser("greedy")
+    r.add_argument("model")
+    r.add_argument("ids")
+    r.add_argument("max_tokens", type=int)
+    r.add_argument("--lora")
     a = p.parse_args()
     if a.command == "quantize":
         quantize(a.src, a.dst, a.kind, a.pure)
     elif a.command == "generate":
         generate(a.model, a.prompt, a.max_tokens, a.lora)
+    elif a.command == "greedy":
+        greedy(a.model, [int(x) for x in a.ids.split(",")], a.max_tokens, a.lora)
     else:
         logits(a.model, [int(x) for x in a.ids.split(",")], a.out, a.lora)

@@ -133,7 +133,7 @@ def test_what_llamacpp_cannot_carry_is_refused_by_name(saved_tiny, tmp_path):
         export_adapter(embedding, tmp_path / "a.gguf")
     gpt2 = load_model(saved_tiny["gpt2"][1])
     apply_lora(gpt2, ["c_attn"], r=2, alpha=4)
-    with pytest.raises(ConfigError, match="writes the Llama and Qwen2 architectures .* this model is gpt2"):
+    with pytest.raises(ConfigError, match="writes llama.cpp.s llama, qwen2, qwen3, gemma2 and gemma3 architectures .* this model is gpt2"):
         export_adapter(gpt2, tmp_path / "a.gguf")
     window = load_model(saved_tiny["mistral-window"][1])
     with pytest.warns(UserWarning, match="has no sliding window: .* sequences of up to 5 tokens"):

@@ -141,3 +141,117 @@ def test_the_fine_tuned_format_comes_out_of_llamacpp(smollm2_path, quotes_adapte
         kept[name] = sum(o["finish_reason"] == "stop" and re.fullmatch(r' "[^"]+"', o["text"]) is not None for o in outs)
         print(f"{name}: {kept[name]}/{len(authors)} in the format; e.g. {outs[0]['text']!r}")
     assert kept["base + adapter"] == kept["merged Q8_0"] == len(authors) and kept["base"] < len(authors)
+
+
+# ---------------------------------------------------------------------------------------------
+# Today's families: Qwen3, Gemma 2 and Gemma 3 exported; the real Gemma 3 270M and Qwen2.5 files
+
+def _family_model(model_type, tmp_path):
+    """A tiny random transformers model of the family, with SmolLM2's vocabulary size (so that its real
+    tokenizer goes into the file: llama.cpp loads no file without one), loaded here with a LoRA'd q/v."""
+    from minilora.loading.weights import load_model
+    from minilora.lora.inject import apply_lora
+    from test_export_families import CONFIGS, classes
+    config_cls, model_cls = classes(model_type)
+    torch.manual_seed(0)
+    hf = model_cls(config_cls(**{**CONFIGS[model_type], "vocab_size": 49152}, attn_implementation="eager"))
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.1 if p.dim() > 1 else 0.3)
+    hf.save_pretrained(tmp_path / model_type)
+    model = apply_lora(load_model(tmp_path / model_type), ["q_proj", "v_proj", "down_proj"], r=4, alpha=8)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "gemma2", "gemma3_text"])
+def test_llamacpp_runs_exported_qwen3_and_gemma_files_with_miniloras_logits(smollm2_path, tmp_path, model_type):
+    """The merged F32 file, and the base F32 file with the adapter file: llama.cpp's logits are minilora's
+    (Gemma's norms travel as 1 + w, its four norms a block under their names, Qwen3's q/k norms)."""
+    import copy
+
+    from minilora.loading.tokenizer import load_tokenizer
+    from minilora.lora.inject import adapter_disabled, remove_lora
+    from minilora.ship.gguf_export import export_adapter, export_merged
+    model = _family_model(model_type, tmp_path)
+    tokenizer = load_tokenizer(smollm2_path)
+    with torch.no_grad():
+        ours = model(torch.tensor([IDS]))[0]
+        with adapter_disabled(model):
+            base = model(torch.tensor([IDS]))[0]
+    merged = export_merged(model, tmp_path / "merged.gguf", "f32", tokenizer)
+    export_adapter(model, tmp_path / "adapter.gguf")
+    plain = export_merged(remove_lora(copy.deepcopy(model), merge=False), tmp_path / "base.gguf", "f32", tokenizer)
+    for name, theirs, want in (("merged F32", llamacpp_logits(merged, tmp_path), ours),
+                               ("base F32", llamacpp_logits(plain, tmp_path), base),
+                               ("base + adapter", llamacpp_logits(plain, tmp_path, tmp_path / "adapter.gguf"), ours)):
+        error = (theirs - want).abs().max().item()
+        print(f"{model_type} {name}: max |llama.cpp - minilora| = {error:.2e} (logits up to {want.abs().max():.2f})")
+        # llama.cpp keeps its KV cache in F16: to about 0.2% of the largest logit (SmolLM2's F32 file: 0.3%)
+        assert error <= 1e-2 * want.abs().max().item() and torch.equal(theirs.argmax(-1), want.argmax(-1))
+
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time,", "The three primary colors are"]
+
+
+def _greedy_both(path, prompts_ids, n, tmp_path):
+    import json
+
+    from minilora.generate import generate_ids
+    from minilora.loading.weights import load_model
+    model = load_model(path, keep_quantized=True)
+    ours = [generate_ids(model, [ids], [model.config.eos_token_id] if isinstance(model.config.eos_token_id, int)
+                         else list(model.config.eos_token_id or []), 0, max_new_tokens=n)[0] for ids in prompts_ids]
+    theirs = [json.loads(llamacpp("greedy", path, ",".join(map(str, ids)), n)) for ids in prompts_ids]
+    return ours, theirs
+
+
+def test_real_gemma3_270m_continues_as_llamacpp_does(gemma3_270m_path, tmp_path):
+    """Greedy continuations of the real Gemma 3 270M (kept in its Q4_K_M blocks here), token for token
+    against llama.cpp's on the same file (llama.cpp rounds activations to 8 bits: a near tie may flip)."""
+    from minilora.loading.tokenizer import load_tokenizer
+    tokenizer = load_tokenizer(gemma3_270m_path)
+    ours, theirs = _greedy_both(gemma3_270m_path, [tokenizer.encode(p) for p in PROMPTS], 12, tmp_path)
+    for prompt, a, b in zip(PROMPTS, ours, theirs):
+        print(f"{prompt!r}: minilora {tokenizer.decode(a)!r} | llama.cpp {tokenizer.decode(b)!r}")
+    same = sum(a == b for a, b in zip(ours, theirs))
+    assert same >= len(PROMPTS) - 1
+    _diverge_only_at_near_ties(gemma3_270m_path, [tokenizer.encode(p) for p in PROMPTS], ours, theirs)
+
+
+def _diverge_only_at_near_ties(path, prompts_ids, ours, theirs):
+    """Where the two continuations part, llama.cpp's token is minilora's second choice, within a logit
+    of its first: a near tie that llama.cpp's 8-bit activations tip, not a different model."""
+    from minilora.loading.weights import load_model
+    model = load_model(path, keep_quantized=True)
+    for ids, a, b in zip(prompts_ids, ours, theirs):
+        k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if k is None:
+            continue
+        with torch.no_grad():
+            logits = model(torch.tensor([ids + a[:k]]))[0, -1]
+        top = logits.topk(2)
+        print(f"parted after {k} tokens: minilora's top two {top.indices.tolist()} ({top.values[0] - top.values[1]:.3f} "
+              f"apart), llama.cpp took {b[k]}")
+        assert top.indices.tolist() == [a[k], b[k]] and (top.values[0] - top.values[1]).item() < 1.0
+
+
+def test_real_qwen25_chat_answers_as_llamacpp_does(qwen25_05b_path, tmp_path):
+    """Qwen2.5-Coder-0.5B-Instruct's greedy chat answers, its ChatML template rendered here, against
+    llama.cpp's greedy continuation of the same ids."""
+    from minilora.loading.tokenizer import load_tokenizer
+    tokenizer = load_tokenizer(qwen25_05b_path)
+    questions = ["What is the capital of France?", "Write a Python function that adds two numbers.",
+                 "Name three primary colors."]
+    prompts = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": q}]),
+                                add_special_tokens=False) for q in questions]
+    ours, theirs = _greedy_both(qwen25_05b_path, prompts, 24, tmp_path)
+    for q, a, b in zip(questions, ours, theirs):
+        print(f"{q!r}: minilora {tokenizer.decode(a)!r} | llama.cpp {tokenizer.decode(b)!r}")
+    assert "Paris" in tokenizer.decode(ours[0])
+    same = sum(a == b for a, b in zip(ours, theirs))
+    assert same >= len(questions) - 1
+    _diverge_only_at_near_ties(qwen25_05b_path, prompts, ours, theirs)

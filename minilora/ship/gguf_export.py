@@ -1,7 +1,9 @@
 """GGUF export, for llama.cpp and Ollama: a LoRA adapter as llama.cpp's adapter file, and the merged
 model as a complete GGUF file (F32, F16, Q8_0 or Q4_0), for llama.cpp's llama architecture (Llama
-without rope scaling, SmolLM2, Mistral) and its qwen2 architecture. llama.cpp has no sliding window
-there (its own converter writes Mistral so too): a model with one is exported with a warning.
+without rope scaling, SmolLM2, Mistral), its qwen2 and qwen3 architectures (no sliding window there: as
+llama.cpp's own converter writes Mistral, a model with one is exported with a warning), and gemma2 and
+gemma3, whose local/global pattern, local RoPE base and query scale llama.cpp hard-codes (a model
+that differs is refused by the field).
 
 The file (GGUF version 3): "GGUF", the version, the tensor and key/value counts; the typed key/values;
 one entry per tensor (name, dimensions fastest first, ggml type, offset); then the tensors' bytes, each
@@ -13,7 +15,9 @@ What llama.cpp expects, and where it differs from the Hub's layout:
   - tensor names: blk.N.attn_q.weight for model.layers.N.self_attn.q_proj.weight (gguf.GGUF_NAMES);
   - for llama, q and k rows in llama.cpp's RoPE order: each head's two rotary halves interleaved (the
     inverse of what gguf.py undoes on reading); an adapter's B rows move with them, A is untouched
-    (qwen2 keeps the Hub's order);
+    (qwen2, qwen3 and the gemmas keep the Hub's order);
+  - for a Gemma, norm weights w stored as 1 + w (the scale Gemma's RMSNorm applies), and the four norms
+    of a block under their own names (post_attention_norm, ffn_norm before the MLP, post_ffw_norm);
   - an adapter: general.type = "adapter", adapter.type = "lora", adapter.lora.alpha, and per target
     "<base tensor>.lora_a" (r x k) and ".lora_b" (d x r); llama.cpp scales B·A by alpha / r, r read
     from each lora_a, so a module whose own scale differs (rank_pattern, alpha_pattern, rsLoRA) has it
@@ -34,7 +38,7 @@ import torch.nn as nn
 from ..errors import ConfigError
 from ..formats.atomic import write_file
 from ..formats.ggml_blocks import BLOCKS, F16, F32, NAMES, Q4_0, Q8_0, quantize_blocks
-from ..formats.gguf import GGUF_NAMES, read_gguf
+from ..formats.gguf import GEMMA_NAMES, GEMMAS, GGUF_NAMES, read_gguf
 from ..lora.config import lora_state
 from ..lora.inject import lora_modules
 from ..lora.layers import LoRALinear, is_adapter_tensor
@@ -45,6 +49,7 @@ _FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 TYPES = {"f32": F32, "f16": F16, "q8_0": Q8_0, "q4_0": Q4_0}
 FILE_TYPES = {F32: 0, F16: 1, Q4_0: 2, Q8_0: 7}  # llama.cpp's general.file_type (llama_ftype)
 HUB_NAMES = {hub: gguf for gguf, hub in GGUF_NAMES.items()}
+HUB_GEMMA_NAMES = {hub: gguf for gguf, hub in GEMMA_NAMES.items()}
 
 Meta = list[tuple[str, int, Any, int | None]]  # (key, value type, value, array item type)
 Tensor = tuple[str, tuple[int, ...], int, Callable[[], torch.Tensor]]  # (name, torch shape, ggml type, its bytes)
@@ -117,52 +122,109 @@ def encode(t: torch.Tensor, kind: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # The Llama architecture's names and metadata
 
+# model_type -> llama.cpp's architecture name
+ARCHES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
+          "gemma3_text": "gemma3", "gemma3": "gemma3"}
+
+
 def architecture(model: nn.Module) -> tuple[str, Any]:
     """(llama.cpp's architecture name, the config) for a model it can carry, or a ConfigError saying why not."""
     config = getattr(model, "config", None)
     kind = getattr(config, "model_type", None)
-    if kind not in ("llama", "mistral", "qwen2"):
-        raise ConfigError(f"GGUF export writes the Llama and Qwen2 architectures (Llama, SmolLM2, Mistral, Qwen2); "
-                          f"this model is {kind or type(model).__name__}")
+    if kind not in ARCHES:
+        raise ConfigError(f"GGUF export writes llama.cpp's llama, qwen2, qwen3, gemma2 and gemma3 architectures "
+                          f"(Llama, SmolLM2, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3); this model is "
+                          f"{kind or type(model).__name__}")
+    arch = ARCHES[kind]
+    if arch in ("gemma2", "gemma3"):
+        _refuse_what_gemma_hard_codes(arch, config)
+    else:
+        _refuse_rope_scaling(config)
+    limits = [("mlp_bias", "MLP biases")]
+    if arch != "qwen2":  # biases on q/k/v are Qwen2's own
+        limits.append(("attention_bias", "attention biases"))
+    for field, why in limits:
+        if getattr(config, field, None):
+            raise ConfigError(f"GGUF export: this model has {why} ({field}), which llama.cpp's {arch} architecture "
+                              "does not carry")
+    if arch in ("llama", "qwen2", "qwen3"):
+        window = [w for w in config.windows if w is not None]
+        if window:  # as llama.cpp's own converter writes Mistral: the same model up to the window's length
+            warnings.warn(f"llama.cpp's {arch} architecture has no sliding window: the GGUF file attends to the whole "
+                          f"context, which is the same model for sequences of up to {min(window)} tokens", stacklevel=3)
+    return arch, config
+
+
+def _refuse_rope_scaling(config: Any) -> None:
     rope = dict(getattr(config, "rope_scaling", None) or {})
     if rope.get("rope_type", rope.get("type", "default")) == "default" or rope.get("factor") == 1.0:
         rope = {}  # the default (or a factor of 1) is no scaling
     if rope:
         raise ConfigError(f"GGUF export: this model has rope scaling ({rope}), which is not written here")
-    limits = [("mlp_bias", "MLP biases")]
-    if kind != "qwen2":  # biases on q/k/v are Qwen2's own
-        limits.append(("attention_bias", "attention biases"))
-    for field, why in limits:
-        if getattr(config, field, None):
-            raise ConfigError(f"GGUF export: this model has {why} ({field}), which llama.cpp's "
-                              f"{'qwen2' if kind == 'qwen2' else 'llama'} architecture does not carry")
-    window = [w for w in config.windows if w is not None]
-    if window:  # as llama.cpp's own converter writes Mistral: the same model up to the window's length
-        warnings.warn(f"llama.cpp's {'qwen2' if kind == 'qwen2' else 'llama'} architecture has no sliding window: "
-                      f"the GGUF file attends to the whole context, which is the same model for sequences of up "
-                      f"to {min(window)} tokens", stacklevel=3)
-    return ("qwen2" if kind == "qwen2" else "llama"), config
 
 
-def gguf_name(hub: str) -> str:
-    """model.layers.3.self_attn.q_proj.weight -> blk.3.attn_q.weight (llama.cpp's name)."""
+def _refuse_what_gemma_hard_codes(arch: str, config: Any) -> None:
+    """llama.cpp keeps part of a Gemma in its code, not in the file (formats/gguf._gemma reads it back the
+    same way): the local/global layer pattern, Gemma 3's local RoPE base 10,000, the query scale. A
+    model that differs would run as another model there: refused, naming the field."""
+    n, pattern = config.num_hidden_layers, 2 if arch == "gemma2" else 6
+    expected = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
+    if list(config.kinds) != expected:
+        raise ConfigError(f"GGUF export: layer_types {list(config.kinds)} is not the pattern llama.cpp's {arch} "
+                          f"assumes (every {pattern}th layer global, the rest sliding)")
+    big = n == (46 if arch == "gemma2" else 62)
+    scalar = config.hidden_size // config.num_attention_heads if big else config.head_dim
+    if config.query_pre_attn_scalar != scalar:
+        raise ConfigError(f"GGUF export: query_pre_attn_scalar = {config.query_pre_attn_scalar}, but llama.cpp's "
+                          f"{arch} scales queries by {scalar}^-1/2 for this size")
+    local = config.ropes["sliding_attention"][1]
+    if arch == "gemma3" and (float(local["rope_theta"]) != 10000.0 or local.get("rope_type", "default") != "default"):
+        raise ConfigError(f"GGUF export: the local layers' RoPE is {local}, but llama.cpp's gemma3 gives them base "
+                          "10000 without scaling (rope_local_base_freq)")
+    rope = config.ropes["full_attention"][1]
+    if rope.get("rope_type", "default") not in ("default", "linear"):
+        raise ConfigError(f"GGUF export: this model has rope scaling ({rope}), which is not written here")
+    caps = ("attn_logit_softcapping", "final_logit_softcapping")
+    if arch == "gemma2" and any(getattr(config, c) is None for c in caps):
+        raise ConfigError(f"GGUF export: {' and '.join(c for c in caps if getattr(config, c) is None)} is null, but "
+                          "llama.cpp's gemma2 always soft-caps (50 and 30 unless the file says otherwise)")
+    if arch == "gemma3" and config.final_logit_softcapping is not None:
+        raise ConfigError(f"GGUF export: final_logit_softcapping = {config.final_logit_softcapping}, but llama.cpp's "
+                          "gemma3 does not soft-cap its logits")
+    if getattr(config, "hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+        raise ConfigError(f"GGUF export: hidden_activation {config.hidden_activation!r}; llama.cpp's {arch} runs "
+                          "gelu_pytorch_tanh")
+
+
+def gguf_name(hub: str, arch: str = "llama") -> str:
+    """model.layers.3.self_attn.q_proj.weight -> blk.3.attn_q.weight (llama.cpp's name; a Gemma's four
+    norms a block have names of their own)."""
+    names = HUB_GEMMA_NAMES if arch in GEMMAS else HUB_NAMES
     parts = hub.split(".")
     if hub.startswith("model.layers."):
         module = ".".join(parts[3:-1])
-        if module not in HUB_NAMES:
+        if module not in names:
             raise ConfigError(f"{hub}: llama.cpp has no tensor for {module}")
-        return f"blk.{parts[2]}.{HUB_NAMES[module]}.{parts[-1]}"
+        return f"blk.{parts[2]}.{names[module]}.{parts[-1]}"
     module = ".".join(parts[:-1])
-    if module not in HUB_NAMES:
+    if module not in names:
         raise ConfigError(f"{hub}: llama.cpp has no tensor for {module}")
-    return f"{HUB_NAMES[module]}.{parts[-1]}"
+    return f"{names[module]}.{parts[-1]}"
+
+
+def to_llamacpp(hub: str, w: torch.Tensor, arch: str, config: Any) -> torch.Tensor:
+    """A Hub tensor as llama.cpp's converter writes it: a llama's q/k rows reordered (to_llamacpp_rows),
+    a Gemma's norm weights with the 1 of its (1 + w) scale folded in."""
+    if arch in GEMMAS and hub.endswith("norm.weight"):
+        return w + 1.0
+    return to_llamacpp_rows(hub, w, config) if arch == "llama" else w
 
 
 def to_llamacpp_rows(hub: str, rows: torch.Tensor, config: Any) -> torch.Tensor:
     """q and k rows (or an adapter's B rows for them) in llama.cpp's RoPE order for the llama architecture:
     each head's rotary halves interleaved (gguf.gguf_tensors undoes this on reading). Qwen2 keeps the
-    Hub's order (llama.cpp runs it with NeoX-style RoPE)."""
-    if config.model_type == "qwen2":
+    Hub's order (llama.cpp runs it with NeoX-style RoPE), as do Qwen3 and the Gemmas."""
+    if ARCHES.get(config.model_type) != "llama":
         return rows
     n = config.num_attention_heads if ".q_proj." in hub else config.num_key_value_heads if ".k_proj." in hub else None
     if n is None:
@@ -182,9 +244,29 @@ def _model_meta(arch: str, config: Any, name: str) -> Meta:
             (f"{arch}.rope.dimension_count", UINT32, config.head_dim, None),
             (f"{arch}.attention.key_length", UINT32, config.head_dim, None),  # llama.cpp needs these where
             (f"{arch}.attention.value_length", UINT32, config.head_dim, None),  # head_dim != hidden / heads
-            (f"{arch}.rope.freq_base", FLOAT32, float(config.rope_theta), None),
+            (f"{arch}.rope.freq_base", FLOAT32, float(_global_theta(arch, config)), None),
             (f"{arch}.attention.layer_norm_rms_epsilon", FLOAT32, float(config.rms_norm_eps), None),
-            (f"{arch}.vocab_size", UINT32, config.vocab_size, None)]
+            (f"{arch}.vocab_size", UINT32, config.vocab_size, None), *_family_meta(arch, config)]
+
+
+def _global_theta(arch: str, config: Any) -> float:
+    """The RoPE base of the file: the global layers' for a Gemma (llama.cpp hard-codes the local one's)."""
+    return config.ropes["full_attention"][1]["rope_theta"] if arch in GEMMAS else config.rope_theta
+
+
+def _family_meta(arch: str, config: Any) -> Meta:
+    """A Gemma's window, caps and linear RoPE scaling (the rest llama.cpp hard-codes: _refuse_what_gemma_hard_codes)."""
+    if arch not in GEMMAS:
+        return []
+    meta: Meta = [(f"{arch}.attention.sliding_window", UINT32, config.sliding_window, None)]
+    if arch == "gemma2":  # Gemma 3 is not capped in llama.cpp (nor, for its scores, in transformers)
+        meta += [(f"{arch}.{field}", FLOAT32, float(getattr(config, field)), None)
+                 for field in ("attn_logit_softcapping", "final_logit_softcapping")]
+    scaling = config.ropes["full_attention"][1]
+    if scaling.get("rope_type", "default") == "linear" and scaling.get("factor", 1.0) != 1.0:
+        meta += [(f"{arch}.rope.scaling.type", STRING, "linear", None),
+                 (f"{arch}.rope.scaling.factor", FLOAT32, float(scaling["factor"]), None)]
+    return meta
 
 
 def _pre_tokenizer(spec: dict) -> str | None:
@@ -260,8 +342,8 @@ def export_merged(model: nn.Module, path: str | os.PathLike, kind: str = "f16", 
             raise ConfigError(f"{hub} is {t.dtype}: load the base in floating point to export it merged")
         t_kind = want if t.dim() == 2 and t.shape[-1] % 32 == 0 else F32 if t.dim() == 1 or want == F32 else F16
         weight = (lambda m=owner[hub]: m.merged_weight()) if hub in owner else (lambda t=t: t.detach().float())
-        tensors.append((gguf_name(hub), tuple(t.shape), t_kind,
-                        lambda w=weight, h=hub, k=t_kind: encode(to_llamacpp_rows(h, w(), config), k)))
+        tensors.append((gguf_name(hub, arch), tuple(t.shape), t_kind,
+                        lambda w=weight, h=hub, k=t_kind: encode(to_llamacpp(h, w(), arch, config), k)))
     source = model.provenance.path if model.provenance is not None else None
     if source is not None and Path(source).suffix == ".gguf":
         file = read_gguf(Path(source))
@@ -310,7 +392,7 @@ def export_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         r = a.shape[0]
         alpha = m.scaling * r if alpha is None else alpha  # llama.cpp: scale = alpha / r for every tensor
         b = b * (m.scaling * r / alpha)  # 1.0 where this module's scale is the first one's
-        base = gguf_name(f"{name}.weight")
+        base = gguf_name(f"{name}.weight", arch)
         b = to_llamacpp_rows(f"{name}.weight", b, config)
         tensors += [(f"{base}.lora_a", tuple(a.shape), F32, lambda t=a: t.contiguous()),
                     (f"{base}.lora_b", tuple(b.shape), F32, lambda t=b: t.contiguous())]
