@@ -334,3 +334,38 @@ def text_config(kind="gemma3-gqa", **changes):
 def test_configs_refused_by_name(config, match):
     with pytest.raises(ConfigError, match=match), torch.device("meta"):
         build_model(config)
+
+
+# --- all-linear, the parameter report, the memory report ---------------------------------------------
+
+@pytest.mark.parametrize("kind", list(FAMILIES.values()))
+def test_all_linear_targets_what_peft_targets_and_the_report_counts_what_peft_trains(saved, kind):
+    """target_modules="all-linear" on each family: the same modules as PEFT's (every linear layer but the
+    output head), and the report's trainable and total counts are PEFT's own."""
+    from minilora.lora.inject import lora_modules
+    from minilora.lora.report import param_report
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+    hf, folder = saved[kind]
+    peft_model = get_peft_model(copy.deepcopy(hf), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    theirs = sorted(n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if isinstance(m, LoraLayer))
+    ours = apply_lora(load_model(folder), "all-linear", r=4, alpha=8)
+    assert sorted(n for n, _ in lora_modules(ours)) == theirs and "lm_head" not in theirs
+    report = param_report(ours)
+    assert (report.trainable, report.total) == peft_model.get_nb_trainable_parameters()
+
+
+@pytest.mark.parametrize("kind", list(FAMILIES.values()))
+def test_minilora_params_reads_each_family_from_config_json_alone(saved, kind, tmp_path, capsys):
+    """`minilora params FOLDER` builds the model on the meta device from config.json (no weights read)
+    and counts what apply_lora would train: PEFT's number for the same targets."""
+    from minilora.cli import main
+    from peft import LoraConfig, get_peft_model
+    hf, folder = saved[kind]
+    (tmp_path / "cfg").mkdir()
+    shutil.copy(folder / "config.json", tmp_path / "cfg" / "config.json")  # the config alone
+    assert main(["params", str(tmp_path / "cfg"), "--targets", "q_proj", "v_proj", "--r", "4", "--alpha", "8"]) == 0
+    out = capsys.readouterr().out
+    trainable, total = get_peft_model(copy.deepcopy(hf), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])) \
+        .get_nb_trainable_parameters()
+    assert f"{trainable:,}" in out and f"{total:,}" in out, out
