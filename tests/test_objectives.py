@@ -121,7 +121,11 @@ def test_evaluation_is_the_mean_of_the_same_loss_and_the_scores_by_hand(saved_ti
 
 
 def test_the_registry_and_the_choice_from_the_examples():
-    assert OBJECTIVES == {"causal_lm": CausalLM, "classification": Classification}
+    from minilora.training.objectives.dpo import DPO
+    from minilora.training.objectives.orpo import ORPO
+    from minilora.training.objectives.simpo import SimPO
+    assert OBJECTIVES == {"causal_lm": CausalLM, "classification": Classification, "dpo": DPO, "simpo": SimPO,
+                          "orpo": ORPO}
     assert all(isinstance(kind(), Objective) for kind in OBJECTIVES.values())
     assert objective_for(examples(2)) == CausalLM() and objective_for([Example([5, 6], 1)]) == Classification()
     assert objective_for([]) == CausalLM()  # train() then refuses the empty data by name

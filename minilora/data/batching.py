@@ -1,4 +1,5 @@
-"""Batches: examples padded into micro-batches (collate, batches), or packed first into full rows.
+"""Batches: examples padded into micro-batches (collate, batches), or packed first into full rows;
+preference pairs as one batch of their chosen rows, then their rejected rows (collate_pairs).
 
 Packing lays short examples end to end in rows of a fixed length, so that a batch holds (almost) no
 padding and every matmul row is a real token. A packed row keeps its examples apart: its attention
@@ -14,10 +15,11 @@ from __future__ import annotations
 import torch
 
 from ..errors import DataError
+from .preferences import PreferencePair
 from .records import IGNORE, Example
 
 
-def batches(data: list[Example], indices: list[int], size: int, pad_id: int, device: torch.device,
+def batches(data: list[Example] | list[PreferencePair], indices: list[int], size: int, pad_id: int, device: torch.device,
             pad_to: int | None = None, shard: tuple[int, int] = (0, 1)) -> list[dict[str, torch.Tensor]]:
     """Micro-batches of `size` examples in the order of `indices`; with shard=(rank, world), only
     micro-batches rank, rank + world, ... (this rank's share of a step)."""
@@ -26,13 +28,29 @@ def batches(data: list[Example], indices: list[int], size: int, pad_id: int, dev
             for i in starts]
 
 
-def collate(examples: list[Example], pad_id: int, pad_to: int | None = None,
+def collate_pairs(pairs: list[PreferencePair], pad_id: int, pad_to: int | None = None) -> dict[str, torch.Tensor]:
+    """One batch of 2B rows, the B chosen rows first, then the B rejected rows (so that both go through
+    the model in one forward pass), padded as collate pads: input_ids, attention_mask, labels (-100 on
+    prompt and padding); and `reference_logps` (2B,) where every pair holds precomputed ones."""
+    rows = [p.rows() for p in pairs]
+    batch = collate([c for c, _ in rows] + [r for _, r in rows], pad_id, pad_to)
+    if all(p.reference_logps is not None for p in pairs):
+        batch["reference_logps"] = torch.tensor([p.reference_logps[0] for p in pairs] +
+                                                [p.reference_logps[1] for p in pairs], dtype=torch.float64)
+    return batch
+
+
+def collate(examples: list[Example] | list[PreferencePair], pad_id: int, pad_to: int | None = None,
             side: str = "right") -> dict[str, torch.Tensor]:
     """Pad to the longest example (or to pad_to): input_ids, attention_mask (1 = real token; a packed
     row's example numbers), labels (-100 on padding; or one class id per example). Padding is recognised
-    by the mask, so pad_id may equal the EOS id."""
+    by the mask, so pad_id may equal the EOS id. Preference pairs are collated by collate_pairs."""
     if not examples:
         raise DataError("no examples to collate")
+    if isinstance(examples[0], PreferencePair):
+        if side != "right" or not all(isinstance(e, PreferencePair) for e in examples):
+            raise DataError("preference pairs are collated alone, padded on the right")
+        return collate_pairs(examples, pad_id, pad_to)
     if isinstance(pad_id, bool) or not isinstance(pad_id, int):
         raise DataError(f"the pad token id is {pad_id!r}: the tokenizer has neither a pad nor an end-of-sequence token")
     for i, e in enumerate(examples):
@@ -59,6 +77,8 @@ def collate(examples: list[Example], pad_id: int, pad_to: int | None = None,
 def pack(examples: list[Example], length: int) -> list[Example]:
     """The examples packed into rows of at most `length` tokens, first-fit decreasing (longest first,
     each into the first row with room), each row's examples in that order."""
+    if any(isinstance(e, PreferencePair) for e in examples):
+        raise DataError("packing is for language-model examples; preference pairs are batched as they are")
     if any(isinstance(e.labels, int) for e in examples):
         raise DataError("packing is for language-model examples; a classifier's examples are one text each")
     if any(e.segments is not None for e in examples):

@@ -8,11 +8,19 @@ from pathlib import Path
 
 import torch.nn as nn
 
+from ..data.preferences import PreferencePair
 from ..data.records import Example, target_count
 from ..errors import ConfigError, DataError
 from .checkpoint import resolve_resume
 from .config import TrainConfig
-from .objectives import Classification, CausalLM, Objective, causal_lm_loss, classification_loss
+from .objectives import (
+    Classification,
+    CausalLM,
+    Objective,
+    PreferenceObjective,
+    causal_lm_loss,
+    classification_loss,
+)
 
 
 def refuse_an_untrained_head(model: nn.Module, key: str | None = None) -> None:
@@ -34,6 +42,8 @@ def refuse_what_would_go_wrong(model: nn.Module, train_data: list[Example], eval
     """What would fail late (after hours) or train wrongly, refused before anything is written."""
     if not train_data:
         raise ConfigError("train_data is empty")
+    refuse_pairs_without_a_preference_objective(train_data, eval_data, objective)
+    train_data, eval_data = as_rows(train_data), as_rows(eval_data) if eval_data else eval_data
     if not any(target_count(e) for e in train_data):
         raise DataError("train_data has no token to learn: every label is -100 (ignored) once token t is set to "
                         "predict token t+1; check the cutoff and the prompt masking")
@@ -69,6 +79,28 @@ def refuse_what_would_go_wrong(model: nn.Module, train_data: list[Example], eval
                           f"{', '.join(objective.eval_metrics)}")
     if cfg.resume_from_checkpoint not in (None, "latest"):
         resolve_resume(cfg.resume_from_checkpoint, Path(cfg.output_dir))  # a checkpoint folder, or a named error
+
+
+def refuse_pairs_without_a_preference_objective(train_data: list, eval_data: list | None,
+                                                objective: Objective) -> None:
+    """Preference pairs train a preference objective (DPO, SimPO, ORPO) and nothing else does; the two
+    kinds of data are not mixed."""
+    data = [*train_data, *(eval_data or [])]
+    pairs = sum(isinstance(e, PreferencePair) for e in data)
+    if pairs not in (0, len(data)):
+        raise DataError("the data mix preference pairs (prompt, chosen, rejected) and single examples")
+    wants = isinstance(objective, PreferenceObjective)
+    if wants and not pairs:
+        raise DataError(f"{type(objective).__name__} trains on preference pairs (prompt, chosen, rejected: "
+                        "data.preferences.build_pairs), but the data are single examples")
+    if pairs and not wants:
+        raise ConfigError(f"the data are preference pairs, but the objective is {type(objective).__name__}: use "
+                          "objective = \"dpo\", \"simpo\" or \"orpo\"")
+
+
+def as_rows(data: list) -> list[Example]:
+    """The rows a model reads: each preference pair's chosen and rejected sequences, other examples as they are."""
+    return [row for e in data for row in (e.rows() if isinstance(e, PreferencePair) else (e,))]
 
 
 def refuse_a_forward_without_a_mask(model: nn.Module, objective: Objective, own_evaluation: bool) -> None:

@@ -48,6 +48,16 @@ class TrainConfig:
     push_to_hub: bool = False             # after the run, upload the adapter with a model card (hub.py)
     hub_model_id: str | None = None       # where: "user-or-org/name"
     hub_private: bool = False
+    # what is minimised: None lets the data decide (causal_lm, classification, or dpo for preference pairs)
+    objective: str | None = None          # causal_lm | classification | dpo | simpo | orpo
+    beta: float = 0.1                     # preference objectives: DPO's β (IPO's τ), SimPO's β, ORPO's λ
+    loss_type: str = "sigmoid"            # DPO: sigmoid | ipo | hinge | robust
+    label_smoothing: float = 0.0          # DPO sigmoid (cDPO) and robust, SimPO: the chance a label is flipped
+    gamma: float = 0.5                    # SimPO's target reward margin
+    reference_adapter: str | None = None  # DPO: a named frozen adapter as the reference; None: adapters off
+    precompute_ref_log_probs: bool = False  # DPO: the reference's log-probs computed once, before step 1
+    max_length: int | None = None         # preference pairs: prompt + completion at most this many tokens
+    max_prompt_length: int | None = None  # ... the prompt at most this many (cut from the left)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # types first: from Python, "false" would count as true
@@ -60,7 +70,7 @@ class TrainConfig:
         self.batch_size = self.batch_size or self.micro_batch_size
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 32:
             raise ConfigError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
-        optional = ("max_steps", "eval_every", "save_every", "keep_last", "pad_to")
+        optional = ("max_steps", "eval_every", "save_every", "keep_last", "pad_to", "max_length", "max_prompt_length")
         for name in ("epochs", "micro_batch_size", "batch_size", "log_every", *optional):
             value = getattr(self, name)
             if not (value is None and name in optional) and (isinstance(value, bool) or not isinstance(value, int)
@@ -95,6 +105,30 @@ class TrainConfig:
                                                          or self.early_stopping_patience <= 0):
             raise ConfigError("early_stopping_patience must be a positive number of evaluations, and needs best_metric "
                               f"(e.g. 'eval_loss'); got {self.early_stopping_patience!r}")
+        self._check_the_objective()
+
+    def _check_the_objective(self) -> None:
+        """The objective's name and the settings that belong to it (TRL's names), refused where they do not."""
+        from .objectives import DPO, OBJECTIVES, SETTINGS
+        if self.objective is not None and self.objective not in OBJECTIVES:
+            raise ConfigError(f"objective {self.objective!r}: expected one of {', '.join(OBJECTIVES)}")
+        if self.loss_type not in DPO.loss_types:
+            raise ConfigError(f"loss_type {self.loss_type!r}: expected one of {', '.join(DPO.loss_types)} (DPO's)")
+        if not _number(self.beta, 0, math.inf, low_open=True, high_open=True):
+            raise ConfigError(f"beta must be a positive finite number, got {self.beta!r}")
+        if not _number(self.label_smoothing, 0, 0.5, high_open=True):
+            raise ConfigError(f"label_smoothing must be in [0, 0.5) (the chance that a label is flipped), "
+                              f"got {self.label_smoothing!r}")
+        if not _number(self.gamma, 0, math.inf, high_open=True):
+            raise ConfigError(f"gamma must be a finite number >= 0, got {self.gamma!r}")
+        if self.reference_adapter == "":
+            raise ConfigError("reference_adapter must name an adapter (or be left out: the adapters switched off)")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        takes = SETTINGS.get(self.objective or "dpo", ())  # None: pairs, if any, train DPO
+        for name in ("loss_type", "label_smoothing", "gamma", "reference_adapter", "precompute_ref_log_probs"):
+            if getattr(self, name) != defaults[name] and name not in takes:
+                raise ConfigError(f"{name} is a setting of {', '.join(o for o, s in SETTINGS.items() if name in s)}, "
+                                  f"not of objective {self.objective!r}")
 
 
 def _number(value: Any, low: float, high: float, low_open: bool = False, high_open: bool = False) -> bool:

@@ -48,7 +48,7 @@ from .checkpoint import (
 )
 from .checks import refuse_what_would_go_wrong
 from .config import TrainConfig
-from .objectives import LossFn, Objective, as_objective, objective_for
+from .objectives import LossFn, Objective, PreferenceObjective, as_objective, objective_for
 from .objectives.base import LossFnObjective
 from .plots import plot_at_end
 from .progress import event_writer, micro_batch_done, progress_bar, show_record
@@ -90,8 +90,11 @@ def train(model: nn.Module, tokenizer, train_data: list[Example], eval_data: lis
     if objective is not None and loss_fn is not None:
         raise ConfigError("train() takes an objective or a loss_fn (the loss of the examples' objective), not both")
     if objective is None:
-        objective = objective_for(train_data, loss_fn)
+        objective = objective_for(train_data, loss_fn, cfg)
     refuse_what_would_go_wrong(model, train_data, eval_data, cfg, pad_id, objective, evaluate_fn is not None)
+    if isinstance(objective, PreferenceObjective):  # the reference adapter, its log-probs: before the optimizer
+        objective.prepare(model, [train_data, eval_data or []], pad_id, cfg.micro_batch_size,
+                          hardware.use_bf16(cfg.bf16, next(model.parameters()).device))
     with contextlib.ExitStack() as held:  # the output folder and what the loop changes, until train returns
         run = _setup(model, train_data, cfg, held)
         if evaluate_fn is None and eval_data:
