@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ContextManager
@@ -23,6 +24,7 @@ import torch
 from . import hardware
 from .data.assets import resolve_asset
 from .data.batching import pack
+from .data.preferences import build_pairs
 from .data.records import (
     build_classification_examples,
     build_examples,
@@ -77,6 +79,7 @@ class DataSection:
     labels: list | None = None        # label values in class-id order (default: sorted values found)
     label_names: list[str] | None = None
     val_size: float | int = 0.1
+    split_by: str | None = None       # a field: records sharing its value are held out together (val_size groups)
     template: str | dict | None = None  # None: conversations (messages) by the chat template, else "text"
     cutoff: int = 256
     add_eos: bool = True
@@ -84,6 +87,7 @@ class DataSection:
     packing: bool = False             # training examples packed into rows of `cutoff` tokens
     truncation: str = "right"
     limit: int | None = None          # use only the first N training records (after shuffling)
+    eval_limit: int | None = None     # and only N of the held-out ones (drawn across the held-out groups)
     skip_bad_rows: bool = False
     seed: int = 0
 
@@ -102,7 +106,7 @@ class DataSection:
                 get_template(self.template)
             except DataError as e:
                 raise ConfigError(f"template: {e}") from None
-        for name in ("cutoff", "limit"):
+        for name in ("cutoff", "limit", "eval_limit"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or value <= 0):
                 raise ConfigError(f"{name}: expected a positive number, got {value!r}")
@@ -264,11 +268,14 @@ def _read_records(d: DataSection) -> tuple[list, list, list]:
     if d.eval:
         train_records, eval_records = records, read_records(d.eval)
     elif d.val_size:
-        train_records, eval_records = split(records, d.val_size, d.seed)
+        train_records, eval_records = split(records, d.val_size, d.seed, d.split_by)
     else:
         train_records, eval_records = records, []
     if d.limit:
         train_records = train_records[:d.limit]
+    if d.eval_limit:
+        eval_records = [eval_records[i] for i in sorted(random.Random(d.seed).sample(range(len(eval_records)),
+                                                                                   min(d.eval_limit, len(eval_records))))]
     return train_records, eval_records, read_records(d.test) if d.test else []
 
 
@@ -309,11 +316,13 @@ def _load_model_and_tokenizer(recipe: Recipe, device: torch.device, id2label: di
 def _examples(recipe: Recipe, tokenizer, label2id: dict[str, int] | None, records: tuple[list, list, list],
               say: Callable[..., None]):
     """(train, eval, test) records -> examples (None where there are no records), training's packed if asked."""
-    d = recipe.data
+    d, t = recipe.data, recipe.train
 
     def examples(rows: list, source: str):
         if not rows:
             return None
+        if t.objective in ("dpo", "simpo", "orpo"):  # records of prompt, chosen, rejected
+            return build_pairs(rows, tokenizer, t.max_length, t.max_prompt_length, d.skip_bad_rows, source)
         if d.task == "classification":
             return build_classification_examples(rows, tokenizer, label2id, d.text_field, d.label_field, d.cutoff,
                                                  d.truncation, d.skip_bad_rows, source)

@@ -100,3 +100,35 @@ def test_split_is_seeded_and_disjoint():
     assert len(split(records, 7)[1]) == 7
     with pytest.raises(DataError):
         split(records, 50)
+
+
+def test_split_by_holds_out_whole_groups_and_is_the_plain_split_without_one():
+    """split_by: every record of a held-out group is held out (val_size counts groups), so no held-out
+    instruction is ever trained on; without it the split is the seeded one it always was."""
+    import random
+    rows = [{"instruction": f"i{k}", "n": n} for k in range(10) for n in range(k % 4 + 1)]
+    train, held = split(rows, 3, seed=5, by="instruction")
+    assert len({r["instruction"] for r in held}) == 3
+    assert not {r["instruction"] for r in held} & {r["instruction"] for r in train}
+    assert sorted(map(str, train + held)) == sorted(map(str, rows))
+    for r in held:  # the whole group
+        assert sum(x["instruction"] == r["instruction"] for x in held) == \
+            sum(x["instruction"] == r["instruction"] for x in rows)
+    order = list(range(len(rows)))
+    random.Random(5).shuffle(order)
+    assert split(rows, 4, seed=5) == ([rows[i] for i in order[4:]], [rows[i] for i in order[:4]])
+    with pytest.raises(DataError, match=r"record 1 has no field 'prompt' to split by \(split_by\)"):
+        split(rows, 3, by="prompt")
+    with pytest.raises(DataError, match=r"val_size=10 leaves no training groups of 'instruction' out of 10"):
+        split(rows, 10, by="instruction")
+
+
+def test_a_recipe_holds_out_by_instruction_and_draws_eval_limit_across_the_groups(tmp_path):
+    from minilora.recipe import _read_records, load_recipe
+    rows = [{"instruction": f"i{k}", "prompt": "p", "chosen": "a", "rejected": "b"} for k in range(30) for _ in range(5)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "r.toml").write_text('[model]\nname = "gpt2"\n[data]\ntrain = "pairs.jsonl"\nval_size = 6\n'
+                                     'split_by = "instruction"\neval_limit = 12\nlimit = 40\n')
+    train, held, _ = _read_records(load_recipe(tmp_path / "r.toml").data)
+    assert len(train) == 40 and len(held) == 12 and len({r["instruction"] for r in held}) > 2
+    assert not {r["instruction"] for r in held} & {r["instruction"] for r in train}

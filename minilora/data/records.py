@@ -123,17 +123,28 @@ def _read_file(file: Path) -> list[Record]:
     return [Record(row, f"{file}, item {n}") for n, row in enumerate(rows, start=1)]
 
 
-def split(records: list, val_size: float | int, seed: int = 0) -> tuple[list, list]:
-    """Shuffle with `seed`, then hold out val_size records (a fraction if < 1, else a count)."""
+def split(records: list, val_size: float | int, seed: int = 0, by: str | None = None) -> tuple[list, list]:
+    """Shuffle with `seed`, then hold out val_size records (a fraction if < 1, else a count).
+
+    With `by` (a field), records that share its value stay together: val_size then counts those groups,
+    and every record of a held-out group is held out (preference pairs split by their instruction, so
+    no held-out prompt was ever trained on)."""
     if isinstance(val_size, bool) or not isinstance(val_size, (int, float)) or val_size < 0 \
             or isinstance(val_size, float) and not val_size < 1:
         raise DataError(f"val_size must be a fraction in [0, 1) or a count >= 0, got {val_size!r}")
-    order = list(range(len(records)))
+    groups: dict[Any, list[int]] = {}
+    for i, record in enumerate(records):
+        if by is not None and (not isinstance(record, dict) or by not in record):
+            raise DataError(f"record {i + 1} has no field {by!r} to split by (split_by)")
+        key = i if by is None else json.dumps(record[by], sort_keys=True)
+        groups.setdefault(key, []).append(i)
+    order = list(groups.values())
     random.Random(seed).shuffle(order)
-    n_val = int(round(val_size * len(records))) if isinstance(val_size, float) else int(val_size)
-    if n_val >= len(records):
-        raise DataError(f"val_size={val_size} leaves no training records out of {len(records)}")
-    return [records[i] for i in order[n_val:]], [records[i] for i in order[:n_val]]
+    n_val = int(round(val_size * len(order))) if isinstance(val_size, float) else int(val_size)
+    what = "records" if by is None else f"groups of {by!r}"
+    if n_val >= len(order):
+        raise DataError(f"val_size={val_size} leaves no training {what} out of {len(order)}")
+    return [records[i] for g in order[n_val:] for i in g], [records[i] for g in order[:n_val] for i in g]
 
 
 # ---------------------------------------------------------------------------------------------
