@@ -81,7 +81,7 @@ def test_sigkill_trials_resume_to_the_uninterrupted_adapter(saved_tiny, tmp_path
     reference = load_file(str(tmp_path / "reference" / "adapter" / "adapter_model.safetensors"))
     rng = random.Random(0)
     kills = 0
-    for trial in range(20):
+    for trial in range(12):
         out = tmp_path / f"trial{trial}"
         # a SIGKILL at a random step (0: during start-up), a second one in the resumed run on odd trials
         for attempt in range(1 + trial % 2):
@@ -95,5 +95,5 @@ def test_sigkill_trials_resume_to_the_uninterrupted_adapter(saved_tiny, tmp_path
         assert got.keys() == reference.keys()
         for k in reference:
             assert (got[k] - reference[k]).abs().max().item() <= 1e-6, (trial, k)
-    assert kills >= 20, kills  # the trials really were interrupted
-    print(f"{kills} SIGKILLs over 20 trials; every run resumed to the reference adapter")
+    assert kills >= 12, kills  # the trials really were interrupted
+    print(f"{kills} SIGKILLs over 12 trials; every run resumed to the reference adapter")
