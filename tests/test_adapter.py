@@ -167,3 +167,20 @@ def test_merge_cli_on_real_smollm2_gguf(smollm2_path, tmp_path, saved_tiny):
         got = hf(input_ids=ids).logits
     assert (got - expected).abs().max().item() <= 1e-4  # 30 layers of fp32 rounding
     assert load_tokenizer(tmp_path / "merged").encode("Quote by Mark Twain:") == ids[0].tolist()
+
+
+def test_a_second_all_linear_adapter_goes_beside_the_first_not_into_its_parts(saved_tiny):
+    """all-linear (or any regex) on a model that already has LoRA layers selects the model's own linear
+    layers again, never the LoRA layers' parts (each adapter's A and B are linear layers too): the second
+    adapter sits beside the first, in the same modules, as PEFT's add_adapter puts it."""
+    from minilora.lora.adapters import add_adapter
+    from minilora.lora.config import LoRAConfig, lora_state
+    from minilora.lora.inject import lora_modules
+    model = apply_lora(load_model(saved_tiny["llama-gqa"][1]), "all-linear", r=4)
+    first = [n for n, _ in lora_modules(model)]
+    add_adapter(model, "second", lora_state(model).adapters["default"])
+    assert [n for n, _ in lora_modules(model)] == first
+    assert all(set(m.adapters) == {"default", "second"} for _, m in lora_modules(model))
+    assert not [n for n in model.state_dict() if n.count(".adapters.") > 1]
+    add_adapter(model, "third", LoRAConfig(targets=r".*(q|v)_proj", r=2))
+    assert not [n for n in model.state_dict() if n.count(".adapters.") > 1]

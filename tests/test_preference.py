@@ -272,3 +272,30 @@ def test_a_policy_beside_its_reference_trains_only_the_policy(saved_tiny, tmp_pa
     after = dict(model.named_parameters())
     assert all(torch.equal(before[n], after[n]) for n in before)  # the reference never moved
     assert any(".policy." in n for n in after)
+
+
+@pytest.mark.parametrize("reference", [None, "default"], ids=["adapters-off", "reference-adapter"])
+def test_a_stopped_dpo_run_resumes_to_the_uninterrupted_adapter(saved_tiny, tmp_path, reference):
+    """Stopped after step 2 and resumed from its checkpoint (a fresh model each time, as a new process
+    has), a DPO run ends with the adapter and losses of the run that was never stopped; with a
+    reference adapter, the policy copy made again on resume is overwritten by the checkpoint's."""
+    from safetensors.torch import load_file
+    folder = tiny_model_with_tokenizer(saved_tiny, tmp_path)
+    pairs = build_pairs(RECORDS * 2, load_tokenizer(folder))
+
+    def run(out, **kw):
+        cfg = TrainConfig(output_dir=str(out), max_steps=4, micro_batch_size=2, batch_size=4, lr=1e-2, progress=False,
+                          objective="dpo", reference_adapter=reference, save_every=2, eval_each_epoch=False, **kw)
+        return train(lora_model(saved_tiny), None, pairs, None, cfg)
+    whole = run(tmp_path / "whole")
+    steps = iter(range(100))
+    cfg = TrainConfig(output_dir=str(tmp_path / "cut"), max_steps=4, micro_batch_size=2, batch_size=4, lr=1e-2,
+                      progress=False, objective="dpo", reference_adapter=reference, save_every=2, eval_each_epoch=False)
+    first = train(lora_model(saved_tiny), None, pairs, None, cfg, should_stop=lambda: next(steps) == 1)
+    assert first.stopped_early and (tmp_path / "cut" / "checkpoint-2").is_dir()
+    resumed = run(tmp_path / "cut", resume_from_checkpoint="latest")
+    losses = [r["loss"] for r in whole.history if "loss" in r]
+    assert [r["loss"] for r in first.history + resumed.history if "loss" in r] == pytest.approx(losses, abs=1e-6)
+    a = load_file(str(tmp_path / "whole" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max().item() <= 1e-6 for k in a)

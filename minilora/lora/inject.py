@@ -68,7 +68,10 @@ def put_lora(model: nn.Module, config: LoRAConfig, adapter: str) -> None:
     one: plain layers are wrapped, LoRA layers get it beside their others. Every target is checked
     before any is changed."""
     holders, plan = owners(model), []
+    inside = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, LoRALayer))
     for name in find_targets(model, config.targets, LINEAR, EMBEDDING):
+        if name.startswith(inside):  # a LoRA layer's own parts (its adapters' A and B, its base): never targets
+            continue
         module = model.get_submodule(name)
         r, alpha = config.settings_for(name)
         embedding = isinstance(module, EMBEDDING)
