@@ -18,6 +18,8 @@ import torch.nn as nn
 
 from .data.batching import collate
 from .data.chat import end_of_turn_ids
+from .training.objectives.grpo import GRPO
+from .training.rewards import load_reward_function
 from .data.records import Example
 from .errors import ConfigError, DataError
 from .lora.inject import adapter_disabled
@@ -73,8 +75,9 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
 def generate_ids(model: nn.Module, prompts: list[list[int]], eos_ids: list[int], pad_id: int,
                  max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, use_cache: bool = True, seed: int | None = None,
-                 stop_check=None) -> list[list[int]]:
-    """New token ids for each prompt (ids lists), without the EOS that ended it.
+                 stop_check=None, keep_eos: bool = False) -> list[list[int]]:
+    """New token ids for each prompt (ids lists), without the EOS that ended it (with it, keep_eos:
+    GRPO scores that token too; it counts among max_new_tokens).
 
     stop_check(row, new_ids) -> bool may end a row early (stop strings)."""
     check_sampling(max_new_tokens, temperature, top_k, top_p)
@@ -117,9 +120,11 @@ def generate_ids(model: nn.Module, prompts: list[list[int]], eos_ids: list[int],
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         finished_now = torch.isin(nxt, eos) & ~done
-        for i in (~done & ~finished_now).nonzero().flatten().tolist():
+        for i in (~done).nonzero().flatten().tolist():
+            if finished_now[i] and not keep_eos:
+                continue
             out[i].append(int(nxt[i]))
-            if stop_check is not None and stop_check(i, out[i]):
+            if not finished_now[i] and stop_check is not None and stop_check(i, out[i]):
                 finished_now[i] = True
         done |= finished_now
         if bool(done.all()):
@@ -128,6 +133,17 @@ def generate_ids(model: nn.Module, prompts: list[list[int]], eos_ids: list[int],
         mask = torch.cat([mask, (~done).long()[:, None]], dim=1)
         step_ids = nxt[:, None]
     return out
+
+
+def grpo_objective(tokenizer, config, reward_funcs: list | None = None, beside=None) -> GRPO:
+    """GRPO as a TrainConfig (objective = "grpo") sets it, sampling with generate_ids (the KV cache,
+    stopping at the end of a turn). Its reward functions are `reward_funcs` (callables), else the
+    config's reward_funcs by name ("module:function", found beside the folder `beside` or on the path)."""
+    from .training.objectives import settings_of
+    settings = settings_of("grpo", config)
+    names = settings.pop("reward_funcs", None) or []
+    funcs = reward_funcs if reward_funcs is not None else [load_reward_function(n, beside) for n in names]
+    return GRPO(tokenizer, funcs, generate_ids, seed=config.seed, eos_ids=end_of_turn_ids(tokenizer), **settings)
 
 
 def chat_prompt(tokenizer, text: str, system: str | None = None) -> str:

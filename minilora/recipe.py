@@ -25,6 +25,7 @@ from . import hardware
 from .data.assets import resolve_asset
 from .data.batching import pack
 from .data.preferences import build_pairs
+from .data.prompts import build_prompts
 from .data.records import (
     build_classification_examples,
     build_examples,
@@ -35,7 +36,7 @@ from .data.records import (
 )
 from .errors import ConfigError, DataError
 from .fields import from_table
-from .generate import chat_prompt, check_sampling, check_vocabulary
+from .generate import chat_prompt, check_sampling, check_vocabulary, grpo_objective
 from .generate import classify as predict
 from .loading.tokenizer import load_tokenizer
 from .loading.weights import check_device, load_model, torch_dtype
@@ -48,6 +49,7 @@ from .training import distributed
 from .training.checks import refuse_an_untrained_head
 from .training.evaluate import evaluate_classification
 from .training.loop import TrainConfig, train
+from .training.rewards import load_reward_function
 
 
 @dataclass
@@ -206,6 +208,11 @@ def load_recipe(path: str | os.PathLike, overrides: dict[str, str] | None = None
             except DataError as e:
                 raise ConfigError(f"{path} [{section}].{key}: {e}") from None
     parts = {name: from_table(cls, raw.get(name, {}), f"{path} [{name}]") for name, cls in SECTIONS.items()}
+    for spec in parts["train"].reward_funcs or []:  # GRPO's: each found now, not after the model has loaded
+        try:
+            load_reward_function(spec, beside=path.parent)
+        except ConfigError as e:
+            raise ConfigError(f"{path} [train].reward_funcs: {e}") from None
     return Recipe(**parts, source=str(path))
 
 
@@ -248,14 +255,18 @@ def run_recipe(recipe: Recipe, stop_request: Callable[[], ContextManager[Callabl
     if recipe.generate.prompts and not classify:
         _refuse_prompts_past_the_context(recipe, model, tokenizer)
     say(param_report(model))
-    say(f"training on {len(train_data)} {'packed rows' if d.packing else 'examples'}, evaluating on {len(eval_data or [])}")
+    kind = "packed rows" if d.packing else "prompts" if recipe.train.objective == "grpo" else "examples"
+    say(f"training on {len(train_data)} {kind}, evaluating on {len(eval_data or [])}")
     if recipe.train.bf16 == "auto":
         say("bf16 autocast: " + ("on" if hardware.use_bf16("auto", torch.device(device)) else
                                  "off (this machine has no fast bf16 matrix product: training in fp32)"))
-    _report_test(recipe, model, tokenizer, test_data, "before", say)
+    objective = grpo_objective(tokenizer, recipe.train, beside=Path(recipe.source).parent) \
+        if recipe.train.objective == "grpo" else None  # it samples with generate.py, which training may not import
+    _report_test(recipe, model, tokenizer, test_data, "before", say, objective)
     with stop_request() if stop_request is not None else contextlib.nullcontext() as should_stop:
-        result = train(model, tokenizer, train_data, eval_data, recipe.train, should_stop=should_stop)
-    _report_test(recipe, model, tokenizer, test_data, "after", say)
+        result = train(model, tokenizer, train_data, eval_data, recipe.train, should_stop=should_stop,
+                       objective=objective)
+    _report_test(recipe, model, tokenizer, test_data, "after", say, objective)
     if recipe.train.push_to_hub and distributed.is_main() and not result.stopped_early:
         say(f"pushed {result.adapter_dir} to the Hub: "
             + push_to_hub(result.adapter_dir, recipe.train.hub_model_id, recipe.train.hub_private))
@@ -323,6 +334,8 @@ def _examples(recipe: Recipe, tokenizer, label2id: dict[str, int] | None, record
             return None
         if t.objective in ("dpo", "simpo", "orpo"):  # records of prompt, chosen, rejected
             return build_pairs(rows, tokenizer, t.max_length, t.max_prompt_length, d.skip_bad_rows, source)
+        if t.objective == "grpo":  # records of a prompt (and the columns its rewards read)
+            return build_prompts(rows, tokenizer, t.max_prompt_length, d.skip_bad_rows, source)
         if d.task == "classification":
             return build_classification_examples(rows, tokenizer, label2id, d.text_field, d.label_field, d.cutoff,
                                                  d.truncation, d.skip_bad_rows, source)
@@ -352,9 +365,18 @@ def _refuse_prompts_past_the_context(recipe: Recipe, model, tokenizer) -> None:
                           f"a prompt of {longest} run past the model's context of {model.max_length}")
 
 
-def _report_test(recipe: Recipe, model, tokenizer, test_data, when: str, say: Callable[..., None]) -> None:
-    """A classifier's held-out test scores and its [generate] prompts' labels, before or after training."""
+def _report_test(recipe: Recipe, model, tokenizer, test_data, when: str, say: Callable[..., None],
+                 grpo=None) -> None:
+    """Held-out test scores before or after training: GRPO's rewards of greedy completions, a
+    classifier's accuracy and F1 (and its [generate] prompts' labels)."""
     classify = recipe.data.task == "classification"
+    if test_data and grpo is not None:  # one greedy completion per held-out prompt, scored by the rewards
+        metrics = grpo.evaluate(model, test_data, tokenizer.pad_token_id, recipe.train.micro_batch_size,
+                                hardware.use_bf16(recipe.train.bf16, next(model.parameters()).device))
+        say(f"held-out test set ({len(test_data)} prompts), {when}: " + ", ".join(
+            f"{k.removeprefix('eval_rewards/').removesuffix('/mean')} {v:.3f}" for k, v in metrics.items()
+            if k != "eval_reward") + f" (reward {metrics['eval_reward']:.3f})")
+        model.test_metrics = {**getattr(model, "test_metrics", {}), when: metrics}
     if test_data and classify:
         metrics = evaluate_classification(model, test_data, tokenizer.pad_token_id, recipe.train.micro_batch_size)
         say(f"held-out test set ({len(test_data)} examples), {when}: accuracy {metrics['eval_accuracy']:.3f}, "

@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import lora_model, tiny_model_with_tokenizer
 
+from minilora.data.prompts import PromptRow
 from minilora.generate import generate_ids
 from minilora.errors import ConfigError, TrainingError
 from minilora.loading.tokenizer import load_tokenizer
@@ -181,12 +182,20 @@ def test_the_objective_samples_groups_scores_them_and_trains_the_adapter(saved_t
     assert all(t == (len(c) == 6) for t, c in zip(r.truncated, r.completion_ids))
     torch.testing.assert_close(r.rewards, r.rewards_per_func[:, 0] + 0.5 * r.rewards_per_func[:, 1])
     loss, count, metrics = objective.loss(model, batch)
-    assert count == 8 and set(metrics) == set(objective.metrics)
-    assert {"reward", "rewards/word_count_reward/mean", "kl", "completions/clipped_ratio"} <= set(metrics)
+    assert count == 8 and set(metrics) == set(objective.metrics) == {"kl", "clip_ratio/low_mean",
+                                                                     "clip_ratio/high_mean", "clip_ratio/region_mean"}
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_" in n)
-    scores = objective.evaluate(model, [{"prompt_ids": batch["prompt_ids"][0], "prompt": "w5 w6", "answer": "a"}],
-                                pad_id=0)
+    rows = [PromptRow(ids, text, {"answer": a}) for ids, text, a in zip(batch["prompt_ids"], batch["prompt"], "ab")]
+    parts, step = objective.rollouts(model, rows, micro_batch_size=3, step=0)
+    assert [len(p.rewards) for p in parts] == [3, 3, 2] and set(step) == set(objective.step_metrics)
+    whole = torch.cat([p.rewards for p in parts])
+    assert step["reward"] == pytest.approx(float(whole.mean())) and step["reward_std"] == pytest.approx(float(whole.std()))
+    assert step["rewards/word_count_reward/mean"] == pytest.approx(float(torch.cat([p.rewards_per_func[:, 0]
+                                                                                   for p in parts]).mean()))
+    again, _ = objective.rollouts(model, rows, micro_batch_size=3, step=0)  # a step's samples follow from its seed
+    assert [p.completion_ids for p in again] == [p.completion_ids for p in parts]
+    scores = objective.evaluate(model, rows[:1], pad_id=0)
     assert set(scores) == set(objective.eval_metrics)
 
 

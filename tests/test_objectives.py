@@ -17,6 +17,7 @@ from minilora.training.objectives import (
     CausalLM,
     Classification,
     Objective,
+    RolloutObjective,
     as_objective,
     objective_for,
 )
@@ -124,9 +125,14 @@ def test_the_registry_and_the_choice_from_the_examples():
     from minilora.training.objectives.dpo import DPO
     from minilora.training.objectives.orpo import ORPO
     from minilora.training.objectives.simpo import SimPO
+    from minilora.training.objectives.grpo import GRPO
     assert OBJECTIVES == {"causal_lm": CausalLM, "classification": Classification, "dpo": DPO, "simpo": SimPO,
-                          "orpo": ORPO}
-    assert all(isinstance(kind(), Objective) for kind in OBJECTIVES.values())
+                          "orpo": ORPO, "grpo": GRPO}
+    assert all(isinstance(kind(), Objective) for name, kind in OBJECTIVES.items() if name != "grpo")
+    tok = type("Tok", (), {"eos_token_id": 1, "pad_token_id": 0})()
+    grpo = GRPO(tok, [lambda prompts, completions, **kw: [0.0] * len(completions)], lambda *a, **k: [])
+    assert isinstance(grpo, Objective) and isinstance(grpo, RolloutObjective)  # it samples: built with its sampler
+    assert not isinstance(CausalLM(), RolloutObjective)
     assert objective_for(examples(2)) == CausalLM() and objective_for([Example([5, 6], 1)]) == Classification()
     assert objective_for([]) == CausalLM()  # train() then refuses the empty data by name
     double = lambda model, batch: causal_lm_loss(model, batch)

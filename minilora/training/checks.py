@@ -9,6 +9,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from ..data.preferences import PreferencePair
+from ..data.prompts import PromptRow
 from ..data.records import Example, target_count
 from ..errors import ConfigError, DataError
 from .checkpoint import resolve_resume
@@ -18,6 +19,7 @@ from .objectives import (
     CausalLM,
     Objective,
     PreferenceObjective,
+    RolloutObjective,
     causal_lm_loss,
     classification_loss,
 )
@@ -43,6 +45,7 @@ def refuse_what_would_go_wrong(model: nn.Module, train_data: list[Example], eval
     if not train_data:
         raise ConfigError("train_data is empty")
     refuse_pairs_without_a_preference_objective(train_data, eval_data, objective)
+    refuse_a_rollout_that_cannot_run(model, train_data, eval_data, cfg, objective)
     train_data, eval_data = as_rows(train_data), as_rows(eval_data) if eval_data else eval_data
     if not any(target_count(e) for e in train_data):
         raise DataError("train_data has no token to learn: every label is -100 (ignored) once token t is set to "
@@ -96,6 +99,34 @@ def refuse_pairs_without_a_preference_objective(train_data: list, eval_data: lis
     if pairs and not wants:
         raise ConfigError(f"the data are preference pairs, but the objective is {type(objective).__name__}: use "
                           "objective = \"dpo\", \"simpo\" or \"orpo\"")
+
+
+def refuse_a_rollout_that_cannot_run(model: nn.Module, train_data: list, eval_data: list | None, cfg: TrainConfig,
+                                     objective: Objective) -> None:
+    """Prompt rows train an objective that samples (GRPO) and nothing else does; its steps are whole
+    groups; every prompt with max_completion_length new tokens fits the model's context."""
+    data = [*train_data, *(eval_data or [])]
+    prompts, wants = sum(isinstance(e, PromptRow) for e in data), isinstance(objective, RolloutObjective)
+    if prompts not in (0, len(data)):
+        raise DataError("the data mix prompt-only rows and examples with a completion")
+    if wants and not prompts:
+        raise DataError(f"{type(objective).__name__} samples its completions from prompts (data.prompts.build_prompts: "
+                        "records with a \"prompt\"), but the data hold completions already")
+    if prompts and not wants:
+        raise ConfigError(f"the data are prompts without completions, but the objective is {type(objective).__name__}: "
+                          "use objective = \"grpo\" (which samples them)")
+    if not wants:
+        return
+    G = objective.completions_per_prompt
+    if cfg.batch_size % G:
+        raise ConfigError(f"batch_size={cfg.batch_size} is not a multiple of num_generations={G}: a step's batch "
+                          "counts completions, whole groups of one prompt's")
+    context, new = getattr(model, "max_length", None), getattr(objective, "max_completion_length", 0)
+    longest = max(data, key=lambda e: len(e.prompt_ids))
+    if context is not None and len(longest.prompt_ids) + new > context:
+        raise DataError(f"{longest.where or 'a prompt'}: its {len(longest.prompt_ids)} tokens and "
+                        f"max_completion_length={new} run past the model's context of {context} tokens: shorten the "
+                        "prompt (max_prompt_length) or max_completion_length")
 
 
 def as_rows(data: list) -> list[Example]:

@@ -49,15 +49,28 @@ class TrainConfig:
     hub_model_id: str | None = None       # where: "user-or-org/name"
     hub_private: bool = False
     # what is minimised: None lets the data decide (causal_lm, classification, or dpo for preference pairs)
-    objective: str | None = None          # causal_lm | classification | dpo | simpo | orpo
-    beta: float = 0.1                     # preference objectives: DPO's β (IPO's τ), SimPO's β, ORPO's λ
-    loss_type: str = "sigmoid"            # DPO: sigmoid | ipo | hinge | robust
+    objective: str | None = None          # causal_lm | classification | dpo | simpo | orpo | grpo
+    beta: float | None = None             # DPO's β (IPO's τ), SimPO's β, ORPO's λ (0.1); GRPO's KL weight (0)
+    loss_type: str | None = None          # DPO: sigmoid (default) | ipo | hinge | robust; GRPO: dapo (default) |
+                                          # grpo | dr_grpo | bnpo
     label_smoothing: float = 0.0          # DPO sigmoid (cDPO) and robust, SimPO: the chance a label is flipped
     gamma: float = 0.5                    # SimPO's target reward margin
     reference_adapter: str | None = None  # DPO: a named frozen adapter as the reference; None: adapters off
     precompute_ref_log_probs: bool = False  # DPO: the reference's log-probs computed once, before step 1
     max_length: int | None = None         # preference pairs: prompt + completion at most this many tokens
-    max_prompt_length: int | None = None  # ... the prompt at most this many (cut from the left)
+    max_prompt_length: int | None = None  # ... the prompt at most this many (cut from the left); GRPO's prompts too
+    # GRPO (objectives/grpo.py), TRL's names; batch_size counts completions, num_generations per prompt
+    num_generations: int = 8              # completions sampled per prompt: a group, whose mean reward is the baseline
+    max_completion_length: int = 512      # new tokens per completion at most
+    temperature: float = 1.0              # sampling temperature (> 0); log-probs are of logits / temperature
+    top_k: int | None = None
+    top_p: float = 1.0
+    epsilon: float = 0.2                  # the clipped ratio's lower bound 1 - epsilon
+    epsilon_high: float | None = None     # ... its upper bound 1 + epsilon_high (DAPO's clip-higher); None: epsilon
+    scale_rewards: str | bool = "group"   # advantages divided by the std of the group | batch | none
+    use_bias_correction_kl: bool = True   # the KL term times the ratio: an unbiased gradient (with beta > 0)
+    reward_funcs: list[str] | None = None  # built-ins (exact_match, answer_format) or "module:function"
+    reward_weights: list[float] | None = None  # one per reward function; None: all 1
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # types first: from Python, "false" would count as true
@@ -112,10 +125,13 @@ class TrainConfig:
         from .objectives import DPO, OBJECTIVES, SETTINGS
         if self.objective is not None and self.objective not in OBJECTIVES:
             raise ConfigError(f"objective {self.objective!r}: expected one of {', '.join(OBJECTIVES)}")
-        if self.loss_type not in DPO.loss_types:
-            raise ConfigError(f"loss_type {self.loss_type!r}: expected one of {', '.join(DPO.loss_types)} (DPO's)")
-        if not _number(self.beta, 0, math.inf, low_open=True, high_open=True):
-            raise ConfigError(f"beta must be a positive finite number, got {self.beta!r}")
+        if self.objective == "grpo":
+            self._check_grpo()
+        else:
+            if self.loss_type is not None and self.loss_type not in DPO.loss_types:
+                raise ConfigError(f"loss_type {self.loss_type!r}: expected one of {', '.join(DPO.loss_types)} (DPO's)")
+            if self.beta is not None and not _number(self.beta, 0, math.inf, low_open=True, high_open=True):
+                raise ConfigError(f"beta must be a positive finite number, got {self.beta!r}")
         if not _number(self.label_smoothing, 0, 0.5, high_open=True):
             raise ConfigError(f"label_smoothing must be in [0, 0.5) (the chance that a label is flipped), "
                               f"got {self.label_smoothing!r}")
@@ -125,10 +141,48 @@ class TrainConfig:
             raise ConfigError("reference_adapter must name an adapter (or be left out: the adapters switched off)")
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         takes = SETTINGS.get(self.objective or "dpo", ())  # None: pairs, if any, train DPO
-        for name in ("loss_type", "label_smoothing", "gamma", "reference_adapter", "precompute_ref_log_probs"):
+        for name in {n for settings in SETTINGS.values() for n in settings} - {"beta"}:
             if getattr(self, name) != defaults[name] and name not in takes:
                 raise ConfigError(f"{name} is a setting of {', '.join(o for o, s in SETTINGS.items() if name in s)}, "
                                   f"not of objective {self.objective!r}")
+
+    def _check_grpo(self) -> None:
+        """GRPO's settings, by TRL's names and ranges."""
+        from .objectives.grpo import LOSS_TYPES, SCALE_REWARDS
+        if self.loss_type is not None and self.loss_type not in LOSS_TYPES:
+            raise ConfigError(f"loss_type {self.loss_type!r}: expected one of {', '.join(LOSS_TYPES)} (GRPO's)")
+        if self.beta is not None and not _number(self.beta, 0, math.inf, high_open=True):
+            raise ConfigError(f"beta must be a finite number >= 0 (GRPO's KL weight; 0 needs no reference), "
+                              f"got {self.beta!r}")
+        if isinstance(self.num_generations, bool) or self.num_generations < 2:
+            raise ConfigError(f"num_generations must be an integer of at least 2 (advantages compare each completion "
+                              f"with the others of its group), got {self.num_generations!r}")
+        if self.batch_size % self.num_generations:
+            raise ConfigError(f"batch_size={self.batch_size} is not a multiple of num_generations="
+                              f"{self.num_generations}: a step's batch counts completions, whole groups of one prompt's")
+        if isinstance(self.max_completion_length, bool) or self.max_completion_length <= 0:
+            raise ConfigError(f"max_completion_length must be a positive integer, got {self.max_completion_length!r}")
+        if not _number(self.temperature, 0, math.inf, low_open=True, high_open=True):
+            raise ConfigError(f"temperature must be a positive finite number (GRPO samples; at 0 a group's completions "
+                              f"would all be the same), got {self.temperature!r}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or self.top_k <= 0):
+            raise ConfigError(f"top_k must be a positive integer or left out, got {self.top_k!r}")
+        if not _number(self.top_p, 0, 1, low_open=True):
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        for name in ("epsilon", "epsilon_high"):
+            if getattr(self, name) is not None and not _number(getattr(self, name), 0, math.inf, high_open=True):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
+        if self.scale_rewards not in (*SCALE_REWARDS, True, False):
+            raise ConfigError(f"scale_rewards must be one of {', '.join(SCALE_REWARDS)} (or true/false), "
+                              f"got {self.scale_rewards!r}")
+        if not self.reward_funcs:
+            raise ConfigError('objective "grpo" needs reward_funcs: built-ins (exact_match, answer_format) or '
+                              '"module:function"')
+        if self.reward_weights is not None and (len(self.reward_weights) != len(self.reward_funcs) or
+                                                not all(_number(w, -math.inf, math.inf, True, True)
+                                                        for w in self.reward_weights)):
+            raise ConfigError(f"reward_weights must be {len(self.reward_funcs)} finite numbers, one per reward "
+                              f"function, got {self.reward_weights!r}")
 
 
 def _number(value: Any, low: float, high: float, low_open: bool = False, high_open: bool = False) -> bool:

@@ -45,7 +45,7 @@ def accumulate(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]], o
         for name, value in metrics.items():
             sums[name] += float(value)
         if done is not None:
-            done(int(batch["attention_mask"].bool().sum()))  # the progress bar moves per micro-batch
+            done(_tokens(batch))  # the progress bar moves per micro-batch
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if distributed.rank_and_world()[1] > 1:
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -59,6 +59,11 @@ def accumulate(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]], o
     for g in grads:
         g.div_(max(count, 1))
     return total / max(count, 1), count, {name: value / max(count, 1) for name, value in sums.items()}
+
+
+def _tokens(batch: Any) -> int:
+    """A micro-batch's tokens, padding aside: its attention mask's, or those it counts itself (a rollout's)."""
+    return int(batch["attention_mask"].bool().sum()) if isinstance(batch, dict) else int(getattr(batch, "tokens", 0))
 
 
 def _check_what_loss_returned(objective: Objective, loss: Any, n: Any, metrics: Any, sums: dict[str, float]) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +51,7 @@ from .checks import refuse_what_would_go_wrong
 from .config import TrainConfig
 from .gradients import accumulate_gradients  # noqa: F401 (scripts and tests take it from here, beside train)
 from .gradients import accumulate, epoch_order, lr_factor, set_gradient_checkpointing
-from .objectives import LossFn, Objective, PreferenceObjective, objective_for
+from .objectives import LossFn, Objective, PreferenceObjective, RolloutObjective, objective_for
 from .plots import plot_at_end
 from .progress import event_writer, micro_batch_done, progress_bar, show_record
 
@@ -97,7 +98,7 @@ def train(model: nn.Module, tokenizer, train_data: list[Example], eval_data: lis
         objective.prepare(model, [train_data, eval_data or []], pad_id, cfg.micro_batch_size,
                           hardware.use_bf16(cfg.bf16, next(model.parameters()).device))
     with contextlib.ExitStack() as held:  # the output folder and what the loop changes, until train returns
-        run = _setup(model, train_data, cfg, held)
+        run = _setup(model, train_data, cfg, held, getattr(objective, "completions_per_prompt", 1))
         if evaluate_fn is None and eval_data:
             def evaluate_fn(m: nn.Module) -> dict[str, float]:
                 return objective.evaluate(m, eval_data, pad_id, cfg.micro_batch_size, run.bf16)
@@ -147,6 +148,7 @@ class _Run:
     steps_per_epoch: int
     total_steps: int
     fingerprint: dict[str, Any]           # what a checkpoint must match to be resumed (run_fingerprint)
+    rows_per_step: int = 1                # examples (or GRPO's prompts) per step
     result: TrainResult = field(default_factory=TrainResult)
     step: int = 0
     since_best: int = 0                   # evaluations without a better best_metric
@@ -174,8 +176,10 @@ class _Run:
             show_record(record, self.progress)
 
 
-def _setup(model: nn.Module, train_data: list[Example], cfg: TrainConfig, held: contextlib.ExitStack) -> _Run:
-    """Claim the output folder, start every rank from the same LoRA weights, build the optimizer and schedule."""
+def _setup(model: nn.Module, train_data: list[Example], cfg: TrainConfig, held: contextlib.ExitStack,
+           per_row: int = 1) -> _Run:
+    """Claim the output folder, start every rank from the same LoRA weights, build the optimizer and
+    schedule. A step takes batch_size / per_row rows (a GRPO prompt row becomes per_row completions)."""
     rank, world = distributed.rank_and_world()
     out, device = Path(cfg.output_dir), next(model.parameters()).device
     _claim_output_folder(out, cfg, rank == 0, device, held)
@@ -185,11 +189,11 @@ def _setup(model: nn.Module, train_data: list[Example], cfg: TrainConfig, held: 
         raise ConfigError("the model has no trainable parameters: call apply_lora first")
     torch.manual_seed(cfg.seed + rank)  # dropout masks differ between ranks
     distributed.broadcast_from_main(params)  # every rank starts from rank 0's LoRA initialisation
-    steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
+    steps_per_epoch = math.ceil(len(train_data) / (cfg.batch_size // per_row))
     total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
     optimizer, scheduler = _optimizer_and_schedule(params, cfg, total_steps)
     return _Run(cfg, model, out, device, rank, world, bf16, params, optimizer, scheduler, steps_per_epoch, total_steps,
-                run_fingerprint(cfg, model, train_data, total_steps, bf16))
+                run_fingerprint(cfg, model, train_data, total_steps, bf16), rows_per_step=cfg.batch_size // per_row)
 
 
 def _claim_output_folder(out: Path, cfg: TrainConfig, main: bool, device: torch.device,
@@ -265,14 +269,25 @@ def _patience_spent(run: _Run) -> bool:
 
 
 def _one_step(run: _Run, train_data: list[Example], objective: Objective, pad_id: int) -> dict[str, Any]:
-    """The step's batch (its place in the epoch's seeded order), its gradient, one optimizer step; its record."""
-    cfg = run.cfg
+    """The step's batch (its place in the epoch's seeded order), its gradient, one optimizer step; its
+    record. A RolloutObjective (GRPO) makes the step's micro-batches itself, from this rank's prompts."""
+    cfg, started = run.cfg, time.perf_counter()
     epoch, i = divmod(run.step, run.steps_per_epoch)
-    order = epoch_order(len(train_data), cfg.seed, epoch)[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-    micro = batches(train_data, order, cfg.micro_batch_size, pad_id, run.device, cfg.pad_to,
-                    shard=(run.rank, run.world))
+    order = epoch_order(len(train_data), cfg.seed, epoch)[i * run.rows_per_step:(i + 1) * run.rows_per_step]
+    step_metrics: dict[str, float] = {}
+    if isinstance(objective, RolloutObjective):
+        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.bf16):
+            micro, step_metrics = objective.rollouts(run.model, [train_data[j] for j in order[run.rank::run.world]],
+                                                     cfg.micro_batch_size, run.step)
+        step_metrics["time/generation"] = time.perf_counter() - started
+    else:
+        micro = batches(train_data, order, cfg.micro_batch_size, pad_id, run.device, cfg.pad_to,
+                        shard=(run.rank, run.world))
     loss, count, metrics = accumulate(run.model, micro, objective, run.bf16,
                                       None if run.progress is None else micro_batch_done(run.progress, len(micro)))
+    metrics.update(step_metrics)
+    if step_metrics:
+        metrics["time/training"] = time.perf_counter() - started - step_metrics["time/generation"]
     if not math.isfinite(loss):
         raise TrainingError(f"step {run.step + 1}: the loss is {loss}; training stopped. {_last_good(run)}")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm or float("inf")))
@@ -287,7 +302,8 @@ def _one_step(run: _Run, train_data: list[Example], objective: Objective, pad_id
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
-    _warn_if_diverging(run, loss)
+    if not step_metrics:  # a policy-gradient loss is no likelihood: it has no scale to diverge from
+        _warn_if_diverging(run, loss)
     return {"step": run.step, "epoch": run.epoch, "loss": loss, **metrics, "lr": lr, "grad_norm": grad_norm,
             "tokens": count}
 

@@ -1,6 +1,8 @@
 """What a run leaves to look at: its metrics.jsonl read back, and loss.svg (the training loss, the
 evaluation loss and the learning rate against the step, drawn here without a plotting library), plus
-loss.png where matplotlib is installed. Each file is written whole or not at all.
+loss.png where matplotlib is installed. A GRPO run's curves are its mean reward and the held-out
+reward instead (its loss, a policy gradient's surrogate, is about 0 whatever it learns). Each file is
+written whole or not at all.
 """
 
 from __future__ import annotations
@@ -32,12 +34,19 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def curves(history: list[dict[str, Any]]) -> tuple[str, str]:
+    """The training and evaluation series a run's plot draws: ("reward", "eval_reward") for GRPO, else the losses."""
+    return ("reward", "eval_reward") if any("reward" in h for h in history) else ("loss", "eval_loss")
+
+
 def loss_svg(history: list[dict[str, Any]], width: int = 640, height: int = 320) -> str | None:
     """The training loss, the evaluation loss (dashed) and the learning rate (dotted, on its own scale
-    from 0 to its peak) against the step, as a small SVG drawn here: no plotting library needed."""
+    from 0 to its peak) against the step, as a small SVG drawn here: no plotting library needed. For
+    GRPO, the reward and the evaluation's reward in their place."""
+    main, held_out = curves(history)
     series = {key: [(h["step"], h[key]) for h in history if isinstance(h.get(key), (int, float))
-                    and not isinstance(h.get(key), bool) and math.isfinite(h[key])] for key in ("loss", "eval_loss", "lr")}
-    points = series["loss"] + series["eval_loss"]
+                    and not isinstance(h.get(key), bool) and math.isfinite(h[key])] for key in (main, held_out, "lr")}
+    points = series[main] + series[held_out]
     if len(points) < 2:
         return None
     x0, x1 = min(p[0] for p in points), max(p[0] for p in points) or 1
@@ -49,16 +58,16 @@ def loss_svg(history: list[dict[str, Any]], width: int = 640, height: int = 320)
     sy = lambda y, low, high: height - pad - (y - low) / (high - low) * (height - 2 * pad)
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
            f'font-size="12"><rect width="100%" height="100%" fill="white"/>',
-           f'<text x="{pad}" y="{pad - 12}">loss {y0:.3f} .. {y1:.3f}, steps {x0} .. {x1}, lr up to {peak:.3g}</text>']
-    styles = {"loss": ('stroke="#1f77b4"', y0, y1), "eval_loss": ('stroke="#d62728" stroke-dasharray="6 4"', y0, y1),
+           f'<text x="{pad}" y="{pad - 12}">{main} {y0:.3f} .. {y1:.3f}, steps {x0} .. {x1}, lr up to {peak:.3g}</text>']
+    styles = {main: ('stroke="#1f77b4"', y0, y1), held_out: ('stroke="#d62728" stroke-dasharray="6 4"', y0, y1),
               "lr": ('stroke="#7f7f7f" stroke-dasharray="2 3"', 0, peak)}
     for key, s in series.items():
         style, low, high = styles[key]
         if s:
             path = " ".join(f"{sx(x):.1f},{sy(y, low, high):.1f}" for x, y in s)
             out.append(f'<polyline fill="none" stroke-width="2" {style} points="{path}"><title>{key}</title></polyline>')
-    out.append(f'<text x="{width - pad - 190}" y="{height - 12}" fill="#1f77b4">loss</text>'
-               f'<text x="{width - pad - 150}" y="{height - 12}" fill="#d62728">eval_loss</text>'
+    out.append(f'<text x="{width - pad - 230}" y="{height - 12}" fill="#1f77b4">{main}</text>'
+               f'<text x="{width - pad - 170}" y="{height - 12}" fill="#d62728">{held_out}</text>'
                f'<text x="{width - pad - 80}" y="{height - 12}" fill="#7f7f7f">lr</text></svg>')
     return "\n".join(out)
 
@@ -80,12 +89,13 @@ def plot_run(run: str | os.PathLike) -> list[Path]:
     except ModuleNotFoundError:
         return written
     fig, ax = plt.subplots(figsize=(8, 4))
-    for key, style in (("loss", "-"), ("eval_loss", "--")):
+    main, held_out = curves(history)
+    for key, style in ((main, "-"), (held_out, "--")):
         pts = [(h["step"], h[key]) for h in history if isinstance(h.get(key), (int, float))]
         if pts:
             ax.plot(*zip(*pts), style, label=key)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+    ax.set_ylabel(main)
     lr = [(h["step"], h["lr"]) for h in history if isinstance(h.get("lr"), (int, float))]
     if lr:
         twin = ax.twinx()

@@ -21,12 +21,20 @@ def show_record(record: dict[str, Any], progress) -> None:
     if progress is not None:
         if "loss" in record:
             progress.update(record["step"] - progress.n)  # whole again after the micro-batches' fractions
-            progress.last = f", loss={shown['loss']}, lr={shown['lr']}"
+            progress.last = f", loss={shown['loss']}, lr={shown['lr']}" + _rollout_part(record)
             _postfix(progress)
         else:
             progress.write(" ".join(f"{k}={v}" for k, v in shown.items()))
     else:  # no bar: every logged step (log_every) and evaluation as a line
         print(" ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
+
+
+def _rollout_part(record: dict[str, Any]) -> str:
+    """GRPO's step beside the bar: its mean reward, and its time split between sampling and training."""
+    if "time/generation" not in record:
+        return ""
+    return (f", reward={record['reward']:.3g}, generation {record['time/generation']:.1f}s / training "
+            f"{record['time/training']:.1f}s")
 
 
 def micro_batch_done(progress, micro_batches: int) -> Callable[[int], None]:

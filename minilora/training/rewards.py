@@ -35,9 +35,15 @@ def extract_answer(text: str) -> str | None:
     return found[-1].strip() if found else None
 
 
-def exact_match(prompts: list[str], completions: list[str], answer: list[Any], **columns: Any) -> list[float]:
+def text_of(completion: str | list[dict[str, str]]) -> str:
+    """A completion's text: itself, or the content of its last message (TRL passes a conversation's
+    completions as [{"role": "assistant", "content": text}])."""
+    return completion if isinstance(completion, str) else completion[-1]["content"]
+
+
+def exact_match(prompts: list[Any], completions: list[Any], answer: list[Any], **columns: Any) -> list[float]:
     """1.0 where the extracted answer equals the row's `answer` (both as stripped strings), else 0.0."""
-    return [float(extract_answer(c) == str(a).strip()) for c, a in zip(completions, answer)]
+    return [float(extract_answer(text_of(c)) == str(a).strip()) for c, a in zip(completions, answer)]
 
 
 def regex_format(pattern: str, name: str = "regex_format") -> RewardFn:
@@ -45,7 +51,7 @@ def regex_format(pattern: str, name: str = "regex_format") -> RewardFn:
     compiled = re.compile(pattern, re.DOTALL)
 
     def reward(prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
-        return [float(compiled.fullmatch(c) is not None) for c in completions]
+        return [float(compiled.fullmatch(text_of(c)) is not None) for c in completions]
     reward.__name__ = name
     return reward
 
@@ -59,7 +65,7 @@ def length_reward(target: int, name: str = "length") -> RewardFn:
         raise ConfigError(f"length_reward: target must be a positive number of characters, got {target!r}")
 
     def reward(prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
-        return [max(0.0, 1.0 - abs(len(c) - target) / target) for c in completions]
+        return [max(0.0, 1.0 - abs(len(text_of(c)) - target) / target) for c in completions]
     reward.__name__ = name
     return reward
 

@@ -3,6 +3,7 @@
 The loop never asks which task it trains. It hands an objective each micro-batch and adds up what
 comes back; it hands it the evaluation data and logs the scores. So a new objective (DPO, GRPO, ...)
 is one new file with a class of this shape, and one line in OBJECTIVES (objectives/__init__.py).
+An objective that samples its own data from the model (GRPO) is a `RolloutObjective` as well.
 """
 
 from __future__ import annotations
@@ -45,6 +46,31 @@ class Objective(Protocol):
     def evaluate(self, model: nn.Module, data: list[Example], pad_id: int, micro_batch_size: int = 8,
                  bf16: bool = False) -> dict[str, float]:
         """The scores of `model` over `data`, as {name: value} with the names of eval_metrics."""
+        ...
+
+
+@runtime_checkable
+class RolloutObjective(Protocol):
+    """An objective that makes its own micro-batches from the step's prompts by sampling the model
+    (GRPO): each step the loop hands `rollouts` this rank's share of the step's prompt rows, then
+    hands `loss` each micro-batch it returned. A step's batch_size counts completions, so a step
+    takes batch_size / completions_per_prompt prompts. `step_metrics` are the step's, over every rank
+    (rollouts sums them across ranks), logged as they are."""
+
+    metrics: ClassVar[tuple[str, ...]]
+    step_metrics: ClassVar[tuple[str, ...]]
+    eval_metrics: ClassVar[tuple[str, ...]]
+    completions_per_prompt: int
+
+    def rollouts(self, model: nn.Module, rows: list, micro_batch_size: int, step: int) -> tuple[list, dict[str, float]]:
+        """(micro-batches for loss(), the step's metrics); called on every rank, with rows or none."""
+        ...
+
+    def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, int, dict[str, float]]:
+        ...
+
+    def evaluate(self, model: nn.Module, data: list, pad_id: int, micro_batch_size: int = 8,
+                 bf16: bool = False) -> dict[str, float]:
         ...
 
 

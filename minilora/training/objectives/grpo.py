@@ -37,21 +37,23 @@ of the logits divided by `temperature`, as TRL's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
+from ...data.prompts import collate_prompts
 from ...errors import ConfigError
 from ...lora.inject import adapter_disabled
 from .. import distributed
 from ..rewards import RewardFn, reward_name, score
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-# (model, prompts' ids, eos ids, pad id, max new tokens, temperature, top_k, top_p, seed=) -> new ids per
-# prompt without the EOS that ended it: minilora.generate.generate_ids, which sits above training, so the
-# entry point that builds GRPO hands it in
+# (model, prompts' ids, eos ids, pad id, max new tokens, temperature, top_k, top_p, seed=, keep_eos=True) ->
+# new ids per prompt, with the EOS that ended it: minilora.generate.generate_ids, which sits above
+# training, so the entry point that builds GRPO hands it in (minilora.generate.grpo_objective)
 Sampler = Callable[..., list[list[int]]]
 SCALE_REWARDS = ("group", "batch", "none")
 
@@ -144,33 +146,45 @@ def token_logps(model: nn.Module, prompt_ids: list[list[int]], completion_ids: l
 
 @dataclass
 class Rollout:
-    """One batch's sampled completions (N = prompts × num_generations, each prompt's adjacent) and
-    their scores."""
+    """Sampled completions (N = prompts × num_generations, each prompt's adjacent) and their scores;
+    a micro-batch of GRPO is a slice of one (`part`)."""
     prompt_ids: list[list[int]]
     completion_ids: list[list[int]]     # with the EOS that ended it, where one did
-    prompts: list[str]
-    completions: list[str]
+    prompts: list[Any]
+    completions: list[Any]              # text, or [{"role": "assistant", "content": text}] after a conversation
     truncated: list[bool]               # stopped by max_completion_length rather than by an EOS
     rewards_per_func: torch.Tensor      # (N, functions)
     rewards: torch.Tensor               # (N,) the weighted sum
     advantages: torch.Tensor            # (N,)
 
+    def part(self, rows: slice) -> "Rollout":
+        return Rollout(*(getattr(self, f.name)[rows] for f in fields(self)))
+
+    @property
+    def tokens(self) -> int:  # what the progress bar counts
+        return sum(map(len, self.prompt_ids)) + sum(map(len, self.completion_ids))
+
 
 @dataclass
 class GRPO:
-    """GRPO as an `Objective`: loss(model, batch) samples num_generations completions of each of the
-    batch's prompts (one batched call of `sample`, generate_ids with the KV cache), scores them, and
-    returns the loss of one iteration on them. A batch is {"prompt_ids": [[int]], "prompt": [str], and
-    any further column: [value]}, one entry per prompt; the further columns reach the reward functions.
+    """GRPO as an `Objective` that makes its own micro-batches (a `RolloutObjective`): each step,
+    `rollouts` samples num_generations completions of each of this rank's prompts (one batched call
+    of `sample`, generate_ids with the KV cache), scores them, computes the advantages and cuts the
+    completions into micro-batches; `loss` is one iteration's on such a micro-batch (π_old = πθ
+    detached, the reference the adapter off). Prompts are data.prompts.PromptRow: their further
+    columns reach the reward functions. The TrainConfig batch_size counts completions, as TRL's.
 
-    metrics, TRL's names, are reported as sums over the loss's count (the loop logs their means)."""
+    `metrics` (kl, clip_ratio/*) are sums over the loss's count, of which the loop logs the means (a
+    token mean with dapo; with grpo and dr_grpo, micro-batches' token means weighted by completions);
+    `step_metrics` (reward, reward_std, rewards/<f>/mean, completions/*) are the step's, over every
+    completion of every rank, as TRL's."""
 
     tokenizer: Any
     reward_funcs: list[RewardFn]
     sample: Sampler
     reward_weights: list[float] | None = None
     num_generations: int = 8
-    max_completion_length: int = 256
+    max_completion_length: int = 512
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
@@ -179,10 +193,11 @@ class GRPO:
     epsilon_high: float | None = None
     loss_type: str = "dapo"
     scale_rewards: str | bool = "group"
-    seed: int | None = None
+    seed: int = 0
     use_bias_correction_kl: bool = True
     eos_ids: list[int] | None = None
     metrics: tuple[str, ...] = field(init=False)
+    step_metrics: tuple[str, ...] = field(init=False)
     eval_metrics: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -202,79 +217,110 @@ class GRPO:
         self.reward_weights = [float(w) for w in weights]
         if self.eos_ids is None:
             self.eos_ids = [self.tokenizer.eos_token_id]
-        self._calls = 0
-        names = [f"rewards/{reward_name(f)}/mean" for f in self.reward_funcs]
-        self.metrics = ("reward", "reward_std", *names, "completions/mean_length", "completions/clipped_ratio",
-                        *(("kl",) if self.beta != 0.0 else ()), "clip_ratio/low_mean", "clip_ratio/high_mean",
+        names = [reward_name(f) for f in self.reward_funcs]
+        self.metrics = (*(("kl",) if self.beta != 0.0 else ()), "clip_ratio/low_mean", "clip_ratio/high_mean",
                         "clip_ratio/region_mean")
-        self.eval_metrics = ("eval_reward", *(f"eval_{n}" for n in names))
+        self.step_metrics = ("reward", "reward_std", *(f"rewards/{n}/{s}" for n in names for s in ("mean", "std")),
+                             "frac_reward_zero_std", "completions/mean_length", "completions/clipped_ratio")
+        self.eval_metrics = ("eval_reward", *(f"eval_rewards/{n}/mean" for n in names))
+
+    @property
+    def completions_per_prompt(self) -> int:  # what one prompt row of a step's batch becomes
+        return self.num_generations
 
     def rollout(self, model: nn.Module, batch: dict[str, Any], temperature: float | None = None,
-                num_generations: int | None = None) -> Rollout:
-        """Sample, decode and score num_generations completions of each prompt of `batch`."""
+                num_generations: int | None = None, seed: int | None = None) -> Rollout:
+        """Sample, decode and score num_generations completions of each prompt of `batch` ({"prompt_ids",
+        "prompt", further columns}, a list each: data.prompts.collate_prompts), with group advantages."""
         G = num_generations or self.num_generations
         prompt_ids = [list(p) for p in batch["prompt_ids"] for _ in range(G)]
-        seed = None if self.seed is None else self.seed + self._calls
-        self._calls += 1
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad():
-                new = self.sample(model, prompt_ids, self.eos_ids, self.tokenizer.pad_token_id,
-                                   self.max_completion_length, self.temperature if temperature is None else temperature,
-                                   self.top_k, self.top_p, seed=seed)
+                completion_ids = self.sample(model, prompt_ids, self.eos_ids, self.tokenizer.pad_token_id,
+                                             self.max_completion_length,
+                                             self.temperature if temperature is None else temperature,
+                                             self.top_k, self.top_p, seed=seed, keep_eos=True)
         finally:
             model.train(was_training)
-        truncated = [len(c) >= self.max_completion_length for c in new]
-        completion_ids = [c if t else [*c, self.eos_ids[0]] for c, t in zip(new, truncated)]
+        ends = set(self.eos_ids)
+        truncated = [not c or c[-1] not in ends for c in completion_ids]  # no EOS: cut by max_completion_length
+        new = [c if t else c[:-1] for c, t in zip(completion_ids, truncated)]
         prompts = [p for p in batch["prompt"] for _ in range(G)]
-        completions = [self.tokenizer.decode(c) for c in new]
+        texts = [self.tokenizer.decode(c) for c in new]
+        completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t  # TRL's forms
+                       for p, t in zip(prompts, texts)]
         columns = {k: [v for v in values for _ in range(G)] for k, values in batch.items()
-                   if k not in ("prompt", "prompt_ids", "completion")}
-        per_func = score(self.reward_funcs, prompts, completions, columns)
+                   if k not in ("prompt", "prompt_ids", "completion", "completion_ids")}
+        per_func = score(self.reward_funcs, prompts, completions, {**columns, "completion_ids": completion_ids})
         rewards = (per_func * torch.tensor(self.reward_weights)).sum(1)
         advantages = group_advantages(rewards, G, self.scale_rewards) if G > 1 else torch.zeros_like(rewards)
         return Rollout(prompt_ids, completion_ids, prompts, completions, truncated, per_func, rewards, advantages)
 
-    def rollout_loss(self, model: nn.Module, r: Rollout) -> tuple[torch.Tensor, int, dict[str, float]]:
-        """The loss of one iteration on a rollout: π_old = πθ detached, the reference the adapter off."""
+    def rollouts(self, model: nn.Module, rows: list, micro_batch_size: int, step: int
+                 ) -> tuple[list[Rollout], dict[str, float]]:
+        """One step's micro-batches of micro_batch_size completions from this rank's prompt rows, sampled
+        with a seed of (seed, step, rank) so that a resumed run samples what the uninterrupted one did;
+        and the step's metrics over every rank's completions. Called on every rank, with rows or none."""
+        rank, world = distributed.rank_and_world()
+        r = self.rollout(model, collate_prompts(rows), seed=(self.seed * 1_000_003 + step) * 1024 + rank) if rows \
+            else None
+        F, device = len(self.reward_funcs), next(model.parameters()).device
+        rewards = r.rewards if r is not None else torch.zeros(0)
+        per_func = r.rewards_per_func if r is not None else torch.zeros(0, F)
+        group_std = rewards.view(-1, self.num_generations).std(1) if r is not None else torch.zeros(0)
+        lengths = torch.tensor([len(c) for c in r.completion_ids], dtype=torch.float64) if r is not None \
+            else torch.zeros(0)
+        sums = torch.tensor([len(rewards), float(rewards.sum()), float((rewards.double() ** 2).sum()),
+                             *per_func.double().sum(0).tolist(), *(per_func.double() ** 2).sum(0).tolist(),
+                             float((group_std < 1e-6).sum()), len(group_std), float(lengths.sum()),
+                             sum(r.truncated) if r is not None else 0], dtype=torch.float64, device=device)
+        distributed.sum_across_ranks([sums])
+        n, s = max(float(sums[0]), 1.0), sums.tolist()
+
+        def std(total: float, squares: float) -> float:  # unbiased, as torch.std
+            return math.sqrt(max(squares - total * total / n, 0.0) / max(n - 1, 1.0))
+        if r is not None and self.scale_rewards == "batch":  # the std of the whole step's rewards, every rank's
+            r.advantages = group_advantages(r.rewards, self.num_generations, "none") / (std(s[1], s[2]) + 1e-4)
+        names = [reward_name(f) for f in self.reward_funcs]
+        metrics = {"reward": s[1] / n, "reward_std": std(s[1], s[2]),
+                   **{k: v for j, name in enumerate(names) for k, v in
+                      ((f"rewards/{name}/mean", s[3 + j] / n), (f"rewards/{name}/std", std(s[3 + j], s[3 + F + j])))},
+                   "frac_reward_zero_std": s[3 + 2 * F] / max(s[4 + 2 * F], 1.0),
+                   "completions/mean_length": s[5 + 2 * F] / n, "completions/clipped_ratio": s[6 + 2 * F] / n}
+        parts = [] if r is None else [r.part(slice(i, i + micro_batch_size))
+                                      for i in range(0, len(r.rewards), micro_batch_size)]
+        return parts, metrics
+
+    def loss(self, model: nn.Module, batch: Rollout | dict[str, Any]) -> tuple[torch.Tensor, int, dict[str, float]]:
+        """(summed loss, count, metrics as sums over the count) of a rollout (or of a batch of prompts,
+        sampled first): one iteration, π_old = πθ detached, the reference the adapter off."""
+        r = batch if isinstance(batch, Rollout) else self.rollout(model, batch)
         pad = self.tokenizer.pad_token_id
         ref = None
         if self.beta != 0.0:  # the reference first, so that switching adapters never touches a built graph
             with torch.no_grad(), adapter_disabled(model):
                 ref = token_logps(model, r.prompt_ids, r.completion_ids, pad, self.temperature)[0]
         logps, mask = token_logps(model, r.prompt_ids, r.completion_ids, pad, self.temperature)
-        device = logps.device
-        loss, count, stats = grpo_loss(logps, logps.detach(), ref, r.advantages.to(device), mask, self.loss_type,
+        loss, count, stats = grpo_loss(logps, logps.detach(), ref, r.advantages.to(logps.device), mask, self.loss_type,
                                        self.epsilon, self.epsilon_high, self.beta, self.max_completion_length,
                                        self.use_bias_correction_kl)
-        G = self.num_generations
-        means = {"reward": float(r.rewards.mean()),
-                 "reward_std": float(r.rewards.view(-1, G).std(1).mean()),
-                 "completions/mean_length": float(mask.sum(1).float().mean()),
-                 "completions/clipped_ratio": sum(r.truncated) / len(r.truncated),
-                 **{f"rewards/{reward_name(f)}/mean": float(r.rewards_per_func[:, j].mean())
-                    for j, f in enumerate(self.reward_funcs)},
-                 **{k: float(v) for k, v in stats.items()}}
-        return loss, count, {m: means[m] * count for m in self.metrics}
-
-    def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, int, dict[str, float]]:
-        return self.rollout_loss(model, self.rollout(model, batch))
+        return loss, count, {m: float(stats[m]) * count for m in self.metrics}
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, data: list[dict[str, Any]], pad_id: int, micro_batch_size: int = 8,
+    def evaluate(self, model: nn.Module, data: list, pad_id: int, micro_batch_size: int = 8,
                  bf16: bool = False) -> dict[str, float]:
         """The mean reward (and each function's) of one greedy completion per held-out prompt row
-        ({"prompt_ids", "prompt", columns...}), this rank's share of the rows under torchrun."""
+        (data.prompts.PromptRow), this rank's share of the rows under torchrun."""
         rank, world = distributed.rank_and_world()
         mine = data[rank::world]
         device = next(model.parameters()).device
         sums = torch.zeros(len(self.reward_funcs) + 2, dtype=torch.float64, device=device)  # total, each, rows
         for i in range(0, len(mine), micro_batch_size):
             rows = mine[i:i + micro_batch_size]
-            batch = {k: [row[k] for row in rows] for k in rows[0]}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                r = self.rollout(model, batch, temperature=0.0, num_generations=1)
+                r = self.rollout(model, collate_prompts(rows), temperature=0.0, num_generations=1)
             sums += torch.tensor([float(r.rewards.sum()), *r.rewards_per_func.sum(0).tolist(), len(rows)],
                                  dtype=torch.float64, device=device)
         distributed.sum_across_ranks([sums])
