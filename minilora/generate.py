@@ -120,11 +120,12 @@ def generate_ids(model: nn.Module, prompts: list[list[int]], eos_ids: list[int],
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         finished_now = torch.isin(nxt, eos) & ~done
+        ended, tokens = finished_now.tolist(), nxt.tolist()  # one transfer a step, not one per row
         for i in (~done).nonzero().flatten().tolist():
-            if finished_now[i] and not keep_eos:
+            if ended[i] and not keep_eos:
                 continue
-            out[i].append(int(nxt[i]))
-            if not finished_now[i] and stop_check is not None and stop_check(i, out[i]):
+            out[i].append(tokens[i])
+            if not ended[i] and stop_check is not None and stop_check(i, out[i]):
                 finished_now[i] = True
         done |= finished_now
         if bool(done.all()):
