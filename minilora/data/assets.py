@@ -419,8 +419,14 @@ def reviews(test_size: int = 800) -> tuple[Path, Path]:
     return folder / "train.csv", folder / "test.csv"
 
 
+def arithmetic() -> tuple[Path, Path]:
+    """The arithmetic questions of data/arithmetic.py (made here, nothing fetched): train.jsonl, test.jsonl."""
+    from .arithmetic import write_task
+    return write_task(CACHE / "arithmetic")
+
+
 PATHS = {name: name for name in ("smollm2", "minilm", "gpt2_tokenizer", "quotes_jsonl", "alpaca", "alpaca_chat",
-                                   "reviews")}  # recipes' assets: asset name -> the function that fetches it
+                                   "reviews", "arithmetic")}  # recipes' assets: asset name -> the function that fetches it
 PATHS.update({"alpaca-preferences": "alpaca_preferences", "qwen2.5-0.5b": "qwen25_05b", "qwen2.5-1.5b": "qwen25_15b", "gemma3-270m": "gemma3_270m"})
 
 
