@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from ..errors import ConfigError
 from ..names import check_regex
+from .initialise import check_init
 from .layers import check_lora_hyperparameters
 
 # LoRAConfig's fields under the names PEFT gives them (adapter_config.json, LoraConfig). Where the two
@@ -19,7 +20,7 @@ from .layers import check_lora_hyperparameters
 PEFT_NAMES = {"targets": "target_modules", "r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout",
               "modules_to_save": "modules_to_save", "use_rslora": "use_rslora", "use_dora": "use_dora",
               "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern",
-              "ensure_weight_tying": "ensure_weight_tying"}
+              "ensure_weight_tying": "ensure_weight_tying", "init_lora_weights": "init_lora_weights"}
 PEFT_ALIASES = {peft: ours for ours, peft in PEFT_NAMES.items() if peft != ours}  # PEFT's -> ours
 PEFT_DEFAULTS = {"targets": ["q_proj", "v_proj"], "alpha": 16, "dropout": 0.0}
 
@@ -48,6 +49,7 @@ class LoRAConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     ensure_weight_tying: bool = False
+    init_lora_weights: bool | str = True  # True | False | "gaussian" | "pissa" | "pissa_niter_K" | "olora" (initialise.py)
     # PEFT's names, exact aliases: LoRAConfig(target_modules=..., lora_alpha=..., lora_dropout=...)
     target_modules: InitVar[list[str] | str | None] = None
     lora_alpha: InitVar[float | None] = None
@@ -77,6 +79,7 @@ class LoRAConfig:
         for name in ("use_rslora", "use_dora", "ensure_weight_tying"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        self.init_lora_weights = check_init(self.init_lora_weights)
         for name in ("rank_pattern", "alpha_pattern"):
             pattern = getattr(self, name) or {}
             if not isinstance(pattern, dict):

@@ -18,6 +18,7 @@ from ..names import CLASSIFIER_NAMES, find_saved, find_targets, owners, replace_
 from ..quant.base import QuantizedLinear
 from .config import PEFT_DEFAULTS, LoRAConfig, LoRAState
 from .embedding import LoRAEmbedding, LoRALayer
+from .initialise import changes_the_base, check_base, initialise
 from .layers import LoRALinear, check_lora_hyperparameters
 
 LINEAR = (nn.Linear, QuantizedLinear, LoRALinear)  # what a target may be (a LoRA layer: for a second adapter)
@@ -28,8 +29,9 @@ def apply_lora(model: nn.Module, targets: list[str] | str | LoRAConfig | None = 
                alpha: float = LoRAConfig.alpha, dropout: float = LoRAConfig.dropout,
                modules_to_save: list[str] | None = None, use_rslora: bool = LoRAConfig.use_rslora,
                use_dora: bool = False, rank_pattern: dict[str, int] | None = None,
-               alpha_pattern: dict[str, float] | None = None, *, target_modules: list[str] | str | None = None,
-               lora_alpha: float | None = None, lora_dropout: float | None = None) -> nn.Module:
+               alpha_pattern: dict[str, float] | None = None, *, init_lora_weights: bool | str = True,
+               target_modules: list[str] | str | None = None, lora_alpha: float | None = None,
+               lora_dropout: float | None = None) -> nn.Module:
     """Freeze `model` and swap the targeted layers for LoRA layers, in place; returns the model.
 
     The settings are LoRAConfig's (see there), given one by one or as a whole LoRAConfig in place of
@@ -46,7 +48,7 @@ def apply_lora(model: nn.Module, targets: list[str] | str | LoRAConfig | None = 
     else:
         config = LoRAConfig(list(PEFT_DEFAULTS["targets"]) if targets is None else targets, r, alpha, dropout,
                             modules_to_save or [], use_rslora, use_dora, rank_pattern or {}, alpha_pattern or {},
-                            target_modules=target_modules, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
+                            init_lora_weights=init_lora_weights, target_modules=target_modules, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
     return put_first_adapter(model, config, "default")
 
 
@@ -81,6 +83,12 @@ def put_lora(model: nn.Module, config: LoRAConfig, adapter: str) -> None:
             check_lora_hyperparameters(r, alpha, config.dropout, min(shape))
             if embedding and config.use_dora:
                 raise ConfigError("DoRA on an embedding layer is not supported: leave it out of the targets")
+            if not embedding:
+                check_base(config.init_lora_weights, isinstance(module, QuantizedLinear) or
+                           isinstance(module, LoRALinear) and module.quantized is not None, config.use_dora)
+            if not embedding and tied and changes_the_base(config.init_lora_weights):
+                raise ConfigError(f"init_lora_weights {config.init_lora_weights!r} would change the weight it shares "
+                                  f"with {', '.join(tied)}: leave the tied layer out of the targets")
             if tied and config.ensure_weight_tying:  # PEFT then adapts the tied layer too, with the same A and B
                 raise ConfigError(f"LoRA on a layer tied to {', '.join(tied)} with ensure_weight_tying is not "
                                   "supported here (without it, the update applies to this layer alone)")
@@ -96,6 +104,9 @@ def put_lora(model: nn.Module, config: LoRAConfig, adapter: str) -> None:
         else:  # keep the model's train/eval mode: a new module starts in training mode, dropout on
             replace_module(model, name, LoRALinear(module, r, alpha, config.dropout, config.use_rslora,
                                                    config.use_dora, adapter_name=adapter).train(module.training))
+        layer = model.get_submodule(name)
+        if isinstance(layer, LoRALinear):
+            initialise(layer, adapter, config.init_lora_weights)
 
 
 def _train_in_full(model: nn.Module, config: LoRAConfig) -> None:

@@ -10,6 +10,7 @@ and one saved by PEFT loads here.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -27,6 +28,7 @@ from ..formats.safetensors import check_tensor, pickle_tensors, safetensors_tens
 from ..names import find_saved
 from .adapters import add_adapter, delete_adapter, set_adapter
 from .config import PEFT_NAMES, LoRAConfig, lora_state
+from .initialise import LATER, changes_the_base, factors, keep_the_residual
 from .inject import all_lora_layers, lora_modules, remove_lora
 from .layers import LoRALinear
 
@@ -101,7 +103,6 @@ def adapter_config(model: nn.Module, adapter: str | None = None) -> dict[str, An
         "fan_in_fan_out": bool(getattr(model, "conv1d_layout", False)),  # GPT-2's Conv1D, as PEFT records it
         "bias": "none",
         "inference_mode": True,
-        "init_lora_weights": True,
     }
 
 
@@ -114,6 +115,8 @@ def lora_config_from_peft(config: dict[str, Any], file: Path, keys: list[str] = 
             raise CheckpointError(f"{file}: missing field {required!r}"
                                   + (" (it is null)" if required in config else ""))
     settings = {ours: config[peft] for ours, peft in PEFT_NAMES.items() if config.get(peft) is not None}
+    if str(settings.get("init_lora_weights")).lower() in LATER:  # LoftQ, CorDA, ...: the tensors are all it takes
+        settings["init_lora_weights"] = True                      # (with the base they were saved beside)
     if isinstance(settings["targets"], str) and settings["targets"] not in ("all-linear", "all_linear"):
         names = sorted({re.split(r"\.lora_(?:embedding_)?A\b", k.removeprefix(PREFIX))[0] for k in keys
                         if ".lora_A." in k or k.endswith(".lora_embedding_A")})
@@ -272,9 +275,15 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, adapter_name: str 
     previous = list(state.active) if state is not None else None
     added = state is None or adapter_name is not None and adapter_name not in state.adapters
     target = adapter_name or ("default" if state is None else state.active_adapter)
+    how = settings.init_lora_weights
+    if added and changes_the_base(how) and how != "pissa" and how != "olora":
+        raise CheckpointError(f"{Path(folder) / CONFIG_FILE}: init_lora_weights {how!r} is randomized, so the "
+                              "residual base it was trained on cannot be rebuilt from this base; load it onto the "
+                              "model it was trained in, or train with \"pissa\" (an exact SVD)")
     try:
-        if added:
-            add_adapter(model, target, settings)
+        if added:  # the adapter's tensors replace any start; PiSSA/OLoRA's residual base comes after they fit
+            add_adapter(model, target, dataclasses.replace(settings, init_lora_weights=True))
+            lora_state(model).adapters[target] = settings
         else:  # into an adapter already on the model (the named one, active or not): same settings only
             _check_same_settings(model, target, settings, folder)
         _load_tensors(model, tensors, settings, where, target)
@@ -288,6 +297,11 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, adapter_name: str 
         if isinstance(e, CheckpointError):
             raise
         raise CheckpointError(f"{Path(folder) / CONFIG_FILE} does not fit this model: {e}") from None
+    if added and changes_the_base(how):  # the base the adapter was trained beside: W - s·B0 A0, as PEFT rebuilds it
+        for _, layer in all_lora_layers(model):
+            if isinstance(layer, LoRALinear) and target in layer.adapters:
+                a = layer.adapters[target]
+                keep_the_residual(layer, target, *factors(layer.weight, a.r, a.scaling, how))
     if previous is not None:
         set_adapter(model, previous)
     return model

@@ -301,6 +301,10 @@ def export_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     if saved:
         raise ConfigError(f"modules_to_save ({', '.join(saved)}): llama.cpp's adapter format carries only LoRA's "
                           "A and B; export the merged model instead (--merged)")
+    how = state.config.init_lora_weights if state is not None else True
+    if isinstance(how, str) and how.startswith(("pissa", "olora")):
+        raise ConfigError(f"init_lora_weights {how!r}: the adapter is relative to the residual base it made, not "
+                          "to the base file llama.cpp loads; export the merged model instead (--merged)")
     layers = lora_modules(model)
     if not layers:
         raise ConfigError("the model has no LoRA adapter to export")
