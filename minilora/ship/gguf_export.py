@@ -37,6 +37,7 @@ from ..formats.ggml_blocks import F16, F32, Q4_0, Q8_0
 from ..formats.gguf import GEMMA_NAMES, GEMMAS, GGUF_NAMES, read_gguf
 from ..formats.gguf_write import ARRAY, FLOAT32, INT32, STRING, UINT32, Meta, Tensor, encode, write_gguf
 from ..lora.config import lora_state
+from ..lora.initialise import changes_the_base
 from ..lora.inject import lora_modules
 from ..lora.layers import LoRALinear, is_adapter_tensor
 
@@ -302,7 +303,7 @@ def export_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         raise ConfigError(f"modules_to_save ({', '.join(saved)}): llama.cpp's adapter format carries only LoRA's "
                           "A and B; export the merged model instead (--merged)")
     how = state.config.init_lora_weights if state is not None else True
-    if isinstance(how, str) and how.startswith(("pissa", "olora")):
+    if changes_the_base(how):
         raise ConfigError(f"init_lora_weights {how!r}: the adapter is relative to the residual base it made, not "
                           "to the base file llama.cpp loads; export the merged model instead (--merged)")
     layers = lora_modules(model)
