@@ -276,7 +276,7 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, adapter_name: str 
     added = state is None or adapter_name is not None and adapter_name not in state.adapters
     target = adapter_name or ("default" if state is None else state.active_adapter)
     how = settings.init_lora_weights
-    if added and changes_the_base(how) and how != "pissa" and how != "olora":
+    if added and isinstance(how, str) and how.startswith("pissa_niter_"):
         raise CheckpointError(f"{Path(folder) / CONFIG_FILE}: init_lora_weights {how!r} is randomized, so the "
                               "residual base it was trained on cannot be rebuilt from this base; load it onto the "
                               "model it was trained in, or train with \"pissa\" (an exact SVD)")
