@@ -214,7 +214,8 @@ class LoRAFunction(torch.autograd.Function):
         out = x2 @ w.t() if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
         xa = xd2 @ a.t()
         out.addmm_(xa, b.t(), alpha=scaling)
-        ctx.save_for_backward(xd2, xa, w, a, b)
+        # A's gradient alone needs x_d: with A frozen (LoRA-FA) it is not kept, LoRA-FA's saving
+        ctx.save_for_backward(xd2 if ctx.needs_input_grad[4] else None, xa, w, a, b)
         ctx.scaling, ctx.same_input, ctx.dtypes = scaling, x_d is x, (lora_A.dtype, lora_B.dtype)
         return out.view(*x.shape[:-1], out.shape[-1])
 
@@ -224,9 +225,9 @@ class LoRAFunction(torch.autograd.Function):
         xd2, xa, w, a, b = ctx.saved_tensors
         g = grad_out.reshape(-1, grad_out.shape[-1]).to(w.dtype)
         gb = (b.t() @ g.t()).t().mul_(ctx.scaling)  # = s·g B; as (r×d)(d×N), ~2x faster than (N×d)(d×r) in MKL
-        grad_A = (gb.t() @ xd2).to(ctx.dtypes[0])
+        grad_A = (gb.t() @ xd2).to(ctx.dtypes[0]) if xd2 is not None else None
         grad_B = (xa.t() @ g).mul_(ctx.scaling).t().to(ctx.dtypes[1])
-        shape = (*grad_out.shape[:-1], xd2.shape[-1])
+        shape = (*grad_out.shape[:-1], w.shape[-1])
         grad_x = grad_xd = None
         if ctx.needs_input_grad[0]:
             grad_x = g @ w

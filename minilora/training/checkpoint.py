@@ -130,6 +130,8 @@ def run_fingerprint(config: Any, model: nn.Module, train_data: list, total_steps
     run = dict(batch_size=config.batch_size, micro_batch_size=config.micro_batch_size, seed=config.seed,
                lr=config.lr, lr_schedule=config.lr_schedule, warmup_steps=config.warmup_steps, total_steps=total_steps,
                weight_decay=config.weight_decay, adam_betas=config.adam_betas, max_grad_norm=config.max_grad_norm,
+               optim=config.optim, loraplus_lr_ratio=config.loraplus_lr_ratio,
+               loraplus_lr_embedding=config.loraplus_lr_embedding,
                bf16=bf16, processes=distributed.rank_and_world()[1], n_train=len(train_data),
                data=data.hexdigest()[:16], **{f"lora.{k}": v for k, v in
                                               (dataclasses.asdict(lora) if lora is not None else {}).items()})
@@ -209,11 +211,12 @@ def _check_states(folder: Path, optimizer, optimizer_state: Any, scheduler_state
                                           f"parameter {tuple(params[i].shape)}")
                 if key == "step" and float(value) != step:
                     raise CheckpointError(f"{file}: parameter {i} has taken {float(value):g} steps, the checkpoint {step}")
-        for group in optimizer_state["param_groups"]:
-            settings = {"initial lr": group.get("initial_lr"), "betas": list(group["betas"]),
-                        "weight_decay": group["weight_decay"]}
-            want = {"initial lr": run["lr"], "betas": run["adam_betas"], "weight_decay": group["weight_decay"]
-                    if group["weight_decay"] in (0.0, run["weight_decay"]) else run["weight_decay"]}
+        if len(optimizer_state["param_groups"]) != len(optimizer.param_groups):
+            raise CheckpointError(f"{file}: {len(optimizer_state['param_groups'])} parameter groups, this run's "
+                                  f"optimizer {len(optimizer.param_groups)}")
+        for group, mine in zip(optimizer_state["param_groups"], optimizer.param_groups):  # this run's, just made
+            settings, want = ({"initial lr": g.get("initial_lr"), "betas": list(g["betas"]),
+                               "weight_decay": g["weight_decay"]} for g in (group, mine))
             wrong = [f"{k} {settings[k]!r}, the run {want[k]!r}" for k in settings if settings[k] != want[k]]
             if wrong:
                 raise CheckpointError(f"{file}: not this run's optimizer settings ({'; '.join(wrong)})")
@@ -223,9 +226,11 @@ def _check_states(folder: Path, optimizer, optimizer_state: Any, scheduler_state
     if last is not None and [g.get("lr") for g in optimizer_state["param_groups"]] != list(last):
         raise CheckpointError(f"{file}: learning rates {[g.get('lr') for g in optimizer_state['param_groups']]}, "
                               f"not the schedule's {list(last)} at step {step}")
-    if isinstance(scheduler_state, dict) and any(lr != run["lr"] for lr in scheduler_state.get("base_lrs", [])):
+    base = [g["initial_lr"] for g in optimizer.param_groups]
+    if isinstance(scheduler_state, dict) and scheduler_state.get("base_lrs", base) != base:
+        runs = f"lr is {base[0]}" if len(set(base)) == 1 else f"are {base}"  # LoRA+: B's is A's times the ratio
         raise CheckpointError(f"{folder / 'scheduler.pt'}: base learning rates {scheduler_state['base_lrs']}, the run's "
-                              f"lr is {run['lr']}")
+                              f"{runs}")
     if not isinstance(scheduler_state, dict) or scheduler_state.get("last_epoch") != step:
         found = scheduler_state.get("last_epoch") if isinstance(scheduler_state, dict) else scheduler_state
         raise CheckpointError(f"{folder / 'scheduler.pt'}: the schedule is at step {found!r}, the checkpoint at {step}")

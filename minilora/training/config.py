@@ -24,6 +24,9 @@ class TrainConfig:
     lr: float = 3e-4
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
+    optim: str = "adamw_torch"            # adamw_torch | lorafa (LoRA-FA: A frozen, B's gradient projected); optimizers.py
+    loraplus_lr_ratio: float | None = None  # LoRA+: B's learning rate over A's (the paper: 16); None: one rate
+    loraplus_lr_embedding: float | None = None  # LoRA+: embedding adapters' learning rate (None: peft's 1e-6)
     warmup_steps: int = 0
     lr_schedule: str = "linear"           # linear | cosine | constant (after warmup)
     max_grad_norm: float | None = 1.0
@@ -108,6 +111,7 @@ class TrainConfig:
             raise ConfigError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        self._check_the_optimizer()
         if len(self.adam_betas) != 2 or not all(_number(b, 0, 1, high_open=True) for b in self.adam_betas):
             raise ConfigError(f"adam_betas must be two numbers in [0, 1), got {list(self.adam_betas)!r}")
         if not (isinstance(self.bf16, bool) or self.bf16 == "auto"):  # resolved by hardware.use_bf16
@@ -119,6 +123,24 @@ class TrainConfig:
             raise ConfigError("early_stopping_patience must be a positive number of evaluations, and needs best_metric "
                               f"(e.g. 'eval_loss'); got {self.early_stopping_patience!r}")
         self._check_the_objective()
+
+    def _check_the_optimizer(self) -> None:
+        """optim, and LoRA+'s ratio and embedding rate (peft's names), where they mean something."""
+        from .optimizers import OPTIMIZERS
+        if self.optim not in OPTIMIZERS:
+            raise ConfigError(f"optim {self.optim!r}: expected one of {', '.join(OPTIMIZERS)}")
+        if self.loraplus_lr_ratio is not None and not _number(self.loraplus_lr_ratio, 0, math.inf, True, True):
+            raise ConfigError(f"loraplus_lr_ratio must be a positive finite number (B's learning rate over A's; the "
+                              f"LoRA+ paper takes 16), got {self.loraplus_lr_ratio!r}")
+        if self.loraplus_lr_embedding is not None and self.loraplus_lr_ratio is None:
+            raise ConfigError("loraplus_lr_embedding is a setting of LoRA+: set loraplus_lr_ratio too (B's learning "
+                              "rate over A's, e.g. 16)")
+        if self.loraplus_lr_embedding is not None and not _number(self.loraplus_lr_embedding, 0, 1, low_open=True):
+            raise ConfigError(f"loraplus_lr_embedding must be a positive number at most 1, got "
+                              f"{self.loraplus_lr_embedding!r}")
+        if self.optim == "lorafa" and self.loraplus_lr_ratio is not None:
+            raise ConfigError("loraplus_lr_ratio with optim \"lorafa\": LoRA-FA freezes A, so there is no ratio of "
+                              "B's rate to A's; choose one")
 
     def _check_the_objective(self) -> None:
         """The objective's name and the settings that belong to it (TRL's names), refused where they do not."""

@@ -51,6 +51,7 @@ from .checks import refuse_what_would_go_wrong
 from .config import TrainConfig
 from .gradients import accumulate_gradients  # noqa: F401 (scripts and tests take it from here, beside train)
 from .gradients import accumulate, epoch_order, lr_factor, set_gradient_checkpointing
+from .optimizers import freeze_for, make_optimizer
 from .objectives import LossFn, Objective, PreferenceObjective, RolloutObjective, objective_for
 from .plots import plot_at_end
 from .progress import event_writer, micro_batch_done, progress_bar, show_record
@@ -189,9 +190,11 @@ def _setup(model: nn.Module, train_data: list[Example], cfg: TrainConfig, held: 
         raise ConfigError("the model has no trainable parameters: call apply_lora first")
     torch.manual_seed(cfg.seed + rank)  # dropout masks differ between ranks
     distributed.broadcast_from_main(params)  # every rank starts from rank 0's LoRA initialisation
+    freeze_for(model, cfg)  # LoRA-FA: A stays as it starts (the same on every rank, from just above)
+    params = [p for p in model.parameters() if p.requires_grad]
     steps_per_epoch = math.ceil(len(train_data) / (cfg.batch_size // per_row))
     total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
-    optimizer, scheduler = _optimizer_and_schedule(params, cfg, total_steps)
+    optimizer, scheduler = _optimizer_and_schedule(model, cfg, total_steps)
     return _Run(cfg, model, out, device, rank, world, bf16, params, optimizer, scheduler, steps_per_epoch, total_steps,
                 run_fingerprint(cfg, model, train_data, total_steps, bf16), rows_per_step=cfg.batch_size // per_row)
 
@@ -211,13 +214,10 @@ def _claim_output_folder(out: Path, cfg: TrainConfig, main: bool, device: torch.
         raise claim_error or CheckpointError(f"{out}: rank 0 could not take the output folder")
 
 
-def _optimizer_and_schedule(params: list[nn.Parameter], cfg: TrainConfig, total_steps: int) \
+def _optimizer_and_schedule(model: nn.Module, cfg: TrainConfig, total_steps: int) \
         -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW (no decay on biases and norms), and the warmup-then-decay schedule of lr_factor."""
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-        lr=cfg.lr, betas=cfg.adam_betas)
+    """The optimizer cfg.optim names (optimizers.py), and the warmup-then-decay schedule of lr_factor."""
+    optimizer = make_optimizer(model, cfg)
     if cfg.warmup_steps >= total_steps:
         warnings.warn(f"warmup_steps={cfg.warmup_steps} is not shorter than the run ({total_steps} steps): the "
                       "learning rate never reaches its peak", stacklevel=5)  # the caller of train()'s caller
