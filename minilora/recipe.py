@@ -6,6 +6,10 @@
     [train]  any TrainConfig field: output_dir, epochs, micro_batch_size, batch_size, lr, ...
     [generate]  prompts = [...]  max_new_tokens = 48  temperature = 0.0   (optional: shown after training)
 
+LoftQ (`init_lora_weights = "loftq"`, `loftq_config = { loftq_bits = 4, loftq_iter = 1 }` in [lora])
+starts from the float weights and quantizes the base itself, to NF4 or int8 as loftq_bits says: its
+[model] section loads the base in floating point (no load_in_8bit, load_in_4bit or keep_quantized).
+
 Every key is checked against the dataclass it fills: an unknown key or a value of the wrong type
 is a ConfigError naming the file, the section and the key.
 """
@@ -208,12 +212,22 @@ def load_recipe(path: str | os.PathLike, overrides: dict[str, str] | None = None
             except DataError as e:
                 raise ConfigError(f"{path} [{section}].{key}: {e}") from None
     parts = {name: from_table(cls, raw.get(name, {}), f"{path} [{name}]") for name, cls in SECTIONS.items()}
+    _refuse_a_quantized_loftq_base(parts["model"], parts["lora"], path)
     for spec in parts["train"].reward_funcs or []:  # GRPO's: each found now, not after the model has loaded
         try:
             load_reward_function(spec, beside=path.parent)
         except ConfigError as e:
             raise ConfigError(f"{path} [train].reward_funcs: {e}") from None
     return Recipe(**parts, source=str(path))
+
+
+def _refuse_a_quantized_loftq_base(m: ModelSection, lora: LoRAConfig, path: Path) -> None:
+    """LoftQ fits its adapter to the quantization of the float weights, so it quantizes the base itself:
+    a [model] that asks the base quantized already is refused by name, before anything loads."""
+    asked = [k for k in ("load_in_8bit", "load_in_4bit", "keep_quantized") if getattr(m, k)]
+    if lora.init_lora_weights == "loftq" and asked:
+        raise ConfigError(f"{path}: [model].{asked[0]} with [lora] init_lora_weights = \"loftq\": LoftQ quantizes "
+                          f"the float base itself (loftq_bits {lora.loftq_config['loftq_bits']}); remove {asked[0]}")
 
 
 def _read_beside(raw: dict[str, Any], path: Path, inputs: tuple[tuple[str, str], ...], packaged: bool) -> None:

@@ -114,7 +114,7 @@ def test_bad_initialisations_get_named_errors(saved_tiny, tmp_path):
         LoRAConfig(init_lora_weights="svd")
     with pytest.raises(ConfigError, match=r"positive number of iterations.*got 'pissa_niter_0'"):
         LoRAConfig(init_lora_weights="pissa_niter_0")
-    with pytest.raises(ConfigError, match=r"init_lora_weights 'loftq': LoftQ .* not supported yet"):
+    with pytest.raises(ConfigError, match=r"init_lora_weights 'loftq' needs loftq_config"):
         LoRAConfig(init_lora_weights="loftq")
     quantized = load_model(folder, load_in_8bit=True)
     with pytest.raises(ConfigError, match=r"model.layers.0.self_attn.q_proj: init_lora_weights 'pissa' changes "

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from ..errors import ConfigError
 from ..names import check_regex
-from .initialise import check_init
+from .initialise import check_init, check_loftq_config
 from .layers import check_lora_hyperparameters
 
 # LoRAConfig's fields under the names PEFT gives them (adapter_config.json, LoraConfig). Where the two
@@ -20,7 +20,8 @@ from .layers import check_lora_hyperparameters
 PEFT_NAMES = {"targets": "target_modules", "r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout",
               "modules_to_save": "modules_to_save", "use_rslora": "use_rslora", "use_dora": "use_dora",
               "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern",
-              "ensure_weight_tying": "ensure_weight_tying", "init_lora_weights": "init_lora_weights"}
+              "ensure_weight_tying": "ensure_weight_tying", "init_lora_weights": "init_lora_weights",
+              "loftq_config": "loftq_config"}
 PEFT_ALIASES = {peft: ours for ours, peft in PEFT_NAMES.items() if peft != ours}  # PEFT's -> ours
 PEFT_DEFAULTS = {"targets": ["q_proj", "v_proj"], "alpha": 16, "dropout": 0.0}
 
@@ -49,7 +50,8 @@ class LoRAConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     ensure_weight_tying: bool = False
-    init_lora_weights: bool | str = True  # True | False | "gaussian" | "pissa" | "pissa_niter_K" | "olora" (initialise.py)
+    init_lora_weights: bool | str = True  # True | False | "gaussian" | "pissa" | "pissa_niter_K" | "olora" | "loftq" (initialise.py)
+    loftq_config: dict[str, int] = field(default_factory=dict)  # with "loftq" only: {"loftq_bits": 4 | 8, "loftq_iter": n}
     # PEFT's names, exact aliases: LoRAConfig(target_modules=..., lora_alpha=..., lora_dropout=...)
     target_modules: InitVar[list[str] | str | None] = None
     lora_alpha: InitVar[float | None] = None
@@ -80,6 +82,7 @@ class LoRAConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         self.init_lora_weights = check_init(self.init_lora_weights)
+        self.loftq_config = check_loftq_config(self.loftq_config, self.init_lora_weights)
         for name in ("rank_pattern", "alpha_pattern"):
             pattern = getattr(self, name) or {}
             if not isinstance(pattern, dict):

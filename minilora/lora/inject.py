@@ -18,7 +18,7 @@ from ..names import CLASSIFIER_NAMES, find_saved, find_targets, owners, replace_
 from ..quant.base import QuantizedLinear
 from .config import PEFT_DEFAULTS, LoRAConfig, LoRAState
 from .embedding import LoRAEmbedding, LoRALayer
-from .initialise import changes_the_base, check_base, initialise
+from .initialise import check_base, check_loftq_target, initialise, replaces_the_base
 from .layers import LoRALinear, check_lora_hyperparameters
 
 LINEAR = (nn.Linear, QuantizedLinear, LoRALinear)  # what a target may be (a LoRA layer: for a second adapter)
@@ -30,8 +30,8 @@ def apply_lora(model: nn.Module, targets: list[str] | str | LoRAConfig | None = 
                modules_to_save: list[str] | None = None, use_rslora: bool = LoRAConfig.use_rslora,
                use_dora: bool = False, rank_pattern: dict[str, int] | None = None,
                alpha_pattern: dict[str, float] | None = None, *, init_lora_weights: bool | str = True,
-               target_modules: list[str] | str | None = None, lora_alpha: float | None = None,
-               lora_dropout: float | None = None) -> nn.Module:
+               loftq_config: dict[str, int] | None = None, target_modules: list[str] | str | None = None,
+               lora_alpha: float | None = None, lora_dropout: float | None = None) -> nn.Module:
     """Freeze `model` and swap the targeted layers for LoRA layers, in place; returns the model.
 
     The settings are LoRAConfig's (see there), given one by one or as a whole LoRAConfig in place of
@@ -48,7 +48,8 @@ def apply_lora(model: nn.Module, targets: list[str] | str | LoRAConfig | None = 
     else:
         config = LoRAConfig(list(PEFT_DEFAULTS["targets"]) if targets is None else targets, r, alpha, dropout,
                             modules_to_save or [], use_rslora, use_dora, rank_pattern or {}, alpha_pattern or {},
-                            init_lora_weights=init_lora_weights, target_modules=target_modules, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
+                            init_lora_weights=init_lora_weights, loftq_config=loftq_config,
+                            target_modules=target_modules, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
     return put_first_adapter(model, config, "default")
 
 
@@ -83,10 +84,18 @@ def put_lora(model: nn.Module, config: LoRAConfig, adapter: str) -> None:
             check_lora_hyperparameters(r, alpha, config.dropout, min(shape))
             if embedding and config.use_dora:
                 raise ConfigError("DoRA on an embedding layer is not supported: leave it out of the targets")
+            if embedding and config.init_lora_weights == "loftq":
+                raise ConfigError("init_lora_weights 'loftq' on an embedding layer is not supported (it quantizes "
+                                  "linear layers): leave it out of the targets")
             if not embedding:
                 check_base(config.init_lora_weights, isinstance(module, QuantizedLinear) or
                            isinstance(module, LoRALinear) and module.quantized is not None, config.use_dora)
-            if not embedding and tied and changes_the_base(config.init_lora_weights):
+            if not embedding and config.init_lora_weights == "loftq":
+                check_loftq_target(module.in_features, config.loftq_config)
+                if isinstance(module, LoRALinear):
+                    raise ConfigError("init_lora_weights 'loftq' on a layer with LoRA adapters already: it would "
+                                      "quantize their base too; put the LoftQ adapter on first")
+            if not embedding and tied and replaces_the_base(config.init_lora_weights):
                 raise ConfigError(f"init_lora_weights {config.init_lora_weights!r} would change the weight it shares "
                                   f"with {', '.join(tied)}: leave the tied layer out of the targets")
             if tied and config.ensure_weight_tying:  # PEFT then adapts the tied layer too, with the same A and B
@@ -106,7 +115,7 @@ def put_lora(model: nn.Module, config: LoRAConfig, adapter: str) -> None:
                                                    config.use_dora, adapter_name=adapter).train(module.training))
         layer = model.get_submodule(name)
         if isinstance(layer, LoRALinear):
-            initialise(layer, adapter, config.init_lora_weights)
+            initialise(layer, adapter, config.init_lora_weights, config.loftq_config)
 
 
 def _train_in_full(model: nn.Module, config: LoRAConfig) -> None:

@@ -162,12 +162,23 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         # The base layer's own parameters under their own names: the model's state-dict names stay those
         # of the checkpoint, so loading, saving merged weights and PEFT's adapter keys need no renaming.
-        self.weight, self.bias = base.weight, base.bias
-        for p in (self.weight, self.bias):
-            if p is not None:
-                p.requires_grad_(False)
+        self.bias = base.bias
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.set_base(base)
+        self.adapters = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []   # folded into W0 now (merge), in merge order
+        self.disabled = False                  # see inject.adapter_disabled(): the base layer alone
+        self.add_adapter(adapter_name, r, alpha, dropout, use_rslora, use_dora, lora_dtype)
+
+    def set_base(self, base: nn.Linear | QuantizedLinear) -> None:
+        """Take over the frozen weight of `base` (and a quantized one's scales or codes, which its product
+        reads); the bias stays. LoftQ (initialise.py) calls it again to swap a float W0 for its quantized Q."""
+        self.weight = base.weight
+        self.weight.requires_grad_(False)
         self.quantized: type[QuantizedLinear] | None = type(base) if isinstance(base, QuantizedLinear) else None
-        if self.quantized is not None:  # its scales or codes, which its product reads
+        if self.quantized is not None:
             self.packed_elements = base.packed_elements
             for name in base.state:
                 value = getattr(base, name)
@@ -175,11 +186,6 @@ class LoRALinear(nn.Module):
                     self.register_buffer(name, value, persistent=False)
                 else:
                     setattr(self, name, value)
-        self.adapters = nn.ModuleDict()
-        self.active_adapters: list[str] = []
-        self.merged_adapters: list[str] = []   # folded into W0 now (merge), in merge order
-        self.disabled = False                  # see inject.adapter_disabled(): the base layer alone
-        self.add_adapter(adapter_name, r, alpha, dropout, use_rslora, use_dora, lora_dtype)
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
                     use_dora: bool = False, lora_dtype: torch.dtype | None = None) -> None:

@@ -28,7 +28,9 @@ from ..formats.safetensors import check_tensor, pickle_tensors, safetensors_tens
 from ..names import find_saved
 from .adapters import add_adapter, delete_adapter, set_adapter
 from .config import PEFT_NAMES, LoRAConfig, lora_state
-from .initialise import LATER, changes_the_base, factors, keep_the_residual
+from .convert import check_convertible, to_plain_lora
+from ..quant.base import QuantizedLinear
+from .initialise import LATER, changes_the_base, factors, keep_the_residual, loftq_base
 from .inject import all_lora_layers, lora_modules, remove_lora
 from .layers import LoRALinear
 
@@ -115,7 +117,7 @@ def lora_config_from_peft(config: dict[str, Any], file: Path, keys: list[str] = 
             raise CheckpointError(f"{file}: missing field {required!r}"
                                   + (" (it is null)" if required in config else ""))
     settings = {ours: config[peft] for ours, peft in PEFT_NAMES.items() if config.get(peft) is not None}
-    if str(settings.get("init_lora_weights")).lower() in LATER:  # LoftQ, CorDA, ...: the tensors are all it takes
+    if str(settings.get("init_lora_weights")).lower() in LATER:  # CorDA, EVA, ...: the tensors are all it takes
         settings["init_lora_weights"] = True                      # (with the base they were saved beside)
     if isinstance(settings["targets"], str) and settings["targets"] not in ("all-linear", "all_linear"):
         names = sorted({re.split(r"\.lora_(?:embedding_)?A\b", k.removeprefix(PREFIX))[0] for k in keys
@@ -143,14 +145,14 @@ def refuse_non_finite(tensors: dict[str, torch.Tensor]) -> None:
 
 
 def write_adapter_files(folder: Path, model: nn.Module, extra: dict[str, Any] | None = None,
-                        adapter: str | None = None) -> None:
+                        adapter: str | None = None, converted: tuple[dict, dict] | None = None) -> None:
     """One adapter's three files (the active one's by default) into an existing folder (checkpoints add
-    theirs beside them)."""
-    tensors = adapter_state_dict(model, adapter)
+    theirs beside them). converted: (tensors, adapter_config) to write instead of the model's own."""
+    tensors, config = converted or (adapter_state_dict(model, adapter), adapter_config(model, adapter))
     refuse_non_finite(tensors)
     weights = save(tensors, metadata={"format": "pt"})
     (folder / WEIGHTS_FILE).write_bytes(weights)  # OSError names it
-    (folder / CONFIG_FILE).write_text(json.dumps(adapter_config(model, adapter), indent=2) + "\n")
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     meta = {"base_model": _base_fingerprint(model), **(extra or {})}
     id2label = getattr(getattr(model, "config", None), "id2label", None)
     if getattr(model, "task_type", None) == "SEQ_CLS":  # the label names travel with a classifier's adapter
@@ -160,12 +162,18 @@ def write_adapter_files(folder: Path, model: nn.Module, extra: dict[str, Any] | 
     (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def save_adapter(model: nn.Module, folder: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+def save_adapter(model: nn.Module, folder: str | os.PathLike, extra: dict[str, Any] | None = None, *,
+                 path_initial_model_for_weight_conversion: str | os.PathLike | None = None) -> Path:
     """Write the adapter folder atomically; returns its path. `extra` goes into minilora.json. A folder
     that holds an earlier adapter is replaced; one that holds anything else is refused.
 
     Several named adapters are saved in PEFT's layout: "default" in the folder itself, every other one
-    in a subfolder of its name (which load_adapter(model, folder / name, adapter_name=name) reads)."""
+    in a subfolder of its name (which load_adapter(model, folder / name, adapter_name=name) reads).
+
+    path_initial_model_for_weight_conversion (PEFT's name): the folder of a PiSSA/OLoRA adapter as
+    save_adapter wrote it right after apply_lora, before training. The trained adapter is then saved as
+    a plain LoRA of twice the rank on the original base, not on the residual one (convert.py): it loads
+    on the base as published, with nothing rebuilt, and exports to GGUF. The model is not changed."""
     _adapter(model)  # refuse before touching the disk
     reserved = sorted(set(extra or {}) & {"base_model", "id2label", "label2id"})
     if reserved:
@@ -176,6 +184,10 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, extra: dict[str, A
         raise ConfigError(f"extra: not JSON data ({e})") from None
     names = list(lora_state(model).adapters)
     check_replaceable(Path(folder), ADAPTER_FILES | set(names), "an adapter")
+    if path_initial_model_for_weight_conversion is not None:
+        initial = Path(os.path.expanduser(str(path_initial_model_for_weight_conversion)))
+        converted = _converted(model, Path(folder), initial)
+        return write_atomically(folder, lambda tmp: write_adapter_files(tmp, model, extra, converted=converted))
     if len(names) == 1:
         return write_atomically(folder, lambda tmp: write_adapter_files(tmp, model, extra))
 
@@ -185,6 +197,26 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, extra: dict[str, A
             where.mkdir(exist_ok=True)
             write_adapter_files(where, model, extra, name)
     return write_atomically(folder, write_each)
+
+
+def _converted(model: nn.Module, folder: Path, initial: Path) -> tuple[dict, dict]:
+    """The model's one adapter as a plain LoRA on the original base, from its start saved in `initial`."""
+    names = list(lora_state(model).adapters)
+    if len(names) > 1:
+        raise ConfigError(f"path_initial_model_for_weight_conversion converts a model's one adapter; this one has "
+                          f"{', '.join(names)} (delete_adapter the others first)")
+    config = adapter_config(model)
+    check_convertible(config)
+    if not (initial / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{initial}: path_initial_model_for_weight_conversion is "
+                              + ("not an adapter folder (no " + CONFIG_FILE + ")" if initial.is_dir() else "no such folder")
+                              + ": give the folder save_adapter wrote right after apply_lora, before training")
+    if folder.resolve() == initial.resolve():
+        raise ConfigError(f"{folder}: the converted adapter would replace the initial one it is made from: save it "
+                          "to another folder")
+    refuse_another_base(model, initial)
+    initial_config, initial_tensors = read_adapter(initial)
+    return to_plain_lora(adapter_state_dict(model), config, initial_tensors, initial_config, initial / CONFIG_FILE)
 
 
 def refuse_a_run_folder(folder: Path) -> None:
@@ -280,9 +312,14 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, adapter_name: str 
         raise CheckpointError(f"{Path(folder) / CONFIG_FILE}: init_lora_weights {how!r} is randomized, so the "
                               "residual base it was trained on cannot be rebuilt from this base; load it onto the "
                               "model it was trained in, or train with \"pissa\" (an exact SVD)")
+    if added and how == "loftq" and any(isinstance(m, QuantizedLinear) or isinstance(m, LoRALinear) and m.quantized
+                                        is not None for m in model.modules()):
+        raise CheckpointError(f"{Path(folder) / CONFIG_FILE}: a LoftQ adapter trains beside the quantized base Q that "
+                              "LoftQ makes from the float weights; load the base in floating point (no load_in_8bit, "
+                              "load_in_4bit or keep_quantized) and Q is rebuilt from it, as it was made")
     try:
         if added:  # the adapter's tensors replace any start; PiSSA/OLoRA's residual base comes after they fit
-            add_adapter(model, target, dataclasses.replace(settings, init_lora_weights=True))
+            add_adapter(model, target, dataclasses.replace(settings, init_lora_weights=True, loftq_config={}))
             lora_state(model).adapters[target] = settings
         else:  # into an adapter already on the model (the named one, active or not): same settings only
             _check_same_settings(model, target, settings, folder)
@@ -302,6 +339,10 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, adapter_name: str 
             if isinstance(layer, LoRALinear) and target in layer.adapters:
                 a = layer.adapters[target]
                 keep_the_residual(layer, target, *factors(layer.weight, a.r, a.scaling, how))
+    if added and how == "loftq":  # LoftQ is deterministic: the same W gives the same Q (the start is not needed)
+        for _, layer in all_lora_layers(model):
+            if isinstance(layer, LoRALinear) and target in layer.adapters:
+                loftq_base(layer, target, settings.loftq_config)
     if previous is not None:
         set_adapter(model, previous)
     return model

@@ -160,6 +160,14 @@ class Int8Linear(QuantizedLinear):
                 f"bias={self.bias is not None}, threshold={self.threshold}")
 
 
+def int8_round_trip(w: torch.Tensor, threshold: float = 6.0) -> tuple[torch.Tensor, Int8Linear]:
+    """(the fp32 weight the int8 rows of `w` (d, k) stand for, the bias-free Int8Linear holding them):
+    LoftQ's quantizer (lora/initialise.py), whose base must be exactly the Q it fitted to."""
+    layer = Int8Linear(w.shape[1], w.shape[0], bias=False, threshold=threshold, device="meta")
+    layer.set_weight(w)
+    return layer.dequantize(), layer
+
+
 def quantize_model(model: nn.Module, skip: tuple[str, ...] | None = None, threshold: float = 6.0) -> nn.Module:
     """Swap every nn.Linear but `skip` (by default names.kept_in_float: the output and task heads) for
     Int8Linear, in place."""

@@ -175,6 +175,14 @@ class NF4Linear(QuantizedLinear):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, nf4"
 
 
+def nf4_round_trip(w: torch.Tensor) -> tuple[torch.Tensor, NF4Linear]:
+    """(the fp32 weight the NF4 codes of `w` (d, k) stand for, the bias-free NF4Linear holding those
+    codes): LoftQ's quantizer (lora/initialise.py), whose base must be exactly the Q it fitted to."""
+    layer = NF4Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+    layer.set_weight(w)
+    return layer.dequantize(), layer
+
+
 class NF4Quantizer:
     """Loading straight into NF4: the linear layers but the heads' (and any with an odd in_features:
     two codes a byte) are quantized as their weights stream in, so the float model never exists."""

@@ -37,7 +37,7 @@ from ..formats.ggml_blocks import F16, F32, Q4_0, Q8_0
 from ..formats.gguf import GEMMA_NAMES, GEMMAS, GGUF_NAMES, read_gguf
 from ..formats.gguf_write import ARRAY, FLOAT32, INT32, STRING, UINT32, Meta, Tensor, encode, write_gguf
 from ..lora.config import lora_state
-from ..lora.initialise import changes_the_base
+from ..lora.initialise import changes_the_base, replaces_the_base
 from ..lora.inject import lora_modules
 from ..lora.layers import LoRALinear, is_adapter_tensor
 
@@ -306,6 +306,10 @@ def export_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     if changes_the_base(how):
         raise ConfigError(f"init_lora_weights {how!r}: the adapter is relative to the residual base it made, not "
                           "to the base file llama.cpp loads; export the merged model instead (--merged)")
+    if replaces_the_base(how):
+        raise ConfigError(f"init_lora_weights {how!r}: the adapter trains beside the quantized base Q that LoftQ made, "
+                          "not the base file llama.cpp loads (and a quantized base is not merged into); use it here, with "
+                          "its base rebuilt from the float weights (minilora generate --adapter)")
     layers = lora_modules(model)
     if not layers:
         raise ConfigError("the model has no LoRA adapter to export")
