@@ -23,6 +23,7 @@ from .training.rewards import load_reward_function
 from .data.records import Example
 from .errors import ConfigError, DataError
 from .lora.inject import adapter_disabled
+from .lora.mixed import mixed_adapters
 from .models.common import KVCache
 
 
@@ -75,11 +76,18 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
 def generate_ids(model: nn.Module, prompts: list[list[int]], eos_ids: list[int], pad_id: int,
                  max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, use_cache: bool = True, seed: int | None = None,
-                 stop_check=None, keep_eos: bool = False) -> list[list[int]]:
+                 stop_check=None, keep_eos: bool = False, adapter_names: list[str] | None = None) -> list[list[int]]:
     """New token ids for each prompt (ids lists), without the EOS that ended it (with it, keep_eos:
     GRPO scores that token too; it counts among max_new_tokens).
 
-    stop_check(row, new_ids) -> bool may end a row early (stop strings)."""
+    stop_check(row, new_ids) -> bool may end a row early (stop strings). adapter_names: one adapter
+    name per prompt ("__base__": none), all generated in one batch (lora/mixed.py)."""
+    if adapter_names is not None:
+        if not isinstance(adapter_names, (list, tuple)) or len(adapter_names) != len(prompts):
+            raise ConfigError(f"adapter_names must name one adapter per prompt ({len(prompts)}), got {adapter_names!r}")
+        with mixed_adapters(model, list(adapter_names)):
+            return generate_ids(model, prompts, eos_ids, pad_id, max_new_tokens, temperature, top_k, top_p,
+                                use_cache, seed, stop_check, keep_eos)
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
         raise ConfigError(f"seed must be an integer in [0, 2**63), got {seed!r}")
@@ -159,8 +167,9 @@ def chat_prompt(tokenizer, text: str, system: str | None = None) -> str:
 def generate(model: nn.Module, tokenizer, prompts: str | list[str], max_new_tokens: int = 64,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              stop: list[str] | None = None, seed: int | None = None, use_cache: bool = True,
-             chat: bool = False, system: str | None = None) -> str | list[str]:
+             chat: bool = False, system: str | None = None, adapter_names: list[str] | None = None) -> str | list[str]:
     """Complete one prompt (returns a string) or several (returns a list), stopping at EOS or a stop string.
+    adapter_names: one adapter per prompt ("__base__" for none), in one mixed batch (lora/mixed.py).
 
     chat: each prompt is a user message, written by the model's chat template (its default system
     prompt included, unless `system` is given) with the assistant's turn opened; the answer ends at
@@ -191,7 +200,8 @@ def generate(model: nn.Module, tokenizer, prompts: str | list[str], max_new_toke
 
     eos = end_of_turn_ids(tokenizer) if chat else [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     new = generate_ids(model, encoded, eos, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-                       max_new_tokens, temperature, top_k, top_p, use_cache, seed, stop_check if stop else None)
+                       max_new_tokens, temperature, top_k, top_p, use_cache, seed, stop_check if stop else None,
+                       adapter_names=adapter_names)
     results = []
     for ids in new:
         text = tokenizer.decode(ids)

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from .layers import LoRALinear, adapter_dtype, check_lora_hyperparameters, scale
+from .layers import LoRALinear, adapter_dtype, check_lora_hyperparameters, rows_of, scale
 
 
 class EmbeddingAdapter(nn.Module):
@@ -57,6 +57,7 @@ class LoRAEmbedding(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
+        self.rows = None  # a mixed-adapter batch (mixed.py)
         self.add_adapter(adapter_name, r, alpha, use_rslora=use_rslora)
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
@@ -74,6 +75,10 @@ class LoRAEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out = F.embedding(ids, self.weight, self.padding_idx)
         if self.disabled:
+            return out
+        if self.rows is not None:  # a mixed-adapter batch (mixed.py): each adapter adds to its own rows
+            for name, idx in rows_of(self, ids).items():
+                out = out.index_add(0, idx, self.adapters[name](ids.index_select(0, idx), self.padding_idx).to(out.dtype))
             return out
         for name in self.active_adapters:
             if name not in self.merged_adapters:

@@ -20,6 +20,7 @@ from .config import PEFT_DEFAULTS, LoRAConfig, LoRAState
 from .embedding import LoRAEmbedding, LoRALayer
 from .initialise import check_base, check_loftq_target, initialise, replaces_the_base
 from .layers import LoRALinear, check_lora_hyperparameters
+from .mixed import install, remove
 
 LINEAR = (nn.Linear, QuantizedLinear, LoRALinear)  # what a target may be (a LoRA layer: for a second adapter)
 EMBEDDING = (nn.Embedding, LoRAEmbedding)
@@ -63,6 +64,7 @@ def put_first_adapter(model: nn.Module, config: LoRAConfig, name: str) -> nn.Mod
     put_lora(model, config, name)
     _train_in_full(model, config)
     model.lora_state = LoRAState({name: config}, [name])
+    install(model)  # model(..., adapter_names=[...]): a mixed-adapter batch (mixed.py)
     return model
 
 
@@ -203,4 +205,5 @@ def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
             if hasattr(m, "untied"):
                 del m.untied
     model.__dict__.pop("lora_state", None)
+    remove(model)
     return model

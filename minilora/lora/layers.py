@@ -170,6 +170,7 @@ class LoRALinear(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []   # folded into W0 now (merge), in merge order
         self.disabled = False                  # see inject.adapter_disabled(): the base layer alone
+        self.rows = None                       # a mixed-adapter batch (mixed.py): (rows, {adapter: row indices})
         self.add_adapter(adapter_name, r, alpha, dropout, use_rslora, use_dora, lora_dtype)
 
     def set_base(self, base: nn.Linear | QuantizedLinear) -> None:
@@ -211,6 +212,8 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled(x.device.type):  # cast once here, not once in each path below
             x = x.to(torch.get_autocast_dtype(x.device.type))
+        if self.rows is not None and not self.disabled:
+            return self._mixed(x)
         adapters = [] if self.disabled else [self.adapters[n] for n in self.active_adapters
                                              if n not in self.merged_adapters]
         if len(adapters) == 1 and self._fast(adapters[0], x):
@@ -221,6 +224,15 @@ class LoRALinear(nn.Module):
         h = base
         for adapter in adapters:
             h = h + adapter(self, x, base).to(h.dtype)  # + s · B A dropout(x)  (DoRA: its own term)
+        return h
+
+    def _mixed(self, x: torch.Tensor) -> torch.Tensor:
+        """W0 x + b for the whole batch, then each adapter's term for its own rows only (mixed.py)."""
+        base = self.base(x)
+        h = base
+        for name, idx in rows_of(self, x).items():  # the rows of one adapter go through A and B together
+            term = self.adapters[name](self, x.index_select(0, idx), base.index_select(0, idx))
+            h = h.index_add(0, idx, term.to(h.dtype))
         return h
 
     def _fast(self, adapter: LoRAAdapter, x: torch.Tensor) -> bool:
@@ -299,6 +311,14 @@ class LoRALinear(nn.Module):
     dropout = property(lambda self: self.adapter.dropout)
 
 
+
+
+def rows_of(layer: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A mixed batch's {adapter: row indices} in this layer, the batch checked to have one row per name."""
+    size, rows = layer.rows
+    if x.shape[0] != size:
+        raise ConfigError(f"adapter_names gives {size} names, the batch has {x.shape[0]} rows: one name per row")
+    return rows
 
 
 def check_lora_hyperparameters(r: object, alpha: object, dropout: object, most: int | None = None) -> None:
