@@ -1,4 +1,4 @@
-"""The command line: `minilora params | train | recipes | demo | generate | classify | merge | export | push |
+"""The command line: `minilora params | train | recipes | demo | generate | serve | classify | merge | export | push |
 plot | inspect`. Each subcommand is a small function over the Python API; errors minilora raises on purpose are printed as one line (no traceback)
 with exit status 2. `train` is the one place that handles SIGINT/SIGTERM (stop_on_signals)."""
 
@@ -146,6 +146,29 @@ def cmd_generate(args: argparse.Namespace) -> None:
                        stop=args.stop, seed=args.seed, chat=args.chat, system=args.system)
     for prompt, out in zip(args.prompt, outputs):
         print(f"{prompt}{out}" if not args.chat else out)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from .serve import make_server
+    model = load_model(args.model, dtype=torch_dtype(args.dtype), revision=args.revision)
+    tokenizer = load_tokenizer(args.model, revision=args.revision)
+    base = args.served_model_name or args.model
+    for spec in args.adapter or []:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path or name == base:
+            raise ConfigError(f"--adapter {spec!r}: expected NAME=PATH, NAME not the base model's name {base!r}")
+        load_adapter(model, path, adapter_name=name)
+    server = make_server(model, tokenizer, base, args.host, args.port, args.api_key, args.max_batch,
+                         args.batch_wait_ms / 1000)
+    names = ", ".join([base, *(s.partition("=")[0] for s in args.adapter or [])])
+    print(f"minilora serve: {names} on http://{args.host}:{server.server_port}/v1"
+          + (" (API key required)" if args.api_key else ""), file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
 
 
 def cmd_classify(args: argparse.Namespace) -> None:
@@ -306,6 +329,19 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def add_classify(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server: one base model, many adapters, batched together")
+    p.add_argument("model")
+    p.add_argument("--adapter", action="append", metavar="NAME=PATH", help="an adapter served as model NAME (repeatable)")
+    p.add_argument("--host", default="127.0.0.1", help="the address to bind (127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="required of every request as 'Authorization: Bearer KEY'")
+    p.add_argument("--served-model-name", help="the base model's name in requests (default: MODEL as given)")
+    p.add_argument("--max-batch", type=int, default=32, help="requests generated together at most")
+    p.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a request waits for others to join it")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--revision")
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("classify", help="label texts with a classifier (and its adapter)")
     p.add_argument("model")
     p.add_argument("texts", nargs="+")
