@@ -35,4 +35,9 @@ $(LLAMA_VENV)/.installed:
 test-llamacpp: $(VENV)/.installed $(LLAMA_VENV)/.installed
 	MINILORA_LLAMACPP_PYTHON=$(LLAMA_VENV)/bin/python $(PY) -m pytest -q -s tests/test_llamacpp.py
 
-.PHONY: install test test-fast demo test-llamacpp
+# Opt-in, not in `make test`: LoRA's variants side by side on SmolLM2-135M (benchmarks/README.md), with
+# peft's time and memory beside ours; about 40 minutes on 2 cores.
+method-comparison: $(VENV)/.installed
+	$(PY) benchmarks/method_comparison.py
+
+.PHONY: install test test-fast demo test-llamacpp method-comparison
