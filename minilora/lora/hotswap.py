@@ -26,14 +26,8 @@ from ..errors import CheckpointError, ConfigError
 from .config import lora_state
 from .embedding import LoRAEmbedding
 from .inject import all_lora_layers
-from .layers import scale
+from .layers import a_and_b, scale
 from .peft_files import CONFIG_FILE, PREFIX, lora_config_from_peft, read_adapter
-
-
-def _a_and_b(adapter: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    if hasattr(adapter, "lora_embedding_A"):
-        return adapter.lora_embedding_A, adapter.lora_embedding_B
-    return adapter.lora_A.weight, adapter.lora_B.weight
 
 
 def _layers_with(model: nn.Module, adapter_name: str) -> dict[str, nn.Module]:
@@ -62,7 +56,7 @@ def prepare_model_for_compiled_hotswap(model: nn.Module, target_rank: int, adapt
         raise ConfigError(f"target_rank {target_rank} is below the rank the adapter has already: {small[0]}")
     for m in layers.values():
         a = m.adapters[adapter_name]
-        A, B = _a_and_b(a)
+        A, B = a_and_b(a)
         grow = target_rank - a.r
         if not grow:
             continue
@@ -104,7 +98,7 @@ def hotswap_adapter(model: nn.Module, folder: str | os.PathLike, adapter_name: s
     plan = []
     for name, m in layers.items():
         a = m.adapters[adapter_name]
-        A, B = _a_and_b(a)
+        A, B = a_and_b(a)
         new_a, new_b = found[name].get("A"), found[name].get("B")
         if new_a is None or new_b is None:
             raise CheckpointError(f"{file}: {name} has only one of lora_A and lora_B")

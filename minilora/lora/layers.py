@@ -313,6 +313,13 @@ class LoRALinear(nn.Module):
 
 
 
+def a_and_b(adapter: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """An adapter's A (r×k) and B (d×r) tensors, a linear layer's or an embedding's."""
+    if hasattr(adapter, "lora_embedding_A"):
+        return adapter.lora_embedding_A, adapter.lora_embedding_B
+    return adapter.lora_A.weight, adapter.lora_B.weight
+
+
 def rows_of(layer: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """A mixed batch's {adapter: row indices} in this layer, the batch checked to have one row per name."""
     size, rows = layer.rows

@@ -24,6 +24,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..lora.embedding import LoRAEmbedding
 from ..lora.inject import all_lora_layers
+from ..lora.layers import a_and_b
 
 OPTIMIZERS = ("adamw_torch", "lorafa")
 PEFT_LR_EMBEDDING = 1e-6  # create_loraplus_optimizer's loraplus_lr_embedding when none is given
@@ -75,12 +76,6 @@ def _adapters(model: nn.Module):
     return [(n, a, m.adapters[a]) for n, m in all_lora_layers(model) for a in m.adapters]
 
 
-def _a_and_b(adapter: nn.Module) -> tuple[nn.Parameter, nn.Parameter]:
-    if hasattr(adapter, "lora_embedding_A"):
-        return adapter.lora_embedding_A, adapter.lora_embedding_B
-    return adapter.lora_A.weight, adapter.lora_B.weight
-
-
 def freeze_for(model: nn.Module, cfg) -> None:
     """LoRA-FA trains B alone: every trainable adapter's A is frozen (as peft's create_lorafa_optimizer
     does). DoRA's magnitude has no place in its derivation, so DoRA is refused."""
@@ -91,14 +86,14 @@ def freeze_for(model: nn.Module, cfg) -> None:
             raise ConfigError(f"optim \"lorafa\" with DoRA ({layer}, adapter {name!r}) is not supported: LoRA-FA's "
                               "projection of B's gradient has no term for DoRA's magnitude")
     for _, _, adapter in _adapters(model):
-        a, b = _a_and_b(adapter)
+        a, b = a_and_b(adapter)
         if b.requires_grad:
             a.requires_grad_(False)
 
 
 def _pairs(model: nn.Module) -> list[tuple[nn.Parameter, nn.Parameter, float]]:
     """(A, B, s) of every adapter whose B trains."""
-    return [(*_a_and_b(adapter), adapter.scaling) for _, _, adapter in _adapters(model) if _a_and_b(adapter)[1].requires_grad]
+    return [(*a_and_b(adapter), adapter.scaling) for _, _, adapter in _adapters(model) if a_and_b(adapter)[1].requires_grad]
 
 
 class LoRAFA(torch.optim.Optimizer):
