@@ -68,7 +68,7 @@ def main() -> None:
     from minilora.lora.adapters import set_adapter
     from minilora.lora.inject import merge_lora, unmerge_lora
     from minilora.lora.peft_files import load_adapter
-    from minilora.serve import make_server
+    from minilora.serve_http import make_server
     RESULTS.mkdir(exist_ok=True)
     paths = adapters(RESULTS / "serve_adapters", args.adapters)
     names = [f"adapter{i}" for i in range(args.adapters)]

@@ -149,7 +149,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from .serve import make_server
+    from .serve_http import make_server
     model = load_model(args.model, dtype=torch_dtype(args.dtype), revision=args.revision)
     tokenizer = load_tokenizer(args.model, revision=args.revision)
     base = args.served_model_name or args.model

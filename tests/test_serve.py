@@ -22,7 +22,7 @@ from minilora.loading.weights import load_model
 from minilora.lora.adapters import set_adapter
 from minilora.lora.inject import adapter_disabled, apply_lora
 from minilora.lora.peft_files import load_adapter, save_adapter
-from minilora.serve import make_server
+from minilora.serve_http import make_server
 
 openai = pytest.importorskip("openai")
 TEMPLATE = "{% for m in messages %}{{ m['content'] }} <eos> {% endfor %}{% if add_generation_prompt %}w2 {% endif %}"
