@@ -4,6 +4,7 @@ concurrency levels (the official openai client, threads, 127.0.0.1).
 
     python benchmarks/serve_throughput.py                  # SmolLM2-135M-Instruct, 4 adapters
     python benchmarks/serve_throughput.py --adapters 8 --new-tokens 32
+    python benchmarks/serve_throughput.py --asset qwen2.5-0.5b   # Qwen2.5-Coder-0.5B-Instruct (its GGUF, dequantized)
 
 The adapters are r=8 LoRAs on q_proj/v_proj with random B (what they say does not matter here, only
 that each row must go through its own); every request asks for `--new-tokens` greedy tokens of one of
@@ -26,8 +27,15 @@ PROMPTS = ["Quote by Mae West:", "The capital of France is", "Once upon a time",
            "The three primary colors are", "Water boils at", "My favourite book is", "In 1969, the first"]
 
 
-def adapters(folder: Path, k: int) -> list[Path]:
+MODELS = {"smollm2": "SmolLM2-135M-Instruct", "qwen2.5-0.5b": "Qwen2.5-Coder-0.5B-Instruct"}
+
+
+def source(asset: str) -> Path:
     from minilora.data import assets
+    return {"smollm2": assets.smollm2, "qwen2.5-0.5b": assets.qwen25_05b}[asset]()
+
+
+def adapters(folder: Path, k: int, asset: str = "smollm2") -> list[Path]:
     from minilora.loading.weights import load_model
     from minilora.lora.inject import apply_lora
     from minilora.lora.peft_files import save_adapter
@@ -36,7 +44,7 @@ def adapters(folder: Path, k: int) -> list[Path]:
         path = folder / f"adapter{i}"
         if not (path / "adapter_config.json").exists():
             torch.manual_seed(i)
-            model = apply_lora(load_model(assets.smollm2()), ["q_proj", "v_proj"], r=8, alpha=16)
+            model = apply_lora(load_model(source(asset)), ["q_proj", "v_proj"], r=8, alpha=16)
             with torch.no_grad():
                 for n, p in model.named_parameters():
                     if "lora_B" in n:
@@ -54,6 +62,7 @@ def timed(fn) -> tuple[float, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--asset", choices=sorted(MODELS), default="smollm2")
     parser.add_argument("--adapters", type=int, default=4)
     parser.add_argument("--prompts", type=int, default=16, help="requests in the batch comparison")
     parser.add_argument("--new-tokens", type=int, default=24)
@@ -61,7 +70,6 @@ def main() -> None:
     args = parser.parse_args()
     import openai
 
-    from minilora.data import assets
     from minilora.generate import generate_ids
     from minilora.loading.tokenizer import load_tokenizer
     from minilora.loading.weights import load_model
@@ -70,9 +78,9 @@ def main() -> None:
     from minilora.lora.peft_files import load_adapter
     from minilora.serve_http import make_server
     RESULTS.mkdir(exist_ok=True)
-    paths = adapters(RESULTS / "serve_adapters", args.adapters)
+    paths = adapters(RESULTS / f"serve_adapters_{args.asset}", args.adapters, args.asset)
     names = [f"adapter{i}" for i in range(args.adapters)]
-    model, tokenizer = load_model(assets.smollm2()), load_tokenizer(assets.smollm2())
+    model, tokenizer = load_model(source(args.asset)), load_tokenizer(source(args.asset))
     for name, path in zip(names, paths):
         load_adapter(model, path, adapter_name=name)
     model.eval()
@@ -110,14 +118,14 @@ def main() -> None:
     batch = {"mixed batch": (mixed_s, tokens(mixed)), "one adapter at a time": (single_s, tokens(single)),
              "merged model per adapter (generation only)": (merged_s, tokens(merged_out)),
              "merged model per adapter (with merge/unmerge)": (merged_total, tokens(merged_out))}
-    print(f"SmolLM2-135M-Instruct, {args.adapters} adapters, {args.prompts} prompts x {n} greedy tokens, "
+    print(f"{MODELS[args.asset]}, {args.adapters} adapters, {args.prompts} prompts x {n} greedy tokens, "
           f"{torch.get_num_threads()} threads")
     print(f"| {'how':<46} | seconds | tokens/s |")
     print("|---|---:|---:|")
     for how, (s, t) in batch.items():
         print(f"| {how:<46} | {s:7.2f} | {t / s:8.1f} |")
 
-    server = make_server(model, tokenizer, "smollm2", port=0)
+    server = make_server(model, tokenizer, args.asset, port=0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_port}/v1", api_key="none", max_retries=0,
                            timeout=600)
@@ -139,8 +147,8 @@ def main() -> None:
         levels[level] = dict(seconds=s, requests_per_s=args.requests / s, tokens_per_s=sum(counts) / s, mean_batch=mean)
         print(f"| {level} | {args.requests / s:.2f} | {sum(counts) / s:.1f} | {mean:.1f} |")
     server.shutdown()
-    (RESULTS / "serve_throughput.json").write_text(json.dumps(dict(
-        adapters=args.adapters, prompts=args.prompts, new_tokens=n, threads=torch.get_num_threads(),
+    (RESULTS / f"serve_throughput_{args.asset}.json").write_text(json.dumps(dict(
+        model=MODELS[args.asset], adapters=args.adapters, prompts=args.prompts, new_tokens=n, threads=torch.get_num_threads(),
         batch={k: dict(seconds=s, tokens=t, tokens_per_s=t / s) for k, (s, t) in batch.items()}, server=levels,
         torch=torch.__version__), indent=2) + "\n")
 

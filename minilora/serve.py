@@ -10,188 +10,27 @@ A request's "model" picks the adapter (the base's name: no adapter); "temperatur
 default, as OpenAI's), "top_p", "max_tokens" (16 by default for completions, as OpenAI's; for chat,
 what the context leaves, at most 256), "stop" (up to 4 strings), "seed".
 
-Batching (the policy): one engine thread owns the model. It takes the oldest waiting request, waits
-up to `batch_wait` seconds (10 ms by default) for more, and runs together those that can share a
-generation: the same end-of-turn ids (completions end at EOS, chat turns at the template's end
-token) and the same sampling (all greedy ones together; sampled ones by equal temperature and top_p;
-one with a seed alone, so that its seed reproduces), at most `max_batch` of them, each row through its
-own adapter (lora/mixed.py) with the KV cache. A row ends at its own max_tokens or stop string; the
-batch runs until its last row ends. Loading and unloading adapters run on the same thread, between
-batches. Errors are OpenAI's JSON ({"error": {"message", "type", "param", "code"}}) with its statuses:
-an unknown model 404, a missing field or bad value 400, a prompt beyond the context 400, a wrong API
-key 401. One line is logged per request. A client that goes away mid-stream has its row ended.
+Batching: serve_engine.py's engine thread owns the model and runs continuous batches, rows of different
+adapters side by side (the policy is stated there). Errors are OpenAI's JSON ({"error": {"message",
+"type", "param", "code"}}) with its statuses: an unknown model 404, a missing field or bad value 400, a
+prompt beyond the context 400, a wrong API key 401. One line is logged per request. A client that goes
+away mid-stream has its row ended.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
-
-import torch
-import torch.nn as nn
 
 from .data.chat import end_of_turn_ids
 from .errors import CheckpointError, ConfigError, DataError
-from .generate import generate_ids
 from .lora.adapters import delete_adapter, set_adapter
 from .lora.config import lora_state
 from .lora.inject import remove_lora
 from .lora.mixed import BASE
 from .lora.peft_files import load_adapter
+from .serve_engine import Engine, Job, RequestError
 
-
-class RequestError(Exception):
-    """A request the server refuses: its HTTP status and OpenAI's error fields."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.status, self.param, self.code, self.kind = status, param, code, kind
-
-    def body(self) -> dict:
-        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
-
-
-@dataclass
-class Job:
-    """One request's generation: what it asks, and the events its handler reads (deltas, then the end)."""
-    adapter: str
-    prompt: list[int]
-    eos: tuple[int, ...]
-    max_tokens: int
-    temperature: float
-    top_p: float
-    seed: int | None
-    stop: list[str]
-    stream: bool = False      # deltas as they come (else the text once, at the end)
-    events: queue.Queue = field(default_factory=queue.Queue)
-    cancelled: bool = False
-    sent: int = 0             # characters of the text already sent as deltas
-    ids: list[int] = field(default_factory=list)
-
-    def key(self) -> tuple:
-        """Jobs with equal keys share a batch (the policy above)."""
-        if self.temperature == 0:
-            return self.eos, 0.0
-        return self.eos, self.temperature, self.top_p, id(self) if self.seed is not None else None
-
-
-class Engine:
-    """The thread that owns the model: batches of jobs, and adapter loads/unloads between them."""
-
-    def __init__(self, model: nn.Module, tokenizer, base_name: str, max_batch: int = 32,
-                 batch_wait: float = 0.01) -> None:
-        self.model, self.tokenizer, self.base_name = model.eval(), tokenizer, base_name
-        self.max_batch, self.batch_wait = max_batch, batch_wait
-        self.inbox: queue.Queue = queue.Queue()
-        self.batch_log: list[list[str]] | None = None  # set to a list to record each batch's adapters
-        self.context = getattr(model, "max_length", None) or 2048
-        self.thread = threading.Thread(target=self._loop, name="minilora-engine", daemon=True)
-        self.thread.start()
-
-    def adapters(self) -> list[str]:
-        state = lora_state(self.model)
-        return list(state.adapters) if state is not None else []
-
-    def control(self, fn: Callable[[], Any]) -> Any:
-        """Run fn on the engine thread, between batches; its result (or its exception) comes back."""
-        done: queue.Queue = queue.Queue()
-        self.inbox.put(("control", fn, done))
-        ok, value = done.get()
-        if not ok:
-            raise value
-        return value
-
-    def submit(self, job: Job) -> None:
-        self.inbox.put(("job", job))
-
-    def _loop(self) -> None:
-        waiting: list[Job] = []
-        while True:
-            item = self.inbox.get() if not waiting else None
-            items = [item] if item is not None else []
-            deadline = time.monotonic() + self.batch_wait
-            while True:  # what else arrives within the wait
-                try:
-                    items.append(self.inbox.get(timeout=max(0.0, deadline - time.monotonic())))
-                except queue.Empty:
-                    break
-            for it in items:
-                if it[0] == "control":
-                    _, fn, done = it
-                    try:
-                        done.put((True, fn()))
-                    except Exception as e:  # noqa: BLE001 (it goes back to the request that asked)
-                        done.put((False, e))
-                else:
-                    waiting.append(it[1])
-            known = set(self.adapters())
-            for job in [j for j in waiting if j.adapter != BASE and j.adapter not in known]:  # unloaded meanwhile
-                job.events.put(("error", RequestError(404, f"The model `{job.adapter}` does not exist", param="model",
-                                                      code="model_not_found")))
-            waiting = [j for j in waiting if not j.cancelled and (j.adapter == BASE or j.adapter in known)]
-            if not waiting:
-                continue
-            key = waiting[0].key()
-            batch = [j for j in waiting if j.key() == key][:self.max_batch]
-            waiting = [j for j in waiting if j not in batch]
-            self._run(batch)
-
-    def _run(self, batch: list[Job]) -> None:
-        first = batch[0]
-        if self.batch_log is not None:
-            self.batch_log.append([j.adapter for j in batch])
-        names = [j.adapter for j in batch] if lora_state(self.model) is not None else None
-        decode = self.tokenizer.decode
-
-        def stop_check(row: int, ids: list[int]) -> bool:
-            job = batch[row]
-            job.ids = list(ids)
-            text = decode(ids)
-            cut = _cut_at_stop(text, job.stop)
-            if cut is not None:
-                _send(job, cut, final=True)
-                return True
-            if job.stream:  # a non-streaming request's handler is woken once, at the end: each wake costs
-                _send(job, text, final=False)  # the engine the GIL (up to 5 ms a switch, per row per token)
-            return job.cancelled or len(ids) >= job.max_tokens
-        try:
-            with torch.no_grad():
-                new = generate_ids(self.model, [j.prompt for j in batch], list(first.eos),
-                                   self.tokenizer.pad_token_id or 0, max(j.max_tokens for j in batch),
-                                   first.temperature, None, first.top_p if first.temperature else None,
-                                   seed=first.seed, stop_check=stop_check, adapter_names=names)
-        except (ConfigError, DataError, RuntimeError) as e:
-            for job in batch:
-                job.events.put(("error", RequestError(500, f"generation failed: {e}", kind="server_error")))
-            return
-        for job, ids in zip(batch, new):
-            text = decode(ids)
-            cut = _cut_at_stop(text, job.stop)
-            length = cut is None and len(ids) >= job.max_tokens
-            _send(job, text if cut is None else cut, final=True)
-            job.events.put(("done", "length" if length else "stop", len(ids)))
-
-
-def _cut_at_stop(text: str, stop: list[str]) -> str | None:
-    """The text before the first stop string in it, or None."""
-    hits = [text.index(s) for s in stop if s in text]
-    return text[:min(hits)] if hits else None
-
-
-def _send(job: Job, text: str, final: bool) -> None:
-    """Send the part of `text` not sent yet, holding back (unless final) what may still turn out to be a
-    stop string's start or half of a character (the decoder's U+FFFD)."""
-    hold = 0 if final else max((len(s) - 1 for s in job.stop), default=0)
-    if not final and text.endswith("\ufffd"):
-        hold = max(hold, len(text) - len(text.rstrip("\ufffd")))
-    ready = text[:len(text) - hold] if hold else text
-    if len(ready) > job.sent:
-        job.events.put(("delta", ready[job.sent:]))
-        job.sent = len(ready)
+__all__ = ["Engine", "Job", "RequestError", "Service"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -119,6 +119,70 @@ def test_32_concurrent_clients_get_their_own_adapter_s_text_in_mixed_batches(ser
     assert mixed and max(len(b) for b in engine.batch_log) >= 4  # rows of different adapters shared batches
 
 
+def _long_prompt(served, n):
+    """A prompt whose greedy completion under adapter a runs all n tokens (no EOS before)."""
+    tok = served["tokenizer"]
+    for prompt in PROMPTS:
+        if len(tok.encode(alone(served, "a", prompt, n))) >= n - 2:
+            return prompt
+    pytest.skip("no prompt runs long enough on this tiny model")
+
+
+def _stream_in_background(served, prompt, n):
+    """A streaming greedy request for adapter a in a thread: (thread, its text so far as a list of deltas)."""
+    deltas: list[str] = []
+
+    def run():
+        for part in client(served).completions.create(model="a", prompt=prompt, max_tokens=n, temperature=0,
+                                                      stream=True):
+            deltas.append(part.choices[0].text)
+    thread = threading.Thread(target=run)
+    thread.start()
+    while not deltas and thread.is_alive():
+        time.sleep(0.005)
+    return thread, deltas
+
+
+def test_a_request_joins_a_running_batch_at_the_next_step(served):
+    """Continuous batching: a short request that arrives while a long one generates joins its batch (its prompt
+    prefilled alone, its cache laid beside the other's, left-padded) and returns before the long one ends;
+    both texts equal generate() alone."""
+    engine, n = served["engine"], 60
+    prompt = _long_prompt(served, n)
+    engine.batch_log = []
+    thread, deltas = _stream_in_background(served, prompt, n)
+    short = client(served).completions.create(model="b", prompt=PROMPTS[3], max_tokens=3, temperature=0).choices[0].text
+    assert thread.is_alive(), "the short request waited for the long one to end"
+    thread.join()
+    assert short == alone(served, "b", PROMPTS[3], 3)
+    assert "".join(deltas) == alone(served, "a", prompt, n)
+    steps = engine.batch_log
+    first_b = next(i for i, s in enumerate(steps) if "b" in s)
+    assert first_b > 0 and steps[first_b] == ["b"] and steps[first_b + 1] == ["a", "b"], steps[:first_b + 2]
+    assert steps[-1] == ["a"]  # b left when it ended; a ran on alone
+
+
+def test_a_waiting_request_of_another_sampling_is_not_overtaken(served):
+    """First come, first served across batch keys: a sampled request waits for the running greedy batch to
+    drain, and a greedy one that came after it does not join that batch meanwhile."""
+    engine, n = served["engine"], 40
+    prompt = _long_prompt(served, n)
+    engine.batch_log = []
+    thread, _ = _stream_in_background(served, prompt, n)
+    c = client(served)
+    with ThreadPoolExecutor(2) as pool:
+        sampled = pool.submit(c.completions.create, model="b", prompt=PROMPTS[0], max_tokens=3, temperature=1.0)
+        time.sleep(0.3)
+        greedy = pool.submit(c.completions.create, model="tiny", prompt=PROMPTS[1], max_tokens=3, temperature=0)
+        sampled.result(), greedy.result()
+    thread.join()
+    steps = engine.batch_log
+    with_b = [i for i, s in enumerate(steps) if "b" in s]
+    with_base = [i for i, s in enumerate(steps) if "__base__" in s]
+    assert with_b and with_base and max(with_b) < min(with_base), steps
+    assert all(s == ["a"] for s in steps[:min(with_b)]) and all(s == ["b"] for s in steps if "b" in s)
+
+
 def test_adapters_load_and_unload_while_serving(served):
     c = client(served)
     post = lambda path, body: c.post(path, body=body, cast_to=str)  # noqa: E731
