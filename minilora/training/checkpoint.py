@@ -10,7 +10,9 @@ trainer_state.json (the step, the best metric so far, and the run's fingerprint)
 temporary folder and renamed into place, trainer_state.json last, so a folder with its final name is
 complete: a crash at any moment leaves the previous checkpoint loadable. Resuming restores all of it,
 and refuses a checkpoint whose fingerprint (batch sizes, schedule, seed, data size...) differs from the
-run's, since the loss curve would then not continue.
+run's, since the loss curve would then not continue. Under FSDP (fsdp.py) the adapter is gathered whole
+and each rank's optimizer slice is a file of its own, in the same atomic folder: such a checkpoint is
+resumed by an FSDP run of the same number of processes only.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from ..formats.atomic import make_folder, recover, write_atomically
 from ..formats.paths import read_json
 from ..lora.config import lora_state
 from ..lora.peft_files import load_adapter, write_adapter_files
-from . import distributed
+from . import distributed, fsdp
 
 STATE_FILE = "trainer_state.json"
 METRICS_FILE = "metrics.jsonl"
@@ -134,28 +136,53 @@ def run_fingerprint(config: Any, model: nn.Module, train_data: list, total_steps
                loraplus_lr_embedding=config.loraplus_lr_embedding,
                bf16=bf16, processes=distributed.rank_and_world()[1], n_train=len(train_data),
                data=data.hexdigest()[:16], **{f"lora.{k}": v for k, v in
-                                              (dataclasses.asdict(lora) if lora is not None else {}).items()})
+                                              (dataclasses.asdict(lora) if lora is not None else {}).items()},
+               **({"fsdp": True} if getattr(config, "fsdp", False) else {}))  # absent without: old ones match
     return json.loads(json.dumps(run))
 
 
 def save_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, state: dict[str, Any]) -> Path:
-    """Called on every rank: rank 0 writes the folder, with every rank's RNG state (dropout differs by rank)."""
+    """Called on every rank: rank 0 writes the folder, with every rank's RNG state (dropout differs by rank).
+    Under FSDP (fsdp.py) the adapter is gathered whole, and each rank's optimizer slice has its own file."""
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     ranks = distributed.gather_objects(rng)
-    if not distributed.is_main():
-        return folder
+    optimizers = {"optimizer.pt": optimizer.state_dict()} if not fsdp.is_sharded(model) else \
+        {optimizer_file(r): s for r, s in enumerate(distributed.gather_to_main(fsdp.optimizer_shard(optimizer)) or [])}
+    with fsdp.whole_adapter(model):  # (FSDP) on every rank
+        if not distributed.is_main():
+            return folder
 
-    def write(tmp: Path) -> None:
-        write_adapter_files(tmp, model)
-        for name, obj in (("optimizer.pt", optimizer.state_dict()), ("scheduler.pt", scheduler.state_dict()),
-                          ("rng.pt", {**rng, "ranks": ranks} if len(ranks) > 1 else rng)):
-            buffer = io.BytesIO()  # serialised in memory, written by Python: a full disk is an OSError naming the file
-            torch.save(obj, buffer)
-            (tmp / name).write_bytes(buffer.getvalue())
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")  # written last
-    return write_atomically(folder, write)
+        def write(tmp: Path) -> None:
+            write_adapter_files(tmp, model)
+            for name, obj in (*optimizers.items(), ("scheduler.pt", scheduler.state_dict()),
+                              ("rng.pt", {**rng, "ranks": ranks} if len(ranks) > 1 else rng)):
+                buffer = io.BytesIO()  # serialised in memory, written by Python: a full disk is an OSError naming it
+                torch.save(obj, buffer)
+                (tmp / name).write_bytes(buffer.getvalue())
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")  # written last
+        return write_atomically(folder, write)
+
+
+def optimizer_file(rank: int | None = None) -> str:
+    """optimizer.pt, or under FSDP rank r's slice of it: optimizer-rank<r>.pt."""
+    return "optimizer.pt" if rank is None else f"optimizer-rank{rank}.pt"
+
+
+def _refuse_another_layout(folder: Path, saved: dict[str, Any], expected: dict[str, Any]) -> None:
+    """An FSDP checkpoint holds one optimizer slice per rank, cut for its number of processes: resumed
+    by that number only, and by an FSDP run only (and a data-parallel one by a data-parallel run)."""
+    file, was, now = folder / STATE_FILE, saved.get("processes"), expected.get("processes")
+    if bool(saved.get("fsdp")) != bool(expected.get("fsdp")):
+        kind = ("an FSDP run (one optimizer slice per rank)", "fsdp = false") if saved.get("fsdp") else \
+            ("a run without FSDP (one optimizer state for all ranks)", "fsdp = true")
+        raise CheckpointError(f"{file}: written by {kind[0]}, but this run has {kind[1]}; resume it with the "
+                              "setting it was written with")
+    if saved.get("fsdp") and was != now:
+        raise CheckpointError(f"{file}: written by an FSDP run of {was} processes, but this run has {now}: each "
+                              f"rank's optimizer state is a slice cut for {was} (optimizer-rank0.pt ...), so resume "
+                              f"it with {was} processes (torchrun --nnodes x --nproc_per_node = {was})")
 
 
 def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, expected: dict[str, Any]) -> dict[str, Any]:
@@ -166,6 +193,7 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, expect
     step = state.get("step")
     if not isinstance(saved, dict) or isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise CheckpointError(f"{folder / STATE_FILE}: expected a non-negative integer \"step\" and a \"run\" object")
+    _refuse_another_layout(folder, saved, expected)
     wrong = [f"{k}: " + (f"checkpoint {saved[k]!r} vs now {v!r}" if k in saved else "not recorded in the checkpoint")
              for k, v in expected.items() if saved.get(k) != v]
     if wrong:
@@ -177,15 +205,19 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, expect
         value = state.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value)):
             raise CheckpointError(f"{folder / STATE_FILE}: {key} is {value!r}, expected a finite number or null")
-    optimizer_state, scheduler_state, rng = (_read(folder, name) for name in ("optimizer.pt", "scheduler.pt", "rng.pt"))
     rank = distributed.rank_and_world()[0]
+    mine = optimizer_file(rank if expected.get("fsdp") else None)
+    optimizer_state, scheduler_state, rng = (_read(folder, name) for name in (mine, "scheduler.pt", "rng.pt"))
+    if expected.get("fsdp"):  # this rank's slices, made DTensors again: checked below as the parameters
+        optimizer_state = fsdp.as_sharded(optimizer, optimizer_state, folder / mine)
     rng = rng.get("ranks", [rng])[rank] if isinstance(rng, dict) and len(rng.get("ranks", [rng])) > rank else None
     if not (isinstance(rng, dict) and isinstance(rng.get("cpu"), torch.Tensor) and rng["cpu"].dtype == torch.uint8
             and rng["cpu"].shape == torch.get_rng_state().shape):
         raise CheckpointError(f"{folder / 'rng.pt'}: not the random-number state of this run's rank {rank} "
                               f"(expected a uint8 tensor of {torch.get_rng_state().numel()} bytes under 'cpu')")
     _check_states(folder, optimizer, optimizer_state, scheduler_state, step, expected)
-    load_adapter(model, folder)
+    with fsdp.whole_adapter(model):  # (FSDP) every rank loads it whole, then keeps its slices
+        load_adapter(model, folder)
     try:
         optimizer.load_state_dict(optimizer_state)
         scheduler.load_state_dict(scheduler_state)
@@ -202,7 +234,7 @@ def _check_states(folder: Path, optimizer, optimizer_state: Any, scheduler_state
     """The optimizer state is this run's: moments of the parameters' shapes, counted to the checkpoint's
     step, and the run's lr, betas and weight decay; the scheduler is at the step, from the run's lr."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    file = folder / "optimizer.pt"
+    file = folder / optimizer_file(distributed.rank_and_world()[0] if run.get("fsdp") else None)
     try:
         for i, moments in optimizer_state["state"].items():
             for key, value in moments.items():

@@ -43,6 +43,7 @@ class TrainConfig:
     load_best_at_end: bool = False
     bf16: bool | str = False              # bf16 autocast: true, false, or "auto" (on where bf16 products are fast)
     gradient_checkpointing: bool = False
+    fsdp: bool = False                    # under torchrun: FSDP2, the frozen base sharded over the ranks (fsdp.py)
     seed: int = 42
     log_every: int = 1
     progress: bool = True
@@ -123,6 +124,9 @@ class TrainConfig:
             raise ConfigError("early_stopping_patience must be a positive number of evaluations, and needs best_metric "
                               f"(e.g. 'eval_loss'); got {self.early_stopping_patience!r}")
         self._check_the_objective()
+        if self.fsdp:
+            from .fsdp import refuse_without_torchrun
+            refuse_without_torchrun()
 
     def _check_the_optimizer(self) -> None:
         """optim, and LoRA+'s ratio and embedding rate (peft's names), where they mean something."""

@@ -109,6 +109,16 @@ def gather_objects(obj):
     return out
 
 
+def gather_to_main(obj):
+    """[obj of rank 0, obj of rank 1, ...] on rank 0, None on the others (what rank 0 alone writes)."""
+    _, world = rank_and_world()
+    if world == 1:
+        return [obj]
+    out = [None] * world if is_main() else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
 def barrier() -> None:
     if rank_and_world()[1] > 1:
         dist.barrier()

@@ -14,7 +14,8 @@ takes to find the next batch again. A checkpoint holds the adapter, the optimize
 the RNG state and the step (checkpoint.py): resuming from one continues the very same loss curve.
 
 Under torchrun the same function trains data-parallel (see distributed.py): each rank runs its share
-of every step's micro-batches, the gradient sums meet in one all-reduce, rank 0 alone writes.
+of every step's micro-batches, the gradient sums meet in one all-reduce, rank 0 alone writes. With
+fsdp = true the frozen base is sharded over the ranks as well (fsdp.py), to the same results.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from ..data.records import Example
 from ..errors import CheckpointError, ConfigError, TrainingError
 from ..kernels import frozen_weights_in
 from ..lora.peft_files import load_adapter, save_adapter
-from . import distributed
+from . import distributed, fsdp
 from .checkpoint import (
     MetricsLog,
     checkpoint_folders,
@@ -95,14 +96,17 @@ def train(model: nn.Module, tokenizer, train_data: list[Example], eval_data: lis
     if objective is None:
         objective = objective_for(train_data, loss_fn, cfg)
     refuse_what_would_go_wrong(model, train_data, eval_data, cfg, pad_id, objective, evaluate_fn is not None)
+    fsdp.refuse_what_cannot_shard(model, cfg, objective)
     if isinstance(objective, PreferenceObjective):  # the reference adapter, its log-probs: before the optimizer
         objective.prepare(model, [train_data, eval_data or []], pad_id, cfg.micro_batch_size,
                           hardware.use_bf16(cfg.bf16, next(model.parameters()).device))
     with contextlib.ExitStack() as held:  # the output folder and what the loop changes, until train returns
         run = _setup(model, train_data, cfg, held, getattr(objective, "completions_per_prompt", 1))
         if evaluate_fn is None and eval_data:
+            shares = fsdp.with_empty_rows(eval_data, run.world) if cfg.fsdp else eval_data  # as many passes per rank
+
             def evaluate_fn(m: nn.Module) -> dict[str, float]:
-                return objective.evaluate(m, eval_data, pad_id, cfg.micro_batch_size, run.bf16)
+                return objective.evaluate(m, shares, pad_id, cfg.micro_batch_size, run.bf16)
         _resume(run)
         _open_logs(run)
         if cfg.eval_at_start and evaluate_fn is not None and run.step == 0:
@@ -191,6 +195,7 @@ def _setup(model: nn.Module, train_data: list[Example], cfg: TrainConfig, held: 
     torch.manual_seed(cfg.seed + rank)  # dropout masks differ between ranks
     distributed.broadcast_from_main(params)  # every rank starts from rank 0's LoRA initialisation
     freeze_for(model, cfg)  # LoRA-FA: A stays as it starts (the same on every rank, from just above)
+    fsdp.shard(model, cfg, bf16)  # with fsdp = true: from here on, each rank holds a slice of every weight
     params = [p for p in model.parameters() if p.requires_grad]
     steps_per_epoch = math.ceil(len(train_data) / (cfg.batch_size // per_row))
     total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
@@ -247,7 +252,7 @@ def _start_training(run: _Run, held: contextlib.ExitStack) -> None:
     """Training mode, gradient checkpointing, bf16 frozen weights and the progress bar, until train returns."""
     set_gradient_checkpointing(run.model, run.cfg.gradient_checkpointing)
     run.model.train()
-    if run.bf16:  # the frozen linear weights cast to bf16 once, not per micro-batch
+    if run.bf16 and not run.cfg.fsdp:  # the frozen linear weights cast to bf16 once (FSDP: once a gather)
         held.enter_context(frozen_weights_in(run.model, torch.bfloat16))
     run.progress = progress_bar(run.cfg.progress and run.main, run.total_steps, run.step)
     if run.progress is not None:
@@ -282,15 +287,15 @@ def _one_step(run: _Run, train_data: list[Example], objective: Objective, pad_id
         step_metrics["time/generation"] = time.perf_counter() - started
     else:
         micro = batches(train_data, order, cfg.micro_batch_size, pad_id, run.device, cfg.pad_to,
-                        shard=(run.rank, run.world))
-    loss, count, metrics = accumulate(run.model, micro, objective, run.bf16,
-                                      None if run.progress is None else micro_batch_done(run.progress, len(micro)))
+                        shard=(0, 1) if cfg.fsdp else (run.rank, run.world))  # FSDP takes its share itself
+    loss, count, metrics = (fsdp.accumulate if cfg.fsdp else accumulate)(
+        run.model, micro, objective, run.bf16, None if run.progress is None else micro_batch_done(run.progress, len(micro)))
     metrics.update(step_metrics)
     if step_metrics:
         metrics["time/training"] = time.perf_counter() - started - step_metrics["time/generation"]
     if not math.isfinite(loss):
         raise TrainingError(f"step {run.step + 1}: the loss is {loss}; training stopped. {_last_good(run)}")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm or float("inf")))
+    grad_norm = fsdp.clip_grad_norm(run.params, cfg.max_grad_norm or float("inf"))  # over every rank's slices
     if not math.isfinite(grad_norm):  # the weights are left as the last step made them
         raise TrainingError(f"step {run.step + 1}: the gradient's norm is {grad_norm} (the loss, {loss:.4g}, is "
                             f"finite); training stopped before the update.{_half_hint(run)} {_last_good(run)}")
@@ -355,8 +360,9 @@ def _evaluate_and_keep_the_best(run: _Run, evaluate_fn: Callable[[nn.Module], di
         run.since_best += 1
         if _better(metric, scores[metric], result.best_metric):
             result.best_metric, result.best_step, run.since_best = scores[metric], run.step, 0
-            if run.main:
-                save_adapter(run.model, run.out / "best", extra={"best_step": run.step, metric: result.best_metric})
+            with fsdp.whole_adapter(run.model):  # (FSDP) gathered on every rank, saved by rank 0
+                if run.main:
+                    save_adapter(run.model, run.out / "best", extra={"best_step": run.step, metric: result.best_metric})
 
 
 def _save_checkpoint(run: _Run) -> None:
@@ -371,12 +377,14 @@ def _end_of_run(run: _Run) -> None:
     """A finished run (not one stopped on request) saves its adapter (the best, with load_best_at_end) and plots."""
     distributed.barrier()  # rank 0's files are complete before any rank reads them or returns
     if not run.result.stopped_early:
-        if run.cfg.load_best_at_end and run.result.best_step is not None:
-            load_adapter(run.model, run.out / "best")
-        run.result.adapter_dir = save_adapter(run.model, run.out / "adapter") if run.main else run.out / "adapter"
+        with fsdp.whole_adapter(run.model):
+            if run.cfg.load_best_at_end and run.result.best_step is not None:
+                load_adapter(run.model, run.out / "best")
+            run.result.adapter_dir = save_adapter(run.model, run.out / "adapter") if run.main else run.out / "adapter"
         if run.main:
             plot_at_end(run.out, run.result.adapter_dir)  # loss.svg (and .png): a plot never fails the run
         distributed.barrier()
+    fsdp.gather_for_the_caller(run.model)  # (FSDP) as the caller handed it: whole, on every rank
     run.model.eval()
 
 

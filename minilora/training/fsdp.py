@@ -1,0 +1,262 @@
+"""Fully sharded data parallelism (TrainConfig.fsdp): PyTorch's own FSDP2 (`fully_shard`) around LoRA.
+
+Data parallelism (distributed.py) keeps the whole frozen model on every rank; for a base bigger than
+one device that is the limit. Under FSDP2 each rank keeps only its 1/N slice (along the first dim) of
+every weight, the frozen base's included. Each transformer block is its own unit: just before its
+forward (and again before its backward) its slices are all-gathered into whole weights, which are
+dropped again right after; the root unit holds what lies outside the blocks (the embeddings, the last
+norm, the head). The frozen base is thereby gathered but never reduced: only the LoRA parameters have
+gradients, which FSDP reduce-scatters, so each rank ends a step holding the gradient slice of its own
+parameter slices, and AdamW updates those slices alone (its moments are sharded alike).
+
+What stays as in the data-parallel path, so that a run equals one process running the whole batch:
+  - the gradients are summed over the ranks (FSDP's divide factor set to 1, and sums only, which gloo
+    needs) and divided once by the target count of the whole step, not averaged per rank;
+  - the reduce-scatter runs once a step, after the last micro-batch (`set_requires_gradient_sync`);
+  - the clipping norm is the norm of the whole gradient, over every rank's slices.
+Every rank must take part in every all-gather: so every rank runs the same number of forward passes
+in a step (a rank short of micro-batches runs a stand-in whose loss counts zero times) and in an
+evaluation (the evaluation set is padded with rows that have no target).
+
+The adapter is saved from whole tensors (each gathered with DTensor.full_tensor(), LoRA only, never
+the base), by rank 0, in PEFT's format: the same file a single process writes. A checkpoint holds
+every rank's optimizer slice, one file each (optimizer-rank<r>.pt), so it resumes only under the same
+number of processes (checkpoint.py refuses any other, by name).
+
+With bf16, a mixed-precision policy gathers the weights in bf16 (half the traffic; the frozen weights
+are cast once per gather, not per matmul) and reduces gradients in fp32 into the fp32 LoRA slices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn as nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from ..data.records import IGNORE, Example
+from ..errors import CheckpointError, ConfigError
+from ..lora.layers import is_adapter_tensor
+from ..quant.base import QuantizedLinear
+from . import distributed
+
+LAUNCH = "torchrun --nproc_per_node N -m minilora train RECIPE (several machines: --nnodes, --node_rank, " \
+         "--rdzv_backend c10d --rdzv_endpoint HOST:PORT)"
+
+
+def refuse_without_torchrun() -> None:
+    """fsdp = true in one process: named when the config is made, before anything loads."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        raise ConfigError(f"fsdp = true shards the model over several processes, but this is one process "
+                          f"(WORLD_SIZE is {os.environ.get('WORLD_SIZE', 'unset')}): launch it with {LAUNCH}; "
+                          "or set fsdp = false")
+
+
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks: those the model runs one by one through models.common.run_blocks, in the
+    ModuleList of each module that offers gradient checkpointing (the flag run_blocks is called with)."""
+    return [block for m in model.modules() if hasattr(m, "gradient_checkpointing")
+            for child in m.children() if isinstance(child, nn.ModuleList) for block in child]
+
+
+def refuse_what_cannot_shard(model: nn.Module, cfg, objective: Any) -> None:
+    """What fsdp = true cannot train (yet), named before the model is sharded or anything written."""
+    from .objectives import CausalLM
+    if not cfg.fsdp:
+        return
+    if not blocks(model):
+        raise ConfigError(f"fsdp = true: {type(model).__name__} has no transformer blocks to shard (FSDP shards the "
+                          "blocks that a model runs through models.common.run_blocks, a ModuleList beside a "
+                          "gradient_checkpointing flag; the encoders have none): train it with fsdp = false")
+    quantized = [n for n, m in model.named_modules()
+                 if isinstance(m, QuantizedLinear) or getattr(m, "quantized", None) is not None]
+    if quantized:
+        raise ConfigError(f"fsdp = true with a quantized base ({quantized[0]}, ...): FSDP shards parameters, and "
+                          "packed weights are buffers it would copy to every rank whole; load the base in floating "
+                          "point (no load_in_8bit, load_in_4bit, keep_quantized) or set fsdp = false")
+    if not isinstance(objective, CausalLM):
+        raise ConfigError(f"fsdp = true trains language modelling (objective causal_lm) for now, not "
+                          f"{type(objective).__name__}: its reference passes and rollouts run a different number "
+                          "of forward passes on each rank, and under FSDP every rank must take part in each; "
+                          "set fsdp = false")
+    if cfg.optim == "lorafa":
+        raise ConfigError("fsdp = true with optim \"lorafa\": LoRA-FA projects B's gradient through the whole A, "
+                          "which FSDP holds in slices; use optim \"adamw_torch\" or fsdp = false")
+    if not distributed.rank_and_world()[1] > 1:
+        raise ConfigError(f"fsdp = true, but torch.distributed holds no process group of several ranks: launch "
+                          f"with {LAUNCH}, and in a script of your own call distributed.init_from_env(device) "
+                          "before train()")
+
+
+def shard(model: nn.Module, cfg, bf16: bool) -> None:
+    """With cfg.fsdp: fully_shard each block, then the root (what lies outside the blocks); gradients are
+    summed, not averaged, over the ranks."""
+    if not cfg.fsdp:
+        return
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+        else MixedPrecisionPolicy()
+    for p in model.parameters():  # GPT-2's Conv1D weights are transposed views; FSDP slices rows of storage
+        if not p.is_contiguous():
+            p.data = p.data.contiguous()
+    for block in blocks(model):
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    if hasattr(model, "hidden_states"):  # the fused head loss calls it in place of forward: gather there too
+        register_fsdp_forward_method(model, "hidden_states")
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)  # gloo has no pre-multiplied sum; 1 needs none
+            m.set_force_sum_reduction_for_comms(True)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+def accumulate(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]], objective: Any, bf16: bool = False,
+               done: Callable[[int], None] | None = None) -> tuple[float, int, dict[str, float]]:
+    """gradients.accumulate under FSDP, handed all the step's micro-batches: this rank runs micro-batches
+    rank, rank + N, ...; every rank makes the same number of passes (a rank short of one runs the first
+    micro-batch again, its loss times zero), gradients are reduce-scattered after the last, and the
+    summed gradient, loss and metrics are divided by the whole step's count."""
+    from .gradients import _check_what_loss_returned, _tokens
+    rank, world = distributed.rank_and_world()
+    mine, turns = micro_batches[rank::world], math.ceil(len(micro_batches) / world)
+    device = next(model.parameters()).device
+    total, count, sums = 0.0, 0, dict.fromkeys(objective.metrics, 0.0)
+    for i in range(turns):
+        model.set_requires_gradient_sync(i == turns - 1)
+        batch = mine[i] if i < len(mine) else micro_batches[0]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss, n, metrics = objective.loss(model, batch)
+        _check_what_loss_returned(objective, loss, n, metrics, sums)
+        if i >= len(mine):  # a stand-in: its all-gathers pair with the other ranks', its gradient is zero
+            (loss * 0.0).backward()
+            continue
+        loss.backward()
+        total, count = total + float(loss.detach()), count + n
+        for name, value in metrics.items():
+            sums[name] += float(value)
+        if done is not None:
+            done(_tokens(batch))
+    for _ in range(len(micro_batches) - len(mine)) if done is not None else ():
+        done(0)  # the other ranks' micro-batches: the bar moves a whole step
+    summed = torch.tensor([total, count, *sums.values()], dtype=torch.float64, device=device)
+    distributed.sum_across_ranks([summed])
+    total, count = float(summed[0]), int(round(float(summed[1])))
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.div_(max(count, 1))
+    return total / max(count, 1), count, {name: float(v) / max(count, 1) for name, v in zip(sums, summed[2:])}
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
+    """clip_grad_norm_ for plain or sharded gradients: the norm of the whole gradient over every rank's
+    slices (a sharded norm is a partial one until reduced), each gradient scaled by the same factor."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return float(norm)
+
+
+def with_empty_rows(data: list[Example], world: int) -> list[Example]:
+    """The evaluation set padded to a multiple of `world` with rows that have no target (they add 0 to
+    the loss and its count): every rank then evaluates as many batches as every other."""
+    extra = -len(data) % world
+    return data + [Example(data[0].input_ids, [IGNORE] * len(data[0].input_ids)) for _ in range(extra)]
+
+
+def _adapter_params(model: nn.Module) -> dict[int, nn.Parameter]:
+    """{id: parameter} of what an adapter file holds: LoRA's tensors and whatever trains (modules_to_save)."""
+    return {id(p): p for n, p in model.named_parameters(remove_duplicate=False)
+            if isinstance(p, DTensor) and (p.requires_grad or is_adapter_tensor(n))}
+
+
+@contextlib.contextmanager
+def whole_adapter(model: nn.Module) -> Iterator[None]:
+    """While the block runs (entered on every rank), the adapter's parameters are whole tensors (the
+    frozen base stays sharded), so the adapter code reads and writes them as in one process: saving one
+    (rank 0 writes), loading one into them (every rank). On exit, each rank's slices take the values
+    they hold. A model that is not sharded is left as it is."""
+    if not is_sharded(model):
+        yield
+        return
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()  # sharded everywhere, so FSDP's state-dict hook has nothing to swap back
+    sharded = _adapter_params(model)
+    whole = {i: nn.Parameter(p.full_tensor().detach().clone(), requires_grad=p.requires_grad)
+             for i, p in sharded.items()}
+    held = [(m, name, id(p)) for m in model.modules() for name, p in m._parameters.items() if id(p) in sharded]
+    for m, name, i in held:
+        m._parameters[name] = whole[i]
+    try:
+        yield
+    finally:
+        now = {i: m._parameters[name] for m, name, i in held}  # a load may have put new tensors in
+        with torch.no_grad():
+            for i, p in sharded.items():
+                p.to_local().copy_(distribute_tensor(now[i].detach().to(p.dtype), p.device_mesh, p.placements,
+                                                     src_data_rank=None).to_local())
+        for m, name, i in held:
+            m._parameters[name] = sharded[i]
+
+
+def optimizer_shard(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's state_dict with this rank's slices as plain CPU tensors (what a file can hold)."""
+    state = optimizer.state_dict()
+    state["state"] = {i: {k: v.to_local().cpu() if isinstance(v, DTensor) else v for k, v in moments.items()}
+                      for i, moments in state["state"].items()}
+    return state
+
+
+def as_sharded(optimizer: torch.optim.Optimizer, state: Any, file: os.PathLike) -> Any:
+    """optimizer_shard's state made DTensors again, as this rank's slices of the run's parameters (each
+    of the slice's shape, or a CheckpointError naming the file)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    try:
+        for i, moments in state["state"].items():
+            for key, value in moments.items():
+                p = params[i]
+                if not (isinstance(p, DTensor) and isinstance(value, torch.Tensor) and value.dim()):
+                    continue
+                if value.shape != p.to_local().shape:
+                    raise CheckpointError(f"{file}: {key} of parameter {i} is a slice of shape {tuple(value.shape)}, "
+                                          f"this rank's slice {tuple(p.to_local().shape)}")
+                moments[key] = DTensor.from_local(value.to(p.device), p.device_mesh, p.placements, run_check=False,
+                                                  shape=p.shape, stride=p.stride())
+    except (KeyError, TypeError, IndexError, AttributeError):
+        raise CheckpointError(f"{file}: not the optimizer state of this run's parameters") from None
+    return state
+
+
+def gather_for_the_caller(model: nn.Module) -> None:
+    """After the run: every weight whole on every rank (in the compute dtype; the adapter in its own), and
+    kept so, so that the model runs with no collective (rank 0 generating alone, after the process
+    group is gone), as the model handed to train() did. Its FSDP wrapping stays: model.state_dict()
+    would shard it again (FSDP's hook), so save it with save_adapter before, not after, a state_dict.
+    A model that is not sharded is left as it is."""
+    if not is_sharded(model):
+        return
+    with whole_adapter(model):
+        adapter = {(id(m), name): p for m in model.modules() for name, p in m._parameters.items()
+                   if p is not None and not isinstance(p, DTensor)}
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_reshard_after_forward(False)
+            m.set_reshard_after_backward(False)
+            m.unshard()
+    for m in model.modules():
+        for name in list(m._parameters):
+            if (id(m), name) in adapter:
+                m._parameters[name] = adapter[(id(m), name)]
+    # FSDP's wrapper of hidden_states (shard()) ends the state of a forward that calls it (forward does),
+    # and that forward's end then reshards the root: without the wrapper, gathered is gathered for good
+    model.__dict__.pop("hidden_states", None)
