@@ -294,3 +294,25 @@ def test_inspect_adapter_over_a_base_on_cuda_equals_cpu(saved_tiny, tmp_path):
     gpu = inspect_adapter(tmp_path / "a", load_model(folder, device="cuda"))
     for name, row in cpu["modules"].items():
         assert gpu["modules"][name] == pytest.approx(row, rel=1e-9, abs=1e-12), name
+
+
+def test_offloaded_activations_give_the_same_gradients_in_less_gpu_memory(saved_tiny):
+    """offload_activations: the tensors the forward saves wait in CPU memory (save_on_cpu), so the GPU's peak
+    falls, and the loss and the LoRA gradients are the very same."""
+    from minilora.training.gradients import accumulate
+    from minilora.training.objectives import as_objective
+    model = lora_model(saved_tiny).to(CUDA)
+    batch = {k: v.to(CUDA) for k, v in collate(examples(16), 0).items()}
+    results = []
+    for offload in (False, True):
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        loss, _, _ = accumulate(model, [batch], as_objective(None), offload=offload)
+        torch.cuda.synchronize()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        results.append((loss, grads, torch.cuda.max_memory_allocated() - start))
+    (plain, g0, peak0), (off, g1, peak1) = results
+    assert off == plain and all(torch.equal(a, b) for a, b in zip(g0, g1))
+    assert peak1 < peak0, (peak0, peak1)

@@ -75,6 +75,10 @@ LR_RANGE = r"lr must be a positive number at most 1 \(AdamW moves every weight b
     pytest.param(dict(output_dir=""), "output_dir and resume_from_checkpoint must not be empty", id="empty-output-dir"),
     pytest.param(dict(seed=2 ** 62), r"seed must be an integer in \[0, 2\*\*32\), got 4611686018427387904",
                  id="seed-beyond-32-bits"),
+    pytest.param(dict(offload_activations="yes"), "offload_activations must be true or false, got 'yes'",
+                 id="offload-text"),
+    pytest.param(dict(offload_activations=True, fsdp=True), "offload_activations with fsdp = true is not supported yet",
+                 id="offload-with-fsdp"),
 ])
 def test_train_config_values_that_train_wrongly_are_refused(bad, message):
     with pytest.raises(ConfigError, match=message):

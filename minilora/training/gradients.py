@@ -5,6 +5,7 @@ for a script that drives its own loop."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable
 
@@ -28,15 +29,17 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.T
 
 
 def accumulate(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]], objective: Objective,
-               bf16: bool = False, done: Callable[[int], None] | None = None) -> tuple[float, int, dict[str, float]]:
+               bf16: bool = False, done: Callable[[int], None] | None = None,
+               offload: bool = False) -> tuple[float, int, dict[str, float]]:
     """accumulate_gradients, with the objective's metrics as well: (mean loss, count, {name: mean}).
+    offload: the activations the forward passes save, in CPU memory until the backward (offloaded).
 
     Running distributed, the micro-batches are this rank's share; gradients, loss, count and metrics
     are summed over the ranks before the division, so the result is the whole batch's on every rank."""
     device = next(model.parameters()).device
     total, count, sums = 0.0, 0, dict.fromkeys(objective.metrics, 0.0)
     for batch in micro_batches:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16), offloaded(device, offload):
             loss, n, metrics = objective.loss(model, batch)
         _check_what_loss_returned(objective, loss, n, metrics, sums)
         loss.backward()
@@ -59,6 +62,17 @@ def accumulate(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]], o
     for g in grads:
         g.div_(max(count, 1))
     return total / max(count, 1), count, {name: value / max(count, 1) for name, value in sums.items()}
+
+
+def offloaded(device: torch.device, on: bool):
+    """While the forward pass runs, every tensor autograd saves for the backward goes to pinned CPU memory and
+    comes back to the GPU when the backward needs it (torch.autograd.graph.save_on_cpu): the GPU then holds
+    one block's activations at a time, not the whole graph's; with gradient checkpointing, only the
+    blocks' inputs are saved, and those move. The recomputation in the backward pass is not offloaded
+    (the context is left by then). On a CPU the activations are in CPU memory already: nothing changes."""
+    if not on or device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autograd.graph.save_on_cpu(pin_memory=True)
 
 
 def _tokens(batch: Any) -> int:

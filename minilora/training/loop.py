@@ -21,6 +21,7 @@ fsdp = true the frozen base is sharded over the ranks as well (fsdp.py), to the 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 import warnings
@@ -288,8 +289,9 @@ def _one_step(run: _Run, train_data: list[Example], objective: Objective, pad_id
     else:
         micro = batches(train_data, order, cfg.micro_batch_size, pad_id, run.device, cfg.pad_to,
                         shard=(0, 1) if cfg.fsdp else (run.rank, run.world))  # FSDP takes its share itself
-    loss, count, metrics = (fsdp.accumulate if cfg.fsdp else accumulate)(
-        run.model, micro, objective, run.bf16, None if run.progress is None else micro_batch_done(run.progress, len(micro)))
+    step = fsdp.accumulate if cfg.fsdp else functools.partial(accumulate, offload=cfg.offload_activations)
+    loss, count, metrics = step(run.model, micro, objective, run.bf16,
+                                None if run.progress is None else micro_batch_done(run.progress, len(micro)))
     metrics.update(step_metrics)
     if step_metrics:
         metrics["time/training"] = time.perf_counter() - started - step_metrics["time/generation"]
