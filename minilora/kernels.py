@@ -195,11 +195,12 @@ def row_blocks(d: int, k: int, multiple: int = 256) -> list[tuple[int, int]]:
 
 
 class LoRAFunction(torch.autograd.Function):
-    """h = x W0^T + b + s · (x_d A^T) B^T with its gradients written out; x_d is x after LoRA's dropout.
+    """h = x W0^T + b + s · (x_d A^T) B^T with its gradients written out; x_d is x after LoRA's dropout,
+    None where there is none (x itself: torch.compile cannot trace a Function given one tensor twice).
 
     With g = dL/dh, xa = x_d A^T (N×r) and gb = s · g B (N×r), the backward pass is
         dL/dB = s · g^T xa  (d×r)      dL/dA = gb^T x_d  (r×k)
-        dL/dx = g W0 (+ gb A when x_d is x; else dL/dx_d = gb A)      W0, b: frozen, no gradient.
+        dL/dx = g W0 (+ gb A without dropout; else dL/dx_d = gb A)      W0, b: frozen, no gradient.
     Autograd through nn.Linear finds the same numbers, but takes dL/dB as a transposed (d×N)·(N×r)
     product, which MKL runs several times slower than the (r×N)·(N×d) one here, and keeps the two
     paths' outputs and input gradients as separate tensors to add; here the LoRA term is accumulated
@@ -209,14 +210,14 @@ class LoRAFunction(torch.autograd.Function):
     def forward(ctx, x, x_d, weight, bias, lora_A, lora_B, scaling):
         dtype, k = x.dtype, x.shape[-1]
         x2 = x.reshape(-1, k)
-        xd2 = x2 if x_d is x else x_d.reshape(-1, k)
+        xd2 = x2 if x_d is None else x_d.reshape(-1, k)
         w, a, b = weight.to(dtype), lora_A.to(dtype), lora_B.to(dtype)
         out = x2 @ w.t() if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
         xa = xd2 @ a.t()
         out.addmm_(xa, b.t(), alpha=scaling)
         # A's gradient alone needs x_d: with A frozen (LoRA-FA) it is not kept, LoRA-FA's saving
         ctx.save_for_backward(xd2 if ctx.needs_input_grad[4] else None, xa, w, a, b)
-        ctx.scaling, ctx.same_input, ctx.dtypes = scaling, x_d is x, (lora_A.dtype, lora_B.dtype)
+        ctx.scaling, ctx.same_input, ctx.dtypes = scaling, x_d is None, (lora_A.dtype, lora_B.dtype)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod

@@ -218,8 +218,8 @@ class LoRALinear(nn.Module):
                                              if n not in self.merged_adapters]
         if len(adapters) == 1 and self._fast(adapters[0], x):
             a = adapters[0]  # the same sum as below, its backward written out (kernels.LoRAFunction)
-            return LoRAFunction.apply(x, a.dropout(x), self.weight, self.bias, a.lora_A.weight, a.lora_B.weight,
-                                      a.scaling)
+            x_d = a.dropout(x) if isinstance(a.dropout, nn.Dropout) and a.dropout.training else None  # None: x
+            return LoRAFunction.apply(x, x_d, self.weight, self.bias, a.lora_A.weight, a.lora_B.weight, a.scaling)
         base = self.base(x)  # W0 x + b
         h = base
         for adapter in adapters:

@@ -317,11 +317,13 @@ class Encoder(PretrainedModel):
 
 class BertForEmbedding(Encoder):
     config_class, prefix, backbone = BertConfig, "bert", BertModel
+    blocks = "bert.encoder.layer"
     fingerprint_fields = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")
 
 
 class DistilBertForEmbedding(Encoder):
     config_class, prefix, backbone = DistilBertConfig, "distilbert", DistilBertModel
+    blocks = "distilbert.transformer.layer"
     fingerprint_fields = ("model_type", "vocab_size", "dim", "n_layers")
 
 

@@ -70,12 +70,25 @@ class KVCache:
         self.values = [v[rows] for v in self.values]
 
 
-def position_ids(attention_mask: torch.Tensor | None, q_len: int, past: int, device: torch.device) -> torch.Tensor:
+def mask_form(attention_mask: torch.Tensor | None) -> str | None:
+    """What kind of attention mask a batch has: None (no mask, or every token real: plain causal attention),
+    "padding" (1 for real tokens, 0 for padding) or "packed" (a packed row's example numbers 1, 1, 2, 2, 2,
+    ...). Decided once per batch, with one look at the values, by the model before its blocks run, so that
+    nothing inside a block branches on the mask's values (a compiled block has no graph break there)."""
+    if attention_mask is None:
+        return None
+    packed, plain = torch.stack([(attention_mask > 1).any(), (attention_mask == 1).all()]).tolist()
+    return "packed" if packed else None if plain else "padding"
+
+
+def position_ids(attention_mask: torch.Tensor | None, q_len: int, past: int, device: torch.device,
+                 form: str | None = "unknown") -> torch.Tensor:
     """Positions count real tokens only, so a left-padded row gets the same positions as unpadded; in a
-    packed row (a mask numbering its examples 1, 1, 2, 2, 2, ...) they restart at each example."""
+    packed row (a mask numbering its examples 1, 1, 2, 2, 2, ...) they restart at each example.
+    `form` is mask_form(attention_mask), found here if not given."""
     if attention_mask is None:
         return torch.arange(past, past + q_len, device=device)[None]
-    if bool((attention_mask > 1).any()):
+    if form == "packed" or form == "unknown" and mask_form(attention_mask) == "packed":
         t = torch.arange(attention_mask.shape[1], device=device).expand_as(attention_mask)
         start = torch.ones_like(attention_mask, dtype=torch.bool)
         start[:, 1:] = attention_mask[:, 1:] != attention_mask[:, :-1]
@@ -84,14 +97,16 @@ def position_ids(attention_mask: torch.Tensor | None, q_len: int, past: int, dev
 
 
 def attention_mask(attention_mask: torch.Tensor | None, q_len: int, past: int, device: torch.device,
-                   sliding_window: int | None = None) -> torch.Tensor | None:
+                   sliding_window: int | None = None, form: str | None = "unknown") -> torch.Tensor | None:
     """Boolean mask (B or 1, 1, q_len, past + q_len), True where a query may attend to a key.
 
     Returns None when plain causal attention is exact (no padding, no cache, no window), so SDPA can
     take its `is_causal` fast path. attention_mask is (B, past + q_len) with 1 for real tokens, or a
     packed row's example numbers (1, 1, 2, 2, 2, ...): then a token sees only its own example.
+    `form` is mask_form(attention_mask), found here if not given.
     """
-    if (attention_mask is None or bool((attention_mask == 1).all())) and sliding_window is None:
+    form = mask_form(attention_mask) if form == "unknown" else form
+    if (attention_mask is None or form is None) and sliding_window is None:
         return None
     kv_len = past + q_len
     q_pos = torch.arange(past, kv_len, device=device)[:, None]
@@ -102,7 +117,7 @@ def attention_mask(attention_mask: torch.Tensor | None, q_len: int, past: int, d
     allowed = allowed[None, None]
     if attention_mask is not None:
         allowed = allowed & attention_mask[:, None, None, :kv_len].bool()
-        if bool((attention_mask > 1).any()):  # packed: the query's example number must be the key's
+        if form == "packed":  # the query's example number must be the key's
             allowed = allowed & (attention_mask[:, None, past:kv_len, None] == attention_mask[:, None, None, :kv_len])
     # A query that may see no key (a left-pad position) would come out NaN: let it see every key.
     # Its output is never used, as the pad position itself is masked everywhere else.
@@ -193,6 +208,9 @@ class PretrainedModel(nn.Module):
                          point too, and init_head may make them fresh over a bare encoder
     fingerprint_fields   config fields an adapter's base model must share with this one to fit it
     conv1d_layout        the checkpoint stores its linear weights as (in, out): PEFT's fan_in_fan_out
+    blocks               the name of the ModuleList of its transformer blocks (compile.py compiles each);
+                         a block's forward takes tensors and settings decided before the blocks run
+                         (the masks: mask_form), never branching on a tensor's values
 
     An instance has `config` (a config_class), `input_embeddings` and `max_length`; the loader records
     where its weights came from in `provenance` (a Provenance; None for a model built from a config).
@@ -205,6 +223,7 @@ class PretrainedModel(nn.Module):
     task_head: tuple[str, ...] = ()
     fingerprint_fields: tuple[str, ...] = ("model_type", "vocab_size")
     conv1d_layout = False
+    blocks: str
     provenance: Provenance | None = None
 
     @classmethod
@@ -235,6 +254,10 @@ class PretrainedModel(nn.Module):
         """A fresh tensor for `name` when the checkpoint lacks it and it belongs to the task head, which
         may start untrained (a classifier over a bare encoder); None where a missing tensor is an error."""
         return None
+
+    def transformer_blocks(self) -> nn.ModuleList:
+        """The model's transformer blocks, in order (the ModuleList named by `blocks`)."""
+        return self.get_submodule(self.blocks)
 
     def fingerprint(self) -> dict[str, Any]:
         """The config values that decide whether an adapter fits this model."""

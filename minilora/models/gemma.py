@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
-from .common import CausalLM, activation, attend, attention_mask, config_from_dict, position_ids, run_blocks
+from .common import (CausalLM, activation, attend, attention_mask, config_from_dict, mask_form, position_ids,
+                     run_blocks)
 from .llama import LAYER_TYPES, check_rope, rope_angles, rope_frequencies, rotate_half
 
 
@@ -237,8 +238,10 @@ class GemmaModel(nn.Module):
     def forward(self, input_ids, attn_mask=None, pos=None, cache=None):
         B, T = input_ids.shape
         past = len(cache) if cache is not None else 0
-        pos = position_ids(attn_mask, T, past, input_ids.device) if pos is None else pos
-        masks = {w: attention_mask(attn_mask, T, past, input_ids.device, w) for w in {b.window for b in self.layers}}
+        form = mask_form(attn_mask)  # once per batch, outside the blocks
+        pos = position_ids(attn_mask, T, past, input_ids.device, form) if pos is None else pos
+        windows = {b.window for b in self.layers}
+        masks = {w: attention_mask(attn_mask, T, past, input_ids.device, w, form) for w in windows}
         x = self.embed_tokens(input_ids)
         x = x * torch.tensor(self.cfg.hidden_size ** 0.5).to(x.dtype)  # in bf16, sqrt(3072) = 55.5: as trained
         ropes = {kind: rope_angles(pos, rope_frequencies(self.cfg.head_dim, rope["rope_theta"], rope), x.dtype)
@@ -252,6 +255,7 @@ class Gemma2ForCausalLM(CausalLM):
     config_class = Gemma2Config
     backbone, embeddings, context = "model", "embed_tokens", "max_position_embeddings"
     fingerprint_fields = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")
+    blocks = "model.layers"
 
     def __init__(self, cfg: Gemma2Config) -> None:
         super().__init__()

@@ -22,6 +22,7 @@ from .common import (
     activation,
     attend,
     attention_mask,
+    mask_form,
     position_ids,
     run_blocks,
 )
@@ -123,10 +124,11 @@ class GPT2Model(nn.Module):
     def forward(self, input_ids, attn_mask=None, pos=None, cache=None):
         B, T = input_ids.shape
         past = len(cache) if cache is not None else 0
-        pos = position_ids(attn_mask, T, past, input_ids.device) if pos is None else pos
+        form = mask_form(attn_mask)  # once per batch, outside the blocks
+        pos = position_ids(attn_mask, T, past, input_ids.device, form) if pos is None else pos
         if past + T > self.n_positions:
             raise DataError(f"a sequence of {past + T} tokens is longer than GPT-2's context of {self.n_positions}")
-        mask = attention_mask(attn_mask, T, past, input_ids.device)
+        mask = attention_mask(attn_mask, T, past, input_ids.device, form=form)
         x = self.drop(self.wte(input_ids) + self.wpe(pos))
         x = run_blocks(self.h, x, mask, cache, past, checkpoint=self.gradient_checkpointing and self.training and cache is None)
         return self.ln_f(x)
@@ -140,6 +142,7 @@ class GPT2LMHeadModel(CausalLM):
     config_class, presets = GPT2Config, PRESETS
     backbone, embeddings, context = "transformer", "wte", "n_positions"
     fingerprint_fields = ("model_type", "vocab_size", "n_embd", "n_layer")
+    blocks = "transformer.h"
     conv1d_layout = True  # the checkpoint's projections are Conv1D (in, out): PEFT's fan_in_fan_out
 
     def __init__(self, cfg: GPT2Config) -> None:

@@ -19,6 +19,7 @@ from .common import (
     activation,
     attend,
     attention_mask,
+    mask_form,
     position_ids,
     run_blocks,
 )
@@ -120,8 +121,9 @@ class GPTJModel(nn.Module):
     def forward(self, input_ids, attn_mask=None, pos=None, cache=None):
         B, T = input_ids.shape
         past = len(cache) if cache is not None else 0
-        pos = position_ids(attn_mask, T, past, input_ids.device) if pos is None else pos
-        mask = attention_mask(attn_mask, T, past, input_ids.device)
+        form = mask_form(attn_mask)  # once per batch, outside the blocks
+        pos = position_ids(attn_mask, T, past, input_ids.device, form) if pos is None else pos
+        mask = attention_mask(attn_mask, T, past, input_ids.device, form=form)
         x = self.drop(self.wte(input_ids))
         d = self.cfg.rotary_dim or self.cfg.n_embd // self.cfg.n_head
         inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2, device=input_ids.device).float() / d))
@@ -136,6 +138,7 @@ class GPTJForCausalLM(CausalLM):
     config_class, presets = GPTJConfig, PRESETS
     backbone, embeddings, context = "transformer", "wte", "n_positions"
     fingerprint_fields = ("model_type", "vocab_size", "n_embd", "n_layer")
+    blocks = "transformer.h"
 
     def __init__(self, cfg: GPTJConfig) -> None:
         super().__init__()

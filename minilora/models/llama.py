@@ -23,6 +23,7 @@ from .common import (
     activation,
     attend,
     attention_mask,
+    mask_form,
     position_ids,
     run_blocks,
 )
@@ -241,10 +242,11 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids, attn_mask=None, pos=None, cache=None):
         B, T = input_ids.shape
         past = len(cache) if cache is not None else 0
-        pos = position_ids(attn_mask, T, past, input_ids.device) if pos is None else pos
+        form = mask_form(attn_mask)  # once per batch, outside the blocks
+        pos = position_ids(attn_mask, T, past, input_ids.device, form) if pos is None else pos
         # One mask per distinct window, each layer takes its own: at most two (full and windowed).
         windows = {layer.window for layer in self.layers}
-        masks = {w: attention_mask(attn_mask, T, past, input_ids.device, w) for w in windows}
+        masks = {w: attention_mask(attn_mask, T, past, input_ids.device, w, form) for w in windows}
         x = self.embed_tokens(input_ids)
         cos, sin = rope_angles(pos, rope_frequencies(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling),
                                x.dtype)
@@ -256,6 +258,7 @@ class LlamaForCausalLM(CausalLM):
     config_class = LlamaConfig
     backbone, embeddings, context = "model", "embed_tokens", "max_position_embeddings"
     fingerprint_fields = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")
+    blocks = "model.layers"
 
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()

@@ -13,13 +13,22 @@ import torch.nn as nn
 from ..formats.ggml_blocks import BLOCKS, NAMES, dequantize_blocks
 from ..names import kept_in_float, matches, output_heads, replace_module
 from .base import LoadPlan, QuantizedLinear
-from .blockwise import blockwise_linear
+from .blockwise import FORMATS, blockwise_linear
 
 
 def block_rows(layer: nn.Module, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
     """Rows r0..r1 of a kept weight (`layer.weight` (rows, bytes per row) uint8 of `layer.kind`) in dtype."""
-    blocks = layer.weight[r0:r1].reshape(-1, BLOCKS[layer.kind][1])
-    return dequantize_blocks(blocks, layer.kind).to(dtype).view(r1 - r0, -1)
+    return kept_rows([layer.weight], layer.kind, 0, r0, r1, dtype)
+
+
+def kept_rows(stored: list[torch.Tensor], kind: int, k: int, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rows r0..r1 in dtype of the weight whose blocks of type `kind` are stored = [(rows, bytes per row)
+    uint8] (blockwise.py's rows function; k is implied by the row's bytes)."""
+    blocks = stored[0][r0:r1].reshape(-1, BLOCKS[kind][1])
+    return dequantize_blocks(blocks, kind).to(dtype).view(r1 - r0, -1)
+
+
+FORMATS["ggml"] = kept_rows
 
 
 class GGMLLinear(QuantizedLinear):
@@ -41,8 +50,7 @@ class GGMLLinear(QuantizedLinear):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
-        return blockwise_linear(x, lambda r0, r1, dtype: block_rows(self, r0, r1, dtype), self.out_features,
-                                self.in_features, self.bias, self.weight)
+        return blockwise_linear(x, "ggml", [self.weight], self.out_features, self.bias, self.kind)
 
     def rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
         """Rows r0..r1 of the float weight (what the fused head loss reads of a quantized head)."""

@@ -83,19 +83,25 @@ def int8_matmul_in_float(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class _Int8LinearFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, scale, bias, threshold):
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        outliers = None
-        if threshold and threshold > 0:
+# The product and the input gradient are operators of their own (torch.library.custom_op): LLM.int8()'s
+# outlier columns are found from the data (nonzero), so torch.compile could not trace them without a
+# graph break; as operators they are one opaque call in its graph, their output shapes known.
+
+@torch.library.custom_op("minilora::int8_linear", mutates_args=())
+def _int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                 threshold: float, out_dtype: torch.dtype, autocast: bool) -> torch.Tensor:
+    """y = x Wᵀ + b for int8 rows W with fp32 scales (see the module's docstring), in out_dtype; the
+    outlier columns' float product in out_dtype under `autocast` (as autocast computes a matmul), else fp32."""
+    x2 = x.reshape(-1, x.shape[-1])
+    outliers = None
+    with torch.autocast(x.device.type, enabled=False):  # the dtypes are explicit here, inside and outside compile
+        if threshold > 0:
             cols = (x2.abs() > threshold).any(dim=0).nonzero().flatten()
             if cols.numel():
                 # LLM.int8(): outlier columns in floating point, in the compute dtype
+                mm = out_dtype if autocast else torch.float32
                 w_cols = weight[:, cols].float() * scale[:, None]
-                outliers = x2[:, cols].float() @ w_cols.t()
+                outliers = x2[:, cols].float().to(mm) @ w_cols.to(mm).t()
                 x2 = x2.index_fill(1, cols, 0)
         xq, sx = quantize_rows(x2)
         y = int8_matmul(xq, weight.t()).float() * sx[:, None] * scale[None, :]
@@ -103,18 +109,49 @@ class _Int8LinearFn(torch.autograd.Function):
             y = y + outliers
         if bias is not None:
             y = y + bias.float()
-        ctx.save_for_backward(weight, scale)
-        ctx.in_dtype = x.dtype
-        return y.to(out_dtype).reshape(*shape[:-1], weight.shape[0])
+    return y.to(out_dtype).reshape(*x.shape[:-1], weight.shape[0])
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        weight, scale = ctx.saved_tensors
-        g = grad_out.reshape(-1, grad_out.shape[-1]).float() * scale[None, :]  # fold the weight's scale in
-        gq, sg = quantize_rows(g)
-        grad_x = int8_matmul(gq, weight).float() * sg[:, None]
-        grad_x = grad_x.to(ctx.in_dtype).reshape(*grad_out.shape[:-1], weight.shape[1])
-        return grad_x, None, None, None, None
+
+@_int8_linear.register_fake
+def _(x, weight, scale, bias, threshold, out_dtype, autocast):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("minilora::int8_linear_input_grad", mutates_args=())
+def _int8_input_grad(grad_out: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                     in_dtype: torch.dtype) -> torch.Tensor:
+    """dL/dx = g W, in int8 too: the weight's scales folded into g first (SwitchBack)."""
+    g = grad_out.reshape(-1, grad_out.shape[-1]).float() * scale[None, :]
+    gq, sg = quantize_rows(g)
+    grad_x = int8_matmul(gq, weight).float() * sg[:, None]
+    return grad_x.to(in_dtype).reshape(*grad_out.shape[:-1], weight.shape[1])
+
+
+@_int8_input_grad.register_fake
+def _(grad_out, weight, scale, in_dtype):
+    return grad_out.new_empty((*grad_out.shape[:-1], weight.shape[1]), dtype=in_dtype)
+
+
+def _setup(ctx, inputs, output) -> None:
+    x, weight, scale = inputs[:3]
+    ctx.save_for_backward(weight, scale)
+    ctx.in_dtype = x.dtype
+
+
+def _backward(ctx, grad_out):  # only x gets a gradient: the int8 weight is frozen, the bias too
+    weight, scale = ctx.saved_tensors
+    return _int8_input_grad(grad_out, weight, scale, ctx.in_dtype), None, None, None, None, None, None
+
+
+_int8_linear.register_autograd(_backward, setup_context=_setup)
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                threshold: float | None) -> torch.Tensor:
+    """x Wᵀ + b for int8 W with per-row scales, in autocast's dtype where it is on, else x's."""
+    autocast = torch.is_autocast_enabled(x.device.type)
+    out_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+    return _int8_linear(x, weight, scale, bias, float(threshold or 0.0), out_dtype, autocast)
 
 
 class Int8Linear(QuantizedLinear):
@@ -150,7 +187,7 @@ class Int8Linear(QuantizedLinear):
         self.weight_scale = s
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
-        return _Int8LinearFn.apply(x, self.weight, self.weight_scale, self.bias, self.threshold)
+        return int8_linear(x, self.weight, self.weight_scale, self.bias, self.threshold)
 
     def dequantize(self) -> torch.Tensor:
         return self.weight.float() * self.weight_scale[:, None]

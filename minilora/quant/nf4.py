@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from ..names import swap_linears
 from .base import LoadPlan, QuantizedLinear
-from .blockwise import blockwise_linear
+from .blockwise import FORMATS, blockwise_linear
 
 # The 16 NF4 values (QLoRA, appendix E; bitsandbytes' table, to the last bit).
 NF4 = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -114,6 +114,19 @@ def _pairs(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return _PAIRS[key]
 
 
+def nf4_rows(stored: list[torch.Tensor], kind: int, k: int, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rows r0..r1 of the float (d, k) weight that stored = [packed codes, absmax codes, their scales, their
+    offset] stand for: the rows' absmaxes rebuilt from their 8-bit codes, then their weights (r0·k is a
+    multiple of 64: kernels.row_blocks sees to it). `kind` is unused (ggml's block type)."""
+    packed, absmax_code, absmax_scale, absmax_offset = stored
+    b0, b1 = r0 * k // BLOCK, -(-r1 * k // BLOCK)
+    absmax = block_absmax(absmax_code[b0:b1], absmax_scale, absmax_offset, first=b0)
+    return dequantize_nf4(packed.reshape(-1)[r0 * k // 2:r1 * k // 2], absmax, dtype).view(r1 - r0, k)
+
+
+FORMATS["nf4"] = nf4_rows
+
+
 class NF4Linear(QuantizedLinear):
     """A frozen linear layer stored in NF4 with double quantization; see the module's docstring.
 
@@ -154,17 +167,13 @@ class NF4Linear(QuantizedLinear):
         self.weight = nn.Parameter(q["packed"].view(self.out_features, self.in_features // 2), requires_grad=False)
         return self.weight
 
-    def product(self, x: torch.Tensor) -> torch.Tensor:
-        rows = lambda r0, r1, dtype: NF4Linear.rows(self, r0, r1, dtype)  # self may be a LoRALinear over NF4
-        return blockwise_linear(x, rows, self.out_features, self.in_features, self.bias, self.weight, self.absmax_code)
+    def product(self, x: torch.Tensor) -> torch.Tensor:  # self may be a LoRALinear over NF4: state only
+        return blockwise_linear(x, "nf4", [self.weight, self.absmax_code, self.absmax_scale, self.absmax_offset],
+                                self.out_features, self.bias)
 
     def rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
-        """Rows r0..r1 of the float weight: the rows' absmaxes rebuilt from their 8-bit codes, then their
-        weights (r0·k is a multiple of 64: blockwise.row_blocks sees to it)."""
-        k = self.in_features
-        b0, b1 = r0 * k // BLOCK, -(-r1 * k // BLOCK)
-        absmax = block_absmax(self.absmax_code[b0:b1], self.absmax_scale, self.absmax_offset, first=b0)
-        return dequantize_nf4(self.weight.reshape(-1)[r0 * k // 2:r1 * k // 2], absmax, dtype).view(r1 - r0, k)
+        return nf4_rows([self.weight, self.absmax_code, self.absmax_scale, self.absmax_offset], 0,
+                        self.in_features, r0, r1, dtype)
 
     def dequantize(self) -> torch.Tensor:
         """The float (d, k) weight the codes stand for."""
