@@ -259,6 +259,11 @@ class PretrainedModel(nn.Module):
         """The model's transformer blocks, in order (the ModuleList named by `blocks`)."""
         return self.get_submodule(self.blocks)
 
+    def compile_blocks(self, **options: Any) -> "PretrainedModel":
+        """torch.compile on each transformer block, in place (compile.py); what `compile = true` calls."""
+        from .compile import compile_blocks
+        return compile_blocks(self, **options)
+
     def fingerprint(self) -> dict[str, Any]:
         """The config values that decide whether an adapter fits this model."""
         return {k: getattr(self.config, k) for k in self.fingerprint_fields}

@@ -26,14 +26,13 @@ from typing import Any, Callable
 
 import torch
 import torch.fx.experimental._config as fx_config
+import torch.nn as nn
 
-from .common import PretrainedModel
 
-
-def compile_blocks(model: PretrainedModel, dynamic: bool | None = True, backend: str | Callable = "inductor",
-                   **options: Any) -> PretrainedModel:
-    """Compile each of the model's transformer blocks in place (`block.compile(...)`), after LoRA and any
-    quantized base are on it; returns the model. `dynamic=True` marks every dimension symbolic from the
+def compile_blocks(model: nn.Module, dynamic: bool | None = True, backend: str | Callable = "inductor",
+                   **options: Any) -> nn.Module:
+    """Compile each of the model's transformer blocks (a PretrainedModel's transformer_blocks()) in place
+    (`block.compile(...)`), after LoRA and any quantized base are on it; returns the model. `dynamic=True` marks every dimension symbolic from the
     first call, so micro-batches of other lengths do not recompile; `backend` and `options` go to
     torch.compile ("aot_eager" to trace without generating code)."""
     for block in model.transformer_blocks():

@@ -44,6 +44,7 @@ class TrainConfig:
     bf16: bool | str = False              # bf16 autocast: true, false, or "auto" (on where bf16 products are fast)
     gradient_checkpointing: bool = False
     offload_activations: bool = False     # CUDA: the activations saved for the backward wait in CPU memory
+    compile: bool = False                 # torch.compile on each transformer block (models/compile.py)
     fsdp: bool = False                    # under torchrun: FSDP2, the frozen base sharded over the ranks (fsdp.py)
     seed: int = 42
     log_every: int = 1
@@ -125,6 +126,9 @@ class TrainConfig:
             raise ConfigError("early_stopping_patience must be a positive number of evaluations, and needs best_metric "
                               f"(e.g. 'eval_loss'); got {self.early_stopping_patience!r}")
         self._check_the_objective()
+        if self.fsdp and self.compile:
+            raise ConfigError("compile with fsdp = true is not supported yet (FSDP2's hooks around compiled blocks are "
+                              "untested here); turn one of them off")
         if self.fsdp and self.offload_activations:
             raise ConfigError("offload_activations with fsdp = true is not supported yet: FSDP2 already frees each block's "
                               "gathered weights; turn one of them off")

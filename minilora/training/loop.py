@@ -39,16 +39,8 @@ from ..errors import CheckpointError, ConfigError, TrainingError
 from ..kernels import frozen_weights_in
 from ..lora.peft_files import load_adapter, save_adapter
 from . import distributed, fsdp
-from .checkpoint import (
-    MetricsLog,
-    checkpoint_folders,
-    load_checkpoint,
-    own_output_dir,
-    resolve_resume,
-    rotate,
-    run_fingerprint,
-    save_checkpoint,
-)
+from .checkpoint import (MetricsLog, checkpoint_folders, load_checkpoint, own_output_dir, resolve_resume, rotate,
+                         run_fingerprint, save_checkpoint)
 from .checks import refuse_what_would_go_wrong
 from .config import TrainConfig
 from .gradients import accumulate_gradients  # noqa: F401 (scripts and tests take it from here, beside train)
@@ -162,6 +154,7 @@ class _Run:
     board: Callable[[dict[str, Any]], None] | None = None  # TensorBoard scalars, on rank 0
     progress: Any = None                  # the progress bar, on rank 0
     first_loss: float | None = None       # this process's first step's loss, against which divergence is told
+    stepped: bool = False                 # this process has taken a step
     smoothed_loss: float = 0.0
     warned_divergence: bool = False
 
@@ -253,6 +246,10 @@ def _start_training(run: _Run, held: contextlib.ExitStack) -> None:
     """Training mode, gradient checkpointing, bf16 frozen weights and the progress bar, until train returns."""
     set_gradient_checkpointing(run.model, run.cfg.gradient_checkpointing)
     run.model.train()
+    if run.cfg.compile:  # each block compiled in place at its first call: the first step waits for it
+        if not hasattr(run.model, "compile_blocks"):
+            raise ConfigError(f"compile = true needs one of minilora's models; {type(run.model).__name__} has no blocks")
+        run.model.compile_blocks()
     if run.bf16 and not run.cfg.fsdp:  # the frozen linear weights cast to bf16 once (FSDP: once a gather)
         held.enter_context(frozen_weights_in(run.model, torch.bfloat16))
     run.progress = progress_bar(run.cfg.progress and run.main, run.total_steps, run.step)
@@ -309,6 +306,9 @@ def _one_step(run: _Run, train_data: list[Example], objective: Objective, pad_id
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
+    if cfg.compile and run.main and not run.stepped:
+        print(f"compile = true: the first step took {time.perf_counter() - started:.1f} s, compiling included", flush=True)
+    run.stepped = True
     if not step_metrics:  # a policy-gradient loss is no likelihood: it has no scale to diverge from
         _warn_if_diverging(run, loss)
     return {"step": run.step, "epoch": run.epoch, "loss": loss, **metrics, "lr": lr, "grad_norm": grad_norm,
