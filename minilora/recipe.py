@@ -21,7 +21,7 @@ from .errors import ConfigError
 from .generate import chat_prompt, check_vocabulary, grpo_objective
 from .generate import classify as predict
 from .loading.tokenizer import load_tokenizer
-from .loading.weights import load_model, torch_dtype
+from .loading.weights import load_model, slice_reader, torch_dtype
 from .lora.inject import apply_lora
 from .lora.report import param_report
 from .models.common import resize_token_embeddings
@@ -37,7 +37,7 @@ from .recipe_file import (  # noqa: F401 (the command line, the demo and tests t
     parse_value,
 )
 from .ship.hub import check_can_push, push_to_hub
-from .training import distributed
+from .training import distributed, fsdp_load
 from .training.checks import refuse_an_untrained_head
 from .training.evaluate import evaluate_classification
 from .training.loop import train
@@ -61,9 +61,13 @@ def run_recipe(recipe: Recipe, stop_request: Callable[[], ContextManager[Callabl
     label2id, id2label = _class_ids(recipe, records[0]) if classify else (None, None)
     device = distributed.init_from_env(torch.device(m.device or ("cuda" if torch.cuda.is_available() else "cpu")))
     say = print if distributed.is_main() else (lambda *a, **k: None)
-    model, tokenizer = _load_model_and_tokenizer(recipe, device, id2label)
+    sharded = recipe.train.fsdp and fsdp_load.plain_lora(recipe.lora) is None  # each rank reads its slices
+    model, tokenizer = _load_model_and_tokenizer(recipe, device, id2label, sharded)
     train_data, eval_data, test_data = _examples(recipe, tokenizer, label2id, records, say)
     apply_lora(model, recipe.lora)
+    reader = slice_reader(model) if sharded else None  # None: a GGUF or pytorch_model.bin, loaded whole
+    if reader is not None:
+        fsdp_load.read_when_sharded(model, reader)
     refuse_an_untrained_head(model, f"{recipe.source} [lora].modules_to_save")  # train() asks too, without the key
     if recipe.generate.prompts and not classify:
         _refuse_prompts_past_the_context(recipe, model, tokenizer)
@@ -117,14 +121,15 @@ def _class_ids(recipe: Recipe, train_records: list) -> tuple[dict[str, int], dic
     return label2id, dict(enumerate(names))
 
 
-def _load_model_and_tokenizer(recipe: Recipe, device: torch.device, id2label: dict[int, str] | None):
+def _load_model_and_tokenizer(recipe: Recipe, device: torch.device, id2label: dict[int, str] | None,
+                              shard: bool = False):
     """The [model] section's model (a classifier with id2label) and its tokenizer, refused if they do not
     belong together or the context is shorter than the cutoff; a classifier gets a pad token if it lacks one."""
     m, d = recipe.model, recipe.data
     classify = d.task == "classification"
     model = load_model(m.name, dtype=torch_dtype(m.dtype, f"{recipe.source} [model].dtype"), device=device,
                        revision=m.revision, load_in_8bit=m.load_in_8bit, load_in_4bit=m.load_in_4bit,
-                       keep_quantized=m.keep_quantized,
+                       keep_quantized=m.keep_quantized, shard=shard,
                        task="classification" if classify else None, id2label=id2label)
     tokenizer = load_tokenizer(m.name, revision=m.revision)
     check_vocabulary(model, tokenizer, m.name)

@@ -193,6 +193,10 @@ def load_recipe(path: str | os.PathLike, overrides: dict[str, str] | None = None
                 raise ConfigError(f"{path} [{section}].{key}: {e}") from None
     parts = {name: from_table(cls, raw.get(name, {}), f"{path} [{name}]") for name, cls in SECTIONS.items()}
     _refuse_a_quantized_loftq_base(parts["model"], parts["lora"], path)
+    if parts["train"].fsdp and parts["model"].keep_quantized:  # named before anything loads (fsdp.py says why)
+        raise ConfigError(f"{path}: [model].keep_quantized with [train] fsdp = true: a base kept in a GGUF file's "
+                          "own blocks is not sharded yet; drop keep_quantized (the GGUF dequantized), use "
+                          "load_in_4bit / load_in_8bit, or set fsdp = false")
     for spec in parts["train"].reward_funcs or []:  # GRPO's: each found now, not after the model has loaded
         try:
             load_reward_function(spec, beside=path.parent)

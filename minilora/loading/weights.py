@@ -166,7 +166,7 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype | None = torch.floa
                device: torch.device | str = "cpu", revision: str | None = None, load_in_8bit: bool = False,
                int8_skip: tuple[str, ...] | None = None, int8_threshold: float = 6.0, task: str | None = None,
                num_labels: int | None = None, id2label: dict[int, str] | None = None,
-               load_in_4bit: bool = False, keep_quantized: bool = False) -> PretrainedModel:
+               load_in_4bit: bool = False, keep_quantized: bool = False, shard: bool = False) -> PretrainedModel:
     """Load a model by Hub repo id, local folder or .gguf file, with its pretrained weights, in eval mode.
 
     dtype: floating tensors are cast to it (None keeps the checkpoint's own dtypes).
@@ -176,6 +176,9 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype | None = torch.floa
     keep_quantized: for a .gguf file, its quantized linear weights stay in their own blocks (Q4_K, Q8_0,
     ...; ggml.GGMLLinear) as the frozen base, instead of being dequantized to float.
     task: "causal-lm", or for encoders "classification" (with num_labels / id2label) or "embedding".
+    shard: for FSDP (training/fsdp.py), from a safetensors folder: nothing is read now; every tensor is a
+    placeholder of its shape and dtype that holds no memory (one element, expanded), and each rank later
+    reads only its slices (slice_reader). A .gguf or pytorch_model.bin loads whole, as without it.
     """
     dtype, device = torch_dtype(dtype), check_device(device)
     if load_in_8bit and load_in_4bit:
@@ -206,13 +209,68 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype | None = torch.floa
     plan = quantizer.prepare(model, int8_skip, device) if quantizer is not None else LoadPlan()
     if path.suffix == ".gguf":  # the raw blocks of the layers a quantized base keeps, the rest in float
         tensors = gguf_tensors(file, plan.raw)
-    fresh = load_weights(model, tensors, where, dtype, device, plan.transform)
+    if shard and path.is_dir() and not (path / "pytorch_model.bin").is_file():
+        fresh = _placeholders(model, dtype, device)
+    else:
+        fresh = load_weights(model, tensors, where, dtype, device, plan.transform)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise CheckpointError(f"{where}: these tensors were never filled: {', '.join(left[:5])}")
     model.provenance = Provenance(str(source), path, "gguf" if path.suffix == ".gguf" else "safetensors",
                                   quantization, config, tuple(fresh))
     return model.eval()
+
+
+def _placeholders(model: PretrainedModel, dtype: torch.dtype | None, device: torch.device) -> list[str]:
+    """load_model(shard=True): every tensor a stand-in that holds one element (expanded to its shape, in
+    its final dtype: apply_lora reads the device and dtype), ties kept; nothing is fresh."""
+    made: dict[int, torch.Tensor] = {}
+    for m in model.modules():
+        for store in (m._parameters, m._buffers):
+            for key, t in store.items():
+                if t is not None and id(t) not in made:
+                    kind = dtype if dtype is not None and t.is_floating_point() else t.dtype
+                    stand_in = torch.zeros((), dtype=kind, device=device).expand(t.shape)
+                    made[id(t)] = nn.Parameter(stand_in, requires_grad=False) if store is m._parameters else stand_in
+                if t is not None:
+                    store[key] = made[id(t)]
+    model.tie_weights()
+    return []
+
+
+def slice_reader(model: PretrainedModel) -> Callable[[str, tuple[int, ...], int, int | None], torch.Tensor] | None:
+    """For a model loaded with shard=True: read(name, shape, r0, r1), rows r0..r1 (r1 None: all) of the
+    model's tensor `name` (of the model's `shape`, in its layout: GPT-2's Conv1D columns, transposed) as
+    the checkpoint stores it, read with safetensors' get_slice, one tensor at a time; None where the
+    model was not loaded from a safetensors folder (it loaded whole)."""
+    from safetensors import safe_open
+    folder = model.provenance.path if model.provenance is not None else None
+    if folder is None or not Path(folder).is_dir() or (Path(folder) / "pytorch_model.bin").is_file():
+        return None
+    index = Path(folder) / "model.safetensors.index.json"
+    files = sorted(set(read_json(index)["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    where: dict[str, tuple[Path, str, bool]] = {}
+    for file in files:
+        with safe_open(str(Path(folder) / file), "pt") as f:
+            for key in f.keys():
+                shape = tuple(f.get_slice(key).get_shape())
+                converted = model.checkpoint_to_model(key, torch.empty(shape, device="meta"))
+                if converted is not None:  # the layout as the model's: the same, or transposed (Conv1D)
+                    where[converted[0]] = (Path(folder) / file, key, not converted[1].is_contiguous())
+
+    def read(name: str, shape: tuple[int, ...], r0: int = 0, r1: int | None = None) -> torch.Tensor:
+        if name not in where:
+            raise CheckpointError(mismatch_message(str(folder), type(model).__name__, [name], [], []))
+        file, key, transposed = where[name]
+        with safe_open(str(file), "pt") as f:
+            rows = f.get_slice(key)
+            stored = tuple(rows.get_shape())
+            if (stored[::-1] if transposed else stored) != tuple(shape):
+                raise CheckpointError(mismatch_message(str(folder), type(model).__name__, [], [], [
+                    f"{name}: checkpoint {stored} vs model {tuple(shape)}"]))
+            r1 = shape[0] if r1 is None else r1
+            return rows[:, r0:r1].t() if transposed else rows[r0:r1] if stored else rows[:]
+    return read
 
 
 def _quantizer(load_in_8bit: bool, load_in_4bit: bool, keep_quantized: bool, gguf, threshold: float,

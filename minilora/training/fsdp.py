@@ -23,6 +23,12 @@ the base), by rank 0, in PEFT's format: the same file a single process writes. A
 every rank's optimizer slice, one file each (optimizer-rank<r>.pt), so it resumes only under the same
 number of processes (checkpoint.py refuses any other, by name).
 
+A quantized base (int8, NF4) shards too: its layers' scales and codes, buffers that FSDP would leave
+whole on every rank, are made frozen parameters, and each quantized layer is its own unit (gathered
+for its own forward and backward), so that under bf16 its fp32 scales are not cast. A model loaded in
+placeholders (load_model(..., shard=True)) is sharded on `meta` and then filled, each rank reading only
+its slices (fsdp_load.py).
+
 With bf16, a mixed-precision policy gathers the weights in bf16 (half the traffic; the frozen weights
 are cast once per gather, not per matmul) and reduces gradients in fp32 into the fp32 LoRA slices.
 """
@@ -41,9 +47,10 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..data.records import IGNORE, Example
 from ..errors import CheckpointError, ConfigError
-from ..lora.layers import is_adapter_tensor
+from ..lora.layers import LoRALinear, is_adapter_tensor
 from ..quant.base import QuantizedLinear
-from . import distributed
+from ..quant.ggml import GGMLEmbedding, GGMLLinear
+from . import distributed, fsdp_load
 
 LAUNCH = "torchrun --nproc_per_node N -m minilora train RECIPE (several machines: --nnodes, --node_rank, " \
          "--rdzv_backend c10d --rdzv_endpoint HOST:PORT)"
@@ -73,12 +80,12 @@ def refuse_what_cannot_shard(model: nn.Module, cfg, objective: Any) -> None:
         raise ConfigError(f"fsdp = true: {type(model).__name__} has no transformer blocks to shard (FSDP shards the "
                           "blocks that a model runs through models.common.run_blocks, a ModuleList beside a "
                           "gradient_checkpointing flag; the encoders have none): train it with fsdp = false")
-    quantized = [n for n, m in model.named_modules()
-                 if isinstance(m, QuantizedLinear) or getattr(m, "quantized", None) is not None]
-    if quantized:
-        raise ConfigError(f"fsdp = true with a quantized base ({quantized[0]}, ...): FSDP shards parameters, and "
-                          "packed weights are buffers it would copy to every rank whole; load the base in floating "
-                          "point (no load_in_8bit, load_in_4bit, keep_quantized) or set fsdp = false")
+    kept = [n for n, m in model.named_modules() if _quantized(m) is GGMLLinear or isinstance(m, GGMLEmbedding)]
+    if kept:
+        raise ConfigError(f"fsdp = true with a base kept in a GGUF file's own blocks ({kept[0]}, ...; keep_quantized): "
+                          "not sharded yet (its tied embedding and head share one byte table, which is not tested "
+                          "under FSDP); load the GGUF dequantized (no keep_quantized), or an int8 / NF4 base, "
+                          "or set fsdp = false")
     if not isinstance(objective, CausalLM):
         raise ConfigError(f"fsdp = true trains language modelling (objective causal_lm) for now, not "
                           f"{type(objective).__name__}: its reference passes and rollouts run a different number "
@@ -98,20 +105,49 @@ def shard(model: nn.Module, cfg, bf16: bool) -> None:
     summed, not averaged, over the ranks."""
     if not cfg.fsdp:
         return
+    reader = fsdp_load.pending(model)  # a model loaded in placeholders (shard=True): its slices read below
+    adapter = fsdp_load.to_meta(model) if reader is not None else {}
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
         else MixedPrecisionPolicy()
     for p in model.parameters():  # GPT-2's Conv1D weights are transposed views; FSDP slices rows of storage
         if not p.is_contiguous():
             p.data = p.data.contiguous()
     for block in blocks(model):
+        for layer in _state_made_parameters(block):  # its own unit: its fp32 scales are never cast to bf16
+            fully_shard(layer, mp_policy=MixedPrecisionPolicy())
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
+    if reader is not None:
+        fsdp_load.fill(model, reader, adapter, next(iter(adapter.values())).device)
     if hasattr(model, "hidden_states"):  # the fused head loss calls it in place of forward: gather there too
         register_fsdp_forward_method(model, "hidden_states")
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)  # gloo has no pre-multiplied sum; 1 needs none
             m.set_force_sum_reduction_for_comms(True)
+
+
+def _quantized(m: nn.Module) -> type[QuantizedLinear] | None:
+    """The quantized base class whose product `m` computes (itself, or the base a LoRALinear wraps)."""
+    return type(m) if isinstance(m, QuantizedLinear) else m.quantized if isinstance(m, LoRALinear) else None
+
+
+def _state_made_parameters(block: nn.Module) -> list[nn.Module]:
+    """The quantized layers of a block, each one's scales and codes (the buffers its product reads, `state`)
+    made frozen parameters in place, so that FSDP shards and gathers them with the packed weight (a
+    parameter already); a 0-dim one (NF4's absmax offset: FSDP shards dim 0) stays a buffer, whole."""
+    layers = []
+    for m in block.modules():
+        kind = _quantized(m)
+        if kind is None:
+            continue
+        for name in kind.state:
+            t = m._buffers.get(name)
+            if t is not None and t.dim() > 0:
+                del m._buffers[name]
+                m.register_parameter(name, nn.Parameter(t, requires_grad=False))
+        layers.append(m)
+    return layers
 
 
 def is_sharded(model: nn.Module) -> bool:
