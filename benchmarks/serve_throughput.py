@@ -125,7 +125,8 @@ def main() -> None:
     for how, (s, t) in batch.items():
         print(f"| {how:<46} | {s:7.2f} | {t / s:8.1f} |")
 
-    server = make_server(model, tokenizer, args.asset, port=0)
+    # the engine on this thread, as `minilora serve` runs it (torch on one thread: Engine.run says why)
+    server = make_server(model, tokenizer, args.asset, port=0, engine_thread=False)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_port}/v1", api_key="none", max_retries=0,
                            timeout=600)
@@ -134,18 +135,26 @@ def main() -> None:
         out = client.completions.create(model=names[i % len(names)], prompt=PROMPTS[i % len(PROMPTS)],
                                         max_tokens=n, temperature=0)
         return out.usage.completion_tokens
-    ask(0)
-    levels = {}
-    print(f"\n| concurrency | requests/s | tokens/s | mean batch |   ({args.requests} requests each)")
+    levels, engine = {}, server.engine
+
+    def load() -> None:  # the clients, on threads; the engine stops when they are done
+        try:
+            ask(0)
+            for level in (1, 4, 16):
+                engine.batch_log = []
+                with ThreadPoolExecutor(level) as pool:
+                    s, counts = timed(lambda: list(pool.map(ask, range(args.requests))))
+                mean = sum(len(b) for b in engine.batch_log) / len(engine.batch_log)
+                levels[level] = dict(seconds=s, requests_per_s=args.requests / s, tokens_per_s=sum(counts) / s,
+                                     mean_batch=mean)
+        finally:
+            engine.stop()
+    threading.Thread(target=load, daemon=True).start()
+    engine.run()
+    print(f"\n| concurrency | requests/s | tokens/s | mean rows a step |   ({args.requests} requests each)")
     print("|---:|---:|---:|---:|")
-    engine = server.RequestHandlerClass.service.engine
-    for level in (1, 4, 16):
-        engine.batch_log = []
-        with ThreadPoolExecutor(level) as pool:
-            s, counts = timed(lambda: list(pool.map(ask, range(args.requests))))
-        mean = sum(len(b) for b in engine.batch_log) / len(engine.batch_log)
-        levels[level] = dict(seconds=s, requests_per_s=args.requests / s, tokens_per_s=sum(counts) / s, mean_batch=mean)
-        print(f"| {level} | {args.requests / s:.2f} | {sum(counts) / s:.1f} | {mean:.1f} |")
+    for level, r in levels.items():
+        print(f"| {level} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.1f} | {r['mean_batch']:.1f} |")
     server.shutdown()
     (RESULTS / f"serve_throughput_{args.asset}.json").write_text(json.dumps(dict(
         model=MODELS[args.asset], adapters=args.adapters, prompts=args.prompts, new_tokens=n, threads=torch.get_num_threads(),

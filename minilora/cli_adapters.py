@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 from pathlib import Path
 
 from .errors import ConfigError
@@ -50,15 +51,17 @@ def cmd_serve(args: argparse.Namespace) -> None:
             raise ConfigError(f"--adapter {spec!r}: expected NAME=PATH, NAME not the base model's name {base!r}")
         load_adapter(model, path, adapter_name=name)
     server = make_server(model, tokenizer, base, args.host, args.port, args.api_key, args.max_batch,
-                         args.batch_wait_ms / 1000)
+                         args.batch_wait_ms / 1000, engine_thread=False)
     names = ", ".join([base, *(s.partition("=")[0] for s in args.adapter or [])])
     print(f"minilora serve: {names} on http://{args.host}:{server.server_port}/v1"
           + (" (API key required)" if args.api_key else ""), file=sys.stderr, flush=True)
+    threading.Thread(target=server.serve_forever, name="minilora-http", daemon=True).start()
     try:
-        server.serve_forever()
+        server.engine.run()  # on this thread, the one that loaded the model (Engine.run says why)
     except KeyboardInterrupt:
         pass
     finally:
+        server.shutdown()
         server.server_close()
 
 

@@ -91,15 +91,17 @@ class Engine:
     """The thread that owns the model: continuous batches of jobs, adapter loads/unloads between steps."""
 
     def __init__(self, model: nn.Module, tokenizer, base_name: str, max_batch: int = 32,
-                 batch_wait: float = 0.01) -> None:
+                 batch_wait: float = 0.01, thread: bool = True) -> None:
         self.model, self.tokenizer, self.base_name = model.eval(), tokenizer, base_name
         self.max_batch, self.batch_wait = max_batch, batch_wait
         self.inbox: queue.Queue = queue.Queue()
         self.batch_log: list[list[str]] | None = None  # set to a list to record each step's adapters
         self.context = getattr(model, "max_length", None) or 2048
         self.device = next(model.parameters()).device
-        self.thread = threading.Thread(target=self._loop, name="minilora-engine", daemon=True)
-        self.thread.start()
+        self.stopped = False
+        self.thread = threading.Thread(target=self.run, name="minilora-engine", daemon=True) if thread else None
+        if self.thread is not None:
+            self.thread.start()
 
     def adapters(self) -> list[str]:
         state = lora_state(self.model)
@@ -117,10 +119,21 @@ class Engine:
     def submit(self, job: Job) -> None:
         self.inbox.put(("job", job))
 
-    def _loop(self) -> None:
+    def stop(self) -> None:
+        """End run() once the steps under way are done (the rows still running get no more tokens)."""
+        self.inbox.put(("stop",))
+
+    def run(self) -> None:
+        """The engine's loop, on the calling thread (a thread of its own unless Engine(thread=False)), until stop().
+
+        Why the command line runs it on the main thread, the one that loaded the model: each OS thread that
+        runs torch's CPU ops gets a team of OpenMP workers of its own, and once the process holds more
+        OpenMP threads than cores, libgomp stops spinning at its barriers for every team; each of the many
+        small parallel regions of a generation step then waits for a wake-up, and every step of the
+        process ran 2.3x slower here (SmolLM2, 16 rows, 2 cores)."""
         waiting: list[Job] = []
         batch: _Batch | None = None
-        while True:
+        while not self.stopped:
             self._take(waiting, idle=batch is None and not waiting)
             known = set(self.adapters())
             gone = [j for j in waiting + (batch.jobs if batch else []) if j.adapter != BASE and j.adapter not in known]
@@ -158,7 +171,9 @@ class Engine:
             except queue.Empty:
                 break
         for it in items:
-            if it[0] == "control":
+            if it[0] == "stop":
+                self.stopped = True
+            elif it[0] == "control":
                 _, fn, done = it
                 try:
                     done.put((True, fn()))

@@ -145,14 +145,18 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def make_server(model: nn.Module, tokenizer, base_name: str, host: str = "127.0.0.1", port: int = 8000,
-                api_key: str | None = None, max_batch: int = 32, batch_wait: float = 0.01) -> ThreadingHTTPServer:
-    """The server, bound and ready (serve_forever() runs it; port 0 takes a free port: server.server_port)."""
+                api_key: str | None = None, max_batch: int = 32, batch_wait: float = 0.01,
+                engine_thread: bool = True) -> ThreadingHTTPServer:
+    """The server, bound and ready (serve_forever() runs it; port 0 takes a free port: server.server_port).
+    engine_thread=False: the engine waits for its run() on a thread of the caller's choosing (best the
+    one that loaded the model: serve_engine.Engine.run says why); server.engine is it either way."""
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise ConfigError(f"max_batch must be a positive integer, got {max_batch!r}")
     if not isinstance(batch_wait, (int, float)) or not 0 <= batch_wait <= 10:
         raise ConfigError(f"batch_wait must be a number of seconds in [0, 10], got {batch_wait!r}")
-    service = Service(Engine(model, tokenizer, base_name, max_batch, batch_wait), api_key)
+    service = Service(Engine(model, tokenizer, base_name, max_batch, batch_wait, thread=engine_thread), api_key)
     handler = type("MiniloraHandler", (Handler,), {"service": service})
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
+    server.engine = service.engine
     return server

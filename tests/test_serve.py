@@ -287,3 +287,24 @@ def test_the_command_line_serves_and_logs_one_line_per_request(served):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_an_engine_without_its_own_thread_runs_where_it_is_told_and_stops(served):
+    """make_server(engine_thread=False), as the command line does it: nothing generates until engine.run() is
+    called on a thread of the caller's choosing; stop() ends run() and frees that thread."""
+    reference, tokenizer = served["reference"], served["tokenizer"]
+    server = make_server(reference, tokenizer, "tiny", port=0, engine_thread=False)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert server.engine.thread is None
+        runner = threading.Thread(target=server.engine.run)
+        runner.start()
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_port}/v1", api_key="x", max_retries=0, timeout=60)
+        text = c.completions.create(model="a", prompt=PROMPTS[2], max_tokens=4, temperature=0).choices[0].text
+        assert text == alone(served, "a", PROMPTS[2], 4)
+        server.engine.stop()
+        runner.join(timeout=30)
+        assert not runner.is_alive()
+    finally:
+        server.shutdown()
+        server.server_close()
