@@ -4,12 +4,16 @@
     python benchmarks/train_speed.py --model gpt2 --dtype bf16
     python benchmarks/train_speed.py --model gpt2 --dora      # DoRA on both sides (run it without, to compare)
     python benchmarks/train_speed.py --device cuda --model gpt2-medium --dtype bf16 --batch 16 --seq 512
+    python benchmarks/train_speed.py --model llama-small --dtype bf16 --compile   # + both sides compiled
 
 Each side runs in its own subprocess (so its peak memory, VmHWM, is its own): random weights from the
 same seed, LoRA r=8 alpha=16 on the attention projections, micro-batch 8 x 128 tokens, AdamW. It
 reports the loss of step 1 (which must agree), the time to the first step, the median tokens/s of the
 steps after warm-up, the peak resident memory (on CUDA: the peak of torch's GPU allocator), and the matrix FLOP/s of a step against this machine's
-measured matmul peak in the same dtype. Results go to benchmarks/results/train_speed_*.json.
+measured matmul peak in the same dtype. With --compile, two more sides: minilora with
+model.compile_blocks() (what `compile = true` does: each block compiled in place) and peft with
+torch.compile(model) (what a user of transformers does, and TRL's torch_compile). Results go to
+benchmarks/results/train_speed_*.json.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ CONFIGS = {
 
 
 def worker(side: str, name: str, dtype: str, steps: int, batch: int, seq: int, reference: bool = False,
-           dora: bool = False, device: str = "cpu") -> dict:
+           dora: bool = False, device: str = "cpu", compiled: bool = False) -> dict:
     import torch
     torch.manual_seed(0)
     cuda = device == "cuda"
@@ -83,6 +87,10 @@ def worker(side: str, name: str, dtype: str, steps: int, batch: int, seq: int, r
                 p.copy_(torch.randn(p.shape, generator=g).to(device) * 0.02)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    if compiled and side == "minilora":
+        model.compile_blocks()
+    elif compiled:
+        model = torch.compile(model)
     times, losses = [], []
     fp32_loss = None
     if reference:  # the step-1 loss in fp32, the yardstick for both sides' bf16 losses
@@ -110,7 +118,7 @@ def worker(side: str, name: str, dtype: str, steps: int, batch: int, seq: int, r
     else:
         hwm = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
     steady = sorted(times[2:])[len(times[2:]) // 2] if len(times) > 2 else times[-1]
-    return dict(side=side, loss_step1=losses[0], losses=losses, first_step_s=first, step_times=times[2:],
+    return dict(side=side + (" compiled" if compiled else ""), loss_step1=losses[0], losses=losses, first_step_s=first, step_times=times[2:],
                 step_s=steady, tokens_per_s=batch * seq / steady, peak_rss=hwm, fp32_loss=fp32_loss)
 
 
@@ -199,10 +207,11 @@ def main() -> None:
     parser.add_argument("--reference", action="store_true")
     parser.add_argument("--dora", action="store_true", help="DoRA instead of plain LoRA, on both sides")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--compile", action="store_true", help="also both sides compiled (see the docstring)")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.model, args.dtype, args.steps, args.batch, args.seq, args.reference,
-                                args.dora, args.device)))
+                                args.dora, args.device, args.compile)))
         return
     import torch
 
@@ -216,12 +225,13 @@ def main() -> None:
         return
     peak = matmul_peak(args.dtype, args.device)
     runs: dict[str, list[dict]] = {}
+    sides = ["minilora", "peft"] + (["minilora compiled", "peft compiled"] if args.compile else [])
     for round_ in range(args.rounds):
-        for side in ("minilora", "peft") if round_ % 2 == 0 else ("peft", "minilora"):
-            cmd = [sys.executable, __file__, "--worker", side, "--model", args.model, "--dtype", args.dtype,
+        for side in sides if round_ % 2 == 0 else sides[::-1]:
+            cmd = [sys.executable, __file__, "--worker", side.split()[0], "--model", args.model, "--dtype", args.dtype,
                    "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq),
                    "--device", args.device] + \
-                (["--dora"] if args.dora else [])
+                (["--dora"] if args.dora else []) + (["--compile"] if side.endswith("compiled") else [])
             if round_ == 0 and side == "minilora" and args.dtype == "bf16":
                 cmd.append("--reference")
             proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -239,12 +249,16 @@ def main() -> None:
     flops = step_flops(CONFIGS[args.model], args.batch, args.seq)
     print(f"{'DoRA' if args.dora else 'LoRA'} r=8 on {TARGETS[CONFIGS[args.model]['model_type']]}, {args.model}, {args.dtype}, micro-batch "
           f"{args.batch} x {args.seq} on {args.device}; matmul peak {peak / 1e9:.0f} GFLOP/s; {flops / 1e9:.0f} GFLOP per step")
-    print(f"{'':>10} {'loss@1':>10} {'first step':>11} {'tokens/s':>9} {'of peak':>8} {'peak GPU' if args.device == 'cuda' else 'peak RSS':>9}")
+    print(f"{'':>17} {'loss@1':>10} {'first step':>11} {'tokens/s':>9} {'of peak':>8} {'peak GPU' if args.device == 'cuda' else 'peak RSS':>9}")
     for side, r in rows.items():
         r["fraction_of_peak"] = flops / r["step_s"] / peak
-        print(f"{side:>10} {r['loss_step1']:10.6f} {r['first_step_s']:10.1f}s {r['tokens_per_s']:9.0f} "
+        print(f"{side:>17} {r['loss_step1']:10.6f} {r['first_step_s']:10.1f}s {r['tokens_per_s']:9.0f} "
               f"{r['fraction_of_peak']:8.0%} {r['peak_rss'] / 1e9:8.2f}G")
-    if len(rows) == 2:
+    if "minilora compiled" in rows and "peft compiled" in rows:
+        print(f"compiled: minilora / peft tokens/s {rows['minilora compiled']['tokens_per_s'] / rows['peft compiled']['tokens_per_s']:.2f}x; "
+              f"minilora compiled / minilora eager {rows['minilora compiled']['tokens_per_s'] / rows['minilora']['tokens_per_s']:.2f}x; "
+              f"minilora compiled / peft eager {rows['minilora compiled']['tokens_per_s'] / rows['peft']['tokens_per_s']:.2f}x")
+    if "minilora" in rows and "peft" in rows:
         ratio = rows["minilora"]["tokens_per_s"] / rows["peft"]["tokens_per_s"]
         diff = abs(rows["minilora"]["loss_step1"] - rows["peft"]["loss_step1"])
         print(f"minilora / peft tokens/s: {ratio:.2f}x (target >= 1.3x); step-1 loss difference {diff:.2e} "
@@ -263,7 +277,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     out = dict(model=args.model, dtype=args.dtype, device=args.device, dora=args.dora, batch=args.batch, seq=args.seq, matmul_peak=peak,
                step_flops=flops, rows=rows)
-    suffix = ("_dora" if args.dora else "") + ("_cuda" if args.device == "cuda" else "")
+    suffix = ("_dora" if args.dora else "") + ("_cuda" if args.device == "cuda" else "") + ("_compile" if args.compile else "")
     (RESULTS / f"train_speed_{args.model}_{args.dtype}{suffix}.json").write_text(json.dumps(out, indent=2) + "\n")
 
 
