@@ -259,3 +259,23 @@ def digests(folder):
     import hashlib
     return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith(".")}
+
+
+def assert_gguf_lora_applies(reader, base, merged, atol: float) -> dict:
+    """The GGUF LoRA adapter that `reader` (a gguf.GGUFReader) opened, applied in numpy to each tensor of the
+    exported GGUF `base` (W + alpha / r * B A), gives the exported GGUF `merged`, tensor by tensor, and every
+    lora_a/lora_b pair is used. Returns the adapter's tensors by name, (out, in) shaped."""
+    import gguf
+    import numpy as np
+    alpha = float(reader.fields["adapter.lora.alpha"].contents())
+    tensors = {t.name: np.asarray(t.data).reshape(tuple(reversed(t.shape.tolist()))) for t in reader.tensors}
+    lora = dict(tensors)
+    want = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(merged)).tensors}
+    for t in gguf.GGUFReader(str(base)).tensors:
+        w = np.asarray(t.data).copy()
+        if f"{t.name}.lora_a" in lora:
+            a, b = lora.pop(f"{t.name}.lora_a"), lora.pop(f"{t.name}.lora_b")
+            w = w + alpha / a.shape[0] * (b @ a)
+        assert np.allclose(w, want[t.name], atol=atol), t.name
+    assert not lora
+    return tensors

@@ -5,7 +5,7 @@ llama.cpp itself runs the files in tests/test_llamacpp.py (opt-in)."""
 import numpy as np
 import pytest
 import torch
-from conftest import lora_model
+from conftest import assert_gguf_lora_applies, lora_model
 from minilora.errors import CheckpointError, ConfigError
 from minilora.formats import ggml_blocks as ggml
 from minilora.loading.weights import load_model
@@ -105,17 +105,7 @@ def test_adapter_applied_the_llamacpp_way_gives_the_merged_weights(saved_tiny, t
     merged = export_merged(model, tmp_path / "merged.gguf", "f32")
     reader = gguf.GGUFReader(str(path))
     assert reader.fields["general.type"].contents() == "adapter" and reader.fields["adapter.type"].contents() == "lora"
-    alpha = float(reader.fields["adapter.lora.alpha"].contents())
-    lora = {t.name: np.asarray(t.data).reshape(tuple(reversed(t.shape.tolist()))) for t in reader.tensors}
-    assert len(lora) == 2 * 2 * 5
-    want = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(merged)).tensors}
-    for t in gguf.GGUFReader(str(base)).tensors:
-        w = np.asarray(t.data).copy()
-        if f"{t.name}.lora_a" in lora:
-            a, b = lora.pop(f"{t.name}.lora_a"), lora.pop(f"{t.name}.lora_b")
-            w = w + alpha / a.shape[0] * (b @ a)
-        assert np.allclose(w, want[t.name], atol=1e-6), t.name
-    assert not lora
+    assert len(assert_gguf_lora_applies(reader, base, merged, atol=1e-6)) == 2 * 2 * 5
 
 
 def test_what_llamacpp_cannot_carry_is_refused_by_name(saved_tiny, tmp_path):
