@@ -225,7 +225,7 @@ def test_blocks_are_the_ones_run_blocks_runs(saved_tiny):
 
 
 SLICED = r'''
-import json, sys, torch
+import json, os, sys, torch
 sys.path.insert(0, sys.argv[5])
 from conftest import Tok, examples
 from minilora.loading.weights import load_model, slice_reader
@@ -259,6 +259,9 @@ cfg = TrainConfig(output_dir=out, fsdp=True, max_steps=3, micro_batch_size=2, ba
 train(model, Tok, examples(16), examples(4, seed=1), cfg)
 rank = distributed.rank_and_world()[0]
 (__import__("pathlib").Path(out) / f"held-{rank}.json").write_text(json.dumps(held))
+distributed.shutdown()  # then out without the interpreter's clean-up, as the CLI's workers do (cli.end_worker_process):
+sys.stdout.flush(); sys.stderr.flush()  # a gloo process was seen to abort there (SIGABRT) after a complete run
+os._exit(0)
 '''
 
 
