@@ -51,6 +51,14 @@ def prepared_head(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.
     return tuple(entry[1:])
 
 
+def release_prepared_head(weight: torch.Tensor) -> None:
+    """Drop the cast or padded copy prepared_head keeps of `weight` (its logits buffers stay): for a
+    weight whole only while it is used (FSDP gathers it), which the copy would otherwise keep whole."""
+    entry = _prepared_heads.get(id(weight))
+    if entry is not None:
+        entry[:3] = None, None, None
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """sum_t CE(h_t W^T + b, y_t) for a frozen W (vocab, d), a chunk of tokens at a time; targets equal
     to `ignore_index` count for nothing, as in F.cross_entropy.

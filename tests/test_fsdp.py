@@ -253,6 +253,9 @@ def shard(m, cfg, bf16):
     held["before"], held["logical"] = base_bytes(m, True), base_bytes(m, False)
     original(m, cfg, bf16)
     held["after"] = base_bytes(m, True)
+    for block in fsdp.blocks(m):  # while the blocks run, the embedding and the head are this rank's slices
+        block.register_forward_pre_hook(lambda b, args: held.setdefault("whole while a block runs", []).append(
+            [not isinstance(t, DTensor) for t in (m.model.embed_tokens.weight, m.lm_head.weight)]) and None)
 fsdp.shard = shard
 cfg = TrainConfig(output_dir=out, fsdp=True, max_steps=3, micro_batch_size=2, batch_size=4, lr=1e-2, progress=False,
                   eval_every=3)
@@ -268,13 +271,16 @@ os._exit(0)
 @pytest.mark.parametrize("quant", ["float", pytest.param("nf4", marks=pytest.mark.slow)])
 def test_sharded_loading_reads_each_rank_its_slices_and_trains_as_the_whole_load(saved_tiny, tmp_path, quant):
     """load_model(shard=True): each rank holds no base before sharding (placeholders of one element) and
-    1/N of it after, read slice by slice; the run equals one whose ranks loaded the whole base."""
+    1/N of it after, read slice by slice; the run equals one whose ranks loaded the whole base. The token
+    embedding and the output head (tied to it in the float run) are gathered only while they are used:
+    while the blocks run they are slices."""
     script = tmp_path / "sliced.py"
     script.write_text(SLICED)
     tests = str(__import__("pathlib").Path(__file__).parent)
     for mode in ("whole", "sliced"):
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                               str(script), str(saved_tiny["llama-gqa"][1]), str(tmp_path / mode), mode, quant, tests],
+                               str(script), str(saved_tiny["llama-tied" if quant == "float" else "llama-gqa"][1]),
+                               str(tmp_path / mode), mode, quant, tests],
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     a, b = metrics(tmp_path / "whole"), metrics(tmp_path / "sliced")
@@ -292,6 +298,8 @@ def test_sharded_loading_reads_each_rank_its_slices_and_trains_as_the_whole_load
         assert h["before"] <= 1024  # placeholders
         assert 0.4 * whole <= h["after"] <= 0.6 * whole  # ~1/2 (FSDP pads dim 0 to a multiple of 2)
     assert abs(sum(h["after"] for h in held["sliced"]) - whole) <= 0.05 * whole
+    for h in held["sliced"] + held["whole"]:
+        assert h["whole while a block runs"] and not any(any(w) for w in h["whole while a block runs"])
 
 
 KILLED = r'''

@@ -16,11 +16,21 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from ..errors import ConfigError
+
+
+def sharded_type(name: str, x: Any) -> bool:
+    """isinstance(x, torch's FSDPModule or DTensor, by `name`) without importing torch.distributed.fsdp
+    or .tensor (about a second of start-up that runs without fsdp and other commands need not pay): until
+    a run shards (fsdp.py imports them), nothing is either."""
+    module = sys.modules.get("torch.distributed.fsdp" if name == "FSDPModule" else "torch.distributed.tensor")
+    return module is not None and isinstance(x, getattr(module, name))
 
 
 def rank_and_world() -> tuple[int, int]:

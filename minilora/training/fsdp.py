@@ -25,7 +25,14 @@ number of processes (checkpoint.py refuses any other, by name).
 
 A quantized base (int8, NF4) shards too: its layers' scales and codes, buffers that FSDP would leave
 whole on every rank, are made frozen parameters, and each quantized layer is its own unit (gathered
-for its own forward and backward), so that under bf16 its fp32 scales are not cast. A model loaded in
+for its own forward and backward), so that under bf16 its fp32 scales are not cast.
+
+The token embedding and the output head are units of their own too, gathered only while used: in the
+root unit they would stay whole from the first block's forward to the last one's backward (for
+Qwen2.5-1.5B, 0.43 GiB of its 2.88 on every rank, however many ranks). The fused head loss reads the
+head's weight directly, not through its forward, so it gathers it itself (`gathered`); the weight is not
+needed again in the backward, which scales the input gradient the forward made. A head tied to the
+embedding (TiedHead) holds no weight of its own and reads the embedding's, through its unit. A model loaded in
 placeholders (load_model(..., shard=True)) is sharded on `meta` and then filled, each rank reading only
 its slices (fsdp_load.py).
 
@@ -36,21 +43,27 @@ are cast once per gather, not per matmul) and reduces gradients in fp32 into the
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import os
-from typing import Any, Callable, Iterator
+import types
+import weakref
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..data.records import IGNORE, Example
 from ..errors import CheckpointError, ConfigError
+from ..kernels import release_prepared_head
 from ..lora.layers import LoRALinear, is_adapter_tensor
 from ..quant.base import QuantizedLinear
 from ..quant.ggml import GGMLEmbedding, GGMLLinear
 from . import distributed, fsdp_load
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+# torch.distributed.fsdp and .tensor are imported by the functions that shard, not here (distributed.sharded_type)
 
 LAUNCH = "torchrun --nproc_per_node N -m minilora train RECIPE (several machines: --nnodes, --node_rank, " \
          "--rdzv_backend c10d --rdzv_endpoint HOST:PORT)"
@@ -105,6 +118,9 @@ def shard(model: nn.Module, cfg, bf16: bool) -> None:
     summed, not averaged, over the ranks."""
     if not cfg.fsdp:
         return
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    if next(model.parameters()).device.type == "cpu":
+        _return_freed_blocks()
     reader = fsdp_load.pending(model)  # a model loaded in placeholders (shard=True): its slices read below
     adapter = fsdp_load.to_meta(model) if reader is not None else {}
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
@@ -116,6 +132,7 @@ def shard(model: nn.Module, cfg, bf16: bool) -> None:
         for layer in _state_made_parameters(block):  # its own unit: its fp32 scales are never cast to bf16
             fully_shard(layer, mp_policy=MixedPrecisionPolicy())
         fully_shard(block, mp_policy=policy)
+    _shard_embedding_and_head(model, policy)
     fully_shard(model, mp_policy=policy)
     if reader is not None:
         fsdp_load.fill(model, reader, adapter, next(iter(adapter.values())).device)
@@ -125,6 +142,98 @@ def shard(model: nn.Module, cfg, bf16: bool) -> None:
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)  # gloo has no pre-multiplied sum; 1 needs none
             m.set_force_sum_reduction_for_comms(True)
+
+
+def _return_freed_blocks() -> None:
+    """glibc's malloc keeps freed blocks below its mmap threshold for reuse, and raises that threshold to
+    the size of each large block freed (up to 32 MB): the gathered weights of the blocks, freed after each
+    use, are of those sizes, and a step's gathers stayed resident, about one whole model per rank (a
+    Qwen2.5-1.5B shape on 2 ranks: 4.65 GiB peak per rank, against 3.15 GiB with this). A fixed threshold
+    of 1 MiB returns every block larger than that when it is freed (the next gather faults its pages in
+    again: a small cost beside the all-gather). Left as it is where the user set MALLOC_MMAP_THRESHOLD_,
+    and where the C library is not glibc."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    try:
+        ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+_head_units: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()  # head -> its unit
+
+
+class TiedHead(nn.Linear):
+    """Under FSDP, an output head tied to the token embedding: no weight of its own, it reads the
+    embedding's (this rank's slice, or the whole while the embedding's unit is gathered), and runs its
+    product through a method of that unit which FSDP gathers for, forward and backward."""
+
+    @property
+    def weight(self) -> torch.Tensor:
+        owner, name = self.tied_to
+        return owner._parameters[name]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.unit.tied_head(x, self.bias)
+
+
+def _tied_head(unit: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    owner, name = unit.head_weight
+    return torch.nn.functional.linear(x, owner._parameters[name], bias)
+
+
+def _shard_embedding_and_head(model: nn.Module, policy: MixedPrecisionPolicy) -> None:
+    """The token embedding its own unit, and a plain output head too, or a TiedHead reading the embedding's
+    unit; a head of another kind (LoRA on a tied head) stays in the root unit with the embedding."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    embed, head = getattr(model, "input_embeddings", None) if hasattr(model, "hidden_states") else None, \
+        getattr(model, "lm_head", None)
+    if not isinstance(embed, nn.Module) or not any(True for _ in embed.parameters()):
+        return
+    tied = [(m, name) for m in embed.modules() for name, p in m._parameters.items()
+            if head is not None and p is getattr(head, "weight", None)]
+    if tied and type(head) is not nn.Linear:
+        return
+    if tied:
+        del head._parameters["weight"]  # before fully_shard: else the root would shard it again
+        head.__class__, head.tied_to = TiedHead, tied[0]
+        object.__setattr__(head, "unit", embed)  # not a submodule of the head: the model's tree stays as it is
+    fully_shard(embed, mp_policy=policy)
+    if tied:
+        embed.head_weight, embed.tied_head = tied[0], types.MethodType(_tied_head, embed)
+        register_fsdp_forward_method(embed, "tied_head")
+        _head_units[head] = embed
+    elif type(head) is nn.Linear:
+        fully_shard(head, mp_policy=policy)
+        _head_units[head] = head
+
+
+@contextlib.contextmanager
+def gathered(head: nn.Module) -> Iterator[None]:
+    """While the block runs, the output head's weight whole (its unit gathered), then this rank's slice
+    again; for the fused head loss, which reads head.weight without calling the head. Any other module,
+    and a model not sharded, as it is."""
+    unit = _head_units.get(head)
+    if unit is None:
+        yield
+        return
+    unit.unshard()
+    try:
+        yield
+    finally:
+        release_prepared_head(head.weight)  # the kernel's cast or padded copy of it, if it made one
+        unit.reshard()
+
+
+def _untie_for_the_caller(model: nn.Module) -> None:
+    """The heads made TiedHead plain nn.Linear again, tied to the (now whole) embedding weight."""
+    for head in [m for m in model.modules() if m in _head_units]:
+        del _head_units[head]
+        if isinstance(head, TiedHead):
+            weight = head.weight
+            head.__class__ = nn.Linear
+            del head.tied_to, head.unit
+            head._parameters["weight"] = weight
 
 
 def _quantized(m: nn.Module) -> type[QuantizedLinear] | None:
@@ -151,7 +260,7 @@ def _state_made_parameters(block: nn.Module) -> list[nn.Module]:
 
 
 def is_sharded(model: nn.Module) -> bool:
-    return isinstance(model, FSDPModule)
+    return distributed.sharded_type("FSDPModule", model)
 
 
 def accumulate(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]], objective: Any, bf16: bool = False,
@@ -196,7 +305,7 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
     slices (a sharded norm is a partial one until reduced), each gradient scaled by the same factor."""
     grads = [p.grad for p in params if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads)
-    if isinstance(norm, DTensor):
+    if distributed.sharded_type("DTensor", norm):
         norm = norm.full_tensor()
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return float(norm)
@@ -212,7 +321,7 @@ def with_empty_rows(data: list[Example], world: int) -> list[Example]:
 def _adapter_params(model: nn.Module) -> dict[int, nn.Parameter]:
     """{id: parameter} of what an adapter file holds: LoRA's tensors and whatever trains (modules_to_save)."""
     return {id(p): p for n, p in model.named_parameters(remove_duplicate=False)
-            if isinstance(p, DTensor) and (p.requires_grad or is_adapter_tensor(n))}
+            if distributed.sharded_type("DTensor", p) and (p.requires_grad or is_adapter_tensor(n))}
 
 
 @contextlib.contextmanager
@@ -224,8 +333,9 @@ def whole_adapter(model: nn.Module) -> Iterator[None]:
     if not is_sharded(model):
         yield
         return
+    from torch.distributed.tensor import distribute_tensor
     for m in model.modules():
-        if isinstance(m, FSDPModule):
+        if is_sharded(m):
             m.reshard()  # sharded everywhere, so FSDP's state-dict hook has nothing to swap back
     sharded = _adapter_params(model)
     whole = {i: nn.Parameter(p.full_tensor().detach().clone(), requires_grad=p.requires_grad)
@@ -248,7 +358,8 @@ def whole_adapter(model: nn.Module) -> Iterator[None]:
 def optimizer_shard(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The optimizer's state_dict with this rank's slices as plain CPU tensors (what a file can hold)."""
     state = optimizer.state_dict()
-    state["state"] = {i: {k: v.to_local().cpu() if isinstance(v, DTensor) else v for k, v in moments.items()}
+    state["state"] = {i: {k: v.to_local().cpu() if distributed.sharded_type("DTensor", v) else v
+                          for k, v in moments.items()}
                       for i, moments in state["state"].items()}
     return state
 
@@ -256,6 +367,7 @@ def optimizer_shard(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
 def as_sharded(optimizer: torch.optim.Optimizer, state: Any, file: os.PathLike) -> Any:
     """optimizer_shard's state made DTensors again, as this rank's slices of the run's parameters (each
     of the slice's shape, or a CheckpointError naming the file)."""
+    from torch.distributed.tensor import DTensor
     params = [p for group in optimizer.param_groups for p in group["params"]]
     try:
         for i, moments in state["state"].items():
@@ -283,9 +395,9 @@ def gather_for_the_caller(model: nn.Module) -> None:
         return
     with whole_adapter(model):
         adapter = {(id(m), name): p for m in model.modules() for name, p in m._parameters.items()
-                   if p is not None and not isinstance(p, DTensor)}
+                   if p is not None and not distributed.sharded_type("DTensor", p)}
     for m in model.modules():
-        if isinstance(m, FSDPModule):
+        if is_sharded(m):
             m.set_reshard_after_forward(False)
             m.set_reshard_after_backward(False)
             m.unshard()
@@ -296,3 +408,4 @@ def gather_for_the_caller(model: nn.Module) -> None:
     # FSDP's wrapper of hidden_states (shard()) ends the state of a forward that calls it (forward does),
     # and that forward's end then reshards the root: without the wrapper, gathered is gathered for good
     model.__dict__.pop("hidden_states", None)
+    _untie_for_the_caller(model)

@@ -19,7 +19,6 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-from torch.distributed.tensor import DTensor
 
 from ..errors import ConfigError
 from ..lora.config import lora_state
@@ -80,7 +79,7 @@ def to_meta(model: nn.Module) -> dict[str, torch.Tensor]:
 def _rows(p: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(this rank's slice of `p` to write into, the first row it holds): FSDP's Shard(0) chunks rows as
     torch.chunk does, ceil(d / N) each, the last ones shorter or empty."""
-    if not isinstance(p, DTensor):
+    if not distributed.sharded_type("DTensor", p):
         return p.data, 0
     rank, world = distributed.rank_and_world()
     return p.to_local(), rank * math.ceil(p.shape[0] / world)
@@ -109,7 +108,7 @@ def fill(model: nn.Module, reader: Reader, adapter: dict[str, torch.Tensor], dev
 
 
 def _rows_of(whole: torch.Tensor, p: torch.Tensor, first: int, local: torch.Tensor) -> torch.Tensor:
-    return whole[first:first + local.shape[0]] if isinstance(p, DTensor) else whole
+    return whole[first:first + local.shape[0]] if distributed.sharded_type("DTensor", p) else whole
 
 
 def _fill_quantized(layer: nn.Module, kind: type[QuantizedLinear], name: str, reader: Reader) -> None:

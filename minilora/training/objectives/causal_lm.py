@@ -16,6 +16,7 @@ from ...data.records import IGNORE, Example
 from ...kernels import LinearCrossEntropy
 from ...quant.base import QuantizedLinear
 from .. import distributed
+from ..fsdp import TiedHead, gathered
 from .base import LossFn, LossFnObjective, Objective, rank_batches
 
 
@@ -31,12 +32,13 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE)], dim=1)  # token t predicts t+1
     head = getattr(model, "lm_head", None)
     quantized = isinstance(head, QuantizedLinear)  # a head kept in blocks (tied to a GGUF embedding): read by rows
-    if (type(head) is nn.Linear or quantized) and not head.weight.requires_grad and hasattr(model, "hidden_states") \
+    if (type(head) in (nn.Linear, TiedHead) or quantized) and not head.weight.requires_grad and hasattr(model, "hidden_states") \
             and (head.bias is None or not head.bias.requires_grad) and getattr(model, "final_logit_softcap", None) is None:
         h, targets = model.hidden_states(ids, attention_mask=mask).flatten(0, 1), shifted.flatten()
         keep = targets != IGNORE  # no head work for padding and masked prompt positions
-        loss = LinearCrossEntropy.apply(h[keep], head.weight, head.bias, targets[keep], IGNORE,
-                                        head.rows if quantized else None)
+        with gathered(head):  # (FSDP) the head's weight whole while the loss reads it
+            loss = LinearCrossEntropy.apply(h[keep], head.weight, head.bias, targets[keep], IGNORE,
+                                            head.rows if quantized else None)
     else:
         logits = model(ids, attention_mask=mask)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE, reduction="sum")
