@@ -28,9 +28,9 @@ from .lora.config import LoRAConfig
 from .lora.inject import apply_lora
 from .lora.report import memory_report, param_report
 from .models import build_model
-from .recipe import RECIPES, load_recipe, packaged_recipes, run_recipe
+from .recipe import RECIPES, load_recipe, load_trained, packaged_recipes, run_recipe
 from .ship.hub import push_to_hub
-from .training import distributed
+from .training import distributed, fsdp
 from .training.plots import plot_run
 
 
@@ -99,6 +99,10 @@ def cmd_train(args: argparse.Namespace) -> None:
         return
     print(f"adapter saved to {result.adapter_dir} ({folder_size(result.adapter_dir) / 1e6:.2f} MB)")
     if recipe.generate.prompts and recipe.data.task != "classification":
+        if fsdp.left_sharded(model):  # too big to gather whole on every rank; the other ranks have ended
+            print("loading the base and the trained adapter in this process for the samples")
+            del model
+            model, tokenizer = load_trained(recipe, result.adapter_dir)
         show_comparison(model, tokenizer, recipe.generate.prompts, recipe.generate.max_new_tokens,
                         recipe.generate.temperature, chat=recipe.generate.chat, system=recipe.generate.system)
 

@@ -6,6 +6,7 @@ importable from here too."""
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 from pathlib import Path
 from typing import Callable, ContextManager
@@ -23,6 +24,7 @@ from .generate import classify as predict
 from .loading.tokenizer import load_tokenizer
 from .loading.weights import load_model, slice_reader, torch_dtype
 from .lora.inject import apply_lora
+from .lora.peft_load import load_adapter
 from .lora.report import param_report
 from .models.common import resize_token_embeddings
 from .recipe_file import (  # noqa: F401 (the command line, the demo and tests take them from here)
@@ -139,6 +141,15 @@ def _load_model_and_tokenizer(recipe: Recipe, device: torch.device, id2label: di
     if classify and not tokenizer.has_pad_token:  # batches need padding: add [PAD], grow the embeddings
         tokenizer.add_pad_token()
         resize_token_embeddings(model, tokenizer.vocab_size)
+    return model, tokenizer
+
+
+def load_trained(recipe: Recipe, adapter_dir: str | os.PathLike):
+    """The recipe's base model and tokenizer, loaded whole in this process, with the adapter a run saved
+    in `adapter_dir` on it: what generates after an FSDP run whose model stayed sharded."""
+    device = torch.device(recipe.model.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, tokenizer = _load_model_and_tokenizer(recipe, device, None)
+    load_adapter(model, adapter_dir)
     return model, tokenizer
 
 

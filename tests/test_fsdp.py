@@ -333,6 +333,38 @@ def test_a_rank_killed_after_a_checkpoint_leaves_it_loadable_and_a_resume_contin
     assert [r["step"] for r in metrics(out)][-1] == 6
 
 
+NO_ROOM = r'''
+import sys
+from minilora.cli import main
+from minilora.training import fsdp
+fsdp._whole_fits = lambda model: False  # as if the base were too big to gather whole on every rank
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def samples(output):
+    """The base / adapter columns the CLI prints after training."""
+    return [line for line in output.splitlines() if line.startswith("===") or " | " in line]
+
+
+def test_a_model_too_big_to_gather_on_every_rank_stays_sharded_and_the_samples_load_it_in_one_process(runs, tmp_path):
+    """Handing the model back whole on every rank would need N whole models: where that does not fit,
+    train() leaves it sharded, says so, and the CLI loads base and adapter in one process for its
+    samples, which equal those of the run that gathered it."""
+    script, out = tmp_path / "no_room.py", runs.root / "llama-2-no-room"
+    script.write_text(NO_ROOM)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), "train",
+           str(runs.recipes["llama"]), *FSDP, "--train.output_dir", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "the trained model stays sharded over the ranks" in proc.stdout
+    assert "loading the base and the trained adapter in this process for the samples" in proc.stdout
+    runs("llama-2")
+    gathered = samples(runs.done["llama-2:output"])
+    assert gathered and samples(proc.stdout) == gathered
+    assert metrics(out) == metrics(runs("llama-2"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama-bf16-2", "llama-nf4-bf16-2"])
 def test_bf16_under_fsdp_follows_the_one_process_bf16_run(runs, name):

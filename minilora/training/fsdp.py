@@ -27,14 +27,15 @@ A quantized base (int8, NF4) shards too: its layers' scales and codes, buffers t
 whole on every rank, are made frozen parameters, and each quantized layer is its own unit (gathered
 for its own forward and backward), so that under bf16 its fp32 scales are not cast.
 
+A model loaded in placeholders (load_model(..., shard=True)) is sharded on `meta` and then filled,
+each rank reading only its slices (fsdp_load.py).
+
 The token embedding and the output head are units of their own too, gathered only while used: in the
 root unit they would stay whole from the first block's forward to the last one's backward (for
-Qwen2.5-1.5B, 0.43 GiB of its 2.88 on every rank, however many ranks). The fused head loss reads the
-head's weight directly, not through its forward, so it gathers it itself (`gathered`); the weight is not
-needed again in the backward, which scales the input gradient the forward made. A head tied to the
-embedding (TiedHead) holds no weight of its own and reads the embedding's, through its unit. A model loaded in
-placeholders (load_model(..., shard=True)) is sharded on `meta` and then filled, each rank reading only
-its slices (fsdp_load.py).
+Qwen2.5-1.5B, 0.43 GiB of its 2.88 on every rank, however many ranks): fsdp_head.py. On CPU, freed
+gathers are returned to the system at once (_return_freed_blocks). After the run the model is handed
+back whole on every rank where that fits; where it does not (a base that needed FSDP to fit), it stays
+sharded, and the command line loads base and adapter in one process for its samples.
 
 With bf16, a mixed-precision policy gathers the weights in bf16 (half the traffic; the frozen weights
 are cast once per gather, not per matmul) and reduces gradients in fp32 into the fp32 LoRA slices.
@@ -46,23 +47,18 @@ import contextlib
 import ctypes
 import math
 import os
-import types
-import weakref
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
 
 from ..data.records import IGNORE, Example
 from ..errors import CheckpointError, ConfigError
-from ..kernels import release_prepared_head
 from ..lora.layers import LoRALinear, is_adapter_tensor
 from ..quant.base import QuantizedLinear
 from ..quant.ggml import GGMLEmbedding, GGMLLinear
-from . import distributed, fsdp_load
+from . import distributed, fsdp_head, fsdp_load
 
-if TYPE_CHECKING:
-    from torch.distributed.fsdp import MixedPrecisionPolicy
 # torch.distributed.fsdp and .tensor are imported by the functions that shard, not here (distributed.sharded_type)
 
 LAUNCH = "torchrun --nproc_per_node N -m minilora train RECIPE (several machines: --nnodes, --node_rank, " \
@@ -132,7 +128,7 @@ def shard(model: nn.Module, cfg, bf16: bool) -> None:
         for layer in _state_made_parameters(block):  # its own unit: its fp32 scales are never cast to bf16
             fully_shard(layer, mp_policy=MixedPrecisionPolicy())
         fully_shard(block, mp_policy=policy)
-    _shard_embedding_and_head(model, policy)
+    fsdp_head.shard_embedding_and_head(model, policy)
     fully_shard(model, mp_policy=policy)
     if reader is not None:
         fsdp_load.fill(model, reader, adapter, next(iter(adapter.values())).device)
@@ -158,82 +154,6 @@ def _return_freed_blocks() -> None:
         ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass
-
-
-_head_units: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()  # head -> its unit
-
-
-class TiedHead(nn.Linear):
-    """Under FSDP, an output head tied to the token embedding: no weight of its own, it reads the
-    embedding's (this rank's slice, or the whole while the embedding's unit is gathered), and runs its
-    product through a method of that unit which FSDP gathers for, forward and backward."""
-
-    @property
-    def weight(self) -> torch.Tensor:
-        owner, name = self.tied_to
-        return owner._parameters[name]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.unit.tied_head(x, self.bias)
-
-
-def _tied_head(unit: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    owner, name = unit.head_weight
-    return torch.nn.functional.linear(x, owner._parameters[name], bias)
-
-
-def _shard_embedding_and_head(model: nn.Module, policy: MixedPrecisionPolicy) -> None:
-    """The token embedding its own unit, and a plain output head too, or a TiedHead reading the embedding's
-    unit; a head of another kind (LoRA on a tied head) stays in the root unit with the embedding."""
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-    embed, head = getattr(model, "input_embeddings", None) if hasattr(model, "hidden_states") else None, \
-        getattr(model, "lm_head", None)
-    if not isinstance(embed, nn.Module) or not any(True for _ in embed.parameters()):
-        return
-    tied = [(m, name) for m in embed.modules() for name, p in m._parameters.items()
-            if head is not None and p is getattr(head, "weight", None)]
-    if tied and type(head) is not nn.Linear:
-        return
-    if tied:
-        del head._parameters["weight"]  # before fully_shard: else the root would shard it again
-        head.__class__, head.tied_to = TiedHead, tied[0]
-        object.__setattr__(head, "unit", embed)  # not a submodule of the head: the model's tree stays as it is
-    fully_shard(embed, mp_policy=policy)
-    if tied:
-        embed.head_weight, embed.tied_head = tied[0], types.MethodType(_tied_head, embed)
-        register_fsdp_forward_method(embed, "tied_head")
-        _head_units[head] = embed
-    elif type(head) is nn.Linear:
-        fully_shard(head, mp_policy=policy)
-        _head_units[head] = head
-
-
-@contextlib.contextmanager
-def gathered(head: nn.Module) -> Iterator[None]:
-    """While the block runs, the output head's weight whole (its unit gathered), then this rank's slice
-    again; for the fused head loss, which reads head.weight without calling the head. Any other module,
-    and a model not sharded, as it is."""
-    unit = _head_units.get(head)
-    if unit is None:
-        yield
-        return
-    unit.unshard()
-    try:
-        yield
-    finally:
-        release_prepared_head(head.weight)  # the kernel's cast or padded copy of it, if it made one
-        unit.reshard()
-
-
-def _untie_for_the_caller(model: nn.Module) -> None:
-    """The heads made TiedHead plain nn.Linear again, tied to the (now whole) embedding weight."""
-    for head in [m for m in model.modules() if m in _head_units]:
-        del _head_units[head]
-        if isinstance(head, TiedHead):
-            weight = head.weight
-            head.__class__ = nn.Linear
-            del head.tied_to, head.unit
-            head._parameters["weight"] = weight
 
 
 def _quantized(m: nn.Module) -> type[QuantizedLinear] | None:
@@ -393,6 +313,12 @@ def gather_for_the_caller(model: nn.Module) -> None:
     A model that is not sharded is left as it is."""
     if not is_sharded(model):
         return
+    if not _agreed(_whole_fits(model), next(model.parameters()).device):
+        if distributed.is_main():
+            print(f"fsdp: the trained model stays sharded over the ranks: whole on each of them it would take "
+                  f"{_whole_bytes(model) / 2**30:.1f} GiB per rank, more than this machine has free (the adapter is "
+                  "saved; load it onto the base in one process to generate: minilora generate --adapter ...)")
+        return
     with whole_adapter(model):
         adapter = {(id(m), name): p for m in model.modules() for name, p in m._parameters.items()
                    if p is not None and not distributed.sharded_type("DTensor", p)}
@@ -408,4 +334,35 @@ def gather_for_the_caller(model: nn.Module) -> None:
     # FSDP's wrapper of hidden_states (shard()) ends the state of a forward that calls it (forward does),
     # and that forward's end then reshards the root: without the wrapper, gathered is gathered for good
     model.__dict__.pop("hidden_states", None)
-    _untie_for_the_caller(model)
+    fsdp_head.untie_for_the_caller(model)
+
+
+def left_sharded(model: nn.Module) -> bool:
+    """Whether train() left `model` sharded (gather_for_the_caller found no room for it whole)."""
+    return is_sharded(model) and any(distributed.sharded_type("DTensor", p) for p in model.parameters())
+
+
+def _whole_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _whole_fits(model: nn.Module) -> bool:
+    """Whether every rank of this machine can hold the model whole beside its slices: on CUDA in its own
+    GPU's free memory, on CPU the processes on this machine (LOCAL_WORLD_SIZE) in its available memory
+    (/proc/meminfo; elsewhere assumed)."""
+    need = _whole_bytes(model)
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        return need <= 0.9 * torch.cuda.mem_get_info(device)[0]
+    try:
+        available = int(open("/proc/meminfo").read().split("MemAvailable:")[1].split()[0]) * 1024
+    except (OSError, IndexError, ValueError):
+        return True
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1")) * need <= 0.9 * available
+
+
+def _agreed(fits: bool, device: torch.device) -> bool:
+    """True only if every rank says so (the gathers are collective: all ranks do them or none)."""
+    votes = torch.tensor([0.0 if fits else 1.0], dtype=torch.float64, device=device)
+    distributed.sum_across_ranks([votes])
+    return float(votes[0]) == 0.0

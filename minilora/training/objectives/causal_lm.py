@@ -16,7 +16,7 @@ from ...data.records import IGNORE, Example
 from ...kernels import LinearCrossEntropy
 from ...quant.base import QuantizedLinear
 from .. import distributed
-from ..fsdp import TiedHead, gathered
+from ..fsdp_head import TiedHead, gathered
 from .base import LossFn, LossFnObjective, Objective, rank_batches
 
 
