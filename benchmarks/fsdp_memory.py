@@ -7,6 +7,7 @@ runs out of time is reported as such.
     .venv/bin/python benchmarks/fsdp_memory.py                     # both shapes, every configuration
     .venv/bin/python benchmarks/fsdp_memory.py --layers 4          # the same layers' shapes, 4 of them
     .venv/bin/python benchmarks/fsdp_memory.py --shapes qwen2.5-1.5b --procs 1 2 --timeout 900
+    .venv/bin/python benchmarks/fsdp_memory.py --shapes gpt-j-6b --procs 2 4 --bases bf16 --dir /tmp/ckpts
 
 Peak RSS is each rank's VmHWM (/proc/self/status), the largest over the ranks, through loading and
 training (before train() hands the model back whole on every rank, for generation: "handed back"); the step time is the
@@ -97,8 +98,15 @@ def vm_hwm() -> int:
     return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
 
 
+def available() -> int:
+    return int(open("/proc/meminfo").read().split("MemAvailable:")[1].split()[0]) * 1024
+
+
 def run(shape: str, folder: Path, n: int, fsdp: bool, nf4: bool, args, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
+    size = sum(f.stat().st_size for f in folder.glob("*.safetensors")) * (0.3 if nf4 else 1.0)
+    if not fsdp and n * size > 0.9 * available():  # every rank holds the whole base: not started
+        return dict(status=f"does not fit: {n} x {size / 2**30:.1f} GiB > {available() / 2**30:.1f} GiB available")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", __file__,
            "--worker", str(folder), str(out), str(int(fsdp)), str(int(nf4)), shape, str(args.seq), str(args.steps)]
     try:
@@ -126,12 +134,16 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--timeout", type=int, default=1200)
+    p.add_argument("--dir", type=Path, default=None,
+                   help="keep the checkpoints here and reuse them in later runs (GPT-J-6B's is 12 GB)")
     args = p.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for shape in args.shapes:
-            folder = Path(tmp) / shape
-            config = write_checkpoint(shape, args.layers, folder)
+            folder = (args.dir or Path(tmp)) / f"{shape}-{args.layers or 'all'}"
+            written = folder / "config.json"
+            config = json.loads(written.read_text()) if args.dir and written.exists() else \
+                write_checkpoint(shape, args.layers, folder)
             size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
             layers = config.get("n_layer") or config.get("num_hidden_layers")
             print(f"{shape}: {layers} blocks, {size / 2**30:.2f} GiB of bf16 safetensors", flush=True)
