@@ -365,6 +365,60 @@ def test_a_model_too_big_to_gather_on_every_rank_stays_sharded_and_the_samples_l
     assert metrics(out) == metrics(runs("llama-2"))
 
 
+SOFTCAPPED = r'''
+import os, sys, torch
+sys.path.insert(0, sys.argv[3])
+from conftest import Tok, examples
+from minilora.loading.weights import load_model
+from minilora.lora.inject import apply_lora
+from minilora.training import distributed
+from minilora.training.loop import TrainConfig, train
+folder, out = sys.argv[1:3]
+distributed.init_from_env(torch.device("cpu"))
+torch.manual_seed(0)
+model = load_model(folder)
+apply_lora(model, ["q_proj", "v_proj"], r=4, alpha=8)
+cfg = TrainConfig(output_dir=out, fsdp=distributed.rank_and_world()[1] > 1, max_steps=3, micro_batch_size=2,
+                  batch_size=4, lr=1e-2, progress=False, eval_every=3)
+train(model, Tok, examples(16), examples(4, seed=1), cfg)
+assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight is model.input_embeddings.weight
+distributed.shutdown()
+sys.stdout.flush(); sys.stderr.flush()
+os._exit(0)
+'''
+
+
+def test_a_tied_head_outside_the_fused_loss_under_fsdp_follows_the_one_process_run(tmp_path):
+    """Gemma 2's soft-capped logits come from the model's forward, not the fused loss: its head, tied to
+    the embedding, runs through the embedding's FSDP unit (gathered for its forward and its backward),
+    and is a plain tied nn.Linear again after the run."""
+    from minilora.loading.weights import save_model
+    from minilora.models import build_model
+    config = dict(model_type="gemma2", vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, final_logit_softcapping=30.0,
+                  attn_logit_softcapping=50.0, query_pre_attn_scalar=8, sliding_window=4, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = build_model(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    save_model(model, tmp_path / "gemma2")
+    (tmp_path / "gemma2" / "config.json").write_text(json.dumps(config))
+    script = tmp_path / "softcapped.py"
+    script.write_text(SOFTCAPPED)
+    tests = str(__import__("pathlib").Path(__file__).parent)
+    for n in (1, 2):
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                               str(script), str(tmp_path / "gemma2"), str(tmp_path / f"run{n}"), tests],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    a, b = metrics(tmp_path / "run1"), metrics(tmp_path / "run2")
+    assert len(a) == len(b) == 4
+    gap = max(abs(x[k] - y[k]) for x, y in zip(a, b) for k in ("loss", "grad_norm", "eval_loss") if k in x)
+    print(f"gemma2 (soft-capped, tied head) under fsdp vs one process: {gap:.2e}")
+    assert gap <= 1e-6
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama-bf16-2", "llama-nf4-bf16-2"])
 def test_bf16_under_fsdp_follows_the_one_process_bf16_run(runs, name):
