@@ -32,6 +32,21 @@ def torchrun(recipe, *overrides, n=2, ok=True):
     return proc.stdout + proc.stderr
 
 
+def torchrun_script(script, *args, n=2):
+    """python -m torch.distributed.run of a test's own script, which must succeed."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                           str(script), *map(str, args)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def loss_gap(one, other, records=4):
+    """max |x - y| over the logged losses, gradient norms and evaluation losses of two runs of `records` lines."""
+    a, b = metrics(one), metrics(other)
+    assert len(a) == len(b) == records
+    return max(abs(x[k] - y[k]) for x, y in zip(a, b) for k in ("loss", "grad_norm", "eval_loss") if k in x)
+
+
 def metrics(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -278,14 +293,9 @@ def test_sharded_loading_reads_each_rank_its_slices_and_trains_as_the_whole_load
     script.write_text(SLICED)
     tests = str(__import__("pathlib").Path(__file__).parent)
     for mode in ("whole", "sliced"):
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                               str(script), str(saved_tiny["llama-tied" if quant == "float" else "llama-gqa"][1]),
-                               str(tmp_path / mode), mode, quant, tests],
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    a, b = metrics(tmp_path / "whole"), metrics(tmp_path / "sliced")
-    assert len(a) == len(b) == 4
-    gap = max(abs(x[k] - y[k]) for x, y in zip(a, b) for k in ("loss", "grad_norm", "eval_loss") if k in x)
+        torchrun_script(script, saved_tiny["llama-tied" if quant == "float" else "llama-gqa"][1], tmp_path / mode, mode,
+                        quant, tests)
+    gap = loss_gap(tmp_path / "whole", tmp_path / "sliced")
     print(f"{quant}: sliced vs whole load, losses {gap:.2e}")
     assert gap <= 1e-6
     held = {mode: [json.loads((tmp_path / mode / f"held-{r}.json").read_text()) for r in (0, 1)]
@@ -353,10 +363,7 @@ def test_a_model_too_big_to_gather_on_every_rank_stays_sharded_and_the_samples_l
     samples, which equal those of the run that gathered it."""
     script, out = tmp_path / "no_room.py", runs.root / "llama-2-no-room"
     script.write_text(NO_ROOM)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), "train",
-           str(runs.recipes["llama"]), *FSDP, "--train.output_dir", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = torchrun_script(script, "train", runs.recipes["llama"], *FSDP, "--train.output_dir", out)
     assert "the trained model stays sharded over the ranks" in proc.stdout
     assert "loading the base and the trained adapter in this process for the samples" in proc.stdout
     runs("llama-2")
@@ -408,13 +415,8 @@ def test_a_tied_head_outside_the_fused_loss_under_fsdp_follows_the_one_process_r
     script.write_text(SOFTCAPPED)
     tests = str(__import__("pathlib").Path(__file__).parent)
     for n in (1, 2):
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-                               str(script), str(tmp_path / "gemma2"), str(tmp_path / f"run{n}"), tests],
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    a, b = metrics(tmp_path / "run1"), metrics(tmp_path / "run2")
-    assert len(a) == len(b) == 4
-    gap = max(abs(x[k] - y[k]) for x, y in zip(a, b) for k in ("loss", "grad_norm", "eval_loss") if k in x)
+        torchrun_script(script, tmp_path / "gemma2", tmp_path / f"run{n}", tests, n=n)
+    gap = loss_gap(tmp_path / "run1", tmp_path / "run2")
     print(f"gemma2 (soft-capped, tied head) under fsdp vs one process: {gap:.2e}")
     assert gap <= 1e-6
 

@@ -334,7 +334,7 @@ def gather_for_the_caller(model: nn.Module) -> None:
     # FSDP's wrapper of hidden_states (shard()) ends the state of a forward that calls it (forward does),
     # and that forward's end then reshards the root: without the wrapper, gathered is gathered for good
     model.__dict__.pop("hidden_states", None)
-    fsdp_head.untie_for_the_caller(model)
+    fsdp_head.restore_heads(model)
 
 
 def left_sharded(model: nn.Module) -> bool:

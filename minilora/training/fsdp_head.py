@@ -6,7 +6,8 @@ The fused head loss (objectives/causal_lm.py) reads the head's weight directly, 
 forward, so FSDP's hooks would not gather it: the loss gathers it itself (`gathered`). The weight is
 not needed again in the backward, which scales the input gradient the forward made. A head tied to the
 embedding becomes a TiedHead: no weight of its own, it reads the embedding's, through that unit; after
-the run (untie_for_the_caller) it is a plain tied nn.Linear again.
+the run (restore_heads) it is a plain tied nn.Linear again.
+
 torch.distributed.fsdp is imported only where it shards (see fsdp.py).
 """
 
@@ -35,7 +36,7 @@ class TiedHead(nn.Linear):
 
     @property
     def weight(self) -> torch.Tensor:
-        owner, name = self.tied_to
+        owner, name = self.unit.head_weight
         return owner._parameters[name]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -61,11 +62,11 @@ def shard_embedding_and_head(model: nn.Module, policy: MixedPrecisionPolicy) -> 
         return
     if tied:
         del head._parameters["weight"]  # before fully_shard: else the root would shard it again
-        head.__class__, head.tied_to = TiedHead, tied[0]
+        head.__class__, embed.head_weight = TiedHead, tied[0]
         object.__setattr__(head, "unit", embed)  # not a submodule of the head: the model's tree stays as it is
     fully_shard(embed, mp_policy=policy)
     if tied:
-        embed.head_weight, embed.tied_head = tied[0], types.MethodType(_tied_head, embed)
+        embed.tied_head = types.MethodType(_tied_head, embed)
         register_fsdp_forward_method(embed, "tied_head")
         _head_units[head] = embed
     elif type(head) is nn.Linear:
@@ -90,12 +91,12 @@ def gathered(head: nn.Module) -> Iterator[None]:
         unit.reshard()
 
 
-def untie_for_the_caller(model: nn.Module) -> None:
+def restore_heads(model: nn.Module) -> None:
     """The heads made TiedHead plain nn.Linear again, tied to the (now whole) embedding weight."""
     for head in [m for m in model.modules() if m in _head_units]:
         del _head_units[head]
         if isinstance(head, TiedHead):
             weight = head.weight
             head.__class__ = nn.Linear
-            del head.tied_to, head.unit
+            del head.unit
             head._parameters["weight"] = weight
