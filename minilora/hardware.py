@@ -5,11 +5,15 @@ fp32. On a CPU with AVX2 alone torch has no kernel for them and runs a plain loo
 than fp32 (seen on such a machine: int8 0.5 GFLOP/s, bf16 0.9, fp32 170). The training loop (bf16
 autocast), the loader (a warning for bf16/fp16 weights) and the int8 layer (which kernel to call)
 all decide by `matmul_is_fast`.
+
+Memory, too, is a matter of the device: `release_freed_memory` hands freed memory back to the OS, and
+`scratch` keeps the buffers a quantized product rewrites at every call instead.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 import time
 import warnings
 
@@ -106,3 +110,25 @@ def release_freed_memory() -> None:
 
 
 _libc = None
+
+
+_scratch = threading.local()
+
+
+def scratch(name: str, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A flat tensor of n elements to overwrite, the same one each time this thread asks for `name` in
+    this dtype on a CPU (grown when n grows): for the temporaries a blockwise product makes at every
+    call (dequantized rows, their fp32 or index steps). A fresh tensor of a few MB comes from the OS a
+    page at a time, each page faulted in and zeroed: on the machines here that costs as much as the
+    dequantization itself. The caller is done with it before it asks for `name` again; nothing it
+    returns may be a view of it. On other devices the caching allocator already reuses memory: there
+    it is a new tensor."""
+    if torch.device(device).type != "cpu":
+        return torch.empty(n, dtype=dtype, device=device)
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    key = (name, dtype)
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < n:
+        buffers.pop(key, None)  # freed before the larger one is made
+        buffer = buffers[key] = torch.empty(n, dtype=dtype)
+    return buffer[:n]

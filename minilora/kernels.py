@@ -16,6 +16,8 @@ import weakref
 import torch
 import torch.nn as nn
 
+from .hardware import scratch
+
 HEAD_ROWS_MULTIPLE = 64  # the head's rows (vocab) are padded to this: GPT-2's 50257 rows multiply up to
 
 
@@ -44,11 +46,27 @@ def prepared_head(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.
                                                                                  dtype=torch.float32)])
         entry = [stamp, w, b, None, None]
         _prepared_heads[id(weight)] = entry
-    if entry[3] is None or entry[3].shape[0] < rows:
+    return (entry[1], entry[2], *_logits_buffers(entry, rows, padded, dtype, weight.device))
+
+
+def logits_buffers(weight: torch.Tensor, dtype: torch.dtype, rows: int, vocab: int):
+    """prepared_head's logits buffers alone, kept the same way, for a head read by rows (a quantized
+    one, whose float rows are rebuilt at each use)."""
+    entry = _prepared_heads.get(id(weight))
+    if entry is None:
+        weakref.finalize(weight, _prepared_heads.pop, id(weight), None)
+        entry = _prepared_heads[id(weight)] = [None] * 5
+    return _logits_buffers(entry, rows, vocab, dtype, weight.device)
+
+
+def _logits_buffers(entry: list, rows: int, cols: int, dtype: torch.dtype, device: torch.device):
+    low_dtype = None if dtype == torch.float32 else dtype
+    if entry[3] is None or entry[3].shape[0] < rows or entry[3].shape[1] != cols \
+            or (None if entry[4] is None else entry[4].dtype) != low_dtype:
         entry[3:] = None, None  # free before allocating
-        entry[3] = torch.empty(rows, padded, dtype=torch.float32, device=weight.device)
-        entry[4] = torch.empty(rows, padded, dtype=dtype, device=weight.device) if dtype != torch.float32 else None
-    return tuple(entry[1:])
+        entry[3] = torch.empty(rows, cols, dtype=torch.float32, device=device)
+        entry[4] = None if low_dtype is None else torch.empty(rows, cols, dtype=dtype, device=device)
+    return entry[3], entry[4]
 
 
 def release_prepared_head(weight: torch.Tensor) -> None:
@@ -81,10 +99,12 @@ class LinearCrossEntropy(torch.autograd.Function):
         all_valid = bool((labels != ignore_index).all())  # once: a check per chunk would wait for the GPU each time
         if rows is None:
             w, b, logits_buffer, low_buffer = prepared_head(weight, bias, dtype, min(chunk, h.shape[0]))
-        else:
-            w, b, low_buffer = None, None if bias is None else bias.float(), None
-            logits_buffer = torch.empty(min(chunk, h.shape[0]), vocab, dtype=torch.float32, device=h.device)
-            blocks = row_blocks(vocab, h.shape[1], 1)
+        else:  # the buffers are kept as for a float head; the rows are rebuilt into one reused buffer
+            w, b, logits_buffer, low_buffer = None, None if bias is None else bias.float(), \
+                *logits_buffers(weight, dtype, min(chunk, h.shape[0]), vocab)
+            blocks, k = row_blocks(vocab, h.shape[1], 1), h.shape[1]
+            block = scratch("head.rows", (blocks[0][1] - blocks[0][0]) * k, dtype, h.device)
+            head_rows = lambda v0, v1: rows(v0, v1, dtype, block[:(v1 - v0) * k].view(v1 - v0, k))  # noqa: E731
         grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         with torch.autocast(h.device.type, enabled=False):
@@ -95,11 +115,11 @@ class LinearCrossEntropy(torch.autograd.Function):
                 if rows is not None:  # (c, vocab) logits, a block of the head's rows at a time
                     hc = h[i:i + chunk].to(dtype)
                     for v0, v1 in blocks:
-                        logp[:, v0:v1] = hc @ rows(v0, v1, dtype).t()
+                        torch.mm(hc, head_rows(v0, v1).t(), out=low[:, v0:v1])
                 else:
                     torch.mm(h[i:i + chunk].to(dtype), w.t(), out=low)  # (c, padded vocab) logits
-                    if low is not logp:
-                        logp.copy_(low)
+                if low is not logp:
+                    logp.copy_(low)
                 if b is not None:
                     logp.add_(b)
                 elif rows is None:
@@ -113,9 +133,9 @@ class LinearCrossEntropy(torch.autograd.Function):
                 if not all_valid:  # causal_lm_loss passes only targets; other callers may not
                     probs *= valid[:, None]
                 if rows is not None:
-                    g = grad_h[i:i + chunk].zero_()
+                    g, p = grad_h[i:i + chunk].zero_(), probs if low is logp else low.copy_(probs)
                     for v0, v1 in blocks:
-                        g += probs[:, v0:v1].to(dtype) @ rows(v0, v1, dtype)
+                        g += p[:, v0:v1] @ head_rows(v0, v1)
                 elif low is logp:
                     torch.mm(probs, w, out=grad_h[i:i + chunk])
                 else:
@@ -212,37 +232,43 @@ class LoRAFunction(torch.autograd.Function):
     Autograd through nn.Linear finds the same numbers, but takes dL/dB as a transposed (d×N)·(N×r)
     product, which MKL runs several times slower than the (r×N)·(N×d) one here, and keeps the two
     paths' outputs and input gradients as separate tensors to add; here the LoRA term is accumulated
-    into the base output (and dL/dx) by the matmul itself. All in x's dtype, as autocast would have it."""
+    into the base output (and dL/dx) by the matmul itself. All in x's dtype, as autocast would have it.
+
+    A quantized base comes as `base` (quant/blockwise.BlockwiseBase; `weight` and `bias` are then None):
+    its own x W0ᵀ + b and g W0 take the place of the two products with W0, eager mode only."""
 
     @staticmethod
-    def forward(ctx, x, x_d, weight, bias, lora_A, lora_B, scaling):
+    def forward(ctx, x, x_d, weight, bias, lora_A, lora_B, scaling, base=None):
         dtype, k = x.dtype, x.shape[-1]
         x2 = x.reshape(-1, k)
         xd2 = x2 if x_d is None else x_d.reshape(-1, k)
-        w, a, b = weight.to(dtype), lora_A.to(dtype), lora_B.to(dtype)
-        out = x2 @ w.t() if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
+        w, a, b = None if weight is None else weight.to(dtype), lora_A.to(dtype), lora_B.to(dtype)
+        if base is not None:
+            out = base.forward(x2, dtype)
+        else:
+            out = x2 @ w.t() if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
         xa = xd2 @ a.t()
         out.addmm_(xa, b.t(), alpha=scaling)
         # A's gradient alone needs x_d: with A frozen (LoRA-FA) it is not kept, LoRA-FA's saving
         ctx.save_for_backward(xd2 if ctx.needs_input_grad[4] else None, xa, w, a, b)
-        ctx.scaling, ctx.same_input, ctx.dtypes = scaling, x_d is None, (lora_A.dtype, lora_B.dtype)
+        ctx.scaling, ctx.same_input, ctx.dtypes, ctx.base = scaling, x_d is None, (lora_A.dtype, lora_B.dtype), base
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         xd2, xa, w, a, b = ctx.saved_tensors
-        g = grad_out.reshape(-1, grad_out.shape[-1]).to(w.dtype)
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(a.dtype)
         gb = (b.t() @ g.t()).t().mul_(ctx.scaling)  # = s·g B; as (r×d)(d×N), ~2x faster than (N×d)(d×r) in MKL
         grad_A = (gb.t() @ xd2).to(ctx.dtypes[0]) if xd2 is not None else None
         grad_B = (xa.t() @ g).mul_(ctx.scaling).t().to(ctx.dtypes[1])
-        shape = (*grad_out.shape[:-1], w.shape[-1])
+        shape = (*grad_out.shape[:-1], a.shape[-1])
         grad_x = grad_xd = None
         if ctx.needs_input_grad[0]:
-            grad_x = g @ w
+            grad_x = g @ w if ctx.base is None else ctx.base.input_grad(g)
             if ctx.same_input:
                 grad_x.addmm_(gb, a)
             grad_x = grad_x.view(shape)
         if not ctx.same_input and ctx.needs_input_grad[1]:
             grad_xd = (gb @ a).view(shape)
-        return grad_x, grad_xd, None, None, grad_A, grad_B, None
+        return grad_x, grad_xd, None, None, grad_A, grad_B, None, None

@@ -128,16 +128,20 @@ def test_fused_loss_over_chunks_padding_and_a_changed_head():
 
 
 def test_fused_loss_over_a_head_given_by_blocks_of_rows():
-    """A quantized head comes as rows(r0, r1, dtype): the loss and its gradient equal float64
+    """A quantized head comes as rows(r0, r1, dtype, out): the loss and its gradient equal float64
     F.cross_entropy over the whole weight, with several token chunks, ignored targets and a bias; the
-    head is asked for whole blocks of rows only, never all of them at once."""
+    head is asked for whole blocks of rows only, never all of them at once, each written into the one
+    buffer the loss hands it (reused, not allocated per block)."""
     vocab = 50001
     weight, bias, labels, g = head_case(1, vocab, 48, 5)
-    asked = []
+    asked, buffers = [], set()
 
-    def rows(r0, r1, dtype):
+    def rows(r0, r1, dtype, out):
         asked.append(r1 - r0)
-        return weight[r0:r1].to(dtype)
+        assert out.shape == (r1 - r0, weight.shape[1]) and out.dtype == dtype
+        buffers.add(out.untyped_storage().data_ptr())
+        return out.copy_(weight[r0:r1])
     for b in (None, bias):
         check_fused_loss(weight, b, labels, g, rows)
     assert max(asked) < vocab and sum(asked) == 2 * 2 * 3 * vocab  # 2 calls x 3 chunks x (logits, gradient)
+    assert len(buffers) == 1  # the same buffer for every block, chunk and call

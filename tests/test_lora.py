@@ -105,6 +105,64 @@ def test_written_out_gradients_equal_autograd_of_the_equation(bias, dropout, bf1
         assert ((a.double() - b).norm() / b.norm()).item() <= tol, name
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("base", ["nf4", "Q4_1"])
+def test_lora_over_a_blockwise_base_takes_the_written_out_path_and_equals_the_equation(base, bf16, dropout, bias):
+    """Over a quantized base stored in blocks (NF4, ggml's), eager LoRA layers take LoRAFunction too,
+    the base's own blockwise products in place of the two with W0: the output and dL/dx, dL/dA, dL/dB
+    against autograd of eq. 3 in float64 with W0 the dequantized weight (the same dropout mask)."""
+    from minilora.formats.ggml_blocks import Q4_1, Q8_0, quantize_blocks
+    from minilora.kernels import LoRAFunction
+    from minilora.quant.ggml import GGMLLinear
+    from minilora.quant.nf4 import NF4Linear
+    torch.manual_seed(0)
+    d, k = 48, 128
+    linear = nn.Linear(k, d, bias=bias)
+    if base == "nf4":
+        quantized = NF4Linear.from_linear(linear)
+    else:  # Q4_1 blocks: d·q + m, from Q8_0 codes of the weight remapped to 4 bits (any valid blocks do)
+        raw = quantize_blocks(linear.weight.detach().reshape(-1, 32), Q8_0)
+        q = (raw[:, 2:].view(torch.int8).to(torch.int16) + 128) >> 4  # 0..15
+        packed = (q[:, :16] | (q[:, 16:] << 4)).to(torch.uint8)
+        scales = torch.tensor([0.01, -0.08], dtype=torch.float16).view(torch.uint8).expand(raw.shape[0], 4)
+        quantized = GGMLLinear(k, d, Q4_1, torch.cat([scales, packed], 1).reshape(d, -1),
+                               None if not bias else linear.bias.detach().clone())
+    layer = LoRALinear(quantized, r=4, alpha=8, dropout=dropout)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    layer.train()
+    called = []
+    original = LoRAFunction.forward
+    x = torch.randn(3, 5, k, requires_grad=True)
+    g = torch.randn(3, 5, d)
+    torch.manual_seed(1)
+    try:
+        LoRAFunction.forward = staticmethod(lambda ctx, *a: called.append(a[-1]) or original(ctx, *a))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = layer(x)
+    finally:
+        LoRAFunction.forward = staticmethod(original)
+    assert len(called) == 1 and called[0] is not None  # the blockwise base given to LoRAFunction
+    out.backward(g.to(out.dtype))
+    got = [x.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad]
+
+    x64 = x.detach().double().requires_grad_()
+    W0 = layer.base_weight().double()
+    A, B = (t.detach().double().requires_grad_() for t in (layer.lora_A.weight, layer.lora_B.weight))
+    torch.manual_seed(1)
+    x_d = F.dropout(x64, dropout) if dropout else x64
+    expected_out = x64 @ W0.T + layer.scaling * (x_d @ A.T @ B.T)
+    if bias:
+        expected_out = expected_out + layer.bias.detach().double()
+    expected_out.backward(g.double())
+    tol = 2e-2 if bf16 else 1e-6
+    assert (out.double() - expected_out).norm() / expected_out.norm() <= tol
+    for name, a, b in zip(("x", "A", "B"), got, (x64.grad, A.grad, B.grad)):
+        assert ((a.double() - b).norm() / b.norm()).item() <= tol, name
+
+
 def test_apply_lora_keeps_every_name_and_freezes_the_rest(saved_tiny):
     _, folder = saved_tiny["llama-gqa"]
     model = load_model(folder)

@@ -70,8 +70,13 @@ def test_nf4_double_quantization_equals_bitsandbytes(shape):
         assert error <= 1.001 * (reference - w.flatten()).norm()  # the weights' error: the same, to 0.1%
 
 
-@pytest.mark.parametrize("k, d", [(256, 384), (34, 7)], ids=["whole-blocks", "a-short-last-block"])
-def test_nf4_linear_forward_and_input_gradient_are_the_dequantized_products(k, d):
+@pytest.mark.parametrize("k, d, row_block", [(256, 384, None), (256, 384, 4096), (34, 7, None)],
+                         ids=["whole-blocks", "row-blocks", "a-short-last-block"])
+def test_nf4_linear_forward_and_input_gradient_are_the_dequantized_products(k, d, row_block, monkeypatch):
+    """Against the products of the dequantized weight: rebuilt whole, a block of rows at a time (a
+    smaller kernels.ROW_BLOCK), and with a last block of codes shorter than 64."""
+    if row_block is not None:
+        monkeypatch.setattr("minilora.kernels.ROW_BLOCK", row_block)
     torch.manual_seed(1)
     linear = nn.Linear(k, d)
     layer = NF4Linear.from_linear(linear)

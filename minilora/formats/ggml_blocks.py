@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from ..hardware import scratch
+
 F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 30
 
 
@@ -102,6 +104,43 @@ def dequantize_blocks(raw: torch.Tensor, kind: int) -> torch.Tensor:
         q = torch.stack([(qs.reshape(-1, 2, 32) >> shift) & 3 for shift in (0, 2, 4, 6)], dim=2).reshape(-1, 16, 16)
         return ((d * (sc & 0xF))[:, :, None] * q - (dmin * (sc >> 4))[:, :, None]).reshape(-1, 256)
     raise ValueError(f"GGML type {kind} has no block dequantization here")
+
+
+def dequantize_blocks_into(raw: torch.Tensor, kind: int, out: torch.Tensor) -> torch.Tensor:
+    """dequantize_blocks(raw, kind) written into `out` ((n_blocks, values per block), any float dtype)
+    and returned: the same fp32 arithmetic, rounded once to out's dtype. For Q8_0, Q4_0 and Q4_1 (the
+    formats a product reads most) every step runs in buffers kept for reuse (hardware.scratch), so a
+    product that rebuilds its rows at every call allocates nothing; the others go through
+    dequantize_blocks and a copy."""
+    if kind not in (Q8_0, Q4_0, Q4_1):
+        return out.copy_(dequantize_blocks(raw, kind))
+    n = raw.shape[0]
+    values = out if out.dtype == torch.float32 else scratch("ggml.fp32", n * 32, torch.float32, raw.device).view(n, 32)
+    if kind == Q8_0:  # d·q
+        values.copy_(raw[:, 2:].view(torch.int8)).mul_(raw[:, :2].view(torch.float16).float())
+    else:
+        start = 4 if kind == Q4_1 else 2
+        values.copy_(_nibbles(raw, start))
+        scales = raw[:, :start].view(torch.float16).float()  # d (and m)
+        if kind == Q4_0:
+            values.sub_(8).mul_(scales)  # d·(q − 8)
+        else:
+            values.mul_(scales[:, :1]).add_(scales[:, 1:])  # d·q + m
+    return values if values is out else out.copy_(values)
+
+
+def _nibbles(raw: torch.Tensor, start: int) -> torch.Tensor:
+    """(n, 32) uint8 (a reused buffer): the 4-bit values of Q4_0/Q4_1 blocks whose 16 bytes start at byte
+    `start`, byte j's low nibble value j and its high nibble value 16 + j; masked a word at a time (four
+    bytes, or two where the bytes are not 4-aligned: Q4_0's 18-byte blocks)."""
+    n = raw.shape[0]
+    word, mask = (torch.int32, 0x0F0F0F0F) if raw.shape[1] % 4 == 0 and start % 4 == 0 else (torch.int16, 0x0F0F)
+    size = torch.empty((), dtype=word).element_size()
+    words = raw.view(word)[:, start // size:(start + 16) // size]
+    q = scratch("ggml.nibbles", n * 32, torch.uint8, raw.device).view(word).view(n, 2, 16 // size)
+    torch.bitwise_and(words, mask, out=q[:, 0])
+    torch.bitwise_and(words >> 4, mask, out=q[:, 1])
+    return q.view(torch.uint8).view(n, 32)
 
 
 def _round_half_away(v: torch.Tensor) -> torch.Tensor:

@@ -219,7 +219,10 @@ class LoRALinear(nn.Module):
         if len(adapters) == 1 and self._fast(adapters[0], x):
             a = adapters[0]  # the same sum as below, its backward written out (kernels.LoRAFunction)
             x_d = a.dropout(x) if isinstance(a.dropout, nn.Dropout) and a.dropout.training else None  # None: x
-            return LoRAFunction.apply(x, x_d, self.weight, self.bias, a.lora_A.weight, a.lora_B.weight, a.scaling)
+            if self.quantized is None:
+                return LoRAFunction.apply(x, x_d, self.weight, self.bias, a.lora_A.weight, a.lora_B.weight, a.scaling)
+            return LoRAFunction.apply(x, x_d, None, None, a.lora_A.weight, a.lora_B.weight, a.scaling,
+                                      self.quantized.blockwise(self))
         base = self.base(x)  # W0 x + b
         h = base
         for adapter in adapters:
@@ -236,9 +239,14 @@ class LoRALinear(nn.Module):
         return h
 
     def _fast(self, adapter: LoRAAdapter, x: torch.Tensor) -> bool:
-        """LoRAFunction computes a float base with one plain adapter, in one dtype (autocast's, or all alike)."""
-        return self.quantized is None and not adapter.use_dora and (
-            torch.is_autocast_enabled(x.device.type) or x.dtype == self.weight.dtype == adapter.lora_A.weight.dtype)
+        """LoRAFunction computes one plain adapter, in one dtype (autocast's, or all alike), over a float
+        base or, in eager mode, a blockwise one (NF4, ggml's blocks: their `blockwise`)."""
+        if adapter.use_dora:
+            return False
+        if self.quantized is not None:
+            return hasattr(self.quantized, "blockwise") and not torch.compiler.is_compiling() and (
+                torch.is_autocast_enabled(x.device.type) or x.dtype == adapter.lora_A.weight.dtype)
+        return torch.is_autocast_enabled(x.device.type) or x.dtype == self.weight.dtype == adapter.lora_A.weight.dtype
 
     def base(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
         """The frozen layer alone: W0 x + b (or the quantized base's own product)."""

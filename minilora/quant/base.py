@@ -5,7 +5,8 @@ A quantized base is frozen: training never changes it, so it owes the rest of th
 
     product(x)      y = x Wᵀ + b, whose backward gives x its gradient dL/dx = g W (W gets none)
     dequantize()    W in fp32, (out_features, in_features)
-    rows(r0, r1)    rows r0..r1 of W in a dtype (what the fused head loss reads of a quantized head)
+    rows(r0, r1)    rows r0..r1 of W in a dtype (what the fused head loss reads of a quantized head),
+                    written into `out` where the caller gives a buffer to reuse
     nbytes()        the bytes it holds: the stored weight, its scales or codes, the bias
 
 `weight` keeps the float layer's name and holds the stored form (int8 values, packed 4-bit codes,
@@ -45,8 +46,9 @@ class QuantizedLinear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         raise NotImplementedError
 
-    def rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
-        return self.dequantize()[r0:r1].to(dtype)
+    def rows(self, r0: int, r1: int, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        rows = self.dequantize()[r0:r1].to(dtype)
+        return rows if out is None else out.copy_(rows)
 
     def nbytes(self) -> int:
         tensors = [self.weight, self.bias, *(getattr(self, name) for name in self.state)]

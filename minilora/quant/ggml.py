@@ -10,22 +10,26 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..formats.ggml_blocks import BLOCKS, NAMES, dequantize_blocks
+from ..formats.ggml_blocks import BLOCKS, NAMES, dequantize_blocks, dequantize_blocks_into
 from ..names import kept_in_float, matches, output_heads, replace_module
 from .base import LoadPlan, QuantizedLinear
-from .blockwise import FORMATS, blockwise_linear
+from .blockwise import FORMATS, BlockwiseBase, blockwise_linear
 
 
-def block_rows(layer: nn.Module, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+def block_rows(layer: nn.Module, r0: int, r1: int, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """Rows r0..r1 of a kept weight (`layer.weight` (rows, bytes per row) uint8 of `layer.kind`) in dtype."""
-    return kept_rows([layer.weight], layer.kind, 0, r0, r1, dtype)
+    return kept_rows([layer.weight], layer.kind, 0, r0, r1, dtype, out)
 
 
-def kept_rows(stored: list[torch.Tensor], kind: int, k: int, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+def kept_rows(stored: list[torch.Tensor], kind: int, k: int, r0: int, r1: int, dtype: torch.dtype,
+              out: torch.Tensor | None = None) -> torch.Tensor:
     """Rows r0..r1 in dtype of the weight whose blocks of type `kind` are stored = [(rows, bytes per row)
-    uint8] (blockwise.py's rows function; k is implied by the row's bytes)."""
-    blocks = stored[0][r0:r1].reshape(-1, BLOCKS[kind][1])
-    return dequantize_blocks(blocks, kind).to(dtype).view(r1 - r0, -1)
+    uint8], written into `out` if given (blockwise.py's rows function; k is implied by the row's bytes)."""
+    per_block, block_bytes = BLOCKS[kind]
+    blocks = stored[0][r0:r1].reshape(-1, block_bytes)
+    if out is None:
+        return dequantize_blocks(blocks, kind).to(dtype).view(r1 - r0, -1)
+    return dequantize_blocks_into(blocks, kind, out.view(-1, per_block)).view(r1 - r0, -1)
 
 
 FORMATS["ggml"] = kept_rows
@@ -52,9 +56,13 @@ class GGMLLinear(QuantizedLinear):
     def product(self, x: torch.Tensor) -> torch.Tensor:
         return blockwise_linear(x, "ggml", [self.weight], self.out_features, self.bias, self.kind)
 
-    def rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+    def blockwise(self) -> BlockwiseBase:
+        """The product's W and b as kernels.LoRAFunction takes them."""
+        return BlockwiseBase("ggml", [self.weight], self.out_features, self.in_features, self.bias, self.kind)
+
+    def rows(self, r0: int, r1: int, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows r0..r1 of the float weight (what the fused head loss reads of a quantized head)."""
-        return block_rows(self, r0, r1, dtype)
+        return block_rows(self, r0, r1, dtype, out)
 
     def dequantize(self) -> torch.Tensor:
         return block_rows(self, 0, self.out_features, torch.float32)

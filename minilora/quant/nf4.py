@@ -23,9 +23,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..hardware import scratch
 from ..names import swap_linears
 from .base import LoadPlan, QuantizedLinear
-from .blockwise import FORMATS, blockwise_linear
+from .blockwise import FORMATS, BlockwiseBase, blockwise_linear
 
 # The 16 NF4 values (QLoRA, appendix E; bitsandbytes' table, to the last bit).
 NF4 = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -114,14 +115,23 @@ def _pairs(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return _PAIRS[key]
 
 
-def nf4_rows(stored: list[torch.Tensor], kind: int, k: int, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+def nf4_rows(stored: list[torch.Tensor], kind: int, k: int, r0: int, r1: int, dtype: torch.dtype,
+             out: torch.Tensor | None = None) -> torch.Tensor:
     """Rows r0..r1 of the float (d, k) weight that stored = [packed codes, absmax codes, their scales, their
     offset] stand for: the rows' absmaxes rebuilt from their 8-bit codes, then their weights (r0·k is a
-    multiple of 64: kernels.row_blocks sees to it). `kind` is unused (ggml's block type)."""
+    multiple of 64: kernels.row_blocks sees to it), written into `out` if given (the index step then in
+    a reused buffer too, hardware.scratch). `kind` is unused (ggml's block type)."""
     packed, absmax_code, absmax_scale, absmax_offset = stored
     b0, b1 = r0 * k // BLOCK, -(-r1 * k // BLOCK)
     absmax = block_absmax(absmax_code[b0:b1], absmax_scale, absmax_offset, first=b0)
-    return dequantize_nf4(packed.reshape(-1)[r0 * k // 2:r1 * k // 2], absmax, dtype).view(r1 - r0, k)
+    codes = packed.reshape(-1)[r0 * k // 2:r1 * k // 2]
+    if out is None or (r1 - r0) * k % BLOCK:
+        rows = dequantize_nf4(codes, absmax, dtype).view(r1 - r0, k)
+        return rows if out is None else out.copy_(rows)
+    index = scratch("nf4.index", codes.numel(), torch.int32, codes.device).copy_(codes)
+    torch.index_select(_pairs(codes.device, dtype), 0, index, out=out.view(-1, 2))  # dequantize_nf4's steps
+    out.view(-1, BLOCK).mul_(absmax.to(dtype)[:, None])
+    return out
 
 
 FORMATS["nf4"] = nf4_rows
@@ -171,9 +181,14 @@ class NF4Linear(QuantizedLinear):
         return blockwise_linear(x, "nf4", [self.weight, self.absmax_code, self.absmax_scale, self.absmax_offset],
                                 self.out_features, self.bias)
 
-    def rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+    def blockwise(self) -> BlockwiseBase:
+        """The product's W and b as kernels.LoRAFunction takes them."""
+        return BlockwiseBase("nf4", [self.weight, self.absmax_code, self.absmax_scale, self.absmax_offset],
+                             self.out_features, self.in_features, self.bias)
+
+    def rows(self, r0: int, r1: int, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
         return nf4_rows([self.weight, self.absmax_code, self.absmax_scale, self.absmax_offset], 0,
-                        self.in_features, r0, r1, dtype)
+                        self.in_features, r0, r1, dtype, out)
 
     def dequantize(self) -> torch.Tensor:
         """The float (d, k) weight the codes stand for."""
