@@ -145,3 +145,24 @@ def test_fused_loss_over_a_head_given_by_blocks_of_rows():
         check_fused_loss(weight, b, labels, g, rows)
     assert max(asked) < vocab and sum(asked) == 2 * 2 * 3 * vocab  # 2 calls x 3 chunks x (logits, gradient)
     assert len(buffers) == 1  # the same buffer for every block, chunk and call
+
+
+def test_scratch_buffers_are_reused_per_name_dtype_and_thread():
+    """hardware.scratch: the same memory each time a thread asks for a name in a dtype (grown when asked
+    for more), other memory for another name, dtype or thread; a new tensor off the CPU."""
+    import threading
+
+    from minilora.hardware import scratch
+    a = scratch("test.a", 100, torch.float32, torch.device("cpu"))
+    assert a.shape == (100,) and scratch("test.a", 60, torch.float32, "cpu").data_ptr() == a.data_ptr()
+    assert scratch("test.b", 100, torch.float32, "cpu").data_ptr() != a.data_ptr()
+    assert scratch("test.a", 100, torch.bfloat16, "cpu").data_ptr() != a.data_ptr()
+    grown = scratch("test.a", 1000, torch.float32, "cpu")
+    assert grown.shape == (1000,) and scratch("test.a", 10, torch.float32, "cpu").data_ptr() == grown.data_ptr()
+    other = []
+    thread = threading.Thread(target=lambda: other.append(scratch("test.a", 10, torch.float32, "cpu").data_ptr()))
+    thread.start()
+    thread.join()
+    assert other[0] != grown.data_ptr()
+    meta = scratch("test.a", 10, torch.float32, torch.device("meta"))
+    assert meta.device.type == "meta" and meta.shape == (10,)

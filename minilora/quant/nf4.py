@@ -90,19 +90,35 @@ def block_absmax(absmax_code: torch.Tensor, absmax_scale: torch.Tensor, absmax_o
                  first: int = 0) -> torch.Tensor:
     """The fp32 absmax of blocks of 64 from their 8-bit codes (double quantization undone): `absmax_code`
     holds those of blocks first, first + 1, ...; `absmax_scale` the scales of all the tensor's blocks."""
-    stats = torch.arange(first, first + absmax_code.numel(), device=absmax_code.device) // STATS_BLOCK
-    return DYNAMIC.to(absmax_scale.device)[absmax_code.long()] * absmax_scale[stats] + absmax_offset
+    codes = DYNAMIC.to(absmax_scale.device).index_select(0, absmax_code.reshape(-1).int())
+    n, s0 = codes.numel(), first // STATS_BLOCK
+    if first % STATS_BLOCK == 0 and n % STATS_BLOCK == 0:  # whole groups: each scale broadcast over its own
+        return (codes.view(-1, STATS_BLOCK) * absmax_scale[s0:s0 + n // STATS_BLOCK, None]).view(-1) + absmax_offset
+    stats = torch.arange(first, first + n, device=absmax_code.device) // STATS_BLOCK
+    return codes * absmax_scale[stats] + absmax_offset
 
 
 def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The flat float values of packed NF4 codes, given each block's absmax (n/64 of them). In fp32 the
     values are bitsandbytes' exactly; in bf16 or fp16 they are computed in that dtype (the product of
     an NF4 value and the absmax rounded once, the absmax rounded to it first), half the memory traffic."""
-    values = _pairs(packed.device, dtype).index_select(0, packed.reshape(-1).int()).view(-1)
+    values = _lookup(packed.reshape(-1).int(), dtype)
     n = values.numel()
     if n % BLOCK:  # a last block shorter than 64 (a tensor of d·k not a multiple of 64)
         values = torch.nn.functional.pad(values, (0, -n % BLOCK))
     return (values.view(-1, BLOCK) * absmax.to(dtype)[:, None]).flatten()[:n]
+
+
+def _lookup(codes: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The flat values of packed bytes (as int32 indices), BYTE_PAIRS looked up in dtype, into `out` if
+    given. Each byte's pair of values is read as one integer word (two bf16 values: one int32), a
+    lookup in a flat table: 4-5x faster than gathering rows of two from a (256, 2) table."""
+    word = torch.int32 if torch.empty((), dtype=dtype).element_size() == 2 else torch.int64
+    table = _pairs(codes.device, dtype).view(word).view(-1)
+    if out is None:
+        return table.index_select(0, codes).view(dtype)
+    torch.index_select(table, 0, codes, out=out.view(word).view(-1))
+    return out
 
 
 _PAIRS: dict[tuple, torch.Tensor] = {}
@@ -129,7 +145,7 @@ def nf4_rows(stored: list[torch.Tensor], kind: int, k: int, r0: int, r1: int, dt
         rows = dequantize_nf4(codes, absmax, dtype).view(r1 - r0, k)
         return rows if out is None else out.copy_(rows)
     index = scratch("nf4.index", codes.numel(), torch.int32, codes.device).copy_(codes)
-    torch.index_select(_pairs(codes.device, dtype), 0, index, out=out.view(-1, 2))  # dequantize_nf4's steps
+    _lookup(index, dtype, out)  # dequantize_nf4's steps
     out.view(-1, BLOCK).mul_(absmax.to(dtype)[:, None])
     return out
 
