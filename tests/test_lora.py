@@ -91,15 +91,21 @@ def test_written_out_gradients_equal_autograd_of_the_equation(bias, dropout, bf1
     assert layer.weight.grad is None and (layer.bias is None or layer.bias.grad is None)
     assert got[1].dtype == got[2].dtype == torch.float32
 
+    assert_equation(layer, layer.weight, x, g, dropout, out, got, tol=2e-2 if bf16 else 1e-6)
+
+
+def assert_equation(layer, W0, x, g, dropout, out, got, tol):
+    """`out` and `got` (dL/dx, dL/dA, dL/dB) against autograd of eq. 3 in float64 over W0, with the same
+    dropout mask (seed 1, as the layer's run)."""
     x64 = x.detach().double().requires_grad_()
-    W0, A, B = (t.detach().double().requires_grad_() for t in (layer.weight, layer.lora_A.weight, layer.lora_B.weight))
+    W0 = W0.detach().double()
+    A, B = (t.detach().double().requires_grad_() for t in (layer.lora_A.weight, layer.lora_B.weight))
     torch.manual_seed(1)
     x_d = F.dropout(x64, dropout) if dropout else x64  # the same mask: same seed, same shape
     expected_out = x64 @ W0.T + layer.scaling * (x_d @ A.T @ B.T)
-    if bias:
+    if layer.bias is not None:
         expected_out = expected_out + layer.bias.detach().double()
     expected_out.backward(g.double())
-    tol = 2e-2 if bf16 else 1e-6
     assert (out.double() - expected_out).norm() / expected_out.norm() <= tol
     for name, a, b in zip(("x", "A", "B"), got, (x64.grad, A.grad, B.grad)):
         assert ((a.double() - b).norm() / b.norm()).item() <= tol, name
@@ -147,20 +153,7 @@ def test_lora_over_a_blockwise_base_takes_the_written_out_path_and_equals_the_eq
     assert len(called) == 1 and called[0] is not None  # the blockwise base given to LoRAFunction
     out.backward(g.to(out.dtype))
     got = [x.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad]
-
-    x64 = x.detach().double().requires_grad_()
-    W0 = layer.base_weight().double()
-    A, B = (t.detach().double().requires_grad_() for t in (layer.lora_A.weight, layer.lora_B.weight))
-    torch.manual_seed(1)
-    x_d = F.dropout(x64, dropout) if dropout else x64
-    expected_out = x64 @ W0.T + layer.scaling * (x_d @ A.T @ B.T)
-    if bias:
-        expected_out = expected_out + layer.bias.detach().double()
-    expected_out.backward(g.double())
-    tol = 2e-2 if bf16 else 1e-6
-    assert (out.double() - expected_out).norm() / expected_out.norm() <= tol
-    for name, a, b in zip(("x", "A", "B"), got, (x64.grad, A.grad, B.grad)):
-        assert ((a.double() - b).norm() / b.norm()).item() <= tol, name
+    assert_equation(layer, layer.base_weight(), x, g, dropout, out, got, tol=2e-2 if bf16 else 1e-6)
 
 
 def test_apply_lora_keeps_every_name_and_freezes_the_rest(saved_tiny):
