@@ -153,6 +153,11 @@ def nf4_rows(stored: list[torch.Tensor], kind: int, k: int, r0: int, r1: int, dt
 FORMATS["nf4"] = nf4_rows
 
 
+def _stored(layer: nn.Module) -> list[torch.Tensor]:
+    """What an NF4 layer's products read, in nf4_rows' order (`layer` may be a LoRALinear over NF4)."""
+    return [layer.weight, layer.absmax_code, layer.absmax_scale, layer.absmax_offset]
+
+
 class NF4Linear(QuantizedLinear):
     """A frozen linear layer stored in NF4 with double quantization; see the module's docstring.
 
@@ -194,17 +199,14 @@ class NF4Linear(QuantizedLinear):
         return self.weight
 
     def product(self, x: torch.Tensor) -> torch.Tensor:  # self may be a LoRALinear over NF4: state only
-        return blockwise_linear(x, "nf4", [self.weight, self.absmax_code, self.absmax_scale, self.absmax_offset],
-                                self.out_features, self.bias)
+        return blockwise_linear(x, "nf4", _stored(self), self.out_features, self.bias)
 
     def blockwise(self) -> BlockwiseBase:
         """The product's W and b as kernels.LoRAFunction takes them."""
-        return BlockwiseBase("nf4", [self.weight, self.absmax_code, self.absmax_scale, self.absmax_offset],
-                             self.out_features, self.in_features, self.bias)
+        return BlockwiseBase("nf4", _stored(self), self.out_features, self.in_features, self.bias)
 
     def rows(self, r0: int, r1: int, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-        return nf4_rows([self.weight, self.absmax_code, self.absmax_scale, self.absmax_offset], 0,
-                        self.in_features, r0, r1, dtype, out)
+        return nf4_rows(_stored(self), 0, self.in_features, r0, r1, dtype, out)
 
     def dequantize(self) -> torch.Tensor:
         """The float (d, k) weight the codes stand for."""
